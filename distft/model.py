@@ -1,0 +1,218 @@
+"""Build a LLaMA-family model and its tokenizer; the token-weighted loss every caller shares.
+
+Three sources, one function each way:
+- a preset with `name_or_path: null` is built from its architecture with a fixed `init_seed`, so the
+  "base" of a from-scratch run can be rebuilt bit for bit later (evaluation, export) without
+  saving it;
+- a local directory or hub id is loaded with `from_pretrained` (its config.json wins);
+- `build_offline_tokenizer()` is a character-level tokenizer made in code, so the tiny preset and
+  every test run with no network and no downloaded files. Characters, not BPE merges, because
+  the embedded tasks (upper-casing, reversing, adding digits) are per-character transformations a
+  tiny model learns in minutes when each character is one token.
+
+The model code never imports torch.distributed: parallelism lives in engines/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from distft.config import ModelConfig
+
+IGNORE_INDEX = -100
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
+# Printable ASCII plus newline and tab: everything the embedded data and templates use.
+OFFLINE_CHARS = tuple(chr(c) for c in range(32, 127)) + ("\n", "\t")
+OFFLINE_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '### ' + message['role'] + ':\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### assistant:\n' }}{% endif %}"
+)
+
+
+def build_offline_tokenizer():
+    """A character-level LLaMA-style tokenizer (<unk>=0, <s>=1, </s>=2, <pad>=3), built in code."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + OFFLINE_CHARS)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    tokenizer.chat_template = OFFLINE_CHAT_TEMPLATE
+    tokenizer.model_max_length = 1_000_000
+    return tokenizer
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The tokenizer for a model config: explicit path, the model's own, or the offline one.
+
+    LLaMA tokenizers ship without a pad token; we use eos for padding (pads are masked out of the
+    loss and the attention, so the choice does not change training).
+    """
+    source = cfg.tokenizer or cfg.name_or_path
+    if source is None:
+        return build_offline_tokenizer()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def llama_config(cfg: ModelConfig, **overrides: Any):
+    """The transformers LlamaConfig of a preset (architecture fields only)."""
+    from transformers import LlamaConfig
+
+    kwargs = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads or cfg.num_attention_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        initializer_range=cfg.initializer_range,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`model.dtype` -> torch dtype. auto: bf16 where the device has fast bf16, else fp32."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Run the block under a fixed CPU RNG seed, then restore the caller's RNG state."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def build_model(
+    cfg: ModelConfig,
+    dtype: torch.dtype = torch.float32,
+    meta: bool = False,
+    quantization_config: Optional[Any] = None,
+    device_map: Optional[Any] = None,
+):
+    """The base model: from scratch (seeded, so rebuildable) or from `name_or_path`.
+
+    `meta=True` builds on the meta device (no memory) for planning and for engines that
+    materialise shards themselves.
+    """
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    if cfg.name_or_path is None:
+        config = llama_config(cfg)
+        config._attn_implementation = cfg.attn_implementation
+        if meta:
+            with torch.device("meta"):
+                return LlamaForCausalLM(config).to(dtype)
+        if quantization_config is not None:
+            # bitsandbytes quantises while loading weights; from-scratch bases go through a
+            # temporary save so the quantised model holds exactly the seeded weights.
+            return _quantized_from_scratch(cfg, dtype, quantization_config)
+        with _seeded(cfg.init_seed):
+            model = LlamaForCausalLM(config)
+        return model.to(dtype)
+
+    kwargs: dict[str, Any] = dict(
+        dtype=dtype, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code
+    )
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if meta:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+
+
+def _quantized_from_scratch(cfg: ModelConfig, dtype: torch.dtype, quantization_config: Any):
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory(prefix="distft-base-") as tmp:
+        build_model(cfg, dtype=dtype).save_pretrained(tmp)
+        return AutoModelForCausalLM.from_pretrained(
+            tmp, dtype=dtype, quantization_config=quantization_config, attn_implementation=cfg.attn_implementation
+        )
+
+
+def model_max_positions(cfg: ModelConfig) -> int:
+    """Positions of the real model: config.json of a local directory wins over the preset."""
+    import json
+    import os
+
+    if cfg.name_or_path and os.path.isfile(os.path.join(cfg.name_or_path, "config.json")):
+        with open(os.path.join(cfg.name_or_path, "config.json")) as f:
+            return int(json.load(f).get("max_position_embeddings", cfg.max_position_embeddings))
+    return cfg.max_position_embeddings
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy and the number of target tokens.
+
+    Returning the sum (not the mean) lets the trainer weight every target token equally across
+    micro-batches, accumulation steps and ranks: divide by the global token count once.
+    `labels` are aligned with `logits` (position t holds the token at t); the shift happens here.
+    """
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    loss_sum = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss_sum, (shift_labels != IGNORE_INDEX).sum()
+
+
+def model_inputs(batch: dict) -> dict:
+    """The keys of a batch the model takes (packed: position_ids; padded: attention_mask)."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if batch.get(k) is not None}
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as their logical size."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if hasattr(param, "quant_state") or param.__class__.__name__ == "Params4bit":
+            n *= 2  # two 4-bit values per stored byte
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
