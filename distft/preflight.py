@@ -1,0 +1,436 @@
+"""Preflight: compose a command line with Hydra and report *every* problem in it at once.
+
+`python -m distft model=llama_8b train.lr=abc train.lrr=1` should answer with three one-line
+messages, not with the first Hydra traceback. Hydra stops at the first bad override, so:
+
+1. group choices (`model=...`, `+experiment=...`) are looked up in the config repository; a
+   missing one is reported with the available options and left out;
+2. everything else is composed in one go. Only when Hydra refuses (or there are sweeps) is it
+   asked again one override at a time, so each wrong type or unknown key gets its own message
+   and is left out, and the rest still composes;
+3. on the composed config, keys the schema does not have (`+foo=1`, a typo in a YAML file) are
+   reported, then `config.validate()` adds the semantic problems and `path_problems()` the
+   local files that do not exist.
+
+Sweeps (`a=1,2`, `choice(...)`, `range(...)`, `glob(...)`) are expanded: every value is checked,
+the first good one is composed, and each other value is validated too (one sweep at a time).
+Hydra's own flags and `hydra.*` overrides are skipped. Nothing here imports torch, and nothing
+is written to disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import typing
+from collections.abc import Sequence
+from typing import Any, Optional
+
+from distft.config import Config, ModelConfig, conf_dir, is_secret_key, register_configs, to_config, to_dict, validate
+
+HINT = "see the YAML files under conf/, or run `python -m distft --help` for the groups and their options"
+# Hydra flags that take a value (`-cn NAME` or `--config-name=NAME`); the others are switches.
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn"}
+_FLAGS_WITH_VALUE |= {"--config-dir", "-cd", "--experimental-rerun"}
+_INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+_MAX_SWEEP_VALUES = 16  # values of one sweep that are checked (the first and last few of a long range)
+_MAX_SWEEP_VARIANTS = 32  # extra compositions spent validating the other values of sweeps
+
+
+@dataclasses.dataclass
+class _Override:
+    """One command-line override: its text, and one override string per (sweep) value."""
+
+    text: str
+    key: str
+    is_group: bool
+    values: list[str]  # single-value override strings; values[0] is the one composed
+    is_sweep: bool
+
+
+def preflight(argv: Sequence[str]) -> tuple[Optional[Config], list[str]]:
+    """Compose `argv` (overrides, Hydra flags allowed) and return (config, every problem).
+
+    The config is the typed `Config` composed from the overrides that are good (the first value
+    of each sweep); it is None only when nothing could be composed. An empty list means the
+    command line is good to launch.
+    """
+    config_name, multirun, args = split_hydra_flags(argv)
+    errors: list[str] = []
+    parsed = _parse(args, errors)
+    register_configs()
+    with _hydra_session() as loader:
+        groups = set(loader.list_groups(""))
+        overrides = [_expand(ov, groups, loader, errors) for ov in parsed]
+        overrides = [ov for ov in overrides if ov is not None]
+        if not multirun:
+            for ov in overrides:
+                if ov.is_sweep:
+                    errors.append(
+                        f"{ov.text}: several values need --multirun (-m) to run one job each; "
+                        "quote the value ('a,b') if it is one string, or use [a,b] for a list"
+                    )
+        chosen = _existing_choices([ov for ov in overrides if ov.is_group], loader, errors)
+        values = [ov for ov in overrides if not ov.is_group]
+        composed, problem = _compose(config_name, _first_values(chosen + values))
+        cfg, problem = (None, problem) if problem else _typed(composed)
+        if problem or any(ov.is_sweep for ov in overrides):
+            # Hydra refused something (or there are sweep values to try): ask again, one override
+            # at a time, so that each problem gets its own message and the rest still composes.
+            chosen = _composable(config_name, [], chosen, errors, stack=True)
+            values = _composable(config_name, chosen, values, errors, stack=False)
+            composed, problem = _compose(config_name, _first_values(chosen + values))
+            cfg, problem = (None, problem) if problem else _typed(composed)
+        if problem:
+            errors.append(problem)
+            return None, errors
+        errors += unknown_keys(composed)
+        errors += validate(cfg, model_max_positions=model_max_positions(cfg.model))
+        errors += path_problems(cfg)
+        if multirun:
+            errors += _secrets_in_sweep(cfg)
+        errors += _check_sweep_variants(config_name, chosen + values, errors)
+    return cfg, errors
+
+
+def format_errors(errors: Sequence[str]) -> str:
+    """The message printed instead of a traceback: every problem, one line each, and a hint."""
+    lines = [f"distft: {len(errors)} problem(s) in the configuration:"]
+    lines += [f"  - {error}" for error in errors]
+    lines.append(HINT)
+    return "\n".join(lines) + "\n"
+
+
+def split_hydra_flags(argv: Sequence[str]) -> tuple[str, bool, list[str]]:
+    """(config name, --multirun given, overrides) of a command line; other Hydra flags dropped."""
+    config_name, multirun, overrides = "config", False, []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        flag, has_inline_value, inline_value = arg.partition("=")
+        if not arg.startswith("-"):
+            overrides.append(arg)
+        elif arg in ("--multirun", "-m"):
+            multirun = True
+        elif flag in _FLAGS_WITH_VALUE:
+            value = inline_value if has_inline_value else (args[i + 1] if i + 1 < len(args) else "")
+            i += 0 if has_inline_value else 1
+            if flag in ("--config-name", "-cn"):
+                config_name = value
+        elif arg in ("--info", "-i") and i + 1 < len(args) and args[i + 1] in _INFO_CHOICES:
+            i += 1
+        i += 1
+    return config_name, multirun, overrides
+
+
+def model_max_positions(model: ModelConfig) -> int:
+    """Positions of the real model: a local directory's config.json wins over the preset.
+
+    (The same rule as `distft.model.model_max_positions`, without importing torch.)
+    """
+    path = model.name_or_path and os.path.join(os.path.expanduser(model.name_or_path), "config.json")
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            return int(json.load(f).get("max_position_embeddings", model.max_position_embeddings))
+    return model.max_position_embeddings
+
+
+def path_problems(cfg: Config) -> list[str]:
+    """Local files a run will read, checked on the launching machine before anything starts."""
+    errors = []
+    d = cfg.data
+    if d.source != "synthetic":
+        for key, path in (("data.path", d.path), ("data.eval_path", d.eval_path)):
+            if not path:
+                continue
+            path = os.path.expanduser(path)
+            if not os.path.exists(path):
+                errors.append(f"{key}={path!r} does not exist (relative paths start at {os.getcwd()})")
+            elif d.source == "hf_disk" and not os.path.isdir(path):
+                errors.append(f"{key}={path!r} is a file; data.source=hf_disk reads a save_to_disk directory")
+            elif d.source != "hf_disk" and os.path.isdir(path):
+                errors.append(f"{key}={path!r} is a directory; data.source={d.source} reads one file")
+    name = cfg.model.name_or_path
+    # A hub id looks like `org/name`; only an explicit local path can be checked here.
+    if name and name.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        errors.append(f"model.name_or_path={name!r} is not a directory (give a local model directory or a hub id)")
+    return errors
+
+
+def _secrets_in_sweep(cfg: Config) -> list[str]:
+    """Hydra's sweeper saves the whole config to <hydra.sweep.dir>/multirun.yaml, secrets included."""
+
+    def walk(value: Any, prefix: str) -> list[str]:
+        if isinstance(value, dict):
+            return [key for k, v in value.items() for key in walk(v, f"{prefix}{k}.")]
+        key = prefix.rstrip(".")
+        return [key] if is_secret_key(key.rpartition(".")[2]) and value not in (None, "") else []
+
+    return [
+        f"{key} is set, and --multirun makes Hydra write the whole config to multirun.yaml; "
+        f"pass it through the environment instead (WANDB_API_KEY for tracking.wandb.api_key)"
+        for key in walk(to_dict(cfg, redact=False), "")
+    ]
+
+
+def unknown_keys(node: Any, schema: type = Config, prefix: str = "") -> list[str]:
+    """Keys in a composed config that the dataclass schema does not have (added with `+`, or in YAML)."""
+    from omegaconf import DictConfig
+
+    errors = []
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    for key, value in node.items_ex(resolve=False):
+        full = f"{prefix}{key}"
+        if key not in fields:
+            errors.append(_unknown_key_message(full, list(fields)))
+            continue
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, DictConfig):
+            errors += unknown_keys(value, hints[key], f"{full}.")
+    return errors
+
+
+def _unknown_key_message(full_key: str, siblings: list[str]) -> str:
+    parent, _, leaf = full_key.rpartition(".")
+    close = difflib.get_close_matches(leaf, siblings, n=2, cutoff=0.6)
+    scope = f"{parent}." if parent else ""
+    if close:
+        hint = "did you mean " + " or ".join(scope + c for c in close) + "?"
+    else:
+        hint = f"{parent or 'the top level'} has: {', '.join(siblings)}"
+    return f"{full_key}: unknown key; {hint}"
+
+
+# --- parsing and expanding overrides ---------------------------------------------------------
+
+
+def _parse(args: list[str], errors: list[str]) -> list[Any]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    parsed = []
+    for arg in args:
+        try:
+            (override,) = parser.parse_overrides([arg])
+        except HydraException as err:
+            errors.append(f"{arg}: cannot be parsed as key=value ({_first_line(err)})")
+            continue
+        if not override.is_hydra_override():  # hydra.* settings are Hydra's business
+            parsed.append(override)
+    return parsed
+
+
+def _expand(override: Any, groups: set[str], loader: Any, errors: list[str]) -> Optional[_Override]:
+    """Wrap a parsed override; a sweep becomes one single-value override string per value."""
+    from hydra.core.object_type import ObjectType
+    from hydra.core.override_parser.types import Glob
+
+    key = override.key_or_group
+    is_group = key in groups
+    text = override.input_line
+    if not override.is_sweep_override():
+        return _Override(text, key, is_group, [text], is_sweep=False)
+    if override.is_interval_sweep():
+        sweep = override.value()
+        strings = [str(sweep.start), str(sweep.end)]
+    elif isinstance(override.value(), Glob):
+        options = loader.get_group_options(key, results_filter=ObjectType.CONFIG) if is_group else []
+        strings = override.value().filter(options)
+        if not strings:
+            errors.append(f"{text}: matches none of the options of {key}: {', '.join(options) or '(not a group)'}")
+            return None
+    else:
+        strings = list(override.sweep_string_iterator())
+    if len(strings) > _MAX_SWEEP_VALUES:
+        half = _MAX_SWEEP_VALUES // 2
+        strings = strings[:half] + strings[-half:]
+    element = override.get_key_element()
+    return _Override(text, key, is_group, [f"{element}={value}" for value in strings], is_sweep=True)
+
+
+# --- composing ---------------------------------------------------------------------------------
+
+
+class _hydra_session:
+    """Hydra's Compose API on conf/. Whatever GlobalHydra held before (nothing, or a running
+    @hydra.main) is put back afterwards, so a later @hydra.main in this process still starts."""
+
+    def __enter__(self) -> Any:
+        from hydra import initialize_config_dir
+        from hydra.core.global_hydra import GlobalHydra
+        from hydra.initialize import get_gh_backup
+
+        self._previous = get_gh_backup()
+        GlobalHydra.instance().clear()
+        self._init = initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3")
+        return GlobalHydra.instance().config_loader()
+
+    def __exit__(self, *exc: Any) -> None:
+        from hydra.core.global_hydra import GlobalHydra
+        from hydra.initialize import restore_gh_from_backup
+
+        GlobalHydra.instance().clear()
+        restore_gh_from_backup(self._previous)
+
+
+def _compose(config_name: str, overrides: list[str]) -> tuple[Any, Optional[str]]:
+    """(DictConfig, None), or (None, one-line message) when Hydra refuses the overrides."""
+    from hydra import compose
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return compose(config_name, overrides=overrides), None
+    except (HydraException, OmegaConfBaseException, ValueError) as err:  # Hydra raises ValueError too
+        return None, _describe(err, overrides[-1] if overrides else "")
+
+
+def _typed(composed: Any) -> tuple[Optional[Config], Optional[str]]:
+    """The typed Config; interpolations are resolved here, so `${nope}` is reported here."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return to_config(composed), None
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        return None, f"{key}: {_first_line(err)}" if key else _first_line(err)
+
+
+def _first_values(overrides: list[_Override]) -> list[str]:
+    return [ov.values[0] for ov in overrides]
+
+
+def _existing_choices(overrides: list[_Override], loader: Any, errors: list[str]) -> list[_Override]:
+    """Group choices with the options that exist; a missing one is reported with the options."""
+    from hydra.core.object_type import ObjectType
+
+    kept = []
+    for ov in overrides:
+        options = loader.get_group_options(ov.key, results_filter=ObjectType.CONFIG)
+        choices = [value.partition("=")[2] for value in ov.values]
+        missing = [c for c in choices if c and c not in options]  # `~group` has no choice to check
+        if missing:
+            what = ov.text if not ov.is_sweep else f"{ov.text}: {', '.join(missing)}"
+            errors.append(f"{what}: no such option in group '{ov.key}'; available: {', '.join(options)}")
+        values = [v for v, c in zip(ov.values, choices) if c not in missing]
+        if values:
+            kept.append(dataclasses.replace(ov, values=values))
+    return kept
+
+
+def _composable(
+    config_name: str, base: list[_Override], overrides: list[_Override], errors: list[str], stack: bool
+) -> list[_Override]:
+    """The overrides (and sweep values) that compose on top of `base`; each refusal is reported.
+
+    stack=True checks each override on top of the ones kept before it too: group choices can
+    clash with each other (two experiments), value overrides cannot.
+    """
+    kept: list[_Override] = []
+    for ov in overrides:
+        below = _first_values(base + (kept if stack else []))
+        good_values, problems = [], []
+        for value in ov.values:
+            composed, problem = _compose(config_name, below + [value])
+            problem = problem or _typed(composed)[1]
+            if problem is None:
+                good_values.append(value)
+            elif problem not in problems:
+                problems.append(problem)
+        errors.extend(problems)
+        if good_values:
+            kept.append(dataclasses.replace(ov, values=good_values))
+    return kept
+
+
+def _check_sweep_variants(config_name: str, good: list[_Override], errors: list[str]) -> list[str]:
+    """Validate the other values of each sweep, one sweep at a time (the others at their first)."""
+    found: list[str] = []
+    seen: set[str] = set()
+    budget = _MAX_SWEEP_VARIANTS
+    for i, ov in enumerate(good):
+        for value in ov.values[1:]:
+            if budget == 0:
+                return found
+            budget -= 1
+            overrides = [o.values[0] for o in good[:i]] + [value] + [o.values[0] for o in good[i + 1 :]]
+            composed, problem = _compose(config_name, overrides)
+            cfg, problem = (None, problem) if problem else _typed(composed)
+            problems = [problem] if problem else validate(cfg, model_max_positions=model_max_positions(cfg.model))
+            for message in problems:
+                if message not in errors and message not in seen:
+                    seen.add(message)
+                    found.append(message if message.startswith(value) else f"with {value}: {message}")
+    return found
+
+
+# --- messages ----------------------------------------------------------------------------------
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _describe(err: BaseException, override: str) -> str:
+    """One line for a composition error: what the key expects, or which keys exist."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    cause = err.__cause__ or err
+    key = getattr(cause, "full_key", None) or override.lstrip("+~").partition("=")[0].partition("@")[0]
+    value = override.partition("=")[2]
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
+        parent, _, _ = key.rpartition(".")
+        schema = _schema_at(parent)
+        if schema is not None and dataclasses.is_dataclass(schema):
+            return _unknown_key_message(key, [f.name for f in dataclasses.fields(schema)])
+        if typing.get_origin(schema) is dict:  # a free-form mapping such as parallel.deepspeed.overrides
+            return f"{key}: {parent} is a free-form mapping; add new keys with +{key}={value}"
+    if isinstance(cause, ValidationError):
+        expected = _expected(_schema_at(key))
+        if expected:
+            return f"{key}: expected {expected}, got {value if value == 'null' else repr(value)}"
+    detail = _first_line(cause)
+    if cause is not err and "override" not in detail:
+        detail = f"{_first_line(err)}: {detail}"
+    return f"{override}: {detail}" if override else detail
+
+
+def _schema_at(dotted_key: str) -> Any:
+    """The declared type at a dotted key of Config (None when the key is not in the schema)."""
+    node: Any = Config
+    for part in [p for p in dotted_key.split(".") if p]:
+        if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
+            return None
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            return None
+        node = hints[part]
+    return node
+
+
+def _expected(annotation: Any) -> Optional[str]:
+    """A declared type in words: `Optional[int]` -> 'an integer or null'."""
+    if annotation is None:
+        return None
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Union and type(None) in args:
+        inner = _expected(next(a for a in args if a is not type(None)))
+        return f"{inner} or null" if inner else None
+    origin = typing.get_origin(annotation) or annotation
+    words = {
+        bool: "true or false",
+        int: "an integer",
+        float: "a float (such as 2e-4)",
+        str: "a string",
+        list: "a list (such as [a,b])",
+        dict: "a mapping (such as {key: value})",
+    }
+    if origin in words:
+        return words[origin]
+    if dataclasses.is_dataclass(origin):
+        return f"a group of keys ({', '.join(f.name for f in dataclasses.fields(origin))})"
+    return None
