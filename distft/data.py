@@ -1,0 +1,528 @@
+"""The data path: load, clean (with counts), template, mask prompts, tokenize, split, augment, pack, batch.
+
+`prepare_data()` runs once per process and is deterministic, so every rank builds the same samples
+without talking to the others; `TrainBatches` then gives each rank its own micro-batches of one
+shared, seeded order. The order is a pure function of (seed, epoch, index), which is why resuming
+needs only `{"epoch", "index"}` and why runs with the same global batch on different numbers of
+ranks see the same data.
+
+Rows are plain dicts. After cleaning each row has one of three canonical shapes, whatever the
+source's column names were: alpaca `{"instruction", "input", "output", ...extra keys}`, chat
+`{"messages": [{"role", "content"}, ...]}`, text `{"text"}`. Augmentation functions see and return
+these shapes.
+
+Samples are `{"input_ids", "labels"}` with labels aligned to input_ids (the loss shifts): bos
+first, prompt tokens -100 (unless train_on_prompt), response tokens and eos as targets. The first
+label of every sample is -100, so a packed sample never learns to predict across a boundary.
+Packed rows carry position_ids that restart at 0 per sample and no attention_mask: transformers
+builds a block-diagonal causal mask from them, so packed samples neither attend to nor shift the
+positions of one another. (That only happens when no KV cache is built: call the model with
+use_cache=False in training and evaluation.)
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import functools
+import importlib
+import json
+import os
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+from distft.batching import TrainBatches, collate, eval_batches, pack  # noqa: F401  (re-exported)
+from distft.config import DataConfig
+from distft.model import IGNORE_INDEX
+from distft.templates import (
+    HEADER_TEMPLATES,
+    HEADERS,
+    RejectedConversation,
+    TemplateError,
+    prompt_and_reference,
+    row_pieces,
+)
+
+
+class DataError(Exception):
+    """A problem with the user's data or data config; the message says what and how to fix it."""
+
+
+@dataclass
+class DataReport:
+    """What happened to the rows. loaded = malformed + empty + duplicate + overlong + kept, and
+    kept = eval + (train rows before augmentation). Counts cover the eval file too when there is one.
+    train counts rows after augmentation; *_sequences are packed rows (packing) or samples."""
+
+    loaded: int = 0
+    malformed: int = 0
+    empty: int = 0
+    duplicate: int = 0
+    overlong: int = 0
+    truncated: int = 0  # kept, cut to max_seq_len (drop_overlong=false)
+    kept: int = 0
+    train: int = 0
+    eval: int = 0
+    augmented: int = 0  # training rows changed or added by augmentation
+    augment_dropped: int = 0  # training rows an augmentation function removed, or made empty/over-long
+    train_sequences: int = 0
+    eval_sequences: int = 0
+    train_tokens: int = 0
+    train_target_tokens: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        dropped = self.malformed + self.empty + self.duplicate + self.overlong
+        return (
+            f"data: loaded {self.loaded} rows, dropped {dropped} (malformed {self.malformed}, empty {self.empty}, "
+            f"duplicate {self.duplicate}, overlong {self.overlong}), truncated {self.truncated}, kept {self.kept}; "
+            f"train {self.train} rows ({self.augmented} augmented, {self.augment_dropped} dropped by augmentation), "
+            f"eval {self.eval}; {self.train_sequences} train / {self.eval_sequences} eval sequences, "
+            f"{self.train_tokens} train tokens ({self.train_target_tokens} targets)"
+        )
+
+
+@dataclass
+class PreparedData:
+    train: list[dict]  # {"input_ids": list[int], "labels": list[int]}
+    eval: list[dict]
+    eval_rows: list[dict]  # {"prompt": str without bos, "reference": str without eos, "task"?: str}
+    report: DataReport
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: every source becomes a list of RawRow; unparsable records are kept (and later counted
+# as malformed) so that on_bad_rows=fail can point at the exact line.
+
+
+@dataclass
+class RawRow:
+    value: Any  # a dict when the record parsed as an object; anything else is malformed
+    where: str  # "row 3 (line 4) of /data/train.jsonl", for messages
+
+
+@dataclass
+class Unparsable:
+    reason: str
+
+
+def _read_jsonl(path: str) -> list[RawRow]:
+    rows = []
+    with open(path, "rb") as f:  # bytes: one undecodable line is one malformed row, not a crash
+        for line_no, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                value = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                value = Unparsable("not valid UTF-8")
+            except json.JSONDecodeError as err:
+                value = Unparsable(f"invalid JSON: {err.msg} at column {err.colno}")
+            rows.append(RawRow(value, f"row {len(rows)} (line {line_no}) of {path}"))
+    return rows
+
+
+def _read_json(path: str) -> list[RawRow]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        if text.lstrip().startswith("["):
+            raise DataError(f"data.path={path} is not valid JSON ({err}); fix it or save it as JSON Lines") from None
+        return _read_jsonl(path)  # JSON Lines saved as .json
+    if not isinstance(value, list):
+        raise DataError(
+            f"data.path={path} holds a JSON {type(value).__name__}, not a list of rows; "
+            "write a JSON list of objects (or JSON Lines with data.source=jsonl)"
+        )
+    return [RawRow(v, f"row {i} of {path}") for i, v in enumerate(value)]
+
+
+_MISSING_CELL = object()
+
+
+def _read_csv(path: str) -> list[RawRow]:
+    rows = []
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+        reader = csv.DictReader(f, restkey="__extra__", restval=_MISSING_CELL)
+        for i, record in enumerate(reader):
+            bad = "__extra__" in record or any(v is _MISSING_CELL for v in record.values())
+            value = Unparsable(f"wrong number of columns for the header {reader.fieldnames}") if bad else record
+            rows.append(RawRow(value, f"row {i} (line {reader.line_num}) of {path}"))
+    return rows
+
+
+def _read_parquet(path: str) -> list[RawRow]:
+    import pyarrow.parquet as pq
+
+    try:
+        records = pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow raises several types for a corrupt or non-parquet file
+        raise DataError(f"data.path={path} is not a readable parquet file: {err}") from None
+    return [RawRow(v, f"row {i} of {path}") for i, v in enumerate(records)]
+
+
+def _read_hf_disk(path: str, key: str) -> tuple[list[RawRow], Optional[list[RawRow]]]:
+    """A `save_to_disk` directory: a Dataset, or a DatasetDict whose validation/test split is eval."""
+    from datasets import Dataset, load_from_disk
+
+    try:
+        data = load_from_disk(path)
+    except Exception as err:
+        raise DataError(f"{key}={path} is not a datasets.save_to_disk directory: {err}") from None
+
+    def rows(split, name: str) -> list[RawRow]:
+        return [RawRow(v, f"row {i} of {path} [{name}]") for i, v in enumerate(split.to_list())]
+
+    if isinstance(data, Dataset):
+        return rows(data, "dataset"), None
+    eval_name = next((s for s in ("validation", "test") if s in data), None)
+    if key == "data.eval_path":  # a separate eval dataset: its held-out split, else its only split
+        name = eval_name or next(iter(data))
+        return rows(data[name], name), None
+    if "train" not in data:
+        raise DataError(f"{key}={path} has splits {list(data)} but no 'train' split; save one named 'train'")
+    return rows(data["train"], "train"), (rows(data[eval_name], eval_name) if eval_name else None)
+
+
+_READERS = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}
+
+
+def _read(source: str, path: Optional[str], key: str) -> tuple[list[RawRow], Optional[list[RawRow]]]:
+    if not path:
+        raise DataError(
+            f"{key} is not set but data.source={source} reads a file; set {key}=/path/to/data.{source} "
+            "(or data.source=synthetic for the embedded dataset)"
+        )
+    path = os.path.expanduser(path)
+    if not os.path.exists(path):
+        raise DataError(
+            f"{key}={path} does not exist (resolved to {os.path.abspath(path)}); set {key} to an existing "
+            f"{'directory written by datasets save_to_disk' if source == 'hf_disk' else source + ' file'}, "
+            "preferably as an absolute path"
+        )
+    if source == "hf_disk":
+        return _read_hf_disk(path, key)
+    if source not in _READERS:
+        raise DataError(f"data.source={source} is not one of: synthetic, {', '.join(_READERS)}, hf_disk")
+    return _READERS[source](path), None
+
+
+def load_rows(cfg: DataConfig) -> tuple[list[RawRow], Optional[list[RawRow]]]:
+    """(training rows, separate eval rows or None when eval is to be split off the training rows)."""
+    if cfg.source == "synthetic":
+        from distft.synthetic import generate
+
+        syn = cfg.synthetic
+        try:
+            rows = generate(syn.num_examples, syn.seed, list(syn.tasks))
+        except ValueError as err:
+            raise DataError(f"data.synthetic.tasks: {err}") from None
+        train, split_eval = [RawRow(r, f"synthetic row {i}") for i, r in enumerate(rows)], None
+    else:
+        train, split_eval = _read(cfg.source, cfg.path, "data.path")
+    if cfg.eval_path:
+        source = "jsonl" if cfg.source == "synthetic" else cfg.source
+        return train, _read(source, cfg.eval_path, "data.eval_path")[0]
+    return train, split_eval
+
+
+# ---------------------------------------------------------------------------------------------
+# Cleaning: detect the format, check types, drop empty / duplicate / over-long rows, counted.
+
+
+class _Rejected(Exception):
+    def __init__(self, rule: str, reason: str):
+        super().__init__(reason)
+        self.rule, self.reason = rule, reason
+
+
+def _string(row: dict, name: str, what: str, required: bool = True) -> str:
+    if name not in row:
+        if required:
+            raise _Rejected("malformed", f"no {what} field {name!r} (columns: {sorted(row)})")
+        return ""
+    value = row[name]
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _Rejected("malformed", f"{what} field {name!r} is a {type(value).__name__}, expected a string")
+    return value
+
+
+def to_canonical(value: Any, fmt: str, cfg: DataConfig) -> tuple[str, dict]:
+    """(kind, canonical row) of a raw record, or _Rejected('malformed', why)."""
+    if isinstance(value, Unparsable):
+        raise _Rejected("malformed", value.reason)
+    if not isinstance(value, dict):
+        raise _Rejected("malformed", f"a JSON {type(value).__name__}, expected an object")
+    kind = fmt
+    if fmt == "auto":
+        if cfg.messages_field in value:
+            kind = "chat"
+        elif cfg.instruction_field in value or cfg.output_field in value:
+            kind = "alpaca"
+        elif cfg.text_field in value:
+            kind = "text"
+        else:
+            raise _Rejected(
+                "malformed",
+                f"none of the fields {cfg.messages_field!r} (chat), {cfg.instruction_field!r}+{cfg.output_field!r} "
+                f"(alpaca), {cfg.text_field!r} (text); it has {sorted(value)} "
+                "(map your columns with data.messages_field / instruction_field / output_field / text_field)",
+            )
+    if kind == "text":
+        return kind, {**_extras(value, cfg.text_field), "text": _string(value, cfg.text_field, "text")}
+    if kind == "alpaca":
+        row = _extras(value, cfg.instruction_field, cfg.input_field, cfg.output_field)
+        row["instruction"] = _string(value, cfg.instruction_field, "instruction")
+        row["input"] = _string(value, cfg.input_field, "input", required=False)
+        row["output"] = _string(value, cfg.output_field, "output")
+        return kind, row
+    messages = value.get(cfg.messages_field)
+    ok = isinstance(messages, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    )
+    if not ok:
+        raise _Rejected("malformed", f"{cfg.messages_field!r} is not a list of {{role: str, content: str}} objects")
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    return kind, {**_extras(value, cfg.messages_field), "messages": messages}
+
+
+def _extras(value: dict, *used: str) -> dict:
+    """The row's other keys (e.g. "task", used for per-task eval metrics), kept as they are."""
+    return {k: v for k, v in value.items() if k not in used}
+
+
+def _check_not_empty(kind: str, row: dict) -> None:
+    if kind == "text" and not row["text"].strip():
+        raise _Rejected("empty", "blank text")
+    if kind == "alpaca" and not (row["instruction"].strip() and row["output"].strip()):
+        raise _Rejected("empty", "blank instruction" if not row["instruction"].strip() else "blank output")
+    if kind == "chat":
+        replies = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+        if not replies or not all(r.strip() for r in replies):
+            raise _Rejected("empty", "no assistant turn" if not replies else "an assistant turn with blank content")
+
+
+def _dedup_key(kind: str, row: dict) -> tuple:
+    def norm(text: str) -> str:
+        return " ".join(text.split())
+
+    if kind == "text":
+        return (kind, norm(row["text"]))
+    if kind == "alpaca":
+        return (kind, norm(row["instruction"]), norm(row["input"]), norm(row["output"]))
+    return (kind, tuple((m["role"], norm(m["content"])) for m in row["messages"]))
+
+
+def tokenize_row(row: dict, kind: str, cfg: DataConfig, tokenizer, variant: int = 0) -> dict:
+    """{"input_ids", "labels"}: [bos] + prompt pieces (masked) + target pieces (+ eos), untruncated."""
+    try:
+        pieces, add_eos = row_pieces(row, kind, cfg.template, tokenizer, variant)
+    except RejectedConversation as err:
+        raise _Rejected("malformed", str(err)) from None
+    except TemplateError as err:
+        raise DataError(f"data.template={cfg.template}: {err}") from None
+    ids: list[int] = []
+    labels: list[int] = []
+    if tokenizer.bos_token_id is not None:
+        ids.append(tokenizer.bos_token_id)
+        labels.append(IGNORE_INDEX)
+    for text, target in pieces:
+        piece = tokenizer.encode(text, add_special_tokens=False)
+        ids += piece
+        labels += piece if (target or cfg.train_on_prompt) else [IGNORE_INDEX] * len(piece)
+    if add_eos and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    if labels:
+        labels[0] = IGNORE_INDEX  # never a target: packed, it would be predicted from the previous sample
+    return {"input_ids": ids, "labels": labels}
+
+
+def _fit(sample: dict, cfg: DataConfig) -> tuple[dict, bool]:
+    """(sample within max_seq_len, whether it was truncated); _Rejected('overlong') when dropped."""
+    n = len(sample["input_ids"])
+    if n <= cfg.max_seq_len:
+        return sample, False
+    if cfg.drop_overlong:
+        raise _Rejected("overlong", f"{n} tokens > data.max_seq_len={cfg.max_seq_len} (or data.drop_overlong=false)")
+    cut = {k: v[: cfg.max_seq_len] for k, v in sample.items()}
+    if all(label == IGNORE_INDEX for label in cut["labels"]):
+        raise _Rejected("overlong", f"the prompt alone fills data.max_seq_len={cfg.max_seq_len}; nothing to learn")
+    return cut, True
+
+
+@dataclass
+class Example:
+    kind: str
+    row: dict
+    sample: dict
+    variant: int = 0  # header wording (templates.HEADERS), set by template_variation
+
+
+def clean(raw: list[RawRow], cfg: DataConfig, tokenizer, report: DataReport, seen: set) -> list[Example]:
+    """Cleaned, tokenized examples in source order; every dropped row is counted in `report`."""
+    kept = []
+    for record in raw:
+        report.loaded += 1
+        try:
+            kind, row = to_canonical(record.value, cfg.format, cfg)
+            _check_not_empty(kind, row)
+            key = _dedup_key(kind, row)
+            if key in seen:
+                raise _Rejected("duplicate", "the same prompt and response as an earlier row")
+            sample, truncated = _fit(tokenize_row(row, kind, cfg, tokenizer), cfg)
+        except _Rejected as rejected:
+            if cfg.on_bad_rows == "fail":
+                raise DataError(
+                    f"{record.where} is {rejected.rule}: {rejected.reason}. Fix or remove the row, or set "
+                    "data.on_bad_rows=drop to skip such rows (they are counted in the data report)"
+                ) from None
+            setattr(report, rejected.rule, getattr(report, rejected.rule) + 1)
+            continue
+        seen.add(key)
+        report.truncated += truncated
+        kept.append(Example(kind, row, sample))
+    return kept
+
+
+# ---------------------------------------------------------------------------------------------
+# Split (before augmentation, so the eval split is never augmented) and augmentation.
+
+
+def split(examples: list[Example], cfg: DataConfig) -> tuple[list[Example], list[Example]]:
+    """(train, eval), both in source order; which rows are held out depends only on data.seed."""
+    n = len(examples)
+    if cfg.eval_size is not None:
+        size, key = cfg.eval_size, f"data.eval_size={cfg.eval_size}"
+    else:
+        size, key = int(n * cfg.eval_fraction), f"data.eval_fraction={cfg.eval_fraction}"
+        size = max(size, 1) if cfg.eval_fraction > 0 and n > 1 else size
+    if size >= n:
+        raise DataError(f"{key} holds out {size} of the {n} rows left after cleaning, leaving none to train on")
+    held = set(random.Random(cfg.seed).sample(range(n), size))
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+def _locate(target: str) -> Callable:
+    module_name, _, name = target.rpartition(".")
+    try:
+        fn = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise DataError(
+            f"data.augment.functions: _target_={target!r} cannot be imported ({err}); give the dotted path of a "
+            "function fn(row, rng) -> row | list[row] | None in a module on the Python path"
+        ) from None
+    if not callable(fn):
+        raise DataError(f"data.augment.functions: _target_={target!r} is not a function")
+    return fn
+
+
+def resolve_functions(specs: list) -> list[tuple[str, Callable]]:
+    """`{_target_: "pkg.mod.fn", **kwargs}` entries -> (target, fn bound to kwargs)."""
+    resolved = []
+    for i, spec in enumerate(specs):
+        spec = {"_target_": spec} if isinstance(spec, str) else dict(spec)
+        target = spec.pop("_target_", None)
+        spec.pop("_partial_", None)
+        if not isinstance(target, str):
+            raise DataError(f"data.augment.functions[{i}] has no _target_; write {{_target_: pkg.mod.fn, ...kwargs}}")
+        fn = _locate(target)
+        resolved.append((target, functools.partial(fn, **spec) if spec else fn))
+    return resolved
+
+
+def augment(train: list[Example], cfg: DataConfig, tokenizer, report: DataReport, rng: random.Random) -> list[Example]:
+    """Apply `data.augment.functions` in order, then template_variation, to each training row."""
+    functions = resolve_functions(list(cfg.augment.functions))
+    probability = cfg.augment.template_variation
+    out = []
+    for example in train:
+        produced = [(example.kind, example.row)]
+        for target, fn in functions:
+            after = []
+            for _, row in produced:
+                result = fn(copy.deepcopy(row), rng)
+                for new in [] if result is None else result if isinstance(result, list) else [result]:
+                    try:
+                        after.append(to_canonical(new, "auto", DataConfig()))
+                    except _Rejected as err:
+                        raise DataError(f"data.augment.functions: {target} returned a malformed row: {err}") from None
+            produced = after
+        if not produced:
+            report.augment_dropped += 1
+        for kind, row in produced:
+            variant = 0
+            if probability > 0 and kind == "alpaca" and cfg.template in HEADER_TEMPLATES and rng.random() < probability:
+                variant = rng.randrange(1, len(HEADERS))
+            if kind == example.kind and row == example.row and variant == 0:
+                out.append(example)
+                continue
+            try:
+                _check_not_empty(kind, row)
+                sample, truncated = _fit(tokenize_row(row, kind, cfg, tokenizer, variant), cfg)
+            except _Rejected:
+                report.augment_dropped += 1
+                continue
+            report.truncated += truncated
+            report.augmented += 1
+            out.append(Example(kind, row, sample, variant))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole pipeline.
+
+
+def prepare_data(cfg: DataConfig, tokenizer, seed: int = 0) -> PreparedData:
+    """Cleaned, split, augmented, tokenized data; identical on every rank for the same inputs.
+
+    The eval split depends only on data.seed (so runs with different training seeds are scored on
+    the same rows); augmentation draws from data.seed and `seed` together.
+    """
+    report = DataReport()
+    train_raw, eval_raw = load_rows(cfg)
+    seen: set = set()  # shared, so an eval row that repeats a training row is dropped as a duplicate
+    train = clean(train_raw, cfg, tokenizer, report, seen)
+    if not train:
+        raise DataError(f"no training rows left after cleaning: {report.summary()}; check data.format and the fields")
+    if eval_raw is not None:
+        held_out = clean(eval_raw, cfg, tokenizer, report, seen)
+        if not held_out:
+            raise DataError(f"no eval rows left after cleaning data.eval_path: {report.summary()}")
+    else:
+        train, held_out = split(train, cfg)
+    report.kept, report.eval = len(train) + len(held_out), len(held_out)
+    if cfg.augment.functions or cfg.augment.template_variation > 0:
+        train = augment(train, cfg, tokenizer, report, random.Random(cfg.seed * 1_000_003 + seed))
+        if not train:
+            raise DataError("data.augment.functions dropped every training row")
+    train_samples = [e.sample for e in train]
+    eval_samples = [e.sample for e in held_out]
+    eval_rows = []
+    for example in held_out:
+        pair = prompt_and_reference(example.row, example.kind, cfg.template, tokenizer)
+        if pair is not None:
+            entry = {"prompt": pair[0], "reference": pair[1]}
+            if isinstance(example.row.get("task"), str):
+                entry["task"] = example.row["task"]
+            eval_rows.append(entry)
+
+    pad_id = pad_token_id(tokenizer)
+    report.train = len(train)
+    report.train_sequences = len(pack(train_samples, cfg.max_seq_len, pad_id)) if cfg.packing else len(train)
+    report.eval_sequences = len(pack(eval_samples, cfg.max_seq_len, pad_id)) if cfg.packing else len(held_out)
+    report.train_tokens = sum(len(s["input_ids"]) for s in train_samples)
+    report.train_target_tokens = sum(sum(label != IGNORE_INDEX for label in s["labels"]) for s in train_samples)
+    return PreparedData(train_samples, eval_samples, eval_rows, report)
+
+
+def pad_token_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
