@@ -90,6 +90,9 @@ def llama_config(cfg: ModelConfig, **overrides: Any):
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=None,
+        # Training never wants a KV cache, and with one transformers ignores packed position_ids
+        # (samples would attend to each other). generate() turns it on for itself.
+        use_cache=False,
     )
     kwargs.update(overrides)
     return LlamaConfig(**kwargs)
@@ -188,7 +191,9 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
     Returning the sum (not the mean) lets the trainer weight every target token equally across
     micro-batches, accumulation steps and ranks: divide by the global token count once.
     `labels` are aligned with `logits` (position t holds the token at t); the shift happens here.
+    Prompt tuning prepends virtual tokens to the logits: the last T positions align with labels.
     """
+    logits = logits[:, -labels.size(1) :, :]
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
     loss_sum = F.cross_entropy(

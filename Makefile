@@ -1,0 +1,38 @@
+# distft: the README's two commands. `make run` sets up .venv and runs the default job;
+# `make test` sets up .venv and runs the test suite (what .ci/run calls).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+# auto: the CUDA build from PyPI when `nvidia-smi` sees a GPU, else the CPU build.
+TORCH ?= auto
+CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
+.PHONY: setup run test lint clean-venv
+
+setup: $(VENV)/.distft-installed
+
+$(VENV)/.distft-installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	@if [ "$(TORCH)" = cuda ] || { [ "$(TORCH)" = auto ] && nvidia-smi -L >/dev/null 2>&1; }; then \
+		echo "installing torch $(TORCH_VERSION) (CUDA build)"; \
+		$(PIP) install -q "torch==$(TORCH_VERSION)"; \
+	else \
+		echo "installing torch $(TORCH_VERSION) (CPU build)"; \
+		$(PIP) install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
+		|| $(PIP) install -q "torch==$(TORCH_VERSION)" --index-url $(CPU_INDEX); \
+	fi
+	$(PIP) install -q -e ".[all,dev]"
+	touch $@
+
+run: setup
+	$(PY) -m distft
+
+test: setup
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(PY) -m ruff check distft launchers tests bench
+
+clean-venv:
+	rm -rf $(VENV)

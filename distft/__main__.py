@@ -1,0 +1,55 @@
+"""`python -m distft [overrides]`: compose the config, check all of it, then train.
+
+Order matters: `preflight()` composes and validates the whole command line first and prints
+every problem at once (no traceback, nothing allocated, nothing submitted); only a clean config
+reaches Hydra's own entry point, which later hands multirun sweeps to their launcher. Hydra is
+told (conf/config.yaml) to write nothing and stay in the current directory: the run directory
+is ours, deterministic, and holds a secret-free config dump.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+
+from distft.config import conf_dir, register_configs, to_config
+from distft.preflight import format_errors, preflight
+
+
+def _user_error_types() -> tuple:
+    # Imported lazily: `--help` and config errors should not pay for torch and transformers.
+    from distft.checkpoint import CheckpointError
+    from distft.data import DataError
+
+    return (DataError, CheckpointError)
+
+
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
+def hydra_entry(dict_cfg) -> None:
+    cfg = to_config(dict_cfg)
+    from distft.train import train
+
+    try:
+        train(cfg)
+    except _user_error_types() as err:
+        print(f"distft: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flags = [a for a in argv if a.startswith("-")]
+    informational = {"--help", "-h", "--hydra-help", "--info", "--cfg", "-c", "--resolve", "--shell-completion"}
+    if not informational.intersection(a.split("=")[0] for a in flags):
+        _, errors = preflight(argv)
+        if errors:
+            print(format_errors(errors), file=sys.stderr)
+            sys.exit(2)
+    register_configs()
+    sys.argv = [sys.argv[0], *argv]
+    hydra_entry()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""One `Engine` interface; one implementation per parallelism strategy.
+
+The trainer talks to an Engine and never asks which one it has. An engine owns the wrapped
+model, the optimizer, the LR schedule, mixed precision and gradient clipping, because each
+strategy does those differently (DeepSpeed does all of them itself, FSDP clips sharded grads,
+DDP must skip the gradient all-reduce on accumulation micro-steps). What stays out: the loss
+(shared `distft.model.token_loss`), data order and checkpoint layout.
+
+`single` (one process) and `ddp` live in ddp.py; `zero1/2/3` in deepspeed.py and `fsdp` in
+fsdp.py land with the parallelism work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from contextlib import AbstractContextManager as ContextManager
+from typing import Protocol
+
+import torch
+
+from distft.config import Config
+
+
+class Engine(Protocol):
+    device: torch.device
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Logits for a micro-batch (under the configured autocast)."""
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def accumulating(self, last_micro_step: bool) -> ContextManager:
+        """Context for one micro-step; gradient sync happens only when `last_micro_step`."""
+
+    def step(self) -> float:
+        """Clip, optimizer step, schedule step, zero grads; returns the pre-clip grad norm."""
+
+    def lr(self) -> float: ...
+
+    def train(self) -> None: ...
+
+    def eval(self) -> None: ...
+
+    def unwrapped(self) -> torch.nn.Module:
+        """The plain (PEFT or transformers) model, for generation, evaluation and saving."""
+
+    def autocast(self) -> ContextManager: ...
+
+    def state_dict(self) -> dict:
+        """Optimizer and schedule state for exact resume."""
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, device: torch.device) -> Engine:
+    strategy = cfg.parallel.strategy
+    if strategy in ("single", "ddp"):
+        from distft.engines.ddp import DDPEngine
+
+        return DDPEngine(cfg, model, device)
+    raise NotImplementedError(f"parallel.strategy={strategy!r} is not available in this build yet")
+
+
+def lr_lambda(step: int, warmup_steps: int, max_steps: int, schedule: str, min_lr_ratio: float) -> float:
+    """Multiplier of the peak LR at `step`: linear warm-up, then cosine/linear decay or constant."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant" or max_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    if schedule == "linear":
+        decay = 1.0 - progress
+    else:
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * decay
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module):
+    """AdamW over trainable params; no weight decay on norms, biases and other 1-D params."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    t = cfg.train
+    optimizer = torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_lambda(step, t.warmup_steps, t.max_steps, t.schedule, t.min_lr_ratio)
+    )
+    return optimizer, scheduler
+
+
+def autocast_dtype(precision: str, device: torch.device):
+    """The autocast dtype for `train.precision`, or None for fp32. auto: bf16 on bf16 GPUs only
+    (CPU bf16 autocast is slower than fp32 on most CPUs)."""
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def autocast_context(dtype, device: torch.device) -> ContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -1,0 +1,97 @@
+"""The plain engine: one process, or PyTorch DDP when the process group has several ranks.
+
+Gradient accumulation skips DDP's all-reduce on all but the last micro-step (`no_sync`), so an
+optimizer step costs one all-reduce whatever the accumulation. fp16 uses a GradScaler; bf16 and
+fp32 need none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from distft.config import Config
+from distft.engines import autocast_context, autocast_dtype, build_optimizer
+
+
+class DDPEngine:
+    def __init__(self, cfg: Config, model: torch.nn.Module, device: torch.device):
+        self.cfg = cfg
+        self.device = device
+        self._model = model.to(device) if not _is_quantized(model) else model
+        self.amp_dtype = autocast_dtype(cfg.train.precision, device)
+        self.wrapped = self._model
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_world_size() > 1:
+                from torch.nn.parallel import DistributedDataParallel
+
+                self.wrapped = DistributedDataParallel(
+                    self._model, device_ids=[device.index] if device.type == "cuda" else None
+                )
+        self.optimizer, self.scheduler = build_optimizer(cfg, self._model)
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
+
+    def autocast(self):
+        return autocast_context(self.amp_dtype, self.device)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        from distft.model import model_inputs
+
+        inputs = {k: v.to(self.device) for k, v in model_inputs(batch).items()}
+        with self.autocast():
+            return self.wrapped(**inputs, use_cache=False).logits
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.scaler is not None:
+            loss = self.scaler.scale(loss)
+        loss.backward()
+
+    def accumulating(self, last_micro_step: bool):
+        if last_micro_step or not hasattr(self.wrapped, "no_sync"):
+            return contextlib.nullcontext()
+        return self.wrapped.no_sync()
+
+    def step(self) -> float:
+        params = [p for p in self._model.parameters() if p.requires_grad]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def train(self) -> None:
+        self._model.train()
+
+    def eval(self) -> None:
+        self._model.eval()
+
+    def unwrapped(self) -> torch.nn.Module:
+        return self._model
+
+    def state_dict(self) -> dict:
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def _is_quantized(model: torch.nn.Module) -> bool:
+    # bitsandbytes places 4-bit weights when they are loaded; moving them again re-quantises.
+    return getattr(model, "is_loaded_in_4bit", False) or getattr(getattr(model, "base_model", None), "is_loaded_in_4bit", False)

@@ -1,0 +1,154 @@
+"""What gets trained: full weights, a PEFT adapter (LoRA, DoRA, QLoRA) or virtual tokens.
+
+One function builds the trainable model for a config: the base from `model.build_model` (4-bit
+quantised through bitsandbytes for QLoRA), then the PEFT wrapping. Every technique goes through
+PEFT's own classes so adapters save and load in PEFT's format and merge with its code; we only
+add what PEFT leaves to the caller (text initialisation of prompt tuning without a tokenizer
+path, dequantising a QLoRA base before merging).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+
+from distft.config import ADAPTER_TECHNIQUES, PROMPT_LEARNING_TECHNIQUES, Config, TechniqueConfig
+from distft.model import build_model
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
+
+
+def quantization_config(technique: TechniqueConfig) -> Optional[Any]:
+    """bitsandbytes 4-bit config for QLoRA; None for every other technique.
+
+    `bnb_4bit_quant_storage` is a float dtype (not uint8) so that FSDP and ZeRO-3 can flatten and
+    shard the packed weights together with the unquantised ones.
+    """
+    if technique.name != "qlora":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as err:  # pragma: no cover - depends on the install
+        raise RuntimeError("technique=qlora needs bitsandbytes: pip install 'bitsandbytes>=0.45'") from err
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=technique.quant_type,
+        bnb_4bit_use_double_quant=technique.double_quant,
+        bnb_4bit_compute_dtype=_DTYPES[technique.compute_dtype],
+        bnb_4bit_quant_storage=_DTYPES[technique.quant_storage],
+    )
+
+
+def peft_config(technique: TechniqueConfig) -> Optional[Any]:
+    """The PEFT config of a technique; None for full fine-tuning."""
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
+
+    if technique.name in ADAPTER_TECHNIQUES:
+        return LoraConfig(
+            task_type=TaskType.CAUSAL_LM,
+            r=technique.r,
+            lora_alpha=technique.alpha,
+            lora_dropout=technique.dropout,
+            target_modules=list(technique.target_modules),
+            use_dora=technique.name == "dora",
+            bias="none",
+        )
+    if technique.name == "prefix":
+        return PrefixTuningConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=technique.num_virtual_tokens,
+            prefix_projection=technique.prefix_projection,
+        )
+    if technique.name == "prompt":
+        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=technique.num_virtual_tokens)
+    return None
+
+
+def build_base(cfg: Config, dtype: torch.dtype):
+    """The base model as the technique needs it (4-bit for QLoRA)."""
+    return build_model(cfg.model, dtype=dtype, quantization_config=quantization_config(cfg.technique))
+
+
+def apply_technique(model, cfg: Config, tokenizer=None):
+    """Wrap `model` for the configured technique; returns the model to train.
+
+    Full fine-tuning returns the model itself with every parameter trainable. The others freeze
+    the base (PEFT does) and add the adapter or virtual tokens.
+    """
+    technique = cfg.technique
+    gradient_checkpointing = cfg.train.gradient_checkpointing
+    if technique.name == "full":
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        return model
+
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if technique.name == "qlora":
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Frozen embeddings give activations with no grad; checkpointed blocks then see no input
+        # requiring grad and would skip the adapter's backward.
+        model.enable_input_require_grads()
+    model = get_peft_model(model, peft_config(technique))
+    if technique.name == "prompt" and technique.prompt_init_text and tokenizer is not None:
+        _init_prompt_from_text(model, technique, tokenizer)
+    return model
+
+
+def _init_prompt_from_text(model, technique: TechniqueConfig, tokenizer) -> None:
+    """Initialise the virtual tokens from the embeddings of a text (PEFT's TEXT init needs a
+    tokenizer path on disk; the offline tokenizer has none)."""
+    ids = tokenizer(technique.prompt_init_text, add_special_tokens=False).input_ids
+    if not ids:
+        return
+    ids = (ids * (technique.num_virtual_tokens // len(ids) + 1))[: technique.num_virtual_tokens]
+    embeddings = model.get_input_embeddings()
+    with torch.no_grad():
+        init = embeddings(torch.tensor(ids, device=embeddings.weight.device)).detach().clone()
+        encoder = model.prompt_encoder[model.active_adapter]
+        encoder.embedding.weight.copy_(init.to(encoder.embedding.weight.dtype))
+
+
+def build_trainable_model(cfg: Config, dtype: torch.dtype, tokenizer=None):
+    """Base + technique: the model the engine trains."""
+    return apply_technique(build_base(cfg, dtype), cfg, tokenizer)
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def base_model_context(model):
+    """A context in which `model` behaves as its base (adapters and virtual tokens off).
+
+    Used to score the base on the same held-out prompts as the tuned model without loading a
+    second copy. Full fine-tuning has no such switch: the caller evaluates before training.
+    """
+    import contextlib
+
+    if is_peft(model):
+        return model.disable_adapter()
+    return contextlib.nullcontext()
+
+
+def uses_prompt_learning(cfg: Config) -> bool:
+    return cfg.technique.name in PROMPT_LEARNING_TECHNIQUES
+
+
+def dequantize_base(model):
+    """A QLoRA base with its 4-bit linears turned back into float ones (for merging adapters)."""
+    if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
+        return model.dequantize()
+    return model

@@ -1,0 +1,194 @@
+"""What a run reports: log lines with the rank, a progress bar, JSONL metrics, W&B, a loss plot.
+
+Only rank 0 writes files or talks to W&B; other ranks log to their console only. W&B is imported
+lazily (a second of start-up and a service process we do not want when it is off). Without an
+API key, `online` falls back to `offline`, which writes a complete run under the run directory
+to `wandb sync` later. The config given to W&B, like every config dump, has its secrets
+redacted; the key itself only ever lives in this process's environment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Optional
+
+from distft.config import Config, to_dict
+
+log = logging.getLogger("distft")
+
+
+def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
+    """Every line says its rank, so interleaved multi-rank output stays readable."""
+    root = logging.getLogger("distft")
+    root.handlers.clear()
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(f"[rank{rank}] %(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+
+
+def resolve_wandb_mode(cfg: Config) -> tuple[str, Optional[str]]:
+    """(mode, api key) after the no-key fallback: online without a key becomes offline."""
+    mode = cfg.tracking.wandb.mode
+    key = cfg.tracking.wandb.api_key or os.environ.get("WANDB_API_KEY")
+    if mode == "online" and not key:
+        return "offline", None
+    return mode, key
+
+
+class Tracker:
+    """Metrics sink of one run: `metrics.jsonl` always, W&B when enabled; rank 0 only."""
+
+    def __init__(self, cfg: Config, run_dir: str, rank: int = 0, run_id: Optional[str] = None):
+        self.enabled = rank == 0
+        self.run_dir = run_dir
+        self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
+        self.wandb_run = None
+        self.wandb_mode = "disabled"
+        if not self.enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        mode, key = resolve_wandb_mode(cfg)
+        self.wandb_mode = mode
+        if mode != "disabled":
+            self.wandb_run = _start_wandb(cfg, run_dir, mode, key, run_id)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": round(time.time(), 3), **metrics}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.wandb_run is not None:
+            flat = _flatten(values)
+            for k, v in flat.items():
+                if isinstance(v, (int, float, str)):
+                    self.wandb_run.summary[k] = v
+
+    def finish(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def _start_wandb(cfg: Config, run_dir: str, mode: str, key: Optional[str], run_id: Optional[str]):
+    try:
+        import wandb
+    except ImportError as err:
+        raise RuntimeError(
+            "tracking.wandb.mode is not 'disabled' but wandb is not installed: pip install wandb, "
+            "or set tracking.wandb.mode=disabled"
+        ) from err
+    if key:
+        os.environ["WANDB_API_KEY"] = key  # this process only; never written anywhere
+    w = cfg.tracking.wandb
+    return wandb.init(
+        project=w.project,
+        entity=w.entity,
+        name=os.path.basename(run_dir),
+        group=cfg.run.experiment,
+        id=run_id,
+        resume="allow",
+        dir=run_dir,
+        mode=mode,
+        tags=list(w.tags),
+        config=to_dict(cfg, redact=True),
+        settings=wandb.Settings(silent=True, x_disable_stats=True, console="off"),
+    )
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+def read_metrics(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_losses(metrics_path: str, out_path: str) -> Optional[str]:
+    """Train and eval loss against step, as a PNG next to the metrics."""
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), marker="o", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(os.path.basename(os.path.dirname(out_path)) or "loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path
+
+
+class Progress:
+    """A tqdm bar (loss, lr, tokens/s; tqdm computes the ETA) on an interactive terminal; plain
+    log lines every `log_every` steps elsewhere (CI, SLURM logs), where a bar is noise."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, log_every: int):
+        self.log_every = log_every
+        self.total = total
+        self.start = time.time()
+        self.start_step = initial
+        self.bar = None
+        self.enabled = enabled
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            return
+        if step % self.log_every == 0 or step == self.total:
+            done = step - self.start_step
+            elapsed = time.time() - self.start
+            eta = elapsed / done * (self.total - step) if done else 0.0
+            log.info(
+                "step %d/%d loss %.4f lr %.2e tokens/s %.0f eta %s",
+                step, self.total, loss, lr, tokens_per_s, _fmt_seconds(eta),
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _fmt_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,275 @@
+"""The central training loop: one plain function from a typed Config to a finished run.
+
+config -> tokenizer + data -> model + technique -> engine -> loop -> checkpoint, report, summary.
+The loop only talks to the `Engine` interface, so every technique on every parallelism strategy
+runs through the same lines.
+
+Gradient accumulation weights every target token equally: each micro-batch contributes its
+*summed* token loss divided by the number of target tokens in the whole optimizer step (over all
+micro-batches and ranks). So micro-batch 1 x 4 accumulations gives the same update as
+micro-batch 4 x 1, whatever the lengths of the samples.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from typing import Optional
+
+import torch
+
+from distft import dist
+from distft.config import Config, config_hash, grad_accum_steps, to_dict
+from distft.config import run_dir as config_run_dir
+from distft.model import IGNORE_INDEX, count_parameters, load_tokenizer, resolve_dtype, token_loss
+from distft.tracking import Progress, Tracker, plot_losses, setup_logging
+
+log = logging.getLogger("distft")
+
+SUMMARY = "summary.json"
+REPORT = "eval_report.md"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def write_json(path: str, data: dict) -> None:
+    """Write JSON atomically (temp file + rename) so a crash never leaves half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def write_config_dump(cfg: Config, run_dir: str) -> None:
+    """The run's config, secrets redacted, as YAML: what `python -m distft` actually ran."""
+    from omegaconf import OmegaConf
+
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        f.write(OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg, redact=True))))
+
+
+def train(cfg: Config) -> dict:
+    """Train, evaluate against the base, checkpoint and report. Returns the summary dict."""
+    info = dist.from_env()
+    setup_logging(info.rank)
+    _quiet_libraries()
+    run_dir = config_run_dir(cfg)
+    if info.is_main:
+        print(f"run_dir: {run_dir}", flush=True)
+    summary_path = os.path.join(run_dir, SUMMARY)
+    if os.path.exists(summary_path):
+        log.info("this run is already complete (%s); nothing to do. Change the config or run.dir to train anew.", summary_path)
+        with open(summary_path) as f:
+            return json.load(f)
+    if info.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        write_config_dump(cfg, run_dir)
+
+    seed_everything(cfg.train.seed)
+    device = dist.pick_device(cfg.train.device, info)
+    tokenizer = load_tokenizer(cfg.model)
+
+    from distft.data import TrainBatches, eval_batches, prepare_data
+
+    data = prepare_data(cfg.data, tokenizer, seed=cfg.data.seed)
+    log.info("data: %s", data.report.summary())
+
+    from distft.engines import build_engine
+    from distft.techniques import base_model_context, build_trainable_model
+
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    model = build_trainable_model(cfg, dtype, tokenizer)
+    trainable, total = count_parameters(model)
+    log.info(
+        "model %s, technique %s: %s trainable of %s parameters (%.2f%%)",
+        cfg.model.name, cfg.technique.name, f"{trainable:,}", f"{total:,}", 100.0 * trainable / max(1, total),
+    )
+    engine = build_engine(cfg, model, device)
+    tracker = Tracker(cfg, run_dir, info.rank, run_id=f"{cfg.run.experiment}-{config_hash(cfg)}")
+
+    pad_id = tokenizer.pad_token_id
+    accum = grad_accum_steps(cfg)
+    batches = TrainBatches(
+        data.train, cfg.train.micro_batch_size, cfg.data.max_seq_len, cfg.data.packing, pad_id,
+        seed=cfg.train.seed, shuffle=cfg.data.shuffle, rank=info.rank, world_size=info.world_size,
+        accumulation_steps=accum,
+    )
+    held_out = eval_batches(data.eval, cfg.eval.batch_size, cfg.data.max_seq_len, cfg.data.packing, pad_id)
+    if cfg.train.eval_max_batches:
+        held_out = held_out[: cfg.train.eval_max_batches]
+
+    eval_before = None
+    if cfg.eval.compare_base:
+        with base_model_context(engine.unwrapped()):
+            eval_before = _evaluate(engine, tokenizer, held_out, data.eval_rows, cfg)
+        log.info("base model: %s", _fmt_eval(eval_before))
+        tracker.log(0, {"eval_loss": eval_before["loss"]})
+
+    state = {"step": 0, "train_tokens": 0, "train_target_tokens": 0, "train_time_s": 0.0,
+             "best_eval_loss": math.inf, "evals_without_improvement": 0, "stopped_early": False}
+    progress = Progress(cfg.train.max_steps, state["step"], info.is_main, cfg.train.log_every)
+    iterator = iter(batches)
+    engine.train()
+    last_loss = math.nan
+    while state["step"] < cfg.train.max_steps:
+        started = time.time()
+        micro_batches = [next(iterator) for _ in range(accum)]
+        loss_total, step_targets, grad_norm = optimizer_step(engine, micro_batches)
+        state["step"] += 1
+        step_time = time.time() - started
+        step_tokens = sum(b["input_ids"].numel() for b in micro_batches) * info.world_size
+        state["train_tokens"] += step_tokens
+        state["train_target_tokens"] += int(step_targets)
+        state["train_time_s"] += step_time
+        last_loss = loss_total / max(step_targets, 1)
+        tokens_per_s = step_tokens / max(step_time, 1e-9)
+        step = state["step"]
+        if step % cfg.train.log_every == 0 or step == 1:
+            tracker.log(step, {"loss": last_loss, "lr": engine.lr(), "grad_norm": grad_norm,
+                               "tokens_per_s": tokens_per_s, "step_time_s": step_time})
+        progress.update(step, last_loss, engine.lr(), tokens_per_s)
+        if not math.isfinite(last_loss):
+            raise FloatingPointError(
+                f"training loss is {last_loss} at step {step}: lower train.lr, keep train.grad_clip > 0, "
+                "or use train.precision=bf16 instead of fp16"
+            )
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
+            if _periodic_eval(engine, held_out, cfg, state, tracker):
+                log.info("early stopping at step %d: eval loss did not improve for %d evals",
+                         step, cfg.train.early_stopping_patience)
+                state["stopped_early"] = True
+                break
+        if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < cfg.train.max_steps:
+            _save(run_dir, step, engine, tokenizer, cfg, batches, state, info)
+    progress.close()
+
+    eval_after = _evaluate(engine, tokenizer, held_out, data.eval_rows, cfg)
+    log.info("tuned model: %s", _fmt_eval(eval_after))
+    tracker.log(state["step"], {"eval_loss": eval_after["loss"]})
+    final_checkpoint = _save(run_dir, state["step"], engine, tokenizer, cfg, batches, state, info)
+
+    from distft.evaluate import metrics_only, write_report
+
+    summary = {
+        "experiment": cfg.run.experiment,
+        "technique": cfg.technique.name,
+        "parallel": cfg.parallel.strategy,
+        "world_size": info.world_size,
+        "model": cfg.model.name,
+        "run_dir": run_dir,
+        "steps": state["step"],
+        "global_batch_size": cfg.train.global_batch_size,
+        "grad_accum_steps": accum,
+        "train_tokens": state["train_tokens"],
+        "train_target_tokens": state["train_target_tokens"],
+        "train_time_s": round(state["train_time_s"], 3),
+        "tokens_per_s": state["train_tokens"] / max(state["train_time_s"], 1e-9),
+        "final_train_loss": last_loss,
+        "stopped_early": state["stopped_early"],
+        "trainable_params": trainable,
+        "total_params": total,
+        "data": data.report.as_dict(),
+        "eval_before": metrics_only(eval_before) if eval_before else None,
+        "eval_after": metrics_only(eval_after),
+        "final_checkpoint": final_checkpoint,
+    }
+    if info.is_main:
+        meta = {"experiment": cfg.run.experiment, "technique": cfg.technique.name, "model": cfg.model.name,
+                "checkpoint": final_checkpoint, "steps": state["step"]}
+        write_report(os.path.join(run_dir, REPORT), eval_before, eval_after, meta, num_samples=cfg.eval.report_samples)
+        if cfg.tracking.plot:
+            plot_losses(tracker.metrics_path, os.path.join(run_dir, "loss.png"))
+        tracker.summary(summary)
+        write_json(summary_path, summary)
+        log.info("done: %s", summary_path)
+    tracker.finish()
+    return summary
+
+
+def optimizer_step(engine, micro_batches: list[dict]) -> tuple[float, int, float]:
+    """One optimizer step over this rank's micro-batches: (summed loss, target tokens, grad norm),
+    both sums taken over all ranks.
+
+    Each micro-batch's summed token loss is divided by the target-token count of the whole step,
+    so every target token weighs the same however the step is split into micro-batches.
+    """
+    device = engine.device
+    step_targets = torch.tensor(
+        float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)), device=device
+    )
+    dist.all_reduce_sum(step_targets)
+    loss_total = torch.zeros((), device=device)
+    for i, batch in enumerate(micro_batches):
+        with engine.accumulating(last_micro_step=i == len(micro_batches) - 1):
+            logits = engine.forward(batch)
+            loss_sum, _ = token_loss(logits, batch["labels"].to(device))
+            engine.backward(loss_sum / step_targets.clamp(min=1))
+        loss_total += loss_sum.detach()
+    grad_norm = engine.step()
+    dist.all_reduce_sum(loss_total)
+    return float(loss_total), int(step_targets.item()), grad_norm
+
+
+def _quiet_libraries() -> None:
+    """Library progress bars ("Loading weights", "Writing model shards") drown the run's own
+    output in logs; warnings still show."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def _evaluate(engine, tokenizer, held_out, eval_rows, cfg: Config) -> dict:
+    from distft.evaluate import evaluate_model
+
+    result = evaluate_model(engine.unwrapped(), tokenizer, held_out, eval_rows, cfg.eval, engine.device,
+                            autocast_ctx=engine.autocast)
+    engine.train()
+    return result
+
+
+def _periodic_eval(engine, held_out, cfg: Config, state: dict, tracker: Tracker) -> bool:
+    """Held-out loss during training; True when early stopping says stop."""
+    from distft.evaluate import held_out_loss
+
+    result = held_out_loss(engine.unwrapped(), held_out, engine.device, autocast_ctx=engine.autocast)
+    engine.train()
+    tracker.log(state["step"], {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"]})
+    log.info("step %d eval loss %.4f perplexity %.3f", state["step"], result["loss"], result["perplexity"])
+    if result["loss"] < state["best_eval_loss"] - cfg.train.early_stopping_min_delta:
+        state["best_eval_loss"] = result["loss"]
+        state["evals_without_improvement"] = 0
+        return False
+    state["evals_without_improvement"] += 1
+    patience = cfg.train.early_stopping_patience
+    return patience > 0 and state["evals_without_improvement"] >= patience
+
+
+def _save(run_dir, step, engine, tokenizer, cfg: Config, batches, state: dict, info) -> Optional[str]:
+    from distft.checkpoint import save_checkpoint
+
+    trainer_state = {"engine": engine.state_dict(), "data": batches.state_dict(), "loop": dict(state),
+                     "rng": torch.random.get_rng_state()}
+    if not info.is_main:
+        return None
+    path = save_checkpoint(run_dir, step, engine.unwrapped(), tokenizer, cfg, trainer_state, cfg.checkpoint.keep_last)
+    log.info("checkpoint: %s", path)
+    return path
+
+
+def _fmt_eval(result: dict) -> str:
+    return (f"loss {result['loss']:.4f} perplexity {result['perplexity']:.3f} exact_match {result['exact_match']:.3f} "
+            f"f1 {result['f1']:.3f} rouge_l {result['rouge_l']:.3f}")

@@ -1,0 +1,278 @@
+"""The trainer end to end on one CPU process: every technique learns, accumulation is exact,
+checkpoints export to a model that generates the same tokens, secrets never leak, the CLI keeps
+its contracts (run_dir line, summary.json, deterministic run directory)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from distft.config import run_dir
+from distft.preflight import preflight
+from distft.tracking import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TECHNIQUES = ["full", "lora", "qlora", "dora", "prefix", "prompt"]
+SECRET = "sk-distft-test-0123456789abcdefghijklmnop"
+
+
+def compose(*overrides: str):
+    cfg, errors = preflight(list(overrides))
+    assert errors == [], errors
+    return cfg
+
+
+def fast(tmp_path, *overrides: str) -> list[str]:
+    """Overrides that keep a tiny run to seconds while it still learns."""
+    return [
+        f"run.root={tmp_path}",
+        "tracking.wandb.mode=disabled",
+        "tracking.progress_bar=false",
+        "eval.num_samples=16",
+        "eval.max_new_tokens=12",
+        *overrides,
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """One short training run per technique, shared by the tests below.
+
+    Prefix and prompt tuning steer a model through virtual tokens, which does little for a random
+    network; as in real use they start from a trained base: the full run's checkpoint, loaded
+    through `model.name_or_path` (which also covers loading a local Hugging Face directory).
+    """
+    from distft.train import train
+
+    runs = {}
+    for technique in TECHNIQUES:
+        tmp = tmp_path_factory.mktemp(technique)
+        extra = []
+        if technique in ("prefix", "prompt"):
+            base = runs["full"]["final_checkpoint"]
+            extra = [f"model.name_or_path={base}/model", f"model.tokenizer={base}/tokenizer"]
+        cfg = compose(f"+experiment=tiny_{technique}", *fast(tmp, "train.max_steps=25", "train.log_every=1", *extra))
+        runs[technique] = train(cfg)
+    return runs
+
+
+@pytest.mark.parametrize("technique", TECHNIQUES)
+def test_every_technique_trains_with_falling_loss(tiny_runs, technique):
+    summary = tiny_runs[technique]
+    losses = [r["loss"] for r in read_metrics(os.path.join(summary["run_dir"], "metrics.jsonl")) if "loss" in r]
+    assert len(losses) == 25
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < first * 0.95, f"{technique}: loss did not fall ({first:.3f} -> {last:.3f})"
+    assert summary["technique"] == technique
+    if technique not in ("prefix", "prompt"):
+        # LoRA-family adapters start as an exact no-op, so 25 steps must already beat the base.
+        # Virtual tokens start random and first perturb the base: 25 steps only win back most of it.
+        assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"]
+    assert summary["steps"] == 25 and summary["train_tokens"] > 0 and summary["tokens_per_s"] > 0
+    for key in ("loss", "perplexity", "exact_match", "f1", "rouge_l"):
+        assert key in summary["eval_before"] and key in summary["eval_after"]
+    ckpt = summary["final_checkpoint"]
+    assert os.path.exists(os.path.join(ckpt, "COMMITTED"))
+    weights = "model.safetensors" if technique == "full" else "adapter_model.safetensors"
+    assert os.path.exists(os.path.join(ckpt, "model", weights))
+
+
+def test_base_and_tuned_are_scored_on_the_same_prompts(tiny_runs):
+    report = open(os.path.join(tiny_runs["lora"]["run_dir"], "eval_report.md")).read()
+    assert "| metric | base | tuned | change |" in report
+    assert f"{tiny_runs['lora']['eval_after']['loss']:.4f}" in report
+
+
+@pytest.mark.parametrize("technique", ["full", "lora", "dora", "qlora"])
+def test_export_round_trip_generates_the_same_tokens(tiny_runs, technique, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from distft.checkpoint import export, load_base, load_model
+
+    ckpt = tiny_runs[technique]["final_checkpoint"]
+    out = export(ckpt, str(tmp_path / "merged"))
+    assert os.path.exists(os.path.join(out, "model.safetensors"))
+    assert not os.path.exists(os.path.join(out, "adapter_config.json"))
+    _, in_framework, tokenizer = load_model(ckpt)
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    prompts = ["### Instruction:\nUppercase the word.\n\n### Input:\nhello\n\n### Response:\n",
+               "### Instruction:\nAdd the two numbers.\n\n### Input:\n12 + 7\n\n### Response:\n",
+               "### Instruction:\nReverse the letters.\n\n### Input:\nabcd\n\n### Response:\n"]
+    ids_in = _greedy_ids(in_framework.eval(), tokenizer, prompts)
+    ids_out = _greedy_ids(exported.eval(), tokenizer, prompts)
+    assert ids_in == ids_out
+    # Not vacuous: the untuned base generates something else.
+    cfg, _, _ = load_model(ckpt)
+    assert _greedy_ids(load_base(cfg).eval(), tokenizer, prompts) != ids_in
+
+
+def _greedy_ids(model, tokenizer, prompts, new_tokens=12):
+    out = []
+    for prompt in prompts:
+        ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False).input_ids
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            gen = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+        out.append(gen[0, len(ids):].tolist())
+    return out
+
+
+def test_export_refuses_a_non_empty_directory(tiny_runs, tmp_path):
+    from distft.checkpoint import CheckpointError, export
+
+    target = tmp_path / "taken"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="not empty"):
+        export(tiny_runs["full"]["final_checkpoint"], str(target))
+    assert (target / "keep.txt").read_text() == "mine"
+
+
+def test_export_prompt_learning_writes_base_and_adapter(tiny_runs, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from distft.checkpoint import export, load_model
+
+    ckpt = tiny_runs["prefix"]["final_checkpoint"]
+    out = export(ckpt, str(tmp_path / "prefix"))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(os.path.join(out, "base")),
+                                      os.path.join(out, "adapter"))
+    _, in_framework, tokenizer = load_model(ckpt)
+    prompts = ["### Instruction:\nUppercase the word.\n\n### Input:\nhello\n\n### Response:\n"]
+    assert _greedy_ids(model.eval(), tokenizer, prompts) == _greedy_ids(in_framework.eval(), tokenizer, prompts)
+
+
+def test_evaluate_command_reproduces_the_run_report(tiny_runs, tmp_path):
+    summary = tiny_runs["lora"]
+    report = tmp_path / "report.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "distft.evaluate", summary["run_dir"], "--out", str(report)],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = report.read_text()
+    assert f"{summary['eval_after']['loss']:.4f}" in text
+    assert f"{summary['eval_before']['loss']:.4f}" in text
+
+
+def test_gradient_accumulation_matches_one_big_micro_batch():
+    """micro-batch 4 x 1 accumulation == micro-batch 1 x 4 accumulations, exactly (token-weighted)."""
+    from distft.data import eval_batches, prepare_data
+    from distft.engines import build_engine
+    from distft.model import load_tokenizer
+    from distft.techniques import build_trainable_model
+    from distft.train import optimizer_step
+
+    cfg = compose("data.synthetic.num_examples=200", "data.packing=false", "train.grad_clip=0",
+                  "train.warmup_steps=0", "train.lr=1e-2",
+                  # eps >> |grad| makes Adam's first update proportional to the gradient instead of
+                  # ~lr*sign(grad), so float noise in near-zero gradients cannot flip a sign.
+                  "train.adam_eps=1.0")
+    tokenizer = load_tokenizer(cfg.model)
+    data = prepare_data(cfg.data, tokenizer, seed=0)
+    samples = sorted(data.train[:40], key=lambda s: len(s["input_ids"]))[::10][:4]  # four different lengths
+    targets = [sum(1 for t in s["labels"][1:] if t != -100) for s in samples]
+    assert len(set(targets)) > 1, "the check needs samples with different numbers of target tokens"
+    pad = tokenizer.pad_token_id
+
+    def run(micro_size):
+        torch.manual_seed(0)
+        engine = build_engine(cfg, build_trainable_model(cfg, torch.float32), torch.device("cpu"))
+        engine.train()
+        batches = eval_batches(samples, micro_size, cfg.data.max_seq_len, False, pad)
+        loss, n_targets, _ = optimizer_step(engine, batches)
+        return loss, n_targets, {k: v.detach().clone() for k, v in engine.unwrapped().named_parameters()}
+
+    loss_big, tokens_big, params_big = run(4)
+    loss_small, tokens_small, params_small = run(1)
+    assert tokens_big == tokens_small == sum(targets)
+    assert loss_big == pytest.approx(loss_small, rel=1e-5)
+    for name, value in params_big.items():
+        torch.testing.assert_close(params_small[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+    # Control: the same step with a per-micro-batch mean (the common bug) moves the weights differently.
+    torch.manual_seed(0)
+    model = build_trainable_model(cfg, torch.float32)
+    engine = build_engine(cfg, model, torch.device("cpu"))
+    from distft.model import model_inputs, token_loss
+
+    for batch in eval_batches(samples, 1, cfg.data.max_seq_len, False, pad):
+        s, n = token_loss(model(**model_inputs(batch)).logits, batch["labels"])
+        (s / n / 4).backward()
+    engine.step()
+    differs = any(not torch.allclose(p, params_big[k], rtol=1e-5, atol=1e-6) for k, p in model.named_parameters())
+    assert differs
+
+
+def test_secrets_never_reach_dumps_checkpoints_or_wandb(tmp_path):
+    from distft.train import train
+
+    cfg = compose("+experiment=tiny_lora", f"run.root={tmp_path}", "tracking.wandb.mode=offline",
+                  f"tracking.wandb.api_key={SECRET}", "train.max_steps=3", "eval.num_samples=2",
+                  "eval.max_new_tokens=2")
+    env_before = os.environ.get("WANDB_API_KEY")
+    summary = train(cfg)
+    if env_before is None:
+        os.environ.pop("WANDB_API_KEY", None)
+    wandb_runs = [d for d in os.listdir(os.path.join(summary["run_dir"], "wandb")) if d.startswith("offline-run")]
+    assert wandb_runs, "W&B offline run was not written"
+    hits = []
+    scanned = 0
+    for root, _, files in os.walk(summary["run_dir"]):
+        for name in files:
+            scanned += 1
+            with open(os.path.join(root, name), "rb") as f:
+                if SECRET.encode() in f.read():
+                    hits.append(os.path.join(root, name))
+    assert scanned > 10 and hits == []
+    assert "REDACTED" in open(os.path.join(summary["run_dir"], "config.yaml")).read()
+
+
+def test_cli_prints_run_dir_writes_contract_and_reruns_in_place(tmp_path):
+    args = [sys.executable, "-m", "distft", *fast(tmp_path, "train.max_steps=5", "eval.num_samples=4",
+                                                   "eval.max_new_tokens=4", "data.synthetic.num_examples=300")]
+    first = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    lines = [line for line in first.stdout.splitlines() if line.startswith("run_dir: ")]
+    assert len(lines) == 1
+    rdir = lines[0][len("run_dir: "):]
+    assert rdir == run_dir(compose(*fast(tmp_path, "train.max_steps=5", "eval.num_samples=4",
+                                         "eval.max_new_tokens=4", "data.synthetic.num_examples=300")))
+    summary = json.load(open(os.path.join(rdir, "summary.json")))
+    for key in ("experiment", "technique", "parallel", "world_size", "steps", "train_tokens", "tokens_per_s",
+                "eval_before", "eval_after", "final_checkpoint"):
+        assert key in summary, key
+    assert summary["experiment"] == "default" and summary["parallel"] == "single" and summary["world_size"] == 1
+    for name in ("eval_report.md", "loss.png", "config.yaml", "metrics.jsonl"):
+        assert os.path.exists(os.path.join(rdir, name)), name
+    mtime = os.path.getmtime(os.path.join(rdir, "summary.json"))
+    second = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert second.returncode == 0
+    assert f"run_dir: {rdir}" in second.stdout and "already complete" in second.stdout
+    assert os.path.getmtime(os.path.join(rdir, "summary.json")) == mtime
+
+
+def test_cli_reports_bad_config_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "distft", "train.lr=-1", "model=llama_8b"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "train.lr" in proc.stderr and "llama_8b" in proc.stderr
+
+
+def test_cli_reports_missing_data_file_clearly(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "distft", "data=jsonl", f"data.path={missing}",
+                           f"run.root={tmp_path}", "tracking.wandb.mode=disabled"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert str(missing) in proc.stderr and "data.path" in proc.stderr
