@@ -64,7 +64,8 @@ def test_default_run_is_tiny_full_on_synthetic_data():
     assert (cfg.model.name, cfg.technique.name, cfg.parallel.strategy) == ("tiny", "full", "single")
     assert (cfg.launcher.kind, cfg.cluster.name, cfg.run.experiment) == ("local", "local", "default")
     d = cfg.data
-    assert (d.source, d.template, d.max_seq_len, d.packing) == ("synthetic", "alpaca_short", 256, True)
+    assert (d.source, d.template, d.max_seq_len, d.packing) == ("synthetic", "plain", 256, True)
+    assert (d.synthetic.num_examples, cfg.train.max_steps, cfg.train.lr) == (20000, 500, 5e-3)
     # the tiny preset is exactly the dataclass defaults
     assert dataclasses.asdict(cfg.model) == dataclasses.asdict(ModelConfig())
 

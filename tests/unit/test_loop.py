@@ -1,0 +1,114 @@
+"""The loop's switches one by one: schedule, clipping, gradient checkpointing, bf16 autocast,
+early stopping."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from distft.engines import build_engine, lr_lambda
+from distft.preflight import preflight
+
+
+def compose(*overrides: str):
+    cfg, errors = preflight(list(overrides))
+    assert errors == [], errors
+    return cfg
+
+
+def test_warmup_then_cosine_and_linear_schedules():
+    # Linear warm-up reaches the peak at the end of warm-up...
+    assert [lr_lambda(s, 4, 20, "cosine", 0.1) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    # ...cosine decays to min_lr_ratio at max_steps, through the midpoint value.
+    assert lr_lambda(4, 4, 20, "cosine", 0.1) == pytest.approx(1.0)
+    assert lr_lambda(12, 4, 20, "cosine", 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_lambda(20, 4, 20, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_lambda(12, 4, 20, "linear", 0.0) == pytest.approx(0.5)
+    assert lr_lambda(15, 4, 20, "constant", 0.1) == 1.0
+
+
+def _step_batch(cfg):
+    from distft.batching import eval_batches
+    from distft.data import prepare_data
+    from distft.model import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    data = prepare_data(cfg.data, tokenizer, seed=0)
+    return eval_batches(data.train[:8], 4, cfg.data.max_seq_len, cfg.data.packing, tokenizer.pad_token_id)
+
+
+def _engine(cfg):
+    from distft.techniques import build_trainable_model
+
+    torch.manual_seed(0)
+    return build_engine(cfg, build_trainable_model(cfg, torch.float32), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("technique", ["full", "lora"])
+def test_gradient_checkpointing_gives_the_same_step(technique):
+    from distft.train import optimizer_step
+
+    results = []
+    for checkpointing in ("false", "true"):
+        cfg = compose(f"technique={technique}", "data.synthetic.num_examples=100", "technique.dropout=0.0",
+                      f"train.gradient_checkpointing={checkpointing}", "train.adam_eps=1.0")
+        engine = _engine(cfg)
+        engine.train()
+        loss, tokens, grad_norm = optimizer_step(engine, _step_batch(cfg))
+        params = {k: v.detach().clone() for k, v in engine.unwrapped().named_parameters() if v.requires_grad}
+        results.append((loss, grad_norm, params))
+        model = engine.unwrapped()
+        assert getattr(model, "is_gradient_checkpointing", False) == (checkpointing == "true")
+    (loss_a, norm_a, params_a), (loss_b, norm_b, params_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    assert norm_a == pytest.approx(norm_b, rel=1e-4) and norm_a > 0
+    for name in params_a:
+        torch.testing.assert_close(params_a[name], params_b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_clipping_bounds_the_update_and_reports_the_raw_norm():
+    from distft.model import model_inputs, token_loss
+
+    cfg = compose("data.synthetic.num_examples=100", "train.grad_clip=0.01", "train.lr=100.0",
+                  "train.adam_beta1=0.0", "train.adam_eps=100.0", "train.weight_decay=0.0", "train.warmup_steps=0")
+    engine = _engine(cfg)
+    before = {k: v.detach().clone() for k, v in engine.unwrapped().named_parameters()}
+    batch = _step_batch(cfg)[0]
+    s, n = token_loss(engine.forward(batch), batch["labels"])
+    engine.backward(s / n)
+    norm = engine.step()
+    assert norm > 0.01  # the returned norm is the raw one, before clipping
+    # With eps >> |g| Adam's step is lr * g / eps = g here: the update's norm is the clipped norm.
+    delta = torch.sqrt(sum(((p.double() - before[k].double()) ** 2).sum()
+                           for k, p in engine.unwrapped().named_parameters()))
+    assert float(delta) == pytest.approx(0.01, rel=1e-2)
+
+
+def test_bf16_autocast_on_cpu_runs_the_forward_in_bf16():
+    cfg = compose("data.synthetic.num_examples=100", "train.precision=bf16")
+    engine = _engine(cfg)
+    batch = _step_batch(cfg)[0]
+    logits = engine.forward(batch)
+    assert logits.dtype == torch.bfloat16
+    fp32 = _engine(compose("data.synthetic.num_examples=100", "train.precision=fp32")).forward(batch)
+    assert fp32.dtype == torch.float32
+    assert torch.allclose(logits.float(), fp32, atol=0.1)
+
+
+def test_early_stopping_stops_when_eval_loss_stops_improving(tmp_path):
+    from distft.tracking import read_metrics
+    from distft.train import train
+
+    # min_delta larger than any possible improvement: the first eval sets the best, the next
+    # `patience` evals cannot beat it, so training stops at step eval_every * (1 + patience).
+    cfg = compose("+experiment=tiny_full", f"run.root={tmp_path}", "train.max_steps=50", "train.eval_every=2",
+                  "train.early_stopping_patience=2", "train.early_stopping_min_delta=100", "eval.num_samples=2",
+                  "eval.max_new_tokens=2", "train.log_every=1")
+    summary = train(cfg)
+    assert summary["stopped_early"] is True
+    assert summary["steps"] == 6
+    evals = [r["step"] for r in read_metrics(f"{summary['run_dir']}/metrics.jsonl") if "eval_perplexity" in r]
+    assert evals == [2, 4, 6]
+    assert math.isfinite(summary["eval_after"]["loss"])
