@@ -162,6 +162,51 @@ def load_model(checkpoint: str, dtype: torch.dtype = torch.float32, quantized: b
     return cfg, PeftModel.from_pretrained(base, model_dir), tokenizer
 
 
+def resumable_checkpoint(run_dir: str) -> Optional[str]:
+    """The newest committed checkpoint of a run that carries trainer state, or None."""
+    for path in reversed(committed_checkpoints(run_dir)):
+        if os.path.exists(os.path.join(path, "trainer_state.pt")):
+            return path
+    return None
+
+
+def load_training_state(checkpoint: str, model: torch.nn.Module) -> dict:
+    """Load a checkpoint's weights into `model` (in place) and return its trainer state.
+
+    Full fine-tuning loads every weight; PEFT models load only the adapter (the base is rebuilt
+    identically from the config). A checkpoint that does not fit the model is a CheckpointError:
+    the run's config changed under the same run directory.
+    """
+    from safetensors.torch import load_file
+
+    model_dir = os.path.join(checkpoint, "model")
+    try:
+        if hasattr(model, "peft_config"):
+            from peft import set_peft_model_state_dict
+
+            result = set_peft_model_state_dict(model, load_file(os.path.join(model_dir, "adapter_model.safetensors")))
+            unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        else:
+            index = os.path.join(model_dir, "model.safetensors.index.json")
+            if os.path.exists(index):
+                from transformers.modeling_utils import load_sharded_checkpoint
+
+                load_sharded_checkpoint(model, model_dir, strict=False)
+                unexpected = []
+            else:
+                result = model.load_state_dict(load_file(os.path.join(model_dir, "model.safetensors")), strict=False)
+                unexpected = list(result.unexpected_keys)
+    except (OSError, RuntimeError) as err:
+        raise CheckpointError(
+            f"cannot resume from {checkpoint}: its weights do not fit this model ({str(err).splitlines()[0]}); "
+            "set run.dir to a new directory to start over"
+        ) from err
+    if unexpected:
+        raise CheckpointError(f"cannot resume from {checkpoint}: unexpected weights {unexpected[:3]}; "
+                              "set run.dir to a new directory to start over")
+    return torch.load(os.path.join(checkpoint, "trainer_state.pt"), map_location="cpu", weights_only=False)
+
+
 def load_base(cfg: Config, dtype: torch.dtype = torch.float32):
     """The untuned base of a run (for base-vs-tuned reports), quantised as in training."""
     from distft.techniques import build_base

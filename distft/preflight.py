@@ -9,7 +9,7 @@ messages, not with the first Hydra traceback. Hydra stops at the first bad overr
    asked again one override at a time, so each wrong type or unknown key gets its own message
    and is left out, and the rest still composes;
 3. on the composed config, keys the schema does not have (`+foo=1`, a typo in a YAML file) are
-   reported, then `config.validate()` adds the semantic problems and `path_problems()` the
+   reported, then `validation.validate()` adds the semantic problems and `path_problems()` the
    local files that do not exist.
 
 Sweeps (`a=1,2`, `choice(...)`, `range(...)`, `glob(...)`) are expanded: every value is checked,
@@ -28,7 +28,8 @@ import typing
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from distft.config import Config, ModelConfig, conf_dir, is_secret_key, register_configs, to_config, to_dict, validate
+from distft.config import Config, ModelConfig, conf_dir, is_secret_key, register_configs, to_config, to_dict
+from distft.validation import validate
 
 HINT = "see the YAML files under conf/, or run `python -m distft --help` for the groups and their options"
 # Hydra flags that take a value (`-cn NAME` or `--config-name=NAME`); the others are switches.

@@ -67,6 +67,16 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
+    def truncate_after(self, step: int) -> None:
+        """Drop metrics of steps after `step` (a resumed run logs them again)."""
+        if not self.enabled or not os.path.exists(self.metrics_path):
+            return
+        kept = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= step]
+        tmp = f"{self.metrics_path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(tmp, self.metrics_path)
+
     def summary(self, values: dict[str, Any]) -> None:
         if self.wandb_run is not None:
             flat = _flatten(values)
@@ -143,7 +153,8 @@ def plot_losses(metrics_path: str, out_path: str) -> Optional[str]:
         ax.plot(*zip(*evals), marker="o", label="eval loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats/token)")
-    ax.set_title(os.path.basename(os.path.dirname(out_path)) or "loss")
+    run = os.path.dirname(os.path.abspath(out_path))
+    ax.set_title(f"{os.path.basename(os.path.dirname(run))}/{os.path.basename(run)}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

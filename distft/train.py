@@ -85,7 +85,7 @@ def train(cfg: Config) -> dict:
     from distft.data import TrainBatches, eval_batches, prepare_data
 
     data = prepare_data(cfg.data, tokenizer, seed=cfg.data.seed)
-    log.info("data: %s", data.report.summary())
+    log.info("%s", data.report.summary())
 
     from distft.engines import build_engine
     from distft.techniques import base_model_context, build_trainable_model
@@ -111,15 +111,16 @@ def train(cfg: Config) -> dict:
     if cfg.train.eval_max_batches:
         held_out = held_out[: cfg.train.eval_max_batches]
 
-    eval_before = None
-    if cfg.eval.compare_base:
-        with base_model_context(engine.unwrapped()):
-            eval_before = _evaluate(engine, tokenizer, held_out, data.eval_rows, cfg)
-        log.info("base model: %s", _fmt_eval(eval_before))
-        tracker.log(0, {"eval_loss": eval_before["loss"]})
-
     state = {"step": 0, "train_tokens": 0, "train_target_tokens": 0, "train_time_s": 0.0,
-             "best_eval_loss": math.inf, "evals_without_improvement": 0, "stopped_early": False}
+             "best_eval_loss": math.inf, "evals_without_improvement": 0, "stopped_early": False,
+             "eval_before": None}
+    resumed_from = _resume(run_dir, engine, batches, state, tracker)
+    if resumed_from is None and cfg.eval.compare_base:
+        with base_model_context(engine.unwrapped()):
+            state["eval_before"] = _evaluate(engine, tokenizer, held_out, data.eval_rows, cfg)
+        log.info("base model: %s", _fmt_eval(state["eval_before"]))
+        tracker.log(0, {"eval_loss": state["eval_before"]["loss"]})
+    eval_before = state["eval_before"]
     progress = Progress(cfg.train.max_steps, state["step"], info.is_main, cfg.train.log_every)
     iterator = iter(batches)
     engine.train()
@@ -194,7 +195,14 @@ def train(cfg: Config) -> dict:
             plot_losses(tracker.metrics_path, os.path.join(run_dir, "loss.png"))
         tracker.summary(summary)
         write_json(summary_path, summary)
-        log.info("done: %s", summary_path)
+        if eval_before:
+            log.info(
+                "base -> tuned on %d held-out prompts: loss %.3f -> %.3f, exact match %.3f -> %.3f",
+                min(cfg.eval.num_samples, len(data.eval_rows)), eval_before["loss"], eval_after["loss"],
+                eval_before["exact_match"], eval_after["exact_match"],
+            )
+        log.info("report: %s", os.path.join(run_dir, REPORT))
+        log.info("summary: %s", summary_path)
     tracker.finish()
     return summary
 
@@ -258,11 +266,30 @@ def _periodic_eval(engine, held_out, cfg: Config, state: dict, tracker: Tracker)
     return patience > 0 and state["evals_without_improvement"] >= patience
 
 
+def _resume(run_dir: str, engine, batches, state: dict, tracker: Tracker) -> Optional[str]:
+    """Continue from the newest committed checkpoint of this run directory, if there is one:
+    weights, optimizer and schedule, data position, loop counters and RNG, so the rest of the run
+    is the one an uninterrupted run would have had. Metrics logged after that step are dropped."""
+    from distft.checkpoint import load_training_state, resumable_checkpoint
+
+    checkpoint = resumable_checkpoint(run_dir)
+    if checkpoint is None:
+        return None
+    trainer_state = load_training_state(checkpoint, engine.unwrapped())
+    engine.load_state_dict(trainer_state["engine"])
+    batches.load_state_dict(trainer_state["data"])
+    state.update(trainer_state["loop"])
+    torch.random.set_rng_state(trainer_state["rng"])
+    tracker.truncate_after(state["step"])
+    log.info("resuming from %s (step %d)", checkpoint, state["step"])
+    return checkpoint
+
+
 def _save(run_dir, step, engine, tokenizer, cfg: Config, batches, state: dict, info) -> Optional[str]:
     from distft.checkpoint import save_checkpoint
 
     trainer_state = {"engine": engine.state_dict(), "data": batches.state_dict(), "loop": dict(state),
-                     "rng": torch.random.get_rng_state()}
+                     "rng": torch.random.get_rng_state()}  # loop holds eval_before: a resume does not redo it
     if not info.is_main:
         return None
     path = save_checkpoint(run_dir, step, engine.unwrapped(), tokenizer, cfg, trainer_state, cfg.checkpoint.keep_last)

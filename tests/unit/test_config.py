@@ -25,9 +25,9 @@ from distft.config import (
     redact_secrets,
     run_dir,
     to_dict,
-    validate,
 )
 from distft.preflight import format_errors, preflight, split_hydra_flags
+from distft.validation import validate
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf"

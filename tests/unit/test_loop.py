@@ -69,7 +69,7 @@ def test_gradient_checkpointing_gives_the_same_step(technique):
 
 
 def test_clipping_bounds_the_update_and_reports_the_raw_norm():
-    from distft.model import model_inputs, token_loss
+    from distft.model import token_loss
 
     cfg = compose("data.synthetic.num_examples=100", "train.grad_clip=0.01", "train.lr=100.0",
                   "train.adam_beta1=0.0", "train.adam_eps=100.0", "train.weight_decay=0.0", "train.warmup_steps=0")

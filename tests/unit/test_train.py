@@ -276,3 +276,33 @@ def test_cli_reports_missing_data_file_clearly(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert str(missing) in proc.stderr and "data.path" in proc.stderr
+
+
+def test_rerun_after_a_crash_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    """Kill a run after its step-4 checkpoint (here: delete what came after it); running the same
+    command again continues from step 4 and produces the same losses as a run never stopped."""
+    import shutil
+
+    from distft.train import train
+
+    def cfg_for(root):
+        return compose("+experiment=tiny_lora", f"run.root={root}", "train.max_steps=8", "checkpoint.save_every=4",
+                       "checkpoint.keep_last=5", "train.log_every=1", "eval.num_samples=4", "eval.max_new_tokens=4")
+
+    uninterrupted = train(cfg_for(tmp_path / "a"))
+    crashed = train(cfg_for(tmp_path / "b"))
+    rdir = crashed["run_dir"]
+    os.remove(os.path.join(rdir, "summary.json"))
+    shutil.rmtree(os.path.join(rdir, "checkpoints", "step_000008"))
+    resumed = train(cfg_for(tmp_path / "b"))
+    assert resumed["steps"] == 8
+
+    def losses(summary):
+        return [(r["step"], r["loss"]) for r in read_metrics(os.path.join(summary["run_dir"], "metrics.jsonl"))
+                if "loss" in r]
+
+    assert [s for s, _ in losses(resumed)] == list(range(1, 9))  # steps 5-8 logged once, not twice
+    for (step, a), (_, b) in zip(losses(uninterrupted), losses(resumed)):
+        assert a == pytest.approx(b, rel=1e-5), step
+    assert resumed["eval_after"]["loss"] == pytest.approx(uninterrupted["eval_after"]["loss"], rel=1e-5)
+    assert resumed["eval_before"] == uninterrupted["eval_before"]  # carried over, not recomputed

@@ -1,0 +1,306 @@
+"""`validate()`: every semantic problem of a composed config, collected before anything starts.
+
+Each check names the key, says what is allowed and how to fix it, and appends to one list, so a
+user sees all problems of a command line at once (the preflight adds Hydra-level ones: unknown
+options, wrong types). Known-bad combinations are rejected here with the reason. Torch-free,
+like config.py: it runs on login nodes before submission.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+from distft.config import (
+    ADAPTER_TECHNIQUES,
+    ATTN_IMPLEMENTATIONS,
+    BACKENDS,
+    DATA_FORMATS,
+    DATA_SOURCES,
+    LAUNCHERS,
+    LLAMA_LINEAR_MODULES,
+    MODEL_DTYPES,
+    OFFLINE_TOKENIZER_VOCAB,
+    ON_BAD_ROWS,
+    PARALLEL_STRATEGIES,
+    PRECISIONS,
+    PROMPT_LEARNING_TECHNIQUES,
+    QUANT_DTYPES,
+    QUANT_STORAGES,
+    QUANT_TYPES,
+    SCHEDULES,
+    TECHNIQUES,
+    TEMPLATES,
+    WANDB_MODES,
+    Config,
+    world_size,
+)
+
+
+def _choice(errors: list[str], key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        errors.append(f"{key}={value!r} is not one of: {', '.join(map(str, allowed))}")
+
+
+def _positive(errors: list[str], key: str, value: Any, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        errors.append(f"{key}={value} must be {bound}")
+
+
+def validate(cfg: Config, model_max_positions: Optional[int] = None) -> list[str]:
+    """Every semantic problem in `cfg`, each naming the key, what is allowed and how to fix it.
+
+    Returns an empty list when the config is good. Never raises for user errors: the caller prints
+    the whole list at once. `model_max_positions` overrides the preset's when the real model config
+    is known (a local checkpoint directory). One function per section, each appending one-line
+    messages, so a new rule lands next to its neighbours.
+    """
+    errors: list[str] = []
+    _check_choices(cfg, errors)
+    _check_optimisation(cfg, errors)
+    _check_batch(cfg, errors)
+    _check_sequence_length(cfg, errors, model_max_positions or cfg.model.max_position_embeddings)
+    _check_data(cfg, errors)
+    _check_model(cfg, errors)
+    _check_technique(cfg, errors)
+    _check_parallel(cfg, errors)
+    _check_eval_and_run(cfg, errors)
+    return errors
+
+
+def _check_choices(cfg: Config, errors: list[str]) -> None:
+    m, t, d, tr, p = cfg.model, cfg.technique, cfg.data, cfg.train, cfg.parallel
+    _choice(errors, "technique.name", t.name, TECHNIQUES)
+    _choice(errors, "parallel.strategy", p.strategy, PARALLEL_STRATEGIES)
+    _choice(errors, "parallel.backend", p.backend, BACKENDS)
+    _choice(errors, "data.source", d.source, DATA_SOURCES)
+    _choice(errors, "data.format", d.format, DATA_FORMATS)
+    _choice(errors, "data.template", d.template, TEMPLATES)
+    _choice(errors, "data.on_bad_rows", d.on_bad_rows, ON_BAD_ROWS)
+    _choice(errors, "train.precision", tr.precision, PRECISIONS)
+    _choice(errors, "train.schedule", tr.schedule, SCHEDULES)
+    _choice(errors, "tracking.wandb.mode", cfg.tracking.wandb.mode, WANDB_MODES)
+    _choice(errors, "launcher.kind", cfg.launcher.kind, LAUNCHERS)
+    _choice(errors, "model.dtype", m.dtype, MODEL_DTYPES)
+    if m.attn_implementation not in ATTN_IMPLEMENTATIONS and "/" not in m.attn_implementation:
+        errors.append(
+            f"model.attn_implementation={m.attn_implementation!r} is not one of: {', '.join(ATTN_IMPLEMENTATIONS)} "
+            "(or a hub kernel such as kernels-community/flash-attn)"
+        )
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", tr.device):
+        errors.append(f"train.device={tr.device!r} is not one of: auto, cpu, cuda, cuda:N")
+
+
+def _check_optimisation(cfg: Config, errors: list[str]) -> None:
+    tr = cfg.train
+    if tr.lr <= 0:
+        errors.append(f"train.lr={tr.lr} must be > 0 (typical: 1e-5 full fine-tuning, 2e-4 LoRA)")
+    if not 0 <= tr.min_lr_ratio <= 1:
+        errors.append(f"train.min_lr_ratio={tr.min_lr_ratio} must be between 0 and 1")
+    _positive(errors, "train.max_steps", tr.max_steps)
+    _positive(errors, "train.warmup_steps", tr.warmup_steps, allow_zero=True)
+    _positive(errors, "train.weight_decay", tr.weight_decay, allow_zero=True)
+    _positive(errors, "train.grad_clip", tr.grad_clip, allow_zero=True)
+    _positive(errors, "train.adam_eps", tr.adam_eps)
+    _positive(errors, "train.eval_every", tr.eval_every, allow_zero=True)
+    _positive(errors, "train.eval_max_batches", tr.eval_max_batches, allow_zero=True)
+    _positive(errors, "train.log_every", tr.log_every)
+    _positive(errors, "train.early_stopping_patience", tr.early_stopping_patience, allow_zero=True)
+    _positive(errors, "train.early_stopping_min_delta", tr.early_stopping_min_delta, allow_zero=True)
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(tr, key) < 1:
+            errors.append(f"train.{key}={getattr(tr, key)} must be in [0, 1)")
+    # warmup_steps > max_steps is allowed: smoke runs (train.max_steps=5) ramp up and stop.
+    if tr.early_stopping_patience > 0:
+        if tr.eval_every == 0:
+            errors.append(
+                f"train.early_stopping_patience={tr.early_stopping_patience} needs evaluations during training; "
+                "set train.eval_every > 0 or train.early_stopping_patience=0"
+            )
+        d = cfg.data
+        if d.eval_size == 0 or (d.eval_size is None and d.eval_fraction == 0 and not d.eval_path):
+            errors.append(
+                "train.early_stopping_patience > 0 needs an eval split; set data.eval_fraction, "
+                "data.eval_size or data.eval_path"
+            )
+
+
+def _check_batch(cfg: Config, errors: list[str]) -> None:
+    """global = micro x ranks x accumulation, exactly: the same global batch on any world size."""
+    tr = cfg.train
+    _positive(errors, "train.micro_batch_size", tr.micro_batch_size)
+    _positive(errors, "train.global_batch_size", tr.global_batch_size)
+    _positive(errors, "launcher.nproc_per_node", cfg.launcher.nproc_per_node)
+    _positive(errors, "launcher.nnodes", cfg.launcher.nnodes)
+    if tr.micro_batch_size <= 0 or tr.global_batch_size <= 0:
+        return
+    ws = world_size(cfg)
+    per_step = tr.micro_batch_size * ws
+    if tr.global_batch_size % per_step == 0:
+        return
+    lower = max(per_step, tr.global_batch_size // per_step * per_step)
+    fix = f"use a multiple of {per_step} (e.g. {lower} or {lower + per_step})"
+    if tr.global_batch_size % ws == 0:
+        per_rank = tr.global_batch_size // ws
+        micro = [str(n) for n in range(1, per_rank + 1) if per_rank % n == 0][-4:]
+        fix += f", or train.micro_batch_size={' or '.join(micro)}"
+    errors.append(
+        f"train.global_batch_size={tr.global_batch_size} is not divisible by "
+        f"train.micro_batch_size x world size = {tr.micro_batch_size} x {ws} = {per_step}; {fix}"
+    )
+
+
+def _check_sequence_length(cfg: Config, errors: list[str], max_positions: int) -> None:
+    d, t = cfg.data, cfg.technique
+    _positive(errors, "data.max_seq_len", d.max_seq_len)
+    # Prefix and prompt tuning put their virtual tokens at the first positions of every sequence.
+    extra = t.num_virtual_tokens if t.name in PROMPT_LEARNING_TECHNIQUES else 0
+    if d.max_seq_len and d.max_seq_len + extra > max_positions:
+        what = f"data.max_seq_len={d.max_seq_len}" + (f" + technique.num_virtual_tokens={extra}" if extra else "")
+        errors.append(
+            f"{what} exceeds model.max_position_embeddings={max_positions} of model '{cfg.model.name}'; "
+            f"set data.max_seq_len <= {max_positions - extra}"
+        )
+
+
+def _check_data(cfg: Config, errors: list[str]) -> None:
+    d = cfg.data
+    if d.source != "synthetic" and not d.path:
+        errors.append(f"data.path is required for data.source={d.source!r} (a file, or a directory for hf_disk)")
+    if d.source == "csv" and d.format == "chat":
+        errors.append("data.format=chat needs a list of messages per row, which csv cannot hold; use jsonl or json")
+    if d.eval_size is None and not 0 <= d.eval_fraction < 1:
+        errors.append(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
+    if d.eval_size is not None and d.eval_size < 0:
+        errors.append(f"data.eval_size={d.eval_size} must be >= 0")
+    if not 0 <= d.augment.template_variation <= 1:
+        errors.append(f"data.augment.template_variation={d.augment.template_variation} must be in [0, 1]")
+    if d.source == "synthetic" and d.synthetic.num_examples < 10:
+        errors.append(f"data.synthetic.num_examples={d.synthetic.num_examples} must be >= 10")
+
+
+def _check_model(cfg: Config, errors: list[str]) -> None:
+    m = cfg.model
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        _positive(errors, f"model.{key}", getattr(m, key))
+    _positive(errors, "model.num_key_value_heads", m.num_key_value_heads)
+    if m.num_attention_heads <= 0 or (m.num_key_value_heads or 1) <= 0:
+        return
+    if m.num_key_value_heads and m.num_attention_heads % m.num_key_value_heads != 0:
+        errors.append(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+            f"model.num_key_value_heads={m.num_key_value_heads}"
+        )
+    if m.hidden_size % m.num_attention_heads != 0:
+        errors.append(
+            f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}"
+        )
+    elif (m.hidden_size // m.num_attention_heads) % 2:
+        errors.append(
+            f"model.hidden_size / model.num_attention_heads = {m.hidden_size // m.num_attention_heads} is odd; "
+            "rotary embeddings need an even head dimension"
+        )
+    if m.name_or_path is None and m.tokenizer is None and m.vocab_size < OFFLINE_TOKENIZER_VOCAB:
+        errors.append(
+            f"model.vocab_size={m.vocab_size} is smaller than the built-in offline tokenizer "
+            f"({OFFLINE_TOKENIZER_VOCAB} tokens); set model.vocab_size >= {OFFLINE_TOKENIZER_VOCAB}"
+        )
+    if cfg.technique.name == "full" and m.dtype == "float16" and cfg.train.precision != "fp32":
+        errors.append("model.dtype=float16 with technique=full trains fp16 master weights; use bfloat16 or float32")
+
+
+def _check_technique(cfg: Config, errors: list[str]) -> None:
+    t, d, tr, p = cfg.technique, cfg.data, cfg.train, cfg.parallel
+    if t.name in ADAPTER_TECHNIQUES:
+        _positive(errors, "technique.r", t.r)
+        _positive(errors, "technique.alpha", t.alpha)
+        if not 0 <= t.dropout < 1:
+            errors.append(f"technique.dropout={t.dropout} must be in [0, 1)")
+        unknown = [name for name in t.target_modules if name not in LLAMA_LINEAR_MODULES]
+        if not t.target_modules:
+            errors.append(f"technique.target_modules is empty: {t.name} needs at least one linear layer name")
+        elif unknown:
+            errors.append(
+                f"technique.target_modules: {', '.join(map(repr, unknown))} is not a linear layer of a LLaMA model; "
+                f"choose from {', '.join(LLAMA_LINEAR_MODULES)}"
+            )
+    if t.name in PROMPT_LEARNING_TECHNIQUES:
+        _positive(errors, "technique.num_virtual_tokens", t.num_virtual_tokens)
+        if d.packing:
+            errors.append(
+                f"data.packing=true does not work with technique={t.name}: its virtual tokens sit in front of "
+                "every sequence, so packed samples would share them and see each other; set data.packing=false"
+            )
+        if tr.gradient_checkpointing:
+            errors.append(
+                f"train.gradient_checkpointing=true is not supported with technique={t.name}; set it to false"
+            )
+    # Settings that only one technique reads: set elsewhere they would be silently ignored.
+    if t.prompt_init_text is not None and t.name != "prompt":
+        errors.append(f"technique.prompt_init_text is only used by technique=prompt (got {t.name}); remove it")
+    if t.prefix_projection and t.name != "prefix":
+        errors.append(f"technique.prefix_projection=true is only used by technique=prefix (got {t.name}); remove it")
+    if t.name == "qlora":
+        _choice(errors, "technique.quant_type", t.quant_type, QUANT_TYPES)
+        _choice(errors, "technique.quant_storage", t.quant_storage, QUANT_STORAGES)
+        _choice(errors, "technique.compute_dtype", t.compute_dtype, QUANT_DTYPES)
+        if cfg.model.name_or_path is None and cfg.model.name == "tiny" and tr.precision == "fp16":
+            errors.append("train.precision=fp16 with technique=qlora on the CPU is unsupported; use bf16 or fp32")
+        if p.strategy in ("zero3", "fsdp"):
+            # Sharding flattens the 4-bit blocks together with the norms and embeddings, which
+            # only works when both are stored in one floating dtype.
+            if t.quant_storage == "uint8":
+                errors.append(
+                    f"technique.quant_storage=uint8 cannot be sharded by parallel={p.strategy}; "
+                    "set technique.quant_storage=bfloat16 (the dtype of the other weights)"
+                )
+            elif cfg.model.dtype not in ("auto", t.quant_storage):
+                errors.append(
+                    f"technique.quant_storage={t.quant_storage} differs from model.dtype={cfg.model.dtype}, so "
+                    f"parallel={p.strategy} cannot shard them together; make them the same"
+                )
+
+
+def _check_parallel(cfg: Config, errors: list[str]) -> None:
+    p, launcher, cluster = cfg.parallel, cfg.launcher, cfg.cluster
+    ws = world_size(cfg)
+    _positive(errors, "parallel.timeout_s", p.timeout_s)
+    if p.strategy == "single" and ws > 1:
+        errors.append(
+            f"parallel=single runs one process but the launcher asks for {ws}; "
+            "choose parallel=ddp|zero1|zero2|zero3|fsdp or launcher.nproc_per_node=1"
+        )
+    # Engine options set for another engine would be silently ignored.
+    if p.deepspeed.offload_optimizer and p.strategy not in ("zero1", "zero2", "zero3"):
+        errors.append(f"parallel.deepspeed.offload_optimizer=true needs parallel=zero1|zero2|zero3 (got {p.strategy})")
+    if p.deepspeed.offload_param and p.strategy != "zero3":
+        errors.append(f"parallel.deepspeed.offload_param=true needs parallel=zero3 (got {p.strategy})")
+    if p.deepspeed.overrides and p.strategy not in ("zero1", "zero2", "zero3"):
+        errors.append(f"parallel.deepspeed.overrides is only read by parallel=zero1|zero2|zero3 (got {p.strategy})")
+    for key in ("cpu_offload", "hybrid_shard"):
+        if getattr(p.fsdp, key) and p.strategy != "fsdp":
+            errors.append(f"parallel.fsdp.{key}=true needs parallel=fsdp (got {p.strategy})")
+    if cluster.gpus_per_node > 0 and launcher.nproc_per_node > cluster.gpus_per_node:
+        errors.append(
+            f"launcher.nproc_per_node={launcher.nproc_per_node} exceeds cluster.gpus_per_node={cluster.gpus_per_node} "
+            f"of cluster '{cluster.name}'; use at most {cluster.gpus_per_node} (one process per GPU)"
+        )
+
+
+def _check_eval_and_run(cfg: Config, errors: list[str]) -> None:
+    if cfg.eval.num_samples < 0:
+        errors.append(f"eval.num_samples={cfg.eval.num_samples} must be >= 0")
+    _positive(errors, "eval.max_new_tokens", cfg.eval.max_new_tokens)
+    _positive(errors, "eval.batch_size", cfg.eval.batch_size)
+    _positive(errors, "eval.report_samples", cfg.eval.report_samples, allow_zero=True)
+    _positive(errors, "checkpoint.keep_last", cfg.checkpoint.keep_last)
+    _positive(errors, "checkpoint.save_every", cfg.checkpoint.save_every, allow_zero=True)
+    # run.experiment names a directory under run.root: one plain path component.
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", cfg.run.experiment) or ".." in cfg.run.experiment:
+        errors.append(
+            f"run.experiment={cfg.run.experiment!r} must be a plain name (letters, digits, _ . + -), "
+            "it becomes a directory under run.root"
+        )
