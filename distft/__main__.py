@@ -21,8 +21,9 @@ def _user_error_types() -> tuple:
     # Imported lazily: `--help` and config errors should not pay for torch and transformers.
     from distft.checkpoint import CheckpointError
     from distft.data import DataError
+    from distft.model import ModelLoadError
 
-    return (DataError, CheckpointError)
+    return (DataError, CheckpointError, ModelLoadError)
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")

@@ -36,6 +36,23 @@ OFFLINE_CHAT_TEMPLATE = (
 )
 
 
+class ModelLoadError(Exception):
+    """A model or tokenizer that cannot be loaded from `model.name_or_path` / `model.tokenizer`."""
+
+
+def _load_error(key: str, source: str, err: Exception) -> ModelLoadError:
+    import os
+
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if os.path.isdir(source):
+        found = sorted(os.listdir(source))
+        first = f"the directory holds no loadable model or tokenizer (found: {', '.join(found[:8]) or 'nothing'})."
+    return ModelLoadError(
+        f"cannot load {key}={source!r}: {first} Point {key} at a local directory holding config.json, the "
+        "weights and the tokenizer files, or make the hub reachable (set HF_TOKEN for gated LLaMA repos)."
+    )
+
+
 def build_offline_tokenizer():
     """A character-level LLaMA-style tokenizer (<unk>=0, <s>=1, </s>=2, <pad>=3), built in code."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -65,7 +82,10 @@ def load_tokenizer(cfg: ModelConfig):
         return build_offline_tokenizer()
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _load_error("model.tokenizer" if cfg.tokenizer else "model.name_or_path", source, err) from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -153,13 +173,16 @@ def build_model(
         kwargs["quantization_config"] = quantization_config
     if device_map is not None:
         kwargs["device_map"] = device_map
-    if meta:
-        from transformers import AutoConfig
+    try:
+        if meta:
+            from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+            config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+            with torch.device("meta"):
+                return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+    except OSError as err:
+        raise _load_error("model.name_or_path", cfg.name_or_path, err) from err
 
 
 def _quantized_from_scratch(cfg: ModelConfig, dtype: torch.dtype, quantization_config: Any):

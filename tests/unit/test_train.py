@@ -306,3 +306,14 @@ def test_rerun_after_a_crash_resumes_and_matches_an_uninterrupted_run(tmp_path):
         assert a == pytest.approx(b, rel=1e-5), step
     assert resumed["eval_after"]["loss"] == pytest.approx(uninterrupted["eval_after"]["loss"], rel=1e-5)
     assert resumed["eval_before"] == uninterrupted["eval_before"]  # carried over, not recomputed
+
+
+def test_cli_reports_an_unloadable_model_directory_clearly(tmp_path):
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no weights here")
+    proc = subprocess.run([sys.executable, "-m", "distft", f"model.name_or_path={empty}", f"run.root={tmp_path}",
+                           "tracking.wandb.mode=disabled"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert f"model.name_or_path='{empty}'" in proc.stderr and "notes.txt" in proc.stderr
