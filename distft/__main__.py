@@ -26,9 +26,28 @@ def _user_error_types() -> tuple:
     return (DataError, CheckpointError, ModelLoadError)
 
 
+_ARGV: list[str] = []  # the command line, for launchers that re-run it as rank processes
+
+
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def hydra_entry(dict_cfg) -> None:
     cfg = to_config(dict_cfg)
+    from distft import dist
+    from distft.config import world_size
+
+    env = dist.from_env()
+    if world_size(cfg) > 1 and env.world_size == 1:
+        # Not started by a launcher yet: become the launcher.
+        from launchers.local import launch
+
+        sys.exit(launch(cfg, _ARGV))
+    if env.world_size != world_size(cfg):
+        print(
+            f"distft: the launcher started {env.world_size} ranks but the config asks for {world_size(cfg)} "
+            f"(launcher.nnodes x launcher.nproc_per_node); make them match",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     from distft.train import train
 
     try:
@@ -48,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
             print(format_errors(errors), file=sys.stderr)
             sys.exit(2)
     register_configs()
+    _ARGV[:] = argv
     sys.argv = [sys.argv[0], *argv]
     hydra_entry()
 

@@ -25,6 +25,7 @@ TECHNIQUES = ("full", "lora", "qlora", "dora", "prefix", "prompt")
 ADAPTER_TECHNIQUES = ("lora", "qlora", "dora")  # adapters that live inside the linear layers
 PROMPT_LEARNING_TECHNIQUES = ("prefix", "prompt")  # virtual tokens in front of the sequence
 PARALLEL_STRATEGIES = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp")
+AVAILABLE_STRATEGIES = ("single", "ddp")  # engines this build has; the others land one by one
 DATA_SOURCES = ("synthetic", "jsonl", "json", "csv", "parquet", "hf_disk")
 DATA_FORMATS = ("auto", "alpaca", "chat", "text")
 TEMPLATES = ("alpaca", "alpaca_short", "chat", "plain")
@@ -134,10 +135,16 @@ class ParallelConfig:
 
 @dataclass
 class LauncherConfig:
+    """How ranks are started. `local`: this process when there is one rank, else torch's elastic
+    agent starts `nproc_per_node` rank processes here; with `nnodes` > 1 the same command runs on
+    every node and meets at `rdzv_endpoint` (torchrun style, no SLURM needed)."""
+
     name: str = "local"
     kind: str = "local"
     nnodes: int = 1
     nproc_per_node: int = 1
+    rdzv_endpoint: Optional[str] = None  # host:port on the first node; needed when nnodes > 1
+    monitor_interval_s: float = 0.5  # how often the agent checks its ranks (a dead rank ends the job)
 
 
 @dataclass
@@ -337,6 +344,7 @@ _RUN_IDENTITY_EXCLUDED = ("tracking", "run", "launcher", "cluster", "eval")
 
 def config_hash(cfg: Config) -> str:
     data = {k: v for k, v in to_dict(cfg, redact=True).items() if k not in _RUN_IDENTITY_EXCLUDED}
+    data["world_size"] = world_size(cfg)  # the data position in a checkpoint is per rank
     payload = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:10]
 

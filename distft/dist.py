@@ -34,6 +34,35 @@ def from_env() -> DistInfo:
     return DistInfo()
 
 
+def init(info: DistInfo, backend: str, timeout_s: int, device: torch.device) -> None:
+    """Join the process group when there are several ranks (env:// from the launcher).
+
+    `timeout_s` bounds every collective: a rank stuck behind a dead peer errors out instead of
+    hanging forever (the launcher usually stops it first).
+    """
+    if info.world_size <= 1 or torch.distributed.is_initialized():
+        return
+    import datetime
+
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group(
+        backend=backend, rank=info.rank, world_size=info.world_size, timeout=datetime.timedelta(seconds=timeout_s)
+    )
+
+
+def shutdown() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks in place (a no-op without a process group)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():

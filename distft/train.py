@@ -80,6 +80,14 @@ def train(cfg: Config) -> dict:
 
     seed_everything(cfg.train.seed)
     device = dist.pick_device(cfg.train.device, info)
+    dist.init(info, cfg.parallel.backend, cfg.parallel.timeout_s, device)
+    try:
+        return _train(cfg, info, run_dir, summary_path, device)
+    finally:
+        dist.shutdown()
+
+
+def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.device) -> dict:
     tokenizer = load_tokenizer(cfg.model)
 
     from distft.data import TrainBatches, eval_batches, prepare_data
@@ -121,6 +129,9 @@ def train(cfg: Config) -> dict:
         log.info("base model: %s", _fmt_eval(state["eval_before"]))
         tracker.log(0, {"eval_loss": state["eval_before"]["loss"]})
     eval_before = state["eval_before"]
+    if resumed_from is None:
+        # Each rank its own dropout stream (the model was built identically on every rank above).
+        torch.manual_seed(cfg.train.seed + info.rank)
     progress = Progress(cfg.train.max_steps, state["step"], info.is_main, cfg.train.log_every)
     iterator = iter(batches)
     engine.train()

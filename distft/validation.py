@@ -14,6 +14,7 @@ from typing import Any, Optional
 from distft.config import (
     ADAPTER_TECHNIQUES,
     ATTN_IMPLEMENTATIONS,
+    AVAILABLE_STRATEGIES,
     BACKENDS,
     DATA_FORMATS,
     DATA_SOURCES,
@@ -268,6 +269,16 @@ def _check_parallel(cfg: Config, errors: list[str]) -> None:
     p, launcher, cluster = cfg.parallel, cfg.launcher, cfg.cluster
     ws = world_size(cfg)
     _positive(errors, "parallel.timeout_s", p.timeout_s)
+    if p.strategy in PARALLEL_STRATEGIES and p.strategy not in AVAILABLE_STRATEGIES:
+        errors.append(
+            f"parallel.strategy={p.strategy!r} has no engine in this version yet; "
+            f"available: {', '.join(AVAILABLE_STRATEGIES)}"
+        )
+    if launcher.kind == "local" and launcher.nnodes > 1 and not launcher.rdzv_endpoint:
+        errors.append(
+            f"launcher.nnodes={launcher.nnodes} needs launcher.rdzv_endpoint=HOST:PORT (an address of the first "
+            "node that every node can reach); run the same command on every node"
+        )
     if p.strategy == "single" and ws > 1:
         errors.append(
             f"parallel=single runs one process but the launcher asks for {ws}; "

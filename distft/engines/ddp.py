@@ -43,6 +43,10 @@ class DDPEngine:
             return self.wrapped(**inputs, use_cache=False).logits
 
     def backward(self, loss: torch.Tensor) -> None:
+        if self.wrapped is not self._model:
+            # DDP averages gradients over ranks, but the loss is already divided by the token
+            # count of the whole step on all ranks: undo the average so every token weighs the same.
+            loss = loss * torch.distributed.get_world_size()
         if self.scaler is not None:
             loss = self.scaler.scale(loss)
         loss.backward()
