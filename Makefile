@@ -22,6 +22,8 @@ $(VENV)/.distft-installed: pyproject.toml Makefile
 		$(PIP) install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
 		|| $(PIP) install -q "torch==$(TORCH_VERSION)" --index-url $(CPU_INDEX); \
 	fi
+	# DeepSpeed's build imports torch: build it against the torch above, not an isolated copy.
+	$(PIP) install -q --no-build-isolation "deepspeed>=0.16"
 	$(PIP) install -q -e ".[all,dev]"
 	touch $@
 

@@ -64,15 +64,20 @@ def save_checkpoint(
     cfg: Config,
     trainer_state: Optional[dict] = None,
     keep_last: int = 2,
+    state_dict: Optional[dict] = None,
 ) -> str:
-    """Write a committed checkpoint for `step` and prune older ones beyond `keep_last`."""
+    """Write a committed checkpoint for `step` and prune older ones beyond `keep_last`.
+
+    `state_dict`: the full weights gathered from a sharded engine (PEFT keeps only the adapter's
+    keys of it); None saves what `model` holds."""
     root = checkpoints_dir(run_dir)
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, step_dir_name(step))
     tmp = f"{final}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    model.save_pretrained(os.path.join(tmp, "model"), safe_serialization=True)
+    extra = {"state_dict": state_dict} if state_dict is not None else {}
+    model.save_pretrained(os.path.join(tmp, "model"), safe_serialization=True, **extra)
     tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
     if trainer_state is not None:
         torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))

@@ -299,11 +299,15 @@ def _resume(run_dir: str, engine, batches, state: dict, tracker: Tracker) -> Opt
 def _save(run_dir, step, engine, tokenizer, cfg: Config, batches, state: dict, info) -> Optional[str]:
     from distft.checkpoint import save_checkpoint
 
+    weights = engine.gathered_state_dict()  # collective: every rank takes part
     trainer_state = {"engine": engine.state_dict(), "data": batches.state_dict(), "loop": dict(state),
                      "rng": torch.random.get_rng_state()}  # loop holds eval_before: a resume does not redo it
     if not info.is_main:
+        dist.barrier()
         return None
-    path = save_checkpoint(run_dir, step, engine.unwrapped(), tokenizer, cfg, trainer_state, cfg.checkpoint.keep_last)
+    path = save_checkpoint(run_dir, step, engine.unwrapped(), tokenizer, cfg, trainer_state, cfg.checkpoint.keep_last,
+                           state_dict=weights)
+    dist.barrier()  # nobody moves on (or resumes, or exits) before the checkpoint is committed
     log.info("checkpoint: %s", path)
     return path
 

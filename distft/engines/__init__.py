@@ -47,6 +47,11 @@ class Engine(Protocol):
 
     def autocast(self) -> ContextManager: ...
 
+    def gathered_state_dict(self) -> dict | None:
+        """The full (unsharded) model state dict on rank 0, None on other ranks; None everywhere
+        when `unwrapped()` already holds full weights (single, DDP). A collective: every rank
+        calls it. Checkpoints and adapter saves use it so sharded runs save real weights."""
+
     def state_dict(self) -> dict:
         """Optimizer and schedule state for exact resume."""
 
@@ -59,6 +64,14 @@ def build_engine(cfg: Config, model: torch.nn.Module, device: torch.device) -> E
         from distft.engines.ddp import DDPEngine
 
         return DDPEngine(cfg, model, device)
+    if strategy in ("zero1", "zero2", "zero3"):
+        from distft.engines.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, model, device)
+    if strategy == "fsdp":
+        from distft.engines.fsdp import FSDPEngine
+
+        return FSDPEngine(cfg, model, device)
     raise NotImplementedError(f"parallel.strategy={strategy!r} is not available in this build yet")
 
 

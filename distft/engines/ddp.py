@@ -83,6 +83,9 @@ class DDPEngine:
     def unwrapped(self) -> torch.nn.Module:
         return self._model
 
+    def gathered_state_dict(self) -> dict | None:
+        return None  # every rank holds the full weights already
+
     def state_dict(self) -> dict:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         if self.scaler is not None:
