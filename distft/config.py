@@ -156,6 +156,9 @@ class ClusterConfig:
     gpu_memory_gb: float = 0.0
     cpu_memory_gb: float = 24.0
     partition: Optional[str] = None
+    # Dense bf16 peak of one accelerator in TFLOP/s (A100 312, H100 SXM 989): the MFU denominator.
+    # 0: unknown (the CPU), and MFU is not reported.
+    peak_tflops: float = 0.0
 
 
 @dataclass

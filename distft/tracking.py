@@ -163,6 +163,32 @@ def plot_losses(metrics_path: str, out_path: str) -> Optional[str]:
     return out_path
 
 
+def flops_per_token(total_params: int, num_layers: int, hidden_size: int, seq_len: int, full: bool) -> float:
+    """Training FLOPs per token: the matmuls (6N with weight gradients, 4N when the base is frozen
+    and only activation gradients flow through it) plus causal attention scores and values,
+    12 * layers * hidden * seq_len forward and backward (PaLM, appendix B). Counted per token
+    processed, padding included, as the hardware does the work."""
+    return (6.0 if full else 4.0) * total_params + 12.0 * num_layers * hidden_size * seq_len
+
+
+def mfu(tokens_per_s: float, flops_token: float, peak_tflops: float, devices: int) -> Optional[float]:
+    """Model FLOPs utilisation in [0, 1]; None when the peak of the hardware is unknown."""
+    if peak_tflops <= 0 or devices <= 0:
+        return None
+    return tokens_per_s * flops_token / (peak_tflops * 1e12 * devices)
+
+
+def peak_memory_gb(device) -> tuple[float, str]:
+    """(peak GB, what was measured): allocated accelerator memory, or the process's peak RSS."""
+    import torch
+
+    if getattr(device, "type", "cpu") == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_allocated"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "host_rss"  # ru_maxrss is KiB on Linux
+
+
 class Progress:
     """A tqdm bar (loss, lr, tokens/s; tqdm computes the ETA) on an interactive terminal; plain
     log lines every `log_every` steps elsewhere (CI, SLURM logs), where a bar is noise."""

@@ -26,7 +26,7 @@ from distft import dist
 from distft.config import Config, config_hash, grad_accum_steps, to_dict
 from distft.config import run_dir as config_run_dir
 from distft.model import IGNORE_INDEX, count_parameters, load_tokenizer, resolve_dtype, token_loss
-from distft.tracking import Progress, Tracker, plot_losses, setup_logging
+from distft.tracking import Progress, Tracker, flops_per_token, mfu, peak_memory_gb, plot_losses, setup_logging
 
 log = logging.getLogger("distft")
 
@@ -175,10 +175,17 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
 
     from distft.evaluate import metrics_only, write_report
 
+    tokens_per_s = state["train_tokens"] / max(state["train_time_s"], 1e-9)
+    arch = model.config  # the real architecture (a local checkpoint's config.json wins over the preset)
+    flops_token = flops_per_token(total, arch.num_hidden_layers, arch.hidden_size, cfg.data.max_seq_len,
+                                  full=cfg.technique.name == "full")
+    peak_gb, peak_kind = peak_memory_gb(device)
+
     summary = {
         "experiment": cfg.run.experiment,
         "technique": cfg.technique.name,
         "parallel": cfg.parallel.strategy,
+        "engine": type(engine).__name__,
         "world_size": info.world_size,
         "model": cfg.model.name,
         "run_dir": run_dir,
@@ -188,7 +195,12 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
         "train_tokens": state["train_tokens"],
         "train_target_tokens": state["train_target_tokens"],
         "train_time_s": round(state["train_time_s"], 3),
-        "tokens_per_s": state["train_tokens"] / max(state["train_time_s"], 1e-9),
+        "tokens_per_s": tokens_per_s,
+        "tokens_per_s_per_rank": tokens_per_s / info.world_size,
+        "mfu": mfu(tokens_per_s, flops_token, cfg.cluster.peak_tflops, info.world_size),
+        "flops_per_token": flops_token,
+        "peak_memory_gb": round(peak_gb, 3),
+        "peak_memory_kind": peak_kind,
         "final_train_loss": last_loss,
         "stopped_early": state["stopped_early"],
         "trainable_params": trainable,

@@ -38,3 +38,18 @@ def test_only_rank_zero_writes(tmp_path):
     png = plot_losses(main.metrics_path, str(tmp_path / "r0" / "loss.png"))
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_flops_per_token_and_mfu():
+    from distft.tracking import flops_per_token, mfu
+
+    # LLaMA-7B-shaped numbers: 6N + 12*L*d*T.
+    n, layers, d, t = 6_738_415_616, 32, 4096, 2048
+    assert flops_per_token(n, layers, d, t, full=True) == 6 * n + 12 * layers * d * t
+    assert flops_per_token(n, layers, d, t, full=False) == 4 * n + 12 * layers * d * t
+    # 3,000 tokens/s per GPU of a 7B model on 8 A100s is ~ 0.42 MFU.
+    per_token = flops_per_token(n, layers, d, t, full=True)
+    value = mfu(3000 * 8, per_token, 312, 8)
+    assert value == 3000 * per_token / 312e12
+    assert 0.4 < value < 0.45
+    assert mfu(1000, per_token, 0, 1) is None
