@@ -106,3 +106,27 @@ def test_a_dead_rank_ends_the_whole_job_with_no_orphans(tmp_path):
     time.sleep(1)
     alive = [p.pid for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert alive == [], f"processes left behind: {alive}"
+
+
+def test_two_nodes_without_slurm_meet_at_the_rendezvous_and_match_one_process(tmp_path):
+    """launcher.nnodes=2: the same command on two 'nodes' (two agents on this machine, one rank
+    each) rendezvous at launcher.rdzv_endpoint and train as one 2-rank job."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [sys.executable, "-m", "distft", "+experiment=tiny_full", f"run.root={tmp_path}", "parallel=ddp",
+            "launcher.nnodes=2", "launcher.nproc_per_node=1", f"launcher.rdzv_endpoint=127.0.0.1:{port}", *COMMON]
+    nodes = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+             for _ in range(2)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    run_dirs = [line[len("run_dir: "):] for out, _ in outputs for line in out.splitlines() if line.startswith("run_dir: ")]
+    assert len(run_dirs) == 1  # global rank 0 only, on whichever node it landed
+    summary = json.load(open(os.path.join(run_dirs[0], "summary.json")))
+    assert summary["world_size"] == 2
+    single = run_cli("+experiment=tiny_full", f"run.root={tmp_path / 'single'}", *COMMON)
+    assert single.returncode == 0, single.stderr[-2000:]
+    for x, y in zip(step_losses(run_dir_of(single)), step_losses(run_dirs[0])):
+        assert y == pytest.approx(x, rel=1e-5)
