@@ -25,7 +25,7 @@ TECHNIQUES = ("full", "lora", "qlora", "dora", "prefix", "prompt")
 ADAPTER_TECHNIQUES = ("lora", "qlora", "dora")  # adapters that live inside the linear layers
 PROMPT_LEARNING_TECHNIQUES = ("prefix", "prompt")  # virtual tokens in front of the sequence
 PARALLEL_STRATEGIES = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp")
-AVAILABLE_STRATEGIES = ("single", "ddp")  # engines this build has; the others land one by one
+AVAILABLE_STRATEGIES = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp")  # strategies with an engine
 DATA_SOURCES = ("synthetic", "jsonl", "json", "csv", "parquet", "hf_disk")
 DATA_FORMATS = ("auto", "alpaca", "chat", "text")
 TEMPLATES = ("alpaca", "alpaca_short", "chat", "plain")
@@ -116,9 +116,12 @@ class DeepSpeedConfig:
 
 @dataclass
 class FSDPConfig:
-    reshard_after_forward: bool = True
-    hybrid_shard: bool = False
-    cpu_offload: bool = False
+    """PyTorch FSDP2 (engines/fsdp.py): every decoder layer one unit, then the root."""
+
+    reshard_after_forward: bool = True  # free gathered layers after forward (re-gather in backward)
+    hybrid_shard: bool = False  # shard within groups of shard_size ranks, replicate across them (HSDP)
+    shard_size: int = 0  # hybrid_shard: ranks per shard group; 0: the ranks of one node (nproc_per_node)
+    cpu_offload: bool = False  # sharded params, grads and optimizer state in host memory
 
 
 @dataclass

@@ -186,12 +186,17 @@ def build_model(
 
 
 def _quantized_from_scratch(cfg: ModelConfig, dtype: torch.dtype, quantization_config: Any):
+    import os
     import tempfile
 
+    from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM
 
     with tempfile.TemporaryDirectory(prefix="distft-base-") as tmp:
-        build_model(cfg, dtype=dtype).save_pretrained(tmp)
+        model = build_model(cfg, dtype=dtype)
+        # Not save_pretrained: with a process group it writes on rank 0 only, and every rank needs it.
+        model.config.save_pretrained(tmp)
+        save_model(model, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         return AutoModelForCausalLM.from_pretrained(
             tmp, dtype=dtype, quantization_config=quantization_config, attn_implementation=cfg.attn_implementation
         )

@@ -91,6 +91,7 @@ def apply_technique(model, cfg: Config, tokenizer=None):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if technique.name == "qlora":
+        keep_4bit_training_layout(model)
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gradient_checkpointing,
@@ -105,6 +106,15 @@ def apply_technique(model, cfg: Config, tokenizer=None):
     if technique.name == "prompt" and technique.prompt_init_text and tokenizer is not None:
         _init_prompt_from_text(model, technique, tokenizer)
     return model
+
+
+def keep_4bit_training_layout(model) -> None:
+    """bitsandbytes rewrites 4-bit weights into a CPU inference layout on the first no-grad
+    forward on AVX512-BF16 CPUs; after that no gradient reaches the LoRA layers below the head.
+    Training models must keep the layout they were quantised in."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _init_prompt_from_text(model, technique: TechniqueConfig, tokenizer) -> None:

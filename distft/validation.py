@@ -291,9 +291,59 @@ def _check_parallel(cfg: Config, errors: list[str]) -> None:
         errors.append(f"parallel.deepspeed.offload_param=true needs parallel=zero3 (got {p.strategy})")
     if p.deepspeed.overrides and p.strategy not in ("zero1", "zero2", "zero3"):
         errors.append(f"parallel.deepspeed.overrides is only read by parallel=zero1|zero2|zero3 (got {p.strategy})")
+    if p.strategy in ("zero1", "zero2", "zero3"):
+        # DeepSpeed: its config is derived from ours (engines/deepspeed.py); overrides add to it.
+        if cfg.train.precision == "fp16" and cfg.train.device == "cpu":
+            errors.append(
+                f"train.precision=fp16 with parallel={p.strategy} on train.device=cpu: DeepSpeed's CPU accelerator "
+                "has no fp16; use train.precision=bf16 or fp32"
+            )
+        # Keys engines/deepspeed.py derives from ours, and the keys that set them.
+        derived_from = {
+            "train_batch_size": "train.global_batch_size",
+            "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+            "gradient_accumulation_steps": "train.global_batch_size / (train.micro_batch_size x ranks)",
+            "gradient_clipping": "train.grad_clip",
+            "bf16": "train.precision",
+            "fp16": "train.precision",
+            "optimizer": "train.lr, train.adam_* and train.weight_decay (distft builds the optimizer)",
+            "scheduler": "train.schedule, train.warmup_steps and train.min_lr_ratio (distft builds the schedule)",
+            "managed_gradient_accumulation": "nothing: the engine marks the accumulation boundary itself",
+        }
+        overrides = p.deepspeed.overrides or {}
+        zero = overrides.get("zero_optimization") if isinstance(overrides.get("zero_optimization"), dict) else {}
+        derived = {key: where for key, where in derived_from.items() if key in overrides}
+        if "stage" in zero:
+            derived["zero_optimization.stage"] = "parallel=zero1|zero2|zero3"
+        for key, where in derived.items():
+            errors.append(
+                f"parallel.deepspeed.overrides.{key} is derived from the config; set {where} instead "
+                "(one setting in one place)"
+            )
+        for key in ("offload_optimizer", "offload_param"):
+            if key in zero and not getattr(p.deepspeed, key):
+                errors.append(
+                    f"parallel.deepspeed.overrides.zero_optimization.{key} needs parallel.deepspeed.{key}=true "
+                    "(the override then refines it, e.g. pin_memory or an nvme device)"
+                )
     for key in ("cpu_offload", "hybrid_shard"):
         if getattr(p.fsdp, key) and p.strategy != "fsdp":
             errors.append(f"parallel.fsdp.{key}=true needs parallel=fsdp (got {p.strategy})")
+    _positive(errors, "parallel.fsdp.shard_size", p.fsdp.shard_size, allow_zero=True)
+    if p.fsdp.shard_size and not p.fsdp.hybrid_shard:
+        errors.append(
+            f"parallel.fsdp.shard_size={p.fsdp.shard_size} is only read with parallel.fsdp.hybrid_shard=true "
+            "(full sharding spreads over all ranks); remove it or use parallel=fsdp_hybrid"
+        )
+    if p.strategy == "fsdp" and p.fsdp.hybrid_shard and p.fsdp.shard_size >= 0:
+        # Hybrid sharding is a (replicate x shard) grid over all ranks: the shard groups must tile it.
+        shard = p.fsdp.shard_size or launcher.nproc_per_node
+        if shard > 0 and ws % shard:
+            errors.append(
+                f"parallel.fsdp.shard_size={shard}{' (launcher.nproc_per_node)' if not p.fsdp.shard_size else ''} "
+                f"does not divide the world size {ws}; hybrid sharding needs shard groups that tile all ranks, "
+                f"e.g. parallel.fsdp.shard_size={launcher.nproc_per_node}"
+            )
     if cluster.gpus_per_node > 0 and launcher.nproc_per_node > cluster.gpus_per_node:
         errors.append(
             f"launcher.nproc_per_node={launcher.nproc_per_node} exceeds cluster.gpus_per_node={cluster.gpus_per_node} "

@@ -470,9 +470,10 @@ def test_validate_rule(changes, start):
     assert len(errors) == 1 and errors[0].startswith(start), errors
 
 
-def test_strategies_without_an_engine_are_rejected_until_they_land():
-    errors = problems(**{"parallel.strategy": "zero3", "launcher.nproc_per_node": 2})
-    assert errors == ["parallel.strategy='zero3' has no engine in this version yet; available: single, ddp"]
+def test_every_strategy_has_an_engine_and_multi_node_needs_a_rendezvous():
+    from distft.config import AVAILABLE_STRATEGIES, PARALLEL_STRATEGIES
+
+    assert AVAILABLE_STRATEGIES == PARALLEL_STRATEGIES
     assert problems(**{"parallel.strategy": "ddp", "launcher.nproc_per_node": 2}) == []
     assert problems(**{"parallel.strategy": "ddp", "launcher.nnodes": 2})[0].startswith(
         "launcher.nnodes=2 needs launcher.rdzv_endpoint=HOST:PORT")

@@ -1,0 +1,277 @@
+"""DeepSpeed ZeRO stages 1, 2 and 3 (`parallel=zero1|zero2|zero3`), optionally offloading to the CPU.
+
+ZeRO partitions the optimizer state (stage 1), also the gradients (stage 2), also the weights
+(stage 3) over the data-parallel ranks. DeepSpeed owns the precision, the clipping and the
+optimizer step; this engine maps our config onto it and keeps the trainer's contract.
+
+What is configured where (nothing twice):
+- `deepspeed_config(cfg, device)` derives DeepSpeed's JSON config from ours: batch sizes and
+  accumulation from `train.*`, clipping, bf16/fp16 from `train.precision`, the stage from
+  `parallel.strategy`, offload from `parallel.deepspeed.offload_*`; `parallel.deepspeed.overrides`
+  is deep-merged last, for every other DeepSpeed key.
+- The optimizer and LR schedule are ours (`build_optimizer`: AdamW, no decay on 1-D params, the
+  `lr_lambda` schedule) and handed to `deepspeed.initialize`. With `offload_optimizer` the AdamW is
+  rebuilt as `DeepSpeedCPUAdam` (AdamW mode) over the same param groups and hyperparameters, with
+  the same `LambdaLR` function: DeepSpeed refuses a torch optimizer for offloaded states, because
+  torch's CPU Adam is several times slower than its vectorised one. Its C++ op is compiled on first
+  use (about a minute on 2 cores; cached in ~/.cache/torch_extensions, or prebuilt by installing
+  deepspeed with DS_BUILD_CPU_ADAM=1).
+
+The trainer's accumulation contract: each micro-batch's loss is already divided by the target
+tokens of the whole step over all ranks, and `step()` is called once per optimizer step. So
+`backward` passes `scale_wrt_gas=False` (no extra division by the accumulation steps) and
+multiplies by the world size (ZeRO averages gradients over ranks, as DDP does); `accumulating()`
+tells DeepSpeed which micro-step is the accumulation boundary (`set_gradient_accumulation_boundary`),
+where it reduces gradients and where the single `ds.step()` applies the update.
+
+Evaluation and generation call `unwrapped()` (the PEFT or transformers module) on every rank in
+lockstep: under ZeRO-3 DeepSpeed's forward hooks on that module gather each layer's weights as it
+runs, so every rank must run the same forwards (the trainer gives all ranks the same prompts).
+
+Resume: ZeRO partitions the optimizer state over ranks and distft's checkpoints hold only what rank
+0 has, so `state_dict()` records the schedule and a marker, and `load_state_dict()` refuses to
+resume (sharded optimizer checkpoints are future work).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from distft.checkpoint import CheckpointError
+from distft.config import Config, grad_accum_steps
+from distft.engines import autocast_context, autocast_dtype, build_optimizer
+
+ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
+
+
+class ShardedResumeUnsupported(CheckpointError, NotImplementedError):
+    """Resuming with a partitioned optimizer state: not implemented yet. A CheckpointError, so the
+    command line ends in its one-line message instead of a traceback."""
+
+
+def deepspeed_config(cfg: Config, device: torch.device) -> dict:
+    """DeepSpeed's JSON config for `cfg` on `device` (precision `auto` depends on the device).
+
+    A pure function: no DeepSpeed import, no process group, so it is unit-tested on its own and
+    a user can print exactly what DeepSpeed will get."""
+    t, ds = cfg.train, cfg.parallel.deepspeed
+    stage = ZERO_STAGES[cfg.parallel.strategy]
+    zero: dict[str, Any] = {"stage": stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if ds.offload_param and stage == 3:  # validate() rejects it for the other stages
+        zero["offload_param"] = {"device": "cpu"}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps(cfg),
+        "train_batch_size": t.global_batch_size,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "steps_per_print": 2**31 - 1,  # the trainer reports progress; DeepSpeed's own lines only repeat it
+    }
+    amp = autocast_dtype(t.precision, device)
+    if amp == torch.bfloat16:
+        config["bf16"] = {"enabled": True}
+    elif amp == torch.float16:
+        config["fp16"] = {"enabled": True}  # dynamic loss scaling, DeepSpeed's default
+    return deep_merge(config, ds.overrides or {})
+
+
+def deep_merge(base: Mapping, overrides: Mapping) -> dict:
+    """`base` with `overrides` merged in: nested mappings merge key by key, anything else replaces.
+    Returns plain dicts and lists (overrides may arrive as OmegaConf containers)."""
+    merged = {key: _plain(value) for key, value in base.items()}
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = _plain(value)
+    return merged
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+        return [_plain(item) for item in value]
+    return value
+
+
+def _import_deepspeed(device: torch.device):
+    # DeepSpeed picks its accelerator once, on first use: train.device=cpu on a GPU machine must
+    # not get the CUDA one.
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+    except ImportError as err:  # pragma: no cover - depends on the install
+        raise RuntimeError(
+            "parallel=zero1|zero2|zero3 needs DeepSpeed: pip install torch first, then "
+            "pip install --no-build-isolation 'deepspeed>=0.19'"
+        ) from err
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines come from every rank, unranked
+    return deepspeed
+
+
+def _ensure_process_group(cfg: Config, device: torch.device) -> None:
+    """DeepSpeed needs a process group even for one rank (ZeRO-3 + offload fits big models on one
+    GPU); dist.init makes none for a single process, so make a 1-rank one from an in-memory store
+    (no port). `dist.shutdown()` destroys it with the run."""
+    if torch.distributed.is_initialized():
+        return
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it, and only launchers set it
+    backend = cfg.parallel.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+
+
+def _cpu_adam(optimizer: torch.optim.Optimizer, scheduler, cfg: Config):
+    """`DeepSpeedCPUAdam` over the param groups of our AdamW (same decay split and hyperparameters),
+    and a LambdaLR with the same schedule function."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    t = cfg.train
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+    cpu_adam = DeepSpeedCPUAdam(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, adamw_mode=True)
+    return cpu_adam, torch.optim.lr_scheduler.LambdaLR(cpu_adam, scheduler.lr_lambdas)
+
+
+def _keep_4bit_layout(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from repacking QLoRA's 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, the first no-grad eval forward of a `Linear4bit` (the base-model
+    eval before training) rewrites its weight in place into another layout and marks the quant
+    state as repacked, for good. Two things then break: (1) training on the repacked layout
+    passes no gradient back through the 4-bit layers (bitsandbytes 0.50; measured: every LoRA
+    gradient below lm_head is exactly 0), and (2) under ZeRO-3, which frees gathered weights after
+    each forward and gathers them again from the partitions in the original layout, the quant state
+    no longer matches the weights. Without the repack, eval uses the same kernel as training."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+
+
+class DeepSpeedEngine:
+    def __init__(self, cfg: Config, model: torch.nn.Module, device: torch.device):
+        deepspeed = _import_deepspeed(device)
+        self.cfg = cfg
+        self.device = device
+        self.stage = ZERO_STAGES[cfg.parallel.strategy]
+        self.amp_dtype = autocast_dtype(cfg.train.precision, device)
+        _ensure_process_group(cfg, device)
+        self.world_size = torch.distributed.get_world_size()
+        optimizer, scheduler = build_optimizer(cfg, model)
+        if cfg.parallel.deepspeed.offload_optimizer:
+            optimizer, scheduler = _cpu_adam(optimizer, scheduler, cfg)
+        self.optimizer, self.scheduler = optimizer, scheduler  # ours; DeepSpeed wraps the optimizer
+        _keep_4bit_layout(model)
+        self.ds, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, device),
+            dist_init_required=False,
+        )
+
+    def autocast(self):
+        return autocast_context(self.amp_dtype, self.device)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        from distft.model import model_inputs
+
+        inputs = {k: v.to(self.ds.device) for k, v in model_inputs(batch).items()}
+        with self.autocast():
+            return self.ds(**inputs, use_cache=False).logits
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The loss is already divided by the step's target tokens on all ranks and micro-steps:
+        # no division by the accumulation steps, and ZeRO's average over ranks is undone.
+        self.ds.backward(loss * self.world_size, scale_wrt_gas=False)
+
+    def accumulating(self, last_micro_step: bool):
+        @contextlib.contextmanager
+        def micro_step():
+            # Gradients are reduced and the update applied only at the boundary micro-step.
+            self.ds.set_gradient_accumulation_boundary(last_micro_step)
+            yield
+
+        return micro_step()
+
+    def step(self) -> float:
+        if not self.ds.is_gradient_accumulation_boundary():
+            raise RuntimeError("DeepSpeedEngine.step() without a last micro-step: run the last backward "
+                               "inside accumulating(last_micro_step=True)")
+        self._unpin_prompt_embeddings()  # the virtual tokens change now
+        self.ds.step()  # clip, optimizer step, LR schedule step, zero grads
+        norm = self.ds.get_global_grad_norm()  # ZeRO's pre-clip global norm (fp16: unscaled)
+        return float("nan") if norm is None else float(norm)
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def train(self) -> None:
+        self.ds.module.train()
+
+    def eval(self) -> None:
+        self.ds.module.eval()
+
+    def unwrapped(self) -> torch.nn.Module:
+        return self.ds.module
+
+    def gathered_state_dict(self) -> dict | None:
+        """Full weights on rank 0 under ZeRO-3 (None elsewhere); None for stages 1/2, whose
+        weights are replicated. Gathers one module's own parameters at a time, so no rank ever
+        holds more than one layer unpartitioned beyond what it holds anyway; keys and extra
+        entries (bitsandbytes quant states) are those of `unwrapped().state_dict()`."""
+        if self.stage < 3:
+            return None
+        import deepspeed
+
+        self._pin_prompt_embeddings()
+        is_main = torch.distributed.get_rank() == 0
+        state: dict[str, torch.Tensor] = OrderedDict()
+        for name, module in self.ds.module.named_modules(remove_duplicate=False):
+            own = list(module.parameters(recurse=False))
+            with deepspeed.zero.GatheredParameters(own, modifier_rank=None, enabled=bool(own)):
+                if is_main:
+                    local: dict[str, torch.Tensor] = OrderedDict()
+                    module._save_to_state_dict(local, f"{name}." if name else "", keep_vars=False)
+                    for key, value in local.items():
+                        state[key] = value.detach().to("cpu", copy=True) if torch.is_tensor(value) else value
+        return state if is_main else None
+
+    def _pin_prompt_embeddings(self) -> None:
+        """Prefix/prompt tuning under ZeRO-3: compute the virtual-token embeddings to save now, on
+        every rank, and let PEFT's save read them from here until the next step.
+
+        PEFT does not take saved virtual tokens from a state dict: `save_pretrained` runs the prompt
+        encoder (`get_prompt_embedding_to_save`), and only rank 0 saves. Under ZeRO-3 that forward
+        gathers weights (and prefetches the next layers) in collectives the other ranks never join,
+        and the job hangs. Run it here in lockstep instead, and shadow the method on the instance
+        with the result; `step()` removes the shadow, so a later save computes afresh."""
+        model = self.ds.module
+        if not getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+            return
+        self._unpin_prompt_embeddings()
+        with torch.no_grad():
+            embeddings = {name: model.get_prompt_embedding_to_save(name) for name in model.peft_config}
+        model.get_prompt_embedding_to_save = embeddings.__getitem__
+
+    def _unpin_prompt_embeddings(self) -> None:
+        self.ds.module.__dict__.pop("get_prompt_embedding_to_save", None)
+
+    def state_dict(self) -> dict:
+        # The optimizer state is partitioned over ranks: only the schedule is cheap and correct here.
+        return {"scheduler": self.scheduler.state_dict(), "optimizer": None, "zero_stage": self.stage,
+                "optimizer_partitioned": True}
+
+    def load_state_dict(self, state: dict) -> None:
+        raise ShardedResumeUnsupported(
+            f"cannot resume a parallel={self.cfg.parallel.strategy} run yet: ZeRO partitions the optimizer state "
+            "over the ranks and distft checkpoints do not hold it; set run.dir to a new directory to start over"
+        )
