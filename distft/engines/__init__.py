@@ -109,6 +109,18 @@ def build_optimizer(cfg: Config, model: torch.nn.Module):
     return optimizer, scheduler
 
 
+def apply_update(optimizer, scheduler, scaler=None) -> None:
+    """The tail of every engine's step(): optimizer step (through the fp16 grad scaler when there
+    is one), schedule step, gradients freed."""
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def autocast_dtype(precision: str, device: torch.device):
     """The autocast dtype for `train.precision`, or None for fp32. auto: bf16 on bf16 GPUs only
     (CPU bf16 autocast is slower than fp32 on most CPUs)."""

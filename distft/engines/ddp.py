@@ -12,7 +12,7 @@ import contextlib
 import torch
 
 from distft.config import Config
-from distft.engines import autocast_context, autocast_dtype, build_optimizer
+from distft.engines import apply_update, autocast_context, autocast_dtype, build_optimizer
 
 
 class DDPEngine:
@@ -62,13 +62,7 @@ class DDPEngine:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        apply_update(self.optimizer, self.scheduler, self.scaler)
         return float(grad_norm)
 
     def lr(self) -> float:

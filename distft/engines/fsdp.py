@@ -40,7 +40,7 @@ import logging
 import torch
 
 from distft.config import Config
-from distft.engines import autocast_context, autocast_dtype, build_optimizer
+from distft.engines import apply_update, autocast_context, autocast_dtype, build_optimizer
 
 log = logging.getLogger("distft")
 
@@ -108,13 +108,7 @@ class FSDPEngine:
         if self.cfg.train.grad_clip > 0:
             for group in groups:
                 torch.nn.utils.clip_grads_with_norm_(group, self.cfg.train.grad_clip, total_norm)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        apply_update(self.optimizer, self.scheduler, self.scaler)
         return float(total_norm)
 
     def lr(self) -> float:
