@@ -95,15 +95,16 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
     data = prepare_data(cfg.data, tokenizer, seed=cfg.data.seed)
     log.info("%s", data.report.summary())
 
-    from distft.engines import build_engine
-    from distft.techniques import base_model_context, build_trainable_model
+    from distft.engines import build_engine, build_model_for_engine
+    from distft.techniques import base_model_context
 
     dtype = resolve_dtype(cfg.model.dtype, device)
-    model = build_trainable_model(cfg, dtype, tokenizer)
+    model, model_build = build_model_for_engine(cfg, dtype, tokenizer, info.world_size)
     trainable, total = count_parameters(model)
     log.info(
-        "model %s, technique %s: %s trainable of %s parameters (%.2f%%)",
+        "model %s, technique %s: %s trainable of %s parameters (%.2f%%), built %s",
         cfg.model.name, cfg.technique.name, f"{trainable:,}", f"{total:,}", 100.0 * trainable / max(1, total),
+        "on the meta device, filled from rank 0" if model_build == "meta" else "on every rank",
     )
     engine = build_engine(cfg, model, device)
     tracker = Tracker(cfg, run_dir, info.rank, run_id=f"{cfg.run.experiment}-{config_hash(cfg)}")
@@ -188,6 +189,7 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
         "engine": type(engine).__name__,
         "world_size": info.world_size,
         "model": cfg.model.name,
+        "model_build": model_build,
         "run_dir": run_dir,
         "steps": state["step"],
         "global_batch_size": cfg.train.global_batch_size,

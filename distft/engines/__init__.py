@@ -58,6 +58,24 @@ class Engine(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+def build_model_for_engine(cfg: Config, dtype: torch.dtype, tokenizer, world_size: int) -> tuple[torch.nn.Module, str]:
+    """The trainable model (base + technique), built where the engine wants it, and how it was built.
+
+    FSDP on several ranks gets it on the meta device ("meta"): the engine shards it first and
+    only then allocates each rank's shards, filled from the one real copy rank 0 builds, so host
+    memory holds one full model per node instead of one per rank. QLoRA cannot (bitsandbytes
+    quantises while the weights load) and every other engine needs the whole model on every
+    rank before it partitions it ("eager"; ZeRO-3 partitions after `deepspeed.initialize`).
+    """
+    if cfg.parallel.strategy == "fsdp" and world_size > 1 and cfg.technique.name != "qlora":
+        from distft.engines.fsdp import build_meta_model
+
+        return build_meta_model(cfg, dtype, tokenizer), "meta"
+    from distft.techniques import build_trainable_model
+
+    return build_trainable_model(cfg, dtype, tokenizer), "eager"
+
+
 def build_engine(cfg: Config, model: torch.nn.Module, device: torch.device) -> Engine:
     strategy = cfg.parallel.strategy
     if strategy in ("single", "ddp"):

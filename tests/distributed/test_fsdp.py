@@ -85,6 +85,9 @@ def test_fsdp_on_two_ranks_matches_one_process(cli_run, technique):
     assert losses[-1] < losses[0] * (0.98 if technique == "prompt" else 0.95)  # it learns
     summary = summary_of(fsdp_dir)
     assert (summary["parallel"], summary["world_size"], summary["grad_accum_steps"]) == ("fsdp", 2, 2)
+    # The CLI built the model on the meta device and filled the shards from rank 0's one copy;
+    # the losses above equal one process's, so what arrived is the model a single run builds.
+    assert summary["model_build"] == "meta" and single_dir and summary_of(single_dir)["model_build"] == "eager"
     assert "[rank1]" in proc.stdout and "[rank0]" in proc.stdout
     # Evaluation and generation ran on the sharded model, both ranks in lockstep.
     single = summary_of(single_dir)
@@ -100,6 +103,7 @@ def test_fsdp_on_one_process_matches_single(cli_run):
     _, fsdp_dir = cli_run("lora", "fsdp_offload", ranks=1)
     assert step_metrics(fsdp_dir, "loss") == pytest.approx(step_metrics(single_dir, "loss"), rel=1e-6)
     assert summary_of(fsdp_dir)["world_size"] == 1
+    assert summary_of(fsdp_dir)["model_build"] == "eager"  # one rank: nothing to save by building on meta
 
 
 def test_adapters_saved_by_fsdp_reload_on_one_process(cli_run):
