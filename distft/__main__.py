@@ -48,10 +48,13 @@ def hydra_entry(dict_cfg) -> None:
             file=sys.stderr,
         )
         sys.exit(2)
-    from distft.train import train
+    from distft.train import NonFiniteError, train
 
     try:
         train(cfg)
+    except NonFiniteError as err:  # the run itself went wrong, not its input: exit 3
+        print(f"distft: {err}", file=sys.stderr)
+        sys.exit(3)
     except _user_error_types() as err:
         print(f"distft: {err}", file=sys.stderr)
         sys.exit(2)

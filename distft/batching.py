@@ -141,10 +141,20 @@ class TrainBatches:
         return collate(self._rows[start : start + self.micro_batch_size], self.packing, self.pad_id)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
+        """The position in the data as rows consumed this epoch over all ranks, so it means the
+        same on any number of ranks (`index` is this rank's micro-batch count)."""
+        return {"epoch": self.epoch, "rows_consumed": self.index * self.world_size * self.micro_batch_size,
+                "index": self.index, "world_size": self.world_size, "micro_batch_size": self.micro_batch_size}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        rows, per_index = int(state["rows_consumed"]), self.world_size * self.micro_batch_size
+        if rows % per_index:
+            raise ValueError(
+                f"the data position ({rows} rows into epoch {state['epoch']}) is not a whole number of "
+                f"micro-batches of {self.micro_batch_size} on {self.world_size} ranks; resume with a "
+                "train.micro_batch_size and world size whose product divides it"
+            )
+        self.epoch, self.index = int(state["epoch"]), rows // per_index
         self._load_epoch()
 
 

@@ -1,42 +1,67 @@
-"""Checkpoints: atomic save, keep-last-K, loading a checkpoint back as a model, export.
+"""Checkpoints: sharded, atomic, verified, exactly resumable; the newest complete one is found again.
 
 Layout of one checkpoint (`<run_dir>/checkpoints/step_000300/`):
-    model/            Hugging Face format: full weights as safetensors, or the PEFT adapter
-                      (adapter_model.safetensors + adapter_config.json)
-    tokenizer/        the tokenizer the run trained with (the offline one included)
-    trainer_state.pt  optimizer, schedule, data position, RNG: what an exact resume needs
-    meta.json         step, technique, the run's config with secrets redacted
-    COMMITTED         written last: a directory without it is an interrupted save and is ignored
+    state/              the engine's sharded training state, written by every rank: trainable
+                        weights, optimizer, LR schedule (torch.distributed.checkpoint for DDP and
+                        FSDP, DeepSpeed's own files for ZeRO); see `Engine.save_state`
+    rng/rank_00000.safetensors   each rank's RNG states (dropout streams)
+    trainer_state.json  step and loop counters, data position (in rows, so it reshards), world size
+    model/              Hugging Face format for evaluation and export: full weights as safetensors
+                        or the PEFT adapter, gathered on rank 0
+    tokenizer/          the tokenizer the run trained with
+    meta.json           step, technique, the run's config with secrets redacted
+    MANIFEST.json       size and sha256 of every file above
+    COMMITTED           written last
 
-A checkpoint is written under a temporary name and renamed into place (fairseq2's way): a crash
-mid-save never leaves a half checkpoint under a real name and never touches the previous one.
-`latest` in the checkpoints directory names the newest committed step.
+Writing (`save_checkpoint`, every rank): everything goes into `step_000300.tmp/`; the ranks hash
+the files (each a share), rank 0 writes the manifest, the commit marker, renames the directory
+into place and points `latest` at it. A crash at any instant leaves either a `.tmp` directory
+(ignored and replaced by the next save) or a complete checkpoint; the previous checkpoint is
+never touched. Retention (`checkpoint.keep_last`) runs only after the new one is committed and
+never deletes it. A failed write (a full disk) ends in a CheckpointError on every rank and
+removes only the unfinished `.tmp` directory.
 
-Export turns a checkpoint into a standalone Hugging Face model: full weights are already one;
-LoRA/DoRA adapters are merged into their base (a QLoRA base is dequantised first, so the merge
-adds the adapter to exactly the weights it was trained against). Prefix and prompt tuning have
-no merged form: export writes the base and the adapter for `PeftModel.from_pretrained`.
+Reading (`find_resumable`, every rank): candidates newest first; each is verified against its
+manifest (sizes, sha256, no unlisted files; the ranks share the hashing) and its pickles are
+scanned (`scan_pickle`) before anything is loaded. A damaged one is set aside under
+`step_XXXXXX.damaged` with a message naming the bad file, and the previous one is tried. The
+checkpoint directory must be on a filesystem every rank sees (as on any cluster).
+
+Safe loading: the only pickles in a checkpoint are DCP's `.metadata` and DeepSpeed's `.pt` files,
+which their libraries unpickle with `weights_only=False`. Before they are opened, every pickle is
+scanned for the globals it would import; anything outside a short allow-list of tensor and
+metadata types (os.system, builtins.eval, ...) refuses the checkpoint. Weights load from
+safetensors; our own state is JSON.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import os
+import pickle
 import shutil
+import time
+import zipfile
 from typing import Any, Optional
 
-import torch
-
-from distft.config import Config, to_config, to_dict
+from distft import dist, faults
+from distft.config import Config, to_dict
 
 log = logging.getLogger("distft")
 
 COMMITTED = "COMMITTED"
+MANIFEST = "MANIFEST.json"
+TRAINER_STATE = "trainer_state.json"
+STATE_DIR = "state"
+RNG_DIR = "rng"
+LATEST = "latest"
 
 
 class CheckpointError(Exception):
-    """A checkpoint path that cannot be used; the message says why and what to pass instead."""
+    """A checkpoint that cannot be used or written; the message says why and what to do instead."""
 
 
 def checkpoints_dir(run_dir: str) -> str:
@@ -48,7 +73,7 @@ def step_dir_name(step: int) -> str:
 
 
 def committed_checkpoints(run_dir: str) -> list[str]:
-    """Committed checkpoint directories of a run, oldest first."""
+    """Committed checkpoint directories of a run, oldest first (unverified)."""
     root = checkpoints_dir(run_dir)
     if not os.path.isdir(root):
         return []
@@ -56,73 +81,347 @@ def committed_checkpoints(run_dir: str) -> list[str]:
     return [os.path.join(root, n) for n in names if os.path.exists(os.path.join(root, n, COMMITTED))]
 
 
-def save_checkpoint(
-    run_dir: str,
-    step: int,
-    model: torch.nn.Module,
-    tokenizer: Any,
-    cfg: Config,
-    trainer_state: Optional[dict] = None,
-    keep_last: int = 2,
-    state_dict: Optional[dict] = None,
-) -> str:
-    """Write a committed checkpoint for `step` and prune older ones beyond `keep_last`.
+# ------------------------------------------------------------------------------------ saving
 
-    `state_dict`: the full weights gathered from a sharded engine (PEFT keeps only the adapter's
-    keys of it); None saves what `model` holds."""
+
+def save_checkpoint(
+    run_dir: str, step: int, engine, tokenizer, cfg: Config, trainer_state: dict, weights: Optional[dict]
+) -> str:
+    """Every rank: write the checkpoint of `step` and commit it. Returns its directory.
+
+    `weights`: the full state dict gathered from a sharded engine on rank 0 (None: the model
+    holds full weights), for the Hugging Face copy under model/.
+    """
+    info = dist.from_env()
     root = checkpoints_dir(run_dir)
-    os.makedirs(root, exist_ok=True)
     final = os.path.join(root, step_dir_name(step))
-    tmp = f"{final}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    extra = {"state_dict": state_dict} if state_dict is not None else {}
-    model.save_pretrained(os.path.join(tmp, "model"), safe_serialization=True, **extra)
-    tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-    if trainer_state is not None:
-        torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
-    meta = {"step": step, "technique": cfg.technique.name, "experiment": cfg.run.experiment, "config": to_dict(cfg)}
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=2, default=str)
-    with open(os.path.join(tmp, COMMITTED), "w") as f:
-        f.write(str(step))
-    if os.path.exists(final):  # the same step saved again (a rerun): move the old one aside first
-        shutil.rmtree(final + ".old", ignore_errors=True)
-        os.replace(final, final + ".old")
-    os.replace(tmp, final)
-    shutil.rmtree(final + ".old", ignore_errors=True)
-    _write_latest(root, final)
-    for old in committed_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+    tmp = final + ".tmp"
+    if info.is_main:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # what a crashed save left
+        os.makedirs(tmp)
+    dist.barrier()
+    error = None
+    try:
+        engine.save_state(os.path.join(tmp, STATE_DIR))  # collective
+        _save_rng(tmp, info.rank)
+        if info.is_main:
+            model = engine.unwrapped()
+            extra = {"state_dict": weights} if weights is not None else {}
+            model.save_pretrained(os.path.join(tmp, "model"), safe_serialization=True, **extra)
+            tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+            _write_json(os.path.join(tmp, TRAINER_STATE), trainer_state)
+            meta = {
+                "step": step,
+                "technique": cfg.technique.name,
+                "experiment": cfg.run.experiment,
+                "world_size": info.world_size,
+                "parallel": cfg.parallel.strategy,
+                "config": to_dict(cfg),
+            }
+            _write_json(os.path.join(tmp, "meta.json"), meta)
+    except BaseException as err:  # DCP's CheckpointException is a BaseException; reported collectively below
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            raise
+        error = f"rank {info.rank}: {_root_cause(err)}"
+    errors = [e for e in dist.all_gather_object(error) if e]
+    if not errors:
+        faults.point("after_shards", step)
+        try:
+            hashes = _hash_files(tmp, _files(tmp)[info.rank :: info.world_size])
+        except OSError as err:
+            hashes, errors = {}, [f"rank {info.rank}: {err}"]
+        errors = [e for part in dist.all_gather_object(errors) for e in part]
+        merged = {k: v for part in dist.all_gather_object(hashes) for k, v in part.items()}
+    if not errors and info.is_main:
+        try:
+            _write_json(os.path.join(tmp, MANIFEST), {"format": 1, "step": step, "files": dict(sorted(merged.items()))})
+            faults.point("before_commit", step)
+            _write_text(os.path.join(tmp, COMMITTED), str(step))
+            if os.path.exists(final):  # the same step saved again: set the old one aside first
+                shutil.rmtree(final + ".old", ignore_errors=True)
+                os.replace(final, final + ".old")
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            shutil.rmtree(final + ".old", ignore_errors=True)
+            _write_text(os.path.join(root, LATEST), os.path.basename(final) + "\n")
+            _prune(run_dir, final, cfg.checkpoint.keep_last)
+        except OSError as err:
+            errors = [f"rank 0: {err}"]
+    errors = sorted({e for part in dist.all_gather_object(errors) for e in part})  # rank 0's commit, to all
+    if errors:
+        if info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = committed_checkpoints(run_dir)
+        raise CheckpointError(
+            f"saving the checkpoint of step {step} failed ({errors[0]}); nothing was committed and earlier "
+            f"checkpoints are untouched (newest: {previous[-1] if previous else 'none'}). Free disk space or set "
+            "run.dir / checkpoint settings, then rerun the same command to resume"
+        )
+    dist.barrier()  # nobody moves on (or resumes, or exits) before the checkpoint is committed
     return final
 
 
-def _write_latest(root: str, path: str) -> None:
-    tmp = os.path.join(root, f".latest.tmp-{os.getpid()}")
+def _root_cause(err: BaseException) -> str:
+    """One line for a failed write: the OSError under DCP's CheckpointException (which carries
+    every rank's traceback) or under a chain of re-raises."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        err = first[0] if isinstance(first, tuple) else first
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+def _prune(run_dir: str, newest: str, keep_last: int) -> None:
+    """Keep the `keep_last` newest committed checkpoints; `newest` (just committed) always stays."""
+    if keep_last <= 0:
+        return
+    for old in committed_checkpoints(run_dir)[:-keep_last]:
+        if old != newest:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_rng(tmp: str, rank: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    states = {"cpu": torch.random.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    os.makedirs(os.path.join(tmp, RNG_DIR), exist_ok=True)
+    save_file(states, os.path.join(tmp, RNG_DIR, f"rank_{rank:05d}.safetensors"))
+
+
+def load_rng(checkpoint: str, rank: int) -> bool:
+    """Restore this rank's RNG states; False when the checkpoint has none for this rank (it was
+    saved on fewer ranks)."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = os.path.join(checkpoint, RNG_DIR, f"rank_{rank:05d}.safetensors")
+    if not os.path.exists(path):
+        return False
+    states = load_file(path)
+    torch.random.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+    return True
+
+
+def _write_json(path: str, data: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_text(path: str, text: str) -> None:
+    """Atomically (temporary file, then rename): a reader sees the old or the new text."""
+    tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
-        f.write(os.path.basename(path) + "\n")
-    os.replace(tmp, os.path.join(root, "latest"))
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------- verifying
+
+
+def _files(directory: str) -> list[str]:
+    """Every file under `directory`, relative and sorted, manifest and commit marker excluded."""
+    found = []
+    for parent, _, names in os.walk(directory):
+        for name in names:
+            rel = os.path.relpath(os.path.join(parent, name), directory)
+            if rel not in (MANIFEST, COMMITTED):
+                found.append(rel)
+    return sorted(found)
+
+
+def _hash_files(directory: str, names: list[str]) -> dict[str, dict]:
+    out = {}
+    for name in names:
+        digest = hashlib.sha256()
+        size = 0
+        with open(os.path.join(directory, name), "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+                size += len(chunk)
+        out[name] = {"size": size, "sha256": digest.hexdigest()}
+    return out
+
+
+def verify(checkpoint: str, rank: int = 0, world_size: int = 1) -> list[str]:
+    """Problems of `checkpoint` this rank finds (empty: sound). With several ranks each checks a
+    share of the files; `verify_collectively` merges the shares."""
+    manifest_path = os.path.join(checkpoint, MANIFEST)
+    if not os.path.exists(os.path.join(checkpoint, COMMITTED)):
+        return [f"{COMMITTED} is missing (the save did not finish)"]
+    try:
+        with open(manifest_path) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return [f"{MANIFEST} is missing or unreadable ({type(err).__name__}: {err})"]
+    problems = []
+    present = set(_files(checkpoint))
+    if rank == 0:
+        problems += [f"{name}: not in the manifest (added after the save)" for name in sorted(present - set(files))]
+    for name in sorted(files)[rank::world_size]:
+        expected = files[name]
+        path = os.path.join(checkpoint, name)
+        if name not in present:
+            problems.append(f"{name}: missing")
+            continue
+        size = os.path.getsize(path)
+        if size != expected["size"]:
+            problems.append(f"{name}: {size} bytes, the manifest says {expected['size']} (truncated or rewritten)")
+            continue
+        if _hash_files(checkpoint, [name])[name]["sha256"] != expected["sha256"]:
+            problems.append(f"{name}: sha256 differs from the manifest (corrupted)")
+            continue
+        if _is_pickle_file(name):
+            problems += [f"{name}: {p}" for p in scan_pickle_file(path)]
+    return problems
+
+
+def verify_collectively(checkpoint: str) -> list[str]:
+    """Every rank: the problems of `checkpoint` found by all ranks together (the same list on each)."""
+    info = dist.from_env()
+    problems = verify(checkpoint, info.rank, info.world_size)
+    return sorted(p for part in dist.all_gather_object(problems) for p in part)
+
+
+def find_resumable(run_dir: str) -> Optional[str]:
+    """Every rank: the newest checkpoint of `run_dir` that verifies, or None when there is none.
+
+    Damaged checkpoints are set aside (renamed `*.damaged`, never deleted) with a warning naming
+    the bad file; a run whose checkpoints are all damaged is a CheckpointError."""
+    info = dist.from_env()
+    _check_latest(run_dir)
+    candidates = committed_checkpoints(run_dir)
+    damaged = []
+    for checkpoint in reversed(candidates):
+        problems = verify_collectively(checkpoint)
+        if not problems:
+            if damaged:
+                log.warning("resuming from %s instead", os.path.basename(checkpoint))
+            return checkpoint
+        damaged.append((checkpoint, problems))
+        log.warning(
+            "checkpoint %s is damaged: %s%s",
+            checkpoint,
+            "; ".join(problems[:3]),
+            f" (and {len(problems) - 3} more)" if len(problems) > 3 else "",
+        )
+        dist.barrier()
+        if info.is_main:
+            os.replace(checkpoint, _free_name(checkpoint + ".damaged"))
+        dist.barrier()
+    if damaged:
+        checkpoint, problems = damaged[0]
+        raise CheckpointError(
+            f"no usable checkpoint in {checkpoints_dir(run_dir)}: {os.path.basename(checkpoint)} is damaged "
+            f"({problems[0]}) and so is every earlier one; they were kept as *.damaged. Pass resume=false to start "
+            "over (the old run is kept aside)"
+        )
+    return None
+
+
+def _check_latest(run_dir: str) -> None:
+    """`latest` is a convenience for people and scripts; distft finds checkpoints by scanning. A
+    `latest` that is empty or names nothing committed is reported and rewritten after the next save."""
+    path = os.path.join(checkpoints_dir(run_dir), LATEST)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        name = f.read().strip()
+    if not name or not os.path.exists(os.path.join(checkpoints_dir(run_dir), name, COMMITTED)):
+        log.warning(
+            "%s is %s; finding the newest complete checkpoint by scanning instead",
+            path,
+            "empty" if not name else f"naming {name!r}, which is not a complete checkpoint",
+        )
+
+
+def _free_name(path: str) -> str:
+    candidate, n = path, 1
+    while os.path.exists(candidate):
+        candidate, n = f"{path}-{n}", n + 1
+    return candidate
+
+
+def set_run_aside(run_dir: str) -> Optional[str]:
+    """`resume=false`: move an existing run directory out of the way (never deleted). Rank 0."""
+    if not os.path.isdir(run_dir) or not os.listdir(run_dir):
+        return None
+    aside = _free_name(f"{run_dir}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(run_dir, aside)
+    return aside
 
 
 def resolve_checkpoint(path: str) -> str:
-    """A checkpoint directory from a checkpoint path or a run directory (its latest checkpoint)."""
+    """A verified checkpoint directory from a checkpoint path or a run directory (its newest one)."""
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint path {path} does not exist; pass a run directory or a checkpoint directory")
-    if os.path.exists(os.path.join(path, "meta.json")):
-        if not os.path.exists(os.path.join(path, COMMITTED)):
+    if os.path.exists(os.path.join(path, "meta.json")) or os.path.exists(os.path.join(path, MANIFEST)):
+        problems = verify(path)
+        if problems:
             raise CheckpointError(
-                f"{path} is an incomplete checkpoint (no {COMMITTED} marker: the save was interrupted); "
-                "pass an earlier checkpoint or the run directory"
+                f"{path} is not a usable checkpoint: {problems[0]}; pass an earlier checkpoint or the run directory"
             )
         return path
-    found = committed_checkpoints(path)
+    for checkpoint in reversed(committed_checkpoints(path)):
+        if not verify(checkpoint):
+            return checkpoint
+        log.warning("skipping damaged checkpoint %s: %s", checkpoint, verify(checkpoint)[0])
+    raise CheckpointError(
+        f"{path} holds no complete checkpoint (expected meta.json, or checkpoints/step_*/ in a run directory)"
+    )
+
+
+# What may differ between a run and its resume: where and how it runs, not what it computes.
+RESUMABLE_CHANGES = ("parallel", "launcher", "cluster", "checkpoint", "tracking", "run", "eval", "resume",
+                     "train.micro_batch_size", "train.log_every", "train.device", "train.eval_every",
+                     "train.eval_max_batches", "train.nonfinite", "train.max_nonfinite_steps")
+
+
+def resume_conflicts(cfg: Config, run_dir: str) -> list[str]:
+    """Settings in which `cfg` differs from the run its newest checkpoint in `run_dir` belongs to
+    (`key: then -> now`), beyond RESUMABLE_CHANGES. Empty when there is nothing to resume."""
+    found = committed_checkpoints(run_dir)
     if not found:
-        raise CheckpointError(
-            f"{path} holds no committed checkpoint (expected meta.json, or checkpoints/step_*/ in a run directory)"
-        )
-    return found[-1]
+        return []
+    try:
+        then = _flatten(read_meta(found[-1])["config"])
+    except (OSError, ValueError, KeyError):
+        return []  # a damaged checkpoint: find_resumable reports it
+    now = _flatten(to_dict(cfg))
+    allowed = tuple(RESUMABLE_CHANGES)
+    return [f"{key}: {then.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(then) | set(now))
+            if then.get(key) != now.get(key) and not any(key == k or key.startswith(k + ".") for k in allowed)]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
 
 
 def read_meta(checkpoint: str) -> dict:
@@ -130,128 +429,156 @@ def read_meta(checkpoint: str) -> dict:
         return json.load(f)
 
 
-def checkpoint_config(checkpoint: str) -> Config:
-    """The (secret-redacted) config a checkpoint was trained with, as a typed Config."""
-    return to_config(read_meta(checkpoint)["config"])
+def read_trainer_state(checkpoint: str) -> dict:
+    with open(os.path.join(checkpoint, TRAINER_STATE)) as f:
+        return json.load(f)
 
 
-def load_tokenizer_from(checkpoint: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(os.path.join(checkpoint, "tokenizer"))
+# ------------------------------------------------------------------------------ pickles
 
 
-def load_model(checkpoint: str, dtype: torch.dtype = torch.float32, quantized: bool = True):
-    """(config, tuned model, tokenizer) of a checkpoint, as the trainer had it.
+# What a DCP `.metadata` or a DeepSpeed `.pt` file may import when unpickled: containers, tensor
+# rebuilders and storages, dtypes, and the plain data classes of DCP and DeepSpeed. Nothing that
+# runs commands, evaluates code, opens files or imports further modules.
+SAFE_GLOBALS = frozenset(
+    {
+        "collections.OrderedDict",
+        "collections.defaultdict",
+        "builtins.set",
+        "builtins.frozenset",
+        "builtins.slice",
+        "builtins.complex",
+        "builtins.bytearray",
+        "builtins.int",
+        "builtins.float",
+        "torch._utils._rebuild_tensor_v2",
+        "torch._utils._rebuild_parameter",
+        "torch._utils._rebuild_tensor",
+        "torch._utils._rebuild_parameter_with_state",
+        "torch.Size",
+        "torch.device",
+        "torch.dtype",
+        "torch.strided",
+        "torch.contiguous_format",
+        "torch.preserve_format",
+        "torch.channels_last",
+        "torch.serialization._get_layout",
+        "torch._tensor._rebuild_from_type_v2",
+        "torch.Tensor",
+        "torch.nn.parameter.Parameter",
+        "torch.distributed.checkpoint.metadata.Metadata",
+        "torch.distributed.checkpoint.metadata.MetadataIndex",
+        "torch.distributed.checkpoint.metadata.TensorStorageMetadata",
+        "torch.distributed.checkpoint.metadata.BytesStorageMetadata",
+        "torch.distributed.checkpoint.metadata.ChunkStorageMetadata",
+        "torch.distributed.checkpoint.metadata.TensorProperties",
+        "torch.distributed.checkpoint.metadata.StorageMeta",
+        "torch.distributed.checkpoint.filesystem._StorageInfo",
+        "torch.distributed.checkpoint.planner.WriteItemType",
+        "torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING",
+        "deepspeed.runtime.zero.config.ZeroStageEnum",
+        "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+        "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+        "deepspeed.utils.tensor_fragment.fragment_address",
+        "deepspeed.checkpoint.constants",
+        "argparse.Namespace",
+        "pathlib.PosixPath",
+        "pathlib.PurePosixPath",
+        "pathlib._local.PosixPath",
+    }
+)
+_SAFE_PREFIXES = (
+    "torch.storage.",
+    "torch.float",
+    "torch.bfloat16",
+    "torch.half",
+    "torch.int",
+    "torch.uint",
+    "torch.bool",
+    "torch.long",
+    "torch.double",
+    "torch.complex",
+    "torch.cfloat",
+    "torch.FloatStorage",
+    "torch.BFloat16Storage",
+    "torch.HalfStorage",
+    "torch.DoubleStorage",
+    "torch.LongStorage",
+    "torch.IntStorage",
+    "torch.ShortStorage",
+    "torch.CharStorage",
+    "torch.ByteStorage",
+    "torch.BoolStorage",
+    "torch.UntypedStorage",
+)
 
-    Adapters are loaded onto a rebuilt base: from-scratch bases are rebuilt bit for bit from
-    their seed, path bases are loaded from their path. `quantized=False` loads a QLoRA base in
-    full precision (dequantised), which is what merging needs.
-    """
-    from distft.techniques import build_base, dequantize_base
 
-    checkpoint = resolve_checkpoint(checkpoint)
-    cfg = checkpoint_config(checkpoint)
-    tokenizer = load_tokenizer_from(checkpoint)
-    model_dir = os.path.join(checkpoint, "model")
-    if cfg.technique.name == "full":
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-        return cfg, model, tokenizer
-    from peft import PeftModel
-
-    base = build_base(cfg, dtype)
-    if not quantized:
-        base = dequantize_base(base).to(dtype)
-    return cfg, PeftModel.from_pretrained(base, model_dir), tokenizer
+def _is_pickle_file(name: str) -> bool:
+    return name.endswith((".pt", ".pth", ".pkl", ".bin")) or os.path.basename(name) == ".metadata"
 
 
-def resumable_checkpoint(run_dir: str) -> Optional[str]:
-    """The newest committed checkpoint of a run that carries trainer state, or None."""
-    for path in reversed(committed_checkpoints(run_dir)):
-        if os.path.exists(os.path.join(path, "trainer_state.pt")):
-            return path
-    return None
+class _Stub:
+    """Stands in for every allowed global while scanning: accepts any call, state or item, and
+    does nothing, so a whole pickle can be walked without running any of its code."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return _Stub()
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, value):
+        pass
+
+    def extend(self, values):
+        pass
 
 
-def load_training_state(checkpoint: str, model: torch.nn.Module) -> dict:
-    """Load a checkpoint's weights into `model` (in place) and return its trainer state.
+class _ScanningUnpickler(pickle.Unpickler):
+    """Unpickles with every global replaced by `_Stub`, after checking it against the allow-list:
+    each import a pickle can make goes through `find_class`, so nothing outside the list is ever
+    imported, let alone called."""
 
-    Full fine-tuning loads every weight; PEFT models load only the adapter (the base is rebuilt
-    identically from the config). A checkpoint that does not fit the model is a CheckpointError:
-    the run's config changed under the same run directory.
-    """
-    from safetensors.torch import load_file
+    def __init__(self, data: bytes):
+        super().__init__(io.BytesIO(data))
+        self.refused: list[str] = []
 
-    model_dir = os.path.join(checkpoint, "model")
+    def find_class(self, module: str, name: str):
+        full = f"{module}.{name}"
+        if full not in SAFE_GLOBALS and not full.startswith(_SAFE_PREFIXES):
+            self.refused.append(full)
+            raise pickle.UnpicklingError(f"refused global {full}")
+        return _Stub
+
+    def persistent_load(self, pid):
+        return _Stub()  # a tensor's storage in a torch archive: the bytes are not read
+
+
+def scan_pickle_bytes(data: bytes) -> list[str]:
+    """Problems of one pickle (empty: it only builds tensors, containers and metadata types)."""
+    unpickler = _ScanningUnpickler(data)
     try:
-        if hasattr(model, "peft_config"):
-            from peft import set_peft_model_state_dict
-
-            result = set_peft_model_state_dict(model, load_file(os.path.join(model_dir, "adapter_model.safetensors")))
-            unexpected = list(getattr(result, "unexpected_keys", []) or [])
-        else:
-            index = os.path.join(model_dir, "model.safetensors.index.json")
-            if os.path.exists(index):
-                from transformers.modeling_utils import load_sharded_checkpoint
-
-                load_sharded_checkpoint(model, model_dir, strict=False)
-                unexpected = []
-            else:
-                result = model.load_state_dict(load_file(os.path.join(model_dir, "model.safetensors")), strict=False)
-                unexpected = list(result.unexpected_keys)
-    except (OSError, RuntimeError) as err:
-        raise CheckpointError(
-            f"cannot resume from {checkpoint}: its weights do not fit this model ({str(err).splitlines()[0]}); "
-            "set run.dir to a new directory to start over"
-        ) from err
-    if unexpected:
-        raise CheckpointError(f"cannot resume from {checkpoint}: unexpected weights {unexpected[:3]}; "
-                              "set run.dir to a new directory to start over")
-    return torch.load(os.path.join(checkpoint, "trainer_state.pt"), map_location="cpu", weights_only=False)
+        unpickler.load()
+    except Exception as err:  # noqa: BLE001 - a refused or malformed stream is a finding, not a crash
+        if unpickler.refused:
+            return [f"pickle would import {unpickler.refused[0]} (refused: not a tensor or metadata type)"]
+        return [f"not a readable pickle ({type(err).__name__}: {err})"]
+    return []
 
 
-def load_base(cfg: Config, dtype: torch.dtype = torch.float32):
-    """The untuned base of a run (for base-vs-tuned reports), quantised as in training."""
-    from distft.techniques import build_base
-
-    return build_base(cfg, dtype)
-
-
-def export(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.float32) -> str:
-    """Write a standalone Hugging Face model (merged weights + tokenizer) into `out_dir`.
-
-    Refuses to write into a non-empty directory: export never overwrites earlier results.
-    """
-    checkpoint = resolve_checkpoint(checkpoint)
-    out_dir = os.path.abspath(out_dir)
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise CheckpointError(f"export directory {out_dir} is not empty; choose a new --out directory")
-    cfg, model, tokenizer = load_model(checkpoint, dtype=dtype, quantized=False)
-    tmp = out_dir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if cfg.technique.name in ("prefix", "prompt"):
-        # No merged form: the virtual tokens are not weights of the base.
-        base = model.get_base_model()
-        base.save_pretrained(os.path.join(tmp, "base"), safe_serialization=True)
-        tokenizer.save_pretrained(os.path.join(tmp, "base"))
-        model.peft_config[model.active_adapter].base_model_name_or_path = os.path.join(out_dir, "base")
-        model.save_pretrained(os.path.join(tmp, "adapter"))
-        note = (
-            f"technique={cfg.technique.name} has no merged form. Load with:\n"
-            "  base = AutoModelForCausalLM.from_pretrained('<out>/base')\n"
-            "  model = PeftModel.from_pretrained(base, '<out>/adapter')\n"
-        )
-        os.makedirs(tmp, exist_ok=True)
-        with open(os.path.join(tmp, "README.txt"), "w") as f:
-            f.write(note)
-    else:
-        if cfg.technique.name != "full":
-            model = model.merge_and_unload()
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    if os.path.isdir(out_dir):
-        os.rmdir(out_dir)  # empty, checked above
-    os.replace(tmp, out_dir)
-    return out_dir
+def scan_pickle_file(path: str) -> list[str]:
+    """Scan a raw pickle or a torch zip archive (every .pkl inside)."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            return [p for n in archive.namelist() if n.endswith(".pkl") for p in scan_pickle_bytes(archive.read(n))]
+    with open(path, "rb") as f:
+        return scan_pickle_bytes(f.read())

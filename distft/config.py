@@ -31,6 +31,7 @@ DATA_FORMATS = ("auto", "alpaca", "chat", "text")
 TEMPLATES = ("alpaca", "alpaca_short", "chat", "plain")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant")
+NONFINITE_POLICIES = ("skip", "halt")
 WANDB_MODES = ("online", "offline", "disabled")
 ON_BAD_ROWS = ("drop", "fail")
 LAUNCHERS = ("local", "slurm")
@@ -230,6 +231,10 @@ class TrainConfig:
     early_stopping_min_delta: float = 0.0
     log_every: int = 10
     device: str = "auto"  # auto: cuda when present, else cpu
+    # A step whose loss or global grad norm is not finite (on any rank) is never applied. skip: go
+    # on with the next batch (counted); halt: save a checkpoint and exit non-zero naming step and rank.
+    nonfinite: str = "skip"
+    max_nonfinite_steps: int = 20  # skip: halt anyway once more steps than this were skipped
 
 
 @dataclass
@@ -244,7 +249,7 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     save_every: int = 0  # steps; 0: only the final checkpoint
-    keep_last: int = 2
+    keep_last: int = 2  # committed checkpoints kept (the newest is never deleted); 0: all
 
 
 @dataclass
@@ -283,6 +288,9 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    # Rerunning a command resumes its run directory from the newest complete checkpoint. false:
+    # start over, after moving the old run directory aside (renamed, never deleted).
+    resume: bool = True
 
 
 def conf_dir() -> Path:
@@ -345,7 +353,7 @@ def redact_secrets(value: Any) -> Any:
 
 # Keys that do not change what is trained, so they do not change the run directory: rerunning
 # with a different logger or launcher must resume the same run, not start a new one.
-_RUN_IDENTITY_EXCLUDED = ("tracking", "run", "launcher", "cluster", "eval")
+_RUN_IDENTITY_EXCLUDED = ("tracking", "run", "launcher", "cluster", "eval", "checkpoint", "resume")
 
 
 def config_hash(cfg: Config) -> str:

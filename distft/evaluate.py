@@ -476,9 +476,10 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, num_samples: in
 
     import torch
 
-    from distft.checkpoint import load_base, load_model, read_meta, resolve_checkpoint
+    from distft.checkpoint import read_meta, resolve_checkpoint
     from distft.data import eval_batches, prepare_data
     from distft.engines import autocast_context, autocast_dtype
+    from distft.export import load_base, load_model
 
     checkpoint = resolve_checkpoint(checkpoint)
     cfg, tuned, tokenizer = load_model(checkpoint)

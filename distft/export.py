@@ -3,16 +3,109 @@
 CHECKPOINT is a checkpoint directory or a run directory (its latest checkpoint). The result
 loads with `AutoModelForCausalLM.from_pretrained(DIR)` (merged weights and the tokenizer); for
 prefix/prompt tuning, which have no merged form, DIR holds `base/` and `adapter/` instead.
+
+Also what reads a checkpoint back as a model (`load_model`, `load_base`), for evaluation and
+export. Full weights are already a Hugging Face model; LoRA/DoRA adapters are merged into their
+base (a QLoRA base is dequantised first, so the merge adds the adapter to exactly the weights it
+was trained against). Prefix and prompt tuning have no merged form: export writes the base and
+the adapter for `PeftModel.from_pretrained`. Every checkpoint is verified against its manifest
+before it is read (`resolve_checkpoint`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 
 import torch
 
-from distft.checkpoint import CheckpointError, export
+from distft.checkpoint import CheckpointError, read_meta, resolve_checkpoint
+from distft.config import Config, to_config
+
+
+def checkpoint_config(checkpoint: str) -> Config:
+    """The (secret-redacted) config a checkpoint was trained with, as a typed Config."""
+    return to_config(read_meta(checkpoint)["config"])
+
+
+def load_tokenizer_from(checkpoint: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.path.join(checkpoint, "tokenizer"))
+
+
+def load_model(checkpoint: str, dtype: torch.dtype = torch.float32, quantized: bool = True):
+    """(config, tuned model, tokenizer) of a checkpoint, as the trainer had it.
+
+    Adapters are loaded onto a rebuilt base: from-scratch bases are rebuilt bit for bit from
+    their seed, path bases are loaded from their path. `quantized=False` loads a QLoRA base in
+    full precision (dequantised), which is what merging needs.
+    """
+    from distft.techniques import build_base, dequantize_base
+
+    checkpoint = resolve_checkpoint(checkpoint)
+    cfg = checkpoint_config(checkpoint)
+    tokenizer = load_tokenizer_from(checkpoint)
+    model_dir = os.path.join(checkpoint, "model")
+    if cfg.technique.name == "full":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        return cfg, model, tokenizer
+    from peft import PeftModel
+
+    base = build_base(cfg, dtype)
+    if not quantized:
+        base = dequantize_base(base).to(dtype)
+    return cfg, PeftModel.from_pretrained(base, model_dir), tokenizer
+
+
+def load_base(cfg: Config, dtype: torch.dtype = torch.float32):
+    """The untuned base of a run (for base-vs-tuned reports), quantised as in training."""
+    from distft.techniques import build_base
+
+    return build_base(cfg, dtype)
+
+
+def export(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.float32) -> str:
+    """Write a standalone Hugging Face model (merged weights + tokenizer) into `out_dir`.
+
+    Refuses to write into a non-empty directory: export never overwrites earlier results.
+    """
+    checkpoint = resolve_checkpoint(checkpoint)
+    out_dir = os.path.abspath(out_dir)
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise CheckpointError(f"export directory {out_dir} is not empty; choose a new --out directory")
+    cfg, model, tokenizer = load_model(checkpoint, dtype=dtype, quantized=False)
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if cfg.technique.name in ("prefix", "prompt"):
+        # No merged form: the virtual tokens are not weights of the base.
+        base = model.get_base_model()
+        base.save_pretrained(os.path.join(tmp, "base"), safe_serialization=True)
+        tokenizer.save_pretrained(os.path.join(tmp, "base"))
+        model.peft_config[model.active_adapter].base_model_name_or_path = os.path.join(out_dir, "base")
+        model.save_pretrained(os.path.join(tmp, "adapter"))
+        note = (
+            f"technique={cfg.technique.name} has no merged form. Load with:\n"
+            "  base = AutoModelForCausalLM.from_pretrained('<out>/base')\n"
+            "  model = PeftModel.from_pretrained(base, '<out>/adapter')\n"
+        )
+        os.makedirs(tmp, exist_ok=True)
+        with open(os.path.join(tmp, "README.txt"), "w") as f:
+            f.write(note)
+    else:
+        if cfg.technique.name != "full":
+            model = model.merge_and_unload()
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    if os.path.isdir(out_dir):
+        os.rmdir(out_dir)  # empty, checked above
+    os.replace(tmp, out_dir)
+    return out_dir
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -61,6 +61,11 @@ def write_config_dump(cfg: Config, run_dir: str) -> None:
         f.write(OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg, redact=True))))
 
 
+class NonFiniteError(Exception):
+    """A non-finite step under `train.nonfinite=halt` (or too many skipped): the message names the
+    step, the ranks and the checkpoint saved before stopping."""
+
+
 def train(cfg: Config) -> dict:
     """Train, evaluate against the base, checkpoint and report. Returns the summary dict."""
     info = dist.from_env()
@@ -69,22 +74,45 @@ def train(cfg: Config) -> dict:
     run_dir = config_run_dir(cfg)
     if info.is_main:
         print(f"run_dir: {run_dir}", flush=True)
-    summary_path = os.path.join(run_dir, SUMMARY)
-    if os.path.exists(summary_path):
-        log.info("this run is already complete (%s); nothing to do. Change the config or run.dir to train anew.", summary_path)
-        with open(summary_path) as f:
-            return json.load(f)
-    if info.is_main:
-        os.makedirs(run_dir, exist_ok=True)
-        write_config_dump(cfg, run_dir)
-
     seed_everything(cfg.train.seed)
     device = dist.pick_device(cfg.train.device, info)
     dist.init(info, cfg.parallel.backend, cfg.parallel.timeout_s, device)
     try:
-        return _train(cfg, info, run_dir, summary_path, device)
+        return _start(cfg, info, run_dir, device)
     finally:
         dist.shutdown()
+
+
+def _start(cfg: Config, info, run_dir: str, device: torch.device) -> dict:
+    """Resume, start over (resume=false, old run set aside) or report a finished run."""
+    from distft.checkpoint import resume_conflicts, set_run_aside
+
+    if not cfg.resume:
+        if info.is_main:
+            aside = set_run_aside(run_dir)
+            if aside:
+                log.info("resume=false: the previous run in %s was moved to %s", run_dir, aside)
+        dist.barrier()
+    summary_path = os.path.join(run_dir, SUMMARY)
+    if os.path.exists(summary_path):
+        log.info("this run is already complete (%s); nothing to do. Change the config, or pass resume=false "
+                 "to train it again.", summary_path)
+        with open(summary_path) as f:
+            return json.load(f)
+    conflicts = resume_conflicts(cfg, run_dir)
+    if conflicts:
+        from distft.checkpoint import CheckpointError
+
+        raise CheckpointError(
+            f"{run_dir} holds a run with another config ({'; '.join(conflicts[:3])}); rerun it with its own "
+            "config to resume, choose a new run.dir, or pass resume=false to start over (the old run is kept aside)"
+        )
+    if info.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        if not os.path.exists(os.path.join(run_dir, "config.yaml")):  # a resume keeps the first dump
+            write_config_dump(cfg, run_dir)
+    dist.barrier()
+    return _train(cfg, info, run_dir, os.path.join(run_dir, SUMMARY), device)
 
 
 def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.device) -> dict:
@@ -95,7 +123,7 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
     data = prepare_data(cfg.data, tokenizer, seed=cfg.data.seed)
     log.info("%s", data.report.summary())
 
-    from distft.engines import build_engine, build_model_for_engine
+    from distft.engines import autocast_dtype, build_engine, build_model_for_engine
     from distft.techniques import base_model_context
 
     dtype = resolve_dtype(cfg.model.dtype, device)
@@ -107,7 +135,7 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
         "on the meta device, filled from rank 0" if model_build == "meta" else "on every rank",
     )
     engine = build_engine(cfg, model, device)
-    tracker = Tracker(cfg, run_dir, info.rank, run_id=f"{cfg.run.experiment}-{config_hash(cfg)}")
+    tracker = Tracker(cfg, run_dir, info.rank, run_id=_tracker_run_id(cfg, run_dir, info))
 
     pad_id = tokenizer.pad_token_id
     accum = grad_accum_steps(cfg)
@@ -122,8 +150,8 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
 
     state = {"step": 0, "train_tokens": 0, "train_target_tokens": 0, "train_time_s": 0.0,
              "best_eval_loss": math.inf, "evals_without_improvement": 0, "stopped_early": False,
-             "eval_before": None}
-    resumed_from = _resume(run_dir, engine, batches, state, tracker)
+             "eval_before": None, "nonfinite_steps": 0}
+    resumed_from = _resume(run_dir, engine, batches, state, tracker, cfg, info)
     if resumed_from is None and cfg.eval.compare_base:
         with base_model_context(engine.unwrapped()):
             state["eval_before"] = _evaluate(engine, tokenizer, held_out, data.eval_rows, cfg)
@@ -140,25 +168,28 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
     while state["step"] < cfg.train.max_steps:
         started = time.time()
         micro_batches = [next(iterator) for _ in range(accum)]
-        loss_total, step_targets, grad_norm = optimizer_step(engine, micro_batches)
+        loss_total, step_targets, grad_norm, local_finite = optimizer_step(engine, micro_batches, state["step"] + 1)
         state["step"] += 1
         step_time = time.time() - started
         step_tokens = sum(b["input_ids"].numel() for b in micro_batches) * info.world_size
         state["train_tokens"] += step_tokens
         state["train_target_tokens"] += int(step_targets)
         state["train_time_s"] += step_time
+        step = state["step"]
+        # Loss and grad norm are global (all-reduced), so every rank takes the same branch here.
+        # fp16: an inf grad norm with a finite loss is the loss scaler's own overflow skip.
+        fp16 = autocast_dtype(cfg.train.precision, device) == torch.float16
+        if not math.isfinite(loss_total) or (not math.isfinite(grad_norm) and not fp16):
+            _nonfinite_step(run_dir, step, loss_total, grad_norm, local_finite, engine, tokenizer, cfg, batches,
+                            state, info, tracker)
+            progress.update(step, math.nan, engine.lr(), 0.0)
+            continue
         last_loss = loss_total / max(step_targets, 1)
         tokens_per_s = step_tokens / max(step_time, 1e-9)
-        step = state["step"]
         if step % cfg.train.log_every == 0 or step == 1:
             tracker.log(step, {"loss": last_loss, "lr": engine.lr(), "grad_norm": grad_norm,
                                "tokens_per_s": tokens_per_s, "step_time_s": step_time})
         progress.update(step, last_loss, engine.lr(), tokens_per_s)
-        if not math.isfinite(last_loss):
-            raise FloatingPointError(
-                f"training loss is {last_loss} at step {step}: lower train.lr, keep train.grad_clip > 0, "
-                "or use train.precision=bf16 instead of fp16"
-            )
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
             if _periodic_eval(engine, held_out, cfg, state, tracker):
                 log.info("early stopping at step %d: eval loss did not improve for %d evals",
@@ -211,6 +242,8 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
         "eval_before": metrics_only(eval_before) if eval_before else None,
         "eval_after": metrics_only(eval_after),
         "final_checkpoint": final_checkpoint,
+        "resumed_from": resumed_from,
+        "nonfinite_steps": state["nonfinite_steps"],
     }
     if info.is_main:
         meta = {"experiment": cfg.run.experiment, "technique": cfg.technique.name, "model": cfg.model.name,
@@ -232,13 +265,16 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
     return summary
 
 
-def optimizer_step(engine, micro_batches: list[dict]) -> tuple[float, int, float]:
-    """One optimizer step over this rank's micro-batches: (summed loss, target tokens, grad norm),
-    both sums taken over all ranks.
+def optimizer_step(engine, micro_batches: list[dict], step: int = 0) -> tuple[float, int, float, bool]:
+    """One optimizer step over this rank's micro-batches: (summed loss, target tokens, grad norm,
+    whether this rank's own loss was finite); loss and tokens are sums over all ranks, the grad
+    norm is global. The engine does not apply a step whose grad norm is not finite.
 
     Each micro-batch's summed token loss is divided by the target-token count of the whole step,
     so every target token weighs the same however the step is split into micro-batches.
     """
+    from distft import faults
+
     device = engine.device
     step_targets = torch.tensor(
         float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)), device=device
@@ -249,11 +285,50 @@ def optimizer_step(engine, micro_batches: list[dict]) -> tuple[float, int, float
         with engine.accumulating(last_micro_step=i == len(micro_batches) - 1):
             logits = engine.forward(batch)
             loss_sum, _ = token_loss(logits, batch["labels"].to(device))
+            if i == 0 and faults.corrupt_loss(step):
+                loss_sum = loss_sum * float("nan")  # as an overflow would: the gradients turn NaN too
             engine.backward(loss_sum / step_targets.clamp(min=1))
         loss_total += loss_sum.detach()
+    local_finite = bool(torch.isfinite(loss_total))
     grad_norm = engine.step()
     dist.all_reduce_sum(loss_total)
-    return float(loss_total), int(step_targets.item()), grad_norm
+    return float(loss_total), int(step_targets.item()), grad_norm, local_finite
+
+
+def _nonfinite_step(run_dir, step, loss_total, grad_norm, local_finite, engine, tokenizer, cfg: Config, batches,
+                    state: dict, info, tracker: Tracker) -> None:
+    """A step whose loss or grad norm was not finite: the engine applied nothing. Count it, and
+    under train.nonfinite=halt (or past train.max_nonfinite_steps) save and stop."""
+    bad_ranks = [r for r, ok in enumerate(dist.all_gather_object(local_finite)) if not ok]
+    state["nonfinite_steps"] += 1
+    tracker.log(step, {"nonfinite": 1, "nonfinite_steps": state["nonfinite_steps"], "grad_norm": grad_norm})
+    where = f"rank{'s' if len(bad_ranks) > 1 else ''} {', '.join(map(str, bad_ranks))}" if bad_ranks else "all ranks"
+    what = f"loss {loss_total} (non-finite on {where}), grad norm {grad_norm}"
+    too_many = state["nonfinite_steps"] > cfg.train.max_nonfinite_steps
+    if cfg.train.nonfinite == "halt" or too_many:
+        path = _save(run_dir, step, engine, tokenizer, cfg, batches, state, info)
+        reason = ("train.nonfinite=halt" if not too_many
+                  else f"{state['nonfinite_steps']} skipped steps > train.max_nonfinite_steps")
+        raise NonFiniteError(
+            f"non-finite step {step}: {what}; stopped ({reason}). The update was not applied; checkpoint {path} "
+            "holds the model before it (rerunning resumes after this batch). Lower train.lr, keep train.grad_clip > "
+            "0, or use train.precision=bf16 instead of fp16"
+        )
+    log.warning("step %d skipped: %s; parameters unchanged (%d skipped so far, train.nonfinite=skip)",
+                step, what, state["nonfinite_steps"])
+
+
+def _tracker_run_id(cfg: Config, run_dir: str, info) -> str:
+    """The W&B run id of this run directory: chosen once, kept in the directory, so a resumed
+    (or resharded) run continues the same curve."""
+    path = os.path.join(run_dir, "tracker_run_id")
+    if info.is_main and not os.path.exists(path):
+        with open(path, "w") as f:
+            # Random suffix: a run started over (resume=false) is a new W&B run, not the old one continued.
+            f.write(f"{cfg.run.experiment}-{config_hash(cfg)}-{os.urandom(3).hex()}\n")
+    dist.barrier()
+    with open(path) as f:
+        return f.read().strip()
 
 
 def _quiet_libraries() -> None:
@@ -291,38 +366,45 @@ def _periodic_eval(engine, held_out, cfg: Config, state: dict, tracker: Tracker)
     return patience > 0 and state["evals_without_improvement"] >= patience
 
 
-def _resume(run_dir: str, engine, batches, state: dict, tracker: Tracker) -> Optional[str]:
-    """Continue from the newest committed checkpoint of this run directory, if there is one:
-    weights, optimizer and schedule, data position, loop counters and RNG, so the rest of the run
-    is the one an uninterrupted run would have had. Metrics logged after that step are dropped."""
-    from distft.checkpoint import load_training_state, resumable_checkpoint
+def _resume(run_dir: str, engine, batches, state: dict, tracker: Tracker, cfg: Config, info) -> Optional[str]:
+    """Continue from the newest complete checkpoint of this run directory, if there is one:
+    weights, optimizer and schedule, data position, loop counters and every rank's RNG, so the
+    rest of the run is the one an uninterrupted run would have had. Metrics logged after that
+    step are dropped. On another number of ranks the state is resharded; the dropout streams
+    (per-rank RNG) are then reseeded, so the run continues validly but not bit for bit."""
+    from distft.checkpoint import STATE_DIR, find_resumable, load_rng, read_trainer_state
 
-    checkpoint = resumable_checkpoint(run_dir)
+    checkpoint = find_resumable(run_dir)  # verified against its manifest, pickles scanned
     if checkpoint is None:
         return None
-    trainer_state = load_training_state(checkpoint, engine.unwrapped())
-    engine.load_state_dict(trainer_state["engine"])
-    batches.load_state_dict(trainer_state["data"])
+    trainer_state = read_trainer_state(checkpoint)
+    engine.load_state(os.path.join(checkpoint, STATE_DIR))
+    try:
+        batches.load_state_dict(trainer_state["data"])
+    except ValueError as err:
+        from distft.checkpoint import CheckpointError
+
+        raise CheckpointError(f"cannot resume from {checkpoint}: {err}") from err
     state.update(trainer_state["loop"])
-    torch.random.set_rng_state(trainer_state["rng"])
+    if trainer_state["world_size"] != info.world_size or not load_rng(checkpoint, info.rank):
+        torch.manual_seed(cfg.train.seed + info.rank + 1_000_003 * state["step"])
+        log.info("resharded from %d to %d ranks: dropout streams reseeded", trainer_state["world_size"],
+                 info.world_size)
     tracker.truncate_after(state["step"])
     log.info("resuming from %s (step %d)", checkpoint, state["step"])
     return checkpoint
 
 
-def _save(run_dir, step, engine, tokenizer, cfg: Config, batches, state: dict, info) -> Optional[str]:
+def _save(run_dir, step, engine, tokenizer, cfg: Config, batches, state: dict, info) -> str:
+    from distft import faults
     from distft.checkpoint import save_checkpoint
 
     weights = engine.gathered_state_dict()  # collective: every rank takes part
-    trainer_state = {"engine": engine.state_dict(), "data": batches.state_dict(), "loop": dict(state),
-                     "rng": torch.random.get_rng_state()}  # loop holds eval_before: a resume does not redo it
-    if not info.is_main:
-        dist.barrier()
-        return None
-    path = save_checkpoint(run_dir, step, engine.unwrapped(), tokenizer, cfg, trainer_state, cfg.checkpoint.keep_last,
-                           state_dict=weights)
-    dist.barrier()  # nobody moves on (or resumes, or exits) before the checkpoint is committed
+    trainer_state = {"step": step, "loop": dict(state), "data": batches.state_dict(),
+                     "world_size": info.world_size, "parallel": cfg.parallel.strategy}  # loop: eval_before too
+    path = save_checkpoint(run_dir, step, engine, tokenizer, cfg, trainer_state, weights)
     log.info("checkpoint: %s", path)
+    faults.point("after_save", step)
     return path
 
 

@@ -21,6 +21,7 @@ from distft.config import (
     LAUNCHERS,
     LLAMA_LINEAR_MODULES,
     MODEL_DTYPES,
+    NONFINITE_POLICIES,
     OFFLINE_TOKENIZER_VOCAB,
     ON_BAD_ROWS,
     PARALLEL_STRATEGIES,
@@ -83,6 +84,8 @@ def _check_choices(cfg: Config, errors: list[str]) -> None:
     _choice(errors, "data.on_bad_rows", d.on_bad_rows, ON_BAD_ROWS)
     _choice(errors, "train.precision", tr.precision, PRECISIONS)
     _choice(errors, "train.schedule", tr.schedule, SCHEDULES)
+    _choice(errors, "train.nonfinite", tr.nonfinite, NONFINITE_POLICIES)
+    _positive(errors, "train.max_nonfinite_steps", tr.max_nonfinite_steps, allow_zero=True)
     _choice(errors, "tracking.wandb.mode", cfg.tracking.wandb.mode, WANDB_MODES)
     _choice(errors, "launcher.kind", cfg.launcher.kind, LAUNCHERS)
     _choice(errors, "model.dtype", m.dtype, MODEL_DTYPES)
@@ -357,7 +360,7 @@ def _check_eval_and_run(cfg: Config, errors: list[str]) -> None:
     _positive(errors, "eval.max_new_tokens", cfg.eval.max_new_tokens)
     _positive(errors, "eval.batch_size", cfg.eval.batch_size)
     _positive(errors, "eval.report_samples", cfg.eval.report_samples, allow_zero=True)
-    _positive(errors, "checkpoint.keep_last", cfg.checkpoint.keep_last)
+    _positive(errors, "checkpoint.keep_last", cfg.checkpoint.keep_last, allow_zero=True)  # 0: keep all
     _positive(errors, "checkpoint.save_every", cfg.checkpoint.save_every, allow_zero=True)
     # run.experiment names a directory under run.root: one plain path component.
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", cfg.run.experiment) or ".." in cfg.run.experiment:

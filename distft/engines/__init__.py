@@ -52,10 +52,12 @@ class Engine(Protocol):
         when `unwrapped()` already holds full weights (single, DDP). A collective: every rank
         calls it. Checkpoints and adapter saves use it so sharded runs save real weights."""
 
-    def state_dict(self) -> dict:
-        """Optimizer and schedule state for exact resume."""
+    def save_state(self, path: str) -> None:
+        """Write the trainable weights, optimizer, LR schedule (and grad scaler) into directory
+        `path`, sharded as the engine holds them. A collective: every rank calls it."""
 
-    def load_state_dict(self, state: dict) -> None: ...
+    def load_state(self, path: str) -> None:
+        """Restore what `save_state` wrote, possibly on another number of ranks. A collective."""
 
 
 def build_model_for_engine(cfg: Config, dtype: torch.dtype, tokenizer, world_size: int) -> tuple[torch.nn.Module, str]:
@@ -127,9 +129,17 @@ def build_optimizer(cfg: Config, model: torch.nn.Module):
     return optimizer, scheduler
 
 
-def apply_update(optimizer, scheduler, scaler=None) -> None:
+def apply_update(optimizer, scheduler, grad_norm: torch.Tensor, scaler=None) -> None:
     """The tail of every engine's step(): optimizer step (through the fp16 grad scaler when there
-    is one), schedule step, gradients freed."""
+    is one), schedule step, gradients freed. A non-finite global grad norm applies nothing and
+    does not advance the schedule (as DeepSpeed does on overflow): the parameters and optimizer
+    state stay exactly as they were; the fp16 scaler still lowers its scale."""
+    if not bool(torch.isfinite(grad_norm)):
+        if scaler is not None:
+            scaler.step(optimizer)  # finds the inf recorded by unscale_ and skips the update
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()

@@ -62,7 +62,7 @@ class DDPEngine:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        apply_update(self.optimizer, self.scheduler, self.scaler)
+        apply_update(self.optimizer, self.scheduler, grad_norm, self.scaler)
         return float(grad_norm)
 
     def lr(self) -> float:
@@ -80,17 +80,15 @@ class DDPEngine:
     def gathered_state_dict(self) -> dict | None:
         return None  # every rank holds the full weights already
 
-    def state_dict(self) -> dict:
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-        if self.scaler is not None:
-            state["scaler"] = self.scaler.state_dict()
-        return state
+    def save_state(self, path: str) -> None:
+        from distft.engines import dcp
 
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
+        dcp.save(path, self._model, self.optimizer, self.scheduler, self.scaler)
+
+    def load_state(self, path: str) -> None:
+        from distft.engines import dcp
+
+        dcp.load(path, self._model, self.optimizer, self.scheduler, self.scaler)
 
 
 def _is_quantized(model: torch.nn.Module) -> bool:

@@ -28,9 +28,9 @@ Evaluation and generation call `unwrapped()` (the PEFT or transformers module) o
 lockstep: under ZeRO-3 DeepSpeed's forward hooks on that module gather each layer's weights as it
 runs, so every rank must run the same forwards (the trainer gives all ranks the same prompts).
 
-Resume: ZeRO partitions the optimizer state over ranks and distft's checkpoints hold only what rank
-0 has, so `state_dict()` records the schedule and a marker, and `load_state_dict()` refuses to
-resume (sharded optimizer checkpoints are future work).
+Checkpoints: DeepSpeed's own `save_checkpoint` (every rank writes its partitions) and
+`load_checkpoint`; `distft.checkpoint` puts them inside its atomic, verified checkpoint directory
+and scans their pickles before DeepSpeed unpickles them.
 """
 
 from __future__ import annotations
@@ -51,9 +51,7 @@ from distft.engines import autocast_context, autocast_dtype, build_optimizer
 ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
 
 
-class ShardedResumeUnsupported(CheckpointError, NotImplementedError):
-    """Resuming with a partitioned optimizer state: not implemented yet. A CheckpointError, so the
-    command line ends in its one-line message instead of a traceback."""
+DEEPSPEED_TAG = "zero"  # the sub-directory of a checkpoint's state/ that DeepSpeed writes
 
 
 def deepspeed_config(cfg: Config, device: torch.device) -> dict:
@@ -265,13 +263,18 @@ class DeepSpeedEngine:
     def _unpin_prompt_embeddings(self) -> None:
         self.ds.module.__dict__.pop("get_prompt_embedding_to_save", None)
 
-    def state_dict(self) -> dict:
-        # The optimizer state is partitioned over ranks: only the schedule is cheap and correct here.
-        return {"scheduler": self.scheduler.state_dict(), "optimizer": None, "zero_stage": self.stage,
-                "optimizer_partitioned": True}
+    def save_state(self, path: str) -> None:
+        """Every rank writes its partitions in DeepSpeed's own layout (under tag `zero`): trainable
+        weights (fp32 masters), optimizer state, the LR schedule. Frozen weights (an adapter's
+        base) are left out: they are rebuilt from the config."""
+        self.ds.save_checkpoint(path, tag=DEEPSPEED_TAG, client_state={}, save_latest=False,
+                                exclude_frozen_parameters=True)
 
-    def load_state_dict(self, state: dict) -> None:
-        raise ShardedResumeUnsupported(
-            f"cannot resume a parallel={self.cfg.parallel.strategy} run yet: ZeRO partitions the optimizer state "
-            "over the ranks and distft checkpoints do not hold it; set run.dir to a new directory to start over"
-        )
+    def load_state(self, path: str) -> None:
+        """DeepSpeed's own loader; the checkpoint must come from the same number of ranks
+        (another world size goes through a universal checkpoint, see distft.checkpoint)."""
+        tag = DEEPSPEED_TAG
+        loaded, _ = self.ds.load_checkpoint(path, tag=tag, load_module_strict=False, load_optimizer_states=True,
+                                            load_lr_scheduler_states=True)
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed found no checkpoint under {path} (tag {tag})")

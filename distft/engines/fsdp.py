@@ -28,8 +28,8 @@ Choices worth knowing:
 - A model built on the meta device (`build_meta_model`) is sharded first, then only the local
   shards are allocated and filled from rank 0's real model (`broadcast_from_rank0`): one full
   copy of the weights in host memory on rank 0 instead of one per rank.
-- Resume: the optimizer state is sharded and checkpoints do not hold it yet; `load_state_dict`
-  says so instead of resuming inexactly.
+- Checkpoints: each rank writes its own shards of the weights and optimizer state through DCP
+  (engines/dcp.py); they load on another number of ranks (DCP reshards).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class FSDPEngine:
         if self.cfg.train.grad_clip > 0:
             for group in groups:
                 torch.nn.utils.clip_grads_with_norm_(group, self.cfg.train.grad_clip, total_norm)
-        apply_update(self.optimizer, self.scheduler, self.scaler)
+        apply_update(self.optimizer, self.scheduler, total_norm, self.scaler)
         return float(total_norm)
 
     def lr(self) -> float:
@@ -139,20 +139,16 @@ class FSDPEngine:
                     state.setdefault(f"{name}.weight.{key}", value.detach().cpu())
         return state
 
-    def state_dict(self) -> dict:
-        # Written by rank 0 alone: only what every rank holds in full. The optimizer state is
-        # sharded (each rank holds its part) and is not in checkpoints yet.
-        state = {"scheduler": self.scheduler.state_dict(), "optimizer": None}
-        if self.scaler is not None:
-            state["scaler"] = self.scaler.state_dict()
-        return state
+    def save_state(self, path: str) -> None:
+        """Each rank writes its own shards (DCP); a checkpoint loads on any number of ranks."""
+        from distft.engines import dcp
 
-    def load_state_dict(self, state: dict) -> None:
-        raise NotImplementedError(
-            "resuming a parallel=fsdp run is not supported yet: its optimizer state is sharded over the ranks "
-            "and checkpoints do not hold it. To start over, set run.dir to a new directory or remove this run's "
-            "checkpoints/ directory"
-        )
+        dcp.save(path, self._model, self.optimizer, self.scheduler, self.scaler)
+
+    def load_state(self, path: str) -> None:
+        from distft.engines import dcp
+
+        dcp.load(path, self._model, self.optimizer, self.scheduler, self.scaler)
 
 
 # --------------------------------------------------------------------------------- sharding

@@ -132,7 +132,7 @@ def run_cell(name: str, technique: str, parallel: str, overrides: list[str], pre
     engine.train()
     losses, grad_norms = [], []
     for _ in range(cfg.train.max_steps):
-        loss_total, targets, grad_norm = optimizer_step(engine, [next(batches) for _ in range(grad_accum_steps(cfg))])
+        loss_total, targets, grad_norm, _ = optimizer_step(engine, [next(batches) for _ in range(grad_accum_steps(cfg))])
         losses.append(loss_total / targets)
         grad_norms.append(grad_norm)
     result["losses"], result["grad_norms"], result["accumulation"] = losses, grad_norms, grad_accum_steps(cfg)
@@ -154,14 +154,15 @@ def run_cell(name: str, technique: str, parallel: str, overrides: list[str], pre
             "frozen_identical": all(torch.equal(_bytes(gathered[k]), _bytes(initial[k]))
                                     for k in initial if k not in trainable and k in gathered),
         }
-    result["engine_state"] = sorted(engine.state_dict())
-    if gathered is not None:
-        # The trainer's own save (rank 0, gathered weights) and load: the checkpoint must score
-        # what the sharded model scored.
-        from distft.checkpoint import load_model, save_checkpoint
+    # The trainer's own checkpoint save, on every rank: each writes its shards of the training
+    # state (DCP), rank 0 the gathered weights; the checkpoint must score what the sharded model scored.
+    from distft.checkpoint import save_checkpoint
+    from distft.export import load_model
 
-        path = save_checkpoint(os.path.join(out_dir, "runs", name), cfg.train.max_steps, engine.unwrapped(), tokenizer,
-                               cfg, {"engine": engine.state_dict()}, keep_last=1, state_dict=gathered)
+    path = save_checkpoint(os.path.join(out_dir, "runs", name), cfg.train.max_steps, engine, tokenizer, cfg,
+                           {"step": cfg.train.max_steps}, gathered)
+    result["state_files"] = sorted(os.listdir(os.path.join(path, "state")))
+    if gathered is not None:
         reloaded = load_model(path)[1]
         result["eval_reloaded"] = held_out_loss(reloaded, held_out, CPU, autocast_ctx=amp)["loss"]
     dist.barrier()

@@ -17,7 +17,7 @@ other data moves the losses by >1e-3 from step 2. LoRA runs with technique.dropo
 masks come from each rank's own RNG.
 
 The matrix (every technique on every ZeRO preset) runs in one 2-rank launch of
-deepspeed_matrix_worker.py, one process group for all cells, to keep start-up costs out of CI.
+matrix_worker.py, one process group for all cells, to keep start-up costs out of CI.
 
 First use on a machine compiles two DeepSpeed C++ ops (its shared-memory comm op, and CPU Adam for
 offload), about 35 s + 60 s on 2 cores, cached in ~/.cache/torch_extensions afterwards.
@@ -27,21 +27,25 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.distributed.test_ddp import REPO, run_cli, run_dir_of
+from tests.distributed.helpers import (
+    COMMON,
+    TECHNIQUES,
+    check_matrix_cell,
+    launch_matrix,
+    run_cli,
+    run_dir_of,
+    summary_of,
+)
 
-COMMON = ["train.max_steps=10", "train.log_every=1", "eval.num_samples=4", "eval.max_new_tokens=4"]
 # DeepSpeed keeps parameters under 1e5 elements whole on every rank (not partitioned), which is every
 # parameter of the tiny model: make ZeRO-3 partition them all, as it does a real model's layers.
 PARTITION_ALL = "+parallel.deepspeed.overrides.zero_optimization={stage3_param_persistence_threshold:0}"
 RTOL = 1e-5  # losses, eval losses
 GRAD_NORM_RTOL = 2e-4
 PRESETS = ("zero1", "zero2", "zero3", "zero3_offload")
-TECHNIQUES = ("full", "lora", "dora", "qlora", "prefix", "prompt")
 # (preset, technique) -> a fragment of validate()'s message. Every combination trains today; a rule
 # that starts rejecting one must be added here with its reason, and a cell listed here must be refused.
 EXPECTED_REJECTIONS: dict[tuple[str, str], str] = {}
@@ -154,11 +158,6 @@ def _metrics(run_dir: str) -> list[dict]:
         return [r for r in map(json.loads, f) if "loss" in r]
 
 
-def _summary(run_dir: str) -> dict:
-    with open(os.path.join(run_dir, "summary.json")) as f:
-        return json.load(f)
-
-
 @pytest.mark.parametrize("technique", ["full", "lora"])
 @pytest.mark.parametrize("parallel", ["zero2", "zero3"])
 def test_zero_on_two_ranks_matches_one_process(tmp_path_factory, technique, parallel):
@@ -171,11 +170,11 @@ def test_zero_on_two_ranks_matches_one_process(tmp_path_factory, technique, para
         assert y["loss"] == pytest.approx(x["loss"], rel=RTOL), f"step {step}: single {x['loss']} vs {parallel} {y['loss']}"
         assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=GRAD_NORM_RTOL), f"step {step}: grad norm"
         assert y["lr"] == pytest.approx(x["lr"], rel=1e-12), f"step {step}: lr"
-    summary = _summary(zero_dir)
+    summary = summary_of(zero_dir)
     assert (summary["parallel"], summary["world_size"]) == (parallel, 2)
     # Held-out loss and generation after training ran on every rank in lockstep (ZeRO-3 gathers
     # the weights in its forward hooks) and give the one-process numbers.
-    single = _summary(single_dir)
+    single = summary_of(single_dir)
     assert summary["eval_after"]["loss"] == pytest.approx(single["eval_after"]["loss"], rel=RTOL)
     assert summary["eval_before"]["loss"] == pytest.approx(single["eval_before"]["loss"], rel=1e-6)
     assert summary["eval_after"]["f1"] == pytest.approx(single["eval_after"]["f1"])
@@ -190,9 +189,10 @@ def test_checkpoint_saved_from_zero3_reloads_on_one_process(tmp_path_factory, te
     from safetensors.torch import load_file
 
     from distft.batching import eval_batches
-    from distft.checkpoint import load_model, resolve_checkpoint
+    from distft.checkpoint import resolve_checkpoint
     from distft.data import pad_token_id, prepare_data
     from distft.evaluate import held_out_loss
+    from distft.export import load_model
 
     run_dir = _run(tmp_path_factory, technique, "zero3")
     cfg, model, tokenizer = load_model(run_dir)
@@ -202,7 +202,7 @@ def test_checkpoint_saved_from_zero3_reloads_on_one_process(tmp_path_factory, te
     if cfg.train.eval_max_batches:
         held_out = held_out[: cfg.train.eval_max_batches]
     loss = held_out_loss(model, held_out, torch.device("cpu"))["loss"]
-    summary = _summary(run_dir)
+    summary = summary_of(run_dir)
     assert loss == pytest.approx(summary["eval_after"]["loss"], rel=1e-6)
     assert loss < summary["eval_before"]["loss"] * 0.95  # the reloaded model is the tuned one, not the base
     if technique == "full":
@@ -215,39 +215,12 @@ def test_checkpoint_saved_from_zero3_reloads_on_one_process(tmp_path_factory, te
     assert all(float(adapter[k].abs().max()) > 0 for k in lora_b)
 
 
-def test_resuming_a_zero_run_ends_in_one_clear_message(tmp_path_factory, tmp_path):
-    """An interrupted ZeRO run cannot resume yet (the optimizer state is partitioned and not in the
-    checkpoint): rerunning its command says so in one line instead of a traceback or a silently
-    inexact resume. An interrupted run is simulated by a finished run without its summary."""
-    import shutil
-
-    finished = _run(tmp_path_factory, "full", "zero2")
-    root = tmp_path / "root"
-    interrupted = root / os.path.relpath(finished, os.path.dirname(os.path.dirname(finished)))
-    shutil.copytree(finished, interrupted)
-    os.remove(interrupted / "summary.json")
-    proc = run_cli("+experiment=tiny_full", f"run.root={root}", "parallel=zero2", "launcher.nproc_per_node=2", *COMMON)
-    assert run_dir_of(proc) == str(interrupted)
-    assert proc.returncode != 0
-    assert "distft: cannot resume a parallel=zero2 run yet: ZeRO partitions the optimizer state" in proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-
-
 # ---------------------------------------------------------------------------------------- matrix
 
 
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("ds-matrix") / "matrix.json"
-    worker = os.path.join(REPO, "tests", "distributed", "deepspeed_matrix_worker.py")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker, str(out),
-         *PRESETS, "--", "train.max_steps=5", PARTITION_ALL],
-        capture_output=True, text=True, cwd=REPO, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    with open(out) as f:
-        return json.load(f)
+    return launch_matrix(tmp_path_factory.mktemp("ds-matrix"), PRESETS, [PARTITION_ALL])
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -258,24 +231,7 @@ def test_every_technique_trains_on_zero_or_is_refused_with_the_reason(matrix, pr
         if (preset, technique) in EXPECTED_REJECTIONS:
             assert any(EXPECTED_REJECTIONS[preset, technique] in e for e in cell.get("rejected", [])), (where, cell)
             continue
-        assert "rejected" not in cell, (where, cell.get("rejected"))
-        losses = cell["losses"]
-        assert len(losses) == 5 and all(map(_finite, losses + cell["grad_norms"])), (where, cell)
-        # Falls beyond noise: the held-out loss on the same fixed batches before and after (no
-        # batch-to-batch noise; the smallest measured fall, prompt tuning, is 4%), and the train loss.
-        eval_loss = cell["eval_loss"][0]
-        assert eval_loss < cell["eval_loss_before"] * 0.98, (where, cell["eval_loss_before"], eval_loss)
-        assert losses[-1] < losses[0] * 0.98, (where, losses)
-        # Evaluation and generation ran on both ranks in lockstep, to the same results.
-        assert cell["eval_loss"][1] == eval_loss, where
-        assert cell["tokens"][0] == cell["tokens"][1], (where, cell["tokens"])
-        assert all(len(row) == 4 for row in cell["tokens"][0]), where
-        # What a checkpoint would save is the trained model: a fresh one-process model loaded from
-        # it scores the same loss (fp32, same batches: measured bit-identical) and generates the same.
-        assert cell["gathered"] is (preset.startswith("zero3")), where
-        assert cell["state_keys_match"] and cell["weights_nonempty"], where
-        assert cell["reloaded_eval_loss"] == pytest.approx(eval_loss, rel=1e-6), where
-        assert cell["reloaded_tokens"] == cell["tokens"][0], where
+        check_matrix_cell(cell, where, gathered=preset.startswith("zero3"))
 
 
 def test_every_zero_preset_takes_the_same_steps(matrix):
@@ -290,6 +246,3 @@ def test_every_zero_preset_takes_the_same_steps(matrix):
             rtol = 1e-3 if technique == "qlora" else RTOL
             assert losses == pytest.approx(reference, rel=rtol), (preset, technique)
 
-
-def _finite(x: float) -> bool:
-    return x == x and abs(x) != float("inf")

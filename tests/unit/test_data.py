@@ -491,6 +491,29 @@ def _rows(batch) -> list[tuple]:
     return [tuple(r) for r in batch["input_ids"].tolist()]
 
 
+def test_train_batches_position_reshards_between_rank_counts(samples):
+    """The data position is saved in rows, so a run saved on 2 ranks resumes on 1 (and back) with
+    the same rows in each optimizer step: 2 ranks x micro 2 == 1 rank x micro 2 x 2 accumulations."""
+    two = [TrainBatches(samples, 2, 128, False, pad_id=3, seed=5, rank=r, world_size=2) for r in (0, 1)]
+    for _ in range(3):
+        for ranks in two:
+            next(ranks)
+    one = TrainBatches(samples, 2, 128, False, pad_id=3, seed=5, accumulation_steps=2)
+    one.load_state_dict(json.loads(json.dumps(two[0].state_dict())))
+    assert one.state_dict()["rows_consumed"] == two[0].state_dict()["rows_consumed"] == 12
+    for _ in range(2):
+        step_on_two = [r for ranks in two for r in _rows(next(ranks))]
+        step_on_one = [r for _ in range(2) for r in _rows(next(one))]
+        assert step_on_two == step_on_one
+    back = [TrainBatches(samples, 2, 128, False, pad_id=3, seed=5, rank=r, world_size=2) for r in (0, 1)]
+    for ranks in back:
+        ranks.load_state_dict(one.state_dict())
+    assert [r for ranks in back for r in _rows(next(ranks))] == [r for _ in range(2) for r in _rows(next(one))]
+    odd = TrainBatches(samples, 5, 128, False, pad_id=3, seed=5)  # 24 rows consumed: not 5k
+    with pytest.raises(ValueError, match="not a whole number of micro-batches of 5 on 1 ranks"):
+        odd.load_state_dict(one.state_dict())
+
+
 @pytest.mark.parametrize("packing", [True, False])
 def test_train_batches_deterministic_and_resume_exactly(samples, packing):
     def make():
@@ -503,7 +526,7 @@ def test_train_batches_deterministic_and_resume_exactly(samples, packing):
     layout = "position_ids" if packing else "attention_mask"
     assert set(first[0]) == {"input_ids", "labels", layout}
     assert _rows(first[0]) != _rows(first[per_epoch])  # epoch 1 is reshuffled
-    assert a.state_dict() == {"epoch": 1, "index": 3}
+    assert a.state_dict() == {"epoch": 1, "index": 3, "rows_consumed": 12, "world_size": 1, "micro_batch_size": 4}
     for stop in (2, per_epoch):  # mid-epoch and exactly at the end of an epoch
         c = make()
         for _ in range(stop):

@@ -56,7 +56,7 @@ def test_gradient_checkpointing_gives_the_same_step(technique):
                       f"train.gradient_checkpointing={checkpointing}", "train.adam_eps=1.0")
         engine = _engine(cfg)
         engine.train()
-        loss, tokens, grad_norm = optimizer_step(engine, _step_batch(cfg))
+        loss, tokens, grad_norm, _ = optimizer_step(engine, _step_batch(cfg))
         params = {k: v.detach().clone() for k, v in engine.unwrapped().named_parameters() if v.requires_grad}
         results.append((loss, grad_norm, params))
         model = engine.unwrapped()

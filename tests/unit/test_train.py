@@ -92,7 +92,7 @@ def test_base_and_tuned_are_scored_on_the_same_prompts(tiny_runs):
 def test_export_round_trip_generates_the_same_tokens(tiny_runs, technique, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from distft.checkpoint import export, load_base, load_model
+    from distft.export import export, load_base, load_model
 
     ckpt = tiny_runs[technique]["final_checkpoint"]
     out = export(ckpt, str(tmp_path / "merged"))
@@ -125,7 +125,8 @@ def _greedy_ids(model, tokenizer, prompts, new_tokens=12):
 
 
 def test_export_refuses_a_non_empty_directory(tiny_runs, tmp_path):
-    from distft.checkpoint import CheckpointError, export
+    from distft.checkpoint import CheckpointError
+    from distft.export import export
 
     target = tmp_path / "taken"
     target.mkdir()
@@ -139,7 +140,7 @@ def test_export_prompt_learning_writes_base_and_adapter(tiny_runs, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from distft.checkpoint import export, load_model
+    from distft.export import export, load_model
 
     ckpt = tiny_runs["prefix"]["final_checkpoint"]
     out = export(ckpt, str(tmp_path / "prefix"))
@@ -188,7 +189,7 @@ def test_gradient_accumulation_matches_one_big_micro_batch():
         engine = build_engine(cfg, build_trainable_model(cfg, torch.float32), torch.device("cpu"))
         engine.train()
         batches = eval_batches(samples, micro_size, cfg.data.max_seq_len, False, pad)
-        loss, n_targets, _ = optimizer_step(engine, batches)
+        loss, n_targets, _, _ = optimizer_step(engine, batches)
         return loss, n_targets, {k: v.detach().clone() for k, v in engine.unwrapped().named_parameters()}
 
     loss_big, tokens_big, params_big = run(4)

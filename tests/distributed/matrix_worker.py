@@ -1,7 +1,8 @@
-"""Rank process for test_deepspeed.py's matrix: every technique on every ZeRO preset, one launch.
+"""Rank process for the engine matrices (test_ddp.py, test_deepspeed.py): every technique on every
+DDP/ZeRO preset, one launch per test module.
 
 Started by torch's elastic launcher on 2 gloo ranks (`python -m torch.distributed.run
---nproc_per_node=2 tests/distributed/deepspeed_matrix_worker.py OUT.json [--techniques=a,b] PRESET...
+--nproc_per_node=2 tests/distributed/matrix_worker.py OUT.json [--techniques=a,b] PRESET...
 -- OVERRIDES`).
 One process group serves every cell, so the matrix pays the start-up (torch, transformers,
 DeepSpeed imports) once instead of once per cell. Each cell goes through the library's own parts,
@@ -75,7 +76,7 @@ def run_cell(preset: str, technique: str, overrides: list[str], info) -> dict:
     engine.train()
     losses, grad_norms = [], []
     for _ in range(cfg.train.max_steps):
-        loss_total, targets, grad_norm = optimizer_step(engine, [next(batches) for _ in range(accum)])
+        loss_total, targets, grad_norm, _ = optimizer_step(engine, [next(batches) for _ in range(accum)])
         losses.append(loss_total / targets)
         grad_norms.append(grad_norm)
     result = {
@@ -96,7 +97,8 @@ def run_cell(preset: str, technique: str, overrides: list[str], info) -> dict:
         gathered_values = [None] * info.world_size
         torch.distributed.all_gather_object(gathered_values, result[key])
         result[key] = gathered_values
-    engine.ds.destroy()
+    if hasattr(engine, "ds"):
+        engine.ds.destroy()  # DeepSpeed keeps global state between engines
     return result
 
 

@@ -1,0 +1,90 @@
+"""Sharded training state for the DDP and FSDP engines, through torch.distributed.checkpoint (DCP).
+
+One call on every rank writes the trainable weights and the optimizer state: under FSDP each rank
+writes its own shards, under DDP the replicated tensors are written once (DCP deduplicates them).
+Keys are parameter names (`get_state_dict`), not optimizer indices, so a checkpoint saved on N
+ranks loads on M ranks and under the other engine layout of the same model (DCP reshards on load).
+
+Why the state is split in two:
+- tensors (weights, Adam moments, step counters) go to DCP's `.distcp` files, read back as raw
+  storage bytes;
+- everything else (optimizer hyperparameters, LR schedule, grad-scaler scale) goes to a JSON file.
+DCP would pickle non-tensor values into its files and unpickle them on load with
+`weights_only=False`; keeping them out means the only pickle left in a DCP checkpoint is its
+`.metadata`, which `distft.checkpoint` scans before anything is loaded.
+
+Frozen parameters (a LoRA/QLoRA base) are not saved: the base is rebuilt from the config on resume,
+exactly as the first run built it. Full fine-tuning saves every weight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import torch
+
+STATE_JSON = "engine_state.json"
+
+
+def _options(strict: bool = True):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
+
+
+def save(path: str, model: torch.nn.Module, optimizer, scheduler, scaler=None) -> None:
+    """Every rank: write `model`'s trainable weights and `optimizer`'s state into directory `path`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer, options=_options())
+    tensors = {"model": model_state, "optimizer": optim_state["state"]}
+    with warnings.catch_warnings():  # one process: DCP warns that it assumes one process
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(tensors, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        rest = {
+            "param_groups": optim_state["param_groups"],
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+        }
+        with open(os.path.join(path, STATE_JSON), "w") as f:
+            json.dump(rest, f)
+
+
+def load(path: str, model: torch.nn.Module, optimizer, scheduler, scaler=None) -> None:
+    """Every rank: fill `model`, `optimizer`, `scheduler` (and `scaler`) from a `save` directory,
+    whatever the number of ranks and the layout that wrote it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    # The templates: this rank's shards of every tensor, the optimizer state allocated (torch
+    # initialises an empty Adam state with a zero-LR step for that).
+    model_state, optim_state = get_state_dict(model, optimizer, options=_options())
+    tensors = {"model": model_state, "optimizer": optim_state["state"]}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(tensors, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
+    with open(os.path.join(path, STATE_JSON)) as f:
+        rest = json.load(f)
+    # Not strict: the frozen weights are missing on purpose (they stay as built).
+    result = set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=tensors["model"],
+        optim_state_dict={"state": tensors["optimizer"], "param_groups": _tuples(rest["param_groups"])},
+        options=_options(strict=False),
+    )
+    missing_trainable = set(result.missing_keys) & set(tensors["model"])
+    if result.unexpected_keys or missing_trainable:
+        raise RuntimeError(f"the checkpoint's weights do not fit the model: {result}")
+    scheduler.load_state_dict(rest["scheduler"])
+    if scaler is not None and rest["scaler"] is not None:
+        scaler.load_state_dict(rest["scaler"])
+
+
+def _tuples(param_groups: list[dict]) -> list[dict]:
+    """JSON turned the optimizer's tuples (Adam's betas) into lists: give them back as they were."""
+    return [{k: tuple(v) if k == "betas" else v for k, v in group.items()} for group in param_groups]

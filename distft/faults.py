@@ -1,0 +1,50 @@
+"""Fault injection for tests and chaos drills: make a run fail at a chosen instant, for real.
+
+`DISTFT_FAULTS` holds comma-separated faults, each `kind:step[:rank]` (rank: every rank when left
+out):
+    kill_after_save:8          SIGKILL once the checkpoint of step 8 is committed
+    kill_after_shards:8        SIGKILL after every shard of step 8 is written, before the manifest
+    kill_before_commit:8       SIGKILL after the manifest, before the commit marker (rank 0 writes it)
+    nan_loss:5:1               rank 1's loss at step 5 becomes NaN (before backward)
+
+A fault fires once per process. Nothing reads the variable unless it is set, and it is never set
+by distft itself: it exists so that resume, commit and non-finite handling are tested by killing
+real processes at real instants rather than by mocks.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+ENV = "DISTFT_FAULTS"
+_fired: set[str] = set()
+
+
+def _active(kind: str, step: int) -> bool:
+    spec = os.environ.get(ENV)
+    if not spec:
+        return False
+    rank = int(os.environ.get("RANK", "0"))
+    for fault in spec.split(","):
+        parts = fault.strip().split(":")
+        if parts[0] != kind or int(parts[1]) != step:
+            continue
+        if len(parts) > 2 and int(parts[2]) != rank:
+            continue
+        if fault in _fired:
+            continue
+        _fired.add(fault)
+        return True
+    return False
+
+
+def point(where: str, step: int) -> None:
+    """A place where a `kill_<where>` fault can fire: the process dies on the spot (no cleanup)."""
+    if _active(f"kill_{where}", step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def corrupt_loss(step: int) -> bool:
+    """True when a `nan_loss` fault asks this rank's loss at `step` to become NaN."""
+    return _active("nan_loss", step)

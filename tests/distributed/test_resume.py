@@ -1,0 +1,175 @@
+"""Exact resume, kills during a save, resharding and non-finite steps, on 2 real gloo ranks.
+
+Every run is the CLI as a user starts it; failures are real: `DISTFT_FAULTS` (distft/faults.py)
+SIGKILLs a rank at a chosen instant, or turns one rank's loss NaN at one step.
+
+Exact resume: run A trains 20 steps; run B is killed right after its step-8 checkpoint is
+committed, then the same command is run again. Steps 9-20 must give A's losses exactly (==) and
+the final weights must be equal bit for bit: the checkpoint holds the weights, the optimizer
+state, the schedule, the data position and every rank's RNG, and the same collectives run in
+the same order. Adapters train with dropout 0.1 here, so the RNG streams matter too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.distributed.helpers import REPO, run_dir_of, step_metrics, summary_of
+
+PARTITION_ALL = "+parallel.deepspeed.overrides.zero_optimization={stage3_param_persistence_threshold:0}"
+FAST = ["train.log_every=1", "eval.num_samples=2", "eval.max_new_tokens=2", "eval.compare_base=false",
+        "train.eval_max_batches=1", "train.warmup_steps=4"]
+
+
+def launch(*args: str, faults: str = "", timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("DISTFT_FAULTS", None)
+    if faults:
+        env["DISTFT_FAULTS"] = faults
+    return subprocess.run([sys.executable, "-m", "distft", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout, env=env)
+
+
+def final_weights(run_dir: str) -> dict:
+    model = os.path.join(summary_of(run_dir)["final_checkpoint"], "model")
+    name = "adapter_model.safetensors" if os.path.exists(os.path.join(model, "adapter_model.safetensors")) \
+        else "model.safetensors"
+    return load_file(os.path.join(model, name))
+
+
+def cli_args(technique: str, parallel: str, root, ranks: int = 2, steps: int = 20) -> list[str]:
+    args = [f"+experiment=tiny_{technique}", f"run.root={root}", f"train.max_steps={steps}", *FAST]
+    if parallel != "single":
+        args += [f"parallel={parallel}", f"launcher.nproc_per_node={ranks}"]
+    if parallel == "zero3":
+        args.append(PARTITION_ALL)
+    return args
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Run A of each (parallel, technique): 20 steps, never stopped, checkpoints every 8."""
+    done: dict = {}
+
+    def run(parallel: str, technique: str) -> str:
+        if (parallel, technique) not in done:
+            root = tmp_path_factory.mktemp(f"a-{parallel}-{technique}")
+            proc = launch(*cli_args(technique, parallel, root), "checkpoint.save_every=8")
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            done[parallel, technique] = run_dir_of(proc)
+        return done[parallel, technique]
+
+    return run
+
+
+@pytest.mark.parametrize("technique", ["full", "lora"])
+@pytest.mark.parametrize("parallel", ["ddp", "zero2", "zero3", "fsdp"])
+def test_a_killed_run_resumes_exactly(uninterrupted, tmp_path, parallel, technique):
+    a = uninterrupted(parallel, technique)
+    args = [*cli_args(technique, parallel, tmp_path), "checkpoint.save_every=8"]
+    killed = launch(*args, faults="kill_after_save:8")
+    assert killed.returncode != 0, "the fault did not fire"
+    b = run_dir_of(killed)
+    assert os.path.exists(os.path.join(b, "checkpoints", "step_000008", "COMMITTED"))
+    assert not os.path.exists(os.path.join(b, "summary.json"))
+    resumed = launch(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert run_dir_of(resumed) == b
+    assert summary_of(b)["resumed_from"].endswith("step_000008")
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    # Steps 1-8 come from the killed run, 9-20 from the resumed one: each logged once, all equal to A's.
+    losses_a, losses_b = step_metrics(a), step_metrics(b)
+    assert len(losses_b) == 20
+    assert losses_b == losses_a
+    assert step_metrics(b, "grad_norm") == step_metrics(a, "grad_norm")
+    weights_a, weights_b = final_weights(a), final_weights(b)
+    assert set(weights_a) == set(weights_b) and weights_a
+    diff = max(float((weights_a[k].float() - weights_b[k].float()).abs().max()) for k in weights_a)
+    assert diff == 0.0
+
+
+def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint(uninterrupted, tmp_path):
+    """Rank 1 dies after writing its shards of step 8, before the manifest and the commit: the
+    step-8 directory stays a `.tmp`, never committed; the rerun resumes from step 4 and ends
+    where the uninterrupted run ends."""
+    a = uninterrupted("ddp", "lora")
+    args = [*cli_args("lora", "ddp", tmp_path), "checkpoint.save_every=4", "checkpoint.keep_last=0"]
+    killed = launch(*args, faults="kill_after_shards:8:1")
+    assert killed.returncode != 0
+    b = run_dir_of(killed)
+    checkpoints = sorted(os.listdir(os.path.join(b, "checkpoints")))
+    assert "step_000008.tmp" in checkpoints and "step_000008" not in checkpoints, checkpoints
+    resumed = launch(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert summary_of(b)["resumed_from"].endswith("step_000004")
+    assert step_metrics(b) == step_metrics(a)
+    assert not os.path.exists(os.path.join(b, "checkpoints", "step_000008.tmp"))  # replaced by the real one
+
+
+@pytest.mark.parametrize("ranks_before, ranks_after", [(2, 1), (1, 2)])
+def test_fsdp_checkpoint_reshards_between_rank_counts(tmp_path, ranks_before, ranks_after):
+    """Saved by FSDP on N ranks, resumed by FSDP on M (same run.dir, same global batch: the data
+    position is kept in rows). Steps 5-8 must match a run that never changed its rank count:
+    the weights, Adam moments and schedule arrived (a missing moment or a shifted data position
+    moves the loss by >1e-3). Tolerance 1e-5 relative: sums run in another order on another
+    rank count (measured drift for 2 vs 1 rank <= 2e-7, see test_fsdp.py)."""
+    base = [*cli_args("full", "fsdp", tmp_path, ranks=ranks_before, steps=8), "checkpoint.save_every=4"]
+    reference = launch(*base, f"run.dir={tmp_path / 'reference'}")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    run_dir = str(tmp_path / "resharded")
+    killed = launch(*base, f"run.dir={run_dir}", faults="kill_after_save:4")
+    assert killed.returncode != 0
+    after = [*cli_args("full", "fsdp", tmp_path, ranks=ranks_after, steps=8), "checkpoint.save_every=4",
+             f"run.dir={run_dir}"]
+    resumed = launch(*after)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = summary_of(run_dir)
+    assert summary["world_size"] == ranks_after and summary["resumed_from"].endswith("step_000004")
+    assert f"resharded from {ranks_before} to {ranks_after} ranks" in resumed.stdout + resumed.stderr
+    expected, got = step_metrics(str(tmp_path / "reference")), step_metrics(run_dir)
+    assert got[:4] == expected[:4]
+    assert got[4:] == pytest.approx(expected[4:], rel=1e-5)
+
+
+def _checkpoint_weights(run_dir: str, step: int) -> dict:
+    return load_file(os.path.join(run_dir, "checkpoints", f"step_{step:06d}", "model", "model.safetensors"))
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "zero2"])
+def test_a_nonfinite_step_on_one_rank_is_skipped_on_all(tmp_path, parallel):
+    """Rank 1's loss turns NaN at step 3 (its gradients with it). Every rank sees it (the loss and
+    the grad norm are global), nobody applies the update: the weights after step 3 are those after
+    step 2, bit for bit; the step is counted and the run goes on and finishes."""
+    args = [*cli_args("full", parallel, tmp_path, steps=6), "checkpoint.save_every=1", "checkpoint.keep_last=0"]
+    proc = launch(*args, faults="nan_loss:3:1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = run_dir_of(proc)
+    assert summary_of(run_dir)["nonfinite_steps"] == 1
+    before, skipped, after = (_checkpoint_weights(run_dir, s) for s in (2, 3, 4))
+    assert all((before[k] == skipped[k]).all() for k in before)
+    assert any(not (skipped[k] == after[k]).all() for k in before)  # step 4 trained again
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records if r.get("nonfinite")] == [3]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 4, 5, 6]
+    assert "step 3 skipped" in proc.stdout + proc.stderr and "rank 1" in proc.stdout + proc.stderr
+
+
+def test_a_nonfinite_step_halts_with_a_checkpoint_when_asked(tmp_path):
+    args = [*cli_args("full", "ddp", tmp_path, steps=6), "checkpoint.save_every=1", "checkpoint.keep_last=0",
+            "train.nonfinite=halt"]
+    proc = launch(*args, faults="nan_loss:3:1", timeout=300)
+    assert proc.returncode != 0
+    assert "non-finite step 3" in proc.stderr and "non-finite on rank 1" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    run_dir = run_dir_of(proc)
+    # The halt checkpoint holds the model before the bad update: the step-2 weights.
+    before, halted = _checkpoint_weights(run_dir, 2), _checkpoint_weights(run_dir, 3)
+    assert all((before[k] == halted[k]).all() for k in before)
+    assert not os.path.exists(os.path.join(run_dir, "summary.json"))

@@ -1,0 +1,285 @@
+"""Checkpoints that are atomic, verified and safe to load, on one process.
+
+Damage is done for real to real checkpoints of tiny runs (truncated and flipped bytes, deleted
+metadata, an empty `latest`, a planted pickle), saves are killed with SIGKILL at random instants
+in forked processes, and a full disk is a real failing write (RLIMIT_FSIZE: the kernel refuses
+the write with EFBIG, the same error path as ENOSPC).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from distft.checkpoint import (
+    MANIFEST,
+    CheckpointError,
+    committed_checkpoints,
+    find_resumable,
+    scan_pickle_file,
+    verify,
+)
+from distft.preflight import preflight
+from distft.tracking import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RUN = ["+experiment=tiny_lora", "train.max_steps=8", "checkpoint.save_every=4", "checkpoint.keep_last=0",
+       "train.log_every=1", "eval.num_samples=2", "eval.max_new_tokens=2", "train.eval_max_batches=1"]
+
+
+def compose(*overrides: str):
+    cfg, errors = preflight(list(overrides))
+    assert not errors, errors
+    return cfg
+
+
+def losses(run_dir: str) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 8-step LoRA run with checkpoints at steps 4 and 8 (kept as the pristine copy)."""
+    from distft.train import train
+
+    root = tmp_path_factory.mktemp("finished")
+    return train(compose(*RUN, f"run.root={root}"))
+
+
+@pytest.fixture
+def interrupted(finished, tmp_path):
+    """A copy of the finished run as if it had been killed after its step-8 checkpoint."""
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(finished["run_dir"], run_dir)
+    os.remove(os.path.join(run_dir, "summary.json"))
+    return run_dir
+
+
+def resume(run_dir: str):
+    from distft.train import train
+
+    return train(compose(*RUN, f"run.dir={run_dir}"))
+
+
+def step_of(path: str) -> int:
+    return int(os.path.basename(path).split("_")[1])
+
+
+def test_checkpoint_layout_and_manifest(finished):
+    ckpt = finished["final_checkpoint"]
+    with open(os.path.join(ckpt, MANIFEST)) as f:
+        files = json.load(f)["files"]
+    assert {"trainer_state.json", "meta.json", "rng/rank_00000.safetensors", "state/.metadata",
+            "state/engine_state.json", "model/adapter_model.safetensors"} <= set(files)
+    assert all(len(entry["sha256"]) == 64 and entry["size"] > 0 for entry in files.values())
+    assert verify(ckpt) == []
+    with open(os.path.join(os.path.dirname(ckpt), "latest")) as f:
+        assert f.read().strip() == "step_000008"
+
+
+@pytest.mark.parametrize("damage", ["truncated shard", "flipped bytes", "missing metadata", "missing manifest",
+                                    "unlisted file"])
+def test_a_damaged_checkpoint_is_detected_and_the_previous_one_resumes(interrupted, finished, damage, capsys):
+    """Each kind of damage to the newest checkpoint is found before anything loads; the run resumes
+    from step 4 instead, sets the damaged one aside (not deleted), and ends as the undamaged run did."""
+    newest = os.path.join(interrupted, "checkpoints", "step_000008")
+    shard = next(os.path.join(newest, "state", n) for n in sorted(os.listdir(os.path.join(newest, "state")))
+                 if n.endswith(".distcp"))
+    if damage == "truncated shard":
+        with open(shard, "r+b") as f:
+            f.truncate(os.path.getsize(shard) // 2)
+        expected = "state/__0_0.distcp: "
+    elif damage == "flipped bytes":
+        with open(shard, "r+b") as f:
+            f.seek(100)
+            byte = f.read(1)
+            f.seek(100)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        expected = "state/__0_0.distcp: sha256 differs"
+    elif damage == "missing metadata":
+        os.remove(os.path.join(newest, "state", ".metadata"))
+        expected = "state/.metadata: missing"
+    elif damage == "missing manifest":
+        os.remove(os.path.join(newest, MANIFEST))
+        expected = "MANIFEST.json is missing or unreadable"
+    else:
+        with open(os.path.join(newest, "state", "extra.pt"), "wb") as f:
+            f.write(b"planted")
+        expected = "state/extra.pt: not in the manifest"
+    assert any(expected in p for p in verify(newest)), verify(newest)
+    summary = resume(interrupted)
+    out = capsys.readouterr().out  # distft logs to stdout, each line with its rank
+    assert expected in out and "WARNING checkpoint" in out and "is damaged" in out
+    assert summary["resumed_from"].endswith("step_000004")
+    assert os.path.isdir(newest + ".damaged")  # kept for inspection
+    assert losses(interrupted) == losses(finished["run_dir"])
+    assert summary["eval_after"]["loss"] == finished["eval_after"]["loss"]
+
+
+def test_an_empty_latest_is_reported_and_the_newest_complete_checkpoint_used(interrupted, capsys):
+    with open(os.path.join(interrupted, "checkpoints", "latest"), "w"):
+        pass
+    summary = resume(interrupted)
+    assert "latest is empty" in capsys.readouterr().out
+    assert summary["resumed_from"].endswith("step_000008")
+
+
+def test_every_checkpoint_damaged_is_a_clear_error(interrupted):
+    for ckpt in committed_checkpoints(interrupted):
+        os.remove(os.path.join(ckpt, "trainer_state.json"))
+    with pytest.raises(CheckpointError, match=r"no usable checkpoint .*step_000008 is damaged \(trainer_state.json: missing\).*resume=false"):
+        resume(interrupted)
+
+
+class Planted:
+    """Unpickling this runs a command, as a malicious checkpoint would."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_planted_pickle_is_refused_before_it_runs(interrupted, tmp_path):
+    """DCP's `.metadata` replaced by a pickle that runs a command, the manifest updated to match
+    (so only the pickle scan stands in the way): the checkpoint is refused, the command never runs,
+    and the run resumes from the previous checkpoint."""
+    import hashlib
+
+    marker = tmp_path / "pwned"
+    newest = os.path.join(interrupted, "checkpoints", "step_000008")
+    metadata = os.path.join(newest, "state", ".metadata")
+    with open(metadata, "wb") as f:
+        pickle.dump({"state": Planted(str(marker))}, f)
+    with open(os.path.join(newest, MANIFEST)) as f:
+        manifest = json.load(f)
+    data = open(metadata, "rb").read()
+    manifest["files"]["state/.metadata"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    with open(os.path.join(newest, MANIFEST), "w") as f:
+        json.dump(manifest, f)
+    problems = verify(newest)
+    assert len(problems) == 1 and "would import posix.system" in problems[0], problems
+    summary = resume(interrupted)
+    assert summary["resumed_from"].endswith("step_000004")
+    assert not marker.exists()
+
+
+def test_pickle_scan_reads_torch_archives_without_running_them(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"w": torch.ones(2), "hook": Planted(str(marker))}, tmp_path / "bad.pt")
+    torch.save({"w": torch.ones(2), "step": 3, "groups": [{"lr": 0.1, "betas": (0.9, 0.95)}]}, tmp_path / "ok.pt")
+    assert scan_pickle_file(str(tmp_path / "ok.pt")) == []
+    assert "posix.system" in scan_pickle_file(str(tmp_path / "bad.pt"))[0]
+    assert not marker.exists()
+
+
+def test_killing_a_save_at_any_instant_never_loses_the_previous_checkpoint(tmp_path):
+    """20 saves, each SIGKILLed at a random instant (a forked child does the save; the parent
+    waits for the kill, then checks): the newest committed checkpoint always verifies and loads, a
+    killed save never becomes visible, and the next save replaces its leftovers."""
+    from distft.checkpoint import STATE_DIR, save_checkpoint
+    from distft.engines import build_engine, build_model_for_engine
+    from distft.model import load_tokenizer
+
+    cfg = compose(*RUN, f"run.dir={tmp_path / 'run'}")
+    tokenizer = load_tokenizer(cfg.model)
+    model, _ = build_model_for_engine(cfg, torch.float32, tokenizer, 1)
+    engine = build_engine(cfg, model, torch.device("cpu"))
+    run_dir = str(tmp_path / "run")
+    state = {"step": 0, "loop": {}, "data": {}, "world_size": 1, "parallel": "single"}
+    started = time.perf_counter()
+    save_checkpoint(run_dir, 1, engine, tokenizer, cfg, state, None)
+    duration = time.perf_counter() - started  # kill instants spread over one save's duration
+    rng = random.Random(0)
+    kills = 0
+    for attempt in range(20):
+        step = attempt + 2
+        delay = rng.uniform(0.0005, 1.2 * duration)
+        pid = os.fork()
+        if pid == 0:  # child: save, and die at a random instant of it
+            try:
+                signal.setitimer(signal.ITIMER_REAL, delay)
+                signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGKILL))
+                save_checkpoint(run_dir, step, engine, tokenizer, cfg, state, None)
+                os.kill(os.getpid(), signal.SIGKILL)  # finished before the timer: die anyway
+            finally:
+                os._exit(1)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        newest = find_resumable(run_dir)
+        committed = [step_of(p) for p in committed_checkpoints(run_dir)]
+        assert newest is not None and step_of(newest) == max(committed) and verify(newest) == []
+        kills += step not in committed
+        engine.load_state(os.path.join(newest, STATE_DIR))
+        if step not in committed:  # the parent finishes what the child could not, over its leftovers
+            save_checkpoint(run_dir, step, engine, tokenizer, cfg, state, None)
+        assert [step_of(p) for p in committed_checkpoints(run_dir)][-1] == step
+    assert kills >= 5, kills  # most kills land mid-save; the others right after a commit
+
+
+def test_a_full_disk_fails_loudly_and_keeps_the_previous_checkpoint(interrupted, finished):
+    """The step-8 checkpoint is removed, then the run resumes from step 4 with files limited to
+    64 kB: writing step 8 fails. One message, exit 2, step 4 intact and still resumable, no
+    half-written step 8 left; without the limit the rerun finishes as the uninterrupted run did."""
+    shutil.rmtree(os.path.join(interrupted, "checkpoints", "step_000008"))
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, 64_000))
+
+    args = [sys.executable, "-m", "distft", *RUN, f"run.dir={interrupted}"]
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=300, preexec_fn=limit)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "saving the checkpoint of step 8 failed" in proc.stderr and "File too large" in proc.stderr
+    assert "untouched" in proc.stderr and "Traceback" not in proc.stderr
+    names = sorted(os.listdir(os.path.join(interrupted, "checkpoints")))
+    assert names == ["latest", "step_000004"], names
+    assert verify(os.path.join(interrupted, "checkpoints", "step_000004")) == []
+    summary = resume(interrupted)
+    assert summary["resumed_from"].endswith("step_000004")
+    assert losses(interrupted) == losses(finished["run_dir"])
+
+
+def test_resume_false_sets_the_old_run_aside(finished, tmp_path):
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(finished["run_dir"], run_dir)
+    from distft.train import train
+
+    summary = train(compose(*RUN, f"run.dir={run_dir}", "resume=false"))
+    assert summary["resumed_from"] is None and summary["steps"] == 8
+    aside = [n for n in os.listdir(tmp_path) if n.startswith("run.old-")]
+    assert len(aside) == 1
+    with open(os.path.join(tmp_path, aside[0], "summary.json")) as f:
+        assert json.load(f)["final_checkpoint"] == finished["final_checkpoint"]  # the old run, untouched
+
+
+def test_resuming_with_another_config_is_refused(interrupted):
+    from distft.train import train
+
+    with pytest.raises(CheckpointError, match=r"holds a run with another config \(train.lr: 0.01 -> 0.02\); .* resume=false"):
+        train(compose(*RUN, f"run.dir={interrupted}", "train.lr=0.02"))
+    assert not os.path.exists(os.path.join(interrupted, "summary.json"))
+
+
+def test_a_resumed_run_keeps_its_wandb_run(interrupted, finished):
+    """The tracker run id is chosen once per run directory: a resume continues the same W&B run."""
+    with open(os.path.join(finished["run_dir"], "tracker_run_id")) as f:
+        run_id = f.read().strip()
+    from distft.train import train
+
+    train(compose(*RUN, f"run.dir={interrupted}", "tracking.wandb.mode=offline"))
+    with open(os.path.join(interrupted, "tracker_run_id")) as f:
+        assert f.read().strip() == run_id
+    offline = [n for n in os.listdir(os.path.join(interrupted, "wandb")) if n.startswith("offline-run-")]
+    assert offline and all(n.endswith(run_id) for n in offline)
