@@ -182,14 +182,13 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
         if not math.isfinite(loss_total) or (not math.isfinite(grad_norm) and not fp16):
             _nonfinite_step(run_dir, step, loss_total, grad_norm, local_finite, engine, tokenizer, cfg, batches,
                             state, info, tracker)
-            progress.update(step, math.nan, engine.lr(), 0.0)
-            continue
-        last_loss = loss_total / max(step_targets, 1)
-        tokens_per_s = step_tokens / max(step_time, 1e-9)
-        if step % cfg.train.log_every == 0 or step == 1:
-            tracker.log(step, {"loss": last_loss, "lr": engine.lr(), "grad_norm": grad_norm,
-                               "tokens_per_s": tokens_per_s, "step_time_s": step_time})
-        progress.update(step, last_loss, engine.lr(), tokens_per_s)
+        else:
+            last_loss = loss_total / max(step_targets, 1)
+            tokens_per_s = step_tokens / max(step_time, 1e-9)
+            if step % cfg.train.log_every == 0 or step == 1:
+                tracker.log(step, {"loss": last_loss, "lr": engine.lr(), "grad_norm": grad_norm,
+                                   "tokens_per_s": tokens_per_s, "step_time_s": step_time})
+            progress.update(step, last_loss, engine.lr(), tokens_per_s)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
             if _periodic_eval(engine, held_out, cfg, state, tracker):
                 log.info("early stopping at step %d: eval loss did not improve for %d evals",
@@ -262,6 +261,7 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
         log.info("report: %s", os.path.join(run_dir, REPORT))
         log.info("summary: %s", summary_path)
     tracker.finish()
+    dist.barrier()  # leave together: a rank tearing its process group down early can abort its peers
     return summary
 
 
