@@ -128,7 +128,7 @@ def save_checkpoint(
     if not errors:
         faults.point("after_shards", step)
         try:
-            hashes = _hash_files(tmp, _files(tmp)[info.rank :: info.world_size])
+            hashes = _hash_files(tmp, _files(tmp)[info.rank :: info.world_size], sync=True)
         except OSError as err:
             hashes, errors = {}, [f"rank {info.rank}: {err}"]
         errors = [e for part in dist.all_gather_object(errors) for e in part]
@@ -249,7 +249,9 @@ def _files(directory: str) -> list[str]:
     return sorted(found)
 
 
-def _hash_files(directory: str, names: list[str]) -> dict[str, dict]:
+def _hash_files(directory: str, names: list[str], sync: bool = False) -> dict[str, dict]:
+    """Size and sha256 of each file; `sync`: also flush it to disk (a save does, before it commits:
+    not every library fsyncs what it writes)."""
     out = {}
     for name in names:
         digest = hashlib.sha256()
@@ -258,6 +260,8 @@ def _hash_files(directory: str, names: list[str]) -> dict[str, dict]:
             while chunk := f.read(1 << 22):
                 digest.update(chunk)
                 size += len(chunk)
+            if sync:
+                os.fsync(f.fileno())
         out[name] = {"size": size, "sha256": digest.hexdigest()}
     return out
 
