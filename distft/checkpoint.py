@@ -404,28 +404,19 @@ RESUMABLE_CHANGES = ("parallel", "launcher", "cluster", "checkpoint", "tracking"
 def resume_conflicts(cfg: Config, run_dir: str) -> list[str]:
     """Settings in which `cfg` differs from the run its newest checkpoint in `run_dir` belongs to
     (`key: then -> now`), beyond RESUMABLE_CHANGES. Empty when there is nothing to resume."""
+    from distft.tracking import flatten
+
     found = committed_checkpoints(run_dir)
     if not found:
         return []
     try:
-        then = _flatten(read_meta(found[-1])["config"])
+        then = flatten(read_meta(found[-1])["config"], sep=".")
     except (OSError, ValueError, KeyError):
         return []  # a damaged checkpoint: find_resumable reports it
-    now = _flatten(to_dict(cfg))
+    now = flatten(to_dict(cfg), sep=".")
     allowed = tuple(RESUMABLE_CHANGES)
     return [f"{key}: {then.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(then) | set(now))
             if then.get(key) != now.get(key) and not any(key == k or key.startswith(k + ".") for k in allowed)]
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
 
 
 def read_meta(checkpoint: str) -> dict:

@@ -79,7 +79,7 @@ class Tracker:
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.wandb_run is not None:
-            flat = _flatten(values)
+            flat = flatten(values)
             for k, v in flat.items():
                 if isinstance(v, (int, float, str)):
                     self.wandb_run.summary[k] = v
@@ -116,12 +116,13 @@ def _start_wandb(cfg: Config, run_dir: str, mode: str, key: Optional[str], run_i
     )
 
 
-def _flatten(values: dict, prefix: str = "") -> dict:
+def flatten(values: dict, prefix: str = "", sep: str = "/") -> dict:
+    """Nested dicts as one level: {"a": {"b": 1}} -> {"a/b": 1}."""
     out = {}
     for k, v in values.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, key + "/"))
+            out.update(flatten(v, key + sep, sep))
         else:
             out[key] = v
     return out
