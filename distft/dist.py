@@ -53,6 +53,23 @@ def init(info: DistInfo, backend: str, timeout_s: int, device: torch.device) -> 
     )
 
 
+def share_cpu_threads(device: torch.device) -> int:
+    """Give the ranks on one machine a fair share of its cores each; returns this rank's threads.
+
+    Every rank would otherwise start one compute thread per core: N ranks on N cores then run N*N
+    spinning threads, and a step that takes 0.05 s stalls for seconds (measured: 10 s stalls with 2
+    ranks on 2 cores). torchrun sets OMP_NUM_THREADS=1 for the same reason; an OMP_NUM_THREADS
+    the user set always wins. Only CPU ranks are touched (GPU ranks barely compute on the host).
+    """
+    if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+    if local > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // local))
+    return torch.get_num_threads()
+
+
 def shutdown() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

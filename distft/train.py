@@ -76,6 +76,7 @@ def train(cfg: Config) -> dict:
         print(f"run_dir: {run_dir}", flush=True)
     seed_everything(cfg.train.seed)
     device = dist.pick_device(cfg.train.device, info)
+    dist.share_cpu_threads(device)
     dist.init(info, cfg.parallel.backend, cfg.parallel.timeout_s, device)
     try:
         return _start(cfg, info, run_dir, device)
