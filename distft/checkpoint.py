@@ -415,8 +415,15 @@ def resume_conflicts(cfg: Config, run_dir: str) -> list[str]:
         return []  # a damaged checkpoint: find_resumable reports it
     now = flatten(to_dict(cfg), sep=".")
     allowed = tuple(RESUMABLE_CHANGES)
-    return [f"{key}: {then.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(then) | set(now))
-            if then.get(key) != now.get(key) and not any(key == k or key.startswith(k + ".") for k in allowed)]
+    conflicts = [f"{key}: {then.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(then) | set(now))
+                 if then.get(key) != now.get(key) and not any(key == k or key.startswith(k + ".") for k in allowed)]
+    from distft.engines import state_format
+
+    strategy = "parallel.strategy"
+    if state_format(str(then.get(strategy))) != state_format(str(now.get(strategy))):
+        conflicts.insert(0, f"{strategy}: {then.get(strategy)!r} -> {now.get(strategy)!r}, whose training states do "
+                            "not convert into each other")
+    return conflicts
 
 
 def read_meta(checkpoint: str) -> dict:

@@ -78,6 +78,14 @@ def build_model_for_engine(cfg: Config, dtype: torch.dtype, tokenizer, world_siz
     return build_trainable_model(cfg, dtype, tokenizer), "eager"
 
 
+def state_format(strategy: str) -> str:
+    """What a checkpoint's state/ holds under `parallel.strategy`, and so which strategies can
+    resume it: DCP (single, ddp, fsdp: tensors keyed by parameter name, any layout, any rank
+    count) or DeepSpeed's ZeRO partitions of one stage (any rank count through the universal
+    checkpoint; DeepSpeed 0.19.8 fails converting between stages)."""
+    return f"deepspeed-{strategy}" if strategy.startswith("zero") else "dcp"
+
+
 def build_engine(cfg: Config, model: torch.nn.Module, device: torch.device) -> Engine:
     strategy = cfg.parallel.strategy
     if strategy in ("single", "ddp"):

@@ -30,7 +30,9 @@ runs, so every rank must run the same forwards (the trainer gives all ranks the 
 
 Checkpoints: DeepSpeed's own `save_checkpoint` (every rank writes its partitions) and
 `load_checkpoint`; `distft.checkpoint` puts them inside its atomic, verified checkpoint directory
-and scans their pickles before DeepSpeed unpickles them.
+and scans their pickles before DeepSpeed unpickles them. On another number of ranks the state goes
+through DeepSpeed's universal checkpoint (`universal_state`), and two DeepSpeed 0.19.8 slips of
+ZeRO-3's universal load are put right after it (see `_load`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import shutil
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -48,7 +52,10 @@ from distft.checkpoint import CheckpointError
 from distft.config import Config, grad_accum_steps
 from distft.engines import autocast_context, autocast_dtype, build_optimizer
 
+log = logging.getLogger("distft")
+
 ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
+_OPTIM_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 
 
 DEEPSPEED_TAG = "zero"  # the sub-directory of a checkpoint's state/ that DeepSpeed writes
@@ -271,10 +278,100 @@ class DeepSpeedEngine:
                                 exclude_frozen_parameters=True)
 
     def load_state(self, path: str) -> None:
-        """DeepSpeed's own loader; the checkpoint must come from the same number of ranks
-        (another world size goes through a universal checkpoint, see distft.checkpoint)."""
+        """DeepSpeed's own loader. A checkpoint written by another number of ranks is converted to
+        DeepSpeed's universal checkpoint first (`universal_state`) and loaded from that."""
         tag = DEEPSPEED_TAG
-        loaded, _ = self.ds.load_checkpoint(path, tag=tag, load_module_strict=False, load_optimizer_states=True,
-                                            load_lr_scheduler_states=True)
+        saved = saved_world_size(os.path.join(path, tag))
+        current = torch.distributed.get_world_size()
+        if saved != current:
+            with universal_state(path, saved, current) as universal:
+                self._load(universal, universal=True)
+            return
+        self._load(path)
+
+    def _load(self, path: str, universal: bool = False) -> None:
+        tag = DEEPSPEED_TAG
+        config = self.ds._config
+        settings = [{k: v for k, v in group.items() if k not in ("params", "lr")} for group in self.optimizer.param_groups]
+        config.load_universal_checkpoint = universal  # DeepSpeed reads the switch from its config
+        try:
+            loaded, _ = self.ds.load_checkpoint(path, tag=tag, load_module_strict=False, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+        finally:
+            config.load_universal_checkpoint = False
+        if universal:
+            # ZeRO-3's universal load gives every param group the first group's hyperparameters
+            # (DeepSpeed 0.19.8): the no-decay group (norms, biases) would get weight decay. They
+            # come from the config, so put back what this engine was built with; the LR is the
+            # loaded schedule's.
+            for group, own, lr in zip(self.optimizer.param_groups, settings, self.scheduler.get_last_lr()):
+                group.update(own, lr=lr)
+            # It also hands every sub-group the same `step` tensor, which AdamW increments in
+            # place: the count would advance once per sub-group per step and skew the bias
+            # correction. One counter each.
+            for state in self.optimizer.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
         if loaded is None:
             raise CheckpointError(f"DeepSpeed found no checkpoint under {path} (tag {tag})")
+
+
+def saved_world_size(tag_dir: str) -> int:
+    """How many data-parallel ranks wrote the DeepSpeed checkpoint in `tag_dir` (one optimizer
+    partition file each)."""
+    ranks = {int(m.group(1)) for name in os.listdir(tag_dir) if (m := _OPTIM_FILE.search(name))}
+    if not ranks:
+        raise CheckpointError(f"{tag_dir} holds no ZeRO optimizer partitions (zero_pp_rank_*_optim_states.pt)")
+    return max(ranks) + 1
+
+
+@contextlib.contextmanager
+def universal_state(state_dir: str, saved: int, current: int):
+    """Yield a directory holding the ZeRO state of `state_dir` (written by `saved` ranks) as a
+    DeepSpeed universal checkpoint, which loads on any number of ranks, `current` here.
+
+    Rank 0 converts with DeepSpeed's own `ds_to_universal` (every partition merged into one file
+    per parameter and state: fp32 weight, exp_avg, exp_avg_sq) into `<checkpoint>.universal`,
+    next to the checkpoint, on the same (shared) filesystem the other nodes read; the checkpoint
+    itself is never touched, so its manifest still holds. The sources were verified and their
+    pickles scanned before any of this (`find_resumable`). The directory is removed after the
+    load; one left by a crash is replaced. Conversion runs in this process, serially: it happens
+    once per change of rank count, and forking worker processes out of a rank is not safe.
+    """
+    import argparse
+    import io
+
+    from distft import dist
+
+    checkpoint = os.path.dirname(os.path.normpath(state_dir))
+    out = checkpoint + ".universal"
+    error = None
+    if torch.distributed.get_rank() == 0:
+        log.info("resharding ZeRO state from %d to %d ranks: converting %s to a universal checkpoint", saved,
+                 current, checkpoint)
+        try:
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            shutil.rmtree(out, ignore_errors=True)
+            args = argparse.Namespace(
+                input_folder=os.path.join(state_dir, DEEPSPEED_TAG), output_folder=os.path.join(out, DEEPSPEED_TAG),
+                num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                inject_missing_state=True,
+            )
+            chatter = io.StringIO()
+            with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):  # prints, bars
+                ds_to_universal(args)
+            log.debug("%s", chatter.getvalue())
+        except Exception as err:  # noqa: BLE001 - reported on every rank below
+            error = f"{type(err).__name__}: {err}"
+    error = dist.all_gather_object(error)[0]
+    if error:
+        shutil.rmtree(out, ignore_errors=True)
+        raise CheckpointError(f"converting {checkpoint} (ZeRO state of {saved} ranks) for {current} ranks failed "
+                              f"({error}); resume on {saved} ranks, or pass resume=false to start over")
+    try:
+        yield out
+    finally:
+        dist.barrier()
+        if torch.distributed.get_rank() == 0:
+            shutil.rmtree(out, ignore_errors=True)

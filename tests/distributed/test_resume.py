@@ -13,11 +13,13 @@ the same order. Adapters train with dropout 0.1 here, so the RNG streams matter 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tests.distributed.helpers import REPO, run_dir_of, step_metrics, summary_of
@@ -112,29 +114,93 @@ def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint(uninterrupted, tm
     assert not os.path.exists(os.path.join(b, "checkpoints", "step_000008.tmp"))  # replaced by the real one
 
 
-@pytest.mark.parametrize("ranks_before, ranks_after", [(2, 1), (1, 2)])
-def test_fsdp_checkpoint_reshards_between_rank_counts(tmp_path, ranks_before, ranks_after):
-    """Saved by FSDP on N ranks, resumed by FSDP on M (same run.dir, same global batch: the data
-    position is kept in rows). Steps 5-8 must match a run that never changed its rank count:
-    the weights, Adam moments and schedule arrived (a missing moment or a shifted data position
-    moves the loss by >1e-3). Tolerance 1e-5 relative: sums run in another order on another
-    rank count (measured drift for 2 vs 1 rank <= 2e-7, see test_fsdp.py)."""
-    base = [*cli_args("full", "fsdp", tmp_path, ranks=ranks_before, steps=8), "checkpoint.save_every=4"]
-    reference = launch(*base, f"run.dir={tmp_path / 'reference'}")
-    assert reference.returncode == 0, reference.stderr[-3000:]
+RESHARD_WORKER = os.path.join(REPO, "tests", "distributed", "reshard_worker.py")
+
+
+def reshard_worker(out_dir, ranks: int, parallel: str, technique: str, mode: str) -> tuple[dict, dict]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", RESHARD_WORKER,
+         str(out_dir), parallel, technique, mode, str(out_dir / "checkpoint" / "state")],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    with open(out_dir / f"{mode}.json") as f:
+        return load_file(str(out_dir / f"{mode}.safetensors")), json.load(f)
+
+
+@pytest.mark.parametrize("parallel, technique, ranks_before, ranks_after", [
+    ("fsdp", "full", 2, 1), ("fsdp", "lora", 1, 2),
+    ("zero2", "full", 2, 1), ("zero2", "lora", 1, 2),
+    ("zero3", "full", 1, 2), ("zero3", "lora", 2, 1),
+    ("fsdp>ddp", "full", 2, 1),  # DCP state: another layout as well as another rank count
+])
+def test_training_state_reshards_tensor_for_tensor(tmp_path, parallel, technique, ranks_before, ranks_after):
+    """The engine's state saved on N ranks after 3 steps, loaded on M into a model initialised
+    differently: every trainable weight (ZeRO: the fp32 master copy) and every Adam moment,
+    gathered at full size, equals the saved one exactly (DCP reshards FSDP; ZeRO goes through
+    DeepSpeed's universal checkpoint), the schedule, the param groups and Adam's step counts are
+    where they were, and the next step trains and counts once."""
+    parallel_before, _, parallel_after = parallel.partition(">")
+    saved, before = reshard_worker(tmp_path, ranks_before, parallel_before, technique, "save")
+    loaded, after = reshard_worker(tmp_path, ranks_after, parallel_after or parallel_before, technique, "load")
+    assert (before["world_size"], after["world_size"]) == (ranks_before, ranks_after)
+    kinds = {key.split("/")[0] for key in saved}
+    assert kinds == {"weight", "exp_avg", "exp_avg_sq"}
+    assert set(loaded) == set(saved)
+    for key in saved:
+        assert torch.equal(saved[key], loaded[key]), key
+    assert any(bool(saved[key].any()) for key in saved if key.startswith("exp_avg/"))  # 3 steps were taken
+    assert after["lr"] == before["lr"]
+    assert after["groups"] == before["groups"]  # ZeRO-3's universal load gave all groups the first one's
+    assert set(before["adam_steps"]) == set(after["adam_steps"]) == {3.0}
+    assert set(after["adam_steps_after"]) == {4.0}  # ZeRO-3's universal load shared one counter
+    assert after["lr_after"] < after["lr"] and math.isfinite(after["loss"]) and math.isfinite(after["grad_norm"])
+    assert not os.path.exists(tmp_path / "checkpoint.universal")  # the conversion is cleaned up
+
+
+@pytest.fixture(scope="module")
+def unresharded(tmp_path_factory):
+    """An 8-step run on 2 ranks, never resharded, per engine."""
+    done: dict = {}
+
+    def run(parallel: str) -> str:
+        if parallel not in done:
+            root = tmp_path_factory.mktemp(f"reference-{parallel}")
+            proc = launch(*cli_args("full", parallel, root, steps=8), "checkpoint.save_every=4")
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            done[parallel] = run_dir_of(proc)
+        return done[parallel]
+
+    return run
+
+
+@pytest.mark.parametrize("parallel, ranks_before, ranks_after", [
+    ("fsdp", 2, 1), ("fsdp", 1, 2), ("zero2", 2, 1), ("zero3", 1, 2),
+])
+def test_a_run_resumes_on_another_number_of_ranks(unresharded, tmp_path, parallel, ranks_before, ranks_after):
+    """Killed after its step-4 checkpoint on N ranks, the run is resumed with the same command on M
+    (same run.dir, same global batch: the data position is kept in rows). Steps 5-8 must match a
+    run that never changed its rank count: the weights, Adam moments and schedule arrived (a
+    missing moment or a shifted data position moves the loss by >1e-3). Tolerance 1e-5 relative:
+    sums run in another order on another rank count (measured drift for 2 vs 1 rank <= 2e-7, see
+    test_fsdp.py)."""
     run_dir = str(tmp_path / "resharded")
-    killed = launch(*base, f"run.dir={run_dir}", faults="kill_after_save:4")
+    before = [*cli_args("full", parallel, tmp_path, ranks=ranks_before, steps=8), "checkpoint.save_every=4",
+              f"run.dir={run_dir}"]
+    killed = launch(*before, faults="kill_after_save:4")
     assert killed.returncode != 0
-    after = [*cli_args("full", "fsdp", tmp_path, ranks=ranks_after, steps=8), "checkpoint.save_every=4",
+    after = [*cli_args("full", parallel, tmp_path, ranks=ranks_after, steps=8), "checkpoint.save_every=4",
              f"run.dir={run_dir}"]
     resumed = launch(*after)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = summary_of(run_dir)
     assert summary["world_size"] == ranks_after and summary["resumed_from"].endswith("step_000004")
     assert f"resharded from {ranks_before} to {ranks_after} ranks" in resumed.stdout + resumed.stderr
-    expected, got = step_metrics(str(tmp_path / "reference")), step_metrics(run_dir)
-    assert got[:4] == expected[:4]
+    expected, got = step_metrics(unresharded(parallel)), step_metrics(run_dir)
+    assert len(got) == 8
+    assert got[:4] == pytest.approx(expected[:4], rel=1e-5)
     assert got[4:] == pytest.approx(expected[4:], rel=1e-5)
+    assert not os.path.exists(os.path.join(run_dir, "checkpoints", "step_000004.universal"))
 
 
 def _checkpoint_weights(run_dir: str, step: int) -> dict:

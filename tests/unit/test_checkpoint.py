@@ -272,6 +272,18 @@ def test_resuming_with_another_config_is_refused(interrupted):
     assert not os.path.exists(os.path.join(interrupted, "summary.json"))
 
 
+def test_resuming_under_an_engine_that_cannot_read_the_state_is_refused(interrupted):
+    """DCP state (single/ddp/fsdp) and DeepSpeed's ZeRO partitions do not convert into each
+    other; the refusal comes before any engine is built, nothing in the run changes."""
+    from distft.train import train
+
+    before = sorted(os.listdir(os.path.join(interrupted, "checkpoints")))
+    with pytest.raises(CheckpointError, match=r"parallel.strategy: 'single' -> 'zero2', whose training states do "
+                                              r"not convert into each other.*resume=false"):
+        train(compose(*RUN, f"run.dir={interrupted}", "parallel=zero2"))
+    assert sorted(os.listdir(os.path.join(interrupted, "checkpoints"))) == before
+
+
 def test_a_resumed_run_keeps_its_wandb_run(interrupted, finished):
     """The tracker run id is chosen once per run directory: a resume continues the same W&B run."""
     with open(os.path.join(finished["run_dir"], "tracker_run_id")) as f:
