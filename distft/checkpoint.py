@@ -18,7 +18,9 @@ the files (each a share), rank 0 writes the manifest, the commit marker, renames
 into place and points `latest` at it. A crash at any instant leaves either a `.tmp` directory
 (ignored and replaced by the next save) or a complete checkpoint; the previous checkpoint is
 never touched. Retention (`checkpoint.keep_last`) runs only after the new one is committed and
-never deletes it. A failed write (a full disk) ends in a CheckpointError on every rank and
+never deletes it. With `checkpoint.async_save` (DDP/FSDP) the engine state is staged in host
+memory and written by a background thread; the trainer commits it at the first step boundary
+where every rank's write is done (and always before the next save and at the end). A failed write (a full disk) ends in a CheckpointError on every rank and
 removes only the unfinished `.tmp` directory.
 
 Reading (`find_resumable`, every rank): candidates newest first; each is verified against its
@@ -45,6 +47,7 @@ import pickle
 import shutil
 import time
 import zipfile
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from distft import dist, faults
@@ -84,13 +87,36 @@ def committed_checkpoints(run_dir: str) -> list[str]:
 # ------------------------------------------------------------------------------------ saving
 
 
+@dataclass
+class PendingCheckpoint:
+    """A checkpoint written except for its engine state, which a background thread is still
+    writing (`checkpoint.async_save`); `commit_checkpoint` finishes it."""
+
+    run_dir: str
+    step: int
+    tmp: str
+    final: str
+    keep_last: int
+    future: Any = None  # the state write: a Future, or None when it was written synchronously
+
+    def written(self) -> bool:
+        """This rank's share is on disk (or failed): the commit will not wait."""
+        return self.future is None or self.future.done()
+
+
 def save_checkpoint(
-    run_dir: str, step: int, engine, tokenizer, cfg: Config, trainer_state: dict, weights: Optional[dict]
-) -> str:
+    run_dir: str, step: int, engine, tokenizer, cfg: Config, trainer_state: dict, weights: Optional[dict],
+    background: bool = False,
+):
     """Every rank: write the checkpoint of `step` and commit it. Returns its directory.
 
     `weights`: the full state dict gathered from a sharded engine on rank 0 (None: the model
     holds full weights), for the Hugging Face copy under model/.
+
+    `background=True` (DCP engines): the engine state is copied to host memory here and written
+    by a background thread while training goes on; everything else is written now. Returns a
+    PendingCheckpoint, which `commit_checkpoint` commits once the write is done: until then it is
+    a `.tmp` directory like any unfinished save.
     """
     info = dist.from_env()
     root = checkpoints_dir(run_dir)
@@ -101,9 +127,10 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # what a crashed save left
         os.makedirs(tmp)
     dist.barrier()
+    pending = PendingCheckpoint(run_dir, step, tmp, final, cfg.checkpoint.keep_last)
     error = None
     try:
-        engine.save_state(os.path.join(tmp, STATE_DIR))  # collective
+        pending.future = engine.save_state(os.path.join(tmp, STATE_DIR), background=background)  # collective
         _save_rng(tmp, info.rank)
         if info.is_main:
             model = engine.unwrapped()
@@ -125,6 +152,27 @@ def save_checkpoint(
             raise
         error = f"rank {info.rank}: {_root_cause(err)}"
     errors = [e for e in dist.all_gather_object(error) if e]
+    if errors:
+        _fail(pending, errors, info)
+    if pending.future is not None:
+        return pending
+    return commit_checkpoint(pending)
+
+
+def commit_checkpoint(pending: PendingCheckpoint) -> str:
+    """Every rank: wait for the state write, hash every file (each rank a share), and commit:
+    manifest, commit marker, rename into place, `latest`, retention. Returns the directory."""
+    info = dist.from_env()
+    step, tmp, final, root = pending.step, pending.tmp, pending.final, os.path.dirname(pending.final)
+    errors: list[str] = []
+    if pending.future is not None:
+        try:
+            pending.future.result()
+        except BaseException as err:  # noqa: BLE001 - reported collectively below
+            if isinstance(err, (KeyboardInterrupt, SystemExit)):
+                raise
+            errors = [f"rank {info.rank}: {_root_cause(err)}"]
+        errors = [e for part in dist.all_gather_object(errors) for e in part]
     if not errors:
         faults.point("after_shards", step)
         try:
@@ -145,21 +193,28 @@ def save_checkpoint(
             _fsync_dir(root)
             shutil.rmtree(final + ".old", ignore_errors=True)
             _write_text(os.path.join(root, LATEST), os.path.basename(final) + "\n")
-            _prune(run_dir, final, cfg.checkpoint.keep_last)
+            _prune(pending.run_dir, final, pending.keep_last)
         except OSError as err:
             errors = [f"rank 0: {err}"]
     errors = sorted({e for part in dist.all_gather_object(errors) for e in part})  # rank 0's commit, to all
     if errors:
-        if info.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        previous = committed_checkpoints(run_dir)
-        raise CheckpointError(
-            f"saving the checkpoint of step {step} failed ({errors[0]}); nothing was committed and earlier "
-            f"checkpoints are untouched (newest: {previous[-1] if previous else 'none'}). Free disk space or set "
-            "run.dir / checkpoint settings, then rerun the same command to resume"
-        )
+        _fail(pending, errors, info)
     dist.barrier()  # nobody moves on (or resumes, or exits) before the checkpoint is committed
+    log.info("checkpoint: %s", final)
+    faults.point("after_save", step)
     return final
+
+
+def _fail(pending: PendingCheckpoint, errors: list[str], info) -> None:
+    """A failed save, on every rank: remove the unfinished directory, raise one clear error."""
+    if info.is_main:
+        shutil.rmtree(pending.tmp, ignore_errors=True)
+    previous = committed_checkpoints(pending.run_dir)
+    raise CheckpointError(
+        f"saving the checkpoint of step {pending.step} failed ({errors[0]}); nothing was committed and earlier "
+        f"checkpoints are untouched (newest: {previous[-1] if previous else 'none'}). Free disk space or set "
+        "run.dir / checkpoint settings, then rerun the same command to resume"
+    )
 
 
 def _root_cause(err: BaseException) -> str:

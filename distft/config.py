@@ -250,6 +250,9 @@ class EvalConfig:
 class CheckpointConfig:
     save_every: int = 0  # steps; 0: only the final checkpoint
     keep_last: int = 2  # committed checkpoints kept (the newest is never deleted); 0: all
+    # DDP/FSDP: stage the sharded state in host memory and write it in a background thread while
+    # training goes on (committed once written); costs one extra copy of the state in host memory.
+    async_save: bool = False
 
 
 @dataclass

@@ -162,6 +162,7 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
     if resumed_from is None:
         # Each rank its own dropout stream (the model was built identically on every rank above).
         torch.manual_seed(cfg.train.seed + info.rank)
+    checkpoints = _Checkpoints(run_dir, engine, tokenizer, cfg, batches, state, info, device)
     progress = Progress(cfg.train.max_steps, state["step"], info.is_main, cfg.train.log_every)
     iterator = iter(batches)
     engine.train()
@@ -181,8 +182,7 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
         # fp16: an inf grad norm with a finite loss is the loss scaler's own overflow skip.
         fp16 = autocast_dtype(cfg.train.precision, device) == torch.float16
         if not math.isfinite(loss_total) or (not math.isfinite(grad_norm) and not fp16):
-            _nonfinite_step(run_dir, step, loss_total, grad_norm, local_finite, engine, tokenizer, cfg, batches,
-                            state, info, tracker)
+            _nonfinite_step(step, loss_total, grad_norm, local_finite, cfg, state, tracker, checkpoints)
         else:
             last_loss = loss_total / max(step_targets, 1)
             tokens_per_s = step_tokens / max(step_time, 1e-9)
@@ -196,14 +196,16 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
                          step, cfg.train.early_stopping_patience)
                 state["stopped_early"] = True
                 break
+        checkpoints.poll()
         if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < cfg.train.max_steps:
-            _save(run_dir, step, engine, tokenizer, cfg, batches, state, info)
+            checkpoints.save(step, background=cfg.checkpoint.async_save)
     progress.close()
+    checkpoints.finish()
 
     eval_after = _evaluate(engine, tokenizer, held_out, data.eval_rows, cfg)
     log.info("tuned model: %s", _fmt_eval(eval_after))
     tracker.log(state["step"], {"eval_loss": eval_after["loss"]})
-    final_checkpoint = _save(run_dir, state["step"], engine, tokenizer, cfg, batches, state, info)
+    final_checkpoint = checkpoints.save(state["step"])
 
     from distft.evaluate import metrics_only, write_report
 
@@ -296,8 +298,8 @@ def optimizer_step(engine, micro_batches: list[dict], step: int = 0) -> tuple[fl
     return float(loss_total), int(step_targets.item()), grad_norm, local_finite
 
 
-def _nonfinite_step(run_dir, step, loss_total, grad_norm, local_finite, engine, tokenizer, cfg: Config, batches,
-                    state: dict, info, tracker: Tracker) -> None:
+def _nonfinite_step(step, loss_total, grad_norm, local_finite, cfg: Config, state: dict, tracker: Tracker,
+                    checkpoints: _Checkpoints) -> None:
     """A step whose loss or grad norm was not finite: the engine applied nothing. Count it, and
     under train.nonfinite=halt (or past train.max_nonfinite_steps) save and stop."""
     bad_ranks = [r for r, ok in enumerate(dist.all_gather_object(local_finite)) if not ok]
@@ -307,7 +309,7 @@ def _nonfinite_step(run_dir, step, loss_total, grad_norm, local_finite, engine, 
     what = f"loss {loss_total} (non-finite on {where}), grad norm {grad_norm}"
     too_many = state["nonfinite_steps"] > cfg.train.max_nonfinite_steps
     if cfg.train.nonfinite == "halt" or too_many:
-        path = _save(run_dir, step, engine, tokenizer, cfg, batches, state, info)
+        path = checkpoints.save(step)
         reason = ("train.nonfinite=halt" if not too_many
                   else f"{state['nonfinite_steps']} skipped steps > train.max_nonfinite_steps")
         raise NonFiniteError(
@@ -396,17 +398,44 @@ def _resume(run_dir: str, engine, batches, state: dict, tracker: Tracker, cfg: C
     return checkpoint
 
 
-def _save(run_dir, step, engine, tokenizer, cfg: Config, batches, state: dict, info) -> str:
-    from distft import faults
-    from distft.checkpoint import save_checkpoint
+class _Checkpoints:
+    """The trainer's saves: synchronous, or with `checkpoint.async_save` written in the background
+    and committed at the first step boundary where every rank's write is done."""
 
-    weights = engine.gathered_state_dict()  # collective: every rank takes part
-    trainer_state = {"step": step, "loop": dict(state), "data": batches.state_dict(),
-                     "world_size": info.world_size, "parallel": cfg.parallel.strategy}  # loop: eval_before too
-    path = save_checkpoint(run_dir, step, engine, tokenizer, cfg, trainer_state, weights)
-    log.info("checkpoint: %s", path)
-    faults.point("after_save", step)
-    return path
+    def __init__(self, run_dir: str, engine, tokenizer, cfg: Config, batches, state: dict, info, device):
+        self.run_dir, self.engine, self.tokenizer, self.cfg = run_dir, engine, tokenizer, cfg
+        self.batches, self.state, self.info, self.device = batches, state, info, device
+        self.pending = None
+
+    def save(self, step: int, background: bool = False) -> Optional[str]:
+        """Every rank. Returns the committed directory, or None while it is written in the background."""
+        from distft.checkpoint import save_checkpoint
+
+        self.finish()  # one write at a time, in step order
+        weights = self.engine.gathered_state_dict()  # collective: every rank takes part
+        trainer_state = {"step": step, "loop": dict(self.state), "data": self.batches.state_dict(),
+                         "world_size": self.info.world_size, "parallel": self.cfg.parallel.strategy}
+        result = save_checkpoint(self.run_dir, step, self.engine, self.tokenizer, self.cfg, trainer_state, weights,
+                                 background=background)
+        if isinstance(result, str):
+            return result
+        self.pending = result
+        log.info("checkpoint of step %d: writing in the background", step)
+        return None
+
+    def poll(self) -> None:
+        """Every rank, at each step boundary: commit the background write once all ranks finished it."""
+        if self.pending is not None and not dist.any_rank(not self.pending.written(), self.device):
+            self.finish()
+
+    def finish(self) -> Optional[str]:
+        """Every rank: wait for a background write and commit it."""
+        from distft.checkpoint import commit_checkpoint
+
+        if self.pending is None:
+            return None
+        pending, self.pending = self.pending, None
+        return commit_checkpoint(pending)
 
 
 def _fmt_eval(result: dict) -> str:

@@ -362,6 +362,10 @@ def _check_eval_and_run(cfg: Config, errors: list[str]) -> None:
     _positive(errors, "eval.report_samples", cfg.eval.report_samples, allow_zero=True)
     _positive(errors, "checkpoint.keep_last", cfg.checkpoint.keep_last, allow_zero=True)  # 0: keep all
     _positive(errors, "checkpoint.save_every", cfg.checkpoint.save_every, allow_zero=True)
+    if cfg.checkpoint.async_save and cfg.parallel.strategy.startswith("zero"):
+        errors.append(f"checkpoint.async_save=true needs parallel=single, ddp or fsdp (torch.distributed.checkpoint); "
+                      f"DeepSpeed writes parallel={cfg.parallel.strategy} checkpoints synchronously: drop "
+                      "checkpoint.async_save")
     # run.experiment names a directory under run.root: one plain path component.
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", cfg.run.experiment) or ".." in cfg.run.experiment:
         errors.append(

@@ -52,9 +52,11 @@ class Engine(Protocol):
         when `unwrapped()` already holds full weights (single, DDP). A collective: every rank
         calls it. Checkpoints and adapter saves use it so sharded runs save real weights."""
 
-    def save_state(self, path: str) -> None:
+    def save_state(self, path: str, background: bool = False):
         """Write the trainable weights, optimizer, LR schedule (and grad scaler) into directory
-        `path`, sharded as the engine holds them. A collective: every rank calls it."""
+        `path`, sharded as the engine holds them. A collective: every rank calls it.
+        `background`: stage a copy now and write it in a background thread; returns a Future
+        (None when the write is already done)."""
 
     def load_state(self, path: str) -> None:
         """Restore what `save_state` wrote, possibly on another number of ranks. A collective."""

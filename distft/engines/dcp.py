@@ -34,24 +34,48 @@ def _options(strict: bool = True):
     return StateDictOptions(ignore_frozen_params=True, strict=strict)
 
 
-def save(path: str, model: torch.nn.Module, optimizer, scheduler, scaler=None) -> None:
-    """Every rank: write `model`'s trainable weights and `optimizer`'s state into directory `path`."""
+_GROUP = None
+
+
+def _background_group():
+    """A process group of its own for background writes: DCP's planning collectives then never
+    interleave with the training step's collectives on the default group. Made once, on every
+    rank (the first background save is a collective anyway)."""
+    global _GROUP
+    if _GROUP is None:
+        _GROUP = torch.distributed.new_group(backend="gloo")
+    return _GROUP
+
+
+def save(path: str, model: torch.nn.Module, optimizer, scheduler, scaler=None, background: bool = False):
+    """Every rank: write `model`'s trainable weights and `optimizer`'s state into directory `path`.
+
+    `background`: copy the tensors to host memory now, write them in a background thread
+    (`dcp.async_save`); returns its Future. Training may change the live tensors right after."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer, options=_options())
     tensors = {"model": model_state, "optimizer": optim_state["state"]}
+    distributed = torch.distributed.is_initialized()
+    future = None
     with warnings.catch_warnings():  # one process: DCP warns that it assumes one process
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(tensors, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        rest = {
+        if background:
+            group = _background_group() if distributed else None
+            future = dcp.async_save(tensors, checkpoint_id=path, process_group=group, no_dist=not distributed)
+        else:
+            dcp.save(tensors, checkpoint_id=path, no_dist=not distributed)
+    if not distributed or torch.distributed.get_rank() == 0:
+        rest = {  # taken now: the schedule moves on while the tensors are written
             "param_groups": optim_state["param_groups"],
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
         }
+        os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, STATE_JSON), "w") as f:
             json.dump(rest, f)
+    return future
 
 
 def load(path: str, model: torch.nn.Module, optimizer, scheduler, scaler=None) -> None:

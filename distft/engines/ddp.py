@@ -80,10 +80,10 @@ class DDPEngine:
     def gathered_state_dict(self) -> dict | None:
         return None  # every rank holds the full weights already
 
-    def save_state(self, path: str) -> None:
+    def save_state(self, path: str, background: bool = False):
         from distft.engines import dcp
 
-        dcp.save(path, self._model, self.optimizer, self.scheduler, self.scaler)
+        return dcp.save(path, self._model, self.optimizer, self.scheduler, self.scaler, background)
 
     def load_state(self, path: str) -> None:
         from distft.engines import dcp

@@ -270,10 +270,11 @@ class DeepSpeedEngine:
     def _unpin_prompt_embeddings(self) -> None:
         self.ds.module.__dict__.pop("get_prompt_embedding_to_save", None)
 
-    def save_state(self, path: str) -> None:
+    def save_state(self, path: str, background: bool = False) -> None:
         """Every rank writes its partitions in DeepSpeed's own layout (under tag `zero`): trainable
         weights (fp32 masters), optimizer state, the LR schedule. Frozen weights (an adapter's
-        base) are left out: they are rebuilt from the config."""
+        base) are left out: they are rebuilt from the config. Always synchronous (validate()
+        refuses checkpoint.async_save with ZeRO)."""
         self.ds.save_checkpoint(path, tag=DEEPSPEED_TAG, client_state={}, save_latest=False,
                                 exclude_frozen_parameters=True)
 

@@ -139,11 +139,11 @@ class FSDPEngine:
                     state.setdefault(f"{name}.weight.{key}", value.detach().cpu())
         return state
 
-    def save_state(self, path: str) -> None:
+    def save_state(self, path: str, background: bool = False):
         """Each rank writes its own shards (DCP); a checkpoint loads on any number of ranks."""
         from distft.engines import dcp
 
-        dcp.save(path, self._model, self.optimizer, self.scheduler, self.scaler)
+        return dcp.save(path, self._model, self.optimizer, self.scheduler, self.scaler, background)
 
     def load_state(self, path: str) -> None:
         from distft.engines import dcp

@@ -96,6 +96,28 @@ def test_a_killed_run_resumes_exactly(uninterrupted, tmp_path, parallel, techniq
     assert diff == 0.0
 
 
+@pytest.mark.parametrize("parallel, technique", [("ddp", "lora"), ("fsdp", "full")])
+def test_a_background_save_overlaps_training_and_resumes_exactly(uninterrupted, tmp_path, parallel, technique):
+    """checkpoint.async_save: the step-8 state is staged and written by a background thread while
+    step 9 trains, and committed afterwards; the run is killed right after that commit. The
+    resumed run still ends bit for bit where the synchronous, uninterrupted run A ends: what was
+    written is the state of step 8, not a later one the training thread had moved on to."""
+    a = uninterrupted(parallel, technique)
+    args = [*cli_args(technique, parallel, tmp_path), "checkpoint.save_every=8", "checkpoint.async_save=true"]
+    killed = launch(*args, faults="kill_after_save:8")
+    assert killed.returncode != 0, "the fault did not fire"
+    log = killed.stdout + killed.stderr
+    started, committed = log.index("checkpoint of step 8: writing in the background"), log.index("step_000008\n")
+    assert started < log.index("step 9/20") < committed  # training went on while the state was written
+    resumed = launch(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    b = run_dir_of(resumed)
+    assert summary_of(b)["resumed_from"].endswith("step_000008")
+    assert step_metrics(b) == step_metrics(a)
+    weights_a, weights_b = final_weights(a), final_weights(b)
+    assert max(float((weights_a[k].float() - weights_b[k].float()).abs().max()) for k in weights_a) == 0.0
+
+
 def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint(uninterrupted, tmp_path):
     """Rank 1 dies after writing its shards of step 8, before the manifest and the commit: the
     step-8 directory stays a `.tmp`, never committed; the rerun resumes from step 4 and ends

@@ -462,6 +462,8 @@ def test_default_config_is_valid():
         ({"data.source": "csv", "data.path": "x.csv", "data.format": "chat"}, "data.format=chat needs a list of messages"),
         ({"train.device": "gpu"}, "train.device='gpu' is not one of: auto, cpu, cuda, cuda:N"),
         ({"parallel.backend": "mpi"}, "parallel.backend='mpi' is not one of: auto, nccl, gloo"),
+        ({"checkpoint.async_save": True, "parallel.strategy": "zero2", "launcher.nproc_per_node": 2},
+         "checkpoint.async_save=true needs parallel=single, ddp or fsdp"),
     ],
 )  # fmt: skip
 def test_validate_rule(changes, start):
