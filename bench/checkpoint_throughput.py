@@ -8,9 +8,13 @@ written with plain sequential `f.write` of 4 MiB chunks and one fsync, and read 
 
     save / seq write = baseline write time / save_checkpoint time (same bytes)
     load / seq read  = baseline read time / (verify + engine.load_state) time (same bytes)
+    async blocked    = baseline write time / time save_checkpoint(background=True) blocks
 
 `engine.save_state` alone (the sharded state, no HF copy, no hashing) is timed too, which shows what
-the manifest hashing and the HF copy add. Every figure is the median of `--reps` repetitions; the
+the manifest hashing and the HF copy add. `checkpoint.async_save` is timed as the trainer sees it:
+how long `save_checkpoint(background=True)` blocks (staging the state in host memory, the HF copy,
+RNG), and the time until `commit_checkpoint` returns with nothing else running (an upper bound:
+in training the write overlaps steps). Every figure is the median of `--reps` repetitions; the
 baseline and the save are interleaved so that background load affects both alike.
 
 Why. A checkpoint should cost about what the disk costs; a ratio far below 1 points at overhead
@@ -141,6 +145,7 @@ def run(args) -> tuple[list[tuple[str, int, float, float]], dict]:
         block = os.urandom(CHUNK)
 
         write_t, save_t, state_t, state_bytes = [], [], [], 0
+        blocked_t, async_t = [], []
         ckpts = []
         for rep in range(args.reps):
             seconds, _ = timed(seq_write, os.path.join(work, f"baseline_{rep}.bin"), total, block)
@@ -150,6 +155,13 @@ def run(args) -> tuple[list[tuple[str, int, float, float]], dict]:
             )
             save_t.append(seconds)
             ckpts.append(ckpt)
+            # checkpoint.async_save: what the training thread waits for, then the background rest.
+            seconds, pending = timed(
+                checkpoint.save_checkpoint, run_dir, 100 + rep, engine, tokenizer, cfg, trainer_state, None, True
+            )
+            blocked_t.append(seconds)
+            async_t.append(seconds + timed(checkpoint.commit_checkpoint, pending)[0])
+            shutil.rmtree(pending.final)
             state_dir = os.path.join(work, f"state_only_{rep}")
             state_t.append(timed(engine.save_state, state_dir)[0])
             state_bytes = dir_bytes(state_dir)
@@ -178,6 +190,8 @@ def run(args) -> tuple[list[tuple[str, int, float, float]], dict]:
         ("seq write (4 MiB + fsync)", total, w, 1.0),
         ("save_checkpoint", total, s, w / s),
         ("  engine.save_state only", state_bytes, st, state_base / st),
+        ("async save: training blocked", total, med(blocked_t), w / med(blocked_t)),
+        ("async save: until committed", total, med(async_t), w / med(async_t)),
         ("seq read (4 MiB, page cache)", total, r, 1.0),
         ("  checkpoint.verify", total, v, r / v),
         ("  engine.load_state", state_bytes, ld, r * state_bytes / total / ld),
@@ -231,6 +245,8 @@ def main(argv: list[str] | None = None) -> None:
     summary = (
         f"save / seq write = {ratios['save_checkpoint']:.2f}   "
         f"(state only {ratios['  engine.save_state only']:.2f})\n"
+        f"async blocked    = {ratios['async save: training blocked']:.2f}   "
+        f"(until committed {ratios['async save: until committed']:.2f})\n"
         f"load / seq read  = {ratios['verify + load_state']:.2f}   "
         f"(verify {ratios['  checkpoint.verify']:.2f}, load_state {ratios['  engine.load_state']:.2f})"
     )
