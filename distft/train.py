@@ -113,7 +113,7 @@ def _start(cfg: Config, info, run_dir: str, device: torch.device) -> dict:
         if not os.path.exists(os.path.join(run_dir, "config.yaml")):  # a resume keeps the first dump
             write_config_dump(cfg, run_dir)
     dist.barrier()
-    return _train(cfg, info, run_dir, os.path.join(run_dir, SUMMARY), device)
+    return _train(cfg, info, run_dir, summary_path, device)
 
 
 def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.device) -> dict:
@@ -163,6 +163,8 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
         # Each rank its own dropout stream (the model was built identically on every rank above).
         torch.manual_seed(cfg.train.seed + info.rank)
     checkpoints = _Checkpoints(run_dir, engine, tokenizer, cfg, batches, state, info, device)
+    # fp16: an inf grad norm with a finite loss is the loss scaler's own overflow skip, not a fault.
+    fp16 = autocast_dtype(cfg.train.precision, device) == torch.float16
     progress = Progress(cfg.train.max_steps, state["step"], info.is_main, cfg.train.log_every)
     iterator = iter(batches)
     engine.train()
@@ -179,8 +181,6 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
         state["train_time_s"] += step_time
         step = state["step"]
         # Loss and grad norm are global (all-reduced), so every rank takes the same branch here.
-        # fp16: an inf grad norm with a finite loss is the loss scaler's own overflow skip.
-        fp16 = autocast_dtype(cfg.train.precision, device) == torch.float16
         if not math.isfinite(loss_total) or (not math.isfinite(grad_norm) and not fp16):
             _nonfinite_step(step, loss_total, grad_norm, local_finite, cfg, state, tracker, checkpoints)
         else:
