@@ -34,13 +34,20 @@ def hydra_entry(dict_cfg) -> None:
     cfg = to_config(dict_cfg)
     from distft import dist
     from distft.config import world_size
+    from launchers.slurm import is_rank_process, rank_environment
 
+    argv = _job_argv()
+    if cfg.launcher.kind == "slurm" and not is_rank_process():
+        from launchers.slurm import submit
+
+        sys.exit(submit(cfg, argv))  # from the login node: check, submit, print, return
+    rank_environment()  # inside a SLURM step or a submitit job: rendezvous from its environment
     env = dist.from_env()
     if world_size(cfg) > 1 and env.world_size == 1:
         # Not started by a launcher yet: become the launcher.
         from launchers.local import launch
 
-        sys.exit(launch(cfg, _ARGV))
+        sys.exit(launch(cfg, argv))
     if env.world_size != world_size(cfg):
         print(
             f"distft: the launcher started {env.world_size} ranks but the config asks for {world_size(cfg)} "
@@ -48,16 +55,53 @@ def hydra_entry(dict_cfg) -> None:
             file=sys.stderr,
         )
         sys.exit(2)
+    from distft.preemption import EXIT_STOPPED, Preempted
     from distft.train import NonFiniteError, train
 
+    _record_sweep_point(cfg, env)
     try:
         train(cfg)
+    except Preempted as err:  # the scheduler's signal: checkpoint saved; requeued or not
+        print(f"distft: {err}", file=sys.stderr)
+        sys.exit(0 if err.requeued else EXIT_STOPPED)
     except NonFiniteError as err:  # the run itself went wrong, not its input: exit 3
         print(f"distft: {err}", file=sys.stderr)
         sys.exit(3)
     except _user_error_types() as err:
         print(f"distft: {err}", file=sys.stderr)
         sys.exit(2)
+    except Exception:
+        if env.world_size > 1:  # name the rank: its peers are about to be stopped by the launcher
+            import socket
+
+            print(f"distft: rank {env.rank} of {env.world_size} on {socket.gethostname()} failed:", file=sys.stderr)
+        raise
+
+
+def _job_argv() -> list[str]:
+    """The command line of this job alone: in a sweep (-m) the point's own overrides, so that
+    ranks or jobs started from it run that point, not the sweep again."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return list(hydra_cfg.overrides.task)
+    return list(_ARGV)
+
+
+def _record_sweep_point(cfg, env) -> None:
+    """In a sweep, rank 0 leaves `<sweep dir>/<job num>/point.json` (its overrides and run
+    directory) for the sweep summary (distft/sweep.py) to find the runs."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN or env.rank != 0:
+        return
+    from distft.sweep import write_point
+
+    write_point(hydra_cfg.runtime.output_dir, cfg, list(hydra_cfg.overrides.task), hydra_cfg.job.num)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,15 +109,17 @@ def main(argv: list[str] | None = None) -> None:
     flags = [a for a in argv if a.startswith("-")]
     informational = {"--help", "-h", "--hydra-help", "--info", "--cfg", "-c", "--resolve", "--shell-completion"}
     if not informational.intersection(a.split("=")[0] for a in flags):
-        _, errors = preflight(argv)
+        cfg, errors = preflight(argv)
         if errors:
             print(format_errors(errors), file=sys.stderr)
             sys.exit(2)
+        from launchers.slurm import sweep_launcher_overrides
+
+        argv = argv + sweep_launcher_overrides(cfg, argv)  # submitit sweeps: each point sized like a run
     register_configs()
     _ARGV[:] = argv
     sys.argv = [sys.argv[0], *argv]
     hydra_entry()
-
 
 if __name__ == "__main__":
     main()

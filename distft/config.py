@@ -139,9 +139,18 @@ class ParallelConfig:
 
 @dataclass
 class LauncherConfig:
-    """How ranks are started. `local`: this process when there is one rank, else torch's elastic
-    agent starts `nproc_per_node` rank processes here; with `nnodes` > 1 the same command runs on
-    every node and meets at `rdzv_endpoint` (torchrun style, no SLURM needed)."""
+    """How ranks are started.
+
+    `local`: this process when there is one rank, else torch's elastic agent starts
+    `nproc_per_node` rank processes here; with `nnodes` > 1 the same command runs on every node and
+    meets at `rdzv_endpoint` (torchrun style, no SLURM needed).
+
+    `slurm` (launchers/slurm.py): the command submits one job of `nodes` x `tasks_per_node` ranks
+    through submitit and returns (`wait=true` follows it). `tasks_per_node` defaults to
+    `gpus_per_node` (one rank per GPU), or 1 on CPU nodes; to_config() copies both into `nnodes` and
+    `nproc_per_node`, which the rest of distft reads. The fields below `monitor_interval_s` are
+    read by the SLURM launcher only.
+    """
 
     name: str = "local"
     kind: str = "local"
@@ -149,6 +158,31 @@ class LauncherConfig:
     nproc_per_node: int = 1
     rdzv_endpoint: Optional[str] = None  # host:port on the first node; needed when nnodes > 1
     monitor_interval_s: float = 0.5  # how often the agent checks its ranks (a dead rank ends the job)
+    # --- SLURM ---
+    nodes: Optional[int] = None  # null: nnodes
+    gpus_per_node: int = 0
+    tasks_per_node: Optional[int] = None  # null: gpus_per_node, or 1 without GPUs
+    cpus_per_task: Optional[int] = None
+    partition: Optional[str] = None  # null: the cluster's default partition
+    time_min: Optional[int] = None  # the job's time limit in minutes: required
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    mem_gb: Optional[float] = None  # per node; null: the partition's default
+    exclusive: bool = False
+    job_name: Optional[str] = None  # null: distft-<experiment>
+    log_dir: Optional[str] = None  # null: <run dir>/slurm
+    # SLURM sends `signal` `signal_delay_s` before the time limit; every rank then stops at the
+    # next step boundary, a checkpoint is written and the job requeues itself, at most
+    # `max_requeues` times (SLURM_RESTART_COUNT counts them); the requeued job resumes.
+    signal: str = "USR2"
+    signal_delay_s: int = 120
+    max_requeues: int = 3
+    wait: bool = False  # follow the job: stream rank 0's log, return its final state as exit code
+    env: dict[str, str] = field(default_factory=dict)  # exported in every rank, e.g. GLOO_SOCKET_IFNAME
+    setup: list[str] = field(default_factory=list)  # shell lines run before srun (module load ...)
+    sbatch_extra: dict[str, str] = field(default_factory=dict)  # escape hatch: any other #SBATCH flag
+    srun_args: list[str] = field(default_factory=list)  # escape hatch: extra srun flags
 
 
 @dataclass
@@ -320,7 +354,22 @@ def to_config(cfg: Any) -> Config:
     if isinstance(cfg, Config):
         return cfg
     merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
-    return OmegaConf.to_object(merged)
+    config = OmegaConf.to_object(merged)
+    _size_slurm_job(config.launcher)
+    return config
+
+
+def _size_slurm_job(launcher: LauncherConfig) -> None:
+    """launcher=slurm speaks SLURM (nodes, tasks or GPUs per node); the rest of distft reads
+    nnodes x nproc_per_node. Copy one into the other, so the world size, the run identity and
+    the validation are the same whichever launcher starts the ranks."""
+    if launcher.kind != "slurm":
+        return
+    if launcher.nodes is None:
+        launcher.nodes = launcher.nnodes
+    if launcher.tasks_per_node is None:
+        launcher.tasks_per_node = launcher.gpus_per_node or launcher.nproc_per_node
+    launcher.nnodes, launcher.nproc_per_node = launcher.nodes, launcher.tasks_per_node
 
 
 def to_dict(cfg: Config, redact: bool = True) -> dict:

@@ -6,6 +6,7 @@ out):
     kill_after_shards:8        SIGKILL after every shard of step 8 is written, before the manifest
     kill_before_commit:8       SIGKILL after the manifest, before the commit marker (rank 0 writes it)
     nan_loss:5:1               rank 1's loss at step 5 becomes NaN (before backward)
+    raise_at_step:3:1          rank 1 raises an error at step 3 (a crash on one node)
 
 A fault fires once per process. Nothing reads the variable unless it is set, and it is never set
 by distft itself: it exists so that resume, commit and non-finite handling are tested by killing
@@ -48,3 +49,9 @@ def point(where: str, step: int) -> None:
 def corrupt_loss(step: int) -> bool:
     """True when a `nan_loss` fault asks this rank's loss at `step` to become NaN."""
     return _active("nan_loss", step)
+
+
+def crash(step: int) -> None:
+    """A `raise_at_step` fault: this rank fails with an ordinary Python error, the others do not."""
+    if _active("raise_at_step", step):
+        raise RuntimeError(f"injected fault (DISTFT_FAULTS): rank {os.environ.get('RANK', '0')} fails at step {step}")

@@ -90,8 +90,8 @@ def preflight(argv: Sequence[str]) -> tuple[Optional[Config], list[str]]:
         errors += unknown_keys(composed)
         errors += validate(cfg, model_max_positions=model_max_positions(cfg.model))
         errors += path_problems(cfg)
-        if multirun:
-            errors += _secrets_in_sweep(cfg)
+        if multirun or cfg.launcher.kind == "slurm":
+            errors += _secrets_in_sweep(cfg, "--multirun" if multirun else "launcher=slurm")
         errors += _check_sweep_variants(config_name, chosen + values, errors)
     return cfg, errors
 
@@ -161,8 +161,9 @@ def path_problems(cfg: Config) -> list[str]:
     return errors
 
 
-def _secrets_in_sweep(cfg: Config) -> list[str]:
-    """Hydra's sweeper saves the whole config to <hydra.sweep.dir>/multirun.yaml, secrets included."""
+def _secrets_in_sweep(cfg: Config, why: str = "--multirun") -> list[str]:
+    """Hydra's sweeper saves the whole config to <hydra.sweep.dir>/multirun.yaml, and the SLURM
+    launcher pickles the command line (and launcher.env) for the job: secrets would be on disk."""
 
     def walk(value: Any, prefix: str) -> list[str]:
         if isinstance(value, dict):
@@ -171,8 +172,9 @@ def _secrets_in_sweep(cfg: Config) -> list[str]:
         return [key] if is_secret_key(key.rpartition(".")[2]) and value not in (None, "") else []
 
     return [
-        f"{key} is set, and --multirun makes Hydra write the whole config to multirun.yaml; "
-        f"pass it through the environment instead (WANDB_API_KEY for tracking.wandb.api_key)"
+        f"{key} is set, and {why} writes the whole "
+        f"{'config to multirun.yaml' if why == '--multirun' else 'command line into the job folder'}; "
+        f"pass it through the environment instead (WANDB_API_KEY for tracking.wandb.api_key; jobs inherit it)"
         for key in walk(to_dict(cfg, redact=False), "")
     ]
 

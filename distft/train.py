@@ -26,6 +26,7 @@ from distft import dist
 from distft.config import Config, config_hash, grad_accum_steps, to_dict
 from distft.config import run_dir as config_run_dir
 from distft.model import IGNORE_INDEX, count_parameters, load_tokenizer, resolve_dtype, token_loss
+from distft.preemption import requeue_count
 from distft.tracking import Progress, Tracker, flops_per_token, mfu, peak_memory_gb, plot_losses, setup_logging
 
 log = logging.getLogger("distft")
@@ -169,6 +170,10 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
     iterator = iter(batches)
     engine.train()
     last_loss = math.nan
+    from distft.preemption import StopSignal
+
+    stop = StopSignal(cfg, device)  # the scheduler's "time is nearly up": checkpoint and requeue
+    stopped = False
     while state["step"] < cfg.train.max_steps:
         started = time.time()
         micro_batches = [next(iterator) for _ in range(accum)]
@@ -199,8 +204,18 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
         checkpoints.poll()
         if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < cfg.train.max_steps:
             checkpoints.save(step, background=cfg.checkpoint.async_save)
+        if stop.requested() and step < cfg.train.max_steps:
+            stopped = True
+            break
+    stop.close()
     progress.close()
     checkpoints.finish()
+    if stopped:  # whatever checkpoint.save_every says, the work so far is kept; then requeue
+        saved = checkpoints.last if checkpoints.last_step == state["step"] else checkpoints.save(state["step"])
+        preempted = stop.stop(state["step"], saved, info.is_main)
+        tracker.finish()
+        dist.barrier()
+        raise preempted
 
     eval_after = _evaluate(engine, tokenizer, held_out, data.eval_rows, cfg)
     log.info("tuned model: %s", _fmt_eval(eval_after))
@@ -246,6 +261,7 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
         "final_checkpoint": final_checkpoint,
         "resumed_from": resumed_from,
         "nonfinite_steps": state["nonfinite_steps"],
+        "requeues": requeue_count(),  # times SLURM requeued this job (preemption, time limit)
     }
     if info.is_main:
         meta = {"experiment": cfg.run.experiment, "technique": cfg.technique.name, "model": cfg.model.name,
@@ -279,6 +295,7 @@ def optimizer_step(engine, micro_batches: list[dict], step: int = 0) -> tuple[fl
     from distft import faults
 
     device = engine.device
+    faults.crash(step)
     step_targets = torch.tensor(
         float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)), device=device
     )
@@ -406,6 +423,7 @@ class _Checkpoints:
         self.run_dir, self.engine, self.tokenizer, self.cfg = run_dir, engine, tokenizer, cfg
         self.batches, self.state, self.info, self.device = batches, state, info, device
         self.pending = None
+        self.last, self.last_step = None, None  # the newest checkpoint this run committed
 
     def save(self, step: int, background: bool = False) -> Optional[str]:
         """Every rank. Returns the committed directory, or None while it is written in the background."""
@@ -418,6 +436,7 @@ class _Checkpoints:
         result = save_checkpoint(self.run_dir, step, self.engine, self.tokenizer, self.cfg, trainer_state, weights,
                                  background=background)
         if isinstance(result, str):
+            self.last, self.last_step = result, step
             return result
         self.pending = result
         log.info("checkpoint of step %d: writing in the background", step)
@@ -435,7 +454,8 @@ class _Checkpoints:
         if self.pending is None:
             return None
         pending, self.pending = self.pending, None
-        return commit_checkpoint(pending)
+        self.last, self.last_step = commit_checkpoint(pending), pending.step
+        return self.last
 
 
 def _fmt_eval(result: dict) -> str:

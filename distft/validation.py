@@ -8,6 +8,7 @@ like config.py: it runs on login nodes before submission.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Optional
 
@@ -351,6 +352,50 @@ def _check_parallel(cfg: Config, errors: list[str]) -> None:
         errors.append(
             f"launcher.nproc_per_node={launcher.nproc_per_node} exceeds cluster.gpus_per_node={cluster.gpus_per_node} "
             f"of cluster '{cluster.name}'; use at most {cluster.gpus_per_node} (one process per GPU)"
+        )
+    if launcher.kind == "slurm":
+        _check_slurm(cfg, errors)
+
+
+def _check_slurm(cfg: Config, errors: list[str]) -> None:
+    """What can be checked without the cluster; launchers/slurm.py asks the cluster the rest
+    (partition, node count, time limit) before submitting."""
+    import signal
+
+    launcher = cfg.launcher
+    # Inside a job step (slurm/train.sbatch runs `srun python -m distft launcher=slurm ...`) the
+    # time limit is the job's own, already granted: nothing is submitted from there.
+    in_job_step = bool(os.environ.get("SLURM_STEP_ID"))
+    if launcher.time_min is None and not in_job_step:
+        errors.append("launcher=slurm needs a time limit: set launcher.time_min=MINUTES (e.g. launcher.time_min=240); "
+                      "the job checkpoints and requeues itself before it runs out")
+    elif launcher.time_min is not None:
+        _positive(errors, "launcher.time_min", launcher.time_min)
+        if launcher.time_min > 0 and launcher.signal_delay_s >= launcher.time_min * 60:
+            errors.append(
+                f"launcher.signal_delay_s={launcher.signal_delay_s} is not shorter than launcher.time_min="
+                f"{launcher.time_min} ({launcher.time_min * 60} s): the job would be told to stop as it starts; "
+                "lower signal_delay_s or raise time_min"
+            )
+    _positive(errors, "launcher.nodes", launcher.nodes)
+    _positive(errors, "launcher.tasks_per_node", launcher.tasks_per_node)
+    _positive(errors, "launcher.gpus_per_node", launcher.gpus_per_node, allow_zero=True)
+    _positive(errors, "launcher.cpus_per_task", launcher.cpus_per_task)
+    _positive(errors, "launcher.signal_delay_s", launcher.signal_delay_s)
+    _positive(errors, "launcher.max_requeues", launcher.max_requeues, allow_zero=True)
+    if not hasattr(signal, "SIG" + launcher.signal.upper().removeprefix("SIG")):
+        errors.append(f"launcher.signal={launcher.signal!r} is not a signal name; use USR1, USR2 or TERM")
+    elif launcher.signal.upper().removeprefix("SIG") in ("KILL", "STOP", "INT"):
+        errors.append(f"launcher.signal={launcher.signal} cannot be caught to checkpoint; use USR1 or USR2")
+    if launcher.gpus_per_node and launcher.tasks_per_node and launcher.tasks_per_node != launcher.gpus_per_node:
+        errors.append(
+            f"launcher.tasks_per_node={launcher.tasks_per_node} differs from launcher.gpus_per_node="
+            f"{launcher.gpus_per_node}: distft runs one rank per GPU; drop tasks_per_node"
+        )
+    if cfg.cluster.gpus_per_node > 0 and launcher.gpus_per_node > cfg.cluster.gpus_per_node:
+        errors.append(
+            f"launcher.gpus_per_node={launcher.gpus_per_node} exceeds cluster.gpus_per_node="
+            f"{cfg.cluster.gpus_per_node} of cluster '{cfg.cluster.name}'"
         )
 
 

@@ -106,8 +106,12 @@ InactiveLimit=0
 KillWait=10
 MinJobAge=300
 SchedulerType=sched/backfill
+# Look for startable jobs every second (default 30 s), so requeued and queued jobs start at once.
+SchedulerParameters=bf_interval=1
 # Requeued jobs (preemption, time limits) may run again; distft requeues itself on the signal.
 JobRequeue=1
+# A requeued job waits for its old credentials to expire (default 120 s): 10 s keeps preemption tests short.
+AuthInfo=cred_expire=10
 NodeName=n[1-99] CPUs=$CPUS State=UNKNOWN
 PartitionName=debug Nodes=$NODELIST Default=YES MaxTime=INFINITE State=UP
 EOF

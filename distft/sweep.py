@@ -1,0 +1,202 @@
+"""Sweep summaries: one table of every point of a Hydra multirun, and a plot of its eval loss.
+
+    python -m distft -m +experiment=tiny_lora technique.lora.r=4,8 train.lr=1e-3,3e-3 \\
+        hydra/launcher=submitit_slurm        # writes the summary when the sweep ends
+    python -m distft.sweep outputs/multirun  # writes it again, from what is on disk
+
+Each point's rank 0 leaves `<sweep dir>/<job num>/point.json` (its overrides and its run
+directory) when it starts; the summary reads every point's `summary.json` from its run directory.
+Written into the sweep directory: `summary.csv` (one row per point, the swept values as
+columns), `summary.md` (the same as a markdown table, best eval loss first) and `summary.png`
+(eval loss after tuning per point, and before it when the base was evaluated). A point that has
+not finished (failed, still running, requeued) is listed with its status and no numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import logging
+import math
+import os
+import sys
+from typing import Any, Optional
+
+log = logging.getLogger("distft")
+
+POINT = "point.json"
+SUMMARY_FILES = ("summary.csv", "summary.md", "summary.png")
+METRICS = (  # column, path in a run's summary.json
+    ("eval_loss", ("eval_after", "loss")),
+    ("eval_loss_base", ("eval_before", "loss")),
+    ("perplexity", ("eval_after", "perplexity")),
+    ("exact_match", ("eval_after", "exact_match")),
+    ("f1", ("eval_after", "f1")),
+    ("rouge_l", ("eval_after", "rouge_l")),
+    ("final_train_loss", ("final_train_loss",)),
+    ("steps", ("steps",)),
+    ("tokens_per_s", ("tokens_per_s",)),
+    ("world_size", ("world_size",)),
+    ("requeues", ("requeues",)),
+)
+
+
+def write_point(output_dir: str, cfg, overrides: list[str], job_num: int) -> str:
+    from distft.config import run_dir
+    from distft.train import write_json
+
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, POINT)
+    write_json(path, {"job": int(job_num), "overrides": overrides, "run_dir": run_dir(cfg),
+                      "experiment": cfg.run.experiment})
+    return path
+
+
+def _get(data: dict, path: tuple) -> Any:
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def collect(sweep_dir: str) -> tuple[list[str], list[dict]]:
+    """(swept keys, one row per point in job order)."""
+    points = []
+    for path in glob.glob(os.path.join(sweep_dir, "*", POINT)):
+        with open(path) as f:
+            points.append(json.load(f))
+    points.sort(key=lambda p: p["job"])
+    parsed = [dict(o.split("=", 1) for o in p["overrides"] if "=" in o) for p in points]
+    # Swept keys: those whose value differs between points (the rest is the sweep's shared setting).
+    keys = sorted({k for values in parsed for k in values})
+    swept = [k for k in keys if len({values.get(k) for values in parsed}) > 1] or keys
+    rows = []
+    for point, values in zip(points, parsed):
+        summary_path = os.path.join(point["run_dir"], "summary.json")
+        summary = None
+        if os.path.exists(summary_path):
+            with open(summary_path) as f:
+                summary = json.load(f)
+        row = {"job": point["job"], **{k: values.get(k, "") for k in swept}}
+        row["status"] = "complete" if summary else "incomplete"
+        for column, where in METRICS:
+            row[column] = _get(summary, where) if summary else None
+        row["run_dir"] = point["run_dir"]
+        rows.append(row)
+    return swept, rows
+
+
+def summarize(sweep_dir: str) -> Optional[dict[str, str]]:
+    """Write summary.csv, summary.md and summary.png into the sweep directory; returns their
+    paths, or None when the directory holds no sweep point."""
+    swept, rows = collect(sweep_dir)
+    if not rows:
+        return None
+    columns = ["job", *swept, "status", *(c for c, _ in METRICS), "run_dir"]
+    paths = {name.split(".")[1]: os.path.join(sweep_dir, name) for name in SUMMARY_FILES}
+    with open(paths["csv"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    _write_markdown(paths["md"], sweep_dir, swept, rows)
+    _plot(paths["png"], swept, rows)
+    return paths
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _sort_key(row: dict) -> tuple:
+    loss = row["eval_loss"]
+    return (loss is None, loss if loss is not None else 0.0, row["job"])
+
+
+def _write_markdown(path: str, sweep_dir: str, swept: list[str], rows: list[dict]) -> None:
+    shown = ["job", *swept, "status", "eval_loss", "eval_loss_base", "exact_match", "f1", "rouge_l",
+             "final_train_loss", "steps", "requeues"]
+    done = sum(r["status"] == "complete" for r in rows)
+    lines = [f"# Sweep {os.path.abspath(sweep_dir)}", "",
+             f"{len(rows)} points, {done} complete; best eval loss first. Run directories in summary.csv.", "",
+             "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(_fmt(row[c]) for c in shown) + " |" for row in sorted(rows, key=_sort_key)]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _plot(path: str, swept: list[str], rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [", ".join(f"{k.rpartition('.')[2]}={row[k]}" for k in swept) or f"job {row['job']}" for row in rows]
+    after = [row["eval_loss"] if row["eval_loss"] is not None else math.nan for row in rows]
+    before = [row["eval_loss_base"] if row["eval_loss_base"] is not None else math.nan for row in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4), dpi=100)
+    xs = range(len(rows))
+    if any(math.isfinite(b) for b in before):
+        ax.bar([x - 0.2 for x in xs], before, width=0.4, label="base model", color="0.7")
+        ax.bar([x + 0.2 for x in xs], after, width=0.4, label="tuned")
+        ax.legend()
+    else:
+        ax.bar(xs, after, width=0.6)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title("eval loss per sweep point")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+try:
+    from hydra.experimental.callback import Callback
+except ImportError:  # pragma: no cover - hydra is a dependency
+    Callback = object
+
+
+class SweepSummary(Callback):
+    """Hydra callback (conf/config.yaml): the summary when a multirun ends, in the submitting
+    process, after every job returned (submitit launchers wait for their jobs)."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = config.hydra.sweep.dir
+        try:
+            paths = summarize(sweep_dir)
+        except Exception as err:  # a summary problem must not hide the sweep's own outcome
+            print(f"distft: sweep summary failed ({err}); rerun `python -m distft.sweep {sweep_dir}`", file=sys.stderr)
+            return
+        if paths:
+            print(f"sweep summary: {paths['md']} (also summary.csv, summary.png)", flush=True)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m distft.sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep_dir", help="a multirun directory (hydra.sweep.dir, default outputs/multirun)")
+    args = parser.parse_args(argv)
+    if not os.path.isdir(args.sweep_dir):
+        print(f"distft.sweep: {args.sweep_dir} is not a directory; give the sweep's directory "
+              "(hydra.sweep.dir, default outputs/multirun)", file=sys.stderr)
+        return 2
+    paths = summarize(args.sweep_dir)
+    if paths is None:
+        print(f"distft.sweep: no sweep point in {args.sweep_dir} (no */{POINT}); was it written by "
+              "`python -m distft -m ...`?", file=sys.stderr)
+        return 2
+    with open(paths["md"]) as f:
+        print(f.read(), end="")
+    print(f"written: {', '.join(paths.values())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""`launcher=slurm`: submit the run as one SLURM job through submitit, from a login node.
+
+    python -m distft +experiment=qlora_13b launcher=slurm launcher.nodes=2 launcher.gpus_per_node=8 \\
+        launcher.partition=gpu launcher.time_min=240 [launcher.wait=true]
+
+1. Before anything is queued, the cluster is asked (`scontrol show partition`, then
+   `sbatch --test-only` with the job's own flags) whether the request can ever run: an unknown
+   partition, more nodes than the partition has, a time limit above its maximum, or any other
+   refusal (account, QOS, constraint, memory) ends here with one message and nothing queued.
+2. submitit writes the batch script (`#SBATCH --signal=USR2@<signal_delay_s>`, `--requeue`)
+   and submits it; each of the `nodes x tasks_per_node` tasks (`srun --kill-on-bad-exit=1`: one
+   failing rank ends the whole step) runs `RankTask`, which sets up the rendezvous from the SLURM
+   environment (`rank_environment()`, shared with slurm/train.sbatch) and runs the same
+   `python -m distft` command line in-process as one rank.
+3. The command prints the job id, the log paths and the run directory and returns (exit 0);
+   `launcher.wait=true` follows the job instead, streaming rank 0's log, and exits 0 only when
+   the job COMPLETED.
+
+Requeues (preemption, time limit) rerun the same batch script, hence the same RankTask and the
+same deterministic run directory: the run resumes (distft/preemption.py).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from distft.config import Config
+from distft.config import run_dir as config_run_dir
+
+RANK_MARKER = "DISTFT_RANK_PROCESS"  # set in every rank: never submit again from inside the job
+TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                   "DEADLINE", "PREEMPTED")
+
+
+class SubmissionError(Exception):
+    """The job cannot be submitted as configured; the message names the setting and the fix."""
+
+
+# --------------------------------------------------------------------------- inside the job
+
+
+def is_rank_process() -> bool:
+    """True inside a job step's task (or a rank our launcher started): this process trains as one
+    rank and must never submit. A batch script or an salloc shell is not a step: submitting from
+    there is allowed."""
+    return bool(os.environ.get(RANK_MARKER) or os.environ.get("SLURM_STEP_ID"))
+
+
+def rank_environment() -> Optional[dict]:
+    """In a SLURM step or a submitit job, without a launcher that already set RANK: export
+    RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT derived from the SLURM
+    (or submitit) environment (first node of the allocation, a port derived from the job id), so
+    `init_process_group("env://")` meets on every node. Returns what was exported, or None."""
+    if "RANK" in os.environ or not (os.environ.get("SLURM_STEP_ID") or os.environ.get("SUBMITIT_EXECUTOR")):
+        return None
+    from submitit.helpers import TorchDistributedEnvironment
+
+    # A plain srun step (slurm/train.sbatch) has SLURM's variables but not submitit's marker:
+    # read them the way a submitit job does, so both paths meet at the same address and port.
+    os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")
+    env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    os.environ[RANK_MARKER] = "1"
+    return {"rank": env.rank, "world_size": env.world_size, "master": f"{env.master_addr}:{env.master_port}"}
+
+
+@dataclass
+class RankTask:
+    """What each task of the job runs: the distft command line, as one rank, in this process."""
+
+    argv: list[str]
+    env: dict
+
+    def __call__(self) -> None:
+        os.environ.update({k: str(v) for k, v in self.env.items()})
+        os.environ[RANK_MARKER] = "1"
+        rank_environment()
+        from distft.__main__ import main
+
+        main(list(self.argv))
+
+
+# --------------------------------------------------------------------------- the cluster
+
+
+def _run(cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError as err:
+        raise SubmissionError(
+            f"`{cmd[0]}` not found: launcher=slurm submits from a SLURM login node (slurm-wlm client tools on "
+            "PATH, SLURM_CONF if the cluster needs it); on a workstation use launcher=local"
+        ) from err
+    except subprocess.TimeoutExpired as err:
+        raise SubmissionError(f"`{' '.join(cmd)}` did not answer within {timeout:.0f} s: is slurmctld up?") from err
+
+
+def partitions() -> dict[str, dict]:
+    """name -> {'nodes': int, 'max_time_min': int|None, 'default': bool, 'state': str}."""
+    result = _run(["scontrol", "show", "partition", "--oneliner"])
+    if result.returncode != 0:
+        raise SubmissionError(f"cannot ask the cluster for its partitions (scontrol: {result.stderr.strip()}); "
+                              "is slurmctld up, and SLURM_CONF set if the cluster needs it?")
+    found = {}
+    for line in result.stdout.splitlines():
+        fields = dict(re.findall(r"(\w+)=(\S+)", line))
+        if "PartitionName" not in fields:
+            continue
+        found[fields["PartitionName"]] = {
+            "nodes": int(fields.get("TotalNodes", "0")),
+            "max_time_min": parse_time_min(fields.get("MaxTime", "UNLIMITED")),
+            "default": fields.get("Default") == "YES",
+            "state": fields.get("State", "UP"),
+        }
+    return found
+
+
+def parse_time_min(value: str) -> Optional[int]:
+    """SLURM's [days-]hours:minutes:seconds (or minutes) -> minutes; UNLIMITED/INFINITE -> None."""
+    if value.upper() in ("UNLIMITED", "INFINITE", "NONE"):
+        return None
+    days, _, rest = value.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if len(parts) == 1:
+        minutes = parts[0]
+    else:
+        parts = [0] * (3 - len(parts)) + parts
+        minutes = parts[0] * 60 + parts[1] + (1 if parts[2] else 0)
+    return minutes + int(days or 0) * 24 * 60
+
+
+def check_against_cluster(cfg: Config) -> list[str]:
+    """Everything SLURM would refuse, found before anything is queued. Returns problems."""
+    launcher = cfg.launcher
+    known = partitions()
+    if not known:
+        return ["the cluster reports no partitions; ask its admins, or set launcher.partition"]
+    name = launcher.partition or next((n for n, p in known.items() if p["default"]), None)
+    if name is None:
+        return [f"launcher.partition is not set and the cluster has no default partition; choose one of: "
+                f"{', '.join(sorted(known))}"]
+    if name not in known:
+        listing = ", ".join(f"{n}{' (default)' if p['default'] else ''}" for n, p in sorted(known.items()))
+        return [f"launcher.partition={name}: no such partition on this cluster; choose one of: {listing}"]
+    part, errors = known[name], []
+    if launcher.nodes > part["nodes"]:
+        errors.append(f"launcher.nodes={launcher.nodes} but partition {name} has {part['nodes']} node(s); "
+                      f"ask for at most {part['nodes']} (or another partition)")
+    if part["max_time_min"] is not None and launcher.time_min > part["max_time_min"]:
+        errors.append(f"launcher.time_min={launcher.time_min} exceeds partition {name}'s limit of "
+                      f"{part['max_time_min']} min; lower it (the job requeues itself to go on)")
+    if part["state"] != "UP":
+        errors.append(f"partition {name} is {part['state']}, not UP; choose another with launcher.partition")
+    if errors:
+        return errors
+    # The rest (account, QOS, constraint, memory, GPUs, CPUs per node): SLURM's own verdict.
+    test = _run(["sbatch", "--test-only", *sbatch_flags(cfg, name), "--wrap", "true"])
+    if test.returncode != 0:
+        message = " ".join(line.removeprefix("sbatch: error: ").strip()
+                           for line in test.stderr.splitlines() if line.strip())
+        return [f"SLURM refuses this job ({message}); check launcher.nodes, tasks_per_node, gpus_per_node, "
+                "cpus_per_task, mem_gb, account, qos, constraint and sbatch_extra"]
+    return []
+
+
+def sbatch_flags(cfg: Config, partition: str) -> list[str]:
+    """The resource request as sbatch flags (what `sbatch --test-only` checks)."""
+    launcher = cfg.launcher
+    flags = [f"--partition={partition}", f"--nodes={launcher.nodes}", f"--ntasks-per-node={launcher.tasks_per_node}",
+             f"--time={launcher.time_min}"]
+    optional = {"gpus-per-node": launcher.gpus_per_node or None, "cpus-per-task": launcher.cpus_per_task,
+                "account": launcher.account, "qos": launcher.qos, "constraint": launcher.constraint,
+                "mem": f"{int(launcher.mem_gb * 1024)}M" if launcher.mem_gb else None}
+    flags += [f"--{k}={v}" for k, v in optional.items() if v is not None]
+    if launcher.exclusive:
+        flags.append("--exclusive")
+    for key, value in launcher.sbatch_extra.items():
+        flags.append(f"--{key}" if value in (None, "", True) else f"--{key}={value}")
+    return flags
+
+
+# --------------------------------------------------------------------------- submission
+
+
+def executor(cfg: Config, folder: str, partition: str):
+    """A submitit SlurmExecutor with the job's resources; also used for nothing but this."""
+    import submitit
+
+    launcher = cfg.launcher
+    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=launcher.max_requeues)
+    extra: dict = {"requeue": True}  # True: a bare flag (#SBATCH --requeue)
+    extra.update({k: (True if v in (None, "", True) else v) for k, v in launcher.sbatch_extra.items()})
+    if launcher.exclusive:
+        extra["exclusive"] = True
+    ex.update_parameters(
+        job_name=launcher.job_name or f"distft-{cfg.run.experiment}",
+        partition=partition,
+        nodes=launcher.nodes,
+        ntasks_per_node=launcher.tasks_per_node,
+        gpus_per_node=launcher.gpus_per_node or None,
+        cpus_per_task=launcher.cpus_per_task,
+        time=launcher.time_min,
+        account=launcher.account,
+        qos=launcher.qos,
+        constraint=launcher.constraint,
+        mem=f"{int(launcher.mem_gb * 1024)}M" if launcher.mem_gb else None,
+        signal_delay_s=launcher.signal_delay_s,
+        setup=list(launcher.setup),
+        srun_args=["--kill-on-bad-exit=1", *launcher.srun_args],
+        additional_parameters=extra,
+        stderr_to_stdout=True,  # one log per rank, errors in their place
+    )
+    # submitit's signal is USR2; another one is set the same way sbatch does.
+    if launcher.signal.upper().removeprefix("SIG") != "USR2":
+        ex.parameters["additional_parameters"]["signal"] = f"{launcher.signal.upper().removeprefix('SIG')}@" \
+                                                            f"{launcher.signal_delay_s}"
+    return ex
+
+
+def submit(cfg: Config, argv: list[str]) -> int:
+    """Check, submit, print where everything is; follow the job with launcher.wait=true."""
+    try:
+        problems = check_against_cluster(cfg)
+    except SubmissionError as err:
+        problems = [str(err)]
+    if problems:
+        print("distft: not submitted, nothing queued:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
+        return 2
+    partition = cfg.launcher.partition or next(n for n, p in partitions().items() if p["default"])
+    run_dir = config_run_dir(cfg)
+    folder = os.path.abspath(cfg.launcher.log_dir or os.path.join(run_dir, "slurm"))
+    os.makedirs(folder, exist_ok=True)
+    task_env = dict(cfg.launcher.env)
+    job = executor(cfg, folder, partition).submit(RankTask(list(argv), task_env))
+    logs = os.path.join(folder, f"{job.job_id}_<rank>_log.out")
+    print(f"submitted job {job.job_id}: {cfg.launcher.nodes} node(s) x {cfg.launcher.tasks_per_node} rank(s), "
+          f"partition {partition}, {cfg.launcher.time_min} min", flush=True)
+    print(f"  logs:    {logs} (rank 0: {rank_log(folder, job.job_id, 0)})", flush=True)
+    print(f"  run dir: {run_dir}", flush=True)
+    if not cfg.launcher.wait:
+        print(f"  follow:  tail -f {rank_log(folder, job.job_id, 0)}   (state: squeue -j {job.job_id})", flush=True)
+        return 0
+    state = follow(job.job_id, rank_log(folder, job.job_id, 0))
+    return 0 if state == "COMPLETED" else 1
+
+
+def rank_log(folder: str, job_id: str, rank: int) -> str:
+    return os.path.join(folder, f"{job_id}_{rank}_log.out")
+
+
+def job_state(job_id: str) -> tuple[str, str]:
+    """(state, exit code) from the controller; ('UNKNOWN', '') once it forgot the job."""
+    result = _run(["scontrol", "show", "job", str(job_id), "--oneliner"])
+    fields = dict(re.findall(r"(\w+)=(\S+)", result.stdout))
+    return fields.get("JobState", "UNKNOWN"), fields.get("ExitCode", "")
+
+
+def follow(job_id: str, log_path: str, poll_s: float = 2.0, out=None) -> str:
+    """Stream the log as it grows until the job reaches a final state (a requeued job is
+    followed through its restarts). Returns the final state and prints a last line naming it,
+    and the failing ranks when srun reported them."""
+    out = out or sys.stdout
+    offset, state, exit_code = 0, "PENDING", ""
+    while True:
+        if os.path.exists(log_path):
+            with open(log_path, errors="replace") as f:
+                f.seek(offset)
+                chunk = f.read()
+                offset = f.tell()
+            if chunk:
+                out.write(chunk)
+                out.flush()
+        if state in TERMINAL_STATES:
+            break
+        state, exit_code = job_state(job_id)
+        if state == "UNKNOWN":
+            break
+        if state not in TERMINAL_STATES:
+            time.sleep(poll_s)
+    failed = failing_ranks(log_path)
+    detail = f"; {failed}" if failed else ""
+    print(f"distft: job {job_id} {state} (exit code {exit_code or '?'}){detail}", file=out, flush=True)
+    return state
+
+
+def failing_ranks(log_path: str) -> str:
+    """Which rank failed first and why: srun reports the tasks in the order they ended, so its
+    first `srun: error: <node>: task <rank>: ...` line is the cause and the rest were stopped
+    after it; the cause's own log gives its last error line. Empty when srun reported nothing."""
+    if not os.path.exists(log_path):
+        return ""
+    with open(log_path, errors="replace") as f:
+        lines = re.findall(r"srun: error: (\S+): tasks? ([\d\-,]+): (.+)", f.read())
+    if not lines:
+        return ""
+    node, task, how = lines[0]
+    first_task = re.split(r"[-,]", task)[0]
+    reason = last_error(os.path.join(os.path.dirname(log_path), re.sub(r"_\d+_log", f"_{first_task}_log",
+                                                                        os.path.basename(log_path))))
+    others = len(lines) - 1
+    return (f"rank {task} on {node} failed first ({how.strip()}{': ' + reason if reason else ''})"
+            + (f"; {others} other task line(s) followed as srun stopped the step" if others else ""))
+
+
+def last_error(log_path: str) -> str:
+    """The last exception line (`SomeError: message`) of a rank's log, or ''."""
+    if not os.path.exists(log_path):
+        return ""
+    with open(log_path, errors="replace") as f:
+        found = re.findall(r"^(\w*(?:Error|Exception|Interrupt)\b.*)$", f.read(), flags=re.M)
+    return found[-1].strip()[:300] if found else ""
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+def sweep_launcher_overrides(cfg: Config, argv: list[str]) -> list[str]:
+    """For `-m ... hydra/launcher=submitit_slurm|submitit_local`: size every point's job from
+    the same launcher.* settings a single run uses (nodes x tasks per node, partition, time
+    limit, signal, requeues, setup), so a sweep point is the run it would be on its own. Keys
+    the user set as hydra.launcher.* win. Returns Hydra overrides to append."""
+    chosen = [a.split("=", 1)[1] for a in argv if a.startswith("hydra/launcher=")]
+    if not chosen or chosen[-1] not in ("submitit_slurm", "submitit_local"):
+        return []
+    launcher = cfg.launcher
+    values: dict = {"nodes": launcher.nnodes, "tasks_per_node": launcher.nproc_per_node,
+                    "cpus_per_task": launcher.cpus_per_task, "gpus_per_node": launcher.gpus_per_node or None,
+                    "mem_gb": int(launcher.mem_gb) if launcher.mem_gb else None,
+                    "timeout_min": launcher.time_min, "stderr_to_stdout": True}
+    if chosen[-1] == "submitit_slurm":
+        signal_name = launcher.signal.upper().removeprefix("SIG")
+        extra = {"requeue": True, **({"signal": f"{signal_name}@{launcher.signal_delay_s}"} if signal_name != "USR2" else {})}
+        extra.update({k: (True if v in (None, "", True) else v) for k, v in launcher.sbatch_extra.items()})
+        values.update(partition=launcher.partition, account=launcher.account, qos=launcher.qos,
+                      constraint=launcher.constraint, signal_delay_s=launcher.signal_delay_s,
+                      max_num_timeout=launcher.max_requeues, additional_parameters=extra,
+                      # srun_args is not in hydra-submitit-launcher 1.2; srun reads this instead:
+                      # one failing rank ends the whole step.
+                      setup=["export SLURM_KILL_BAD_EXIT=1", *launcher.setup])
+        if launcher.exclusive:
+            values["additional_parameters"]["exclusive"] = True
+    given = {a.split("=", 1)[0].lstrip("+~") for a in argv}
+    overrides = []
+    for key, value in values.items():
+        if value is None or f"hydra.launcher.{key}" in given:
+            continue
+        if isinstance(value, dict):  # a free-form mapping: its keys are added one by one
+            overrides += [f"+hydra.launcher.{key}.{k}={_hydra_value(v)}" for k, v in value.items()
+                          if f"hydra.launcher.{key}.{k}" not in given]
+            continue
+        overrides.append(f"hydra.launcher.{key}={_hydra_value(value)}")
+    return overrides
+
+
+def _hydra_value(value) -> str:
+    """A Python value as a Hydra override value."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return str(value)
