@@ -9,6 +9,7 @@ is ours, deterministic, and holds a secret-free config dump.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import hydra
@@ -41,6 +42,8 @@ def hydra_entry(dict_cfg) -> None:
         from launchers.slurm import submit
 
         sys.exit(submit(cfg, argv))  # from the login node: check, submit, print, return
+    if is_rank_process():  # launcher.env applies to ranks however they were started (RankTask, train.sbatch)
+        os.environ.update({k: str(v) for k, v in cfg.launcher.env.items()})
     rank_environment()  # inside a SLURM step or a submitit job: rendezvous from its environment
     env = dist.from_env()
     if world_size(cfg) > 1 and env.world_size == 1:

@@ -34,7 +34,10 @@ die() { echo "dev-cluster: $*" >&2; exit 1; }
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null || ! command -v nsenter >/dev/null \
     || ! command -v ip >/dev/null; then
   echo "dev-cluster: installing slurm-wlm, munge, iproute2 (Debian packages)"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge iproute2 util-linux >/dev/null \
+  export DEBIAN_FRONTEND=noninteractive
+  # A fresh machine may have no package lists yet: refresh them once if the install fails.
+  apt-get install -y -q slurm-wlm munge iproute2 util-linux >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null && apt-get install -y -q slurm-wlm munge iproute2 util-linux >/dev/null; } \
     || die "apt-get install slurm-wlm munge failed; install them, then rerun"
 fi
 

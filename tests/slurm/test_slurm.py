@@ -1,0 +1,214 @@
+"""distft on a real 2-node SLURM cluster (tests/slurm/conftest.py starts it): the one-line
+submission, the plain sbatch template, a Hydra submitit sweep, preemption with requeue, a rank
+failing on one node, and bad launcher configs refused before anything is queued.
+
+Every job is the tiny model with FSDP on 2 nodes x 1 rank (one rank per node; the nodes are
+network namespaces of this machine, so the ranks talk over a real bridge between two hosts).
+OMP_NUM_THREADS=1 everywhere (the jobs inherit it): the same threads as the local reference run,
+so the losses can be compared exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.distributed.helpers import REPO, run_dir_of, step_metrics, summary_of
+from tests.distributed.test_resume import final_weights
+
+pytestmark = pytest.mark.slurm
+
+STEPS = 16
+TINY = ["parallel=fsdp", "train.log_every=1", "train.warmup_steps=2", "eval.num_samples=2", "eval.max_new_tokens=2", "train.eval_max_batches=1"]
+RUN = ["+experiment=tiny_full", f"train.max_steps={STEPS}", *TINY]
+ON_SLURM = ["launcher=slurm", "launcher.nodes=2", "launcher.time_min=10", "+launcher.env.GLOO_SOCKET_IFNAME=eth0"]
+
+
+def env(**extra) -> dict:
+    out = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+    out.pop("DISTFT_FAULTS", None)
+    out.update(extra)
+    return out
+
+
+def distft(*args: str, timeout: int = 600, **extra_env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distft", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout, env=env(**extra_env))
+
+
+def job_field(job_id: str, key: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job_id, "--oneliner"], capture_output=True, text=True).stdout
+    match = re.search(rf"\b{key}=(\S+)", out)
+    return match.group(1) if match else ""
+
+
+def wait_for_state(job_id: str, states: tuple, timeout: float = 300) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = job_field(job_id, "JobState")
+        if state in states:
+            return state
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} still {job_field(job_id, 'JobState')} after {timeout} s")
+
+
+def submitted_job_id(proc: subprocess.CompletedProcess) -> str:
+    match = re.search(r"submitted job (\d+)", proc.stdout)
+    assert match, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def local_reference(tmp_path_factory):
+    """The same run launched locally with 2 processes (torch's elastic agent), never stopped."""
+    root = tmp_path_factory.mktemp("local")
+    proc = distft(*RUN, "launcher.nproc_per_node=2", f"run.dir={root / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir_of(proc)
+
+
+def test_one_line_submission_matches_the_local_run(slurm_cluster, local_reference, tmp_path):
+    """`python -m distft ... launcher=slurm launcher.nodes=2 launcher.wait=true`: the job id, the
+    logs and the run directory are printed, the job completes on n1 and n2, and its loss curve
+    equals the local 2-process run's, step for step."""
+    run = tmp_path / "run"
+    proc = distft(*RUN, *ON_SLURM, f"run.dir={run}", "launcher.wait=true")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    job = submitted_job_id(proc)
+    assert f"run dir: {run}" in proc.stdout and f"{run}/slurm/{job}_0_log.out" in proc.stdout
+    assert f"job {job} COMPLETED" in proc.stdout
+    assert job_field(job, "NodeList") == "n[1-2]"
+    losses = step_metrics(str(run))
+    assert len(losses) == STEPS and losses == step_metrics(local_reference)
+    assert step_metrics(str(run), "grad_norm") == step_metrics(local_reference, "grad_norm")
+    assert summary_of(str(run))["world_size"] == 2
+
+
+def test_the_sbatch_template_matches_the_local_run(slurm_cluster, local_reference, tmp_path):
+    """`sbatch --nodes=2 slurm/train.sbatch <overrides>`: same rendezvous, same losses."""
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    proc = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=2", "--time=10", f"--output={log}", os.path.join(REPO, "slurm", "train.sbatch"),
+         *RUN, f"run.dir={run}", "+launcher.env.GLOO_SOCKET_IFNAME=eth0"],
+        capture_output=True, text=True, cwd=str(tmp_path), timeout=600,
+        env=env(DISTFT_PYTHON=sys.executable),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    job = proc.stdout.strip().split(";")[0]
+    state = wait_for_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))  # sbatch --wait polls slowly
+    assert state == "COMPLETED", log.read_text()[-4000:]
+    text = log.read_text()
+    assert "2 node(s) x 1 rank(s)" in text and "summary:" in text
+    assert step_metrics(str(run)) == step_metrics(local_reference)
+
+
+def test_a_sweep_on_submitit_slurm_runs_every_point_and_summarizes(slurm_cluster, tmp_path):
+    """A 2x2 multirun on hydra/launcher=submitit_slurm: 4 jobs of 2 ranks each, 4 run directories,
+    and summary.csv/.md/.png whose values are each run's summary.json; `python -m distft.sweep`
+    writes the same table again later."""
+    sweep = tmp_path / "multirun"
+    proc = distft("-m", "+experiment=tiny_lora", "train.max_steps=4", *TINY, "technique.r=4,8", "train.lr=1e-3,3e-3",
+                  "hydra/launcher=submitit_slurm", *ON_SLURM, f"run.root={tmp_path}", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"sweep summary: {sweep}/summary.md" in proc.stdout
+    with open(sweep / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and len({r["run_dir"] for r in rows}) == 4
+    assert {(r["technique.r"], r["train.lr"]) for r in rows} == {("4", "0.001"), ("4", "0.003"), ("8", "0.001"),
+                                                                  ("8", "0.003")}
+    markdown = (sweep / "summary.md").read_text()
+    for row in rows:
+        summary = summary_of(row["run_dir"])
+        assert row["status"] == "complete" and summary["world_size"] == 2 and summary["steps"] == 4
+        assert float(row["eval_loss"]) == summary["eval_after"]["loss"]
+        assert float(row["final_train_loss"]) == summary["final_train_loss"]
+        assert f"| {row['job']} | {row['technique.r']} | {row['train.lr']} | complete | " \
+               f"{summary['eval_after']['loss']:.4f} |" in markdown
+    assert (sweep / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    first = (sweep / "summary.csv").read_text()
+    for name in ("summary.csv", "summary.md", "summary.png"):
+        (sweep / name).unlink()
+    again = subprocess.run([sys.executable, "-m", "distft.sweep", str(sweep)], capture_output=True, text=True,
+                           cwd=REPO, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert (sweep / "summary.csv").read_text() == first and (sweep / "summary.png").exists()
+
+
+def test_a_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm_cluster, local_reference, tmp_path):
+    """SIGUSR2 (what SLURM sends before a time limit; here `scancel --signal`) mid-run, with no
+    periodic checkpoint at all: every rank stops at the next step boundary, the checkpoint of that
+    step is written, the job requeues itself and the rerun resumes from it. Each step is applied
+    once (the metrics log has steps 1..N once each) and the final weights equal the
+    uninterrupted run's bit for bit."""
+    run = tmp_path / "run"
+    proc = distft(*RUN, *ON_SLURM, f"run.dir={run}", "checkpoint.save_every=0")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    job = submitted_job_id(proc)
+    log = run / "slurm" / f"{job}_0_log.out"
+    deadline = time.time() + 300
+    while not (log.exists() and re.search(r"step [3-9]/", log.read_text())):
+        assert time.time() < deadline and job_field(job, "JobState") in ("PENDING", "RUNNING"), job_field(job, "JobState")
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    wait_for_state(job, ("PENDING",), timeout=120)  # requeued
+    assert job_field(job, "Restarts") == "1"
+    assert wait_for_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")) == "COMPLETED", log.read_text()[-3000:]
+    text = log.read_text()
+    stopped = int(re.search(r"stopped at step (\d+)", text).group(1))
+    assert 3 <= stopped < STEPS and f"resuming from {run}/checkpoints/step_{stopped:06d}" in text
+    assert f"job {job} requeued (requeue 1 of at most 3)" in text
+    with open(run / "metrics.jsonl") as f:
+        steps = [r["step"] for r in map(json.loads, f) if "loss" in r]
+    assert steps == list(range(1, STEPS + 1))  # no step lost, none applied twice
+    assert step_metrics(str(run)) == step_metrics(local_reference)
+    summary = summary_of(str(run))
+    assert summary["requeues"] == 1 and summary["resumed_from"].endswith(f"step_{stopped:06d}")
+    ours, reference = final_weights(str(run)), final_weights(local_reference)
+    assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
+
+
+def test_a_rank_failing_on_one_node_ends_the_job_and_is_named(slurm_cluster, tmp_path):
+    """Rank 1 (on n2) raises at step 2: srun stops rank 0 too, the job ends FAILED within
+    seconds (no survivor waits in a collective), and the launcher names rank 1, its node and its
+    error."""
+    started = time.time()
+    proc = distft(*RUN, *ON_SLURM, f"run.dir={tmp_path / 'run'}", "launcher.wait=true",
+                  DISTFT_FAULTS="raise_at_step:2:1")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    job = submitted_job_id(proc)
+    assert job_field(job, "JobState") == "FAILED"
+    assert f"job {job} FAILED" in proc.stdout
+    assert "rank 1 on n2 failed first" in proc.stdout and "injected fault (DISTFT_FAULTS): rank 1 fails at step 2" \
+        in proc.stdout
+    assert time.time() - started < 120
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["launcher.partition=gpu"], "launcher.partition=gpu: no such partition on this cluster; choose one of: debug (default)"),
+    (["launcher.nodes=4"], "launcher.nodes=4 but partition debug has 2 node(s)"),
+    (["launcher.tasks_per_node=4", "launcher.nodes=1"], "SLURM refuses this job (allocation failure: Requested node configuration is not available)"),
+    (["launcher.time_min=null"], "launcher=slurm needs a time limit: set launcher.time_min=MINUTES"),
+])
+def test_a_bad_launcher_config_is_refused_before_submission(slurm_cluster, tmp_path, overrides, message):
+    """Unknown partition, more nodes than exist, more ranks than a node has CPUs, no time limit:
+    one clear message, exit 2, nothing queued, no run directory."""
+    jobs_before = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout
+    next_id = re.search(r"NEXT_JOB_ID\s*=\s*(\d+)", jobs_before).group(1)
+    proc = distft(*RUN, *ON_SLURM, f"run.dir={tmp_path / 'run'}", "train.global_batch_size=16", *overrides)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr, proc.stderr
+    assert "submitted job" not in proc.stdout
+    after = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout
+    next_after = re.search(r"NEXT_JOB_ID\s*=\s*(\d+)", after).group(1)
+    for job in range(int(next_id), int(next_after)):  # `sbatch --test-only` takes an id but creates no job
+        shown = subprocess.run(["scontrol", "show", "job", str(job)], capture_output=True, text=True)
+        assert shown.returncode != 0 and "Invalid job id" in shown.stderr, shown.stdout  # never queued, not even briefly
+    assert not (tmp_path / "run").exists()
