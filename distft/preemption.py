@@ -60,16 +60,16 @@ def requeue_count() -> int:
 
 
 class StopSignal:
-    """Installed for the training loop. `requested()` is a collective when several ranks run
-    under a scheduler: every rank must call it at the same step boundary."""
+    """Installed for the training loop. `requested()` is a collective when there are several
+    ranks: every rank must call it at the same step boundary."""
 
     def __init__(self, cfg: Config, device):
         self.cfg, self.device = cfg, device
         self.signum = signal_number(cfg.launcher.signal)
         self.received = False
-        # Ranks started by hand on a workstation are never signalled one by one; under SLURM (or
-        # submitit) any rank may be, so they agree at every step (one tiny all-reduce).
-        self.collective = bool(slurm_job_id() or os.environ.get("SUBMITIT_EXECUTOR"))
+        # Any one rank may be signalled (SLURM signals them all, a person may signal one): with
+        # several ranks they agree at every step boundary (one tiny all-reduce, next to the loss's).
+        self.collective = dist.from_env().world_size > 1
         self.previous = signal.signal(self.signum, self._handle)
 
     def _handle(self, signum, frame) -> None:

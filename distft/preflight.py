@@ -158,7 +158,35 @@ def path_problems(cfg: Config) -> list[str]:
     # A hub id looks like `org/name`; only an explicit local path can be checked here.
     if name and name.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(name)):
         errors.append(f"model.name_or_path={name!r} is not a directory (give a local model directory or a hub id)")
+    # The run directory (and the SLURM log folder) must be creatable: no file where a folder goes.
+    from distft.config import run_dir
+
+    for key, path in (("run.dir" if cfg.run.dir else "run.root", run_dir(cfg)), ("launcher.log_dir", cfg.launcher.log_dir)):
+        blocker = _file_in_the_way(path)
+        if blocker:
+            errors.append(f"{key}: {blocker!r} is a file, so the directory {os.path.abspath(os.path.expanduser(path))!r} "
+                          f"cannot be created there; choose another {key} or move the file")
     return errors
+
+
+def _file_in_the_way(path: Optional[str]) -> Optional[str]:
+    """The first existing non-directory on the way to `path` (itself included), or None."""
+    if not path:
+        return None
+    current = os.path.abspath(os.path.expanduser(path))
+    chain = []
+    while True:
+        chain.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    for part in reversed(chain):
+        if os.path.exists(part) and not os.path.isdir(part):
+            return part
+        if not os.path.exists(part):
+            return None
+    return None
 
 
 def _secrets_in_sweep(cfg: Config, why: str = "--multirun") -> list[str]:

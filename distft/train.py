@@ -79,13 +79,19 @@ def train(cfg: Config) -> dict:
     device = dist.pick_device(cfg.train.device, info)
     dist.share_cpu_threads(device)
     dist.init(info, cfg.parallel.backend, cfg.parallel.timeout_s, device)
+    from distft.preemption import StopSignal
+
+    # Installed before the data and the model are loaded: a signal that comes during that still
+    # stops the run, after its first step.
+    stop = StopSignal(cfg, device)
     try:
-        return _start(cfg, info, run_dir, device)
+        return _start(cfg, info, run_dir, device, stop)
     finally:
+        stop.close()
         dist.shutdown()
 
 
-def _start(cfg: Config, info, run_dir: str, device: torch.device) -> dict:
+def _start(cfg: Config, info, run_dir: str, device: torch.device, stop) -> dict:
     """Resume, start over (resume=false, old run set aside) or report a finished run."""
     from distft.checkpoint import resume_conflicts, set_run_aside
 
@@ -114,10 +120,10 @@ def _start(cfg: Config, info, run_dir: str, device: torch.device) -> dict:
         if not os.path.exists(os.path.join(run_dir, "config.yaml")):  # a resume keeps the first dump
             write_config_dump(cfg, run_dir)
     dist.barrier()
-    return _train(cfg, info, run_dir, summary_path, device)
+    return _train(cfg, info, run_dir, summary_path, device, stop)
 
 
-def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.device) -> dict:
+def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.device, stop) -> dict:
     tokenizer = load_tokenizer(cfg.model)
 
     from distft.data import TrainBatches, eval_batches, prepare_data
@@ -170,10 +176,7 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
     iterator = iter(batches)
     engine.train()
     last_loss = math.nan
-    from distft.preemption import StopSignal
-
-    stop = StopSignal(cfg, device)  # the scheduler's "time is nearly up": checkpoint and requeue
-    stopped = False
+    stopped = False  # by the scheduler's "time is nearly up" (StopSignal): checkpoint and requeue
     while state["step"] < cfg.train.max_steps:
         started = time.time()
         micro_batches = [next(iterator) for _ in range(accum)]
@@ -207,7 +210,6 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
         if stop.requested() and step < cfg.train.max_steps:
             stopped = True
             break
-    stop.close()
     progress.close()
     checkpoints.finish()
     if stopped:  # whatever checkpoint.save_every says, the work so far is kept; then requeue

@@ -46,10 +46,10 @@ class SubmissionError(Exception):
 
 
 def is_rank_process() -> bool:
-    """True inside a job step's task (or a rank our launcher started): this process trains as one
-    rank and must never submit. A batch script or an salloc shell is not a step: submitting from
+    """True inside a job step's task, a submitit job (Hydra's submitit sweeps, local ones
+    included) or a rank our launcher started: this process trains as one rank and must never submit. A batch script or an salloc shell is not a step: submitting from
     there is allowed."""
-    return bool(os.environ.get(RANK_MARKER) or os.environ.get("SLURM_STEP_ID"))
+    return bool(os.environ.get(RANK_MARKER) or os.environ.get("SLURM_STEP_ID") or os.environ.get("SUBMITIT_EXECUTOR"))
 
 
 def rank_environment() -> Optional[dict]:
@@ -71,13 +71,12 @@ def rank_environment() -> Optional[dict]:
 
 @dataclass
 class RankTask:
-    """What each task of the job runs: the distft command line, as one rank, in this process."""
+    """What each task of the job runs: the distft command line, as one rank, in this process
+    (launcher.env is applied by the entry point, as for slurm/train.sbatch)."""
 
     argv: list[str]
-    env: dict
 
     def __call__(self) -> None:
-        os.environ.update({k: str(v) for k, v in self.env.items()})
         os.environ[RANK_MARKER] = "1"
         rank_environment()
         from distft.__main__ import main
@@ -134,19 +133,20 @@ def parse_time_min(value: str) -> Optional[int]:
     return minutes + int(days or 0) * 24 * 60
 
 
-def check_against_cluster(cfg: Config) -> list[str]:
-    """Everything SLURM would refuse, found before anything is queued. Returns problems."""
+def check_against_cluster(cfg: Config) -> tuple[Optional[str], list[str]]:
+    """Everything SLURM would refuse, found before anything is queued.
+    Returns (the partition the job goes to, problems)."""
     launcher = cfg.launcher
     known = partitions()
     if not known:
-        return ["the cluster reports no partitions; ask its admins, or set launcher.partition"]
+        return None, ["the cluster reports no partitions; ask its admins, or set launcher.partition"]
     name = launcher.partition or next((n for n, p in known.items() if p["default"]), None)
     if name is None:
-        return [f"launcher.partition is not set and the cluster has no default partition; choose one of: "
-                f"{', '.join(sorted(known))}"]
+        return None, [f"launcher.partition is not set and the cluster has no default partition; choose one of: "
+                      f"{', '.join(sorted(known))}"]
     if name not in known:
         listing = ", ".join(f"{n}{' (default)' if p['default'] else ''}" for n, p in sorted(known.items()))
-        return [f"launcher.partition={name}: no such partition on this cluster; choose one of: {listing}"]
+        return name, [f"launcher.partition={name}: no such partition on this cluster; choose one of: {listing}"]
     part, errors = known[name], []
     if launcher.nodes > part["nodes"]:
         errors.append(f"launcher.nodes={launcher.nodes} but partition {name} has {part['nodes']} node(s); "
@@ -157,15 +157,15 @@ def check_against_cluster(cfg: Config) -> list[str]:
     if part["state"] != "UP":
         errors.append(f"partition {name} is {part['state']}, not UP; choose another with launcher.partition")
     if errors:
-        return errors
+        return name, errors
     # The rest (account, QOS, constraint, memory, GPUs, CPUs per node): SLURM's own verdict.
     test = _run(["sbatch", "--test-only", *sbatch_flags(cfg, name), "--wrap", "true"])
     if test.returncode != 0:
         message = " ".join(line.removeprefix("sbatch: error: ").strip()
                            for line in test.stderr.splitlines() if line.strip())
-        return [f"SLURM refuses this job ({message}); check launcher.nodes, tasks_per_node, gpus_per_node, "
-                "cpus_per_task, mem_gb, account, qos, constraint and sbatch_extra"]
-    return []
+        return name, [f"SLURM refuses this job ({message}); check launcher.nodes, tasks_per_node, gpus_per_node, "
+                      "cpus_per_task, mem_gb, account, qos, constraint and sbatch_extra"]
+    return name, []
 
 
 def sbatch_flags(cfg: Config, partition: str) -> list[str]:
@@ -188,7 +188,7 @@ def sbatch_flags(cfg: Config, partition: str) -> list[str]:
 
 
 def executor(cfg: Config, folder: str, partition: str):
-    """A submitit SlurmExecutor with the job's resources; also used for nothing but this."""
+    """A submitit SlurmExecutor asking for the job's resources, signal and requeue."""
     import submitit
 
     launcher = cfg.launcher
@@ -225,18 +225,16 @@ def executor(cfg: Config, folder: str, partition: str):
 def submit(cfg: Config, argv: list[str]) -> int:
     """Check, submit, print where everything is; follow the job with launcher.wait=true."""
     try:
-        problems = check_against_cluster(cfg)
+        partition, problems = check_against_cluster(cfg)
     except SubmissionError as err:
-        problems = [str(err)]
+        partition, problems = None, [str(err)]
     if problems:
         print("distft: not submitted, nothing queued:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
         return 2
-    partition = cfg.launcher.partition or next(n for n, p in partitions().items() if p["default"])
     run_dir = config_run_dir(cfg)
     folder = os.path.abspath(cfg.launcher.log_dir or os.path.join(run_dir, "slurm"))
     os.makedirs(folder, exist_ok=True)
-    task_env = dict(cfg.launcher.env)
-    job = executor(cfg, folder, partition).submit(RankTask(list(argv), task_env))
+    job = executor(cfg, folder, partition).submit(RankTask(list(argv)))
     logs = os.path.join(folder, f"{job.job_id}_<rank>_log.out")
     print(f"submitted job {job.job_id}: {cfg.launcher.nodes} node(s) x {cfg.launcher.tasks_per_node} rank(s), "
           f"partition {partition}, {cfg.launcher.time_min} min", flush=True)

@@ -180,49 +180,33 @@ def test_training_state_reshards_tensor_for_tensor(tmp_path, parallel, technique
     assert not os.path.exists(tmp_path / "checkpoint.universal")  # the conversion is cleaned up
 
 
-@pytest.fixture(scope="module")
-def unresharded(tmp_path_factory):
-    """An 8-step run on 2 ranks, never resharded, per engine."""
-    done: dict = {}
-
-    def run(parallel: str) -> str:
-        if parallel not in done:
-            root = tmp_path_factory.mktemp(f"reference-{parallel}")
-            proc = launch(*cli_args("full", parallel, root, steps=8), "checkpoint.save_every=4")
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            done[parallel] = run_dir_of(proc)
-        return done[parallel]
-
-    return run
-
-
 @pytest.mark.parametrize("parallel, ranks_before, ranks_after", [
     ("fsdp", 2, 1), ("fsdp", 1, 2), ("zero2", 2, 1), ("zero3", 1, 2),
 ])
-def test_a_run_resumes_on_another_number_of_ranks(unresharded, tmp_path, parallel, ranks_before, ranks_after):
-    """Killed after its step-4 checkpoint on N ranks, the run is resumed with the same command on M
-    (same run.dir, same global batch: the data position is kept in rows). Steps 5-8 must match a
-    run that never changed its rank count: the weights, Adam moments and schedule arrived (a
-    missing moment or a shifted data position moves the loss by >1e-3). Tolerance 1e-5 relative:
-    sums run in another order on another rank count (measured drift for 2 vs 1 rank <= 2e-7, see
-    test_fsdp.py)."""
+def test_a_run_resumes_on_another_number_of_ranks(uninterrupted, tmp_path, parallel, ranks_before, ranks_after):
+    """Killed after its step-8 checkpoint on N ranks, the run is resumed with the same command on M
+    (same run.dir, same global batch: the data position is kept in rows). Steps 9-20 must match
+    run A, which never changed its rank count (2 ranks): the weights, Adam moments and schedule
+    arrived (a missing moment or a shifted data position moves the loss by >1e-3). Tolerance 1e-5
+    relative: sums run in another order on another rank count (measured drift for 2 vs 1 rank
+    <= 2e-7 per step, see test_fsdp.py)."""
     run_dir = str(tmp_path / "resharded")
-    before = [*cli_args("full", parallel, tmp_path, ranks=ranks_before, steps=8), "checkpoint.save_every=4",
+    before = [*cli_args("full", parallel, tmp_path, ranks=ranks_before), "checkpoint.save_every=8",
               f"run.dir={run_dir}"]
-    killed = launch(*before, faults="kill_after_save:4")
+    killed = launch(*before, faults="kill_after_save:8")
     assert killed.returncode != 0
-    after = [*cli_args("full", parallel, tmp_path, ranks=ranks_after, steps=8), "checkpoint.save_every=4",
+    after = [*cli_args("full", parallel, tmp_path, ranks=ranks_after), "checkpoint.save_every=8",
              f"run.dir={run_dir}"]
     resumed = launch(*after)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = summary_of(run_dir)
-    assert summary["world_size"] == ranks_after and summary["resumed_from"].endswith("step_000004")
+    assert summary["world_size"] == ranks_after and summary["resumed_from"].endswith("step_000008")
     assert f"resharded from {ranks_before} to {ranks_after} ranks" in resumed.stdout + resumed.stderr
-    expected, got = step_metrics(unresharded(parallel)), step_metrics(run_dir)
-    assert len(got) == 8
-    assert got[:4] == pytest.approx(expected[:4], rel=1e-5)
-    assert got[4:] == pytest.approx(expected[4:], rel=1e-5)
-    assert not os.path.exists(os.path.join(run_dir, "checkpoints", "step_000004.universal"))
+    expected, got = step_metrics(uninterrupted(parallel, "full")), step_metrics(run_dir)
+    assert len(got) == 20
+    assert got[:8] == pytest.approx(expected[:8], rel=1e-5)
+    assert got[8:] == pytest.approx(expected[8:], rel=1e-5)
+    assert not os.path.exists(os.path.join(run_dir, "checkpoints", "step_000008.universal"))
 
 
 def _checkpoint_weights(run_dir: str, step: int) -> dict:

@@ -535,3 +535,12 @@ def test_run_dir_is_deterministic(tmp_path):
     ):
         assert run_dir(good(f"run.root={tmp_path}", "+experiment=tiny_lora", override)) == run_dir(base), override
     assert config_hash(base) == config_hash(again)
+
+
+def test_a_file_where_the_run_directory_goes_is_reported(tmp_path):
+    (tmp_path / "outputs").write_text("not a folder")
+    assert only_error(f"run.root={tmp_path / 'outputs'}").startswith(
+        f"run.root: '{tmp_path / 'outputs'}' is a file, so the directory '{tmp_path / 'outputs'}/default/")
+    assert only_error(f"run.dir={tmp_path / 'outputs' / 'run'}") == (
+        f"run.dir: '{tmp_path / 'outputs'}' is a file, so the directory '{tmp_path / 'outputs' / 'run'}' cannot be "
+        "created there; choose another run.dir or move the file")

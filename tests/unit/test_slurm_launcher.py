@@ -132,3 +132,44 @@ def test_a_signalled_run_outside_slurm_checkpoints_and_resumes_exactly(tmp_path)
         assert [r["step"] for r in map(json.loads, f) if "loss" in r] == list(range(1, 21))
     assert step_metrics(str(run)) == step_metrics(str(tmp_path / "a"))
     assert summary_of(str(run))["resumed_from"].endswith(f"step_{stopped:06d}")
+
+
+def test_a_sweep_on_submitit_local_runs_multi_rank_points(tmp_path):
+    """`-m ... hydra/launcher=submitit_local` with 2 ranks per point: each point is its own
+    2-rank job (rendezvous from submitit's environment), with its own run directory, and the
+    summary is written when the sweep ends."""
+    sweep = tmp_path / "multirun"
+    proc = subprocess.run(
+        [sys.executable, "-m", "distft", "-m", "+experiment=tiny_lora", "train.lr=1e-3,3e-3",
+         "hydra/launcher=submitit_local", "parallel=ddp", "launcher.nproc_per_node=2", "train.max_steps=3",
+         "eval.num_samples=2", "eval.max_new_tokens=2", "train.eval_max_batches=1", f"run.root={tmp_path}",
+         f"hydra.sweep.dir={sweep}"],
+        capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(sweep / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["train.lr"] for r in rows] == ["0.001", "0.003"] and len({r["run_dir"] for r in rows}) == 2
+    for row in rows:
+        summary = summary_of(row["run_dir"])
+        assert summary["world_size"] == 2 and summary["steps"] == 3
+        assert float(row["eval_loss"]) == summary["eval_after"]["loss"]
+
+
+def test_requeues_are_bounded_by_max_requeues(monkeypatch):
+    """A job SLURM already requeued launcher.max_requeues times is not requeued again: it stops
+    with its checkpoint and says how to go on (exit code 4 from the entry point)."""
+    from distft.preemption import StopSignal
+
+    cfg, _ = preflight(["launcher=slurm", "launcher.time_min=60", "launcher.max_requeues=2"])
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    stop = StopSignal(cfg, "cpu")
+    try:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert stop.requested()
+        outcome = stop.stop(9, "/runs/x/checkpoints/step_000009", is_main=True)
+    finally:
+        stop.close()
+    assert not outcome.requeued
+    assert str(outcome) == ("stopped at step 9 by SIGUSR2, checkpoint of step 9: /runs/x/checkpoints/step_000009; the "
+                            "job was requeued 2 times already (launcher.max_requeues=2); rerun the same command to resume")
