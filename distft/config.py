@@ -313,6 +313,17 @@ class RunConfig:
 
 
 @dataclass
+class PlanConfig:
+    """`python -m distft.plan` and the check launchers run before submitting (distft/plan.py)."""
+
+    format: str = "text"  # text | json
+    margin: float = 0.10  # a plan fits when it needs at most (1 - margin) of a GPU's memory
+    mfu: float = 0.40  # assumed model FLOPs utilisation for the tokens/s and time estimates
+    overhead_gb: float = 1.0  # per GPU: CUDA context, allocator fragmentation, kernels' workspaces
+    override: bool = False  # submit even when the plan says it does not fit
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     technique: TechniqueConfig = field(default_factory=TechniqueConfig)
@@ -325,6 +336,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     # Rerunning a command resumes its run directory from the newest complete checkpoint. false:
     # start over, after moving the old run directory aside (renamed, never deleted).
     resume: bool = True
@@ -405,7 +417,7 @@ def redact_secrets(value: Any) -> Any:
 
 # Keys that do not change what is trained, so they do not change the run directory: rerunning
 # with a different logger or launcher must resume the same run, not start a new one.
-_RUN_IDENTITY_EXCLUDED = ("tracking", "run", "launcher", "cluster", "eval", "checkpoint", "resume")
+_RUN_IDENTITY_EXCLUDED = ("tracking", "run", "launcher", "cluster", "eval", "checkpoint", "resume", "plan")
 
 
 def config_hash(cfg: Config) -> str:

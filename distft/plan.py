@@ -3,8 +3,12 @@
     python -m distft.plan +experiment=qlora_13b cluster=a100_40g_8x launcher.nproc_per_node=4
     python -m distft.plan model=llama_65b parallel=zero3 launcher.nnodes=2 launcher.nproc_per_node=8 plan.format=json
 
-(work in progress, issue 6: parameter counts and model-state memory; activations, fit advice and
-time estimates follow.)
+Prints parameter counts, per-GPU (and per-node) weights, gradients, optimizer state,
+activations and a fixed overhead, whether that fits the cluster's GPUs with `plan.margin`
+headroom, and when it does not the single changes that make it fit; tokens/s and step time from
+the cluster's peak FLOP/s at an assumed `plan.mfu`. `plan.format=json` for scripts. The SLURM
+launcher runs the same plan before submitting (launchers/slurm.py). Not yet measured against
+real runs: the activation formula's tolerance is issue 6's next step.
 
 Parameters are counted on a model built on the meta device from the preset's architecture (no
 memory, no download: a hub id's own config.json is not fetched), with the technique applied the
@@ -29,7 +33,7 @@ L the largest decoder layer's parameters, b the bytes of the model dtype: 2 for 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 from distft.config import Config, world_size
@@ -131,52 +135,181 @@ def model_state_bytes(cfg: Config, counts: ParameterCounts) -> dict[str, int]:
     return {"weights": int(weights), "grads": int(grads), "optimizer": int(optimizer)}
 
 
+def activation_bytes(cfg: Config, counts: ParameterCounts) -> int:
+    """Per-GPU activations kept for backward in one micro-batch (m sequences of s tokens).
+
+    Per decoder layer, in the model dtype (b bytes), what autograd keeps with SDPA/flash
+    attention (no s x s score matrix): the two norms' inputs and outputs (4h), q, k, v and the
+    rotated q, k (2h + 3k), the attention output (h), the MLP's gate, up, activation and product
+    (4i): m·s·(7h + 3k + 4i)·b. LoRA/DoRA add their dropout's copy of each adapted input when
+    dropout > 0 (~ m·s·(6h + i)·b per layer). Gradient checkpointing keeps only each layer's
+    input (m·s·h·b) plus one layer recomputed at a time. The output head adds the logits in the
+    model dtype, their fp32 copy for the loss and its gradient: m·s·V·(b + 8).
+    An estimate: kernels' workspaces are in plan.overhead_gb.
+    """
+    from distft.model import llama_config
+
+    model = llama_config(cfg.model)  # the preset's architecture, defaults filled in
+    m, s, b = cfg.train.micro_batch_size, cfg.data.max_seq_len, param_bytes(cfg)
+    if cfg.technique.name in ("prefix", "prompt"):
+        s += cfg.technique.num_virtual_tokens
+    h, i = model.hidden_size, model.intermediate_size
+    k = h * model.num_key_value_heads // model.num_attention_heads
+    per_layer = m * s * (7 * h + 3 * k + 4 * i) * b
+    if cfg.technique.name in ("lora", "qlora", "dora") and cfg.technique.dropout > 0:
+        per_layer += m * s * (6 * h + i) * b
+    layers = model.num_hidden_layers
+    kept = (layers * m * s * h * b + per_layer) if cfg.train.gradient_checkpointing else layers * per_layer
+    return int(kept + m * s * model.vocab_size * (b + 8))
+
+
+def per_gpu_bytes(cfg: Config, counts: ParameterCounts) -> dict[str, int]:
+    states = model_state_bytes(cfg, counts)
+    out = {**states, "activations": activation_bytes(cfg, counts), "overhead": int(cfg.plan.overhead_gb * 1024**3)}
+    out["total"] = sum(out.values())
+    return out
+
+
+def _fits(cfg: Config, total: int) -> Optional[bool]:
+    capacity = cfg.cluster.gpu_memory_gb * 1024**3
+    return None if not capacity else total <= capacity * (1 - cfg.plan.margin)
+
+
+def advice(cfg: Config, counts: ParameterCounts) -> list[dict]:
+    """When the plan does not fit: single changes that make it fit, cheapest first (what they
+    cost: recomputation, smaller steps, more communication, host memory, precision, GPUs)."""
+    candidates: list[tuple[str, list[str]]] = []
+    if not cfg.train.gradient_checkpointing:
+        candidates.append(("recompute activations in backward (~30% slower steps)", ["train.gradient_checkpointing=true"]))
+    for mb in (cfg.train.micro_batch_size // 2, 1):
+        if 0 < mb < cfg.train.micro_batch_size:
+            candidates.append((f"micro-batch {mb} (more accumulation, same global batch)", [f"train.micro_batch_size={mb}"]))
+    ladder = ["ddp", "zero1", "zero2", "fsdp", "zero3"]
+    strategy = cfg.parallel.strategy if cfg.parallel.strategy in ladder else "ddp"
+    for stronger in ladder[ladder.index(strategy) + 1:]:
+        candidates.append((f"shard more state ({stronger})", [f"parallel={stronger}"]))
+    candidates.append(("optimizer state in host memory", ["parallel=zero3", "parallel.deepspeed.offload_optimizer=true"]))
+    candidates.append(("weights and optimizer in host memory", ["parallel=zero3", "parallel.deepspeed.offload_optimizer=true",
+                                                                "parallel.deepspeed.offload_param=true"]))
+    if cfg.technique.name in ("full", "lora", "dora"):
+        candidates.append(("4-bit base with LoRA (QLoRA)", ["technique=qlora"]))
+    for factor in (2, 4, 8, 16):
+        candidates.append((f"{factor}x the nodes", [f"launcher.nnodes={cfg.launcher.nnodes * factor}"]))
+    found = []
+    for why, overrides in candidates:
+        changed = _apply(cfg, overrides)
+        if changed is None:
+            continue
+        changed_counts = counts if not any(o.startswith("technique") for o in overrides) else count_parameters(changed)
+        total = per_gpu_bytes(changed, changed_counts)["total"]
+        if _fits(changed, total):
+            found.append({"change": " ".join(overrides), "why": why, "per_gpu_total_bytes": total})
+    return found[:5]
+
+
+def _apply(cfg: Config, overrides: list[str]) -> Optional[Config]:
+    """cfg with dotted overrides applied (group choices for parallel/technique re-read from conf/)."""
+    from omegaconf import OmegaConf
+
+    from distft.config import to_config
+
+    node = OmegaConf.structured(cfg)
+    for override in overrides:
+        key, value = override.split("=", 1)
+        if key in ("parallel", "technique"):
+            group = OmegaConf.load(_conf_path(key, value))
+            node[key] = OmegaConf.merge(node[key], group)
+        else:
+            OmegaConf.update(node, key, OmegaConf.create({"v": _yaml_value(value)})["v"], merge=True)
+    try:
+        changed = to_config(node)
+    except Exception:
+        return None
+    from distft.validation import validate
+
+    return changed if not validate(changed) else None
+
+
+def _conf_path(group: str, option: str) -> str:
+    from distft.config import conf_dir
+
+    return str(conf_dir() / group / f"{option}.yaml")
+
+
+def _yaml_value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def throughput(cfg: Config, counts: ParameterCounts) -> dict:
+    """tokens/s and time estimates from the cluster's peak FLOP/s and an assumed MFU."""
+    from distft.tracking import flops_per_token
+
+    flops = flops_per_token(counts.total, cfg.model.num_hidden_layers, cfg.model.hidden_size, cfg.data.max_seq_len,
+                            full=cfg.technique.name == "full")
+    if cfg.cluster.peak_tflops <= 0:
+        return {"flops_per_token": flops, "tokens_per_s": None, "step_time_s": None, "time_for_max_steps_s": None}
+    tokens_per_s = world_size(cfg) * cfg.cluster.peak_tflops * 1e12 * cfg.plan.mfu / flops
+    step_tokens = cfg.train.global_batch_size * cfg.data.max_seq_len
+    step = step_tokens / tokens_per_s
+    return {"flops_per_token": flops, "tokens_per_s": tokens_per_s, "step_time_s": step,
+            "time_for_max_steps_s": step * cfg.train.max_steps, "assumed_mfu": cfg.plan.mfu}
+
+
 def plan(cfg: Config) -> dict:
     counts = count_parameters(cfg)
-    states = model_state_bytes(cfg, counts)
-    per_gpu = {**states, "total": sum(states.values())}
+    per_gpu = per_gpu_bytes(cfg, counts)
     capacity = int(cfg.cluster.gpu_memory_gb * 1024**3) if cfg.cluster.gpu_memory_gb else None
+    fits = _fits(cfg, per_gpu["total"])
     return {
         "model": cfg.model.name, "technique": cfg.technique.name, "parallel": cfg.parallel.strategy,
-        "world_size": world_size(cfg), "cluster": cfg.cluster.name,
+        "world_size": world_size(cfg), "nodes": cfg.launcher.nnodes, "cluster": cfg.cluster.name,
         "params_total": counts.total, "params_trainable": counts.trainable, "params_frozen": counts.frozen,
         "params_quantized": counts.quantized, "largest_layer_params": counts.largest_layer,
         "per_gpu_bytes": per_gpu,
-        "gpu_memory_bytes": capacity,
-        "fits": None if capacity is None else per_gpu["total"] <= capacity,
-        "counts": asdict(counts),
+        "per_node_bytes": {k: v * cfg.launcher.nproc_per_node for k, v in per_gpu.items()},
+        "gpu_memory_bytes": capacity, "margin": cfg.plan.margin,
+        "fits": fits,
+        "advice": advice(cfg, counts) if fits is False else [],
+        "throughput": throughput(cfg, counts),
     }
 
 
-def main(argv: Optional[list[str]] = None) -> int:  # pragma: no cover - thin CLI, tested through plan()
+def format_text(result: dict) -> str:
+    gib = 1024**3
+    lines = [f"{result['model']} / {result['technique']} / {result['parallel']} on {result['world_size']} GPU(s), "
+             f"{result['nodes']} node(s) of {result['cluster']}",
+             f"  parameters: {result['params_total']:,} total, {result['params_trainable']:,} trainable, "
+             f"{result['params_frozen']:,} frozen ({result['params_quantized']:,} in 4 bits)",
+             "  per GPU:"]
+    for key, value in result["per_gpu_bytes"].items():
+        lines.append(f"    {key:<12}{value / gib:9.2f} GiB")
+    if result["gpu_memory_bytes"]:
+        verdict = "fits" if result["fits"] else "does NOT fit"
+        lines.append(f"  {verdict} in {result['gpu_memory_bytes'] / gib:.0f} GiB with {result['margin']:.0%} headroom")
+    for item in result["advice"]:
+        lines.append(f"    would fit: {item['change']}  ({item['why']}; {item['per_gpu_total_bytes'] / gib:.1f} GiB)")
+    t = result["throughput"]
+    if t["tokens_per_s"]:
+        lines.append(f"  ~{t['tokens_per_s']:,.0f} tokens/s at MFU {t['assumed_mfu']:.0%}: {t['step_time_s']:.2f} s per step, "
+                     f"{t['time_for_max_steps_s'] / 3600:.1f} h for train.max_steps")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`python -m distft.plan [overrides]`: the same command line as a run, nothing started."""
     import json
     import sys
 
     from distft.preflight import format_errors, preflight
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    fmt = "text"
-    rest = []
-    for arg in argv:
-        if arg.startswith("plan.format="):
-            fmt = arg.split("=", 1)[1]
-        else:
-            rest.append(arg)
-    cfg, errors = preflight(rest)
+    cfg, errors = preflight(list(sys.argv[1:] if argv is None else argv))
     if errors:
         print(format_errors(errors), file=sys.stderr)
         return 2
     result = plan(cfg)
-    if fmt == "json":
-        print(json.dumps(result, indent=2))
-        return 0
-    gib = 1024**3
-    print(f"{result['model']} {result['technique']} on {result['parallel']} x {result['world_size']} ranks "
-          f"({result['cluster']})")
-    print(f"  parameters: {result['params_total']:,} total, {result['params_trainable']:,} trainable, "
-          f"{result['params_quantized']:,} quantized")
-    for key, value in result["per_gpu_bytes"].items():
-        print(f"  {key:>10}: {value / gib:8.2f} GiB per GPU")
+    print(json.dumps(result, indent=2) if cfg.plan.format == "json" else format_text(result))
     return 0
 
 

@@ -89,6 +89,11 @@ def _check_choices(cfg: Config, errors: list[str]) -> None:
     _positive(errors, "train.max_nonfinite_steps", tr.max_nonfinite_steps, allow_zero=True)
     _choice(errors, "tracking.wandb.mode", cfg.tracking.wandb.mode, WANDB_MODES)
     _choice(errors, "launcher.kind", cfg.launcher.kind, LAUNCHERS)
+    _choice(errors, "plan.format", cfg.plan.format, ("text", "json"))
+    if not 0.0 <= cfg.plan.margin < 1.0:
+        errors.append(f"plan.margin={cfg.plan.margin} must be in [0, 1), e.g. 0.1 for 10% headroom")
+    if not 0.0 < cfg.plan.mfu <= 1.0:
+        errors.append(f"plan.mfu={cfg.plan.mfu} must be in (0, 1], e.g. 0.4")
     _choice(errors, "model.dtype", m.dtype, MODEL_DTYPES)
     if m.attn_implementation not in ATTN_IMPLEMENTATIONS and "/" not in m.attn_implementation:
         errors.append(

@@ -67,6 +67,30 @@ def test_full_finetuning_model_states_agree_with_deepspeeds_estimator(model, nod
 def test_plan_json_has_the_documented_keys():
     result = planned("+experiment=qlora_13b", "cluster=a100_40g_8x")
     assert {"params_total", "params_trainable", "per_gpu_bytes", "fits"} <= result.keys()
-    assert set(result["per_gpu_bytes"]) == {"weights", "grads", "optimizer", "total"}
+    assert set(result["per_gpu_bytes"]) == {"weights", "grads", "optimizer", "activations", "overhead", "total"}
     assert result["per_gpu_bytes"]["total"] == sum(v for k, v in result["per_gpu_bytes"].items() if k != "total")
-    assert result["fits"] is True  # model states alone; activations come next
+    assert result["fits"] is True and result["advice"] == []
+
+
+def test_a_plan_that_does_not_fit_lists_changes_that_do():
+    result = planned("model=llama_65b", "parallel=zero2", "launcher.nproc_per_node=8", "cluster=a100_80g_8x",
+                     "train.global_batch_size=32")
+    assert result["fits"] is False
+    assert result["per_gpu_bytes"]["total"] > 0.9 * 80 * 1024**3
+    changes = {item["change"]: item["per_gpu_total_bytes"] for item in result["advice"]}
+    assert "parallel=zero3 parallel.deepspeed.offload_optimizer=true" in changes
+    assert all(total <= 0.9 * 80 * 1024**3 for total in changes.values())  # each advised change fits
+
+
+def test_the_slurm_launcher_refuses_a_job_that_cannot_fit_before_asking_the_cluster(capsys):
+    """No SLURM command runs: the plan alone refuses (this machine may have no SLURM at all)."""
+    from launchers.slurm import submit
+
+    cfg, errors = preflight(["model=llama_65b", "launcher=slurm", "launcher.nodes=1", "launcher.gpus_per_node=8",
+                             "launcher.time_min=60", "parallel=zero2", "cluster=a100_80g_8x",
+                             "train.global_batch_size=32"])
+    assert errors == []
+    assert submit(cfg, []) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("distft: not submitted, nothing queued: the plan does not fit cluster=a100_80g_8x")
+    assert "does NOT fit in 80 GiB with 10% headroom" in err and "would fit: parallel=zero3" in err
