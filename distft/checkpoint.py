@@ -451,7 +451,7 @@ def resolve_checkpoint(path: str) -> str:
 
 
 # What may differ between a run and its resume: where and how it runs, not what it computes.
-RESUMABLE_CHANGES = ("parallel", "launcher", "cluster", "checkpoint", "tracking", "run", "eval", "resume",
+RESUMABLE_CHANGES = ("parallel", "launcher", "cluster", "checkpoint", "tracking", "run", "eval", "resume", "plan",
                      "train.micro_batch_size", "train.log_every", "train.device", "train.eval_every",
                      "train.eval_max_batches", "train.nonfinite", "train.max_nonfinite_steps")
 

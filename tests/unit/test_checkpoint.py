@@ -296,3 +296,13 @@ def test_a_resumed_run_keeps_its_wandb_run(interrupted, finished):
         assert f.read().strip() == run_id
     offline = [n for n in os.listdir(os.path.join(interrupted, "wandb")) if n.startswith("offline-run-")]
     assert offline and all(n.endswith(run_id) for n in offline)
+
+
+def test_planner_settings_do_not_stop_a_resume(interrupted):
+    """plan.* only says how a run is checked before it starts (and did not exist in older runs'
+    dumps): changing it resumes the run."""
+    from distft.checkpoint import resume_conflicts
+
+    assert resume_conflicts(compose(*RUN, f"run.dir={interrupted}", "plan.margin=0.3", "plan.override=true"),
+                            interrupted) == []
+    assert resume_conflicts(compose(*RUN, f"run.dir={interrupted}", "train.lr=0.02"), interrupted) != []
