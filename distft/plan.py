@@ -18,16 +18,17 @@ would quantise (every nn.Linear of the decoder layers; the output head stays in 
 dtype) are reported as `params_quantized`.
 
 Model-state bytes per GPU, by engine (P all parameters, T trainable, W ranks sharing the state,
-L the largest decoder layer's parameters, b the bytes of the model dtype: 2 for bf16, 4 for fp32):
+L the largest FSDP unit's parameters, b the bytes of the model dtype: 2 for bf16, 4 for fp32):
 - DDP: weights P·b, gradients T·b, AdamW moments 2·T·b (torch keeps them in the parameter dtype;
   distft trains bf16 models without fp32 masters under DDP and FSDP).
-- FSDP: the same, divided by W; plus one layer gathered for compute (L·b, params; its gradient
-  is reduce-scattered as it is produced).
+- FSDP: the same, divided by W; plus the largest unit gathered for compute (L·b: a decoder layer,
+  or the root's embeddings, norm and head; gradients are reduce-scattered as they are produced).
 - ZeRO (DeepSpeed keeps fp32 masters and fp32 optimizer state with bf16 params; its accounting in
   `estimate_zero{2,3}_model_states_mem_needs`): ZeRO-1 weights 2P, grads 2T + 4T/W, optimizer
   12T/W; ZeRO-2 weights 2P, grads 6T/W, optimizer 12T/W (2P + 18T/W for full fine-tuning, as
-  DeepSpeed's estimator); ZeRO-3 weights 2P/W + 4L (the gathered working layer, params and
-  gradients), grads 4T/W, optimizer 12T/W (4L + 18P/W, as DeepSpeed's). Offload moves the
+  DeepSpeed's estimator); ZeRO-3 weights 2P/W + 4M (M: the most parameters one module holds,
+  DeepSpeed's "largest layer"; gathered params and grads), grads 4T/W, optimizer 12T/W
+  (4M + 18P/W, as DeepSpeed's). Offload moves the
   optimizer (and with offload_param the weights) to host memory.
 """
 
@@ -50,7 +51,8 @@ class ParameterCounts:
     trainable: int
     frozen: int
     quantized: int  # frozen base weights stored in 4 bits (QLoRA), part of `frozen`
-    largest_layer: int  # parameters of the largest decoder layer (ZeRO-3 / FSDP gather unit)
+    largest_layer: int  # FSDP's largest gather unit: a decoder layer, or the root (embeddings, norm, head)
+    largest_module: int  # the most parameters one module holds itself (ZeRO-3 gathers module by module)
 
 
 def build_meta_model(cfg: Config):
@@ -87,8 +89,12 @@ def count_parameters(cfg: Config) -> ParameterCounts:
                         if isinstance(module, torch.nn.Linear) and ".layers." in name and not module.weight.requires_grad
                         and not _is_adapter(name))
     layers = [m for name, m in model.named_modules() if type(m).__name__ == "LlamaDecoderLayer"]
-    largest = max((sum(p.numel() for p in layer.parameters()) for layer in layers), default=0)
-    return ParameterCounts(total, trainable, total - trainable, quantized, largest)
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    root = sum(p.numel() for p in unique if id(p) not in in_layers)
+    largest = max([root, *(sum(p.numel() for p in layer.parameters()) for layer in layers)])
+    # DeepSpeed's own definition (deepspeed.runtime.zero.stage3.model_to_params).
+    largest_module = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    return ParameterCounts(total, trainable, total - trainable, quantized, largest, largest_module)
 
 
 def _is_adapter(name: str) -> bool:
@@ -106,7 +112,7 @@ def param_bytes(cfg: Config) -> int:
 def model_state_bytes(cfg: Config, counts: ParameterCounts) -> dict[str, int]:
     """Per-GPU bytes of weights, gradients and optimizer state (see the module docstring)."""
     strategy, ws = cfg.parallel.strategy, world_size(cfg)
-    p, t, q, largest = counts.total, counts.trainable, counts.quantized, counts.largest_layer
+    p, t, q = counts.total, counts.trainable, counts.quantized
     b = param_bytes(cfg)
     quant = NF4_DOUBLE_QUANT_BYTES if cfg.technique.double_quant else NF4_BYTES
     unquantized = p - q
@@ -114,10 +120,11 @@ def model_state_bytes(cfg: Config, counts: ParameterCounts) -> dict[str, int]:
         weights, grads, optimizer = unquantized * b + q * quant, t * b, 2 * t * b
     elif strategy == "fsdp":
         shard = ws if not cfg.parallel.fsdp.hybrid_shard else (cfg.parallel.fsdp.shard_size or cfg.launcher.nproc_per_node)
-        weights = (unquantized * b + q * quant) / shard + largest * b
+        gathered = counts.largest_layer * b
+        weights = (unquantized * b + q * quant) / shard + gathered
         grads, optimizer = t * b / shard, 2 * t * b / shard
         if cfg.parallel.fsdp.cpu_offload:
-            weights, grads, optimizer = largest * b, 0, 0
+            weights, grads, optimizer = gathered, 0, 0
     else:  # DeepSpeed ZeRO, bf16 params with fp32 masters and optimizer state
         ds = cfg.parallel.deepspeed
         stored = unquantized * 2 + q * quant
@@ -126,9 +133,10 @@ def model_state_bytes(cfg: Config, counts: ParameterCounts) -> dict[str, int]:
         elif strategy == "zero2":
             weights, grads, optimizer = stored, 6 * t / ws, 12 * t / ws
         else:
-            weights, grads, optimizer = stored / ws + 4 * largest, 4 * t / ws, 12 * t / ws
+            working = 4 * counts.largest_module  # the module being computed: params and grads, 16-bit
+            weights, grads, optimizer = stored / ws + working, 4 * t / ws, 12 * t / ws
             if ds.offload_param:
-                weights = 4 * largest
+                weights = working
         if ds.offload_optimizer:
             optimizer = 0
             grads = 0 if strategy != "zero1" else 2 * t
@@ -267,6 +275,7 @@ def plan(cfg: Config) -> dict:
         "world_size": world_size(cfg), "nodes": cfg.launcher.nnodes, "cluster": cfg.cluster.name,
         "params_total": counts.total, "params_trainable": counts.trainable, "params_frozen": counts.frozen,
         "params_quantized": counts.quantized, "largest_layer_params": counts.largest_layer,
+        "largest_module_params": counts.largest_module,
         "per_gpu_bytes": per_gpu,
         "per_node_bytes": {k: v * cfg.launcher.nproc_per_node for k, v in per_gpu.items()},
         "gpu_memory_bytes": capacity, "margin": cfg.plan.margin,

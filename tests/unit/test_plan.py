@@ -49,9 +49,13 @@ def test_full_finetuning_model_states_agree_with_deepspeeds_estimator(model, nod
     for offload in (False, True):
         cfg, errors = preflight([*common, "parallel=zero2", f"parallel.deepspeed.offload_optimizer={offload}"])
         assert errors == []
-        from distft.plan import count_parameters
+        from deepspeed.runtime.zero.stage3 import model_to_params
+
+        from distft.plan import build_meta_model, count_parameters
 
         counts = count_parameters(cfg)
+        # DeepSpeed's own largest layer of the same model (its total dedups by data_ptr, all 0 on meta).
+        assert model_to_params(build_meta_model(cfg))[1] == counts.largest_module
         ours = sum(model_state_bytes(cfg, counts).values())
         _, theirs = estimate_zero2_model_states_mem_needs(counts.total, gpus, nodes, cpu_offload=offload)
         assert abs(ours - theirs) <= 2, (offload, ours, theirs)
@@ -59,7 +63,7 @@ def test_full_finetuning_model_states_agree_with_deepspeeds_estimator(model, nod
                                  f"parallel.deepspeed.offload_param={offload}"])
         assert errors == []
         ours = sum(model_state_bytes(cfg, counts).values())
-        theirs = estimate_zero3_model_states_mem_needs(counts.total, counts.largest_layer, gpus, nodes,
+        theirs = estimate_zero3_model_states_mem_needs(counts.total, counts.largest_module, gpus, nodes,
                                                         cpu_offload=offload, cpu_offload_params=offload)[1]
         assert abs(ours - theirs) <= 2, (offload, ours, theirs)
 
