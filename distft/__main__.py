@@ -124,5 +124,6 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = [sys.argv[0], *argv]
     hydra_entry()
 
+
 if __name__ == "__main__":
     main()

@@ -26,7 +26,7 @@ from distft import dist
 from distft.config import Config, config_hash, grad_accum_steps, to_dict
 from distft.config import run_dir as config_run_dir
 from distft.model import IGNORE_INDEX, count_parameters, load_tokenizer, resolve_dtype, token_loss
-from distft.preemption import requeue_count
+from distft.preemption import StopSignal, requeue_count
 from distft.tracking import Progress, Tracker, flops_per_token, mfu, peak_memory_gb, plot_losses, setup_logging
 
 log = logging.getLogger("distft")
@@ -79,8 +79,6 @@ def train(cfg: Config) -> dict:
     device = dist.pick_device(cfg.train.device, info)
     dist.share_cpu_threads(device)
     dist.init(info, cfg.parallel.backend, cfg.parallel.timeout_s, device)
-    from distft.preemption import StopSignal
-
     # Installed before the data and the model are loaded: a signal that comes during that still
     # stops the run, after its first step.
     stop = StopSignal(cfg, device)

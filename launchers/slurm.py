@@ -177,11 +177,22 @@ def sbatch_flags(cfg: Config, partition: str) -> list[str]:
                 "account": launcher.account, "qos": launcher.qos, "constraint": launcher.constraint,
                 "mem": f"{int(launcher.mem_gb * 1024)}M" if launcher.mem_gb else None}
     flags += [f"--{k}={v}" for k, v in optional.items() if v is not None]
-    if launcher.exclusive:
-        flags.append("--exclusive")
-    for key, value in launcher.sbatch_extra.items():
-        flags.append(f"--{key}" if value in (None, "", True) else f"--{key}={value}")
+    flags += [f"--{k}" if v is True else f"--{k}={v}" for k, v in extra_sbatch_parameters(launcher).items()]
     return flags
+
+
+def extra_sbatch_parameters(launcher) -> dict:
+    """#SBATCH flags submitit (and Hydra's submitit launcher) take as `additional_parameters`:
+    --requeue, a signal other than submitit's USR2, --exclusive, and launcher.sbatch_extra
+    (which wins). True stands for a bare flag."""
+    extra: dict = {"requeue": True}
+    signal_name = launcher.signal.upper().removeprefix("SIG")
+    if signal_name != "USR2":
+        extra["signal"] = f"{signal_name}@{launcher.signal_delay_s}"
+    if launcher.exclusive:
+        extra["exclusive"] = True
+    extra.update({k: (True if v in (None, "", True) else v) for k, v in launcher.sbatch_extra.items()})
+    return extra
 
 
 # --------------------------------------------------------------------------- submission
@@ -193,10 +204,6 @@ def executor(cfg: Config, folder: str, partition: str):
 
     launcher = cfg.launcher
     ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=launcher.max_requeues)
-    extra: dict = {"requeue": True}  # True: a bare flag (#SBATCH --requeue)
-    extra.update({k: (True if v in (None, "", True) else v) for k, v in launcher.sbatch_extra.items()})
-    if launcher.exclusive:
-        extra["exclusive"] = True
     ex.update_parameters(
         job_name=launcher.job_name or f"distft-{cfg.run.experiment}",
         partition=partition,
@@ -212,13 +219,9 @@ def executor(cfg: Config, folder: str, partition: str):
         signal_delay_s=launcher.signal_delay_s,
         setup=list(launcher.setup),
         srun_args=["--kill-on-bad-exit=1", *launcher.srun_args],
-        additional_parameters=extra,
+        additional_parameters=extra_sbatch_parameters(launcher),
         stderr_to_stdout=True,  # one log per rank, errors in their place
     )
-    # submitit's signal is USR2; another one is set the same way sbatch does.
-    if launcher.signal.upper().removeprefix("SIG") != "USR2":
-        ex.parameters["additional_parameters"]["signal"] = f"{launcher.signal.upper().removeprefix('SIG')}@" \
-                                                            f"{launcher.signal_delay_s}"
     return ex
 
 
@@ -349,17 +352,12 @@ def sweep_launcher_overrides(cfg: Config, argv: list[str]) -> list[str]:
                     "mem_gb": int(launcher.mem_gb) if launcher.mem_gb else None,
                     "timeout_min": launcher.time_min, "stderr_to_stdout": True}
     if chosen[-1] == "submitit_slurm":
-        signal_name = launcher.signal.upper().removeprefix("SIG")
-        extra = {"requeue": True, **({"signal": f"{signal_name}@{launcher.signal_delay_s}"} if signal_name != "USR2" else {})}
-        extra.update({k: (True if v in (None, "", True) else v) for k, v in launcher.sbatch_extra.items()})
         values.update(partition=launcher.partition, account=launcher.account, qos=launcher.qos,
                       constraint=launcher.constraint, signal_delay_s=launcher.signal_delay_s,
-                      max_num_timeout=launcher.max_requeues, additional_parameters=extra,
+                      max_num_timeout=launcher.max_requeues, additional_parameters=extra_sbatch_parameters(launcher),
                       # srun_args is not in hydra-submitit-launcher 1.2; srun reads this instead:
                       # one failing rank ends the whole step.
                       setup=["export SLURM_KILL_BAD_EXIT=1", *launcher.setup])
-        if launcher.exclusive:
-            values["additional_parameters"]["exclusive"] = True
     given = {a.split("=", 1)[0].lstrip("+~") for a in argv}
     overrides = []
     for key, value in values.items():
