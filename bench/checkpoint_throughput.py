@@ -49,13 +49,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-CHUNK = 4 << 20  # 4 MiB, as distft's own hashing reads
-RESULTS = os.path.join(REPO, "bench", "RESULTS.md")
-RESULTS_HEADER = """# Benchmark results
+from bench.common import RESULTS, record  # noqa: E402
 
-Sections appended by `python bench/<benchmark>.py --record`, newest last. Ratios against baselines
-measured in the same run are the figures to compare across machines; absolute timings are not.
-"""
+CHUNK = 4 << 20  # 4 MiB, as distft's own hashing reads
 
 
 def dir_bytes(path: str) -> int:
@@ -218,16 +214,6 @@ def table(rows: list[tuple[str, int, float, float]]) -> str:
     return "\n".join(lines)
 
 
-def cpu_info() -> str:
-    model, cores = "unknown CPU", os.cpu_count()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return f"{model}, {cores} cores"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="parent of the temporary run root (the disk)")
@@ -259,15 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"command: {command}\n{details}\n\n{table(rows)}\n\n{summary}")
 
     if args.record:
-        new = not os.path.exists(RESULTS)
-        with open(RESULTS, "a") as f:
-            if new:
-                f.write(RESULTS_HEADER)
-            f.write(
-                f"\n## checkpoint_throughput — {time.strftime('%Y-%m-%d %H:%M %Z')}\n\n"
-                f"- hardware: {cpu_info()}\n- command: `{command}`\n- {details}\n\n"
-                f"{table(rows)}\n\n```\n{summary}\n```\n"
-            )
+        record("checkpoint_throughput", command, details, table(rows), summary)
         print(f"\nappended to {os.path.relpath(RESULTS, REPO)}")
 
 
