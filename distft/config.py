@@ -216,6 +216,9 @@ class AugmentConfig:
     functions: list[Any] = field(default_factory=list)  # Hydra `_target_` callables: row -> row | list[row] | None
 
 
+PACK_STRATEGIES = ("best_fit", "in_order")  # distft/batching.py pack()
+
+
 @dataclass
 class DataConfig:
     name: str = "synthetic"
@@ -227,6 +230,7 @@ class DataConfig:
     train_on_prompt: bool = False
     max_seq_len: int = 256
     packing: bool = True
+    pack_strategy: str = "best_fit"  # best_fit (fewest pad tokens) | in_order (greedy, in the shuffled order)
     eval_fraction: float = 0.05
     eval_size: Optional[int] = None  # wins over eval_fraction when set
     on_bad_rows: str = "drop"

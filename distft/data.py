@@ -71,6 +71,7 @@ class DataReport:
     eval_sequences: int = 0
     train_tokens: int = 0
     train_target_tokens: int = 0
+    packing_fill: Optional[float] = None  # share of non-pad tokens in the packed training rows
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -83,6 +84,7 @@ class DataReport:
             f"train {self.train} rows ({self.augmented} augmented, {self.augment_dropped} dropped by augmentation), "
             f"eval {self.eval}; {self.train_sequences} train / {self.eval_sequences} eval sequences, "
             f"{self.train_tokens} train tokens ({self.train_target_tokens} targets)"
+            + (f", packed {self.packing_fill:.1%} non-pad" if self.packing_fill is not None else "")
         )
 
 
@@ -517,9 +519,12 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int = 0) -> PreparedData:
 
     pad_id = pad_token_id(tokenizer)
     report.train = len(train)
-    report.train_sequences = len(pack(train_samples, cfg.max_seq_len, pad_id)) if cfg.packing else len(train)
-    report.eval_sequences = len(pack(eval_samples, cfg.max_seq_len, pad_id)) if cfg.packing else len(held_out)
+    strategy = cfg.pack_strategy
+    report.train_sequences = len(pack(train_samples, cfg.max_seq_len, pad_id, strategy)) if cfg.packing else len(train)
+    report.eval_sequences = len(pack(eval_samples, cfg.max_seq_len, pad_id, strategy)) if cfg.packing else len(held_out)
     report.train_tokens = sum(len(s["input_ids"]) for s in train_samples)
+    if cfg.packing:
+        report.packing_fill = round(report.train_tokens / max(1, report.train_sequences * cfg.max_seq_len), 4)
     report.train_target_tokens = sum(sum(label != IGNORE_INDEX for label in s["labels"]) for s in train_samples)
     return PreparedData(train_samples, eval_samples, eval_rows, report)
 

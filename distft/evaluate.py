@@ -490,7 +490,7 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, num_samples: in
         device = torch.device("cuda")
     data = prepare_data(cfg.data, tokenizer, seed=cfg.data.seed)
     batches = eval_batches(data.eval, cfg.eval.batch_size, cfg.data.max_seq_len, cfg.data.packing,
-                           tokenizer.pad_token_id)
+                           tokenizer.pad_token_id, cfg.data.pack_strategy)
     if cfg.train.eval_max_batches:
         batches = batches[: cfg.train.eval_max_batches]
     amp = autocast_dtype(cfg.train.precision, device)

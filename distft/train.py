@@ -148,9 +148,10 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
     batches = TrainBatches(
         data.train, cfg.train.micro_batch_size, cfg.data.max_seq_len, cfg.data.packing, pad_id,
         seed=cfg.train.seed, shuffle=cfg.data.shuffle, rank=info.rank, world_size=info.world_size,
-        accumulation_steps=accum,
+        accumulation_steps=accum, pack_strategy=cfg.data.pack_strategy,
     )
-    held_out = eval_batches(data.eval, cfg.eval.batch_size, cfg.data.max_seq_len, cfg.data.packing, pad_id)
+    held_out = eval_batches(data.eval, cfg.eval.batch_size, cfg.data.max_seq_len, cfg.data.packing, pad_id,
+                            cfg.data.pack_strategy)
     if cfg.train.eval_max_batches:
         held_out = held_out[: cfg.train.eval_max_batches]
 

@@ -25,6 +25,7 @@ from distft.config import (
     NONFINITE_POLICIES,
     OFFLINE_TOKENIZER_VOCAB,
     ON_BAD_ROWS,
+    PACK_STRATEGIES,
     PARALLEL_STRATEGIES,
     PRECISIONS,
     PROMPT_LEARNING_TECHNIQUES,
@@ -166,6 +167,8 @@ def _check_batch(cfg: Config, errors: list[str]) -> None:
 def _check_sequence_length(cfg: Config, errors: list[str], max_positions: int) -> None:
     d, t = cfg.data, cfg.technique
     _positive(errors, "data.max_seq_len", d.max_seq_len)
+    if d.pack_strategy not in PACK_STRATEGIES:
+        errors.append(f"data.pack_strategy={d.pack_strategy!r} is not one of {', '.join(PACK_STRATEGIES)}")
     # Prefix and prompt tuning put their virtual tokens at the first positions of every sequence.
     extra = t.num_virtual_tokens if t.name in PROMPT_LEARNING_TECHNIQUES else 0
     if d.max_seq_len and d.max_seq_len + extra > max_positions:
