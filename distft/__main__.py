@@ -125,5 +125,30 @@ def main(argv: list[str] | None = None) -> None:
     hydra_entry()
 
 
+def _exit_now(code: int) -> None:
+    """Leave without tearing the interpreter down: atexit handlers run (W&B, logging), but not
+    the collection of thousands of modules and the C++ static destructors of torch, gloo and
+    bitsandbytes, which take ~1 s per process (every rank of every launch; measured 1.85 s ->
+    0.31 s from the last log line to the exit of a 2-rank launch). Nothing is lost: train()
+    joins its checkpoint writers, finishes the tracker and leaves the process group first."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as done:
+        code = done.code
+        if code is not None and not isinstance(code, int):
+            print(code, file=sys.stderr)  # what SystemExit("message") prints
+            code = 1
+        _exit_now(code or 0)
+    _exit_now(0)

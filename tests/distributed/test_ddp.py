@@ -108,7 +108,10 @@ def test_two_nodes_without_slurm_meet_at_the_rendezvous_and_match_one_process(tm
         port = s.getsockname()[1]
     args = [sys.executable, "-m", "distft", "+experiment=tiny_full", f"run.root={tmp_path}", "parallel=ddp",
             "launcher.nnodes=2", "launcher.nproc_per_node=1", f"launcher.rdzv_endpoint=127.0.0.1:{port}", *COMMON]
-    nodes = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    # Both "nodes" share this machine's cores: one thread each, as two real nodes would not contend
+    # (each rank sees LOCAL_WORLD_SIZE=1 and would take every core: measured steps of 0.4-7 s).
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
              for _ in range(2)]
     outputs = [node.communicate(timeout=300) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
