@@ -197,6 +197,12 @@ class ClusterConfig:
     # Dense bf16 peak of one accelerator in TFLOP/s (A100 312, H100 SXM 989): the MFU denominator.
     # 0: unknown (the CPU), and MFU is not reported.
     peak_tflops: float = 0.0
+    # Interconnect, for the planner's communication time: GB/s one GPU can send to its peers in
+    # the node (NVLink/PCIe) and that one node can send to the others (InfiniBand/Ethernet; the
+    # node's NICs together). 0: unknown, no communication estimate.
+    interconnect: str = ""
+    intra_node_gbps: float = 0.0
+    inter_node_gbps: float = 0.0
 
 
 @dataclass
@@ -307,6 +313,10 @@ class TrackingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     progress_bar: bool = True
     plot: bool = True
+    # CPU runs: count tensor memory with torch's profiler from the model build through this many
+    # optimizer steps (the peak the planner estimates; those steps run slower). 0: the process's
+    # resident set only. GPU runs always count allocated CUDA memory, at no cost.
+    cpu_memory_steps: int = 0
 
 
 @dataclass
@@ -325,6 +335,9 @@ class PlanConfig:
     mfu: float = 0.40  # assumed model FLOPs utilisation for the tokens/s and time estimates
     overhead_gb: float = 1.0  # per GPU: CUDA context, allocator fragmentation, kernels' workspaces
     override: bool = False  # submit even when the plan says it does not fit
+    # Time per epoch: the data is loaded, cleaned, templated and tokenized like a run does (the
+    # model's tokenizer, local files only) on at most this many rows, and extrapolated beyond.
+    epoch_sample_rows: int = 5000
 
 
 @dataclass

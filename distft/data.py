@@ -483,14 +483,15 @@ def augment(train: list[Example], cfg: DataConfig, tokenizer, report: DataReport
 # The whole pipeline.
 
 
-def prepare_data(cfg: DataConfig, tokenizer, seed: int = 0) -> PreparedData:
+def prepare_data(cfg: DataConfig, tokenizer, seed: int = 0, rows: Optional[tuple] = None) -> PreparedData:
     """Cleaned, split, augmented, tokenized data; identical on every rank for the same inputs.
 
     The eval split depends only on data.seed (so runs with different training seeds are scored on
-    the same rows); augmentation draws from data.seed and `seed` together.
+    the same rows); augmentation draws from data.seed and `seed` together. `rows`: (train, eval)
+    raw rows already loaded (the planner's sample), instead of load_rows(cfg).
     """
     report = DataReport()
-    train_raw, eval_raw = load_rows(cfg)
+    train_raw, eval_raw = rows if rows is not None else load_rows(cfg)
     seen: set = set()  # shared, so an eval row that repeats a training row is dropped as a duplicate
     train = clean(train_raw, cfg, tokenizer, report, seen)
     if not train:

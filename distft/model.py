@@ -71,7 +71,7 @@ def build_offline_tokenizer():
     return tokenizer
 
 
-def load_tokenizer(cfg: ModelConfig):
+def load_tokenizer(cfg: ModelConfig, local_files_only: bool = False):
     """The tokenizer for a model config: explicit path, the model's own, or the offline one.
 
     LLaMA tokenizers ship without a pad token; we use eos for padding (pads are masked out of the
@@ -83,7 +83,8 @@ def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code,
+                                                  local_files_only=local_files_only)
     except (OSError, ValueError) as err:
         raise _load_error("model.tokenizer" if cfg.tokenizer else "model.name_or_path", source, err) from err
     if tokenizer.pad_token_id is None:

@@ -7,8 +7,10 @@ Prints parameter counts, per-GPU (and per-node) weights, gradients, optimizer st
 activations and a fixed overhead, whether that fits the cluster's GPUs with `plan.margin`
 headroom, and when it does not the single changes that make it fit; tokens/s and step time from
 the cluster's peak FLOP/s at an assumed `plan.mfu`. `plan.format=json` for scripts. The SLURM
-launcher runs the same plan before submitting (launchers/slurm.py). Not yet measured against
-real runs: the activation formula's tolerance is issue 6's next step.
+launcher runs the same plan before submitting (launchers/slurm.py). Every run reports its
+measured peak next to this estimate (summary.json `memory`); on 2 CPU ranks the two agree within
+10% (tests/distributed/test_memory.py; measured 1-4% for DDP, FSDP with LoRA and checkpointing,
+ZeRO-3). bf16 on GPUs is derived from the same saved-tensor accounting, not yet measured.
 
 Parameters are counted on a model built on the meta device from the preset's architecture (no
 memory, no download: a hub id's own config.json is not fetched), with the technique applied the
@@ -20,20 +22,43 @@ dtype) are reported as `params_quantized`.
 Model-state bytes per GPU, by engine (P all parameters, T trainable, W ranks sharing the state,
 L the largest FSDP unit's parameters, b the bytes of the model dtype: 2 for bf16, 4 for fp32):
 - DDP: weights P·b, gradients T·b, AdamW moments 2·T·b (torch keeps them in the parameter dtype;
-  distft trains bf16 models without fp32 masters under DDP and FSDP).
+  distft trains bf16 models without fp32 masters under DDP and FSDP). PEFT stores adapters and
+  virtual tokens in fp32 (T·4 for their weights, gradients, and 2·T·4 moments), and QLoRA's
+  preparation the frozen unquantised weights (embeddings, norms, head) too: trainable_bytes(),
+  frozen_bytes().
 - FSDP: the same, divided by W; plus the largest unit gathered for compute (L·b: a decoder layer,
   or the root's embeddings, norm and head; gradients are reduce-scattered as they are produced).
-- ZeRO (DeepSpeed keeps fp32 masters and fp32 optimizer state with bf16 params; its accounting in
-  `estimate_zero{2,3}_model_states_mem_needs`): ZeRO-1 weights 2P, grads 2T + 4T/W, optimizer
-  12T/W; ZeRO-2 weights 2P, grads 6T/W, optimizer 12T/W (2P + 18T/W for full fine-tuning, as
-  DeepSpeed's estimator); ZeRO-3 weights 2P/W + 4M (M: the most parameters one module holds,
-  DeepSpeed's "largest layer"; gathered params and grads), grads 4T/W, optimizer 12T/W
-  (4M + 18P/W, as DeepSpeed's). Offload moves the
-  optimizer (and with offload_param the weights) to host memory.
+- ZeRO (DeepSpeed keeps fp32 masters and fp32 optimizer state next to the bf16 params; its
+  accounting in `estimate_zero{2,3}_model_states_mem_needs`), with b = 2 for bf16: ZeRO-1
+  weights bP, grads bT + 4T/W, optimizer 12T/W; ZeRO-2 weights bP, grads (b + 4)T/W,
+  optimizer 12T/W (2P + 18T/W for full fine-tuning, as DeepSpeed's estimator); ZeRO-3 weights
+  bP/W + 2bM (M: the most parameters one module holds, DeepSpeed's "largest layer"; gathered
+  params and grads), grads 4T/W, optimizer 12T/W (4M + 18P/W, as DeepSpeed's). Offload moves
+  the optimizer (and with offload_param the weights) to host memory.
+
+Terms beyond the model states (DeepSpeed's estimator has none of them):
+- `comm`, communication buffers: DDP's reducer keeps every gradient once more in its buckets
+  (T·b; torch's default, gradient_as_bucket_view=False); FSDP reduce-scatters one unit's
+  unsharded gradients (the largest unit's trainable parameters · b); DeepSpeed allocates its
+  gradient reduce bucket at full size whatever the model (`reduce_bucket_size`, 5e8 elements
+  unless parallel.deepspeed.overrides says otherwise: 1 GB in bf16), in the model dtype (ZeRO-1
+  with bf16: fp32), twice with ZeRO-1/2's `overlap_comm`; none without `contiguous_gradients`.
+- `activations`: see activation_bytes().
+- `overhead`: plan.overhead_gb per GPU (CUDA context, allocator fragmentation, kernels'
+  workspaces; 1 GiB).
+
+Time: tokens/s = GPUs x peak FLOP/s x plan.mfu / FLOPs per token (the MFU formula of
+distft/tracking.py); per step, the data-parallel traffic of one rank (gradient all-reduce,
+or ZeRO-3/FSDP's gathers and reduce-scatter) at the profile's bandwidth (the inter-node one
+shared by a node's GPUs as soon as there are 2 nodes) is reported too; a step takes the
+longer of the two (communication overlaps compute). Time per epoch: the run's data pipeline
+on up to plan.epoch_sample_rows rows with the model's own tokenizer (local files only; none:
+no epoch estimate), packed into sequences, extrapolated to all rows.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -109,31 +134,50 @@ def param_bytes(cfg: Config) -> int:
     return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
 
 
+def trainable_bytes(cfg: Config) -> int:
+    """Bytes per trainable parameter as stored. PEFT keeps adapters and virtual tokens in fp32
+    whatever the base's dtype (get_peft_model's autocast_adapter_dtype), so their gradients and
+    Adam states are fp32 too; DeepSpeed casts the whole module to its 16-bit dtype."""
+    if cfg.technique.name == "full" or cfg.parallel.strategy.startswith("zero"):
+        return param_bytes(cfg)
+    return 4
+
+
+def frozen_bytes(cfg: Config) -> int:
+    """Bytes per frozen, unquantised parameter as stored: QLoRA's preparation
+    (peft.prepare_model_for_kbit_training) casts everything not in 4 bits to fp32 (embeddings,
+    norms, head); DeepSpeed casts it back."""
+    if cfg.technique.name == "qlora" and not cfg.parallel.strategy.startswith("zero"):
+        return 4
+    return param_bytes(cfg)
+
+
 def model_state_bytes(cfg: Config, counts: ParameterCounts) -> dict[str, int]:
     """Per-GPU bytes of weights, gradients and optimizer state (see the module docstring)."""
     strategy, ws = cfg.parallel.strategy, world_size(cfg)
     p, t, q = counts.total, counts.trainable, counts.quantized
-    b = param_bytes(cfg)
+    b, a = param_bytes(cfg), trainable_bytes(cfg)
     quant = NF4_DOUBLE_QUANT_BYTES if cfg.technique.double_quant else NF4_BYTES
     unquantized = p - q
+    held = (unquantized - t) * frozen_bytes(cfg) + t * a + q * quant  # the model as the engine receives it
     if strategy in ("single", "ddp"):
-        weights, grads, optimizer = unquantized * b + q * quant, t * b, 2 * t * b
+        weights, grads, optimizer = held, t * a, 2 * t * a
     elif strategy == "fsdp":
         shard = ws if not cfg.parallel.fsdp.hybrid_shard else (cfg.parallel.fsdp.shard_size or cfg.launcher.nproc_per_node)
         gathered = counts.largest_layer * b
-        weights = (unquantized * b + q * quant) / shard + gathered
-        grads, optimizer = t * b / shard, 2 * t * b / shard
+        weights = held / shard + gathered
+        grads, optimizer = t * a / shard, 2 * t * a / shard
         if cfg.parallel.fsdp.cpu_offload:
             weights, grads, optimizer = gathered, 0, 0
     else:  # DeepSpeed ZeRO, bf16 params with fp32 masters and optimizer state
         ds = cfg.parallel.deepspeed
-        stored = unquantized * 2 + q * quant
+        stored = unquantized * b + q * quant
         if strategy == "zero1":
-            weights, grads, optimizer = stored, 2 * t + 4 * t / ws, 12 * t / ws
+            weights, grads, optimizer = stored, b * t + 4 * t / ws, 12 * t / ws
         elif strategy == "zero2":
-            weights, grads, optimizer = stored, 6 * t / ws, 12 * t / ws
+            weights, grads, optimizer = stored, (b + 4) * t / ws, 12 * t / ws
         else:
-            working = 4 * counts.largest_module  # the module being computed: params and grads, 16-bit
+            working = 2 * b * counts.largest_module  # the module being computed: its params and grads
             weights, grads, optimizer = stored / ws + working, 4 * t / ws, 12 * t / ws
             if ds.offload_param:
                 weights = working
@@ -143,37 +187,87 @@ def model_state_bytes(cfg: Config, counts: ParameterCounts) -> dict[str, int]:
     return {"weights": int(weights), "grads": int(grads), "optimizer": int(optimizer)}
 
 
-def activation_bytes(cfg: Config, counts: ParameterCounts) -> int:
-    """Per-GPU activations kept for backward in one micro-batch (m sequences of s tokens).
+def comm_bytes(cfg: Config, counts: ParameterCounts) -> int:
+    """Per-GPU communication buffers (see the module docstring)."""
+    strategy, t = cfg.parallel.strategy, counts.trainable
+    if strategy == "single" or (strategy == "ddp" and world_size(cfg) == 1):
+        return 0
+    if strategy == "ddp":
+        return t * trainable_bytes(cfg)  # buckets hold gradients in their parameters' dtype
+    if strategy == "fsdp":
+        return 0 if cfg.parallel.fsdp.cpu_offload else min(counts.largest_layer, t) * param_bytes(cfg)
+    zero = dict((cfg.parallel.deepspeed.overrides or {}).get("zero_optimization") or {})
+    if not zero.get("contiguous_gradients", True):
+        return 0
+    bucket = int(float(zero.get("reduce_bucket_size", 5e8)))  # allocated at full size, whatever the model's
+    if strategy == "zero3":
+        return bucket * param_bytes(cfg)
+    width = 4 if strategy == "zero1" else param_bytes(cfg)  # ZeRO-1 accumulates 16-bit gradients in fp32
+    return bucket * width * (2 if zero.get("overlap_comm", False) else 1)
 
-    Per decoder layer, in the model dtype (b bytes), what autograd keeps with SDPA/flash
-    attention (no s x s score matrix): the two norms' inputs and outputs (4h), q, k, v and the
-    rotated q, k (2h + 3k), the attention output (h), the MLP's gate, up, activation and product
-    (4i): m·s·(7h + 3k + 4i)·b. LoRA/DoRA add their dropout's copy of each adapted input when
-    dropout > 0 (~ m·s·(6h + i)·b per layer). Gradient checkpointing keeps only each layer's
-    input (m·s·h·b) plus one layer recomputed at a time. The output head adds the logits in the
-    model dtype, their fp32 copy for the loss and its gradient: m·s·V·(b + 8).
-    An estimate: kernels' workspaces are in plan.overhead_gb.
+
+def activation_bytes(cfg: Config, counts: ParameterCounts) -> int:
+    """Per-GPU activation memory of one micro-batch (m sequences of s tokens) at its peak, the
+    start of backward: what autograd saved in forward plus the backward's working set.
+
+    Bytes per token and decoder layer (b: the model dtype's bytes; h hidden, k key/value width,
+    i MLP width), as autograd saves them in HF's LLaMA with SDPA (no s x s scores; measured with
+    saved_tensors_hooks: within 1% for the tiny model in fp32):
+    - each of the two RMSNorms: its fp32 input copy, 4h, and when its weight trains (full
+      fine-tuning) the normalised tensor, bh;
+    - attention: rotated q and k, v and the SDPA output, (2h + 2k)b; the MLP: gate, SiLU and up
+      outputs, 3ib;
+    - the inputs of the linear layers when their weights train or a LoRA reads them directly
+      (full fine-tuning, or adapters without dropout): both norms' outputs, the attention
+      output and the MLP product, (3h + i)b. Frozen weights do not keep their inputs;
+    - LoRA/DoRA/QLoRA with dropout: the dropped-out copy of each adapted input and its mask,
+      (6h + i)(b + d): d = 1 on GPUs (a bool mask), b on the CPU (torch keeps a float mask).
+    Gradient checkpointing keeps each layer's input (h·b) and recomputes one layer at a time.
+    Outside the layers: the final norm, and the logits in the model dtype with their fp32 copy
+    and the log-softmax for the loss (m·s·V·(b + 8); 8 in fp32, where the copy is the logits).
+    The backward working set is the larger of the logits' gradient (fp32 and model dtype,
+    m·s·V·(4 + b)) and one MLP's gradients (3·m·s·i·b). Kernels' workspaces are in
+    plan.overhead_gb.
+
+    QLoRA on one process or DDP with a 16-bit model: the preparation's fp32 embeddings make the
+    residual stream fp32, and bitsandbytes returns each 4-bit layer's output in its input's
+    dtype, so the MLP's gate, SiLU and up outputs are kept in fp32: 3i·4 instead of 3i·b
+    (measured on an H200, LLaMA-7B, 1 x 2048 tokens: 24.6 GiB against 19.5 planned without
+    this term and the fp32 storage of model_state_bytes, bench/RESULTS.md). FSDP gathers in the
+    16-bit dtype and DeepSpeed casts the model, so neither does this.
     """
     from distft.model import llama_config
 
     model = llama_config(cfg.model)  # the preset's architecture, defaults filled in
     m, s, b = cfg.train.micro_batch_size, cfg.data.max_seq_len, param_bytes(cfg)
-    if cfg.technique.name in ("prefix", "prompt"):
+    technique = cfg.technique.name
+    if technique in ("prefix", "prompt"):
         s += cfg.technique.num_virtual_tokens
-    h, i = model.hidden_size, model.intermediate_size
+    h, i, v = model.hidden_size, model.intermediate_size, model.vocab_size
     k = h * model.num_key_value_heads // model.num_attention_heads
-    per_layer = m * s * (7 * h + 3 * k + 4 * i) * b
-    if cfg.technique.name in ("lora", "qlora", "dora") and cfg.technique.dropout > 0:
-        per_layer += m * s * (6 * h + i) * b
+    adapters = technique in ("lora", "qlora", "dora")
+    dropout = adapters and cfg.technique.dropout > 0
+    inputs_kept = technique == "full" or (adapters and not dropout)
+    norm = 4 * h + (b * h if technique == "full" else 0)
+    fp32_stream = technique == "qlora" and cfg.parallel.strategy in ("single", "ddp")
+    mlp = 3 * i * (4 if fp32_stream else b)
+    per_layer = 2 * norm + (2 * h + 2 * k) * b + mlp
+    if inputs_kept:
+        per_layer += (3 * h + i) * b
+    if dropout:
+        per_layer += (6 * h + i) * (b + (1 if cfg.cluster.gpus_per_node > 0 else b))
     layers = model.num_hidden_layers
-    kept = (layers * m * s * h * b + per_layer) if cfg.train.gradient_checkpointing else layers * per_layer
-    return int(kept + m * s * model.vocab_size * (b + 8))
+    kept = layers * (h * b) + per_layer if cfg.train.gradient_checkpointing else layers * per_layer
+    final_norm = norm + (h * b if inputs_kept else 0)
+    logits = v * (b + 8 if b != 4 else 8)
+    working = max(v * (4 + b if b != 4 else 4), mlp)
+    return int(m * s * (kept + final_norm + logits + working))
 
 
 def per_gpu_bytes(cfg: Config, counts: ParameterCounts) -> dict[str, int]:
     states = model_state_bytes(cfg, counts)
-    out = {**states, "activations": activation_bytes(cfg, counts), "overhead": int(cfg.plan.overhead_gb * 1024**3)}
+    out = {**states, "comm": comm_bytes(cfg, counts), "activations": activation_bytes(cfg, counts),
+           "overhead": int(cfg.plan.overhead_gb * 1024**3)}
     out["total"] = sum(out.values())
     return out
 
@@ -250,19 +344,86 @@ def _yaml_value(text: str):
     return yaml.safe_load(text)
 
 
+def comm_traffic_bytes(cfg: Config, counts: ParameterCounts) -> int:
+    """Bytes one rank sends per optimizer step for data parallelism (ring collectives: an
+    all-reduce sends 2(W-1)/W of the buffer, an all-gather or reduce-scatter (W-1)/W).
+    DDP and ZeRO-1/2 reduce gradients (ZeRO also gathers updated weights) once per step; ZeRO-3
+    and FSDP gather weights for forward and again for backward, and reduce-scatter gradients,
+    on every micro-batch."""
+    from distft.config import grad_accum_steps
+
+    ws, strategy = world_size(cfg), cfg.parallel.strategy
+    if ws == 1 or strategy == "single":
+        return 0
+    share = (ws - 1) / ws
+    t, p, b = counts.trainable, counts.total - counts.quantized, param_bytes(cfg)
+    if strategy == "ddp":
+        return int(2 * share * t * b)
+    if strategy in ("zero1", "zero2"):
+        return int(2 * share * t * 2)
+    gathers = 2 if strategy == "zero3" or cfg.parallel.fsdp.reshard_after_forward else 1
+    width = 2 if strategy == "zero3" else b
+    return int(share * (gathers * p + t) * width * grad_accum_steps(cfg))
+
+
 def throughput(cfg: Config, counts: ParameterCounts) -> dict:
-    """tokens/s and time estimates from the cluster's peak FLOP/s and an assumed MFU."""
+    """tokens/s and step time from the cluster's peak FLOP/s at an assumed MFU, and the
+    data-parallel communication time per step at the profile's bandwidth."""
     from distft.tracking import flops_per_token
 
     flops = flops_per_token(counts.total, cfg.model.num_hidden_layers, cfg.model.hidden_size, cfg.data.max_seq_len,
                             full=cfg.technique.name == "full")
-    if cfg.cluster.peak_tflops <= 0:
-        return {"flops_per_token": flops, "tokens_per_s": None, "step_time_s": None, "time_for_max_steps_s": None}
-    tokens_per_s = world_size(cfg) * cfg.cluster.peak_tflops * 1e12 * cfg.plan.mfu / flops
+    out = {"flops_per_token": flops, "assumed_mfu": cfg.plan.mfu, "tokens_per_s": None, "compute_time_s": None,
+           "comm_bytes_per_step": comm_traffic_bytes(cfg, counts), "comm_time_s": None, "step_time_s": None,
+           "time_for_max_steps_s": None}
+    c = cfg.cluster
+    per_gpu_gbps = c.intra_node_gbps if cfg.launcher.nnodes == 1 else \
+        min(c.intra_node_gbps or math.inf, c.inter_node_gbps / max(cfg.launcher.nproc_per_node, 1))
+    if per_gpu_gbps and math.isfinite(per_gpu_gbps):
+        out["comm_time_s"] = out["comm_bytes_per_step"] / (per_gpu_gbps * 1e9)
+    if c.peak_tflops <= 0:
+        return out
+    compute_tokens_per_s = world_size(cfg) * c.peak_tflops * 1e12 * cfg.plan.mfu / flops
     step_tokens = cfg.train.global_batch_size * cfg.data.max_seq_len
-    step = step_tokens / tokens_per_s
-    return {"flops_per_token": flops, "tokens_per_s": tokens_per_s, "step_time_s": step,
-            "time_for_max_steps_s": step * cfg.train.max_steps, "assumed_mfu": cfg.plan.mfu}
+    out["compute_time_s"] = step_tokens / compute_tokens_per_s
+    out["step_time_s"] = max(out["compute_time_s"], out["comm_time_s"] or 0.0)
+    out["tokens_per_s"] = step_tokens / out["step_time_s"]
+    out["time_for_max_steps_s"] = out["step_time_s"] * cfg.train.max_steps
+    return out
+
+
+def epoch(cfg: Config, step_time_s: Optional[float]) -> dict:
+    """Sequences, tokens and optimizer steps in one pass over the training data, and its time.
+
+    The run's own pipeline (load, clean, template, tokenize, pack) on up to
+    plan.epoch_sample_rows training rows, scaled to all of them. Needs the model's tokenizer
+    on local disk (never downloaded here); without it: {"unknown": why}."""
+    import random
+
+    from distft.data import DataError, load_rows, prepare_data
+    from distft.model import ModelLoadError, load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(cfg.model, local_files_only=True)
+    except (ModelLoadError, OSError, ValueError):
+        where = cfg.model.tokenizer or cfg.model.name_or_path
+        return {"unknown": f"the tokenizer {where!r} is not on local disk; set model.tokenizer=<local directory> "
+                           "for a time per epoch"}
+    try:
+        train_raw, eval_raw = load_rows(cfg.data)
+        sample = train_raw
+        if len(train_raw) > cfg.plan.epoch_sample_rows > 0:
+            sample = random.Random(cfg.data.seed).sample(train_raw, cfg.plan.epoch_sample_rows)
+        data = prepare_data(cfg.data, tokenizer, seed=cfg.data.seed, rows=(sample, eval_raw))
+    except (DataError, OSError, ValueError) as err:
+        return {"unknown": f"the data could not be read: {err}"}
+    scale = len(train_raw) / len(sample)
+    sequences = math.ceil(data.report.train_sequences * scale)
+    steps = math.ceil(sequences / cfg.train.global_batch_size)
+    return {"train_rows": len(train_raw), "rows_read": len(sample), "extrapolated": scale != 1,
+            "sequences": sequences, "tokens": sequences * cfg.data.max_seq_len if cfg.data.packing else
+            math.ceil(data.report.train_tokens * scale), "steps": steps,
+            "time_s": steps * step_time_s if step_time_s else None}
 
 
 def plan(cfg: Config) -> dict:
@@ -270,6 +431,7 @@ def plan(cfg: Config) -> dict:
     per_gpu = per_gpu_bytes(cfg, counts)
     capacity = int(cfg.cluster.gpu_memory_gb * 1024**3) if cfg.cluster.gpu_memory_gb else None
     fits = _fits(cfg, per_gpu["total"])
+    speed = throughput(cfg, counts)
     return {
         "model": cfg.model.name, "technique": cfg.technique.name, "parallel": cfg.parallel.strategy,
         "world_size": world_size(cfg), "nodes": cfg.launcher.nnodes, "cluster": cfg.cluster.name,
@@ -281,7 +443,8 @@ def plan(cfg: Config) -> dict:
         "gpu_memory_bytes": capacity, "margin": cfg.plan.margin,
         "fits": fits,
         "advice": advice(cfg, counts) if fits is False else [],
-        "throughput": throughput(cfg, counts),
+        "throughput": speed,
+        "epoch": epoch(cfg, speed["step_time_s"]),
     }
 
 
@@ -299,11 +462,24 @@ def format_text(result: dict) -> str:
         lines.append(f"  {verdict} in {result['gpu_memory_bytes'] / gib:.0f} GiB with {result['margin']:.0%} headroom")
     for item in result["advice"]:
         lines.append(f"    would fit: {item['change']}  ({item['why']}; {item['per_gpu_total_bytes'] / gib:.1f} GiB)")
-    t = result["throughput"]
+    t, e = result["throughput"], result["epoch"]
     if t["tokens_per_s"]:
-        lines.append(f"  ~{t['tokens_per_s']:,.0f} tokens/s at MFU {t['assumed_mfu']:.0%}: {t['step_time_s']:.2f} s per step, "
-                     f"{t['time_for_max_steps_s'] / 3600:.1f} h for train.max_steps")
+        comm = f", of which communication {t['comm_time_s']:.2f} s" if t["comm_time_s"] is not None else ""
+        lines.append(f"  ~{t['tokens_per_s']:,.0f} tokens/s at MFU {t['assumed_mfu']:.0%}: {t['step_time_s']:.2f} s per step"
+                     f"{comm}, {_duration(t['time_for_max_steps_s'])} for train.max_steps")
+    if "unknown" in e:
+        lines.append(f"  epoch: unknown ({e['unknown']})")
+    else:
+        when = f", {_duration(e['time_s'])}" if e["time_s"] else ""
+        about = f" (from {e['rows_read']:,} of {e['train_rows']:,} rows)" if e["extrapolated"] else ""
+        lines.append(f"  epoch: {e['sequences']:,} sequences, {e['tokens']:,} tokens, {e['steps']:,} steps{when}{about}")
     return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
 def main(argv: Optional[list[str]] = None) -> int:

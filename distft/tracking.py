@@ -179,15 +179,119 @@ def mfu(tokens_per_s: float, flops_token: float, peak_tflops: float, devices: in
     return tokens_per_s * flops_token / (peak_tflops * 1e12 * devices)
 
 
-def peak_memory_gb(device) -> tuple[float, str]:
-    """(peak GB, what was measured): allocated accelerator memory, or the process's peak RSS."""
-    import torch
+class MemoryMeter:
+    """This rank's peak memory while it trains, above what it held before the model was built:
+    the figure the planner estimates (weights, gradients, optimizer state, communication
+    buffers, activations; not its fixed overhead).
 
-    if getattr(device, "type", "cpu") == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_allocated"
-    import resource
+    - GPU (`cuda_allocated`): allocated CUDA memory, torch's peak counter reset at the start.
+    - CPU with tracking.cpu_memory_steps=N (`cpu_tensors`): every tensor allocation, counted by
+      torch's profiler (profile_memory) from the model build through the first N optimizer
+      steps (step 1 creates the optimizer state; each step holds gradients and activations).
+    - CPU otherwise (`host_rss`): the process's resident-set peak (VmHWM, reset at the start
+      through /proc/self/clear_refs) minus its size at the start. It includes the code that the
+      first model build and step import (~200 MB with torch, transformers and peft), so it is
+      not comparable with the plan for small models.
+    """
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "host_rss"  # ru_maxrss is KiB on Linux
+    def __init__(self, device, cpu_steps: int = 0) -> None:
+        import torch
+
+        self.device = device
+        self.cuda = getattr(device, "type", "cpu") == "cuda"
+        self.cpu_steps = 0 if self.cuda else cpu_steps
+        self._profiler = None
+        self._profiled_peak = 0
+        self.reset = False
+        if self.cuda:
+            self.kind = "cuda_allocated"
+            torch.cuda.reset_peak_memory_stats(device)
+            self.baseline = torch.cuda.memory_allocated(device)
+            return
+        self.baseline = _proc_status_bytes("VmRSS")
+        self.reset = _reset_peak_rss()
+        self.kind = "host_rss"
+        if self.cpu_steps > 0:
+            from torch.profiler import ProfilerActivity, profile
+
+            self.kind, self.baseline = "cpu_tensors", 0
+            self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._profiler.__enter__()
+
+    def step(self, steps_taken: int) -> None:
+        """Called after each optimizer step of this process (the count since it started)."""
+        if self._profiler is not None and steps_taken >= self.cpu_steps:
+            self.stop()
+
+    def stop(self) -> None:
+        if self._profiler is None:
+            return
+        profiler, self._profiler = self._profiler, None
+        profiler.__exit__(None, None, None)
+        self._profiled_peak = _profiled_peak_bytes(profiler)
+
+    def peak(self) -> int:
+        """Peak bytes (absolute; for cpu_tensors: allocated since the start)."""
+        import torch
+
+        if self.cuda:
+            return torch.cuda.max_memory_allocated(self.device)
+        if self.kind == "cpu_tensors":
+            self.stop()
+            return self._profiled_peak
+        return self.rss_peak()
+
+    def process_peak(self) -> int:
+        """The process's peak: allocated CUDA memory on a GPU, the resident set on the CPU."""
+        import torch
+
+        return torch.cuda.max_memory_allocated(self.device) if self.cuda else self.rss_peak()
+
+    def rss_peak(self) -> int:
+        if self.reset:
+            return _proc_status_bytes("VmHWM")
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+    def training(self) -> int:
+        """Peak bytes above the start: what the model, its training state and the activations took."""
+        return max(0, self.peak() - self.baseline)
+
+
+def _profiled_peak_bytes(profiler) -> int:
+    """The most CPU bytes that tensors allocated while `profiler` ran held at once (each
+    allocation event carries the running total of what was allocated during the profile)."""
+    from torch._C._profiler import _ExtraFields_Allocation
+
+    peak, pending = 0, list(profiler.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        node = pending.pop()
+        pending.extend(node.children)
+        fields = node.extra_fields
+        if isinstance(fields, _ExtraFields_Allocation) and fields.device.type == "cpu":
+            peak = max(peak, fields.total_allocated)
+    return peak
+
+
+def _proc_status_bytes(field: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # "5": reset the peak RSS (VmHWM) to the current RSS
+        return True
+    except OSError:
+        return False
 
 
 class Progress:

@@ -27,7 +27,7 @@ from distft.config import Config, config_hash, grad_accum_steps, to_dict
 from distft.config import run_dir as config_run_dir
 from distft.model import IGNORE_INDEX, count_parameters, load_tokenizer, resolve_dtype, token_loss
 from distft.preemption import StopSignal, requeue_count
-from distft.tracking import Progress, Tracker, flops_per_token, mfu, peak_memory_gb, plot_losses, setup_logging
+from distft.tracking import MemoryMeter, Progress, Tracker, flops_per_token, mfu, plot_losses, setup_logging
 
 log = logging.getLogger("distft")
 
@@ -133,6 +133,7 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
     from distft.techniques import base_model_context
 
     dtype = resolve_dtype(cfg.model.dtype, device)
+    memory = MemoryMeter(device, cfg.tracking.cpu_memory_steps)  # the model, its training state, activations
     model, model_build = build_model_for_engine(cfg, dtype, tokenizer, info.world_size)
     trainable, total = count_parameters(model)
     log.info(
@@ -175,6 +176,7 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
     iterator = iter(batches)
     engine.train()
     last_loss = math.nan
+    steps_here = 0  # optimizer steps taken by this process (a resumed run starts later)
     stopped = False  # by the scheduler's "time is nearly up" (StopSignal): checkpoint and requeue
     while state["step"] < cfg.train.max_steps:
         started = time.time()
@@ -182,6 +184,8 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
         loss_total, step_targets, grad_norm, local_finite = optimizer_step(engine, micro_batches, state["step"] + 1)
         state["step"] += 1
         step_time = time.time() - started
+        steps_here += 1
+        memory.step(steps_here)
         step_tokens = sum(b["input_ids"].numel() for b in micro_batches) * info.world_size
         state["train_tokens"] += step_tokens
         state["train_target_tokens"] += int(step_targets)
@@ -211,6 +215,7 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
             break
     progress.close()
     checkpoints.finish()
+    trained_bytes = memory.training()  # before the final evaluation and save
     if stopped:  # whatever checkpoint.save_every says, the work so far is kept; then requeue
         saved = checkpoints.last if checkpoints.last_step == state["step"] else checkpoints.save(state["step"])
         preempted = stop.stop(state["step"], saved, info.is_main)
@@ -229,7 +234,7 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
     arch = model.config  # the real architecture (a local checkpoint's config.json wins over the preset)
     flops_token = flops_per_token(total, arch.num_hidden_layers, arch.hidden_size, cfg.data.max_seq_len,
                                   full=cfg.technique.name == "full")
-    peak_gb, peak_kind = peak_memory_gb(device)
+    memory_report = _memory_report(cfg, memory, trained_bytes, dtype, info)
 
     summary = {
         "experiment": cfg.run.experiment,
@@ -250,8 +255,9 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
         "tokens_per_s_per_rank": tokens_per_s / info.world_size,
         "mfu": mfu(tokens_per_s, flops_token, cfg.cluster.peak_tflops, info.world_size),
         "flops_per_token": flops_token,
-        "peak_memory_gb": round(peak_gb, 3),
-        "peak_memory_kind": peak_kind,
+        "peak_memory_gb": round(memory.process_peak() / 2**30, 3),
+        "peak_memory_kind": "cuda_allocated" if memory.cuda else "host_rss",
+        "memory": memory_report,
         "final_train_loss": last_loss,
         "stopped_early": state["stopped_early"],
         "trainable_params": trainable,
@@ -457,6 +463,33 @@ class _Checkpoints:
         pending, self.pending = self.pending, None
         self.last, self.last_step = commit_checkpoint(pending), pending.step
         return self.last
+
+
+def _memory_report(cfg: Config, memory: MemoryMeter, trained_bytes: int, dtype: torch.dtype, info) -> dict:
+    """Measured training memory of every rank next to the planner's estimate for this config
+    (the model dtype as trained; the planner's fixed overhead left out, see MemoryMeter)."""
+    import dataclasses
+
+    per_rank = dist.all_gather_object(trained_bytes)
+    report = {"kind": memory.kind, "start_gb": round(memory.baseline / 2**30, 3),
+              "cpu_profiled_steps": memory.cpu_steps if memory.kind == "cpu_tensors" else None,
+              "training_gb_per_rank": [round(b / 2**30, 4) for b in per_rank], "planned_gb": None, "planned": None}
+    try:
+        from distft.plan import count_parameters, per_gpu_bytes
+
+        dtype_name = str(dtype).removeprefix("torch.")
+        as_trained = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype_name))
+        planned = per_gpu_bytes(as_trained, count_parameters(as_trained))
+    except Exception as err:  # an estimate must never cost a finished run its summary
+        log.warning("memory plan unavailable for this config: %s", err)
+        return report
+    planned.pop("overhead"), planned.pop("total")
+    report["planned"] = {k: round(v / 2**30, 4) for k, v in planned.items()}
+    report["planned_gb"] = round(sum(planned.values()) / 2**30, 4)
+    above = f", above {memory.baseline / 2**30:.3f} GiB at the start" if memory.baseline else ""
+    log.info("memory: training took %.3f GiB at most on a rank (%s%s); the plan says %.3f GiB",
+             max(per_rank) / 2**30, memory.kind, above, report["planned_gb"])
+    return report
 
 
 def _fmt_eval(result: dict) -> str:

@@ -1,11 +1,12 @@
-"""The planner's exact parameter counts and its model-state memory against DeepSpeed's own
-estimator (work in progress, issue 6)."""
+"""The planner: exact parameter counts, model-state memory against DeepSpeed's own estimator,
+communication buffers and time, time per epoch from the run's own data pipeline, advice, and the
+SLURM launcher's refusal. Measured memory against the plan: tests/distributed/test_memory.py."""
 
 from __future__ import annotations
 
 import pytest
 
-from distft.plan import model_state_bytes, plan
+from distft.plan import format_text, model_state_bytes, plan
 from distft.preflight import preflight
 
 
@@ -71,7 +72,7 @@ def test_full_finetuning_model_states_agree_with_deepspeeds_estimator(model, nod
 def test_plan_json_has_the_documented_keys():
     result = planned("+experiment=qlora_13b", "cluster=a100_40g_8x")
     assert {"params_total", "params_trainable", "per_gpu_bytes", "fits"} <= result.keys()
-    assert set(result["per_gpu_bytes"]) == {"weights", "grads", "optimizer", "activations", "overhead", "total"}
+    assert set(result["per_gpu_bytes"]) == {"weights", "grads", "optimizer", "comm", "activations", "overhead", "total"}
     assert result["per_gpu_bytes"]["total"] == sum(v for k, v in result["per_gpu_bytes"].items() if k != "total")
     assert result["fits"] is True and result["advice"] == []
 
@@ -98,3 +99,88 @@ def test_the_slurm_launcher_refuses_a_job_that_cannot_fit_before_asking_the_clus
     err = capsys.readouterr().err
     assert err.startswith("distft: not submitted, nothing queued: the plan does not fit cluster=a100_80g_8x")
     assert "does NOT fit in 80 GiB with 10% headroom" in err and "would fit: parallel=zero3" in err
+
+
+def test_time_per_epoch_counts_the_sequences_the_run_trains_on():
+    """tiny_lora's 400 synthetic rows: the run's data report says 50 packed training sequences
+    of 256 tokens (tests/unit/test_train.py runs it); the plan reads the same pipeline."""
+    from distft.data import prepare_data
+    from distft.model import load_tokenizer
+
+    args = ["+experiment=tiny_lora", "train.global_batch_size=8", "cluster.peak_tflops=100"]
+    cfg, errors = preflight(args)
+    assert errors == []
+    sequences = prepare_data(cfg.data, load_tokenizer(cfg.model), seed=cfg.data.seed).report.train_sequences
+    epoch = plan(cfg)["epoch"]
+    assert epoch["sequences"] == sequences == 50 and not epoch["extrapolated"]
+    assert epoch["tokens"] == 50 * 256 and epoch["steps"] == 7  # ceil(50 / 8)
+    assert epoch["time_s"] == pytest.approx(7 * plan(cfg)["throughput"]["step_time_s"])
+    # A sample of the rows, scaled up: 200 of 400 rows give about the same count.
+    sampled = planned(*args, "plan.epoch_sample_rows=200")["epoch"]
+    assert sampled["extrapolated"] and sampled["rows_read"] == 200 and sampled["train_rows"] == 400
+    assert abs(sampled["sequences"] - 50) <= 3
+
+
+def test_time_per_epoch_is_unknown_without_a_local_tokenizer(tmp_path):
+    result = planned("model=llama2_7b", "technique=lora", "cluster=a100_80g_8x", f"model.tokenizer={tmp_path}")
+    assert "not on local disk" in result["epoch"]["unknown"]
+    assert "epoch: unknown" in format_text(result)
+
+
+def test_communication_buffers_and_time_follow_the_engine():
+    gib = 1024**3
+    common = ["model=llama2_7b", "cluster=h100_80g_8x", "launcher.nproc_per_node=8", "train.global_batch_size=64"]
+    ddp = planned(*common, "technique=lora", "parallel=ddp")
+    assert ddp["per_gpu_bytes"]["comm"] == ddp["params_trainable"] * 4  # DDP's buckets: one more copy of the (fp32) grads
+    zero2 = planned(*common, "parallel=zero2")
+    assert zero2["per_gpu_bytes"]["comm"] == 5 * 10**8 * 2  # DeepSpeed's reduce bucket, full size, bf16
+    overlap = planned(*common, "parallel=zero2", "+parallel.deepspeed.overrides.zero_optimization={overlap_comm:true}")
+    assert overlap["per_gpu_bytes"]["comm"] == 2 * zero2["per_gpu_bytes"]["comm"]
+    # One node: gradients over NVLink (450 GB/s); two nodes: a GPU's share of 400 GB/s per node.
+    one = zero2["throughput"]
+    expected = 2 * 7 / 8 * zero2["params_trainable"] * 2  # reduce-scatter + all-gather, bf16
+    assert one["comm_bytes_per_step"] == int(expected)
+    assert one["comm_time_s"] == pytest.approx(expected / 450e9)
+    two = planned(*common, "parallel=zero2", "launcher.nnodes=2", "launcher.rdzv_endpoint=n1:29500",
+                  "train.global_batch_size=128")["throughput"]
+    assert two["comm_time_s"] == pytest.approx(2 * 15 / 16 * zero2["params_trainable"] * 2 / (400e9 / 8))
+    assert two["step_time_s"] == max(two["compute_time_s"], two["comm_time_s"])
+    assert zero2["per_gpu_bytes"]["total"] < 80 * gib
+
+
+def test_planning_65b_with_advice_takes_seconds():
+    import time
+
+    started = time.perf_counter()
+    result = planned("model=llama_65b", "parallel=zero2", "launcher.nproc_per_node=8", "cluster=a100_80g_8x",
+                     "train.global_batch_size=32")
+    assert result["fits"] is False and result["advice"]
+    assert time.perf_counter() - started < 10  # acceptance: under 10 s on this machine (measured ~7 s)
+
+
+@pytest.mark.parametrize("technique", ["full", "lora", "dora", "prefix", "prompt", "qlora"])
+def test_planned_weights_and_gradients_are_the_bytes_the_built_model_holds(technique):
+    """bf16 models as training builds them: PEFT's fp32 adapters and virtual tokens, QLoRA's
+    fp32 embeddings/norms/head and 4-bit weights with their block scales, byte for byte."""
+    import torch
+
+    from distft.plan import count_parameters
+    from distft.techniques import build_trainable_model
+
+    cfg, errors = preflight([f"+experiment=tiny_{technique}", "model.dtype=bfloat16"])
+    assert errors == []
+    model = build_trainable_model(cfg, torch.bfloat16)
+    params = list({id(p): p for p in model.parameters()}.values())
+    held = sum(p.numel() * p.element_size() for p in params)
+    for p in params:  # bitsandbytes' block scales (and their own scales with double quantisation)
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            held += state.absmax.numel() * state.absmax.element_size()
+            if state.state2 is not None:
+                held += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    grads = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    planned = model_state_bytes(cfg, count_parameters(cfg))
+    assert planned["weights"] == held
+    assert planned["grads"] == grads and planned["optimizer"] == 2 * grads  # AdamW: two moments per weight
+    if technique != "full":
+        assert {p.dtype for p in params if p.requires_grad} == {torch.float32}
