@@ -58,16 +58,36 @@ def tiny_runs(tmp_path_factory):
             extra = [f"model.name_or_path={base}/model", f"model.tokenizer={base}/tokenizer"]
         cfg = compose(f"+experiment=tiny_{technique}", *fast(tmp, "train.max_steps=25", "train.log_every=1", *extra))
         runs[technique] = train(cfg)
+    # Prompt tuning's control: the same run on the same batches with a learning rate too small to
+    # move anything, so "it learns" is judged against the batches' own noise, step for step.
+    base = runs["full"]["final_checkpoint"]
+    cfg = compose("+experiment=tiny_prompt", *fast(tmp_path_factory.mktemp("prompt_control"), "train.max_steps=25",
+                  "train.log_every=1", "train.lr=1e-12", f"model.name_or_path={base}/model",
+                  f"model.tokenizer={base}/tokenizer", "eval.num_samples=1", "eval.max_new_tokens=1"))
+    runs["prompt_control"] = train(cfg)
     return runs
+
+
+def step_losses(summary: dict) -> list[float]:
+    return [r["loss"] for r in read_metrics(os.path.join(summary["run_dir"], "metrics.jsonl")) if "loss" in r]
 
 
 @pytest.mark.parametrize("technique", TECHNIQUES)
 def test_every_technique_trains_with_falling_loss(tiny_runs, technique):
     summary = tiny_runs[technique]
-    losses = [r["loss"] for r in read_metrics(os.path.join(summary["run_dir"], "metrics.jsonl")) if "loss" in r]
+    losses = step_losses(summary)
     assert len(losses) == 25
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
-    assert last < first * 0.95, f"{technique}: loss did not fall ({first:.3f} -> {last:.3f})"
+    if technique == "prompt":
+        # 20 x 128 virtual-token weights move a trained base the least, and batch-to-batch noise is
+        # of the same order as 25 steps' progress; so compare with the control on the same batches,
+        # where a run that does not learn scores exactly 1.0 (measured: 0.971).
+        control = step_losses(tiny_runs["prompt_control"])
+        assert len(control) == 25 and control[0] == pytest.approx(losses[0], rel=1e-6)  # same batches, same start
+        ratio = sum(losses[-5:]) / sum(control[-5:])
+        assert ratio < 0.985, f"prompt: last 5 steps at {ratio:.3f} of the no-learning control's"
+    else:
+        assert last < first * 0.95, f"{technique}: loss did not fall ({first:.3f} -> {last:.3f})"
     assert summary["technique"] == technique
     if technique not in ("prefix", "prompt"):
         # LoRA-family adapters start as an exact no-op, so 25 steps must already beat the base.
