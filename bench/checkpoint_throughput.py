@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import shutil
 import statistics
 import sys
@@ -49,7 +48,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from bench.common import RESULTS, record  # noqa: E402
+from bench.common import command_line, report  # noqa: E402
 
 CHUNK = 4 << 20  # 4 MiB, as distft's own hashing reads
 
@@ -224,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions (median)")
     parser.add_argument("--record", action="store_true", help="append the results to bench/RESULTS.md")
     args = parser.parse_args(argv)
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
+    command = command_line()
 
     rows, facts = run(args)
     ratios = {name: ratio for name, _, _, ratio in rows}
@@ -242,11 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{'' if facts['sizes_equal'] else ' (sizes varied between repetitions)'}; "
         f"median of {facts['reps']}; filesystem of {facts['dir']}; page cache not dropped"
     )
-    print(f"command: {command}\n{details}\n\n{table(rows)}\n\n{summary}")
-
-    if args.record:
-        record("checkpoint_throughput", command, details, table(rows), summary)
-        print(f"\nappended to {os.path.relpath(RESULTS, REPO)}")
+    report("checkpoint_throughput", command, details, table(rows), summary, args.record)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,3 +37,16 @@ def record(name: str, command: str, details: str, table_md: str, summary: str) -
             f"- hardware: {cpu_info()}\n- command: `{command}`\n- {details}\n\n"
             f"{table_md}\n\n```\n{summary}\n```\n"
         )
+
+
+def command_line() -> str:
+    """How this benchmark was started, relative to the repository (for the record)."""
+    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
+
+
+def report(name: str, command: str, details: str, table_md: str, summary: str, keep: bool) -> None:
+    """Print a benchmark's results; with `keep` (its --record) also append them to RESULTS.md."""
+    print(f"command: {command}\n{details}\n\n{table_md}\n\n{summary}")
+    if keep:
+        record(name, command, details, table_md, summary)
+        print(f"\nappended to {os.path.relpath(RESULTS, REPO)}")

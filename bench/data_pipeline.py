@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import statistics
 import sys
 import time
@@ -34,7 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from bench.common import RESULTS, record  # noqa: E402
+from bench.common import command_line, report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--record", action="store_true", help="append the results to bench/RESULTS.md")
     args = parser.parse_args(argv)
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
+    command = command_line()
 
     from distft.batching import PACK_STRATEGIES, TrainBatches, pack
     from distft.config import DataConfig, SyntheticDataConfig
@@ -99,10 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     details = (f"data: {args.rows:,} synthetic rows (template plain), distft's offline character-level fast "
                f"tokenizer; sample lengths {lengths[0]}-{lengths[-1]} tokens (median {lengths[len(lengths) // 2]}); "
                f"median of {args.reps}")
-    print(f"command: {command}\n{details}\n\n{table}\n\n{summary}")
-    if args.record:
-        record("data_pipeline", command, details, table, summary)
-        print(f"\nappended to {os.path.relpath(RESULTS, REPO)}")
+    report("data_pipeline", command, details, table, summary, args.record)
 
 
 if __name__ == "__main__":

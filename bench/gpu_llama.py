@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from bench.common import RESULTS, record  # noqa: E402
+from bench.common import command_line, report  # noqa: E402
 
 CONFIGS = {
     "LLaMA-7B LoRA": ["model=llama_7b", "technique=lora"],
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--logs", help="directory for each run's output and the table so far")
     parser.add_argument("--record", action="store_true", help="append the results to bench/RESULTS.md")
     args = parser.parse_args(argv)
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
+    command = command_line()
     import torch
 
     if not torch.cuda.is_available():
@@ -130,10 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     details = (f"GPU: {torch.cuda.get_device_name(0)}; random-initialised architectures, bf16, {args.micro} x "
                f"{args.seq} tokens per step, {args.steps} steps; MFU against cluster={args.cluster}")
     summary_text = "\n".join(lines)
-    print(f"command: {command}\n{details}\n\n{table}\n\n{summary_text}")
-    if args.record:
-        record("gpu_llama", command, details, table, summary_text)
-        print(f"\nappended to {os.path.relpath(RESULTS, REPO)}")
+    report("gpu_llama", command, details, table, summary_text, args.record)
 
 
 if __name__ == "__main__":

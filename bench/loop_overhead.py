@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -41,7 +40,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from bench.common import RESULTS, record  # noqa: E402
+from bench.common import command_line, report  # noqa: E402
 
 
 def config(args, root: str):
@@ -157,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--record", action="store_true", help="append the results to bench/RESULTS.md")
     args = parser.parse_args(argv)
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
+    command = command_line()
     import logging
 
     import torch
@@ -184,10 +183,7 @@ def main(argv: list[str] | None = None) -> None:
                f"micro-batch, {args.accum} micro-batches per step ({tokens:,} tokens); {args.steps} steps, first "
                f"{args.warmup} left out; median of {args.reps} repetitions (range per loop: {spread}); "
                f"torch threads {torch.get_num_threads()}")
-    print(f"command: {command}\n{details}\n\n{table}\n\n{summary}")
-    if args.record:
-        record("loop_overhead", command, details, table, summary)
-        print(f"\nappended to {os.path.relpath(RESULTS, REPO)}")
+    report("loop_overhead", command, details, table, summary, args.record)
 
 
 if __name__ == "__main__":
