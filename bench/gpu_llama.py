@@ -3,7 +3,8 @@ each against the planner's estimate for the same command line.
 
 What it measures. Each configuration is a real `python -m distft` run on one GPU (bf16; the
 architecture of the preset built from scratch with random weights, so nothing is downloaded,
-with distft's offline tokenizer), `--steps` optimizer steps of `--micro` x `--seq` tokens. From
+with distft's offline tokenizer; the random weights drawn on the GPU, model.init_device=cuda, since
+the CPU's serial generator takes minutes for 7B), `--steps` optimizer steps of `--micro` x `--seq` tokens. From
 its summary.json and metrics.jsonl: tokens/s over the whole run and in steady state (the median
 step after the first two, which pay for CUDA's and cuBLAS's start-up), MFU (against `--cluster`'s
 peak) and the peak allocated CUDA memory of training; from `python -m distft.plan` with the same overrides: the planned per-GPU bytes
@@ -47,7 +48,7 @@ CONFIGS = {
 
 
 def overrides(args, root: str, config: list[str]) -> list[str]:
-    return [*config, "model.name_or_path=null", "model.tokenizer=null", "data=synthetic",
+    return [*config, "model.name_or_path=null", "model.tokenizer=null", "model.init_device=cuda", "data=synthetic",
             f"data.max_seq_len={args.seq}", f"model.max_position_embeddings={max(args.seq, 2048)}",
             f"train.micro_batch_size={args.micro}", f"train.global_batch_size={args.micro}",
             f"train.max_steps={args.steps}", "train.warmup_steps=2", "train.eval_every=0", "train.log_every=1",

@@ -79,6 +79,11 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
     init_seed: int = 0
+    # Where a from-scratch base draws its random weights. cpu: in fp32, then cast, the same bits on
+    # every machine (evaluation and export rebuild it). cuda: on the GPU, directly in model.dtype:
+    # seconds instead of minutes for 7B+ shapes (the CPU's generator is serial), for benchmarks;
+    # the same bits only on the same kind of GPU.
+    init_device: str = "cpu"
     initializer_range: float = 0.02
     dtype: str = "auto"  # dtype of the loaded weights; auto: bf16 on a bf16 GPU, else fp32
     attn_implementation: str = "sdpa"

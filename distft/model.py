@@ -163,6 +163,11 @@ def build_model(
             # bitsandbytes quantises while loading weights; from-scratch bases go through a
             # temporary save so the quantised model holds exactly the seeded weights.
             return _quantized_from_scratch(cfg, dtype, quantization_config)
+        if cfg.init_device == "cuda":
+            if not torch.cuda.is_available():
+                raise ModelLoadError("model.init_device=cuda, but this process sees no GPU; use model.init_device=cpu")
+            with _seeded_cuda(cfg.init_seed), torch.device("cuda"):
+                return LlamaForCausalLM._from_config(config, dtype=dtype)
         with _seeded(cfg.init_seed):
             model = LlamaForCausalLM(config)
         return model.to(dtype)
@@ -198,9 +203,23 @@ def _quantized_from_scratch(cfg: ModelConfig, dtype: torch.dtype, quantization_c
         # Not save_pretrained: with a process group it writes on rank 0 only, and every rank needs it.
         model.config.save_pretrained(tmp)
         save_model(model, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        del model  # a GPU-drawn base must not sit beside its quantised copy
+        if cfg.init_device == "cuda":
+            torch.cuda.empty_cache()
         return AutoModelForCausalLM.from_pretrained(
             tmp, dtype=dtype, quantization_config=quantization_config, attn_implementation=cfg.attn_implementation
         )
+
+
+@contextlib.contextmanager
+def _seeded_cuda(seed: int):
+    """As _seeded, for the current CUDA device's generator."""
+    state = torch.cuda.get_rng_state()
+    torch.cuda.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.cuda.set_rng_state(state)
 
 
 def model_max_positions(cfg: ModelConfig) -> int:

@@ -96,6 +96,9 @@ def _check_choices(cfg: Config, errors: list[str]) -> None:
     if not 0.0 < cfg.plan.mfu <= 1.0:
         errors.append(f"plan.mfu={cfg.plan.mfu} must be in (0, 1], e.g. 0.4")
     _choice(errors, "model.dtype", m.dtype, MODEL_DTYPES)
+    _choice(errors, "model.init_device", m.init_device, ("cpu", "cuda"))
+    if m.init_device == "cuda" and tr.device == "cpu":
+        errors.append("model.init_device=cuda draws the weights on a GPU, but train.device=cpu; use model.init_device=cpu")
     if m.attn_implementation not in ATTN_IMPLEMENTATIONS and "/" not in m.attn_implementation:
         errors.append(
             f"model.attn_implementation={m.attn_implementation!r} is not one of: {', '.join(ATTN_IMPLEMENTATIONS)} "

@@ -258,6 +258,23 @@ def test_negative_lr():
     assert only_error("train.lr=-1e-4") == "train.lr=-0.0001 must be > 0 (typical: 1e-5 full fine-tuning, 2e-4 LoRA)"
 
 
+def test_init_device_is_checked_before_anything_is_built():
+    assert only_error("model.init_device=tpu") == "model.init_device='tpu' is not one of: cpu, cuda"
+    assert only_error("model.init_device=cuda", "train.device=cpu").startswith(
+        "model.init_device=cuda draws the weights on a GPU, but train.device=cpu")
+
+
+def test_a_gpu_drawn_base_without_a_gpu_is_one_clear_error(monkeypatch):
+    import torch
+
+    from distft.model import ModelLoadError, build_model
+
+    cfg = good("model.init_device=cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # already so in CI; also on a GPU machine
+    with pytest.raises(ModelLoadError, match="model.init_device=cuda, but this process sees no GPU"):
+        build_model(cfg.model)
+
+
 def test_batch_arithmetic_names_both_numbers_and_suggests_valid_ones():
     message = only_error("train.global_batch_size=30", "train.micro_batch_size=4")
     assert message == (
