@@ -67,8 +67,9 @@ def run_cell(preset: str, technique: str, overrides: list[str], info) -> dict:
     accum = grad_accum_steps(cfg)
     batches = iter(TrainBatches(data.train, cfg.train.micro_batch_size, cfg.data.max_seq_len, cfg.data.packing,
                                 pad_id, seed=cfg.train.seed, rank=info.rank, world_size=info.world_size,
-                                accumulation_steps=accum))
-    held_out = eval_batches(data.eval, cfg.eval.batch_size, cfg.data.max_seq_len, cfg.data.packing, pad_id)[:1]
+                                accumulation_steps=accum, pack_strategy=cfg.data.pack_strategy))
+    held_out = eval_batches(data.eval, cfg.eval.batch_size, cfg.data.max_seq_len, cfg.data.packing, pad_id,
+                            cfg.data.pack_strategy)[:1]
     prompts = [row["prompt"] for row in data.eval_rows[:2]]
     model = engine.unwrapped()
     eval_before = held_out_loss(model, held_out, device, autocast_ctx=engine.autocast)["loss"]

@@ -96,7 +96,7 @@ def main() -> None:
     batches = iter(TrainBatches(
         data.train, cfg.train.micro_batch_size, cfg.data.max_seq_len, cfg.data.packing, tokenizer.pad_token_id,
         seed=cfg.train.seed, shuffle=cfg.data.shuffle, rank=info.rank, world_size=info.world_size,
-        accumulation_steps=accum,
+        accumulation_steps=accum, pack_strategy=cfg.data.pack_strategy,
     ))
     engine.train()
     if mode == "save":

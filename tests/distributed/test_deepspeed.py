@@ -198,7 +198,7 @@ def test_checkpoint_saved_from_zero3_reloads_on_one_process(tmp_path_factory, te
     cfg, model, tokenizer = load_model(run_dir)
     data = prepare_data(cfg.data, tokenizer, seed=cfg.data.seed)
     held_out = eval_batches(data.eval, cfg.eval.batch_size, cfg.data.max_seq_len, cfg.data.packing,
-                            pad_token_id(tokenizer))
+                            pad_token_id(tokenizer), cfg.data.pack_strategy)
     if cfg.train.eval_max_batches:
         held_out = held_out[: cfg.train.eval_max_batches]
     loss = held_out_loss(model, held_out, torch.device("cpu"))["loss"]
