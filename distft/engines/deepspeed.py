@@ -122,6 +122,14 @@ def _import_deepspeed(device: torch.device):
             "pip install --no-build-isolation 'deepspeed>=0.19'"
         ) from err
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines come from every rank, unranked
+    if device.type == "cpu":
+        # Its CPU accelerator JIT-compiles a shared-memory all-reduce kernel when the comm layer
+        # starts (deepspeed_shm_comm: 40 s on a fresh machine). It serves inference_all_reduce
+        # only; training's collectives go to torch.distributed (gloo) either way. Marking it
+        # unavailable keeps CPU runs (tests, laptops) from building it.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     return deepspeed
 
 
