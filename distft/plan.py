@@ -102,6 +102,26 @@ def build_meta_model(cfg: Config):
 
 
 def count_parameters(cfg: Config) -> ParameterCounts:
+    """Exact counts for the configured model. Decoder layers are all alike, so every count is
+    linear in their number: meta models of one and of two layers give it exactly (asserted for
+    every preset against the published counts), in a fraction of a second where building all 80
+    layers of a 65B, adapters included, takes seconds, once more for each piece of advice."""
+    import dataclasses
+
+    layers = cfg.model.num_hidden_layers
+    if layers <= 2:
+        return _count_built(cfg)
+    one, two = (_count_built(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_hidden_layers=n)))
+                for n in (1, 2))
+
+    def scaled(field: str) -> int:
+        return getattr(one, field) + (layers - 1) * (getattr(two, field) - getattr(one, field))
+
+    return ParameterCounts(scaled("total"), scaled("trainable"), scaled("frozen"), scaled("quantized"),
+                           two.largest_layer, two.largest_module)
+
+
+def _count_built(cfg: Config) -> ParameterCounts:
     import torch
 
     model = build_meta_model(cfg)

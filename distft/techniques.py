@@ -46,6 +46,8 @@ def quantization_config(technique: TechniqueConfig) -> Optional[Any]:
 
 def peft_config(technique: TechniqueConfig) -> Optional[Any]:
     """The PEFT config of a technique; None for full fine-tuning."""
+    if technique.name == "full":
+        return None  # before importing peft (and, through it, bitsandbytes): ~3 s a process
     from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
 
     if technique.name in ADAPTER_TECHNIQUES:

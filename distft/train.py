@@ -474,6 +474,8 @@ def _memory_report(cfg: Config, memory: MemoryMeter, trained_bytes: int, dtype: 
     report = {"kind": memory.kind, "start_gb": round(memory.baseline / 2**30, 3),
               "cpu_profiled_steps": memory.cpu_steps if memory.kind == "cpu_tensors" else None,
               "training_gb_per_rank": [round(b / 2**30, 4) for b in per_rank], "planned_gb": None, "planned": None}
+    if not info.is_main:  # the summary is rank 0's
+        return report
     try:
         from distft.plan import count_parameters, per_gpu_bytes
 
