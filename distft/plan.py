@@ -502,6 +502,17 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
+def _quiet_meta_build() -> None:
+    """Nothing runs on the meta device, so libraries' hints about kernels and deprecations in
+    the build (bitsandbytes' missing CPU 4-bit kernel, transformers' `is_gradient_checkpointing`)
+    are noise above the plan; a real run still shows them."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """`python -m distft.plan [overrides]`: the same command line as a run, nothing started."""
     import json
@@ -513,6 +524,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if errors:
         print(format_errors(errors), file=sys.stderr)
         return 2
+    _quiet_meta_build()
     result = plan(cfg)
     print(json.dumps(result, indent=2) if cfg.plan.format == "json" else format_text(result))
     return 0
