@@ -127,6 +127,25 @@ def test_a_damaged_checkpoint_is_detected_and_the_previous_one_resumes(interrupt
     assert summary["eval_after"]["loss"] == finished["eval_after"]["loss"]
 
 
+def test_retention_keeps_the_newest_complete_checkpoints_and_what_was_set_aside(interrupted, finished):
+    """`checkpoint.keep_last=1` on a resume that fell back from a damaged step 8 to step 4 and
+    saves every 2 steps: each save deletes only older committed checkpoints once the new one is
+    in place, so step 8 (saved again) is all that remains, beside the damaged copy kept for
+    inspection; the run ends as the undamaged one did."""
+    from distft.train import train
+
+    newest = os.path.join(interrupted, "checkpoints", "step_000008")
+    os.remove(os.path.join(newest, "state", ".metadata"))
+    summary = train(compose(*RUN, f"run.dir={interrupted}", "checkpoint.save_every=2", "checkpoint.keep_last=1"))
+    assert summary["resumed_from"].endswith("step_000004")
+    root = os.path.join(interrupted, "checkpoints")
+    assert sorted(n for n in os.listdir(root) if n.startswith("step_")) == ["step_000008", "step_000008.damaged"]
+    assert committed_checkpoints(interrupted) == [newest] and verify(newest) == []
+    with open(os.path.join(root, "latest")) as f:
+        assert f.read().strip() == "step_000008"
+    assert losses(interrupted) == losses(finished["run_dir"])
+
+
 def test_an_empty_latest_is_reported_and_the_newest_complete_checkpoint_used(interrupted, capsys):
     with open(os.path.join(interrupted, "checkpoints", "latest"), "w"):
         pass
