@@ -46,6 +46,13 @@ def hydra_entry(dict_cfg) -> None:
         os.environ.update({k: str(v) for k, v in cfg.launcher.env.items()})
     rank_environment()  # inside a SLURM step or a submitit job: rendezvous from its environment
     env = dist.from_env()
+    if env.world_size == 1 and not is_rank_process():  # the command the user typed: plan before starting
+        from launchers.local import plan_refusal
+
+        refusal = plan_refusal(cfg)
+        if refusal:
+            print(refusal, file=sys.stderr)
+            sys.exit(2)
     if world_size(cfg) > 1 and env.world_size == 1:
         # Not started by a launcher yet: become the launcher.
         from launchers.local import launch

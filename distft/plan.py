@@ -502,6 +502,19 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
+def refusal(cfg: Config, action: str, where: Optional[str] = None) -> Optional[str]:
+    """What a launcher prints instead of starting a job whose plan does not fit
+    `cluster.gpu_memory_gb` (`action`: "not submitted, nothing queued"). None when it fits, when
+    there is no GPU size to check against, or with plan.override=true."""
+    if not cfg.cluster.gpu_memory_gb or cfg.plan.override:
+        return None
+    result = plan(cfg)
+    if result["fits"] is not False:
+        return None
+    return (f"distft: {action}: the plan does not fit {where or f'cluster={cfg.cluster.name}'} "
+            f"(pass plan.override=true to start it anyway):\n{format_text(result)}")
+
+
 def _quiet_meta_build() -> None:
     """Nothing runs on the meta device, so libraries' hints about kernels and deprecations in
     the build (bitsandbytes' missing CPU 4-bit kernel, transformers' `is_gradient_checkpointing`)

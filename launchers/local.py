@@ -10,10 +10,12 @@ timeout. With `launcher.nnodes` > 1 the same command runs on every node and the 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
 import uuid
+from typing import Optional
 
 from distft.config import Config, config_hash
 
@@ -46,6 +48,39 @@ def launch(cfg: Config, argv: list[str]) -> int:
         print(f"distft: {describe_failure(err.failures)}", file=sys.stderr)
         return 1
     return 0
+
+
+def local_gpus(device: str) -> Optional[tuple[float, bool]]:
+    """(GiB, bf16) of the GPU(s) a local run on `train.device` would use: the smallest when ranks
+    spread over several, and whether they compute in bf16 (model.dtype=auto picks it then). None
+    when the run is on the CPU."""
+    import torch
+
+    if device == "cpu" or not torch.cuda.is_available():
+        return None
+    indices = [int(device.split(":")[1])] if device.startswith("cuda:") else list(range(torch.cuda.device_count()))
+    return min(torch.cuda.get_device_properties(i).total_memory for i in indices) / 2**30, torch.cuda.is_bf16_supported()
+
+
+def plan_refusal(cfg: Config, gpus: Optional[tuple[float, bool]] = None) -> Optional[str]:
+    """The planner before a local job starts, against the GPUs it would run on (`gpus`: GiB each
+    and bf16 support, read from this machine when not given). The cluster profile's size is what
+    a submission elsewhere is checked against; the GPUs here are what this run gets. A job that
+    cannot fit is not started (unless plan.override=true) rather than failing with out-of-memory
+    after the model has loaded. Nothing is checked on the CPU."""
+    from distft.plan import refusal
+
+    gpus = gpus or local_gpus(cfg.train.device)
+    if not gpus:
+        return None
+    memory_gb, bf16 = gpus
+    model = cfg.model
+    if model.dtype == "auto":  # as distft.model.resolve_dtype will on these GPUs
+        model = dataclasses.replace(model, dtype="bfloat16" if bf16 else "float32")
+    cluster = dataclasses.replace(cfg.cluster, gpu_memory_gb=memory_gb,
+                                  gpus_per_node=max(cfg.cluster.gpus_per_node, cfg.launcher.nproc_per_node))
+    here = dataclasses.replace(cfg, model=model, cluster=cluster)
+    return refusal(here, "not started", where=f"this machine's GPUs ({memory_gb:.1f} GiB each)")
 
 
 def describe_failure(failures: dict) -> str:

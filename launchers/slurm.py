@@ -227,7 +227,9 @@ def executor(cfg: Config, folder: str, partition: str):
 
 def submit(cfg: Config, argv: list[str]) -> int:
     """Plan, check, submit, print where everything is; follow the job with launcher.wait=true."""
-    refusal = plan_refusal(cfg)
+    from distft.plan import refusal as plan_refusal
+
+    refusal = plan_refusal(cfg, "not submitted, nothing queued")
     if refusal:
         print(refusal, file=sys.stderr)
         return 2
@@ -252,20 +254,6 @@ def submit(cfg: Config, argv: list[str]) -> int:
         return 0
     state = follow(job.job_id, rank_log(folder, job.job_id, 0))
     return 0 if state == "COMPLETED" else 1
-
-
-def plan_refusal(cfg: Config) -> Optional[str]:
-    """The planner first (distft/plan.py): a job whose plan does not fit the cluster profile's
-    GPUs is not submitted, unless plan.override=true. Nothing to check without a GPU profile."""
-    if not cfg.cluster.gpu_memory_gb or cfg.plan.override:
-        return None
-    from distft.plan import format_text, plan
-
-    result = plan(cfg)
-    if result["fits"] is not False:
-        return None
-    return ("distft: not submitted, nothing queued: the plan does not fit "
-            f"cluster={cfg.cluster.name} (pass plan.override=true to submit anyway):\n{format_text(result)}")
 
 
 def rank_log(folder: str, job_id: str, rank: int) -> str:

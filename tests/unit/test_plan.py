@@ -120,6 +120,30 @@ def test_the_slurm_launcher_refuses_a_job_that_cannot_fit_before_asking_the_clus
     assert "does NOT fit in 80 GiB with 10% headroom" in err and "would fit: parallel=zero3" in err
 
 
+def test_a_local_job_that_cannot_fit_the_gpus_here_is_not_started():
+    """The local launcher asks the planner against the GPUs the run would get (read from the
+    device; given here, as this machine has none): 7B full fine-tuning under DDP on 8 x 40 GiB is
+    refused with the changes that fit; ZeRO-3 on the same GPUs, an H200, plan.override=true or
+    the CPU start. model.dtype=auto is planned as the run will resolve it on those GPUs."""
+    from launchers.local import local_gpus, plan_refusal
+
+    common = ["model=llama_7b", "launcher.nproc_per_node=8", "train.global_batch_size=32"]
+    cfg, errors = preflight([*common, "parallel=ddp"])
+    assert errors == []
+    refused = plan_refusal(cfg, gpus=(39.4, True))
+    assert refused.startswith("distft: not started: the plan does not fit this machine's GPUs (39.4 GiB each)")
+    assert "does NOT fit in 39 GiB" in refused and "would fit: parallel=zero3" in refused
+    assert "weights         12.55 GiB" in refused  # bf16: 2 bytes x 6.74 B
+    assert plan_refusal(cfg, gpus=(139.8, True)) is None  # an H200 holds it (70.2 GiB)
+    without_bf16 = plan_refusal(cfg, gpus=(139.8, False))  # a V100-class GPU: fp32, 137.8 GiB
+    assert "weights         25.10 GiB" in without_bf16 and "does NOT fit in 140 GiB" in without_bf16
+    cfg, errors = preflight([*common, "parallel=ddp", "plan.override=true"])
+    assert plan_refusal(cfg, gpus=(39.4, True)) is None
+    cfg, errors = preflight([*common, "parallel=zero3"])
+    assert plan_refusal(cfg, gpus=(39.4, True)) is None
+    assert local_gpus("cpu") is None  # a CPU run has no GPU to outgrow: nothing is planned
+
+
 def test_time_per_epoch_counts_the_sequences_the_run_trains_on():
     """tiny_lora's 400 synthetic rows: the run's data report says 50 packed training sequences
     of 256 tokens (tests/unit/test_train.py runs it); the plan reads the same pipeline."""
