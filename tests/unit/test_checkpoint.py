@@ -249,6 +249,53 @@ def test_killing_a_save_at_any_instant_never_loses_the_previous_checkpoint(tmp_p
     assert kills >= 5, kills  # most kills land mid-save; the others right after a commit
 
 
+def test_killing_a_save_between_its_shards_and_its_commit_20_times_loses_nothing(tmp_path, monkeypatch):
+    """The acceptance drill: 20 saves SIGKILLed exactly after every shard is written (before the
+    manifest) or after the manifest (before the commit marker), alternately, in forked children.
+    Each time the killed step stays an uncommitted `.tmp`, the previous checkpoint is the one found
+    and it loads with the trained weights; the next save goes over the leftovers."""
+    from distft.checkpoint import STATE_DIR, save_checkpoint
+    from distft.engines import build_engine, build_model_for_engine
+    from distft.model import load_tokenizer
+
+    cfg = compose(*RUN, f"run.dir={tmp_path / 'run'}")
+    tokenizer = load_tokenizer(cfg.model)
+    model, _ = build_model_for_engine(cfg, torch.float32, tokenizer, 1)
+    engine = build_engine(cfg, model, torch.device("cpu"))
+    run_dir = str(tmp_path / "run")
+    state = {"step": 0, "loop": {}, "data": {}, "world_size": 1, "parallel": "single"}
+    trainable = [p for p in engine.unwrapped().parameters() if p.requires_grad]
+    save_checkpoint(run_dir, 1, engine, tokenizer, cfg, state, None)
+    saved = [p.detach().clone() for p in trainable]  # what the newest committed checkpoint holds
+    for attempt in range(20):
+        step, where = attempt + 2, ("after_shards", "before_commit")[attempt % 2]
+        monkeypatch.setenv("DISTFT_FAULTS", f"kill_{where}:{step}")
+        pid = os.fork()
+        if pid == 0:
+            try:
+                save_checkpoint(run_dir, step, engine, tokenizer, cfg, state, None)
+            finally:
+                os._exit(1)  # the fault did not fire
+        _, status = os.waitpid(pid, 0)
+        monkeypatch.delenv("DISTFT_FAULTS")
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (attempt, where)
+        root = os.path.join(run_dir, "checkpoints")
+        assert os.path.isdir(os.path.join(root, f"step_{step:06d}.tmp"))
+        assert not os.path.exists(os.path.join(root, f"step_{step:06d}"))
+        newest = find_resumable(run_dir)
+        assert step_of(newest) == step - 1 and verify(newest) == []
+        with torch.no_grad():
+            for p in trainable:
+                p.zero_()
+        engine.load_state(os.path.join(newest, STATE_DIR))
+        assert all(torch.equal(p, q) for p, q in zip(trainable, saved)), (attempt, where)
+        with torch.no_grad():  # the next state, saved for real over the killed save's leftovers
+            saved = [p.add_(0.01).detach().clone() for p in trainable]
+        save_checkpoint(run_dir, step, engine, tokenizer, cfg, state, None)
+        assert step_of(committed_checkpoints(run_dir)[-1]) == step
+        assert not os.path.exists(os.path.join(root, f"step_{step:06d}.tmp"))
+
+
 def test_a_full_disk_fails_loudly_and_keeps_the_previous_checkpoint(interrupted, finished):
     """The step-8 checkpoint is removed, then the run resumes from step 4 with files limited to
     64 kB: writing step 8 fails. One message, exit 2, step 4 intact and still resumable, no
