@@ -197,7 +197,9 @@ class ClusterConfig:
     name: str = "local"
     gpus_per_node: int = 0
     gpu_memory_gb: float = 0.0
-    cpu_memory_gb: float = 24.0
+    # Host memory of one node (the planner's per-node check); 0: unknown, which for cluster=local
+    # means this machine's own.
+    cpu_memory_gb: float = 0.0
     partition: Optional[str] = None
     # Dense bf16 peak of one accelerator in TFLOP/s (A100 312, H100 SXM 989): the MFU denominator.
     # 0: unknown (the CPU), and MFU is not reported.
@@ -339,6 +341,7 @@ class PlanConfig:
     margin: float = 0.10  # a plan fits when it needs at most (1 - margin) of a GPU's memory
     mfu: float = 0.40  # assumed model FLOPs utilisation for the tokens/s and time estimates
     overhead_gb: float = 1.0  # per GPU: CUDA context, allocator fragmentation, kernels' workspaces
+    host_overhead_gb: float = 3.0  # host memory of one rank's process: torch, CUDA, libraries, data
     override: bool = False  # submit even when the plan says it does not fit
     # Time per epoch: the data is loaded, cleaned, templated and tokenized like a run does (the
     # model's tokenizer, local files only) on at most this many rows, and extrapolated beyond.

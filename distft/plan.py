@@ -47,6 +47,11 @@ Terms beyond the model states (DeepSpeed's estimator has none of them):
 - `overhead`: plan.overhead_gb per GPU (CUDA context, allocator fragmentation, kernels'
   workspaces; 1 GiB).
 
+Host memory of one node (`per_node_host_bytes`, checked against cluster.cpu_memory_gb with the
+same margin; cluster=local: this machine's memory): see host_bytes(). The classic failure it
+catches: eight ranks of a 70B ZeRO-3 job each loading the whole base before DeepSpeed partitions
+it (8 x 128 GiB on a 1 TiB node), where FSDP loads one copy per node.
+
 Time: tokens/s = GPUs x peak FLOP/s x plan.mfu / FLOPs per token (the MFU formula of
 distft/tracking.py); per step, the data-parallel traffic of one rank (gradient all-reduce,
 or ZeRO-3/FSDP's gathers and reduce-scatter) at the profile's bandwidth (the inter-node one
@@ -58,6 +63,7 @@ no epoch estimate), packed into sequences, extrapolated to all rows.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -106,7 +112,6 @@ def count_parameters(cfg: Config) -> ParameterCounts:
     linear in their number: meta models of one and of two layers give it exactly (asserted for
     every preset against the published counts), in a fraction of a second where building all 80
     layers of a 65B, adapters included, takes seconds, once more for each piece of advice."""
-    import dataclasses
 
     layers = cfg.model.num_hidden_layers
     if layers <= 2:
@@ -207,6 +212,65 @@ def model_state_bytes(cfg: Config, counts: ParameterCounts) -> dict[str, int]:
     return {"weights": int(weights), "grads": int(grads), "optimizer": int(optimizer)}
 
 
+def host_bytes(cfg: Config, counts: ParameterCounts) -> dict[str, int]:
+    """Host memory of one node at its peak: the larger of loading and the engine's offloaded
+    state (the loaded copies are handed to the GPUs before the offloaded state is allocated), plus
+    plan.host_overhead_gb per rank process.
+
+    - `load`: every rank builds the whole trainable model on the CPU before the engine moves or
+      partitions it (DDP, ZeRO: distft does not use zero.Init), except FSDP on several ranks,
+      where rank 0 builds the one real copy and the others start on the meta device. A copy is
+      P·b for pretrained weights, P·4 for a from-scratch base drawn on the CPU (initialised in
+      fp32, then cast), nothing with model.init_device=cuda, and for QLoRA from a checkpoint one
+      decoder layer at a time (bitsandbytes quantises each weight onto the GPU as it loads).
+    - `offload`: ZeRO's offload_optimizer keeps fp32 masters, gradients and Adam moments in host
+      memory, 16 bytes per trainable parameter shared by all ranks, and offload_param the
+      16-bit weights (b per parameter): per node 16T/N (+ bP/N) for N nodes, DeepSpeed's own
+      `estimate_zero3_model_states_mem_needs(..., zero_init=True)` (tested). FSDP's cpu_offload
+      keeps each rank's shards of weights, gradients and optimizer state there.
+    """
+    n, nodes, technique = cfg.launcher.nproc_per_node, cfg.launcher.nnodes, cfg.technique.name
+    p, t, b = counts.total, counts.trainable, param_bytes(cfg)
+    if cfg.model.name_or_path is None:
+        copy = 0 if cfg.model.init_device == "cuda" else p * 4
+    elif technique == "qlora":
+        copy = counts.largest_layer * b
+    else:
+        copy = p * b
+    meta = cfg.parallel.strategy == "fsdp" and world_size(cfg) > 1 and technique != "qlora"
+    load = copy if meta else n * copy
+    offload = 0
+    ds = cfg.parallel.deepspeed
+    if cfg.parallel.strategy.startswith("zero"):
+        if ds.offload_optimizer:
+            offload += 16 * t / nodes
+        if cfg.parallel.strategy == "zero3" and ds.offload_param:
+            offload += b * p / nodes
+    elif cfg.parallel.strategy == "fsdp" and cfg.parallel.fsdp.cpu_offload:
+        # What each rank would keep on its GPU without the offload, less the unit gathered for compute.
+        on_gpu = model_state_bytes(dataclasses.replace(cfg, parallel=dataclasses.replace(
+            cfg.parallel, fsdp=dataclasses.replace(cfg.parallel.fsdp, cpu_offload=False))), counts)
+        gathered = counts.largest_layer * b
+        offload = n * (on_gpu["weights"] - gathered + on_gpu["grads"] + on_gpu["optimizer"])
+    out = {"load": int(load), "offload": int(offload), "overhead": int(n * cfg.plan.host_overhead_gb * 1024**3)}
+    out["total"] = max(out["load"], out["offload"]) + out["overhead"]
+    return out
+
+
+def host_capacity_bytes(cfg: Config) -> Optional[int]:
+    """One node's host memory: the cluster profile's, or for cluster=local this machine's."""
+    if cfg.cluster.cpu_memory_gb:
+        return int(cfg.cluster.cpu_memory_gb * 1024**3)
+    if cfg.cluster.name == "local":
+        import os
+
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return None
+    return None
+
+
 def comm_bytes(cfg: Config, counts: ParameterCounts) -> int:
     """Per-GPU communication buffers (see the module docstring)."""
     strategy, t = cfg.parallel.strategy, counts.trainable
@@ -292,9 +356,20 @@ def per_gpu_bytes(cfg: Config, counts: ParameterCounts) -> dict[str, int]:
     return out
 
 
-def _fits(cfg: Config, total: int) -> Optional[bool]:
-    capacity = cfg.cluster.gpu_memory_gb * 1024**3
+def _within(cfg: Config, total: int, capacity: Optional[int]) -> Optional[bool]:
     return None if not capacity else total <= capacity * (1 - cfg.plan.margin)
+
+
+def verdict(cfg: Config, counts: ParameterCounts) -> dict:
+    """Per-GPU and per-node host bytes and whether each fits its capacity with plan.margin
+    headroom (None: capacity unknown). `fits`: both, known once the GPU's size is."""
+    per_gpu, host = per_gpu_bytes(cfg, counts), host_bytes(cfg, counts)
+    gpu_capacity = int(cfg.cluster.gpu_memory_gb * 1024**3) if cfg.cluster.gpu_memory_gb else None
+    host_capacity = host_capacity_bytes(cfg)
+    gpu_fits, host_fits = _within(cfg, per_gpu["total"], gpu_capacity), _within(cfg, host["total"], host_capacity)
+    return {"per_gpu_bytes": per_gpu, "gpu_memory_bytes": gpu_capacity, "per_node_host_bytes": host,
+            "host_memory_bytes": host_capacity, "host_fits": host_fits,
+            "fits": None if gpu_fits is None else gpu_fits and host_fits is not False}
 
 
 def advice(cfg: Config, counts: ParameterCounts) -> list[dict]:
@@ -310,6 +385,8 @@ def advice(cfg: Config, counts: ParameterCounts) -> list[dict]:
     strategy = cfg.parallel.strategy if cfg.parallel.strategy in ladder else "ddp"
     for stronger in ladder[ladder.index(strategy) + 1:]:
         candidates.append((f"shard more state ({stronger})", [f"parallel={stronger}"]))
+    if strategy == "zero3":
+        candidates.append(("one copy of the base per node while loading (fsdp)", ["parallel=fsdp"]))
     candidates.append(("optimizer state in host memory", ["parallel=zero3", "parallel.deepspeed.offload_optimizer=true"]))
     candidates.append(("weights and optimizer in host memory", ["parallel=zero3", "parallel.deepspeed.offload_optimizer=true",
                                                                 "parallel.deepspeed.offload_param=true"]))
@@ -317,16 +394,40 @@ def advice(cfg: Config, counts: ParameterCounts) -> list[dict]:
         candidates.append(("4-bit base with LoRA (QLoRA)", ["technique=qlora"]))
     for factor in (2, 4, 8, 16):
         candidates.append((f"{factor}x the nodes", [f"launcher.nnodes={cfg.launcher.nnodes * factor}"]))
-    found = []
-    for why, overrides in candidates:
+    counted: dict[str, ParameterCounts] = {}
+
+    def try_change(why: str, overrides: list[str]) -> Optional[dict]:
         changed = _apply(cfg, overrides)
         if changed is None:
-            continue
-        changed_counts = counts if not any(o.startswith("technique") for o in overrides) else count_parameters(changed)
-        total = per_gpu_bytes(changed, changed_counts)["total"]
-        if _fits(changed, total):
-            found.append({"change": " ".join(overrides), "why": why, "per_gpu_total_bytes": total})
+            return None
+        technique = next((o for o in overrides if o.startswith("technique")), None)
+        if technique and technique not in counted:
+            counted[technique] = count_parameters(changed)
+        result = verdict(changed, counted[technique] if technique else counts)
+        if not result["fits"]:
+            return None
+        return {"change": " ".join(overrides), "why": why, "per_gpu_total_bytes": result["per_gpu_bytes"]["total"],
+                "per_node_host_bytes": result["per_node_host_bytes"]["total"]}
+
+    found = [item for item in (try_change(why, overrides) for why, overrides in candidates) if item]
+    if not found:  # no single change: two together, cheapest pairs first
+        pairs = [(i, j) for i in range(len(candidates)) for j in range(i + 1, len(candidates))
+                 if not _conflict(candidates[i][1], candidates[j][1])]
+        for i, j in sorted(pairs, key=sum):
+            item = try_change(f"{candidates[i][0]}; {candidates[j][0]}", candidates[i][1] + candidates[j][1])
+            if item:
+                found.append(item)
+            if len(found) == 5:
+                break
     return found[:5]
+
+
+def _conflict(one: list[str], other: list[str]) -> bool:
+    """Two changes that set the same thing (two engines, two micro-batch sizes, ...)."""
+    def keys(overrides: list[str]) -> set[str]:
+        return {o.split("=", 1)[0].split(".")[0] if o.startswith("parallel") else o.split("=", 1)[0] for o in overrides}
+
+    return bool(keys(one) & keys(other))
 
 
 def _apply(cfg: Config, overrides: list[str]) -> Optional[Config]:
@@ -448,9 +549,8 @@ def epoch(cfg: Config, step_time_s: Optional[float]) -> dict:
 
 def plan(cfg: Config) -> dict:
     counts = count_parameters(cfg)
-    per_gpu = per_gpu_bytes(cfg, counts)
-    capacity = int(cfg.cluster.gpu_memory_gb * 1024**3) if cfg.cluster.gpu_memory_gb else None
-    fits = _fits(cfg, per_gpu["total"])
+    memory = verdict(cfg, counts)
+    per_gpu, fits = memory["per_gpu_bytes"], memory["fits"]
     speed = throughput(cfg, counts)
     return {
         "model": cfg.model.name, "technique": cfg.technique.name, "parallel": cfg.parallel.strategy,
@@ -460,7 +560,9 @@ def plan(cfg: Config) -> dict:
         "largest_module_params": counts.largest_module,
         "per_gpu_bytes": per_gpu,
         "per_node_bytes": {k: v * cfg.launcher.nproc_per_node for k, v in per_gpu.items()},
-        "gpu_memory_bytes": capacity, "margin": cfg.plan.margin,
+        "gpu_memory_bytes": memory["gpu_memory_bytes"], "margin": cfg.plan.margin,
+        "per_node_host_bytes": memory["per_node_host_bytes"], "host_memory_bytes": memory["host_memory_bytes"],
+        "host_fits": memory["host_fits"],
         "fits": fits,
         "advice": advice(cfg, counts) if fits is False else [],
         "throughput": speed,
@@ -477,11 +579,22 @@ def format_text(result: dict) -> str:
              "  per GPU:"]
     for key, value in result["per_gpu_bytes"].items():
         lines.append(f"    {key:<12}{value / gib:9.2f} GiB")
+    host = result["per_node_host_bytes"]
+    peak = "loading" if host["load"] >= host["offload"] else "offloaded state"
+    line = (f"  host memory per node: {host['total'] / gib:.1f} GiB ({peak} {max(host['load'], host['offload']) / gib:.1f}"
+            f" + processes {host['overhead'] / gib:.1f})")
+    if result["host_memory_bytes"]:
+        said = "fits" if result["host_fits"] else "does NOT fit"
+        line += f", {said} in {result['host_memory_bytes'] / gib:.0f} GiB"
+    lines.append(line)
     if result["gpu_memory_bytes"]:
-        verdict = "fits" if result["fits"] else "does NOT fit"
-        lines.append(f"  {verdict} in {result['gpu_memory_bytes'] / gib:.0f} GiB with {result['margin']:.0%} headroom")
+        gpu_fits = result["per_gpu_bytes"]["total"] <= result["gpu_memory_bytes"] * (1 - result["margin"])
+        said = "fits" if gpu_fits else "does NOT fit"
+        lines.append(f"  {said} in {result['gpu_memory_bytes'] / gib:.0f} GiB with {result['margin']:.0%} headroom"
+                     + (", but the node's host memory does not" if gpu_fits and result["host_fits"] is False else ""))
     for item in result["advice"]:
-        lines.append(f"    would fit: {item['change']}  ({item['why']}; {item['per_gpu_total_bytes'] / gib:.1f} GiB)")
+        lines.append(f"    would fit: {item['change']}  ({item['why']}; {item['per_gpu_total_bytes'] / gib:.1f} GiB per GPU, "
+                     f"{item['per_node_host_bytes'] / gib:.0f} GiB host per node)")
     t, e = result["throughput"], result["epoch"]
     if t["tokens_per_s"]:
         comm = f", of which communication {t['comm_time_s']:.2f} s" if t["comm_time_s"] is not None else ""

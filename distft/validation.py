@@ -95,6 +95,12 @@ def _check_choices(cfg: Config, errors: list[str]) -> None:
         errors.append(f"plan.margin={cfg.plan.margin} must be in [0, 1), e.g. 0.1 for 10% headroom")
     if not 0.0 < cfg.plan.mfu <= 1.0:
         errors.append(f"plan.mfu={cfg.plan.mfu} must be in (0, 1], e.g. 0.4")
+    for key, value in (("plan.overhead_gb", cfg.plan.overhead_gb), ("plan.host_overhead_gb", cfg.plan.host_overhead_gb),
+                       ("cluster.gpu_memory_gb", cfg.cluster.gpu_memory_gb),
+                       ("cluster.cpu_memory_gb", cfg.cluster.cpu_memory_gb)):
+        if value < 0:
+            errors.append(f"{key}={value} is negative; give GiB (0: unknown)" if key.startswith("cluster")
+                          else f"{key}={value} is negative; give GiB, e.g. 1.0")
     _choice(errors, "model.dtype", m.dtype, MODEL_DTYPES)
     _choice(errors, "model.init_device", m.init_device, ("cpu", "cuda"))
     if m.init_device == "cuda" and tr.device == "cpu":

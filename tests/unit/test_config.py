@@ -561,3 +561,12 @@ def test_a_file_where_the_run_directory_goes_is_reported(tmp_path):
     assert only_error(f"run.dir={tmp_path / 'outputs' / 'run'}") == (
         f"run.dir: '{tmp_path / 'outputs'}' is a file, so the directory '{tmp_path / 'outputs' / 'run'}' cannot be "
         "created there; choose another run.dir or move the file")
+
+
+def test_planner_settings_are_checked():
+    assert only_error("plan.margin=1.0") == "plan.margin=1.0 must be in [0, 1), e.g. 0.1 for 10% headroom"
+    assert only_error("plan.mfu=0") == "plan.mfu=0.0 must be in (0, 1], e.g. 0.4"
+    assert only_error("plan.host_overhead_gb=-1") == "plan.host_overhead_gb=-1.0 is negative; give GiB, e.g. 1.0"
+    assert only_error("cluster=a100_80g_8x", "cluster.cpu_memory_gb=-2") == (
+        "cluster.cpu_memory_gb=-2.0 is negative; give GiB (0: unknown)")
+    assert good("cluster=a100_80g_8x", "cluster.cpu_memory_gb=512", "plan.host_overhead_gb=0").cluster.cpu_memory_gb == 512

@@ -69,6 +69,55 @@ def test_full_finetuning_model_states_agree_with_deepspeeds_estimator(model, nod
         assert abs(ours - theirs) <= 2, (offload, ours, theirs)
 
 
+@pytest.mark.parametrize("nodes, gpus", [(1, 8), (2, 8), (4, 4)])
+def test_host_memory_per_node_agrees_with_deepspeeds_estimator(nodes, gpus):
+    """ZeRO-3 with offload, full fine-tuning of a from-scratch 7B: DeepSpeed's CPU estimate
+    without zero.Init is the larger of every rank's fp32 copy while loading and the offloaded
+    state (16 or 18 bytes per parameter shared by the nodes); with zero.Init, the offloaded state
+    alone. Ours, less the rank processes' own memory, is the same to the byte."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    from distft.plan import count_parameters, host_bytes
+
+    common = ["model=llama_7b", "model.name_or_path=null", "cluster=a100_80g_8x", f"launcher.nnodes={nodes}",
+              f"launcher.nproc_per_node={gpus}", "launcher.rdzv_endpoint=n1:29500",
+              f"train.global_batch_size={4 * nodes * gpus}", "parallel=zero3", "parallel.deepspeed.offload_optimizer=true"]
+    for params in (False, True):
+        cfg, errors = preflight([*common, f"parallel.deepspeed.offload_param={params}"])
+        assert errors == []
+        counts = count_parameters(cfg)
+        host = host_bytes(cfg, counts)
+        assert host["load"] == gpus * 4 * counts.total
+        assert host["overhead"] == gpus * 3 * 2**30
+        for zero_init, ours in ((False, host["total"] - host["overhead"]), (True, host["offload"])):
+            theirs = estimate_zero3_model_states_mem_needs(counts.total, counts.largest_module, gpus, nodes,
+                                                           cpu_offload=True, cpu_offload_params=params,
+                                                           zero_init=zero_init, additional_buffer_factor=1.0)[0]
+            assert abs(ours - theirs) <= 2, (params, zero_init, ours, theirs)
+
+
+def test_a_node_whose_host_memory_cannot_hold_every_ranks_copy_does_not_fit():
+    """LLaMA-2-70B under ZeRO-3 on 8 nodes of 8 x A100-40GB (1 TiB each): its GPUs would hold it
+    with recomputation, but eight ranks per node each load the 128 GiB base first. The plan says
+    so; what fits loads one copy per node (FSDP) or a 4-bit base, each with a second change."""
+    common = ["model=llama2_70b", "launcher.nnodes=8", "launcher.nproc_per_node=8", "launcher.rdzv_endpoint=n1:29500",
+              "train.global_batch_size=256", "cluster=a100_40g_8x"]
+    gib = 2**30
+    result = planned(*common, "parallel=zero3", "train.gradient_checkpointing=true")
+    assert result["per_gpu_bytes"]["total"] < 0.9 * 40 * gib  # the GPUs alone would do
+    host = result["per_node_host_bytes"]
+    assert host["load"] == 8 * 68_976_648_192 * 2 and host["offload"] == 0
+    assert result["host_memory_bytes"] == 1024 * gib and result["host_fits"] is False and result["fits"] is False
+    assert "host memory per node: 1051.8 GiB (loading 1027.8 + processes 24.0), does NOT fit in 1024 GiB" in format_text(result)
+    assert "fits in 40 GiB with 10% headroom, but the node's host memory does not" in format_text(result)
+    assert [item["change"] for item in result["advice"]][:1] == ["parallel=fsdp"]
+    fsdp = planned(*common, "parallel=fsdp", "train.gradient_checkpointing=true")
+    assert fsdp["per_node_host_bytes"]["load"] == 68_976_648_192 * 2  # rank 0's copy; the others start on meta
+    assert fsdp["fits"] is True
+    without_checkpointing = planned(*common, "parallel=zero3")  # neither fits: two changes together
+    assert without_checkpointing["advice"][0]["change"] == "train.gradient_checkpointing=true parallel=fsdp"
+
+
 def test_plan_json_has_the_documented_keys():
     result = planned("+experiment=qlora_13b", "cluster=a100_40g_8x")
     assert {"params_total", "params_trainable", "per_gpu_bytes", "fits"} <= result.keys()
@@ -127,7 +176,8 @@ def test_a_local_job_that_cannot_fit_the_gpus_here_is_not_started():
     the CPU start. model.dtype=auto is planned as the run will resolve it on those GPUs."""
     from launchers.local import local_gpus, plan_refusal
 
-    common = ["model=llama_7b", "launcher.nproc_per_node=8", "train.global_batch_size=32"]
+    common = ["model=llama_7b", "launcher.nproc_per_node=8", "train.global_batch_size=32",
+              "cluster.cpu_memory_gb=1024"]  # cluster=local plans the host memory of the machine it runs on
     cfg, errors = preflight([*common, "parallel=ddp"])
     assert errors == []
     refused = plan_refusal(cfg, gpus=(39.4, True))
