@@ -62,7 +62,8 @@ class ModelConfig:
 
     `name_or_path` null means: build the architecture below from scratch with `init_seed` (the
     tiny preset, benchmarks of big shapes). Otherwise it is a local directory or a hub id whose
-    `config.json` wins over the architecture fields here (which still drive the planner).
+    `config.json` wins over the architecture fields here, for training and for the planner
+    when it is on local disk (the planner falls back to these fields, and says so).
     """
 
     name: str = "tiny"

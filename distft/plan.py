@@ -86,6 +86,51 @@ class ParameterCounts:
     largest_module: int  # the most parameters one module holds itself (ZeRO-3 gathers module by module)
 
 
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings")
+
+
+def model_config_file(name_or_path: Optional[str]) -> Optional[str]:
+    """The config.json of a model on local disk: in its directory, or in the Hugging Face cache
+    for a hub id (looked up offline: planning never downloads)."""
+    import os
+
+    if not name_or_path:
+        return None
+    if os.path.isdir(name_or_path):
+        path = os.path.join(name_or_path, "config.json")
+        return path if os.path.isfile(path) else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name_or_path, "config.json")
+    except Exception:  # noqa: BLE001 - not a valid repo id: there is nothing cached under it
+        return None
+    return found if isinstance(found, str) else None
+
+
+def with_architecture(cfg: Config) -> tuple[Config, str]:
+    """cfg with the architecture the run will really build, and where it came from: a model's own
+    config.json when it is on local disk (training loads that, whatever the preset's fields say),
+    else the preset's fields."""
+    import json
+
+    path = model_config_file(cfg.model.name_or_path)
+    if path is None:
+        if cfg.model.name_or_path is None:
+            return cfg, f"model={cfg.model.name} from scratch"
+        return cfg, (f"the model={cfg.model.name} preset's fields ({cfg.model.name_or_path!r} has no config.json "
+                     "on local disk)")
+    with open(path) as f:
+        found = json.load(f)
+    fields = {k: found[k] for k in ARCHITECTURE_FIELDS if found.get(k) is not None}
+    fields.setdefault("num_key_value_heads", fields.get("num_attention_heads", cfg.model.num_attention_heads))
+    fields.setdefault("tie_word_embeddings", False)
+    source = path if found.get("model_type", "llama") == "llama" else (
+        f"{path} (model_type {found.get('model_type')!r}, counted as a LLaMA of its sizes)")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **fields)), source
+
+
 def build_meta_model(cfg: Config):
     """The model training would build, on the meta device (adapters included)."""
     import torch
@@ -548,6 +593,7 @@ def epoch(cfg: Config, step_time_s: Optional[float]) -> dict:
 
 
 def plan(cfg: Config) -> dict:
+    cfg, architecture = with_architecture(cfg)
     counts = count_parameters(cfg)
     memory = verdict(cfg, counts)
     per_gpu, fits = memory["per_gpu_bytes"], memory["fits"]
@@ -555,6 +601,7 @@ def plan(cfg: Config) -> dict:
     return {
         "model": cfg.model.name, "technique": cfg.technique.name, "parallel": cfg.parallel.strategy,
         "world_size": world_size(cfg), "nodes": cfg.launcher.nnodes, "cluster": cfg.cluster.name,
+        "architecture": architecture,
         "params_total": counts.total, "params_trainable": counts.trainable, "params_frozen": counts.frozen,
         "params_quantized": counts.quantized, "largest_layer_params": counts.largest_layer,
         "largest_module_params": counts.largest_module,
@@ -574,6 +621,7 @@ def format_text(result: dict) -> str:
     gib = 1024**3
     lines = [f"{result['model']} / {result['technique']} / {result['parallel']} on {result['world_size']} GPU(s), "
              f"{result['nodes']} node(s) of {result['cluster']}",
+             f"  architecture: {result['architecture']}",
              f"  parameters: {result['params_total']:,} total, {result['params_trainable']:,} trainable, "
              f"{result['params_frozen']:,} frozen ({result['params_quantized']:,} in 4 bits)",
              "  per GPU:"]

@@ -477,10 +477,10 @@ def _memory_report(cfg: Config, memory: MemoryMeter, trained_bytes: int, dtype: 
     if not info.is_main:  # the summary is rank 0's
         return report
     try:
-        from distft.plan import count_parameters, per_gpu_bytes
+        from distft.plan import count_parameters, per_gpu_bytes, with_architecture
 
         dtype_name = str(dtype).removeprefix("torch.")
-        as_trained = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype_name))
+        as_trained, _ = with_architecture(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype_name)))
         planned = per_gpu_bytes(as_trained, count_parameters(as_trained))
     except Exception as err:  # an estimate must never cost a finished run its summary
         log.warning("memory plan unavailable for this config: %s", err)

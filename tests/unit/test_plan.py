@@ -27,6 +27,31 @@ def test_every_preset_has_its_exact_parameter_count(model, total):
     assert result["params_frozen"] == result["params_quantized"] == 0
 
 
+def test_a_local_model_is_planned_from_its_own_config_json(tmp_path):
+    """model.name_or_path=<directory>: training loads that directory's architecture, so the plan
+    counts it too (here a GQA LLaMA with tied embeddings, unlike every preset field), and says
+    where the architecture came from; without a config.json on disk, the preset's fields."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=300, hidden_size=96, intermediate_size=256, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    config.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        real = sum(p.numel() for p in LlamaForCausalLM(config).parameters())  # tied: counted once
+    result = planned("model=tiny", f"model.name_or_path={tmp_path}", "cluster=a100_80g_8x")
+    assert result["params_total"] == result["params_trainable"] == real != 885_888
+    assert result["architecture"] == str(tmp_path / "config.json")
+    assert f"architecture: {tmp_path / 'config.json'}" in format_text(result)
+    lora = planned("model=tiny", f"model.name_or_path={tmp_path}", "technique=lora", "technique.r=8",
+                   "cluster=a100_80g_8x")
+    # r x (in + out) on q, k, v, o, gate, up, down of 3 layers; k and v project to 2 heads of 24
+    assert lora["params_trainable"] == 3 * 8 * ((96 + 96) * 2 + (96 + 48) * 2 + (96 + 256) * 2 + (256 + 96))
+    hub = planned("model=llama_7b", "cluster=a100_80g_8x")  # a hub id, not downloaded: nothing looked up online
+    assert hub["params_total"] == 6_738_415_616
+    assert hub["architecture"] == "the model=llama_7b preset's fields ('huggyllama/llama-7b' has no config.json on local disk)"
+
+
 def test_lora_and_qlora_counts_on_llama2_7b():
     # LoRA r=16 on the 7 linear layers of 32 decoder layers: r x (in + out) each.
     h, i, kv, layers, r = 4096, 11008, 4096, 32, 16
