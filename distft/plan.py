@@ -437,12 +437,22 @@ def advice(cfg: Config, counts: ParameterCounts) -> list[dict]:
                                                                 "parallel.deepspeed.offload_param=true"]))
     if cfg.technique.name in ("full", "lora", "dora"):
         candidates.append(("4-bit base with LoRA (QLoRA)", ["technique=qlora"]))
-    for factor in (2, 4, 8, 16):
-        candidates.append((f"{factor}x the nodes", [f"launcher.nnodes={cfg.launcher.nnodes * factor}"]))
+    nodes, per_node = cfg.launcher.nnodes, cfg.launcher.nproc_per_node
+    worlds = [(f"all {cfg.cluster.gpus_per_node} GPUs of each node", nodes, cfg.cluster.gpus_per_node)]
+    worlds += [(f"{factor}x the nodes", nodes * factor, per_node) for factor in (2, 4, 8, 16)]
+    for why, new_nodes, new_per_node in worlds:
+        overrides = _world_change(cfg, new_nodes, new_per_node) if new_per_node >= per_node else None
+        if overrides:
+            candidates.append((why, overrides))
     counted: dict[str, ParameterCounts] = {}
 
     def try_change(why: str, overrides: list[str]) -> Optional[dict]:
-        changed = _apply(cfg, overrides)
+        # A local launch on several nodes also needs the first node's address; any will do to plan.
+        needs_endpoint = cfg.launcher.kind != "slurm" and not cfg.launcher.rdzv_endpoint and any(
+            o.startswith("launcher.nnodes=") and o != "launcher.nnodes=1" for o in overrides)
+        changed = _apply(cfg, overrides + (["launcher.rdzv_endpoint=first-node:29500"] if needs_endpoint else []))
+        if needs_endpoint:
+            why += "; a local launch also needs launcher.rdzv_endpoint=HOST:PORT"
         if changed is None:
             return None
         technique = next((o for o in overrides if o.startswith("technique")), None)
@@ -465,6 +475,27 @@ def advice(cfg: Config, counts: ParameterCounts) -> list[dict]:
             if len(found) == 5:
                 break
     return found[:5]
+
+
+def _world_change(cfg: Config, nodes: int, per_node: int) -> Optional[list[str]]:
+    """Overrides that run the job on `nodes` x `per_node` ranks with the same global batch (and a
+    smaller micro-batch where the old one no longer divides it); None when nothing changes or the
+    global batch cannot be shared by that many ranks."""
+    launcher, train = cfg.launcher, cfg.train
+    world = nodes * per_node
+    if (nodes, per_node) == (launcher.nnodes, launcher.nproc_per_node) or train.global_batch_size % world:
+        return None
+    per_rank = train.global_batch_size // world
+    micro = max(d for d in range(1, min(train.micro_batch_size, per_rank) + 1) if per_rank % d == 0)
+    if launcher.kind == "slurm":
+        out = [f"launcher.nodes={nodes}"] if nodes != launcher.nnodes else []
+        if per_node != launcher.nproc_per_node:
+            out += [f"launcher.gpus_per_node={per_node}", f"launcher.tasks_per_node={per_node}"]
+    else:
+        out = [f"launcher.nnodes={nodes}"] if nodes != launcher.nnodes else []
+        if per_node != launcher.nproc_per_node:
+            out.append(f"launcher.nproc_per_node={per_node}")
+    return out + ([f"train.micro_batch_size={micro}"] if micro != train.micro_batch_size else [])
 
 
 def _conflict(one: list[str], other: list[str]) -> bool:

@@ -180,6 +180,26 @@ def test_a_plan_that_does_not_fit_lists_changes_that_do():
     assert all(total <= 0.9 * 80 * 1024**3 for total in changes.values())  # each advised change fits
 
 
+def test_more_gpus_are_advised_with_the_same_global_batch():
+    """7B full fine-tuning under ZeRO-3 on one A100-40GB: the advice includes the node's other
+    seven GPUs and more nodes, keeping the global batch of 16 (micro-batch 4 -> 2 so that 8 ranks
+    share it); each piece of advice is what planning it directly gives. Under launcher=slurm the
+    same advice speaks SLURM's keys."""
+    common = ["+experiment=full_7b", "cluster=a100_40g_8x", "parallel=zero3", "train.global_batch_size=16"]
+    result = planned(*common, "launcher.nproc_per_node=1")
+    assert result["fits"] is False
+    advice = {item["change"]: item for item in result["advice"]}
+    gpus = advice["launcher.nproc_per_node=8 train.micro_batch_size=2"]
+    assert gpus["per_gpu_total_bytes"] == planned(*common, "launcher.nproc_per_node=8",
+                                                  "train.micro_batch_size=2")["per_gpu_bytes"]["total"]
+    nodes = advice["launcher.nnodes=8 train.micro_batch_size=2"]
+    assert nodes["why"] == "8x the nodes; a local launch also needs launcher.rdzv_endpoint=HOST:PORT"
+    slurm = planned(*common, "launcher=slurm", "launcher.nodes=1", "launcher.gpus_per_node=1", "launcher.time_min=60")
+    changes = [item["change"] for item in slurm["advice"]]
+    assert "launcher.gpus_per_node=8 launcher.tasks_per_node=8 train.micro_batch_size=2" in changes
+    assert "launcher.nodes=8 train.micro_batch_size=2" in changes
+
+
 def test_the_slurm_launcher_refuses_a_job_that_cannot_fit_before_asking_the_cluster(capsys):
     """No SLURM command runs: the plan alone refuses (this machine may have no SLURM at all)."""
     from launchers.slurm import submit
