@@ -293,7 +293,13 @@ def test_planning_65b_with_advice_takes_seconds():
     result = planned("model=llama_65b", "parallel=zero2", "launcher.nproc_per_node=8", "cluster=a100_80g_8x",
                      "train.global_batch_size=32")
     assert result["fits"] is False and result["advice"]
-    assert time.perf_counter() - started < 10  # acceptance: under 10 s on this machine (measured ~7 s)
+    # The slowest kind: on one 40 GB GPU no single change fits, so every pair of changes is planned.
+    worst = planned("model=llama_65b", "parallel=ddp", "launcher.nproc_per_node=1", "cluster=a100_40g_8x",
+                    "train.global_batch_size=32")
+    assert worst["fits"] is False and all(" " in item["change"] for item in worst["advice"])
+    # Acceptance: under 10 s on this machine (measured 1.3 s in-process for both; the command line
+    # adds ~5 s of imports: 6.5 s and 7.9 s).
+    assert time.perf_counter() - started < 10
 
 
 @pytest.mark.parametrize("technique", ["full", "lora", "dora", "prefix", "prompt", "qlora"])
