@@ -109,11 +109,17 @@ def model_config_file(name_or_path: Optional[str]) -> Optional[str]:
     return found if isinstance(found, str) else None
 
 
+class PlanInputError(ValueError):
+    """Something the plan reads besides the config is unusable (a model's config.json)."""
+
+
 def with_architecture(cfg: Config) -> tuple[Config, str]:
     """cfg with the architecture the run will really build, and where it came from: a model's own
-    config.json when it is on local disk (training loads that, whatever the preset's fields say),
-    else the preset's fields."""
+    config.json when it is on local disk (training loads that, whatever the preset's fields say;
+    fields it leaves out take transformers' defaults, as they will when it loads), else the
+    preset's fields."""
     import json
+    import os
 
     path = model_config_file(cfg.model.name_or_path)
     if path is None:
@@ -121,13 +127,30 @@ def with_architecture(cfg: Config) -> tuple[Config, str]:
             return cfg, f"model={cfg.model.name} from scratch"
         return cfg, (f"the model={cfg.model.name} preset's fields ({cfg.model.name_or_path!r} has no config.json "
                      "on local disk)")
-    with open(path) as f:
-        found = json.load(f)
-    fields = {k: found[k] for k in ARCHITECTURE_FIELDS if found.get(k) is not None}
-    fields.setdefault("num_key_value_heads", fields.get("num_attention_heads", cfg.model.num_attention_heads))
-    fields.setdefault("tie_word_embeddings", False)
-    source = path if found.get("model_type", "llama") == "llama" else (
-        f"{path} (model_type {found.get('model_type')!r}, counted as a LLaMA of its sizes)")
+    try:
+        with open(path) as f:
+            found = json.load(f)
+    except (OSError, ValueError) as err:
+        raise PlanInputError(f"model.name_or_path: {path} cannot be read as JSON ({err}); fix or replace it") from err
+    from transformers import AutoConfig, LlamaConfig
+
+    model_type = found.get("model_type", "llama")
+    try:
+        config = (LlamaConfig(**found) if model_type == "llama" else
+                  AutoConfig.from_pretrained(os.path.dirname(path), local_files_only=True,
+                                             trust_remote_code=cfg.model.trust_remote_code))
+    except Exception:  # noqa: BLE001 - a type transformers does not know here: its sizes on LLaMA's defaults
+        config = LlamaConfig(**{k: v for k, v in found.items() if k != "model_type"})
+    defaults = LlamaConfig()
+    fields = {}
+    for name in ARCHITECTURE_FIELDS:
+        value = getattr(config, name, None)
+        fields[name] = value if value is not None else getattr(defaults, name)
+    if not getattr(config, "num_key_value_heads", None):
+        fields["num_key_value_heads"] = fields["num_attention_heads"]
+    if model_type == "llama":
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **fields)), path
+    source = f"{path} (model_type {model_type!r}: counted as a LLaMA of its sizes, approximate)"
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **fields)), source
 
 
@@ -289,8 +312,9 @@ def host_bytes(cfg: Config, counts: ParameterCounts) -> dict[str, int]:
     if cfg.parallel.strategy.startswith("zero"):
         if ds.offload_optimizer:
             offload += 16 * t / nodes
-        if cfg.parallel.strategy == "zero3" and ds.offload_param:
-            offload += b * p / nodes
+        if cfg.parallel.strategy == "zero3" and ds.offload_param:  # the weights as stored (QLoRA: 4-bit)
+            quant = NF4_DOUBLE_QUANT_BYTES if cfg.technique.double_quant else NF4_BYTES
+            offload += ((p - counts.quantized) * b + counts.quantized * quant) / nodes
     elif cfg.parallel.strategy == "fsdp" and cfg.parallel.fsdp.cpu_offload:
         # What each rank would keep on its GPU without the offload, less the unit gathered for compute.
         on_gpu = model_state_bytes(dataclasses.replace(cfg, parallel=dataclasses.replace(
@@ -303,17 +327,23 @@ def host_bytes(cfg: Config, counts: ParameterCounts) -> dict[str, int]:
 
 
 def host_capacity_bytes(cfg: Config) -> Optional[int]:
-    """One node's host memory: the cluster profile's, or for cluster=local this machine's."""
+    """One node's host memory: the cluster profile's, or for a local launch on cluster=local this
+    machine's (a SLURM job's nodes are not the login node); a SLURM job's own memory request
+    (launcher.mem_gb) when smaller, since the job is held to it. None: unknown."""
+    capacity = None
     if cfg.cluster.cpu_memory_gb:
-        return int(cfg.cluster.cpu_memory_gb * 1024**3)
-    if cfg.cluster.name == "local":
+        capacity = int(cfg.cluster.cpu_memory_gb * 1024**3)
+    elif cfg.cluster.name == "local" and cfg.launcher.kind == "local":
         import os
 
         try:
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            capacity = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError):
-            return None
-    return None
+            capacity = None
+    if cfg.launcher.kind == "slurm" and cfg.launcher.mem_gb:
+        requested = int(cfg.launcher.mem_gb * 1024**3)
+        capacity = requested if capacity is None else min(capacity, requested)
+    return capacity
 
 
 def comm_bytes(cfg: Config, counts: ParameterCounts) -> int:
@@ -661,7 +691,9 @@ def epoch(cfg: Config, step_time_s: Optional[float]) -> dict:
             "time_s": steps * step_time_s if step_time_s else None}
 
 
-def plan(cfg: Config) -> dict:
+def plan(cfg: Config, with_epoch: bool = True) -> dict:
+    """The whole plan (`with_epoch=False`: without the time per epoch, which runs the data
+    pipeline on a sample of the data)."""
     cfg, architecture = with_architecture(cfg)
     counts = count_parameters(cfg)
     memory = verdict(cfg, counts)
@@ -682,7 +714,7 @@ def plan(cfg: Config) -> dict:
         "fits": fits,
         "advice": advice(cfg, counts) if fits is False else [],
         "throughput": speed,
-        "epoch": epoch(cfg, speed["step_time_s"]),
+        "epoch": epoch(cfg, speed["step_time_s"]) if with_epoch else None,
     }
 
 
@@ -717,7 +749,9 @@ def format_text(result: dict) -> str:
         comm = f", of which communication {t['comm_time_s']:.2f} s" if t["comm_time_s"] is not None else ""
         lines.append(f"  ~{t['tokens_per_s']:,.0f} tokens/s at MFU {t['assumed_mfu']:.0%}: {t['step_time_s']:.2f} s per step"
                      f"{comm}, {_duration(t['time_for_max_steps_s'])} for train.max_steps")
-    if "unknown" in e:
+    if e is None:
+        pass
+    elif "unknown" in e:
         lines.append(f"  epoch: unknown ({e['unknown']})")
     else:
         when = f", {_duration(e['time_s'])}" if e["time_s"] else ""
@@ -732,17 +766,21 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
-def refusal(cfg: Config, action: str, where: Optional[str] = None) -> Optional[str]:
+def refusal(cfg: Config, action: str, where: Optional[str] = None, verb: str = "start") -> Optional[str]:
     """What a launcher prints instead of starting a job whose plan does not fit
-    `cluster.gpu_memory_gb` (`action`: "not submitted, nothing queued"). None when it fits, when
-    there is no GPU size to check against, or with plan.override=true."""
+    `cluster.gpu_memory_gb` (`action`: "not submitted, nothing queued"; `verb`: what
+    plan.override=true does anyway). None when it fits, when there is no GPU size to check against,
+    or with plan.override=true. Only the memory is planned first (a fraction of a second once the
+    libraries are imported); the whole plan, time per epoch aside, only for a refusal."""
     if not cfg.cluster.gpu_memory_gb or cfg.plan.override:
         return None
-    result = plan(cfg)
-    if result["fits"] is not False:
+    _quiet_meta_build()
+    architecture_cfg, _ = with_architecture(cfg)
+    if verdict(architecture_cfg, count_parameters(architecture_cfg))["fits"] is not False:
         return None
+    result = plan(cfg, with_epoch=False)
     return (f"distft: {action}: the plan does not fit {where or f'cluster={cfg.cluster.name}'} "
-            f"(pass plan.override=true to start it anyway):\n{format_text(result)}")
+            f"(pass plan.override=true to {verb} it anyway):\n{format_text(result)}")
 
 
 def _quiet_meta_build() -> None:
@@ -768,7 +806,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(format_errors(errors), file=sys.stderr)
         return 2
     _quiet_meta_build()
-    result = plan(cfg)
+    try:
+        result = plan(cfg)
+    except PlanInputError as err:
+        print(f"distft.plan: {err}", file=sys.stderr)
+        return 2
     print(json.dumps(result, indent=2) if cfg.plan.format == "json" else format_text(result))
     return 0
 

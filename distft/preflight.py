@@ -134,8 +134,11 @@ def model_max_positions(model: ModelConfig) -> int:
     """
     path = model.name_or_path and os.path.join(os.path.expanduser(model.name_or_path), "config.json")
     if path and os.path.isfile(path):
-        with open(path) as f:
-            return int(json.load(f).get("max_position_embeddings", model.max_position_embeddings))
+        try:
+            with open(path) as f:
+                return int(json.load(f).get("max_position_embeddings", model.max_position_embeddings))
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass  # reported by path_problems
     return model.max_position_embeddings
 
 
@@ -158,6 +161,15 @@ def path_problems(cfg: Config) -> list[str]:
     # A hub id looks like `org/name`; only an explicit local path can be checked here.
     if name and name.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(name)):
         errors.append(f"model.name_or_path={name!r} is not a directory (give a local model directory or a hub id)")
+    config_json = name and os.path.join(os.path.expanduser(name), "config.json")
+    if config_json and os.path.isfile(config_json):
+        try:
+            with open(config_json) as f:
+                if not isinstance(json.load(f), dict):
+                    raise ValueError("not a JSON object")
+        except (OSError, ValueError) as err:
+            errors.append(f"model.name_or_path={name!r}: its config.json is unreadable ({err}); restore the "
+                          "model's config.json (save_pretrained writes it)")
     # The run directory (and the SLURM log folder) must be creatable: no file where a folder goes.
     from distft.config import run_dir
 

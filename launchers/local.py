@@ -50,37 +50,59 @@ def launch(cfg: Config, argv: list[str]) -> int:
     return 0
 
 
-def local_gpus(device: str) -> Optional[tuple[float, bool]]:
-    """(GiB, bf16) of the GPU(s) a local run on `train.device` would use: the smallest when ranks
-    spread over several, and whether they compute in bf16 (model.dtype=auto picks it then). None
-    when the run is on the CPU."""
+@dataclasses.dataclass
+class LocalGPUs:
+    """What a local run on GPUs gets: memory per rank (GiB; the smallest GPU the ranks use,
+    divided among ranks that share one), bf16 support, and how many GPUs there are."""
+
+    memory_gb: float
+    bf16: bool
+    count: int
+    shared_by: int = 1  # ranks per GPU: train.device=cuda:N, or more ranks than GPUs
+
+
+def local_gpus(device: str, ranks: int) -> Optional[LocalGPUs]:
+    """The GPUs `ranks` local ranks on `train.device` would use (dist.pick_device's placement:
+    rank r on GPU r mod count, or every rank on cuda:N); None when the run is on the CPU. Reads
+    device properties only: no CUDA context is created in the launcher (bf16 from the compute
+    capability, as torch.cuda.is_bf16_supported would probe with a tensor on older GPUs)."""
     import torch
 
     if device == "cpu" or not torch.cuda.is_available():
         return None
-    indices = [int(device.split(":")[1])] if device.startswith("cuda:") else list(range(torch.cuda.device_count()))
-    return min(torch.cuda.get_device_properties(i).total_memory for i in indices) / 2**30, torch.cuda.is_bf16_supported()
+    count = torch.cuda.device_count()
+    if device.startswith("cuda:"):
+        used, shared_by = [int(device.split(":")[1])], ranks
+    else:
+        used, shared_by = list(range(min(ranks, count))), -(-ranks // count)
+    props = [torch.cuda.get_device_properties(i) for i in used]
+    return LocalGPUs(memory_gb=min(p.total_memory for p in props) / 2**30 / shared_by,
+                     bf16=all(p.major >= 8 for p in props), count=count, shared_by=shared_by)
 
 
-def plan_refusal(cfg: Config, gpus: Optional[tuple[float, bool]] = None) -> Optional[str]:
-    """The planner before a local job starts, against the GPUs it would run on (`gpus`: GiB each
-    and bf16 support, read from this machine when not given). The cluster profile's size is what
-    a submission elsewhere is checked against; the GPUs here are what this run gets. A job that
-    cannot fit is not started (unless plan.override=true) rather than failing with out-of-memory
-    after the model has loaded. Nothing is checked on the CPU."""
+def plan_refusal(cfg: Config, gpus: Optional[LocalGPUs] = None) -> Optional[str]:
+    """The planner before a local job starts, against the GPUs it would run on (`gpus`: read from
+    this machine when not given). The cluster profile's size is what a submission elsewhere is
+    checked against; the GPUs here are what this run gets. A job that cannot fit is not started
+    (unless plan.override=true) rather than failing with out-of-memory after the model has
+    loaded. Nothing is checked on the CPU, and a planner that fails warns and lets the run start
+    (it would then fail with the run's own message, if at all)."""
     from distft.plan import refusal
 
-    gpus = gpus or local_gpus(cfg.train.device)
-    if not gpus:
+    try:
+        gpus = gpus or local_gpus(cfg.train.device, cfg.launcher.nproc_per_node)
+        if not gpus:
+            return None
+        model = cfg.model
+        if model.dtype == "auto":  # as distft.model.resolve_dtype will on these GPUs
+            model = dataclasses.replace(model, dtype="bfloat16" if gpus.bf16 else "float32")
+        cluster = dataclasses.replace(cfg.cluster, gpu_memory_gb=gpus.memory_gb, gpus_per_node=gpus.count)
+        where = f"this machine's GPUs ({gpus.memory_gb:.1f} GiB each" + (
+            f" of {gpus.shared_by} ranks sharing one)" if gpus.shared_by > 1 else ")")
+        return refusal(dataclasses.replace(cfg, model=model, cluster=cluster), "not started", where=where)
+    except Exception as err:  # noqa: BLE001 - an estimate must not stop a run
+        log.warning("distft: the plan before starting failed (%s: %s); starting without it", type(err).__name__, err)
         return None
-    memory_gb, bf16 = gpus
-    model = cfg.model
-    if model.dtype == "auto":  # as distft.model.resolve_dtype will on these GPUs
-        model = dataclasses.replace(model, dtype="bfloat16" if bf16 else "float32")
-    cluster = dataclasses.replace(cfg.cluster, gpu_memory_gb=memory_gb,
-                                  gpus_per_node=max(cfg.cluster.gpus_per_node, cfg.launcher.nproc_per_node))
-    here = dataclasses.replace(cfg, model=model, cluster=cluster)
-    return refusal(here, "not started", where=f"this machine's GPUs ({memory_gb:.1f} GiB each)")
 
 
 def describe_failure(failures: dict) -> str:

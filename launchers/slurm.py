@@ -229,7 +229,12 @@ def submit(cfg: Config, argv: list[str]) -> int:
     """Plan, check, submit, print where everything is; follow the job with launcher.wait=true."""
     from distft.plan import refusal as plan_refusal
 
-    refusal = plan_refusal(cfg, "not submitted, nothing queued")
+    try:
+        refusal = plan_refusal(cfg, "not submitted, nothing queued", verb="submit")
+    except Exception as err:  # noqa: BLE001 - an estimate must not stop a submission
+        print(f"distft: warning: the plan before submitting failed ({type(err).__name__}: {err}); submitting "
+              "without it", file=sys.stderr)
+        refusal = None
     if refusal:
         print(refusal, file=sys.stderr)
         return 2

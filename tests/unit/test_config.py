@@ -570,3 +570,10 @@ def test_planner_settings_are_checked():
     assert only_error("cluster=a100_80g_8x", "cluster.cpu_memory_gb=-2") == (
         "cluster.cpu_memory_gb=-2.0 is negative; give GiB (0: unknown)")
     assert good("cluster=a100_80g_8x", "cluster.cpu_memory_gb=512", "plan.host_overhead_gb=0").cluster.cpu_memory_gb == 512
+
+
+def test_an_unreadable_config_json_of_a_local_model_is_one_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    message = only_error(f"model.name_or_path={tmp_path}")
+    assert message.startswith(f"model.name_or_path='{tmp_path}': its config.json is unreadable (")
+    assert message.endswith("restore the model's config.json (save_pretrained writes it)")

@@ -52,6 +52,14 @@ def test_a_local_model_is_planned_from_its_own_config_json(tmp_path):
     assert hub["architecture"] == "the model=llama_7b preset's fields ('huggyllama/llama-7b' has no config.json on local disk)"
 
 
+def test_fields_a_config_json_leaves_out_take_transformers_defaults(tmp_path):
+    """A config.json with only the sizes that differ from LlamaConfig's defaults is LLaMA-7B to
+    transformers (vocabulary 32,000, MLP 11,008): the plan counts that, not the preset's fields."""
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": 4096, "num_attention_heads": 32, '
+                                          '"num_hidden_layers": 32}')
+    assert planned("model=tiny", f"model.name_or_path={tmp_path}", "cluster=a100_80g_8x")["params_total"] == 6_738_415_616
+
+
 def test_lora_and_qlora_counts_on_llama2_7b():
     # LoRA r=16 on the 7 linear layers of 32 decoder layers: r x (in + out) each.
     h, i, kv, layers, r = 4096, 11008, 4096, 32, 16
@@ -119,6 +127,34 @@ def test_host_memory_per_node_agrees_with_deepspeeds_estimator(nodes, gpus):
                                                            cpu_offload=True, cpu_offload_params=params,
                                                            zero_init=zero_init, additional_buffer_factor=1.0)[0]
             assert abs(ours - theirs) <= 2, (params, zero_init, ours, theirs)
+
+
+def test_host_memory_is_the_nodes_a_job_runs_on():
+    """cluster=local means this machine's memory only for a local launch: a SLURM job's nodes are
+    not the login node (unknown, not checked), unless the job asks for launcher.mem_gb, which
+    it is then held to. QLoRA's offloaded weights are counted as stored, in 4 bits."""
+    import os
+
+    slurm = ["model=llama2_7b", "technique=lora", "parallel=ddp", "launcher=slurm", "launcher.time_min=60",
+             "launcher.gpus_per_node=8", "cluster.gpu_memory_gb=80", "cluster.gpus_per_node=8",
+             "train.global_batch_size=32"]
+    result = planned(*slurm)
+    assert result["host_memory_bytes"] is None and result["host_fits"] is None and result["fits"] is True
+    limited = planned(*slurm, "launcher.mem_gb=64")  # eight ranks load 12.6 GiB each
+    assert limited["host_memory_bytes"] == 64 * 2**30 and limited["host_fits"] is False and limited["fits"] is False
+    local = planned("model=tiny", "launcher.nproc_per_node=1")
+    assert local["host_memory_bytes"] == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+    from distft.plan import NF4_DOUBLE_QUANT_BYTES, count_parameters, host_bytes
+
+    cfg, errors = preflight(["+experiment=qlora_70b", "cluster=a100_40g_8x", "launcher.nproc_per_node=8",
+                             "parallel=zero3", "parallel.deepspeed.offload_param=true",
+                             "parallel.deepspeed.offload_optimizer=true", "train.global_batch_size=64"])
+    assert errors == [] and cfg.technique.double_quant
+    counts = count_parameters(cfg)
+    stored = (counts.total - counts.quantized) * 2 + counts.quantized * NF4_DOUBLE_QUANT_BYTES
+    assert host_bytes(cfg, counts)["offload"] == int(16 * counts.trainable + stored)
+    assert stored < 0.3 * 2 * counts.total  # 4-bit, not the 16-bit size
 
 
 def test_a_node_whose_host_memory_cannot_hold_every_ranks_copy_does_not_fit():
@@ -219,24 +255,37 @@ def test_a_local_job_that_cannot_fit_the_gpus_here_is_not_started():
     device; given here, as this machine has none): 7B full fine-tuning under DDP on 8 x 40 GiB is
     refused with the changes that fit; ZeRO-3 on the same GPUs, an H200, plan.override=true or
     the CPU start. model.dtype=auto is planned as the run will resolve it on those GPUs."""
-    from launchers.local import local_gpus, plan_refusal
+    from launchers.local import LocalGPUs, local_gpus, plan_refusal
 
     common = ["model=llama_7b", "launcher.nproc_per_node=8", "train.global_batch_size=32",
               "cluster.cpu_memory_gb=1024"]  # cluster=local plans the host memory of the machine it runs on
     cfg, errors = preflight([*common, "parallel=ddp"])
     assert errors == []
-    refused = plan_refusal(cfg, gpus=(39.4, True))
+    refused = plan_refusal(cfg, gpus=LocalGPUs(39.4, True, 8))
     assert refused.startswith("distft: not started: the plan does not fit this machine's GPUs (39.4 GiB each)")
     assert "does NOT fit in 39 GiB" in refused and "would fit: parallel=zero3" in refused
     assert "weights         12.55 GiB" in refused  # bf16: 2 bytes x 6.74 B
-    assert plan_refusal(cfg, gpus=(139.8, True)) is None  # an H200 holds it (70.2 GiB)
-    without_bf16 = plan_refusal(cfg, gpus=(139.8, False))  # a V100-class GPU: fp32, 137.8 GiB
+    assert plan_refusal(cfg, gpus=LocalGPUs(139.8, True, 8)) is None  # an H200 holds it (70.2 GiB)
+    without_bf16 = plan_refusal(cfg, gpus=LocalGPUs(139.8, False, 8))  # a V100-class GPU: fp32, 137.8 GiB
     assert "weights         25.10 GiB" in without_bf16 and "does NOT fit in 140 GiB" in without_bf16
     cfg, errors = preflight([*common, "parallel=ddp", "plan.override=true"])
-    assert plan_refusal(cfg, gpus=(39.4, True)) is None
+    assert plan_refusal(cfg, gpus=LocalGPUs(39.4, True, 8)) is None
     cfg, errors = preflight([*common, "parallel=zero3"])
-    assert plan_refusal(cfg, gpus=(39.4, True)) is None
-    assert local_gpus("cpu") is None  # a CPU run has no GPU to outgrow: nothing is planned
+    assert plan_refusal(cfg, gpus=LocalGPUs(39.4, True, 8)) is None
+    assert local_gpus("cpu", 8) is None  # a CPU run has no GPU to outgrow: nothing is planned
+    # Advice counts the GPUs this machine has (4 here), not a profile's 8; two ranks on one GPU halve it.
+    cfg, errors = preflight(["model=llama_7b", "launcher.nproc_per_node=1", "train.global_batch_size=32",
+                             "cluster=a100_40g_8x", "parallel=zero3", "train.gradient_checkpointing=true"])
+    refused = plan_refusal(cfg, gpus=LocalGPUs(39.4, True, 4))
+    assert "would fit: launcher.nproc_per_node=4  (all 4 GPUs of each node;" in refused
+    assert "launcher.nproc_per_node=8" not in refused
+    cfg, errors = preflight(["model=llama_7b", "launcher.nproc_per_node=2", "train.global_batch_size=32",
+                             "cluster.cpu_memory_gb=1024", "parallel=zero3", "technique=lora",
+                             "train.micro_batch_size=8"])  # 24.6 GiB per rank
+    assert plan_refusal(cfg, gpus=LocalGPUs(39.4, True, 2)) is None
+    shared = plan_refusal(cfg, gpus=LocalGPUs(39.4 / 2, True, 1, shared_by=2))
+    assert shared.startswith("distft: not started: the plan does not fit this machine's GPUs (19.7 GiB each of "
+                             "2 ranks sharing one)")
 
 
 def test_time_per_epoch_counts_the_sequences_the_run_trains_on():
