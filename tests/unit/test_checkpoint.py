@@ -204,20 +204,27 @@ def test_pickle_scan_reads_torch_archives_without_running_them(tmp_path):
     assert not marker.exists()
 
 
+def engine_to_save(run_dir: str):
+    """The tiny LoRA run's config, a built single-process engine, its tokenizer and a trainer
+    state: what save_checkpoint takes, for saving (and killing) outside a run."""
+    from distft.engines import build_engine, build_model_for_engine
+    from distft.model import load_tokenizer
+
+    cfg = compose(*RUN, f"run.dir={run_dir}")
+    tokenizer = load_tokenizer(cfg.model)
+    model, _ = build_model_for_engine(cfg, torch.float32, tokenizer, 1)
+    engine = build_engine(cfg, model, torch.device("cpu"))
+    return cfg, engine, tokenizer, {"step": 0, "loop": {}, "data": {}, "world_size": 1, "parallel": "single"}
+
+
 def test_killing_a_save_at_any_instant_never_loses_the_previous_checkpoint(tmp_path):
     """20 saves, each SIGKILLed at a random instant (a forked child does the save; the parent
     waits for the kill, then checks): the newest committed checkpoint always verifies and loads, a
     killed save never becomes visible, and the next save replaces its leftovers."""
     from distft.checkpoint import STATE_DIR, save_checkpoint
-    from distft.engines import build_engine, build_model_for_engine
-    from distft.model import load_tokenizer
 
-    cfg = compose(*RUN, f"run.dir={tmp_path / 'run'}")
-    tokenizer = load_tokenizer(cfg.model)
-    model, _ = build_model_for_engine(cfg, torch.float32, tokenizer, 1)
-    engine = build_engine(cfg, model, torch.device("cpu"))
     run_dir = str(tmp_path / "run")
-    state = {"step": 0, "loop": {}, "data": {}, "world_size": 1, "parallel": "single"}
+    cfg, engine, tokenizer, state = engine_to_save(run_dir)
     save_checkpoint(run_dir, 1, engine, tokenizer, cfg, state, None)  # warm: the first save imports and allocates
     started = time.perf_counter()
     save_checkpoint(run_dir, 2, engine, tokenizer, cfg, state, None)
@@ -255,15 +262,9 @@ def test_killing_a_save_between_its_shards_and_its_commit_20_times_loses_nothing
     Each time the killed step stays an uncommitted `.tmp`, the previous checkpoint is the one found
     and it loads with the trained weights; the next save goes over the leftovers."""
     from distft.checkpoint import STATE_DIR, save_checkpoint
-    from distft.engines import build_engine, build_model_for_engine
-    from distft.model import load_tokenizer
 
-    cfg = compose(*RUN, f"run.dir={tmp_path / 'run'}")
-    tokenizer = load_tokenizer(cfg.model)
-    model, _ = build_model_for_engine(cfg, torch.float32, tokenizer, 1)
-    engine = build_engine(cfg, model, torch.device("cpu"))
     run_dir = str(tmp_path / "run")
-    state = {"step": 0, "loop": {}, "data": {}, "world_size": 1, "parallel": "single"}
+    cfg, engine, tokenizer, state = engine_to_save(run_dir)
     trainable = [p for p in engine.unwrapped().parameters() if p.requires_grad]
     save_checkpoint(run_dir, 1, engine, tokenizer, cfg, state, None)
     saved = [p.detach().clone() for p in trainable]  # what the newest committed checkpoint holds
