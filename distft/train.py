@@ -77,6 +77,9 @@ def train(cfg: Config) -> dict:
         print(f"run_dir: {run_dir}", flush=True)
     seed_everything(cfg.train.seed)
     device = dist.pick_device(cfg.train.device, info)
+    from distft.engines.deepspeed import pin_accelerator
+
+    pin_accelerator(device)
     dist.share_cpu_threads(device)
     dist.init(info, cfg.parallel.backend, cfg.parallel.timeout_s, device)
     # Installed before the data and the model are loaded: a signal that comes during that still

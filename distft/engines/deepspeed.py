@@ -109,11 +109,16 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _import_deepspeed(device: torch.device):
-    # DeepSpeed picks its accelerator once, on first use: train.device=cpu on a GPU machine must
-    # not get the CUDA one.
+def pin_accelerator(device: torch.device) -> None:
+    """DeepSpeed picks its accelerator once, on first import, whoever imports it (accelerate does,
+    when any engine saves a model): train.device=cpu on a GPU machine must not get the CUDA one, and
+    on a CPU machine this spares the "unable to detect" warning in the middle of a run's log."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _import_deepspeed(device: torch.device):
+    pin_accelerator(device)
     try:
         import deepspeed
     except ImportError as err:  # pragma: no cover - depends on the install
