@@ -222,17 +222,6 @@ def _seeded_cuda(seed: int):
         torch.cuda.set_rng_state(state)
 
 
-def model_max_positions(cfg: ModelConfig) -> int:
-    """Positions of the real model: config.json of a local directory wins over the preset."""
-    import json
-    import os
-
-    if cfg.name_or_path and os.path.isfile(os.path.join(cfg.name_or_path, "config.json")):
-        with open(os.path.join(cfg.name_or_path, "config.json")) as f:
-            return int(json.load(f).get("max_position_embeddings", cfg.max_position_embeddings))
-    return cfg.max_position_embeddings
-
-
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy and the number of target tokens.
 

@@ -128,10 +128,7 @@ def split_hydra_flags(argv: Sequence[str]) -> tuple[str, bool, list[str]]:
 
 
 def model_max_positions(model: ModelConfig) -> int:
-    """Positions of the real model: a local directory's config.json wins over the preset.
-
-    (The same rule as `distft.model.model_max_positions`, without importing torch.)
-    """
+    """Positions of the real model: a local directory's config.json wins over the preset."""
     path = model.name_or_path and os.path.join(os.path.expanduser(model.name_or_path), "config.json")
     if path and os.path.isfile(path):
         try:
