@@ -25,33 +25,30 @@ removes only the unfinished `.tmp` directory.
 
 Reading (`find_resumable`, every rank): candidates newest first; each is verified against its
 manifest (sizes, sha256, no unlisted files; the ranks share the hashing) and its pickles are
-scanned (`scan_pickle`) before anything is loaded. A damaged one is set aside under
+scanned (`distft.safe_load.scan_file`) before anything is loaded. A damaged one is set aside under
 `step_XXXXXX.damaged` with a message naming the bad file, and the previous one is tried. The
 checkpoint directory must be on a filesystem every rank sees (as on any cluster).
 
-Safe loading: the only pickles in a checkpoint are DCP's `.metadata` and DeepSpeed's `.pt` files,
-which their libraries unpickle with `weights_only=False`. Before they are opened, every pickle is
-scanned for the globals it would import; anything outside a short allow-list of tensor and
-metadata types (os.system, builtins.eval, ...) refuses the checkpoint. Weights load from
-safetensors; our own state is JSON.
+Safe loading (`distft.safe_load`): the only pickles in a checkpoint are DCP's `.metadata` and
+DeepSpeed's `.pt` files. Before any is opened, every one is scanned, read as its loader reads it,
+for the globals it would import (an exact allow-list of tensor and metadata types); the loads
+themselves go through the same allow-list. Weights load from safetensors; our own state is JSON.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
-import pickle
 import shutil
 import time
-import zipfile
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from distft import dist, faults
 from distft.config import Config, to_dict
+from distft.safe_load import pickle_kind, scan_file
 
 log = logging.getLogger("distft")
 
@@ -349,8 +346,8 @@ def verify(checkpoint: str, rank: int = 0, world_size: int = 1) -> list[str]:
         if _hash_files(checkpoint, [name])[name]["sha256"] != expected["sha256"]:
             problems.append(f"{name}: sha256 differs from the manifest (corrupted)")
             continue
-        if _is_pickle_file(name):
-            problems += [f"{name}: {p}" for p in scan_pickle_file(path)]
+        if pickle_kind(name):
+            problems += [f"{name}: {p}" for p in scan_file(path)]
     return problems
 
 
@@ -429,8 +426,14 @@ def set_run_aside(run_dir: str) -> Optional[str]:
     return aside
 
 
-def resolve_checkpoint(path: str) -> str:
-    """A verified checkpoint directory from a checkpoint path or a run directory (its newest one)."""
+def resolve_checkpoint(path: str, announce: bool = False) -> str:
+    """A verified checkpoint directory from a checkpoint path or a run directory (its newest sound
+    one). Damaged checkpoints are skipped, never moved (reading a run changes nothing in it).
+
+    `announce` (the evaluate and export commands): given a run directory, say on stderr which
+    checkpoint is used, and why when newer ones were skipped, every time."""
+    import sys
+
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint path {path} does not exist; pass a run directory or a checkpoint directory")
@@ -441,10 +444,21 @@ def resolve_checkpoint(path: str) -> str:
                 f"{path} is not a usable checkpoint: {problems[0]}; pass an earlier checkpoint or the run directory"
             )
         return path
+    skipped = []
     for checkpoint in reversed(committed_checkpoints(path)):
-        if not verify(checkpoint):
+        problems = verify(checkpoint)
+        if not problems:
+            if announce:
+                why = "; ".join(f"{os.path.basename(c)} is damaged ({p[0]})" for c, p in skipped)
+                print(f"distft: using {checkpoint}" + (f", not a newer one: {why}" if why else " (the newest)"),
+                      file=sys.stderr)
             return checkpoint
-        log.warning("skipping damaged checkpoint %s: %s", checkpoint, verify(checkpoint)[0])
+        log.warning("skipping damaged checkpoint %s: %s", checkpoint, problems[0])
+        skipped.append((checkpoint, problems))
+    if skipped:
+        checkpoint, problems = skipped[0]
+        raise CheckpointError(f"{path} holds no usable checkpoint: {os.path.basename(checkpoint)} is damaged "
+                              f"({problems[0]}) and so is every earlier one")
     raise CheckpointError(
         f"{path} holds no complete checkpoint (expected meta.json, or checkpoints/step_*/ in a run directory)"
     )
@@ -489,153 +503,3 @@ def read_meta(checkpoint: str) -> dict:
 def read_trainer_state(checkpoint: str) -> dict:
     with open(os.path.join(checkpoint, TRAINER_STATE)) as f:
         return json.load(f)
-
-
-# ------------------------------------------------------------------------------ pickles
-
-
-# What a DCP `.metadata` or a DeepSpeed `.pt` file may import when unpickled: containers, tensor
-# rebuilders and storages, dtypes, and the plain data classes of DCP and DeepSpeed. Nothing that
-# runs commands, evaluates code, opens files or imports further modules.
-SAFE_GLOBALS = frozenset(
-    {
-        "collections.OrderedDict",
-        "collections.defaultdict",
-        "builtins.set",
-        "builtins.frozenset",
-        "builtins.slice",
-        "builtins.complex",
-        "builtins.bytearray",
-        "builtins.int",
-        "builtins.float",
-        "torch._utils._rebuild_tensor_v2",
-        "torch._utils._rebuild_parameter",
-        "torch._utils._rebuild_tensor",
-        "torch._utils._rebuild_parameter_with_state",
-        "torch.Size",
-        "torch.device",
-        "torch.dtype",
-        "torch.strided",
-        "torch.contiguous_format",
-        "torch.preserve_format",
-        "torch.channels_last",
-        "torch.serialization._get_layout",
-        "torch._tensor._rebuild_from_type_v2",
-        "torch.Tensor",
-        "torch.nn.parameter.Parameter",
-        "torch.distributed.checkpoint.metadata.Metadata",
-        "torch.distributed.checkpoint.metadata.MetadataIndex",
-        "torch.distributed.checkpoint.metadata.TensorStorageMetadata",
-        "torch.distributed.checkpoint.metadata.BytesStorageMetadata",
-        "torch.distributed.checkpoint.metadata.ChunkStorageMetadata",
-        "torch.distributed.checkpoint.metadata.TensorProperties",
-        "torch.distributed.checkpoint.metadata.StorageMeta",
-        "torch.distributed.checkpoint.filesystem._StorageInfo",
-        "torch.distributed.checkpoint.planner.WriteItemType",
-        "torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING",
-        "deepspeed.runtime.zero.config.ZeroStageEnum",
-        "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-        "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-        "deepspeed.utils.tensor_fragment.fragment_address",
-        "deepspeed.checkpoint.constants",
-        "argparse.Namespace",
-        "pathlib.PosixPath",
-        "pathlib.PurePosixPath",
-        "pathlib._local.PosixPath",
-    }
-)
-_SAFE_PREFIXES = (
-    "torch.storage.",
-    "torch.float",
-    "torch.bfloat16",
-    "torch.half",
-    "torch.int",
-    "torch.uint",
-    "torch.bool",
-    "torch.long",
-    "torch.double",
-    "torch.complex",
-    "torch.cfloat",
-    "torch.FloatStorage",
-    "torch.BFloat16Storage",
-    "torch.HalfStorage",
-    "torch.DoubleStorage",
-    "torch.LongStorage",
-    "torch.IntStorage",
-    "torch.ShortStorage",
-    "torch.CharStorage",
-    "torch.ByteStorage",
-    "torch.BoolStorage",
-    "torch.UntypedStorage",
-)
-
-
-def _is_pickle_file(name: str) -> bool:
-    return name.endswith((".pt", ".pth", ".pkl", ".bin")) or os.path.basename(name) == ".metadata"
-
-
-class _Stub:
-    """Stands in for every allowed global while scanning: accepts any call, state or item, and
-    does nothing, so a whole pickle can be walked without running any of its code."""
-
-    def __new__(cls, *args, **kwargs):
-        return object.__new__(cls)
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __call__(self, *args, **kwargs):
-        return _Stub()
-
-    def __setstate__(self, state):
-        pass
-
-    def __setitem__(self, key, value):
-        pass
-
-    def append(self, value):
-        pass
-
-    def extend(self, values):
-        pass
-
-
-class _ScanningUnpickler(pickle.Unpickler):
-    """Unpickles with every global replaced by `_Stub`, after checking it against the allow-list:
-    each import a pickle can make goes through `find_class`, so nothing outside the list is ever
-    imported, let alone called."""
-
-    def __init__(self, data: bytes):
-        super().__init__(io.BytesIO(data))
-        self.refused: list[str] = []
-
-    def find_class(self, module: str, name: str):
-        full = f"{module}.{name}"
-        if full not in SAFE_GLOBALS and not full.startswith(_SAFE_PREFIXES):
-            self.refused.append(full)
-            raise pickle.UnpicklingError(f"refused global {full}")
-        return _Stub
-
-    def persistent_load(self, pid):
-        return _Stub()  # a tensor's storage in a torch archive: the bytes are not read
-
-
-def scan_pickle_bytes(data: bytes) -> list[str]:
-    """Problems of one pickle (empty: it only builds tensors, containers and metadata types)."""
-    unpickler = _ScanningUnpickler(data)
-    try:
-        unpickler.load()
-    except Exception as err:  # noqa: BLE001 - a refused or malformed stream is a finding, not a crash
-        if unpickler.refused:
-            return [f"pickle would import {unpickler.refused[0]} (refused: not a tensor or metadata type)"]
-        return [f"not a readable pickle ({type(err).__name__}: {err})"]
-    return []
-
-
-def scan_pickle_file(path: str) -> list[str]:
-    """Scan a raw pickle or a torch zip archive (every .pkl inside)."""
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            return [p for n in archive.namelist() if n.endswith(".pkl") for p in scan_pickle_bytes(archive.read(n))]
-    with open(path, "rb") as f:
-        return scan_pickle_bytes(f.read())

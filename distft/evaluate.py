@@ -469,9 +469,10 @@ def write_report(
 # ------------------------------------------------------------------------------------------- CLI
 # `python -m distft.evaluate CHECKPOINT`: the base-vs-tuned report for any checkpoint.
 def evaluate_checkpoint(checkpoint: str, out: str | None = None, num_samples: int | None = None,
-                        compare_base: bool = True) -> tuple[str, dict, dict | None]:
+                        compare_base: bool = True, trust_remote_code: bool = False) -> tuple[str, dict, dict | None]:
     """Rebuild the run's held-out split from the checkpoint's config, score base and tuned model
-    on it, and write the report (default: `<checkpoint>/eval_report.md`)."""
+    on it, and write the report (default: `<checkpoint>/eval_report.md`). Settings that run code
+    come from `trust_remote_code`, never from the checkpoint (`distft.export.checkpoint_config`)."""
     import os
 
     import torch
@@ -481,8 +482,8 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, num_samples: in
     from distft.engines import autocast_context, autocast_dtype
     from distft.export import load_base, load_model
 
-    checkpoint = resolve_checkpoint(checkpoint)
-    cfg, tuned, tokenizer = load_model(checkpoint)
+    checkpoint = resolve_checkpoint(checkpoint, announce=True)
+    cfg, tuned, tokenizer = load_model(checkpoint, trust_remote_code=trust_remote_code)
     if num_samples is not None:
         cfg.eval.num_samples = num_samples
     device = torch.device("cpu")
@@ -518,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from distft.checkpoint import CheckpointError
     from distft.data import DataError
+    from distft.model import ModelLoadError
 
     parser = argparse.ArgumentParser(prog="python -m distft.evaluate",
                                      description="Score a checkpoint against its base and write eval_report.md")
@@ -525,10 +527,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="report path (default: <checkpoint>/eval_report.md)")
     parser.add_argument("--num-samples", type=int, help="held-out prompts to generate for (default: the run's)")
     parser.add_argument("--no-base", action="store_true", help="score the tuned model only")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let the base model run its own Python code (never taken from the checkpoint)")
     args = parser.parse_args(argv)
     try:
-        out, after, _ = evaluate_checkpoint(args.checkpoint, args.out, args.num_samples, not args.no_base)
-    except (CheckpointError, DataError) as err:
+        out, after, _ = evaluate_checkpoint(args.checkpoint, args.out, args.num_samples, not args.no_base,
+                                            trust_remote_code=args.trust_remote_code)
+    except (CheckpointError, DataError, ModelLoadError) as err:
         print(f"distft: {err}", file=sys.stderr)
         return 2
     print(f"report: {out}")

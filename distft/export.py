@@ -25,41 +25,82 @@ from distft.checkpoint import CheckpointError, read_meta, resolve_checkpoint
 from distft.config import Config, to_config
 
 
-def checkpoint_config(checkpoint: str) -> Config:
-    """The (secret-redacted) config a checkpoint was trained with, as a typed Config."""
-    return to_config(read_meta(checkpoint)["config"])
+def checkpoint_config(checkpoint: str, trust_remote_code: bool = False) -> Config:
+    """The (secret-redacted) config a checkpoint was trained with, as a typed Config, with every
+    setting that runs code taken from the caller instead of the checkpoint.
+
+    A checkpoint is data: whoever can write one can rewrite its meta.json and manifest (the
+    README's threat model). So `model.trust_remote_code` and hub kernels in
+    `model.attn_implementation` come only from `trust_remote_code` (the user's own
+    `--trust-remote-code`), and augmentation callables (`data.augment.functions`), which reading a
+    checkpoint never needs (the held-out split is never augmented), are dropped. What a
+    checkpoint asked for and did not get is printed on stderr."""
+    try:
+        cfg = to_config(read_meta(checkpoint)["config"])
+    except Exception as err:  # noqa: BLE001 - a damaged or foreign meta.json is the user's problem, one line
+        raise CheckpointError(f"{checkpoint}/meta.json does not hold a distft config this version reads "
+                              f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}); "
+                              "pass a checkpoint written by distft") from None
+    ignored = []
+    if cfg.model.trust_remote_code and not trust_remote_code:
+        ignored.append("model.trust_remote_code=true")
+    cfg.model.trust_remote_code = trust_remote_code
+    if "/" in cfg.model.attn_implementation and not trust_remote_code:  # a kernel downloaded from the hub
+        ignored.append(f"model.attn_implementation={cfg.model.attn_implementation}")
+        cfg.model.attn_implementation = "sdpa"
+    cfg.data.augment.functions = []
+    if ignored:
+        print(f"distft: {checkpoint}/meta.json asks for {', '.join(ignored)}; not honoured, because settings that "
+              "run code never come from a checkpoint. Pass --trust-remote-code if you trust this model's code",
+              file=sys.stderr)
+    return cfg
 
 
-def load_tokenizer_from(checkpoint: str):
+def load_tokenizer_from(checkpoint: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(os.path.join(checkpoint, "tokenizer"))
+    from distft.model import _load_error
+
+    path = os.path.join(checkpoint, "tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(str(_load_error("tokenizer", path, err))) from None
 
 
-def load_model(checkpoint: str, dtype: torch.dtype = torch.float32, quantized: bool = True):
+def load_model(checkpoint: str, dtype: torch.dtype = torch.float32, quantized: bool = True,
+               trust_remote_code: bool = False):
     """(config, tuned model, tokenizer) of a checkpoint, as the trainer had it.
 
     Adapters are loaded onto a rebuilt base: from-scratch bases are rebuilt bit for bit from
     their seed, path bases are loaded from their path. `quantized=False` loads a QLoRA base in
-    full precision (dequantised), which is what merging needs.
+    full precision (dequantised), which is what merging needs. Code-running settings come from
+    `trust_remote_code`, never from the checkpoint (`checkpoint_config`).
     """
+    from distft.model import ModelLoadError, _load_error
     from distft.techniques import build_base, dequantize_base
 
     checkpoint = resolve_checkpoint(checkpoint)
-    cfg = checkpoint_config(checkpoint)
-    tokenizer = load_tokenizer_from(checkpoint)
+    cfg = checkpoint_config(checkpoint, trust_remote_code)
+    tokenizer = load_tokenizer_from(checkpoint, trust_remote_code)
     model_dir = os.path.join(checkpoint, "model")
-    if cfg.technique.name == "full":
-        from transformers import AutoModelForCausalLM
+    try:
+        if cfg.technique.name == "full":
+            from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-        return cfg, model, tokenizer
-    from peft import PeftModel
+            try:
+                model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+            except (OSError, ValueError) as err:
+                raise _load_error("model", model_dir, err) from None
+            return cfg, model, tokenizer
+        from peft import PeftModel
 
-    base = build_base(cfg, dtype)
-    if not quantized:
-        base = dequantize_base(base).to(dtype)
-    return cfg, PeftModel.from_pretrained(base, model_dir), tokenizer
+        base = build_base(cfg, dtype)
+        if not quantized:
+            base = dequantize_base(base).to(dtype)
+        return cfg, PeftModel.from_pretrained(base, model_dir), tokenizer
+    except ModelLoadError as err:
+        raise CheckpointError(f"{checkpoint}: {err}") from None
 
 
 def load_base(cfg: Config, dtype: torch.dtype = torch.float32):
@@ -69,16 +110,16 @@ def load_base(cfg: Config, dtype: torch.dtype = torch.float32):
     return build_base(cfg, dtype)
 
 
-def export(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.float32) -> str:
+def export(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> str:
     """Write a standalone Hugging Face model (merged weights + tokenizer) into `out_dir`.
 
     Refuses to write into a non-empty directory: export never overwrites earlier results.
     """
-    checkpoint = resolve_checkpoint(checkpoint)
+    checkpoint = resolve_checkpoint(checkpoint, announce=True)
     out_dir = os.path.abspath(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise CheckpointError(f"export directory {out_dir} is not empty; choose a new --out directory")
-    cfg, model, tokenizer = load_model(checkpoint, dtype=dtype, quantized=False)
+    cfg, model, tokenizer = load_model(checkpoint, dtype=dtype, quantized=False, trust_remote_code=trust_remote_code)
     tmp = out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if cfg.technique.name in ("prefix", "prompt"):
@@ -115,9 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="checkpoint directory, or a run directory (uses its latest checkpoint)")
     parser.add_argument("--out", required=True, help="new or empty directory for the exported model")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the exported weights")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let the base model run its own Python code (never taken from the checkpoint)")
     args = parser.parse_args(argv)
     try:
-        out = export(args.checkpoint, args.out, dtype=DTYPES[args.dtype])
+        out = export(args.checkpoint, args.out, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code)
     except CheckpointError as err:
         print(f"distft: {err}", file=sys.stderr)
         return 2

@@ -44,6 +44,12 @@ def _load_error(key: str, source: str, err: Exception) -> ModelLoadError:
     import os
 
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "trust_remote_code" in str(err):  # transformers refusing a model/tokenizer that ships Python code
+        return ModelLoadError(
+            f"cannot load {key}={source!r}: it runs its own Python code, and trust_remote_code is off. Turn it on "
+            "only for code you have read and trust: model.trust_remote_code=true for python -m distft, "
+            "--trust-remote-code for python -m distft.evaluate / distft.export"
+        )
     if os.path.isdir(source):
         found = sorted(os.listdir(source))
         first = f"the directory holds no loadable model or tokenizer (found: {', '.join(found[:8]) or 'nothing'})."
@@ -187,7 +193,7 @@ def build_model(
             with torch.device("meta"):
                 return AutoModelForCausalLM.from_config(config, dtype=dtype)
         return AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise _load_error("model.name_or_path", cfg.name_or_path, err) from err
 
 

@@ -403,12 +403,23 @@ def _resume(run_dir: str, engine, batches, state: dict, tracker: Tracker, cfg: C
     step are dropped. On another number of ranks the state is resharded; the dropout streams
     (per-rank RNG) are then reseeded, so the run continues validly but not bit for bit."""
     from distft.checkpoint import STATE_DIR, find_resumable, load_rng, read_trainer_state
+    from distft.safe_load import refusal, weights_only_loads
 
     checkpoint = find_resumable(run_dir)  # verified against its manifest, pickles scanned
     if checkpoint is None:
         return None
     trainer_state = read_trainer_state(checkpoint)
-    engine.load_state(os.path.join(checkpoint, STATE_DIR))
+    try:
+        with weights_only_loads():  # and every torch.load of the engine's loader through the allow-list
+            engine.load_state(os.path.join(checkpoint, STATE_DIR))
+    except Exception as err:
+        refused = refusal(err)
+        if refused is None:
+            raise
+        from distft.checkpoint import CheckpointError
+
+        raise CheckpointError(f"refusing to load {checkpoint}: {refused}; nothing in it was run. Delete that "
+                              "checkpoint (or pass resume=false) if you did not write it") from None
     try:
         batches.load_state_dict(trainer_state["data"])
     except ValueError as err:

@@ -11,7 +11,8 @@ Why the state is split in two:
 - everything else (optimizer hyperparameters, LR schedule, grad-scaler scale) goes to a JSON file.
 DCP would pickle non-tensor values into its files and unpickle them on load with
 `weights_only=False`; keeping them out means the only pickle left in a DCP checkpoint is its
-`.metadata`, which `distft.checkpoint` scans before anything is loaded.
+`.metadata`, which `distft.checkpoint` scans before anything is loaded, and which `load` reads
+through the same allow-list, refusing any "bytes" item (`distft.safe_load`).
 
 Frozen parameters (a LoRA/QLoRA base) are not saved: the base is rebuilt from the config on resume,
 exactly as the first run built it. Full fine-tuning saves every weight.
@@ -24,6 +25,8 @@ import os
 import warnings
 
 import torch
+
+from distft.safe_load import guarded_planner, guarded_reader
 
 STATE_JSON = "engine_state.json"
 
@@ -90,7 +93,12 @@ def load(path: str, model: torch.nn.Module, optimizer, scheduler, scaler=None) -
     tensors = {"model": model_state, "optimizer": optim_state["state"]}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(tensors, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
+        # `.metadata` through the allow-list, and no pickled "bytes" items (distft.safe_load). Read
+        # once up front too: inside dcp.load a refusal would come back flattened into a message.
+        reader = guarded_reader(path)
+        reader.read_metadata()
+        dcp.load(tensors, storage_reader=reader, planner=guarded_planner(),
+                 no_dist=not torch.distributed.is_initialized())
     with open(os.path.join(path, STATE_JSON)) as f:
         rest = json.load(f)
     # Not strict: the frozen weights are missing on purpose (they stay as built).

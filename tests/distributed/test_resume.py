@@ -121,6 +121,42 @@ def test_a_background_save_overlaps_training_and_resumes_exactly(uninterrupted, 
     assert max(float((weights_a[k].float() - weights_b[k].float()).abs().max()) for k in weights_a) == 0.0
 
 
+@pytest.mark.parametrize("parallel, poison", [("fsdp", "dcp-bytes-item"), ("zero2", "polyglot-pt")])
+def test_a_poisoned_checkpoint_never_runs_on_two_ranks(uninterrupted, tmp_path, parallel, poison):
+    """Run A's final checkpoint (step 20) tampered with, its manifest rewritten to match, as an
+    attacker who can write the run directory would: under FSDP a DCP "bytes" item whose payload
+    DCP would unpickle with weights_only=False; under ZeRO-2 rank 1's optimizer file replaced by a
+    raw pickle with a zip appended (torch.load reads the raw pickle; a scan that asked zipfile saw
+    the zip). The rerun refuses it on both ranks, sets it aside, resumes from step 16, and ends
+    where A ended; the payload's marker never appears."""
+    import shutil
+
+    from tests.payloads import plant_dcp_bytes_item, rewrite_in_checkpoint, torch_variants
+
+    a = uninterrupted(parallel, "full")
+    copy = str(tmp_path / "run")
+    shutil.copytree(a, copy)
+    os.remove(os.path.join(copy, "summary.json"))
+    newest = os.path.join(copy, "checkpoints", "step_000020")
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    if poison == "dcp-bytes-item":
+        plant_dcp_bytes_item(newest, str(markers / poison))
+        bad_file = "state/.metadata"
+    else:
+        bad_file = "state/zero/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+        rewrite_in_checkpoint(newest, bad_file, torch_variants(str(markers))["polyglot-raw-then-zip"])
+    resumed = launch(*cli_args("full", parallel, tmp_path), "checkpoint.save_every=8", f"run.dir={copy}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = resumed.stdout + resumed.stderr
+    assert f"checkpoint {newest} is damaged: {bad_file}: " in log
+    assert summary_of(copy)["resumed_from"].endswith("step_000016")
+    assert os.path.isdir(newest + ".damaged")
+    weights_a, weights_b = final_weights(a), final_weights(copy)
+    assert max(float((weights_a[k].float() - weights_b[k].float()).abs().max()) for k in weights_a) == 0.0
+    assert os.listdir(markers) == []
+
+
 def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint(uninterrupted, tmp_path):
     """Rank 1 dies after writing its shards of step 8, before the manifest and the commit: the
     step-8 directory stays a `.tmp`, never committed; the rerun resumes from step 4 and ends

@@ -27,10 +27,10 @@ from distft.checkpoint import (
     CheckpointError,
     committed_checkpoints,
     find_resumable,
-    scan_pickle_file,
     verify,
 )
 from distft.preflight import preflight
+from distft.safe_load import scan_file
 from distft.tracking import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -195,12 +195,133 @@ def test_a_planted_pickle_is_refused_before_it_runs(interrupted, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("bypass", ["dotted-global", "load-from-bytes", "polyglot", "dcp-bytes-item"])
+def test_each_way_past_the_old_pickle_scan_is_refused_and_the_previous_checkpoint_used(interrupted, tmp_path, bypass):
+    """The four ways a tampered step-8 checkpoint (manifest rewritten to match) ran its payload on
+    a real resume before: a dotted global under an allowed module, torch.storage._load_from_bytes,
+    a raw pickle with a zip appended, and a DCP "bytes" item. Each is refused by the resume's own
+    check (set aside, step 4 chosen), and DCP's loader refuses it too when handed it directly."""
+    from tests.payloads import plant_dcp_bytes_item, raw_variants, rewrite_in_checkpoint, torch_variants
+
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    newest = os.path.join(interrupted, "checkpoints", "step_000008")
+    poisoned = str(tmp_path / "poisoned")
+    if bypass == "dcp-bytes-item":
+        plant_dcp_bytes_item(newest, str(markers / bypass))
+    else:
+        data = {"dotted-global": raw_variants(str(markers))["dotted-torch.storage-torch.os.system"],
+                "load-from-bytes": raw_variants(str(markers))["load-from-bytes"],
+                "polyglot": torch_variants(str(markers))["polyglot-raw-then-zip"]}[bypass]
+        rewrite_in_checkpoint(newest, "state/.metadata", data)
+    shutil.copytree(newest, poisoned)
+    problems = verify(newest)
+    assert len(problems) == 1 and problems[0].startswith("state/.metadata: "), problems
+    assert find_resumable(interrupted).endswith("step_000004")
+    assert os.path.isdir(newest + ".damaged")
+    # The loader itself, handed the poisoned state without the check in front of it:
+    cfg, engine, _, _ = engine_to_save(str(tmp_path / "run"))
+    with pytest.raises(Exception) as refused:
+        engine.load_state(os.path.join(poisoned, "state"))
+    from distft.safe_load import refusal
+
+    assert refusal(refused.value), refused.value
+    assert os.listdir(markers) == []
+
+
+def _tamper_meta(checkpoint: str, change) -> None:
+    """Edit a checkpoint's meta.json and rewrite its manifest to match (as an attacker could)."""
+    from tests.payloads import rewrite_in_checkpoint
+
+    with open(os.path.join(checkpoint, "meta.json")) as f:
+        meta = json.load(f)
+    change(meta["config"])
+    rewrite_in_checkpoint(checkpoint, "meta.json", json.dumps(meta).encode())
+
+
+def _code_running_folders(tmp_path):
+    """A model folder whose config needs its own Python code, and an importable module: each
+    touches a marker when its code runs."""
+    model_marker, module_marker = tmp_path / "model-code-ran", tmp_path / "module-code-ran"
+    evil = tmp_path / "evil_model"
+    evil.mkdir()
+    (evil / "config.json").write_text(json.dumps(
+        {"model_type": "distft_evil", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.M"}}))
+    (evil / "evil.py").write_text(f"import pathlib\npathlib.Path({str(model_marker)!r}).touch()\n"
+                                  "from transformers import PretrainedConfig\n"
+                                  "class EvilConfig(PretrainedConfig):\n    model_type = 'distft_evil'\n")
+    (tmp_path / "distft_evil_augment.py").write_text(
+        f"import pathlib\npathlib.Path({str(module_marker)!r}).touch()\ndef fn(row, rng):\n    return row\n")
+    return evil, model_marker, module_marker
+
+
+def test_settings_that_run_code_never_come_from_a_checkpoint(interrupted, tmp_path, monkeypatch, capsys):
+    """A tampered meta.json turning on trust_remote_code for a base that ships Python code, a hub
+    kernel, and an augmentation callable from an importable module: evaluate and export run none
+    of it; the remote-code base is one clear message naming --trust-remote-code. With that flag
+    (the user's own command line), the base's code does run: the payload was live."""
+    from distft.evaluate import evaluate_checkpoint
+    from distft.export import checkpoint_config, export, load_model
+
+    evil, model_marker, module_marker = _code_running_folders(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))  # `python -m` from that folder would import from it
+    newest, older = (os.path.join(interrupted, "checkpoints", f"step_00000{n}") for n in (8, 4))
+
+    def remote_code(config):
+        config["model"].update(name_or_path=str(evil), trust_remote_code=True,
+                               attn_implementation="kernels-community/flash-attn")
+
+    def augmentation(config):
+        config["data"]["augment"]["functions"] = [{"_target_": "distft_evil_augment.fn"}]
+
+    _tamper_meta(newest, remote_code)
+    _tamper_meta(older, augmentation)
+    cfg = checkpoint_config(newest)
+    assert (cfg.model.trust_remote_code, cfg.model.attn_implementation) == (False, "sdpa")
+    assert "asks for model.trust_remote_code=true, model.attn_implementation=kernels-community/flash-attn; not " \
+           "honoured" in capsys.readouterr().err
+    for attempt in (lambda: load_model(newest), lambda: export(newest, str(tmp_path / "out"))):
+        with pytest.raises(CheckpointError, match="runs its own Python code, and trust_remote_code is off.*"
+                                                  "--trust-remote-code"):
+            attempt()
+    assert not os.path.exists(tmp_path / "out")
+    out, after, _ = evaluate_checkpoint(older, str(tmp_path / "report.md"), num_samples=1, compare_base=False)
+    assert os.path.exists(out) and after["loss"] > 0
+    assert not model_marker.exists() and not module_marker.exists()
+    with pytest.raises(Exception):  # noqa: B017 - the opt-in runs the folder's code (then fails on its fake model)
+        load_model(newest, trust_remote_code=True)
+    assert model_marker.exists() and not module_marker.exists()
+
+
+def test_evaluate_and_export_say_which_checkpoint_they_use_and_why(interrupted, tmp_path):
+    """The newest checkpoint damaged: the commands use the previous one and say so on stderr, each
+    time (nothing in the run directory is moved); a damaged checkpoint named directly is refused."""
+    weights = os.path.join(interrupted, "checkpoints", "step_000008", "model", "adapter_model.safetensors")
+    with open(weights, "r+b") as f:
+        f.seek(200)
+        f.write(b"\xff\xfe")
+    env = {**os.environ, "PYTHONPATH": REPO}
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-m", "distft.evaluate", interrupted, "--no-base", "--num-samples", "1",
+                               "--out", str(tmp_path / "report.md")], capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert (f"distft: using {interrupted}/checkpoints/step_000004, not a newer one: step_000008 is damaged "
+                "(model/adapter_model.safetensors: sha256 differs from the manifest (corrupted))") in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "distft.export", os.path.dirname(os.path.dirname(weights)),
+                           "--out", str(tmp_path / "exported")], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"distft: {os.path.dirname(os.path.dirname(weights))} is not a usable checkpoint: model/adapter_model."
+        "safetensors: sha256 differs from the manifest (corrupted); pass an earlier checkpoint or the run directory"]
+    assert os.path.isdir(os.path.dirname(os.path.dirname(weights)))  # not moved
+
+
 def test_pickle_scan_reads_torch_archives_without_running_them(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"w": torch.ones(2), "hook": Planted(str(marker))}, tmp_path / "bad.pt")
     torch.save({"w": torch.ones(2), "step": 3, "groups": [{"lr": 0.1, "betas": (0.9, 0.95)}]}, tmp_path / "ok.pt")
-    assert scan_pickle_file(str(tmp_path / "ok.pt")) == []
-    assert "posix.system" in scan_pickle_file(str(tmp_path / "bad.pt"))[0]
+    assert scan_file(str(tmp_path / "ok.pt")) == []
+    assert "posix.system" in scan_file(str(tmp_path / "bad.pt"))[0]
     assert not marker.exists()
 
 
