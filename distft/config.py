@@ -41,6 +41,8 @@ QUANT_DTYPES = ("bfloat16", "float16", "float32")  # bitsandbytes 4-bit compute 
 QUANT_STORAGES = QUANT_DTYPES + ("uint8",)
 BACKENDS = ("auto", "nccl", "gloo")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+# Attention kernels that exist for CUDA GPUs only, and the module each needs (what transformers imports).
+CUDA_ATTN_IMPLEMENTATIONS = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
 # The nn.Linear layers of a LLaMA decoder (attention, then MLP) plus the output head: the only
 # names LoRA/QLoRA/DoRA can target in this model family.
 LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
@@ -220,6 +222,11 @@ class SyntheticDataConfig:
     num_examples: int = 3000
     seed: int = 1234
     tasks: list[str] = field(default_factory=lambda: ["uppercase", "reverse", "add", "repeat", "sort_letters", "count"])
+
+
+# How data.augment.functions are called on each training row (distft/data.py augment()); the
+# validation checks that each target can be called so before anything starts.
+AUGMENT_CALL = "fn(row, rng, **kwargs) -> row | list[row] | None"
 
 
 @dataclass

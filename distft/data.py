@@ -26,16 +26,19 @@ import copy
 import csv
 import functools
 import importlib
+import io
 import json
 import os
 import random
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 from distft.batching import TrainBatches, collate, eval_batches, pack  # noqa: F401  (re-exported)
-from distft.config import DataConfig
+from distft.config import AUGMENT_CALL, DataConfig
 from distft.model import IGNORE_INDEX
+from distft.preflight import data_file_problem
 from distft.templates import (
     HEADER_TEMPLATES,
     HEADERS,
@@ -98,7 +101,11 @@ class PreparedData:
 
 # ---------------------------------------------------------------------------------------------
 # Loading: every source becomes a list of RawRow; unparsable records are kept (and later counted
-# as malformed) so that on_bad_rows=fail can point at the exact line.
+# as malformed) so that on_bad_rows=fail can point at the exact line. A record with bytes that are
+# not UTF-8 is one malformed row, with the byte offset, in every text format (a .json or .csv file
+# is not refused for one bad cell, as a .jsonl file is not for one bad line). A UTF-8 byte-order
+# mark is skipped; a problem of the whole file (not a regular file, unreadable, UTF-16, no rows,
+# broken JSON, an unclosed CSV quote) is one DataError naming the file.
 
 
 @dataclass
@@ -112,60 +119,210 @@ class Unparsable:
     reason: str
 
 
-def _read_jsonl(path: str) -> list[RawRow]:
+_BOM = b"\xef\xbb\xbf"
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of a byte that is not UTF-8
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_NOT_CSV_TEXT = re.compile("[\x00\udc80-\udcff]")  # a NUL is a row's fault too (JSON forbids it raw)
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _skip_bom(f, path: str, key: str) -> int:
+    """Bytes of a UTF-8 byte-order mark at the start of the file (now skipped); UTF-16/32 refused."""
+    head = f.read(4)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or head == b"\x00\x00\xfe\xff":
+        raise DataError(
+            f"{key}={path} is UTF-16 or UTF-32 text (it starts with that byte-order mark); save it as UTF-8, "
+            f"e.g. iconv -f UTF-16 -t UTF-8 {path} > utf8_{os.path.basename(path)}"
+        )
+    skip = len(_BOM) if head.startswith(_BOM) else 0
+    f.seek(skip)
+    return skip
+
+
+def _not_utf8(byte: int, offset: int, line: Optional[int] = None) -> str:
+    where = f"byte offset {offset}" + (f", line {line}" if line else "")
+    return f"not valid UTF-8: byte 0x{byte:02x} at {where}; save the file as UTF-8"
+
+
+def _parse_line(line: bytes, offset: int) -> Any:
+    try:
+        return json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        return Unparsable(_not_utf8(line[err.start], offset + err.start))
+    except json.JSONDecodeError as err:
+        return Unparsable(f"invalid JSON: {err.msg} at column {err.colno}")
+
+
+def _read_jsonl(f, path: str, key: str) -> list[RawRow]:
+    """One record per line, read as bytes so that one undecodable line is one malformed row, not a
+    crash. Lines end in \\n or \\r\\n; a line that does not parse and holds lone \\r (classic Mac
+    OS line ends) is read as several lines. A byte-order mark is skipped at the start of the file
+    and of any line (files joined with cat)."""
     rows = []
-    with open(path, "rb") as f:  # bytes: one undecodable line is one malformed row, not a crash
-        for line_no, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                value = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                value = Unparsable("not valid UTF-8")
-            except json.JSONDecodeError as err:
-                value = Unparsable(f"invalid JSON: {err.msg} at column {err.colno}")
-            rows.append(RawRow(value, f"row {len(rows)} (line {line_no}) of {path}"))
+    offset = _skip_bom(f, path, key)
+    line_no = 0
+    for raw in f:
+        start, offset = offset, offset + len(raw)
+        body = raw[:-1] if raw.endswith(b"\n") else raw
+        body = body[:-1] if body.endswith(b"\r") else body
+        lines = [(body, start)]
+        if b"\r" in body and isinstance(_parse_line(body, start), Unparsable):
+            lines, at = [], start
+            for piece in body.split(b"\r"):
+                lines.append((piece, at))
+                at += len(piece) + 1
+        for line, at in lines:
+            line_no += 1
+            if line.startswith(_BOM):
+                line, at = line[len(_BOM) :], at + len(_BOM)
+            if line.strip():
+                rows.append(RawRow(_parse_line(line, at), f"row {len(rows)} (line {line_no}) of {path}"))
     return rows
 
 
-def _read_json(path: str) -> list[RawRow]:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read()
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _read_json(f, path: str, key: str) -> list[RawRow]:
+    skip = _skip_bom(f, path, key)
+    data = f.read()
+    try:
+        text, escaped = data.decode("utf-8"), False
+    except UnicodeDecodeError:  # parse anyway: the rows holding such bytes are malformed, the others kept
+        text, escaped = data.decode("utf-8", "surrogateescape"), True
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        if text.lstrip().startswith("["):
-            raise DataError(f"data.path={path} is not valid JSON ({err}); fix it or save it as JSON Lines") from None
-        return _read_jsonl(path)  # JSON Lines saved as .json
+        if not text.lstrip().startswith("["):
+            f.seek(0)
+            return _read_jsonl(f, path, key)  # JSON Lines saved as .json
+        at = skip + len(text[: err.pos].encode("utf-8", "surrogateescape"))
+        bad = _ESCAPED_BYTE.match(text, err.pos)
+        why = f"byte 0x{ord(bad.group()) - 0xDC00:02x} is not UTF-8" if bad else err.msg
+        raise DataError(
+            f"{key}={path} is not valid JSON: {why} at line {err.lineno} column {err.colno} (byte offset {at}); "
+            "fix it, or save it as JSON Lines (one object per line), where a bad record costs one row, not the file"
+        ) from None
     if not isinstance(value, list):
         raise DataError(
-            f"data.path={path} holds a JSON {type(value).__name__}, not a list of rows; "
+            f"{key}={path} holds a JSON {_json_type(value)}, not a list of rows; "
             "write a JSON list of objects (or JSON Lines with data.source=jsonl)"
         )
-    return [RawRow(v, f"row {i} of {path}") for i, v in enumerate(value)]
+    rows = [RawRow(v, f"row {i} of {path}") for i, v in enumerate(value)]
+    if escaped:
+        where = _Locator(text, skip)
+        for row, (start, end) in zip(rows, _element_spans(text)):
+            bad = _ESCAPED_BYTE.search(text, start, end)
+            if bad:
+                line, offset = where(bad.start())
+                row.value = Unparsable(_not_utf8(ord(bad.group()) - 0xDC00, offset, line))
+    return rows
+
+
+class _Locator:
+    """(line, byte offset) of positions in a surrogateescape-decoded text, asked in increasing order."""
+
+    def __init__(self, text: str, base: int):
+        self.text, self.pos, self.line, self.offset = text, 0, 1, base
+
+    def __call__(self, pos: int) -> tuple[int, int]:
+        self.line += self.text.count("\n", self.pos, pos)
+        self.offset += len(self.text[self.pos : pos].encode("utf-8", "surrogateescape"))
+        self.pos = pos
+        return self.line, self.offset
+
+
+def _element_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each element of the JSON array `text` (known to parse)."""
+    decoder = json.JSONDecoder()
+    pos = _JSON_SPACE.match(text, text.index("[") + 1).end()
+    spans: list[tuple[int, int]] = []
+    while text[pos] != "]":
+        _, end = decoder.raw_decode(text, pos)
+        spans.append((pos, end))
+        pos = _JSON_SPACE.match(text, end).end()
+        if text[pos] == ",":
+            pos = _JSON_SPACE.match(text, pos + 1).end()
+    return spans
 
 
 _MISSING_CELL = object()
 
 
-def _read_csv(path: str) -> list[RawRow]:
-    rows = []
-    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
-        reader = csv.DictReader(f, restkey="__extra__", restval=_MISSING_CELL)
+def _bad_csv_text(lines: list[tuple[int, str]]) -> Optional[str]:
+    """Why the physical lines [(byte offset, text)] of a CSV record are not text, or None."""
+    for offset, line in lines:
+        found = _NOT_CSV_TEXT.search(line)
+        if found:
+            at = offset + len(line[: found.start()].encode("utf-8", "surrogateescape"))
+            if found.group() == "\x00":
+                return f"holds a NUL byte at byte offset {at}; is it a binary or UTF-16 file?"
+            return _not_utf8(ord(found.group()) - 0xDC00, at)
+    return None
+
+
+def _read_csv(f, path: str, key: str) -> list[RawRow]:
+    """A header line, then one row per record. Decoded with surrogateescape so that bytes that are
+    not UTF-8 make their row malformed (with the byte offset) rather than the file unreadable;
+    the physical lines of each record are kept to say where. No limit on a cell's length (csv's
+    default 128 KiB would refuse the file for one long document)."""
+    skip = _skip_bom(f, path, key)
+    text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
+    consumed: list[tuple[int, str]] = []  # (byte offset, text) of the lines read since the last record
+
+    def lines():
+        at = skip
+        for line in text:
+            consumed.append((at, line))
+            at += len(line.encode("utf-8", "surrogateescape"))
+            yield line
+
+    reader = csv.DictReader(lines(), restkey="__extra__", restval=_MISSING_CELL)
+    rows: list[RawRow] = []
+    record_lines: list[tuple[int, str]] = []
+    limit = csv.field_size_limit(2**31 - 1)
+    try:
+        reader.fieldnames  # noqa: B018  (reads the header line)
+        problem = _bad_csv_text(consumed)
+        if problem:
+            raise DataError(f"{key}={path}: the header line is {problem}")
+        consumed.clear()
         for i, record in enumerate(reader):
-            bad = "__extra__" in record or any(v is _MISSING_CELL for v in record.values())
-            value = Unparsable(f"wrong number of columns for the header {reader.fieldnames}") if bad else record
+            record_lines = consumed[:]
+            consumed.clear()
+            problem = _bad_csv_text(record_lines)
+            if problem is None and ("__extra__" in record or any(v is _MISSING_CELL for v in record.values())):
+                problem = f"wrong number of columns for the header {reader.fieldnames}"
+            value = Unparsable(problem) if problem else record
             rows.append(RawRow(value, f"row {i} (line {reader.line_num}) of {path}"))
+        if len(record_lines) > 1:  # the last record ran over lines: a quote left open swallows the rest
+            try:
+                list(csv.reader((line for _, line in record_lines), strict=True))
+            except csv.Error as err:
+                if "unexpected end of data" in str(err):
+                    first = reader.line_num - len(record_lines) + 1
+                    raise DataError(
+                        f"{key}={path}: the quoted field opened in row {len(rows) - 1} (line {first}) is never "
+                        f"closed, so the {len(record_lines)} lines from there were read as one cell; close the "
+                        'quote, or write a quote inside a quoted field as two ("")'
+                    ) from None
+    except csv.Error as err:
+        raise DataError(f"{key}={path} line {reader.line_num} is not CSV ({err}); fix that line") from None
+    finally:
+        csv.field_size_limit(limit)
+        text.detach()
     return rows
 
 
-def _read_parquet(path: str) -> list[RawRow]:
+def _read_parquet(f, path: str, key: str) -> list[RawRow]:
     import pyarrow.parquet as pq
 
     try:
-        records = pq.read_table(path).to_pylist()
+        records = pq.read_table(f).to_pylist()
     except Exception as err:  # pyarrow raises several types for a corrupt or non-parquet file
-        raise DataError(f"data.path={path} is not a readable parquet file: {err}") from None
+        raise DataError(f"{key}={path} is not a readable parquet file: {err}") from None
     return [RawRow(v, f"row {i} of {path}") for i, v in enumerate(records)]
 
 
@@ -201,7 +358,12 @@ def _read(source: str, path: Optional[str], key: str) -> tuple[list[RawRow], Opt
             f"{key} is not set but data.source={source} reads a file; set {key}=/path/to/data.{source} "
             "(or data.source=synthetic for the embedded dataset)"
         )
+    if source != "hf_disk" and source not in _READERS:
+        raise DataError(f"data.source={source} is not one of: synthetic, {', '.join(_READERS)}, hf_disk")
     path = os.path.expanduser(path)
+    problem = data_file_problem(key, path, source)  # the checks preflight made on the launching machine
+    if problem:
+        raise DataError(problem)
     if not os.path.exists(path):
         raise DataError(
             f"{key}={path} does not exist (resolved to {os.path.abspath(path)}); set {key} to an existing "
@@ -209,10 +371,18 @@ def _read(source: str, path: Optional[str], key: str) -> tuple[list[RawRow], Opt
             "preferably as an absolute path"
         )
     if source == "hf_disk":
-        return _read_hf_disk(path, key)
-    if source not in _READERS:
-        raise DataError(f"data.source={source} is not one of: synthetic, {', '.join(_READERS)}, hf_disk")
-    return _READERS[source](path), None
+        rows, split_eval = _read_hf_disk(path, key)
+    else:
+        try:
+            with open(path, "rb") as f:
+                rows, split_eval = _READERS[source](f, path, key), None
+        except OSError as err:  # checked above, so a failing disk or a file changed meanwhile
+            raise DataError(f"{key}={path} could not be read ({err.strerror or err}); check the file") from None
+    if not rows:
+        what = "an empty dataset" if source == "hf_disk" else (
+            f"{os.path.getsize(path)} bytes: only blank lines, an empty list, a header line or an empty table")
+        raise DataError(f"{key}={path} holds no rows ({what}); set {key} to the file that holds the data")
+    return rows, split_eval
 
 
 def load_rows(cfg: DataConfig) -> tuple[list[RawRow], Optional[list[RawRow]]]:
@@ -254,7 +424,16 @@ def _string(row: dict, name: str, what: str, required: bool = True) -> str:
         return ""
     if not isinstance(value, str):
         raise _Rejected("malformed", f"{what} field {name!r} is a {type(value).__name__}, expected a string")
+    _check_text(value, f"{what} field {name!r}")
     return value
+
+
+def _check_text(value: str, what: str) -> None:
+    """A lone surrogate (JSON's "\\ud800" escape without its pair) is not text: no tokenizer encodes it."""
+    found = _SURROGATE.search(value)
+    if found:
+        raise _Rejected("malformed", f"{what} holds a lone surrogate \\u{ord(found.group()):04x} (half of a "
+                                     "UTF-16 pair), which is not text; fix the \\u escape")
 
 
 def to_canonical(value: Any, fmt: str, cfg: DataConfig) -> tuple[str, dict]:
@@ -262,7 +441,7 @@ def to_canonical(value: Any, fmt: str, cfg: DataConfig) -> tuple[str, dict]:
     if isinstance(value, Unparsable):
         raise _Rejected("malformed", value.reason)
     if not isinstance(value, dict):
-        raise _Rejected("malformed", f"a JSON {type(value).__name__}, expected an object")
+        raise _Rejected("malformed", f"a JSON {_json_type(value)}, expected an object")
     kind = fmt
     if fmt == "auto":
         if cfg.messages_field in value:
@@ -293,6 +472,9 @@ def to_canonical(value: Any, fmt: str, cfg: DataConfig) -> tuple[str, dict]:
     if not ok:
         raise _Rejected("malformed", f"{cfg.messages_field!r} is not a list of {{role: str, content: str}} objects")
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    for i, m in enumerate(messages):
+        _check_text(m["role"], f"{cfg.messages_field}[{i}].role")
+        _check_text(m["content"], f"{cfg.messages_field}[{i}].content")
     return kind, {**_extras(value, cfg.messages_field), "messages": messages}
 
 
@@ -324,7 +506,9 @@ def _dedup_key(kind: str, row: dict) -> tuple:
 
 
 def tokenize_row(row: dict, kind: str, cfg: DataConfig, tokenizer, variant: int = 0) -> dict:
-    """{"input_ids", "labels"}: [bos] + prompt pieces (masked) + target pieces (+ eos), untruncated."""
+    """{"input_ids", "labels"}: [bos] + prompt pieces (masked) + target pieces (+ eos), untruncated;
+    except that a text far longer than data.max_seq_len is encoded only as far as matters (the row
+    is dropped or cut anyway), and the sample then stops at max_seq_len + 1 tokens (see _encode)."""
     try:
         pieces, add_eos = row_pieces(row, kind, cfg.template, tokenizer, variant)
     except RejectedConversation as err:
@@ -337,9 +521,12 @@ def tokenize_row(row: dict, kind: str, cfg: DataConfig, tokenizer, variant: int 
         ids.append(tokenizer.bos_token_id)
         labels.append(IGNORE_INDEX)
     for text, target in pieces:
-        piece = tokenizer.encode(text, add_special_tokens=False)
+        piece, capped = _encode(tokenizer, text, cfg.max_seq_len - len(ids))
         ids += piece
         labels += piece if (target or cfg.train_on_prompt) else [IGNORE_INDEX] * len(piece)
+        if capped:
+            ids, labels, add_eos = ids[: cfg.max_seq_len + 1], labels[: cfg.max_seq_len + 1], False
+            break
     if add_eos and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
@@ -348,13 +535,33 @@ def tokenize_row(row: dict, kind: str, cfg: DataConfig, tokenizer, variant: int 
     return {"input_ids": ids, "labels": labels}
 
 
+_MARGIN_TOKENS = 64  # where a prefix may tokenize differently from the whole text: beyond what is kept
+
+
+def _encode(tokenizer, text: str, budget: int) -> tuple[list[int], bool]:
+    """(token ids of text, False); or, for a text with far more than `budget` tokens, (its first
+    budget + 1, True): a 100 MB row would take minutes to encode, only to be dropped or cut. A
+    prefix of 8 characters per token is encoded, grown 4x until it holds _MARGIN_TOKENS more than
+    the budget or is the whole text, so a text that fits is always encoded whole."""
+    size = (max(budget, 0) + _MARGIN_TOKENS) * 8
+    while size < len(text):
+        ids = tokenizer.encode(text[:size], add_special_tokens=False)
+        if len(ids) > budget + _MARGIN_TOKENS:
+            return ids[: max(budget, 0) + 1], True
+        size *= 4
+    return tokenizer.encode(text, add_special_tokens=False), False
+
+
 def _fit(sample: dict, cfg: DataConfig) -> tuple[dict, bool]:
     """(sample within max_seq_len, whether it was truncated); _Rejected('overlong') when dropped."""
     n = len(sample["input_ids"])
     if n <= cfg.max_seq_len:
         return sample, False
     if cfg.drop_overlong:
-        raise _Rejected("overlong", f"{n} tokens > data.max_seq_len={cfg.max_seq_len} (or data.drop_overlong=false)")
+        # max_seq_len + 1 is also where a very long text stops being encoded: no exact count then
+        size = f"{n} tokens > data.max_seq_len={cfg.max_seq_len}" if n > cfg.max_seq_len + 1 else (
+            f"more than data.max_seq_len={cfg.max_seq_len} tokens")
+        raise _Rejected("overlong", f"{size} (or data.drop_overlong=false)")
     cut = {k: v[: cfg.max_seq_len] for k, v in sample.items()}
     if all(label == IGNORE_INDEX for label in cut["labels"]):
         raise _Rejected("overlong", f"the prompt alone fills data.max_seq_len={cfg.max_seq_len}; nothing to learn")
@@ -375,12 +582,7 @@ def clean(raw: list[RawRow], cfg: DataConfig, tokenizer, report: DataReport, see
     for record in raw:
         report.loaded += 1
         try:
-            kind, row = to_canonical(record.value, cfg.format, cfg)
-            _check_not_empty(kind, row)
-            key = _dedup_key(kind, row)
-            if key in seen:
-                raise _Rejected("duplicate", "the same prompt and response as an earlier row")
-            sample, truncated = _fit(tokenize_row(row, kind, cfg, tokenizer), cfg)
+            example, truncated, key = _clean_row(record.value, cfg, tokenizer, seen)
         except _Rejected as rejected:
             if cfg.on_bad_rows == "fail":
                 raise DataError(
@@ -391,8 +593,29 @@ def clean(raw: list[RawRow], cfg: DataConfig, tokenizer, report: DataReport, see
             continue
         seen.add(key)
         report.truncated += truncated
-        kept.append(Example(kind, row, sample))
+        kept.append(example)
     return kept
+
+
+def _clean_row(value: Any, cfg: DataConfig, tokenizer, seen: set) -> tuple[Example, bool, tuple]:
+    """(example, whether it was truncated, its dedup key), or _Rejected(rule, why)."""
+    kind, row = to_canonical(value, cfg.format, cfg)
+    _check_not_empty(kind, row)
+    key = _dedup_key(kind, row)
+    if key in seen:
+        raise _Rejected("duplicate", "the same prompt and response as an earlier row")
+    sample, truncated = _fit(tokenize_row(row, kind, cfg, tokenizer), cfg)
+    return Example(kind, row, sample), truncated, key
+
+
+def _why_none_left(raw: list[RawRow], cfg: DataConfig, tokenizer, seen: set) -> str:
+    """Why the first row was dropped, for the message when cleaning dropped every row."""
+    if raw:
+        try:
+            _clean_row(raw[0].value, cfg, tokenizer, seen)
+        except _Rejected as rejected:
+            return f"the first, {raw[0].where}, is {rejected.rule}: {rejected.reason}"
+    return "check data.format and the fields"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,7 +643,7 @@ def _locate(target: str) -> Callable:
     except (ImportError, AttributeError, ValueError) as err:
         raise DataError(
             f"data.augment.functions: _target_={target!r} cannot be imported ({err}); give the dotted path of a "
-            "function fn(row, rng) -> row | list[row] | None in a module on the Python path"
+            f"function {AUGMENT_CALL} in a module on the Python path"
         ) from None
     if not callable(fn):
         raise DataError(f"data.augment.functions: _target_={target!r} is not a function")
@@ -442,16 +665,27 @@ def resolve_functions(specs: list) -> list[tuple[str, Callable]]:
 
 
 def augment(train: list[Example], cfg: DataConfig, tokenizer, report: DataReport, rng: random.Random) -> list[Example]:
-    """Apply `data.augment.functions` in order, then template_variation, to each training row."""
+    """Apply `data.augment.functions` in order, then template_variation, to each training row.
+
+    validate() has checked that each function imports and takes (row, rng, **kwargs); an exception
+    it raises on a row is the user's to fix, so it ends the run as one DataError naming the
+    function and the row (its index in the training split), not as a traceback."""
     functions = resolve_functions(list(cfg.augment.functions))
     probability = cfg.augment.template_variation
     out = []
-    for example in train:
+    for index, example in enumerate(train):
         produced = [(example.kind, example.row)]
-        for target, fn in functions:
+        for position, (target, fn) in enumerate(functions):
             after = []
             for _, row in produced:
-                result = fn(copy.deepcopy(row), rng)
+                try:
+                    result = fn(copy.deepcopy(row), rng)
+                except Exception as err:  # noqa: BLE001 - the user's function: one message naming it and the row
+                    raise DataError(
+                        f"data.augment.functions[{position}]: {target} raised {type(err).__name__} "
+                        f"({' '.join(str(err).split())[:200]}) on training row {index} (after the split); fix the "
+                        f"function, it is called as {AUGMENT_CALL}"
+                    ) from err
                 for new in [] if result is None else result if isinstance(result, list) else [result]:
                     try:
                         after.append(to_canonical(new, "auto", DataConfig()))
@@ -495,11 +729,19 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int = 0, rows: Optional[tuple
     seen: set = set()  # shared, so an eval row that repeats a training row is dropped as a duplicate
     train = clean(train_raw, cfg, tokenizer, report, seen)
     if not train:
-        raise DataError(f"no training rows left after cleaning: {report.summary()}; check data.format and the fields")
+        source = "the synthetic data" if cfg.source == "synthetic" else f"data.path={cfg.path}"
+        raise DataError(
+            f"no training rows left after cleaning {source}: {report.summary()}; "
+            f"{_why_none_left(train_raw, cfg, tokenizer, seen)}"
+        )
     if eval_raw is not None:
         held_out = clean(eval_raw, cfg, tokenizer, report, seen)
         if not held_out:
-            raise DataError(f"no eval rows left after cleaning data.eval_path: {report.summary()}")
+            source = f"data.eval_path={cfg.eval_path}" if cfg.eval_path else f"the eval split of data.path={cfg.path}"
+            raise DataError(
+                f"no eval rows left after cleaning {source}: {report.summary()}; "
+                f"{_why_none_left(eval_raw, cfg, tokenizer, seen)}"
+            )
     else:
         train, held_out = split(train, cfg)
     report.kept, report.eval = len(train) + len(held_out), len(held_out)

@@ -801,7 +801,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from distft.preflight import format_errors, preflight
 
-    cfg, errors = preflight(list(sys.argv[1:] if argv is None else argv))
+    # run_here=False: a plan is for the machines the config names, not for this one (a login node).
+    cfg, errors = preflight(list(sys.argv[1:] if argv is None else argv), run_here=False)
     if errors:
         print(format_errors(errors), file=sys.stderr)
         return 2

@@ -14,8 +14,9 @@ messages, not with the first Hydra traceback. Hydra stops at the first bad overr
 
 Sweeps (`a=1,2`, `choice(...)`, `range(...)`, `glob(...)`) are expanded: every value is checked,
 the first good one is composed, and each other value is validated too (one sweep at a time).
-Hydra's own flags and `hydra.*` overrides are skipped. Nothing here imports torch, and nothing
-is written to disk.
+Hydra's own flags and `hydra.*` overrides are skipped. Nothing here imports torch (unless the
+config asks for a GPU here: `machine_problems`), and nothing is written to disk but a probe
+directory, created and removed at once where a missing run directory would go.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from distft.config import Config, ModelConfig, conf_dir, is_secret_key, register_configs, to_config, to_dict
-from distft.validation import validate
+from distft.validation import machine_problems, validate
 
 HINT = "see the YAML files under conf/, or run `python -m distft --help` for the groups and their options"
 # Hydra flags that take a value (`-cn NAME` or `--config-name=NAME`); the others are switches.
@@ -51,12 +52,14 @@ class _Override:
     is_sweep: bool
 
 
-def preflight(argv: Sequence[str]) -> tuple[Optional[Config], list[str]]:
+def preflight(argv: Sequence[str], run_here: bool = True) -> tuple[Optional[Config], list[str]]:
     """Compose `argv` (overrides, Hydra flags allowed) and return (config, every problem).
 
     The config is the typed `Config` composed from the overrides that are good (the first value
     of each sweep); it is None only when nothing could be composed. An empty list means the
-    command line is good to launch.
+    command line is good to launch. `run_here`: the command starts a run from this machine, so
+    `validation.machine_problems()` checks what it needs from it (GPUs, attention kernels);
+    False for a dry run (`python -m distft.plan`) of a config meant for other machines.
     """
     config_name, multirun, args = split_hydra_flags(argv)
     errors: list[str] = []
@@ -90,6 +93,10 @@ def preflight(argv: Sequence[str]) -> tuple[Optional[Config], list[str]]:
         errors += unknown_keys(composed)
         errors += validate(cfg, model_max_positions=model_max_positions(cfg.model))
         errors += path_problems(cfg)
+        if run_here:
+            # A sweep through hydra-submitit's SLURM launcher runs its points on the cluster's nodes.
+            on_slurm = [a.partition("=")[2] for a in args if a.startswith("hydra/launcher=")][-1:] == ["submitit_slurm"]
+            errors += machine_problems(cfg, ranks_here=False if on_slurm else None)
         if multirun or cfg.launcher.kind == "slurm":
             errors += _secrets_in_sweep(cfg, "--multirun" if multirun else "launcher=slurm")
         errors += _check_sweep_variants(config_name, chosen + values, errors)
@@ -148,12 +155,11 @@ def path_problems(cfg: Config) -> list[str]:
             if not path:
                 continue
             path = os.path.expanduser(path)
-            if not os.path.exists(path):
+            problem = data_file_problem(key, path, d.source)
+            if problem:
+                errors.append(problem)
+            elif not os.path.exists(path):
                 errors.append(f"{key}={path!r} does not exist (relative paths start at {os.getcwd()})")
-            elif d.source == "hf_disk" and not os.path.isdir(path):
-                errors.append(f"{key}={path!r} is a file; data.source=hf_disk reads a save_to_disk directory")
-            elif d.source != "hf_disk" and os.path.isdir(path):
-                errors.append(f"{key}={path!r} is a directory; data.source={d.source} reads one file")
     name = cfg.model.name_or_path
     # A hub id looks like `org/name`; only an explicit local path can be checked here.
     if name and name.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(name)):
@@ -175,7 +181,100 @@ def path_problems(cfg: Config) -> list[str]:
         if blocker:
             errors.append(f"{key}: {blocker!r} is a file, so the directory {os.path.abspath(os.path.expanduser(path))!r} "
                           f"cannot be created there; choose another {key} or move the file")
+        else:
+            errors += _directory_problems(cfg, key, path)
     return errors
+
+
+def data_file_problem(key: str, path: str, source: str) -> Optional[str]:
+    """Why `path` cannot be data.source's input, judged from its file type, its size and a trial
+    open, or None (also when it does not exist: each caller words that itself). data.py's loader
+    asks the same in every rank, so both say the same thing.
+
+    Nothing is read and nothing blocks: a named pipe, a device or a socket is refused before it is
+    opened (opening a FIFO waits for a writer; and every rank reads the data, again on resume, so a
+    stream would be drained by the first reader). Root is not exempt from every denial (a directory
+    on NFS with root squash, a write-only /sys file), hence the trial open rather than os.access."""
+    import stat
+
+    try:
+        mode = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except PermissionError:
+        return (f"{key}={path!r} cannot be reached: permission denied on a directory on its way; make the "
+                "directories above it searchable (chmod a+x) by the user running distft, or move the file")
+    except OSError as err:
+        return f"{key}={path!r} cannot be read ({err.strerror}); check the file system it is on"
+    if source == "hf_disk":
+        if not stat.S_ISDIR(mode.st_mode):
+            return f"{key}={path!r} is a file; data.source=hf_disk reads a save_to_disk directory"
+    elif stat.S_ISDIR(mode.st_mode):
+        return f"{key}={path!r} is a directory; data.source={source} reads one file"
+    elif not stat.S_ISREG(mode.st_mode):
+        kinds = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+                 (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+        kind = next((name for test, name in kinds if test(mode.st_mode)), "a special file")
+        return (f"{key}={path!r} is {kind}, not a regular file: every rank reads the data, and again on resume; "
+                f"save it to a file and set {key} to that file")
+    elif mode.st_size == 0:
+        return f"{key}={path!r} is empty (0 bytes); set {key} to the file that holds the data"
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+    except PermissionError:
+        return (f"{key}={path!r} cannot be read: permission denied; make it readable by the user running "
+                f"distft (chmod a+r {path}) or run as its owner")
+    except OSError as err:
+        return f"{key}={path!r} cannot be opened ({err.strerror}); check the file and the file system it is on"
+    return None
+
+
+_RUN_DIR_HEADROOM = 255  # bytes the paths distft writes below a run directory may add (checkpoints, W&B)
+
+
+def _directory_problems(cfg: Config, key: str, path: Optional[str]) -> list[str]:
+    """Why the directory `path` (the run directory, the SLURM log folder) cannot be created or
+    written, checked before anything starts: a name longer than the file system allows, a path too
+    long for the files below it, or a place that takes no new directory (`/proc`, read-only,
+    permission denied). For the last, a probe directory is created and removed at once in the
+    nearest existing parent: os.access cannot tell (root passes it on /proc, where mkdir fails).
+    An existing directory is only checked for write access, so ranks starting together never
+    probe inside a run directory another rank is using."""
+    import tempfile
+
+    if not path:
+        return []
+    target = os.path.abspath(os.path.expanduser(path))
+    existing = target
+    while not os.path.isdir(existing):
+        existing = os.path.dirname(existing)
+    name_max, path_max = _path_limit(existing, "PC_NAME_MAX", 255), _path_limit(existing, "PC_PATH_MAX", 4096)
+    for part in target.split(os.sep):
+        if len(os.fsencode(part)) > name_max:
+            which = "run.experiment" if key == "run.root" and part == cfg.run.experiment else key
+            return [f"{which}: the directory name {_short(part)!r} is longer than the {name_max} bytes the file "
+                    f"system allows for one name; choose a shorter {which}"]
+    if len(os.fsencode(target)) + _RUN_DIR_HEADROOM > path_max:
+        return [f"{key}: the directory {_short(target)!r} is {len(os.fsencode(target))} bytes long, which leaves the "
+                f"files below it less than {_RUN_DIR_HEADROOM} of the file system's {path_max}; choose a shorter {key}"]
+    if existing == target:
+        if not os.access(target, os.W_OK | os.X_OK):
+            return [f"{key}: the directory {target!r} is not writable by this user; choose another {key} or "
+                    "change its permissions"]
+        return []
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".distft-probe-", dir=existing))
+    except OSError as err:
+        return [f"{key}: the directory {_short(target, 80)!r} cannot be created: {existing!r} takes no new directory "
+                f"({err.strerror}); choose another {key}"]
+    return []
+
+
+def _path_limit(path: str, name: str, default: int) -> int:
+    try:
+        return os.pathconf(path, name)
+    except (OSError, ValueError):
+        return default
 
 
 def _file_in_the_way(path: Optional[str]) -> Optional[str]:
@@ -325,7 +424,8 @@ def _compose(config_name: str, overrides: list[str]) -> tuple[Any, Optional[str]
 
     try:
         return compose(config_name, overrides=overrides), None
-    except (HydraException, OmegaConfBaseException, ValueError) as err:  # Hydra raises ValueError too
+    # Hydra raises ValueError too; OmegaConf lets OverflowError through (train.lr=<400 digits>).
+    except (HydraException, OmegaConfBaseException, ValueError, OverflowError) as err:
         return None, _describe(err, overrides[-1] if overrides else "")
 
 
@@ -335,9 +435,33 @@ def _typed(composed: Any) -> tuple[Optional[Config], Optional[str]]:
 
     try:
         return to_config(composed), None
+    except OverflowError:  # an integer too large for a float field, through an interpolation or a YAML file
+        return None, _overflowing_float(composed)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         return None, f"{key}: {_first_line(err)}" if key else _first_line(err)
+
+
+def _overflowing_float(composed: Any, schema: type = Config, prefix: str = "") -> Optional[str]:
+    """The message for the float field whose integer value no float holds, reached through an
+    interpolation (`train.lr=${train.max_steps}`): OmegaConf's OverflowError does not say which."""
+    from omegaconf import OmegaConf
+
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        key, hint = f"{prefix}{f.name}", hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            found = _overflowing_float(composed, hint, f"{key}.")
+            if found:
+                return found
+        elif hint in (float, Optional[float]):
+            try:
+                OmegaConf.select(composed, key)  # resolves the interpolation into the float field
+            except OverflowError:
+                return f"{key}: expected a float (such as 2e-4), got an integer too large for a float"
+            except Exception:  # noqa: BLE001 - any other problem at this key is reported on its own
+                continue
+    return None if prefix else "a number too large for a float field; give one of at most about 1.8e308"
 
 
 def _first_values(overrides: list[_Override]) -> list[str]:
@@ -422,13 +546,18 @@ def _describe(err: BaseException, override: str) -> str:
     cause = err.__cause__ or err
     key = getattr(cause, "full_key", None) or override.lstrip("+~").partition("=")[0].partition("@")[0]
     value = override.partition("=")[2]
+    if isinstance(cause, OverflowError):
+        return f"{key}: expected {_expected(_schema_at(key)) or 'a number'}, got {_short(value)}, too large for a float"
+    value = _short(value)
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
         parent, _, _ = key.rpartition(".")
         schema = _schema_at(parent)
         if schema is not None and dataclasses.is_dataclass(schema):
             return _unknown_key_message(key, [f.name for f in dataclasses.fields(schema)])
         if typing.get_origin(schema) is dict:  # a free-form mapping such as parallel.deepspeed.overrides
-            return f"{key}: {parent} is a free-form mapping; add new keys with +{key}={value}"
+            # `mapping={a: 1}` sets the whole mapping: the `+` goes in front of that same override.
+            written = override.lstrip("+~").partition("=")[0]
+            return f"{key}: {parent} is a free-form mapping; add new keys with +{written if written == parent else key}={value}"
     if isinstance(cause, ValidationError):
         expected = _expected(_schema_at(key))
         if expected:
@@ -437,6 +566,11 @@ def _describe(err: BaseException, override: str) -> str:
     if cause is not err and "override" not in detail:
         detail = f"{_first_line(err)}: {detail}"
     return f"{override}: {detail}" if override else detail
+
+
+def _short(value: str, limit: int = 40) -> str:
+    """A value for a one-line message: a 400-digit number or a long path is cut in the middle."""
+    return value if len(value) <= limit else f"{value[:20]}...{value[-8:]} ({len(value)} characters)"
 
 
 def _schema_at(dotted_key: str) -> Any:

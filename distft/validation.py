@@ -8,15 +8,23 @@ like config.py: it runs on login nodes before submission.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import importlib
+import inspect
+import math
 import os
 import re
+import signal
 from typing import Any, Optional
 
 from distft.config import (
     ADAPTER_TECHNIQUES,
     ATTN_IMPLEMENTATIONS,
+    AUGMENT_CALL,
     AVAILABLE_STRATEGIES,
     BACKENDS,
+    CUDA_ATTN_IMPLEMENTATIONS,
     DATA_FORMATS,
     DATA_SOURCES,
     LAUNCHERS,
@@ -63,6 +71,7 @@ def validate(cfg: Config, model_max_positions: Optional[int] = None) -> list[str
     messages, so a new rule lands next to its neighbours.
     """
     errors: list[str] = []
+    cfg = _check_numbers(cfg, errors)
     _check_choices(cfg, errors)
     _check_optimisation(cfg, errors)
     _check_batch(cfg, errors)
@@ -72,6 +81,113 @@ def validate(cfg: Config, model_max_positions: Optional[int] = None) -> list[str
     _check_technique(cfg, errors)
     _check_parallel(cfg, errors)
     _check_eval_and_run(cfg, errors)
+    return errors
+
+
+# Integers reach torch, numpy and the C library (seeds, sizes, step counts): none takes more than 64 bits.
+_INT64_MAX = 2**63 - 1
+# numpy's seed range; train.seed also seeds numpy, and one rule for every seed is easier to remember.
+_SEED_MAX = 2**32 - 1
+
+
+def _check_numbers(cfg: Config, errors: list[str]) -> Config:
+    """Every float of the schema must be finite and every integer fit in 64 bits, whatever its key;
+    every seed (`*seed` keys) is in numpy's range.
+
+    Generic on purpose: NaN passes every `> 0` and `< 1` check below (all comparisons with NaN are
+    false), and infinity passes `> 0`, so a rule per key would miss the next new float. A bad
+    value is reported once and replaced by the schema's default (in a copy) for the checks that
+    follow, so they do not add a second, confusing message about the same key.
+    """
+    bad: list[tuple[str, Any]] = []
+    for node, name, key, value in _leaves(cfg):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            default = getattr(type(node)(), name)
+            example = f"a number such as {default}" if isinstance(default, float) else "a number or null"
+            errors.append(f"{key}={value} is not a finite number (NaN and infinity are refused); give {example}")
+        elif isinstance(value, int) and abs(value) > _INT64_MAX:
+            errors.append(f"{key}={_short_number(value)} does not fit in 64 bits; give an integer of at most "
+                          f"{_INT64_MAX} (2**63 - 1) in magnitude")
+        elif isinstance(value, int) and (name == "seed" or name.endswith("_seed")) and not 0 <= value <= _SEED_MAX:
+            errors.append(f"{key}={value} is not a valid seed; give an integer in [0, {_SEED_MAX}] (2**32 - 1)")
+        else:
+            continue
+        bad.append((key, getattr(type(node)(), name)))
+    if not bad:
+        return cfg
+    fixed = copy.deepcopy(cfg)  # the caller's config stays as the user wrote it
+    for key, default in bad:
+        *parents, leaf = key.split(".")
+        node = fixed
+        for part in parents:
+            node = getattr(node, part)
+        setattr(node, leaf, default)
+    return fixed
+
+
+def _leaves(cfg: Any, prefix: str = ""):
+    """(dataclass node, field name, dotted key, value) of every field that is not a section."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield cfg, f.name, f"{prefix}{f.name}", value
+
+
+def _short_number(value: int) -> str:
+    text = str(value)
+    return text if len(text) <= 24 else f"{text[:8]}...{text[-4:]} ({len(text.lstrip('-'))} digits)"
+
+
+def machine_problems(cfg: Config, ranks_here: Optional[bool] = None) -> list[str]:
+    """What a run started from this command needs from this machine: the packages its attention
+    kernel imports, and, when its ranks run here (`ranks_here`; None: launcher=local), the GPUs
+    that train.device=cuda, cuda:N and parallel.backend=nccl need.
+
+    Separate from validate() because the answer depends on where the command runs, not on the
+    config: `python -m distft.plan` and a SLURM submission from a login node without GPUs plan or
+    submit a GPU config; the job's own nodes are checked when it starts there (a SLURM job runs
+    this same Python, so its packages are checked at submission). torch is imported only when the
+    config asks for a GPU, so CPU runs and login nodes do not pay for it.
+    """
+    import importlib.util
+
+    errors = []
+    m, tr, p, launcher = cfg.model, cfg.train, cfg.parallel, cfg.launcher
+    attn = m.attn_implementation
+    needed = CUDA_ATTN_IMPLEMENTATIONS.get(attn) or ("kernels" if "/" in attn else None)
+    if needed and importlib.util.find_spec(needed) is None:
+        install = {"flash_attn": "pip install flash-attn --no-build-isolation",
+                   "flash_attn_interface": "build flash-attention's hopper/ package",
+                   "kernels": "pip install kernels"}[needed]
+        errors.append(f"model.attn_implementation={attn} needs the Python module {needed!r}, which is not installed "
+                      f"here ({install}); or use model.attn_implementation=sdpa")
+    if not (launcher.kind == "local" if ranks_here is None else ranks_here) or tr.device == "cpu":
+        return errors
+    wants_gpu = tr.device.startswith("cuda") or p.backend == "nccl" or attn in CUDA_ATTN_IMPLEMENTATIONS
+    if not wants_gpu or not re.fullmatch(r"auto|cuda(:\d+)?", tr.device):
+        return errors
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(tr.device.partition(":")[2] or 0)
+    if tr.device.startswith("cuda") and count == 0:
+        errors.append(f"train.device={tr.device}, but this machine has no GPU that torch can use "
+                      f"(torch.cuda.is_available() is false); use train.device=cpu or auto, or run on a GPU node")
+    elif tr.device.startswith("cuda:") and index >= count:
+        errors.append(f"train.device={tr.device}, but this machine has {count} GPU(s): cuda:0 to cuda:{count - 1}; "
+                      "use one of them, or train.device=cuda (rank r on GPU r)")
+    elif count == 0:  # train.device=auto: the CPU, here
+        where = "but this machine has none (train.device=auto runs on the CPU here)"
+        if p.backend == "nccl":
+            errors.append(f"parallel.backend=nccl needs CUDA GPUs, {where}; use parallel.backend=gloo or auto, "
+                          "or run on a GPU node")
+        if attn in CUDA_ATTN_IMPLEMENTATIONS:
+            errors.append(f"model.attn_implementation={attn} needs CUDA GPUs, {where}; use "
+                          "model.attn_implementation=sdpa, or run on a GPU node")
     return errors
 
 
@@ -97,9 +213,13 @@ def _check_choices(cfg: Config, errors: list[str]) -> None:
         errors.append(f"plan.mfu={cfg.plan.mfu} must be in (0, 1], e.g. 0.4")
     for key, value in (("plan.overhead_gb", cfg.plan.overhead_gb), ("plan.host_overhead_gb", cfg.plan.host_overhead_gb),
                        ("cluster.gpu_memory_gb", cfg.cluster.gpu_memory_gb),
-                       ("cluster.cpu_memory_gb", cfg.cluster.cpu_memory_gb)):
+                       ("cluster.cpu_memory_gb", cfg.cluster.cpu_memory_gb), ("cluster.peak_tflops", cfg.cluster.peak_tflops),
+                       ("cluster.intra_node_gbps", cfg.cluster.intra_node_gbps),
+                       ("cluster.inter_node_gbps", cfg.cluster.inter_node_gbps)):
         if value < 0:
-            errors.append(f"{key}={value} is negative; give GiB (0: unknown)" if key.startswith("cluster")
+            unit = {"cluster.peak_tflops": "TFLOP/s", "cluster.intra_node_gbps": "GB/s",
+                    "cluster.inter_node_gbps": "GB/s"}.get(key, "GiB")
+            errors.append(f"{key}={value} is negative; give {unit} (0: unknown)" if key.startswith("cluster")
                           else f"{key}={value} is negative; give GiB, e.g. 1.0")
     _choice(errors, "model.dtype", m.dtype, MODEL_DTYPES)
     _choice(errors, "model.init_device", m.init_device, ("cpu", "cuda"))
@@ -112,6 +232,18 @@ def _check_choices(cfg: Config, errors: list[str]) -> None:
         )
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", tr.device):
         errors.append(f"train.device={tr.device!r} is not one of: auto, cpu, cuda, cuda:N")
+    elif tr.device == "cpu":
+        # Whatever the machine: these need CUDA tensors (machine_problems() checks auto and cuda here).
+        if p.backend == "nccl":
+            errors.append("parallel.backend=nccl needs CUDA GPUs, but train.device=cpu; use parallel.backend=gloo "
+                          "(or auto: nccl on GPUs, gloo on the CPU)")
+        if m.attn_implementation in CUDA_ATTN_IMPLEMENTATIONS:
+            errors.append(f"model.attn_implementation={m.attn_implementation} runs on CUDA GPUs only, but "
+                          "train.device=cpu; use model.attn_implementation=sdpa (or eager)")
+    _positive(errors, "launcher.monitor_interval_s", cfg.launcher.monitor_interval_s)
+    _positive(errors, "tracking.cpu_memory_steps", cfg.tracking.cpu_memory_steps, allow_zero=True)
+    _positive(errors, "plan.epoch_sample_rows", cfg.plan.epoch_sample_rows, allow_zero=True)
+    _check_signal(cfg, errors)
 
 
 def _check_optimisation(cfg: Config, errors: list[str]) -> None:
@@ -139,12 +271,6 @@ def _check_optimisation(cfg: Config, errors: list[str]) -> None:
             errors.append(
                 f"train.early_stopping_patience={tr.early_stopping_patience} needs evaluations during training; "
                 "set train.eval_every > 0 or train.early_stopping_patience=0"
-            )
-        d = cfg.data
-        if d.eval_size == 0 or (d.eval_size is None and d.eval_fraction == 0 and not d.eval_path):
-            errors.append(
-                "train.early_stopping_patience > 0 needs an eval split; set data.eval_fraction, "
-                "data.eval_size or data.eval_path"
             )
 
 
@@ -180,7 +306,7 @@ def _check_sequence_length(cfg: Config, errors: list[str], max_positions: int) -
         errors.append(f"data.pack_strategy={d.pack_strategy!r} is not one of {', '.join(PACK_STRATEGIES)}")
     # Prefix and prompt tuning put their virtual tokens at the first positions of every sequence.
     extra = t.num_virtual_tokens if t.name in PROMPT_LEARNING_TECHNIQUES else 0
-    if d.max_seq_len and d.max_seq_len + extra > max_positions:
+    if d.max_seq_len and max_positions > 0 and d.max_seq_len + extra > max_positions:
         what = f"data.max_seq_len={d.max_seq_len}" + (f" + technique.num_virtual_tokens={extra}" if extra else "")
         errors.append(
             f"{what} exceeds model.max_position_embeddings={max_positions} of model '{cfg.model.name}'; "
@@ -192,22 +318,95 @@ def _check_data(cfg: Config, errors: list[str]) -> None:
     d = cfg.data
     if d.source != "synthetic" and not d.path:
         errors.append(f"data.path is required for data.source={d.source!r} (a file, or a directory for hf_disk)")
+    # (data.eval_path is read with synthetic training data too, as JSON Lines: data.py load_rows.)
+    if d.source == "synthetic" and d.path:
+        errors.append(f"data.path={d.path!r} is ignored by data.source=synthetic (the built-in data set); "
+                      f"choose the file's reader, e.g. data={_reader_for(d.path)} data.path={d.path}")
+    # Every run scores the model on held-out rows before and after training: it needs an eval split.
+    # An hf_disk dataset may bring its own (a validation or test split), which only loading can tell.
+    if not d.eval_path and d.source in DATA_SOURCES and d.source != "hf_disk":
+        if d.eval_size == 0:
+            errors.append("data.eval_size=0 leaves no eval split, but every run scores the model on held-out rows "
+                          "before and after training; use data.eval_size >= 1, or give data.eval_path")
+        elif d.eval_size is None and d.eval_fraction == 0:
+            errors.append("data.eval_fraction=0 leaves no eval split, but every run scores the model on held-out "
+                          "rows before and after training; use a fraction in (0, 1) such as 0.05, data.eval_size=N, "
+                          "or give data.eval_path")
     if d.source == "csv" and d.format == "chat":
         errors.append("data.format=chat needs a list of messages per row, which csv cannot hold; use jsonl or json")
     if d.eval_size is None and not 0 <= d.eval_fraction < 1:
         errors.append(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
     if d.eval_size is not None and d.eval_size < 0:
-        errors.append(f"data.eval_size={d.eval_size} must be >= 0")
+        errors.append(f"data.eval_size={d.eval_size} must be >= 1 (rows held out for evaluation)")
+    _check_augment_functions(d.augment.functions, errors)
     if not 0 <= d.augment.template_variation <= 1:
         errors.append(f"data.augment.template_variation={d.augment.template_variation} must be in [0, 1]")
     if d.source == "synthetic" and d.synthetic.num_examples < 10:
         errors.append(f"data.synthetic.num_examples={d.synthetic.num_examples} must be >= 10")
 
 
+def _check_augment_functions(specs: Any, errors: list[str]) -> None:
+    """Each `data.augment.functions` entry must name an importable callable that can be called as
+    AUGMENT_CALL with its keyword arguments: naming any callable is the feature, but one that
+    cannot take a row (`os.system`, a module, a typo) is refused here, before the model loads.
+    What the function then does with a row is checked when it runs (data.py augment())."""
+    for i, spec in enumerate(specs or []):
+        key = f"data.augment.functions[{i}]"
+        if isinstance(spec, str):
+            target, kwargs = spec, {}
+        elif isinstance(spec, dict) and isinstance(spec.get("_target_"), str):
+            kwargs = {k: v for k, v in spec.items() if k not in ("_target_", "_partial_")}
+            target = spec["_target_"]
+        else:
+            errors.append(f"{key} has no _target_; write {{_target_: pkg.mod.fn, ...kwargs}} for a function {AUGMENT_CALL}")
+            continue
+        module_name, _, name = target.rpartition(".")
+        try:
+            module = importlib.import_module(module_name)
+            # `pkg.mod` names a module that its package has not imported: it is found, and refused below.
+            fn = getattr(module, name) if hasattr(module, name) else importlib.import_module(target)
+        except Exception as err:  # noqa: BLE001 - the user's module may fail to import in any way
+            errors.append(f"{key}: _target_={target!r} cannot be imported ({type(err).__name__}: {_one_line(err)}); give the "
+                          f"dotted path of a function {AUGMENT_CALL} in a module on the Python path")
+            continue
+        if not callable(fn):
+            errors.append(f"{key}: _target_={target!r} is a {type(fn).__name__}, not a function {AUGMENT_CALL}")
+            continue
+        try:
+            signature = inspect.signature(fn)
+        except (TypeError, ValueError):
+            errors.append(f"{key}: _target_={target!r} has no signature to check (a built-in); wrap it in a Python "
+                          f"function {AUGMENT_CALL}")
+            continue
+        try:
+            signature.bind(None, None, **kwargs)
+        except TypeError as err:
+            extra = f" and {', '.join(kwargs)}=" if kwargs else ""
+            bare = signature.replace(parameters=[p.replace(annotation=p.empty) for p in signature.parameters.values()],
+                                     return_annotation=signature.empty)
+            errors.append(f"{key}: {target}{bare} cannot be called with a row, an rng{extra} ({_one_line(err)}); "
+                          f"give a function {AUGMENT_CALL}")
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text[:200] + "..." if len(text) > 200 else text
+
+
+def _reader_for(path: str) -> str:
+    """The data source that reads a file like `path`, from its extension (jsonl when unknown)."""
+    extension = os.path.splitext(path.rstrip("/"))[1].lower().lstrip(".")
+    if not extension:
+        return "hf_disk" if os.path.isdir(os.path.expanduser(path)) else "jsonl"
+    return {"jsonl": "jsonl", "ndjson": "jsonl", "json": "json", "csv": "csv", "parquet": "parquet"}.get(extension, "jsonl")
+
+
 def _check_model(cfg: Config, errors: list[str]) -> None:
     m = cfg.model
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "max_position_embeddings", "rms_norm_eps", "rope_theta"):
         _positive(errors, f"model.{key}", getattr(m, key))
+    _positive(errors, "model.initializer_range", m.initializer_range, allow_zero=True)
     _positive(errors, "model.num_key_value_heads", m.num_key_value_heads)
     if m.num_attention_heads <= 0 or (m.num_key_value_heads or 1) <= 0:
         return
@@ -377,8 +576,6 @@ def _check_parallel(cfg: Config, errors: list[str]) -> None:
 def _check_slurm(cfg: Config, errors: list[str]) -> None:
     """What can be checked without the cluster; launchers/slurm.py asks the cluster the rest
     (partition, node count, time limit) before submitting."""
-    import signal
-
     launcher = cfg.launcher
     # Inside a job step (slurm/train.sbatch runs `srun python -m distft launcher=slurm ...`) the
     # time limit is the job's own, already granted: nothing is submitted from there.
@@ -398,12 +595,9 @@ def _check_slurm(cfg: Config, errors: list[str]) -> None:
     _positive(errors, "launcher.tasks_per_node", launcher.tasks_per_node)
     _positive(errors, "launcher.gpus_per_node", launcher.gpus_per_node, allow_zero=True)
     _positive(errors, "launcher.cpus_per_task", launcher.cpus_per_task)
+    _positive(errors, "launcher.mem_gb", launcher.mem_gb, allow_zero=True)  # 0: the partition's default
     _positive(errors, "launcher.signal_delay_s", launcher.signal_delay_s)
     _positive(errors, "launcher.max_requeues", launcher.max_requeues, allow_zero=True)
-    if not hasattr(signal, "SIG" + launcher.signal.upper().removeprefix("SIG")):
-        errors.append(f"launcher.signal={launcher.signal!r} is not a signal name; use USR1, USR2 or TERM")
-    elif launcher.signal.upper().removeprefix("SIG") in ("KILL", "STOP", "INT"):
-        errors.append(f"launcher.signal={launcher.signal} cannot be caught to checkpoint; use USR1 or USR2")
     if launcher.gpus_per_node and launcher.tasks_per_node and launcher.tasks_per_node != launcher.gpus_per_node:
         errors.append(
             f"launcher.tasks_per_node={launcher.tasks_per_node} differs from launcher.gpus_per_node="
@@ -414,6 +608,22 @@ def _check_slurm(cfg: Config, errors: list[str]) -> None:
             f"launcher.gpus_per_node={launcher.gpus_per_node} exceeds cluster.gpus_per_node="
             f"{cfg.cluster.gpus_per_node} of cluster '{cfg.cluster.name}'"
         )
+
+
+# Signals a stop handler cannot use: uncatchable (KILL, STOP), Ctrl-C's (INT must still interrupt),
+# and the ones a crash raises (a handler that only sets a flag returns into the faulting instruction).
+_UNUSABLE_SIGNALS = {"KILL": "cannot be caught", "STOP": "cannot be caught", "INT": "is Ctrl-C, which must still interrupt",
+                     **dict.fromkeys(("SEGV", "BUS", "FPE", "ILL"), "is raised by crashes")}
+
+
+def _check_signal(cfg: Config, errors: list[str]) -> None:
+    """launcher.signal asks every run (local or SLURM) to checkpoint and stop (distft/preemption.py)."""
+    name = cfg.launcher.signal.upper().removeprefix("SIG")
+    if "SIG" + name not in signal.Signals.__members__:
+        errors.append(f"launcher.signal={cfg.launcher.signal!r} is not a signal name; use USR1, USR2 or TERM")
+    elif name in _UNUSABLE_SIGNALS:
+        errors.append(f"launcher.signal={cfg.launcher.signal} cannot ask the run to checkpoint: it "
+                      f"{_UNUSABLE_SIGNALS[name]}; use USR1 or USR2")
 
 
 def _check_eval_and_run(cfg: Config, errors: list[str]) -> None:
