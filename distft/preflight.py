@@ -150,12 +150,11 @@ def path_problems(cfg: Config) -> list[str]:
     """Local files a run will read, checked on the launching machine before anything starts."""
     errors = []
     d = cfg.data
-    if d.source != "synthetic":
-        for key, path in (("data.path", d.path), ("data.eval_path", d.eval_path)):
-            if not path:
-                continue
+    for key, path in (("data.path", d.path), ("data.eval_path", d.eval_path)):
+        if path and (d.source != "synthetic" or key == "data.eval_path"):  # synthetic data reads an eval file
             path = os.path.expanduser(path)
-            problem = data_file_problem(key, path, d.source)
+            source = "jsonl" if d.source == "synthetic" else d.source  # as data.load_rows reads it
+            problem = data_file_problem(key, path, source)
             if problem:
                 errors.append(problem)
             elif not os.path.exists(path):

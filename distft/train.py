@@ -130,6 +130,11 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
     from distft.data import TrainBatches, eval_batches, prepare_data
 
     data = prepare_data(cfg.data, tokenizer, seed=cfg.data.seed)
+    if not data.eval:  # validate() refuses an empty split it can see; a dataset's own split can be empty too
+        from distft.data import DataError
+
+        raise DataError(f"no held-out rows: {data.report.summary()}; every run scores the model on held-out rows "
+                        "before and after training: set data.eval_size / data.eval_fraction above 0, or data.eval_path")
     log.info("%s", data.report.summary())
 
     from distft.engines import autocast_dtype, build_engine, build_model_for_engine

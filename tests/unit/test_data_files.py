@@ -404,3 +404,32 @@ def test_python_m_distft_refuses_a_latin1_file_in_one_line_and_exit_2(tmp_path):
     offset = data.index(b"\xe9")
     assert (f"the first, row 0 of {path}, is malformed: not valid UTF-8: byte 0xe9 at byte offset {offset}, "
             "line 1; save the file as UTF-8") in lines[0]
+
+
+def test_an_eval_file_beside_synthetic_data_is_checked_before_anything_starts(tmp_path):
+    """data.eval_path with the synthetic source is read (as JSON Lines), so preflight checks it too."""
+    from distft.preflight import preflight
+
+    missing, fifo = str(tmp_path / "missing.jsonl"), str(tmp_path / "pipe.jsonl")
+    os.mkfifo(fifo)
+    for path, expected in ((missing, "does not exist"), (fifo, "is a named pipe (FIFO), not a regular file")):
+        _, errors = preflight([f"data.eval_path={path}"])
+        assert len(errors) == 1 and errors[0].startswith(f"data.eval_path={path!r}") and expected in errors[0], errors
+
+
+def test_a_dataset_with_no_held_out_rows_is_one_message_before_training(tmp_path):
+    """hf_disk with only a train split and data.eval_fraction=0 passes validation (the dataset's own
+    validation split could have served), but leaves nothing to score: one DataError, not a
+    traceback from the evaluation."""
+    from datasets import Dataset
+
+    from distft.preflight import preflight
+    from distft.train import train
+
+    Dataset.from_list(rows(12)).save_to_disk(str(tmp_path / "dd"))
+    cfg, errors = preflight(["+experiment=tiny_lora", "data=hf_disk", f"data.path={tmp_path / 'dd'}",
+                             "data.eval_fraction=0", f"run.root={tmp_path / 'out'}"])
+    assert not errors, errors
+    with pytest.raises(DataError, match="no held-out rows: .*set data.eval_size / data.eval_fraction above 0, or "
+                                        "data.eval_path"):
+        train(cfg)
