@@ -4,7 +4,8 @@ Order matters: `preflight()` composes and validates the whole command line first
 every problem at once (no traceback, nothing allocated, nothing submitted); only a clean config
 reaches Hydra's own entry point, which later hands multirun sweeps to their launcher. Hydra is
 told (conf/config.yaml) to write nothing and stay in the current directory: the run directory
-is ours, deterministic, and holds a secret-free config dump.
+is ours, deterministic, and holds a secret-free config dump. Before all of that, secrets given
+as overrides leave the command line for the environment (`secrets_to_environment`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 
 import hydra
 
-from distft.config import conf_dir, register_configs, to_config
+from distft.config import conf_dir, is_secret_key, redact_secrets, register_configs, to_config
 from distft.preflight import format_errors, preflight
 
 
@@ -114,15 +115,87 @@ def _record_sweep_point(cfg, env) -> None:
     write_point(hydra_cfg.runtime.output_dir, cfg, list(hydra_cfg.overrides.task), hydra_cfg.job.num)
 
 
+def secrets_to_environment(argv: list[str]) -> tuple[list[str], dict[str, str], list[str]]:
+    """(the command line without its secrets, the environment variables that carry them, problems).
+
+    A secret given as an override (`tracking.wandb.api_key=...`; any key whose last part
+    `is_secret_key`) would be copied into every command line distft starts: the rank processes
+    (readable by every user of the machine in `ps`), the one W&B records and `wandb sync`
+    uploads (wandb-metadata.json's args), Hydra's overrides and error messages, the pickled SLURM
+    task. So it is moved into the
+    environment variable the library reads (`tracking.SECRET_ENVIRONMENT`: WANDB_API_KEY;
+    `launcher.env.NAME` into NAME) before anything sees the command line; rank processes and
+    SLURM jobs inherit it, and it wins over a value the environment already had. Empty and null
+    values clear a key and stay. A secret with no variable to go to, a sweep over secrets, or a
+    dict override holding one is a problem reported with the others (and left off the line).
+
+    This process's own /proc/<pid>/cmdline still shows what was typed: Python cannot rewrite it
+    (short of setproctitle). `export WANDB_API_KEY=...` keeps a key off every command line.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    kept: list[str] = []
+    env: dict[str, str] = {}
+    problems: list[str] = []
+    for arg in argv:
+        text, has_value, raw = arg.partition("=")
+        key = text.lstrip("+").split("@")[0]
+        secret = is_secret_key(key.rpartition(".")[2])
+        if arg.startswith(("-", "~")) or not has_value or not (secret or "{" in raw):
+            kept.append(arg)  # flags, deletions, group choices, plain settings: nothing to look at
+            continue
+        try:
+            override = parser.parse_override(arg)
+            value = _SWEEP if override.is_sweep_override() else override.value()
+        except Exception:  # noqa: BLE001 - not Hydra syntax: the user meant the characters typed
+            value = raw
+        if not secret:  # `tracking.wandb={api_key: ...}`
+            if isinstance(value, (dict, list)) and redact_secrets(value) != value:
+                problems.append(f"{key}: holds a secret; give it through the environment instead "
+                                "(WANDB_API_KEY for tracking.wandb.api_key)")
+            else:
+                kept.append(arg)
+        elif value is None or value == "":
+            kept.append(arg)  # clears the key: nothing secret in it
+        elif value is _SWEEP or isinstance(value, (dict, list)):
+            problems.append(f"{key}: a secret takes one string value (no sweep, list or dict); "
+                            "set it in the environment instead")
+        elif not (variable := _secret_variable(key)):
+            problems.append(f"{key}: looks like a secret and has no environment variable to go to (on the "
+                            "command line it would be copied into every rank's command line and W&B's records); "
+                            "export the variable the library reads, or pass it as +launcher.env.NAME=...")
+        else:
+            env[variable] = value if isinstance(value, str) else raw  # 12345 or true: the characters typed
+    return kept, env, problems
+
+
+_SWEEP = object()  # secrets_to_environment: the override has several values
+
+
+def _secret_variable(key: str) -> str | None:
+    """The environment variable that carries the secret config key `key`, if there is one."""
+    from distft.tracking import SECRET_ENVIRONMENT
+
+    if key.startswith("launcher.env."):
+        return key[len("launcher.env."):]
+    return SECRET_ENVIRONMENT.get(key)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv, secret_env, errors = secrets_to_environment(argv)  # first: nothing else sees a secret
     flags = [a for a in argv if a.startswith("-")]
     informational = {"--help", "-h", "--hydra-help", "--info", "--cfg", "-c", "--resolve", "--shell-completion"}
-    if not informational.intersection(a.split("=")[0] for a in flags):
-        cfg, errors = preflight(argv)
-        if errors:
-            print(format_errors(errors), file=sys.stderr)
-            sys.exit(2)
+    runs = not informational.intersection(a.split("=")[0] for a in flags)
+    if runs:
+        cfg, config_errors = preflight(argv)
+        errors += config_errors
+    if errors:
+        print(format_errors(errors), file=sys.stderr)
+        sys.exit(2)
+    os.environ.update(secret_env)  # before Hydra, W&B or a launcher: ranks and jobs inherit it
+    if runs:
         from launchers.slurm import sweep_launcher_overrides
 
         argv = argv + sweep_launcher_overrides(cfg, argv)  # submitit sweeps: each point sized like a run

@@ -3,8 +3,10 @@
 Only rank 0 writes files or talks to W&B; other ranks log to their console only. W&B is imported
 lazily (a second of start-up and a service process we do not want when it is off). Without an
 API key, `online` falls back to `offline`, which writes a complete run under the run directory
-to `wandb sync` later. The config given to W&B, like every config dump, has its secrets
-redacted; the key itself only ever lives in this process's environment.
+to `wandb sync` later; so does a key without a reachable W&B server (one warning, in seconds,
+instead of wandb's 90 s of retries and a traceback). The config given to W&B, like every config
+dump, has its secrets redacted; the key itself only ever lives in the environment
+(`SECRET_ENVIRONMENT`: the entry point moves a key given on the command line there).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Any, Optional
 
@@ -30,6 +33,15 @@ def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
+
+
+# Secret config keys and the environment variable each is read from. A key given as a command-line
+# override is moved into its variable before anything sees the command line (distft/__main__.py),
+# so rank processes and SLURM jobs inherit it and no command line or file holds it.
+SECRET_ENVIRONMENT = {"tracking.wandb.api_key": "WANDB_API_KEY"}
+
+# How long `online` waits for the W&B server to answer before logging offline instead.
+WANDB_PROBE_TIMEOUT_S = 5.0
 
 
 def resolve_wandb_mode(cfg: Config) -> tuple[str, Optional[str]]:
@@ -54,9 +66,9 @@ class Tracker:
             return
         os.makedirs(run_dir, exist_ok=True)
         mode, key = resolve_wandb_mode(cfg)
-        self.wandb_mode = mode
         if mode != "disabled":
-            self.wandb_run = _start_wandb(cfg, run_dir, mode, key, run_id)
+            self.wandb_run, mode = _start_wandb(cfg, run_dir, mode, key, run_id)
+        self.wandb_mode = mode  # what W&B runs as: "offline" after a fallback from "online"
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -91,6 +103,11 @@ class Tracker:
 
 
 def _start_wandb(cfg: Config, run_dir: str, mode: str, key: Optional[str], run_id: Optional[str]):
+    """(the W&B run, the mode it runs in). `online` first asks the server whether it is there
+    (`wandb_unreachable`, a few seconds at most) and starts offline, with one warning that says
+    why and how to upload later, when it is not or when it refuses the run (a bad key): a W&B
+    outage never ends a training run. An offline run sends nothing anywhere: W&B's error
+    reporting to its server is turned off (WANDB_ERROR_REPORTING, unless the environment sets it)."""
     try:
         import wandb
     except ImportError as err:
@@ -100,6 +117,30 @@ def _start_wandb(cfg: Config, run_dir: str, mode: str, key: Optional[str], run_i
         ) from err
     if key:
         os.environ["WANDB_API_KEY"] = key  # this process only; never written anywhere
+    why_offline = None
+    if mode == "online":
+        base_url = _wandb_base_url(wandb)
+        problem = wandb_unreachable(base_url)
+        if problem is None:
+            try:
+                return _init_wandb(wandb, cfg, run_dir, "online", run_id), "online"
+            except wandb.errors.Error as err:
+                problem = f"{type(err).__name__}: {(str(err).strip().splitlines() or ['no message'])[0]}"
+                why_offline = f"W&B at {base_url} did not start the run ({problem})"
+        else:
+            why_offline = f"W&B is unreachable at {base_url} ({problem})"
+        wandb.teardown()  # the offline run gets a session (and service process) of its own
+        mode = "offline"
+    if mode == "offline":
+        os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
+    run = _init_wandb(wandb, cfg, run_dir, mode, run_id)
+    if why_offline:
+        sync_dir = getattr(run.settings, "sync_dir", None) or os.path.join(run_dir, "wandb", "offline-run-*")
+        log.warning("%s; this run logs offline: upload it later with `wandb sync %s`", why_offline, sync_dir)
+    return run, mode
+
+
+def _init_wandb(wandb, cfg: Config, run_dir: str, mode: str, run_id: Optional[str]):
     w = cfg.tracking.wandb
     return wandb.init(
         project=w.project,
@@ -114,6 +155,52 @@ def _start_wandb(cfg: Config, run_dir: str, mode: str, key: Optional[str], run_i
         config=to_dict(cfg, redact=True),
         settings=wandb.Settings(silent=True, x_disable_stats=True, console="off"),
     )
+
+
+def _wandb_base_url(wandb) -> str:
+    """The server W&B would talk to: WANDB_BASE_URL, `wandb login --host`'s settings file, or its
+    default; read without starting W&B's service process (so that an offline fallback can still
+    start it without error reporting)."""
+    try:
+        from wandb.sdk import wandb_setup
+
+        return str(wandb_setup.singleton().settings.base_url)
+    except Exception:  # noqa: BLE001 - a private API of wandb; its public settings are the fallback
+        return os.environ.get("WANDB_BASE_URL") or str(wandb.Settings().base_url)
+
+
+def wandb_unreachable(base_url: str, timeout: float = WANDB_PROBE_TIMEOUT_S) -> Optional[str]:
+    """Why nothing answers at `base_url`, or None when a server does.
+
+    One HTTP request through urllib, which takes HTTP(S)_PROXY and NO_PROXY from the environment
+    as W&B does. Any HTTP answer (401, 404, a redirect) and any TLS problem count as reachable:
+    whether the key and the certificates are good is W&B's to judge with its own settings; only
+    "no server" (DNS failure, connection refused, no answer) sends a run offline. The request
+    runs in a thread joined with a deadline, as a DNS lookup ignores socket timeouts.
+    """
+    outcome: list[Optional[str]] = []
+
+    def probe() -> None:
+        import http.client
+        import ssl
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(urllib.request.Request(base_url, method="HEAD"), timeout=timeout):
+                outcome.append(None)
+        except (urllib.error.HTTPError, http.client.HTTPException, ssl.SSLError):
+            outcome.append(None)  # an HTTP status, a non-HTTP answer, a TLS problem: something is there
+        except urllib.error.URLError as err:
+            reason = err.reason
+            outcome.append(None if isinstance(reason, ssl.SSLError) else str(reason) or type(reason).__name__)
+        except (OSError, ValueError) as err:  # a timeout while reading, a reset, a malformed URL
+            outcome.append(str(err) or type(err).__name__)
+
+    thread = threading.Thread(target=probe, name="distft-wandb-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    return outcome[0] if outcome else f"no answer within {timeout:.0f} s"
 
 
 def flatten(values: dict, prefix: str = "", sep: str = "/") -> dict:

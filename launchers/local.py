@@ -43,6 +43,9 @@ def launch(cfg: Config, argv: list[str]) -> int:
         start_method="spawn",
     )
     try:
+        # Ranks inherit this process's environment, which is where the entry point put any secret
+        # given on the command line (distft.__main__.secrets_to_environment): `argv` has none, so
+        # no rank's command line (visible to every user in `ps`) carries one.
         elastic_launch(config, entrypoint=sys.executable)("-m", "distft", *argv)
     except ChildFailedError as err:
         print(f"distft: {describe_failure(err.failures)}", file=sys.stderr)

@@ -72,7 +72,9 @@ def rank_environment() -> Optional[dict]:
 @dataclass
 class RankTask:
     """What each task of the job runs: the distft command line, as one rank, in this process
-    (launcher.env is applied by the entry point, as for slurm/train.sbatch)."""
+    (launcher.env is applied by the entry point, as for slurm/train.sbatch). `argv` is pickled into
+    the job folder, so it never holds a secret: the entry point moved any given on the command line
+    into the environment, which the job inherits (sbatch exports it unless `--export` says otherwise)."""
 
     argv: list[str]
 

@@ -1,11 +1,59 @@
-"""Tracking: W&B mode resolution, rank-0-only writes, metrics round trip and truncation, plot."""
+"""Tracking: W&B mode resolution and its offline fallback without a server, rank-0-only writes,
+metrics round trip and truncation, plot.
+
+W&B never talks to anything but loopback here: `sandbox_wandb` points it at a local port.
+"""
 
 from __future__ import annotations
 
+import glob
+import http.server
+import logging
 import os
+import socket
+import threading
+import time
+
+import psutil
 
 from distft.config import Config
 from distft.tracking import Tracker, plot_losses, read_metrics, resolve_wandb_mode
+
+
+def sandbox_wandb(request, monkeypatch, root) -> str:
+    """W&B for one test: its server a loopback port where nothing listens (bound, never listening:
+    connections are refused at once), no proxy, its config/cache/data directories under `root`, and
+    a session of its own (wandb reads the environment once per session). Returns the server URL."""
+    import wandb
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    request.addfinalizer(closed.close)
+    url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    for name in list(os.environ):
+        if name.lower() in ("http_proxy", "https_proxy", "all_proxy") or name.startswith("WANDB_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("WANDB_BASE_URL", url)
+    for name in ("CONFIG", "CACHE", "DATA", "ARTIFACT"):
+        monkeypatch.setenv(f"WANDB_{name}_DIR", str(root / "wandb-home" / name.lower()))
+    # Variables the tracker sets in this process: restored after the test.
+    for name in ("WANDB_API_KEY", "WANDB_ERROR_REPORTING"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    wandb.teardown()
+    request.addfinalizer(wandb.teardown)
+    return url
+
+
+def _distft_warnings(request) -> list[str]:
+    """The warnings distft logs from now until the end of the test (a list that fills as they come)."""
+    messages: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("distft")
+    logger.addHandler(handler)
+    request.addfinalizer(lambda: logger.removeHandler(handler))
+    return messages
 
 
 def test_online_without_a_key_falls_back_to_offline(monkeypatch):
@@ -53,3 +101,86 @@ def test_flops_per_token_and_mfu():
     assert value == 3000 * per_token / 312e12
     assert 0.4 < value < 0.45
     assert mfu(1000, per_token, 0, 1) is None
+
+
+def _online(tmp_path):
+    cfg = Config()
+    cfg.tracking.wandb.mode = "online"
+    cfg.tracking.progress_bar = False
+    return cfg, str(tmp_path / "run")
+
+
+def _offline_run_of(run_dir: str) -> str:
+    runs = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*"))
+    assert len(runs) == 1, runs
+    assert glob.glob(os.path.join(runs[0], "*.wandb")), "no W&B transaction log written"
+    return runs[0]
+
+
+def test_online_without_a_reachable_server_logs_offline_with_one_warning(request, monkeypatch, tmp_path):
+    """A key but no server (issue 13, item 5): offline in seconds with one warning that names the
+    server, the reason and the `wandb sync` command, instead of 90 s of retries and a traceback."""
+    url = sandbox_wandb(request, monkeypatch, tmp_path)
+    monkeypatch.setenv("WANDB_API_KEY", "f" * 40)
+    warnings = _distft_warnings(request)
+    cfg, run_dir = _online(tmp_path)
+    started = time.monotonic()
+    tracker = Tracker(cfg, run_dir)
+    services = [p.cmdline() for p in psutil.Process().children(recursive=True) if p.name() == "wandb-core"]
+    tracker.log(1, {"loss": 2.5})
+    tracker.finish()
+    assert time.monotonic() - started < 30  # wandb alone retries for 90 s
+    assert tracker.wandb_mode == "offline"
+    offline = _offline_run_of(run_dir)
+    messages = list(warnings)
+    assert len(messages) == 1, messages
+    assert f"W&B is unreachable at {url} (" in messages[0] and "Connection refused" in messages[0]
+    assert messages[0].endswith(f"this run logs offline: upload it later with `wandb sync {offline}`")
+    # Offline sends nothing, not even W&B's own telemetry (which goes to the server even offline).
+    assert len(services) == 1 and "--no-observability" in services[0], services
+
+
+def _serve(request, status: int) -> str:
+    """A loopback HTTP server answering every request with `status` (a W&B that refuses the key)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(status)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        do_GET = do_POST = do_HEAD = _answer
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    request.addfinalizer(server.server_close)
+    request.addfinalizer(server.shutdown)
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def test_a_server_that_refuses_the_run_also_means_offline(request, monkeypatch, tmp_path):
+    """The server answers (so the probe lets `online` try) but refuses the key: wandb's error
+    becomes the one warning and the run logs offline; an HTTP error is not "unreachable"."""
+    from distft.tracking import wandb_unreachable
+
+    sandbox_wandb(request, monkeypatch, tmp_path)
+    url = _serve(request, 401)
+    monkeypatch.setenv("WANDB_BASE_URL", url)
+    monkeypatch.setenv("WANDB_API_KEY", "f" * 40)
+    assert wandb_unreachable(url) is None
+    warnings = _distft_warnings(request)
+    cfg, run_dir = _online(tmp_path)
+    tracker = Tracker(cfg, run_dir)
+    tracker.log(1, {"loss": 2.5})
+    tracker.finish()
+    assert tracker.wandb_mode == "offline"
+    offline = _offline_run_of(run_dir)
+    messages = list(warnings)
+    assert len(messages) == 1, messages
+    assert messages[0].startswith(f"W&B at {url} did not start the run (CommError")
+    assert messages[0].endswith(f"`wandb sync {offline}`")

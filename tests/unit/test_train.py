@@ -8,13 +8,16 @@ import json
 import os
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 import torch
 
 from distft.config import run_dir
 from distft.preflight import preflight
 from distft.tracking import read_metrics
+from tests.unit.test_tracking import sandbox_wandb
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TECHNIQUES = ["full", "lora", "qlora", "dora", "prefix", "prompt"]
@@ -233,28 +236,132 @@ def test_gradient_accumulation_matches_one_big_micro_batch():
     assert differs
 
 
-def test_secrets_never_reach_dumps_checkpoints_or_wandb(tmp_path):
+def _files_holding(root, *secrets: str) -> tuple[list[str], list[str]]:
+    """(every regular file under `root`, those whose bytes hold one of `secrets`): text and binary
+    alike (W&B's .wandb transaction log is binary)."""
+    scanned, hits = [], []
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            if os.path.islink(path) or not os.path.isfile(path):
+                continue
+            scanned.append(path)
+            with open(path, "rb") as f:
+                data = f.read()
+            if any(secret.encode() in data for secret in secrets):
+                hits.append(path)
+    return scanned, hits
+
+
+def test_secrets_never_reach_dumps_checkpoints_or_wandb(request, monkeypatch, tmp_path):
+    """A key held in the config (as from a YAML file): redacted in config.yaml, the checkpoints and
+    W&B's recorded config; no file the run or W&B writes (W&B's own directories included) holds it."""
     from distft.train import train
 
+    sandbox_wandb(request, monkeypatch, tmp_path)
     cfg = compose("+experiment=tiny_lora", f"run.root={tmp_path}", "tracking.wandb.mode=offline",
                   f"tracking.wandb.api_key={SECRET}", "train.max_steps=3", "eval.num_samples=2",
                   "eval.max_new_tokens=2")
-    env_before = os.environ.get("WANDB_API_KEY")
     summary = train(cfg)
-    if env_before is None:
-        os.environ.pop("WANDB_API_KEY", None)
     wandb_runs = [d for d in os.listdir(os.path.join(summary["run_dir"], "wandb")) if d.startswith("offline-run")]
     assert wandb_runs, "W&B offline run was not written"
-    hits = []
-    scanned = 0
-    for root, _, files in os.walk(summary["run_dir"]):
-        for name in files:
-            scanned += 1
-            with open(os.path.join(root, name), "rb") as f:
-                if SECRET.encode() in f.read():
-                    hits.append(os.path.join(root, name))
-    assert scanned > 10 and hits == []
+    scanned, hits = _files_holding(tmp_path, SECRET)
+    assert len(scanned) > 10 and hits == []
+    transaction_logs = [p for p in scanned if p.endswith(".wandb")]
+    assert len(transaction_logs) == 1
+    with open(transaction_logs[0], "rb") as f:
+        assert b"REDACTED" in f.read()  # W&B's config record: the key, redacted
     assert "REDACTED" in open(os.path.join(summary["run_dir"], "config.yaml")).read()
+
+
+def test_secret_overrides_leave_the_command_line_for_the_environment():
+    from distft.__main__ import secrets_to_environment
+
+    argv, env, problems = secrets_to_environment([
+        f"tracking.wandb.api_key={SECRET}", "train.lr=1e-3", "+launcher.env.HF_TOKEN=hf_abc",
+        "+launcher.env.NCCL_SOCKET_IFNAME=ib0", "-m", "--cfg", "job", "tracking.wandb={mode:offline}",
+    ])
+    assert argv == ["train.lr=1e-3", "+launcher.env.NCCL_SOCKET_IFNAME=ib0", "-m", "--cfg", "job",
+                    "tracking.wandb={mode:offline}"]
+    assert env == {"WANDB_API_KEY": SECRET, "HF_TOKEN": "hf_abc"} and problems == []
+    # Quoted, numeric or not Hydra syntax: the characters meant; null and empty clear a key and stay.
+    argv, env, problems = secrets_to_environment(["tracking.wandb.api_key='a b'", "+launcher.env.A_TOKEN=0123",
+                                                  "+launcher.env.B_TOKEN=12345", "+launcher.env.C_TOKEN=x]y",
+                                                  "tracking.wandb.api_key=null", "+launcher.env.D_TOKEN="])
+    assert env == {"WANDB_API_KEY": "a b", "A_TOKEN": "0123", "B_TOKEN": "12345", "C_TOKEN": "x]y"}
+    assert argv == ["tracking.wandb.api_key=null", "+launcher.env.D_TOKEN="] and problems == []
+    # No variable to go to, several values, a dict holding one: reported, and off the line.
+    argv, env, problems = secrets_to_environment(["+model.hf_token=abc", "tracking.wandb.api_key=a,b",
+                                                  f"tracking.wandb={{api_key:{SECRET},mode:offline}}"])
+    assert argv == [] and env == {}
+    assert [p.split(":")[0] for p in problems] == ["model.hf_token", "tracking.wandb.api_key", "tracking.wandb"]
+    assert not any(SECRET in p or "abc" in p for p in problems)
+
+
+def test_a_secret_on_the_command_line_reaches_ranks_only_through_the_environment(request, monkeypatch, tmp_path):
+    """Issue 13, items 4 and 5, on a 2-rank local run given a W&B key and a token as overrides.
+
+    Every process the run starts (the ranks, W&B's service) gets them through its environment
+    and none has them on its command line (read from /proc while they run); W&B's server is a
+    loopback port nobody listens on, so the run logs offline after one warning and exits 0; no
+    file the run, W&B or a temporary directory holds has them, and W&B's recorded command line
+    (in the binary .wandb log, uploaded by `wandb sync`) is the one without them. The launching
+    process itself still shows what was typed: Python cannot rewrite its /proc/self/cmdline.
+    """
+    url = sandbox_wandb(request, monkeypatch, tmp_path)
+    token = "hf_distft-canary-9876543210zyxwvutsrq"
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "NETRC": str(tmp_path / "netrc")}
+    args = [sys.executable, "-m", "distft", "+experiment=tiny_lora", "parallel=ddp", "launcher.nproc_per_node=2",
+            f"run.root={tmp_path / 'runs'}", "tracking.wandb.mode=online", f"tracking.wandb.api_key={SECRET}",
+            f"+launcher.env.DISTFT_CANARY_TOKEN={token}", "train.max_steps=2", "eval.num_samples=2",
+            "eval.max_new_tokens=2", "train.eval_max_batches=1", "tracking.progress_bar=false"]
+    with open(tmp_path / "stdout", "w") as out, open(tmp_path / "stderr", "w") as err:
+        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=err)
+        launcher = psutil.Process(proc.pid)
+        seen: dict[int, tuple[list[str], dict]] = {}  # pid -> its latest command line and environment
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            try:
+                children = launcher.children(recursive=True)
+            except psutil.NoSuchProcess:
+                break
+            for child in children:
+                try:
+                    seen[child.pid] = (child.cmdline(), child.environ())
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    pass
+            time.sleep(0.1)
+        proc.wait(timeout=60)
+    stdout, stderr = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
+    assert proc.returncode == 0, stderr[-3000:]
+
+    # A child caught between fork and exec still shows the launcher's own command line: not a copy.
+    started = [(cmd, penv) for cmd, penv in seen.values() if cmd and cmd != args]
+    for cmd, _ in started:
+        assert not any(SECRET in part or token in part for part in cmd), cmd
+    ranks = sorted(((penv.get("RANK"), cmd, penv) for cmd, penv in started if cmd[1:3] == ["-m", "distft"]),
+                   key=lambda rank: str(rank[0]))
+    assert [rank for rank, _, _ in ranks] == ["0", "1"], ranks
+    for _, cmd, penv in ranks:
+        assert "launcher.nproc_per_node=2" in cmd
+        assert penv.get("WANDB_API_KEY") == SECRET and penv.get("DISTFT_CANARY_TOKEN") == token
+    services = [cmd for cmd, _ in started if cmd[0].endswith("wandb-core")]  # W&B's service was looked at too
+    assert services and all("--no-observability" in cmd for cmd in services)  # offline: it sends nothing
+
+    warnings = [line for line in stdout.splitlines() + stderr.splitlines() if "W&B" in line]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("[rank0]") and f"W&B is unreachable at {url} (" in warnings[0]
+    offline = warnings[0].rsplit("`wandb sync ", 1)[1].rstrip("`")
+    assert os.path.isdir(offline) and os.path.dirname(os.path.dirname(offline)).startswith(str(tmp_path / "runs"))
+
+    scanned, hits = _files_holding(tmp_path, SECRET, token)
+    assert hits == []
+    transaction_logs = [p for p in scanned if p.startswith(offline) and p.endswith(".wandb")]
+    assert len(transaction_logs) == 1
+    with open(transaction_logs[0], "rb") as f:
+        assert b"launcher.nproc_per_node=2" in f.read()  # the command line W&B recorded: the clean one
+    assert any(p.endswith("metrics.jsonl") for p in scanned) and any("checkpoints" in p for p in scanned)
 
 
 def test_cli_prints_run_dir_writes_contract_and_reruns_in_place(tmp_path):
