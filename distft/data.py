@@ -23,22 +23,18 @@ use_cache=False in training and evaluation.)
 from __future__ import annotations
 
 import copy
-import csv
 import functools
 import importlib
-import io
-import json
-import os
 import random
-import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 from distft.batching import TrainBatches, collate, eval_batches, pack  # noqa: F401  (re-exported)
 from distft.config import AUGMENT_CALL, DataConfig
+from distft.errors import DataError  # noqa: F401  (re-exported: callers catch distft.data.DataError)
 from distft.model import IGNORE_INDEX
-from distft.preflight import data_file_problem
+from distft.sources import SURROGATE, RawRow, Unparsable, json_type, load_rows  # noqa: F401  (load_rows re-exported)
 from distft.templates import (
     HEADER_TEMPLATES,
     HEADERS,
@@ -47,10 +43,6 @@ from distft.templates import (
     prompt_and_reference,
     row_pieces,
 )
-
-
-class DataError(Exception):
-    """A problem with the user's data or data config; the message says what and how to fix it."""
 
 
 @dataclass
@@ -100,311 +92,6 @@ class PreparedData:
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading: every source becomes a list of RawRow; unparsable records are kept (and later counted
-# as malformed) so that on_bad_rows=fail can point at the exact line. A record with bytes that are
-# not UTF-8 is one malformed row, with the byte offset, in every text format (a .json or .csv file
-# is not refused for one bad cell, as a .jsonl file is not for one bad line). A UTF-8 byte-order
-# mark is skipped; a problem of the whole file (not a regular file, unreadable, UTF-16, no rows,
-# broken JSON, an unclosed CSV quote) is one DataError naming the file.
-
-
-@dataclass
-class RawRow:
-    value: Any  # a dict when the record parsed as an object; anything else is malformed
-    where: str  # "row 3 (line 4) of /data/train.jsonl", for messages
-
-
-@dataclass
-class Unparsable:
-    reason: str
-
-
-_BOM = b"\xef\xbb\xbf"
-_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of a byte that is not UTF-8
-_SURROGATE = re.compile("[\ud800-\udfff]")
-_NOT_CSV_TEXT = re.compile("[\x00\udc80-\udcff]")  # a NUL is a row's fault too (JSON forbids it raw)
-_JSON_SPACE = re.compile(r"[ \t\n\r]*")
-
-
-def _skip_bom(f, path: str, key: str) -> int:
-    """Bytes of a UTF-8 byte-order mark at the start of the file (now skipped); UTF-16/32 refused."""
-    head = f.read(4)
-    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or head == b"\x00\x00\xfe\xff":
-        raise DataError(
-            f"{key}={path} is UTF-16 or UTF-32 text (it starts with that byte-order mark); save it as UTF-8, "
-            f"e.g. iconv -f UTF-16 -t UTF-8 {path} > utf8_{os.path.basename(path)}"
-        )
-    skip = len(_BOM) if head.startswith(_BOM) else 0
-    f.seek(skip)
-    return skip
-
-
-def _not_utf8(byte: int, offset: int, line: Optional[int] = None) -> str:
-    where = f"byte offset {offset}" + (f", line {line}" if line else "")
-    return f"not valid UTF-8: byte 0x{byte:02x} at {where}; save the file as UTF-8"
-
-
-def _parse_line(line: bytes, offset: int) -> Any:
-    try:
-        return json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        return Unparsable(_not_utf8(line[err.start], offset + err.start))
-    except json.JSONDecodeError as err:
-        return Unparsable(f"invalid JSON: {err.msg} at column {err.colno}")
-
-
-def _read_jsonl(f, path: str, key: str) -> list[RawRow]:
-    """One record per line, read as bytes so that one undecodable line is one malformed row, not a
-    crash. Lines end in \\n or \\r\\n; a line that does not parse and holds lone \\r (classic Mac
-    OS line ends) is read as several lines. A byte-order mark is skipped at the start of the file
-    and of any line (files joined with cat)."""
-    rows = []
-    offset = _skip_bom(f, path, key)
-    line_no = 0
-    for raw in f:
-        start, offset = offset, offset + len(raw)
-        body = raw[:-1] if raw.endswith(b"\n") else raw
-        body = body[:-1] if body.endswith(b"\r") else body
-        lines = [(body, start)]
-        if b"\r" in body and isinstance(_parse_line(body, start), Unparsable):
-            lines, at = [], start
-            for piece in body.split(b"\r"):
-                lines.append((piece, at))
-                at += len(piece) + 1
-        for line, at in lines:
-            line_no += 1
-            if line.startswith(_BOM):
-                line, at = line[len(_BOM) :], at + len(_BOM)
-            if line.strip():
-                rows.append(RawRow(_parse_line(line, at), f"row {len(rows)} (line {line_no}) of {path}"))
-    return rows
-
-
-def _json_type(value: Any) -> str:
-    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
-
-
-def _read_json(f, path: str, key: str) -> list[RawRow]:
-    skip = _skip_bom(f, path, key)
-    data = f.read()
-    try:
-        text, escaped = data.decode("utf-8"), False
-    except UnicodeDecodeError:  # parse anyway: the rows holding such bytes are malformed, the others kept
-        text, escaped = data.decode("utf-8", "surrogateescape"), True
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        if not text.lstrip().startswith("["):
-            f.seek(0)
-            return _read_jsonl(f, path, key)  # JSON Lines saved as .json
-        at = skip + len(text[: err.pos].encode("utf-8", "surrogateescape"))
-        bad = _ESCAPED_BYTE.match(text, err.pos)
-        why = f"byte 0x{ord(bad.group()) - 0xDC00:02x} is not UTF-8" if bad else err.msg
-        raise DataError(
-            f"{key}={path} is not valid JSON: {why} at line {err.lineno} column {err.colno} (byte offset {at}); "
-            "fix it, or save it as JSON Lines (one object per line), where a bad record costs one row, not the file"
-        ) from None
-    if not isinstance(value, list):
-        raise DataError(
-            f"{key}={path} holds a JSON {_json_type(value)}, not a list of rows; "
-            "write a JSON list of objects (or JSON Lines with data.source=jsonl)"
-        )
-    rows = [RawRow(v, f"row {i} of {path}") for i, v in enumerate(value)]
-    if escaped:
-        where = _Locator(text, skip)
-        for row, (start, end) in zip(rows, _element_spans(text)):
-            bad = _ESCAPED_BYTE.search(text, start, end)
-            if bad:
-                line, offset = where(bad.start())
-                row.value = Unparsable(_not_utf8(ord(bad.group()) - 0xDC00, offset, line))
-    return rows
-
-
-class _Locator:
-    """(line, byte offset) of positions in a surrogateescape-decoded text, asked in increasing order."""
-
-    def __init__(self, text: str, base: int):
-        self.text, self.pos, self.line, self.offset = text, 0, 1, base
-
-    def __call__(self, pos: int) -> tuple[int, int]:
-        self.line += self.text.count("\n", self.pos, pos)
-        self.offset += len(self.text[self.pos : pos].encode("utf-8", "surrogateescape"))
-        self.pos = pos
-        return self.line, self.offset
-
-
-def _element_spans(text: str) -> list[tuple[int, int]]:
-    """(start, end) of each element of the JSON array `text` (known to parse)."""
-    decoder = json.JSONDecoder()
-    pos = _JSON_SPACE.match(text, text.index("[") + 1).end()
-    spans: list[tuple[int, int]] = []
-    while text[pos] != "]":
-        _, end = decoder.raw_decode(text, pos)
-        spans.append((pos, end))
-        pos = _JSON_SPACE.match(text, end).end()
-        if text[pos] == ",":
-            pos = _JSON_SPACE.match(text, pos + 1).end()
-    return spans
-
-
-_MISSING_CELL = object()
-
-
-def _bad_csv_text(lines: list[tuple[int, str]]) -> Optional[str]:
-    """Why the physical lines [(byte offset, text)] of a CSV record are not text, or None."""
-    for offset, line in lines:
-        found = _NOT_CSV_TEXT.search(line)
-        if found:
-            at = offset + len(line[: found.start()].encode("utf-8", "surrogateescape"))
-            if found.group() == "\x00":
-                return f"holds a NUL byte at byte offset {at}; is it a binary or UTF-16 file?"
-            return _not_utf8(ord(found.group()) - 0xDC00, at)
-    return None
-
-
-def _read_csv(f, path: str, key: str) -> list[RawRow]:
-    """A header line, then one row per record. Decoded with surrogateescape so that bytes that are
-    not UTF-8 make their row malformed (with the byte offset) rather than the file unreadable;
-    the physical lines of each record are kept to say where. No limit on a cell's length (csv's
-    default 128 KiB would refuse the file for one long document)."""
-    skip = _skip_bom(f, path, key)
-    text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
-    consumed: list[tuple[int, str]] = []  # (byte offset, text) of the lines read since the last record
-
-    def lines():
-        at = skip
-        for line in text:
-            consumed.append((at, line))
-            at += len(line.encode("utf-8", "surrogateescape"))
-            yield line
-
-    reader = csv.DictReader(lines(), restkey="__extra__", restval=_MISSING_CELL)
-    rows: list[RawRow] = []
-    record_lines: list[tuple[int, str]] = []
-    limit = csv.field_size_limit(2**31 - 1)
-    try:
-        reader.fieldnames  # noqa: B018  (reads the header line)
-        problem = _bad_csv_text(consumed)
-        if problem:
-            raise DataError(f"{key}={path}: the header line is {problem}")
-        consumed.clear()
-        for i, record in enumerate(reader):
-            record_lines = consumed[:]
-            consumed.clear()
-            problem = _bad_csv_text(record_lines)
-            if problem is None and ("__extra__" in record or any(v is _MISSING_CELL for v in record.values())):
-                problem = f"wrong number of columns for the header {reader.fieldnames}"
-            value = Unparsable(problem) if problem else record
-            rows.append(RawRow(value, f"row {i} (line {reader.line_num}) of {path}"))
-        if len(record_lines) > 1:  # the last record ran over lines: a quote left open swallows the rest
-            try:
-                list(csv.reader((line for _, line in record_lines), strict=True))
-            except csv.Error as err:
-                if "unexpected end of data" in str(err):
-                    first = reader.line_num - len(record_lines) + 1
-                    raise DataError(
-                        f"{key}={path}: the quoted field opened in row {len(rows) - 1} (line {first}) is never "
-                        f"closed, so the {len(record_lines)} lines from there were read as one cell; close the "
-                        'quote, or write a quote inside a quoted field as two ("")'
-                    ) from None
-    except csv.Error as err:
-        raise DataError(f"{key}={path} line {reader.line_num} is not CSV ({err}); fix that line") from None
-    finally:
-        csv.field_size_limit(limit)
-        text.detach()
-    return rows
-
-
-def _read_parquet(f, path: str, key: str) -> list[RawRow]:
-    import pyarrow.parquet as pq
-
-    try:
-        records = pq.read_table(f).to_pylist()
-    except Exception as err:  # pyarrow raises several types for a corrupt or non-parquet file
-        raise DataError(f"{key}={path} is not a readable parquet file: {err}") from None
-    return [RawRow(v, f"row {i} of {path}") for i, v in enumerate(records)]
-
-
-def _read_hf_disk(path: str, key: str) -> tuple[list[RawRow], Optional[list[RawRow]]]:
-    """A `save_to_disk` directory: a Dataset, or a DatasetDict whose validation/test split is eval."""
-    from datasets import Dataset, load_from_disk
-
-    try:
-        data = load_from_disk(path)
-    except Exception as err:
-        raise DataError(f"{key}={path} is not a datasets.save_to_disk directory: {err}") from None
-
-    def rows(split, name: str) -> list[RawRow]:
-        return [RawRow(v, f"row {i} of {path} [{name}]") for i, v in enumerate(split.to_list())]
-
-    if isinstance(data, Dataset):
-        return rows(data, "dataset"), None
-    eval_name = next((s for s in ("validation", "test") if s in data), None)
-    if key == "data.eval_path":  # a separate eval dataset: its held-out split, else its only split
-        name = eval_name or next(iter(data))
-        return rows(data[name], name), None
-    if "train" not in data:
-        raise DataError(f"{key}={path} has splits {list(data)} but no 'train' split; save one named 'train'")
-    return rows(data["train"], "train"), (rows(data[eval_name], eval_name) if eval_name else None)
-
-
-_READERS = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}
-
-
-def _read(source: str, path: Optional[str], key: str) -> tuple[list[RawRow], Optional[list[RawRow]]]:
-    if not path:
-        raise DataError(
-            f"{key} is not set but data.source={source} reads a file; set {key}=/path/to/data.{source} "
-            "(or data.source=synthetic for the embedded dataset)"
-        )
-    if source != "hf_disk" and source not in _READERS:
-        raise DataError(f"data.source={source} is not one of: synthetic, {', '.join(_READERS)}, hf_disk")
-    path = os.path.expanduser(path)
-    problem = data_file_problem(key, path, source)  # the checks preflight made on the launching machine
-    if problem:
-        raise DataError(problem)
-    if not os.path.exists(path):
-        raise DataError(
-            f"{key}={path} does not exist (resolved to {os.path.abspath(path)}); set {key} to an existing "
-            f"{'directory written by datasets save_to_disk' if source == 'hf_disk' else source + ' file'}, "
-            "preferably as an absolute path"
-        )
-    if source == "hf_disk":
-        rows, split_eval = _read_hf_disk(path, key)
-    else:
-        try:
-            with open(path, "rb") as f:
-                rows, split_eval = _READERS[source](f, path, key), None
-        except OSError as err:  # checked above, so a failing disk or a file changed meanwhile
-            raise DataError(f"{key}={path} could not be read ({err.strerror or err}); check the file") from None
-    if not rows:
-        what = "an empty dataset" if source == "hf_disk" else (
-            f"{os.path.getsize(path)} bytes: only blank lines, an empty list, a header line or an empty table")
-        raise DataError(f"{key}={path} holds no rows ({what}); set {key} to the file that holds the data")
-    return rows, split_eval
-
-
-def load_rows(cfg: DataConfig) -> tuple[list[RawRow], Optional[list[RawRow]]]:
-    """(training rows, separate eval rows or None when eval is to be split off the training rows)."""
-    if cfg.source == "synthetic":
-        from distft.synthetic import generate
-
-        syn = cfg.synthetic
-        try:
-            rows = generate(syn.num_examples, syn.seed, list(syn.tasks))
-        except ValueError as err:
-            raise DataError(f"data.synthetic.tasks: {err}") from None
-        train, split_eval = [RawRow(r, f"synthetic row {i}") for i, r in enumerate(rows)], None
-    else:
-        train, split_eval = _read(cfg.source, cfg.path, "data.path")
-    if cfg.eval_path:
-        source = "jsonl" if cfg.source == "synthetic" else cfg.source
-        return train, _read(source, cfg.eval_path, "data.eval_path")[0]
-    return train, split_eval
-
-
-# ---------------------------------------------------------------------------------------------
 # Cleaning: detect the format, check types, drop empty / duplicate / over-long rows, counted.
 
 
@@ -430,7 +117,7 @@ def _string(row: dict, name: str, what: str, required: bool = True) -> str:
 
 def _check_text(value: str, what: str) -> None:
     """A lone surrogate (JSON's "\\ud800" escape without its pair) is not text: no tokenizer encodes it."""
-    found = _SURROGATE.search(value)
+    found = SURROGATE.search(value)
     if found:
         raise _Rejected("malformed", f"{what} holds a lone surrogate \\u{ord(found.group()):04x} (half of a "
                                      "UTF-16 pair), which is not text; fix the \\u escape")
@@ -441,7 +128,7 @@ def to_canonical(value: Any, fmt: str, cfg: DataConfig) -> tuple[str, dict]:
     if isinstance(value, Unparsable):
         raise _Rejected("malformed", value.reason)
     if not isinstance(value, dict):
-        raise _Rejected("malformed", f"a JSON {_json_type(value)}, expected an object")
+        raise _Rejected("malformed", f"a JSON {json_type(value)}, expected an object")
     kind = fmt
     if fmt == "auto":
         if cfg.messages_field in value:

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from distft.config import Config, ModelConfig, conf_dir, is_secret_key, register_configs, to_config, to_dict
+from distft.sources import data_file_problem
 from distft.validation import machine_problems, validate
 
 HINT = "see the YAML files under conf/, or run `python -m distft --help` for the groups and their options"
@@ -183,49 +184,6 @@ def path_problems(cfg: Config) -> list[str]:
         else:
             errors += _directory_problems(cfg, key, path)
     return errors
-
-
-def data_file_problem(key: str, path: str, source: str) -> Optional[str]:
-    """Why `path` cannot be data.source's input, judged from its file type, its size and a trial
-    open, or None (also when it does not exist: each caller words that itself). data.py's loader
-    asks the same in every rank, so both say the same thing.
-
-    Nothing is read and nothing blocks: a named pipe, a device or a socket is refused before it is
-    opened (opening a FIFO waits for a writer; and every rank reads the data, again on resume, so a
-    stream would be drained by the first reader). Root is not exempt from every denial (a directory
-    on NFS with root squash, a write-only /sys file), hence the trial open rather than os.access."""
-    import stat
-
-    try:
-        mode = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except PermissionError:
-        return (f"{key}={path!r} cannot be reached: permission denied on a directory on its way; make the "
-                "directories above it searchable (chmod a+x) by the user running distft, or move the file")
-    except OSError as err:
-        return f"{key}={path!r} cannot be read ({err.strerror}); check the file system it is on"
-    if source == "hf_disk":
-        if not stat.S_ISDIR(mode.st_mode):
-            return f"{key}={path!r} is a file; data.source=hf_disk reads a save_to_disk directory"
-    elif stat.S_ISDIR(mode.st_mode):
-        return f"{key}={path!r} is a directory; data.source={source} reads one file"
-    elif not stat.S_ISREG(mode.st_mode):
-        kinds = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
-                 (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-        kind = next((name for test, name in kinds if test(mode.st_mode)), "a special file")
-        return (f"{key}={path!r} is {kind}, not a regular file: every rank reads the data, and again on resume; "
-                f"save it to a file and set {key} to that file")
-    elif mode.st_size == 0:
-        return f"{key}={path!r} is empty (0 bytes); set {key} to the file that holds the data"
-    try:
-        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
-    except PermissionError:
-        return (f"{key}={path!r} cannot be read: permission denied; make it readable by the user running "
-                f"distft (chmod a+r {path}) or run as its owner")
-    except OSError as err:
-        return f"{key}={path!r} cannot be opened ({err.strerror}); check the file and the file system it is on"
-    return None
 
 
 _RUN_DIR_HEADROOM = 255  # bytes the paths distft writes below a run directory may add (checkpoints, W&B)
