@@ -417,6 +417,13 @@ def _size_slurm_job(launcher: LauncherConfig) -> None:
     launcher.nnodes, launcher.nproc_per_node = launcher.nodes, launcher.tasks_per_node
 
 
+def model_label(model: ModelConfig) -> str:
+    """What logs, reports, summary.json and messages call the model: its local path or hub id when
+    it has one (the preset named by `model=` then only supplies defaults, so its name would be
+    wrong), else the preset's name."""
+    return model.name_or_path or model.name
+
+
 def to_dict(cfg: Config, redact: bool = True) -> dict:
     """Plain dict of a Config, with secrets replaced by REDACTED unless redact=False."""
     data = asdict(cfg) if is_dataclass(cfg) else dict(cfg)

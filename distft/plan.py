@@ -68,7 +68,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from distft.config import Config, world_size
+from distft.config import Config, model_label, world_size
 
 # bitsandbytes 4-bit: half a byte per weight plus the block scales (blocksize 64): one fp32 absmax
 # per block, or with double quantisation one byte per block plus one fp32 per 256 blocks.
@@ -700,7 +700,7 @@ def plan(cfg: Config, with_epoch: bool = True) -> dict:
     per_gpu, fits = memory["per_gpu_bytes"], memory["fits"]
     speed = throughput(cfg, counts)
     return {
-        "model": cfg.model.name, "technique": cfg.technique.name, "parallel": cfg.parallel.strategy,
+        "model": model_label(cfg.model), "technique": cfg.technique.name, "parallel": cfg.parallel.strategy,
         "world_size": world_size(cfg), "nodes": cfg.launcher.nnodes, "cluster": cfg.cluster.name,
         "architecture": architecture,
         "params_total": counts.total, "params_trainable": counts.trainable, "params_frozen": counts.frozen,

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from distft import dist
-from distft.config import Config, config_hash, grad_accum_steps, to_dict
+from distft.config import Config, config_hash, grad_accum_steps, model_label, to_dict
 from distft.config import run_dir as config_run_dir
 from distft.model import IGNORE_INDEX, count_parameters, load_tokenizer, resolve_dtype, token_loss
 from distft.preemption import StopSignal, requeue_count
@@ -146,7 +146,7 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
     trainable, total = count_parameters(model)
     log.info(
         "model %s, technique %s: %s trainable of %s parameters (%.2f%%), built %s",
-        cfg.model.name, cfg.technique.name, f"{trainable:,}", f"{total:,}", 100.0 * trainable / max(1, total),
+        model_label(cfg.model), cfg.technique.name, f"{trainable:,}", f"{total:,}", 100.0 * trainable / max(1, total),
         "on the meta device, filled from rank 0" if model_build == "meta" else "on every rank",
     )
     engine = build_engine(cfg, model, device)
@@ -250,7 +250,7 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
         "parallel": cfg.parallel.strategy,
         "engine": type(engine).__name__,
         "world_size": info.world_size,
-        "model": cfg.model.name,
+        "model": model_label(cfg.model),
         "model_build": model_build,
         "run_dir": run_dir,
         "steps": state["step"],
@@ -279,7 +279,7 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
         "requeues": requeue_count(),  # times SLURM requeued this job (preemption, time limit)
     }
     if info.is_main:
-        meta = {"experiment": cfg.run.experiment, "technique": cfg.technique.name, "model": cfg.model.name,
+        meta = {"experiment": cfg.run.experiment, "technique": cfg.technique.name, "model": model_label(cfg.model),
                 "checkpoint": final_checkpoint, "steps": state["step"]}
         write_report(os.path.join(run_dir, REPORT), eval_before, eval_after, meta, num_samples=cfg.eval.report_samples)
         if cfg.tracking.plot:

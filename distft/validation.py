@@ -45,6 +45,7 @@ from distft.config import (
     TEMPLATES,
     WANDB_MODES,
     Config,
+    model_label,
     world_size,
 )
 
@@ -309,7 +310,7 @@ def _check_sequence_length(cfg: Config, errors: list[str], max_positions: int) -
     if d.max_seq_len and max_positions > 0 and d.max_seq_len + extra > max_positions:
         what = f"data.max_seq_len={d.max_seq_len}" + (f" + technique.num_virtual_tokens={extra}" if extra else "")
         errors.append(
-            f"{what} exceeds model.max_position_embeddings={max_positions} of model '{cfg.model.name}'; "
+            f"{what} exceeds model.max_position_embeddings={max_positions} of model '{model_label(cfg.model)}'; "
             f"set data.max_seq_len <= {max_positions - extra}"
         )
 

@@ -377,3 +377,15 @@ def test_python_m_distft_answers_bad_overrides_with_exit_2_and_one_line_each(tmp
     for key in cases:  # each case its own line, in the order the checks run
         assert sum(line.startswith(f"  - {key}") for line in lines[1:-1]) == 1, (key, out.stderr)
     assert list(tmp_path.iterdir()) == []  # nothing was started, nothing written
+
+
+def test_messages_name_a_model_given_by_path_by_its_path(tmp_path):
+    """The preset's name ('tiny') is only where the defaults came from: a model loaded from a
+    directory is named by that directory."""
+    import json as _json
+
+    from distft.preflight import preflight
+
+    (tmp_path / "config.json").write_text(_json.dumps({"model_type": "llama", "max_position_embeddings": 64}))
+    _, errors = preflight([f"model.name_or_path={tmp_path}", "data.max_seq_len=128"])
+    assert len(errors) == 1 and f"of model '{tmp_path}'" in errors[0] and "'tiny'" not in errors[0], errors

@@ -105,6 +105,16 @@ def test_every_technique_trains_with_falling_loss(tiny_runs, technique):
     assert os.path.exists(os.path.join(ckpt, "model", weights))
 
 
+def test_a_model_loaded_from_a_path_is_named_by_its_path(tiny_runs):
+    """model.name_or_path=<dir> with the tiny preset's defaults: summary.json and the report name
+    the directory the weights came from, not the preset ('tiny')."""
+    summary = tiny_runs["prefix"]
+    expected = f"{tiny_runs['full']['final_checkpoint']}/model"
+    assert summary["model"] == expected
+    report = open(os.path.join(summary["run_dir"], "eval_report.md")).read()
+    assert f"- model: {expected}\n" in report
+
+
 def test_base_and_tuned_are_scored_on_the_same_prompts(tiny_runs):
     report = open(os.path.join(tiny_runs["lora"]["run_dir"], "eval_report.md")).read()
     assert "| metric | base | tuned | change |" in report
