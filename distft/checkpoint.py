@@ -24,10 +24,14 @@ where every rank's write is done (and always before the next save and at the end
 removes only the unfinished `.tmp` directory.
 
 Reading (`find_resumable`, every rank): candidates newest first; each is verified against its
-manifest (sizes, sha256, no unlisted files; the ranks share the hashing) and its pickles are
-scanned (`distft.safe_load.scan_file`) before anything is loaded. A damaged one is set aside under
-`step_XXXXXX.damaged` with a message naming the bad file, and the previous one is tried. The
-checkpoint directory must be on a filesystem every rank sees (as on any cluster).
+manifest (sizes, sha256, no unlisted file a loader would read; the ranks share the hashing) and its
+pickles are scanned (`distft.safe_load.scan_file`) before anything is loaded. A damaged one is set
+aside under `step_XXXXXX.damaged` with a message naming the bad file, and the previous one is tried.
+A file added after the commit that no loader reads (a report, notes, an editor backup) is named in
+a warning and ignored: it cannot change what is loaded, and discarding the checkpoint for it
+would cost every step since the one before. Nothing distft runs writes into a committed
+checkpoint (`python -m distft.evaluate` writes under `<run_dir>/evals/`). The checkpoint directory
+must be on a filesystem every rank sees (as on any cluster).
 
 Safe loading (`distft.safe_load`): the only pickles in a checkpoint are DCP's `.metadata` and
 DeepSpeed's `.pt` files. Before any is opened, every one is scanned, read as its loader reads it,
@@ -318,9 +322,30 @@ def _hash_files(directory: str, names: list[str], sync: bool = False) -> dict[st
     return out
 
 
-def verify(checkpoint: str, rank: int = 0, world_size: int = 1) -> list[str]:
+# What the loaders read: the engine state, RNG, model and tokenizer folders, the pickles wherever
+# they are, and our two top-level JSON files. An unlisted file among these could change what is
+# loaded, so it makes a checkpoint damaged; any other unlisted file is ignored with a warning.
+LOADED_DIRS = (STATE_DIR, RNG_DIR, "model", "tokenizer")
+LOADED_FILES = (TRAINER_STATE, "meta.json")
+
+# (checkpoint, file) pairs already warned about in this process: evaluate and export verify the
+# same checkpoint twice (choosing it, then loading it), and one warning per file is enough.
+_warned_unlisted: set[tuple[str, str]] = set()
+
+
+def read_by_a_loader(name: str) -> bool:
+    """Whether a loader could read the checkpoint file `name` (relative to the checkpoint)."""
+    return bool(pickle_kind(name)) or name in LOADED_FILES or name.split(os.sep)[0] in LOADED_DIRS
+
+
+def verify(checkpoint: str, rank: int = 0, world_size: int = 1, ignored: Optional[list[str]] = None) -> list[str]:
     """Problems of `checkpoint` this rank finds (empty: sound). With several ranks each checks a
-    share of the files; `verify_collectively` merges the shares."""
+    share of the files; `verify_collectively` merges the shares.
+
+    Files missing from the manifest are rank 0's share. One a loader could read (`read_by_a_loader`)
+    is a problem; any other is not, and is reported as "<name>: not in the manifest (added after
+    the save); ignored": appended to `ignored` when the caller passes a list (it prints the line
+    itself), otherwise logged at WARNING on the "distft" logger, once per file and process."""
     manifest_path = os.path.join(checkpoint, MANIFEST)
     if not os.path.exists(os.path.join(checkpoint, COMMITTED)):
         return [f"{COMMITTED} is missing (the save did not finish)"]
@@ -332,7 +357,17 @@ def verify(checkpoint: str, rank: int = 0, world_size: int = 1) -> list[str]:
     problems = []
     present = set(_files(checkpoint))
     if rank == 0:
-        problems += [f"{name}: not in the manifest (added after the save)" for name in sorted(present - set(files))]
+        for name in sorted(present - set(files)):
+            if read_by_a_loader(name):
+                problems.append(f"{name}: not in the manifest (added after the save), and a loader would read it")
+                continue
+            note = f"{name}: not in the manifest (added after the save); ignored"
+            key = (os.path.realpath(checkpoint), name)
+            if ignored is not None:
+                ignored.append(note)
+            elif key not in _warned_unlisted:
+                log.warning("checkpoint %s: %s", checkpoint, note)
+            _warned_unlisted.add(key)
     for name in sorted(files)[rank::world_size]:
         expected = files[name]
         path = os.path.join(checkpoint, name)
@@ -431,27 +466,38 @@ def resolve_checkpoint(path: str, announce: bool = False) -> str:
     one). Damaged checkpoints are skipped, never moved (reading a run changes nothing in it).
 
     `announce` (the evaluate and export commands): given a run directory, say on stderr which
-    checkpoint is used, and why when newer ones were skipped, every time."""
+    checkpoint is used, and why when newer ones were skipped, every time; and, given either, name
+    on stderr each unlisted file `verify` ignored (otherwise that goes to the "distft" logger)."""
     import sys
 
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint path {path} does not exist; pass a run directory or a checkpoint directory")
+    ignored: Optional[list[str]] = [] if announce else None
+
+    def say_ignored(checkpoint: str) -> None:
+        for note in ignored or []:
+            print(f"distft: warning: checkpoint {checkpoint}: {note}", file=sys.stderr)
+
     if os.path.exists(os.path.join(path, "meta.json")) or os.path.exists(os.path.join(path, MANIFEST)):
-        problems = verify(path)
+        problems = verify(path, ignored=ignored)
         if problems:
             raise CheckpointError(
                 f"{path} is not a usable checkpoint: {problems[0]}; pass an earlier checkpoint or the run directory"
             )
+        say_ignored(path)
         return path
     skipped = []
     for checkpoint in reversed(committed_checkpoints(path)):
-        problems = verify(checkpoint)
+        if ignored:
+            ignored.clear()
+        problems = verify(checkpoint, ignored=ignored)
         if not problems:
             if announce:
                 why = "; ".join(f"{os.path.basename(c)} is damaged ({p[0]})" for c, p in skipped)
                 print(f"distft: using {checkpoint}" + (f", not a newer one: {why}" if why else " (the newest)"),
                       file=sys.stderr)
+                say_ignored(checkpoint)
             return checkpoint
         log.warning("skipping damaged checkpoint %s: %s", checkpoint, problems[0])
         skipped.append((checkpoint, problems))

@@ -47,7 +47,7 @@ from typing import Any, Optional
 
 import torch
 
-from distft.config import EvalConfig
+from distft.config import EvalConfig, model_label
 from distft.model import model_inputs, token_loss
 
 MAX_LOSS_FOR_PERPLEXITY = 100.0  # exp(100) ~ 2.7e43: finite, and far above any real model's loss
@@ -468,21 +468,42 @@ def write_report(
 
 # ------------------------------------------------------------------------------------------- CLI
 # `python -m distft.evaluate CHECKPOINT`: the base-vs-tuned report for any checkpoint.
+def default_report_path(checkpoint: str) -> str:
+    """Where `python -m distft.evaluate` writes its report by default: never into the checkpoint.
+
+    A checkpoint of a run (`<run_dir>/checkpoints/step_000300`): `<run_dir>/evals/step_000300/
+    eval_report.md`, beside the run's own files. A checkpoint anywhere else (copied, downloaded,
+    possibly on read-only storage): `evals/<its name>/eval_report.md` under the current directory."""
+    checkpoint = os.path.abspath(checkpoint)
+    parent, name = os.path.split(checkpoint)
+    if os.path.basename(parent) == "checkpoints":
+        root = os.path.dirname(parent)
+    else:
+        root = os.getcwd()
+    return os.path.join(root, "evals", name, "eval_report.md")
+
+
 def evaluate_checkpoint(checkpoint: str, out: str | None = None, num_samples: int | None = None,
                         compare_base: bool = True, trust_remote_code: bool = False) -> tuple[str, dict, dict | None]:
     """Rebuild the run's held-out split from the checkpoint's config, score base and tuned model
-    on it, and write the report (default: `<checkpoint>/eval_report.md`). Settings that run code
-    come from `trust_remote_code`, never from the checkpoint (`distft.export.checkpoint_config`)."""
-    import os
+    on it, and write the report (default: `default_report_path`). Settings that run code come from
+    `trust_remote_code`, never from the checkpoint (`distft.export.checkpoint_config`).
 
+    Nothing is ever written into the checkpoint: a committed checkpoint is sealed by its manifest,
+    and an `out` inside it is refused (CheckpointError) before anything is loaded."""
     import torch
 
-    from distft.checkpoint import read_meta, resolve_checkpoint
+    from distft.checkpoint import CheckpointError, read_meta, resolve_checkpoint
     from distft.data import eval_batches, prepare_data
     from distft.engines import autocast_context, autocast_dtype
     from distft.export import load_base, load_model
 
     checkpoint = resolve_checkpoint(checkpoint, announce=True)
+    out = os.path.abspath(os.path.expanduser(out)) if out else default_report_path(checkpoint)
+    real = os.path.realpath(checkpoint)
+    if os.path.commonpath([os.path.realpath(out), real]) == real:
+        raise CheckpointError(f"--out {out} is inside the checkpoint {checkpoint}, which is never written to after "
+                              "its commit (it would no longer match its manifest); choose a path outside it")
     cfg, tuned, tokenizer = load_model(checkpoint, trust_remote_code=trust_remote_code)
     if num_samples is not None:
         cfg.eval.num_samples = num_samples
@@ -506,8 +527,7 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, num_samples: in
 
     after = score(tuned)
     before = score(load_base(cfg)) if compare_base else None
-    out = out or os.path.join(checkpoint, "eval_report.md")
-    meta = {"experiment": cfg.run.experiment, "technique": cfg.technique.name, "model": cfg.model.name,
+    meta = {"experiment": cfg.run.experiment, "technique": cfg.technique.name, "model": model_label(cfg.model),
             "checkpoint": checkpoint, "steps": read_meta(checkpoint)["step"]}
     write_report(out, before, after, meta, num_samples=cfg.eval.report_samples)
     return out, after, before
@@ -524,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distft.evaluate",
                                      description="Score a checkpoint against its base and write eval_report.md")
     parser.add_argument("checkpoint", help="checkpoint directory, or a run directory (uses its latest checkpoint)")
-    parser.add_argument("--out", help="report path (default: <checkpoint>/eval_report.md)")
+    parser.add_argument("--out", help="report path, outside the checkpoint (default: <run_dir>/evals/<checkpoint>/"
+                                      "eval_report.md; for a checkpoint outside a run: ./evals/<checkpoint>/...)")
     parser.add_argument("--num-samples", type=int, help="held-out prompts to generate for (default: the run's)")
     parser.add_argument("--no-base", action="store_true", help="score the tuned model only")
     parser.add_argument("--trust-remote-code", action="store_true",

@@ -9,6 +9,7 @@ the write with EFBIG, the same error path as ENOSPC).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import random
@@ -125,6 +126,105 @@ def test_a_damaged_checkpoint_is_detected_and_the_previous_one_resumes(interrupt
     assert os.path.isdir(newest + ".damaged")  # kept for inspection
     assert losses(interrupted) == losses(finished["run_dir"])
     assert summary["eval_after"]["loss"] == finished["eval_after"]["loss"]
+
+
+class _Records(logging.Handler):
+    """The "distft" logger's records, whatever handlers a run installed (it does not propagate)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def distft_warnings():
+    handler = _Records()
+    logger = logging.getLogger("distft")
+    logger.addHandler(handler)
+    yield handler.lines
+    logger.removeHandler(handler)
+
+
+HARMLESS = ["eval_report.md", "meta.json~", os.path.join("notes", "todo.txt")]
+
+
+def test_a_harmless_file_added_after_the_commit_is_ignored_with_a_warning(interrupted, distft_warnings, capsys):
+    """A report, an editor backup and a notes folder added to the newest checkpoint after its
+    commit: no loader reads them, so the checkpoint stays sound (not set aside as damaged); each
+    is named in one warning on the "distft" logger, and on stderr by the commands that announce."""
+    from distft.checkpoint import resolve_checkpoint
+
+    newest = os.path.join(interrupted, "checkpoints", "step_000008")
+    for name in HARMLESS:
+        os.makedirs(os.path.dirname(os.path.join(newest, name)), exist_ok=True)
+        with open(os.path.join(newest, name), "w") as f:
+            f.write("added by hand\n")
+    assert find_resumable(interrupted) == newest
+    assert not os.path.exists(newest + ".damaged")
+    notes = [f"checkpoint {newest}: {name}: not in the manifest (added after the save); ignored"
+             for name in sorted(HARMLESS)]
+    assert distft_warnings == notes  # once each, and nothing about damage
+    assert verify(newest) == [] and verify(newest, rank=1, world_size=2) == []
+    assert distft_warnings == notes  # the same files are not warned about again in this process
+    capsys.readouterr()
+    assert resolve_checkpoint(interrupted, announce=True) == newest
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"distft: using {newest} (the newest)"] + [f"distft: warning: {n}" for n in notes]
+
+
+@pytest.mark.parametrize("added", [os.path.join("state", "extra.distcp"), os.path.join("model", "pytorch_model.bin"),
+                                   os.path.join("tokenizer", "added_tokens.json"), os.path.join("rng", "rank_00001.safetensors"),
+                                   os.path.join("notes", "cache.pkl"), "trainer_state.json"])
+def test_an_unlisted_file_a_loader_would_read_is_still_refused(interrupted, added):
+    """The ignoring stops where a loader starts: an unlisted file in the engine state, model,
+    tokenizer or RNG folders, a pickle anywhere, or one of the top-level JSON files (here dropped
+    from the manifest) makes the checkpoint damaged, found by rank 0's share, and it is set aside."""
+    newest = os.path.join(interrupted, "checkpoints", "step_000008")
+    path = os.path.join(newest, added)
+    if os.path.exists(path):  # trainer_state.json: listed at the save; unlist it
+        with open(os.path.join(newest, MANIFEST)) as f:
+            manifest = json.load(f)
+        del manifest["files"][added]
+        with open(os.path.join(newest, MANIFEST), "w") as f:
+            json.dump(manifest, f)
+    else:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(b"planted")
+    refusal = f"{added}: not in the manifest (added after the save), and a loader would read it"
+    assert verify(newest) == [refusal]
+    assert verify(newest, rank=0, world_size=2) == [refusal] and verify(newest, rank=1, world_size=2) == []
+    assert find_resumable(interrupted).endswith("step_000004")
+    assert os.path.isdir(newest + ".damaged")
+
+
+def test_evaluate_then_export_leave_the_checkpoint_sound_and_resumable(interrupted, tmp_path, capsys, monkeypatch):
+    """The README's pair: `python -m distft.evaluate RUN` writes its report under the run's
+    `evals/`, never into the checkpoint, so `python -m distft.export RUN` afterwards finds the same
+    checkpoint sound, and so does a resume. A report path inside the checkpoint is one clear
+    refusal; a checkpoint outside a run directory reports under ./evals/ of the current directory."""
+    from distft import evaluate, export
+
+    newest = os.path.join(interrupted, "checkpoints", "step_000008")
+    listing = sorted(os.listdir(newest))
+    assert evaluate.main([interrupted, "--no-base", "--num-samples", "1", "--out", os.path.join(newest, "r.md")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"distft: --out {newest}/r.md is inside the checkpoint {newest}, which is never written to after its "
+        "commit (it would no longer match its manifest); choose a path outside it")
+    assert evaluate.main([interrupted, "--no-base", "--num-samples", "1"]) == 0
+    report = os.path.join(interrupted, "evals", "step_000008", "eval_report.md")
+    assert capsys.readouterr().out.splitlines()[0] == f"report: {report}"
+    assert "- checkpoint: " + newest in open(report).read()
+    assert sorted(os.listdir(newest)) == listing and verify(newest) == []
+    assert export.main([interrupted, "--out", str(tmp_path / "merged")]) == 0, capsys.readouterr().err
+    assert os.path.exists(tmp_path / "merged" / "config.json")
+    assert find_resumable(interrupted) == newest and not os.path.exists(newest + ".damaged")
+    elsewhere = tmp_path / "downloads" / "my_checkpoint"
+    monkeypatch.chdir(tmp_path)
+    assert evaluate.default_report_path(str(elsewhere)) == str(tmp_path / "evals" / "my_checkpoint" / "eval_report.md")
 
 
 def test_retention_keeps_the_newest_complete_checkpoints_and_what_was_set_aside(interrupted, finished):
