@@ -418,10 +418,13 @@ def _size_slurm_job(launcher: LauncherConfig) -> None:
 
 
 def model_label(model: ModelConfig) -> str:
-    """What logs, reports, summary.json and messages call the model: its local path or hub id when
-    it has one (the preset named by `model=` then only supplies defaults, so its name would be
-    wrong), else the preset's name."""
-    return model.name_or_path or model.name
+    """What logs, reports, summary.json and messages call the model: a local directory it loads
+    from (the preset named by `model=` then only supplies defaults, so its name would be wrong),
+    else the preset's name (a preset's own hub id, `huggyllama/llama-7b`, is what `llama_7b` means)."""
+    path = model.name_or_path
+    if path and (path.startswith(("/", "./", "../", "~")) or os.path.isdir(os.path.expanduser(path))):
+        return path
+    return model.name
 
 
 def to_dict(cfg: Config, redact: bool = True) -> dict:
