@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     from distft.config import DataConfig, SyntheticDataConfig
     from distft.data import load_rows, prepare_data, to_canonical
     from distft.model import build_offline_tokenizer
-    from distft.templates import row_pieces
+    from distft.templates import render_row
 
     tokenizer = build_offline_tokenizer()
     cfg = DataConfig(template="plain", synthetic=SyntheticDataConfig(num_examples=args.rows),
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     texts = []
     for r in raw:
         kind, row = to_canonical(r.value, cfg.format, cfg)
-        texts.append("".join(text for text, _ in row_pieces(row, kind, cfg.template, tokenizer)[0]))
+        texts.append(render_row(row, kind, cfg.template, tokenizer).text)
 
     raw_times, pipe_times, raw_tokens, pipe_tokens = [], [], 0, 0
     for _ in range(args.reps):

@@ -248,6 +248,12 @@ class DataConfig:
     eval_path: Optional[str] = None
     format: str = "auto"
     template: str = "alpaca"
+    # Conversations: null, the tokenizer's own chat template; headers, distft's ("### user:" /
+    # "### assistant:", answers ended by eos; any tokenizer); or a Jinja template string.
+    chat_template: Optional[str] = None
+    # Tokens that end an answer, besides eos and the chat template's end-of-turn token: generation
+    # stops at them, and the exported generation_config lists them (distft/templates.py stop_token_ids).
+    stop_tokens: list[str] = field(default_factory=list)
     train_on_prompt: bool = False
     max_seq_len: int = 256
     packing: bool = True

@@ -27,11 +27,12 @@ import functools
 import importlib
 import random
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from distft.batching import TrainBatches, collate, eval_batches, pack  # noqa: F401  (re-exported)
 from distft.config import AUGMENT_CALL, DataConfig
+from distft.encoding import encode_row
 from distft.errors import DataError  # noqa: F401  (re-exported: callers catch distft.data.DataError)
 from distft.model import IGNORE_INDEX
 from distft.sources import SURROGATE, RawRow, Unparsable, json_type, load_rows  # noqa: F401  (load_rows re-exported)
@@ -40,8 +41,9 @@ from distft.templates import (
     HEADERS,
     RejectedConversation,
     TemplateError,
-    prompt_and_reference,
-    row_pieces,
+    render_row,
+    stop_token_ids,
+    use_chat_template,
 )
 
 
@@ -87,8 +89,9 @@ class DataReport:
 class PreparedData:
     train: list[dict]  # {"input_ids": list[int], "labels": list[int]}
     eval: list[dict]
-    eval_rows: list[dict]  # {"prompt": str without bos, "reference": str without eos, "task"?: str}
+    eval_rows: list[dict]  # {"prompt": str without bos, "prompt_ids", "reference": str without eos, "task"?: str}
     report: DataReport
+    stop_ids: list[int] = field(default_factory=list)  # ids that end an answer (templates.stop_token_ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,50 +196,24 @@ def _dedup_key(kind: str, row: dict) -> tuple:
 
 
 def tokenize_row(row: dict, kind: str, cfg: DataConfig, tokenizer, variant: int = 0) -> dict:
-    """{"input_ids", "labels"}: [bos] + prompt pieces (masked) + target pieces (+ eos), untruncated;
-    except that a text far longer than data.max_seq_len is encoded only as far as matters (the row
-    is dropped or cut anyway), and the sample then stops at max_seq_len + 1 tokens (see _encode)."""
+    """{"input_ids", "labels"} of a cleaned row: the tokenization of its whole formatted text
+    (`distft/encoding.py`), untruncated; except that a text far longer than data.max_seq_len is
+    encoded only as far as matters (the row is dropped or cut anyway), and the sample then stops
+    at max_seq_len + 1 tokens."""
+    encoded, _ = encode(row, kind, cfg, tokenizer, variant)
+    return {"input_ids": encoded.input_ids, "labels": encoded.labels}
+
+
+def encode(row: dict, kind: str, cfg: DataConfig, tokenizer, variant: int = 0) -> tuple:
+    """(Encoded, Rendered) of a cleaned row; _Rejected('malformed') for a conversation the chat
+    template refuses, DataError when the template cannot render rows at all."""
     try:
-        pieces, add_eos = row_pieces(row, kind, cfg.template, tokenizer, variant)
+        rendered = render_row(row, kind, cfg.template, tokenizer, variant)
+        return encode_row(rendered, tokenizer, cfg.max_seq_len, cfg.train_on_prompt), rendered
     except RejectedConversation as err:
         raise _Rejected("malformed", str(err)) from None
     except TemplateError as err:
         raise DataError(f"data.template={cfg.template}: {err}") from None
-    ids: list[int] = []
-    labels: list[int] = []
-    if tokenizer.bos_token_id is not None:
-        ids.append(tokenizer.bos_token_id)
-        labels.append(IGNORE_INDEX)
-    for text, target in pieces:
-        piece, capped = _encode(tokenizer, text, cfg.max_seq_len - len(ids))
-        ids += piece
-        labels += piece if (target or cfg.train_on_prompt) else [IGNORE_INDEX] * len(piece)
-        if capped:
-            ids, labels, add_eos = ids[: cfg.max_seq_len + 1], labels[: cfg.max_seq_len + 1], False
-            break
-    if add_eos and tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-        labels.append(tokenizer.eos_token_id)
-    if labels:
-        labels[0] = IGNORE_INDEX  # never a target: packed, it would be predicted from the previous sample
-    return {"input_ids": ids, "labels": labels}
-
-
-_MARGIN_TOKENS = 64  # where a prefix may tokenize differently from the whole text: beyond what is kept
-
-
-def _encode(tokenizer, text: str, budget: int) -> tuple[list[int], bool]:
-    """(token ids of text, False); or, for a text with far more than `budget` tokens, (its first
-    budget + 1, True): a 100 MB row would take minutes to encode, only to be dropped or cut. A
-    prefix of 8 characters per token is encoded, grown 4x until it holds _MARGIN_TOKENS more than
-    the budget or is the whole text, so a text that fits is always encoded whole."""
-    size = (max(budget, 0) + _MARGIN_TOKENS) * 8
-    while size < len(text):
-        ids = tokenizer.encode(text[:size], add_special_tokens=False)
-        if len(ids) > budget + _MARGIN_TOKENS:
-            return ids[: max(budget, 0) + 1], True
-        size *= 4
-    return tokenizer.encode(text, add_special_tokens=False), False
 
 
 def _fit(sample: dict, cfg: DataConfig) -> tuple[dict, bool]:
@@ -410,7 +387,17 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int = 0, rows: Optional[tuple
     The eval split depends only on data.seed (so runs with different training seeds are scored on
     the same rows); augmentation draws from data.seed and `seed` together. `rows`: (train, eval)
     raw rows already loaded (the planner's sample), instead of load_rows(cfg).
+    `data.chat_template`, when set, is installed on `tokenizer` (so checkpoints save it).
     """
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(f"the tokenizer ({type(tokenizer).__name__}) is a slow (Python) tokenizer; distft masks "
+                        "prompts by character offsets, which only fast tokenizers give: point model.tokenizer at a "
+                        "directory with a tokenizer.json (any Hugging Face tokenizer saved with transformers >= 4)")
+    use_chat_template(tokenizer, cfg.chat_template)
+    try:
+        stop_ids = stop_token_ids(tokenizer, cfg.stop_tokens)
+    except TemplateError as err:
+        raise DataError(str(err)) from None
     report = DataReport()
     train_raw, eval_raw = rows if rows is not None else load_rows(cfg)
     seen: set = set()  # shared, so an eval row that repeats a training row is dropped as a duplicate
@@ -438,14 +425,7 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int = 0, rows: Optional[tuple
             raise DataError("data.augment.functions dropped every training row")
     train_samples = [e.sample for e in train]
     eval_samples = [e.sample for e in held_out]
-    eval_rows = []
-    for example in held_out:
-        pair = prompt_and_reference(example.row, example.kind, cfg.template, tokenizer)
-        if pair is not None:
-            entry = {"prompt": pair[0], "reference": pair[1]}
-            if isinstance(example.row.get("task"), str):
-                entry["task"] = example.row["task"]
-            eval_rows.append(entry)
+    eval_rows = [entry for entry in (eval_row(e, cfg, tokenizer) for e in held_out) if entry is not None]
 
     pad_id = pad_token_id(tokenizer)
     report.train = len(train)
@@ -456,7 +436,22 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int = 0, rows: Optional[tuple
     if cfg.packing:
         report.packing_fill = round(report.train_tokens / max(1, report.train_sequences * cfg.max_seq_len), 4)
     report.train_target_tokens = sum(sum(label != IGNORE_INDEX for label in s["labels"]) for s in train_samples)
-    return PreparedData(train_samples, eval_samples, eval_rows, report)
+    return PreparedData(train_samples, eval_samples, eval_rows, report, stop_ids)
+
+
+def eval_row(example: Example, cfg: DataConfig, tokenizer) -> Optional[dict]:
+    """What a generation eval asks of a held-out row: `prompt_ids`, the ids of its training sample
+    before the last target (the row encoded again, untruncated), `prompt` (that text, for the
+    report) and `reference` (the last answer); `task` when the row names one. None for text rows,
+    and for a row whose prompt alone is far longer than data.max_seq_len."""
+    encoded, rendered = encode(example.row, example.kind, cfg, tokenizer, example.variant)
+    if encoded.prompt_len is None:
+        return None
+    entry = {"prompt": rendered.prompt, "prompt_ids": encoded.input_ids[: encoded.prompt_len],
+             "reference": rendered.reference}
+    if isinstance(example.row.get("task"), str):
+        entry["task"] = example.row["task"]
+    return entry
 
 
 def pad_token_id(tokenizer) -> int:

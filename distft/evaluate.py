@@ -9,17 +9,24 @@ What it owns, in the order a run uses it:
 - `write_report` / `metrics_only`: `eval_report.md` (base vs tuned) and the numbers for summary.json.
 
 Choices worth knowing:
-- Answers are normalised SQuAD-style before scoring (lowercase, drop ASCII punctuation, drop the
-  articles a/an/the, collapse whitespace) so the numbers compare with published ones. That makes
-  exact match blind to case and punctuation ("hello" scores 1.0 against "HELLO", "-5" against
-  "5"), which flatters case/sign tasks, so `generation_metrics` also reports
-  `exact_match_strict`: the stripped strings are identical.
-- ROUGE-L (the F-measure of `rouge_score`) sees the same normalised tokens as F1. Its default
-  tokenizer keeps digits ("68" vs "68" is 1.0) but turns every non-[a-z0-9] character into a
-  space, so "café" scores 0 against itself and non-Latin answers always score 0. With one
-  tokenisation for F1 and ROUGE-L, the two differ only in that ROUGE-L also rewards word order.
-- An answer that normalises to nothing scores 1.0 only against a reference that also normalises to
-  nothing (SQuAD 2.0's rule). Scoring no answers at all is an error, not a row of zeros.
+- exact_match and f1 are SQuAD v1.1's: both strings are normalised (lowercase, drop ASCII
+  punctuation, drop the articles a/an/the, collapse whitespace), then compared whole or as token
+  bags, so the numbers compare with published ones. That makes exact match blind to case and
+  punctuation ("hello" scores 1.0 against "HELLO", "-5" against "5", "3.14" against "314"), which
+  flatters case/sign tasks, so `generation_metrics` also reports `exact_match_strict`: the
+  stripped strings are identical.
+- rouge_l is exactly `rouge_score`'s rougeL F-measure, `RougeScorer(["rougeL"]).score(reference,
+  prediction)`: its own default tokenizer and no stemming, so that it equals the per-example rougeL
+  of Hugging Face `evaluate`'s "rouge" (use_aggregator=False; its default is use_stemmer=False too),
+  and because the Porter stemmer, English-only, would count "running" as a match for "runs", which
+  an answer-level metric should not. That tokenizer lowercases and turns every character outside
+  [a-z0-9] into a space: "3.14" is ["3", "14"] (0.0 against "314"), accented words are cut ("café"
+  is ["caf"]), and an answer without Latin letters or digits (Cyrillic, CJK) has no tokens and
+  scores 0.0, even against itself; so does an empty answer. On such data read exact_match and f1.
+  Unlike f1, ROUGE-L rewards word order (longest common subsequence).
+- In exact_match and f1, an answer that normalises to nothing scores 1.0 only against a reference
+  that also normalises to nothing (SQuAD 2.0's rule). Scoring no answers at all is an error, not a
+  row of zeros.
 - Perplexity is exp(loss) with the loss capped at `MAX_LOSS_FOR_PERPLEXITY` so a diverged model
   reports a huge finite number (JSON has no inf) instead of overflowing.
 - Prompt-learning PEFT models (prompt/prefix tuning) are decoded by a plain greedy loop over the
@@ -93,26 +100,21 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-class _NormalizedTokenizer:
-    """rouge_score tokenizer interface (`tokenize(text) -> list[str]`) over `normalize_answer`."""
-
-    def tokenize(self, text: str) -> list[str]:
-        return normalize_answer(text).split()
-
-
 @functools.lru_cache(maxsize=1)
 def _rouge_scorer():
     try:
         from rouge_score import rouge_scorer
     except ImportError as e:
         raise ImportError("ROUGE-L needs the rouge_score package: pip install rouge-score") from e
-    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=_NormalizedTokenizer())
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)  # its default tokenizer (module docstring)
 
 
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F-measure (longest common subsequence) on the normalised tokens."""
-    if not normalize_answer(prediction) or not normalize_answer(reference):
-        return float(normalize_answer(prediction) == normalize_answer(reference))
+    """rouge_score's rougeL F-measure (longest common subsequence), default tokenizer, no stemming.
+
+    Exactly rouge_score's number, 0.0 included for an answer or reference without [a-z0-9] tokens
+    (empty, or non-Latin text); see the module docstring for why.
+    """
     return float(_rouge_scorer().score(reference, prediction)["rougeL"].fmeasure)
 
 
@@ -193,11 +195,13 @@ def held_out_loss(
     return {"loss": loss, "perplexity": math.exp(min(loss, MAX_LOSS_FOR_PERPLEXITY)), "tokens": tokens}
 
 
-def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
-    """The tokenizer's eos plus the model's own (chat models end turns with e.g. <|eot_id|>)."""
+def _eos_ids(model: torch.nn.Module, tokenizer: Any, stop_ids: Sequence[int] = ()) -> list[int]:
+    """What ends an answer: `stop_ids` (the run's: eos, the chat template's end-of-turn token,
+    data.stop_tokens; see templates.stop_token_ids), the tokenizer's eos and the model's own
+    generation_config eos (chat models end turns with e.g. <|eot_id|>)."""
     ids: list[int] = []
     generation_config = getattr(model, "generation_config", None)
-    for value in (tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)):
+    for value in (list(stop_ids), tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)):
         for token_id in value if isinstance(value, (list, tuple)) else [value]:
             if token_id is not None and int(token_id) not in ids:
                 ids.append(int(token_id))
@@ -271,26 +275,29 @@ def _generate_full_forward(
 def generate_answers(
     model: torch.nn.Module,
     tokenizer: Any,
-    prompts: Sequence[str],
+    prompts: Sequence[str | Sequence[int]],
     max_new_tokens: int,
     batch_size: int,
     device: torch.device | str,
     autocast_ctx: Any = None,
+    stop_ids: Sequence[int] = (),
 ) -> list[str]:
-    """Greedy answers to `prompts`, in order: the decoded new tokens up to eos, stripped.
+    """Greedy answers to `prompts`, in order: the decoded new tokens up to the first stop token
+    (`_eos_ids`), stripped.
 
-    Prompts are tokenised as the training pipeline does (bos id first when the tokenizer has one,
-    then the text with add_special_tokens=False) and padded by hand, so the caller's tokenizer is
-    never modified. They are batched by length to waste little on padding; greedy decoding makes
+    A prompt is token ids (a held-out row's `prompt_ids`: exactly its training prefix, bos
+    included) or text, tokenised as bos id + the text with add_special_tokens=False. Rows are
+    padded by hand, so the caller's tokenizer is never modified. They are batched by length to waste little on padding; greedy decoding makes
     the answers independent of the batching up to float rounding. `model` is the bare model or
     PeftModel (not a DDP wrapper, which has no `generate`).
     """
     if not prompts:
         return []
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = _eos_ids(model, tokenizer, stop_ids)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    encoded = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    encoded = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str) else [int(t) for t in p]
+               for p in prompts]
     if any(not row for row in encoded):
         raise ValueError("cannot generate from an empty prompt with a tokenizer that has no bos token")
     decode_batch = _generate_full_forward if _is_prompt_learning(model) else _generate_cached
@@ -314,6 +321,7 @@ def evaluate_model(
     cfg: EvalConfig,
     device: torch.device | str,
     autocast_ctx: Any = None,
+    stop_ids: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Held-out loss and generation metrics of one model, plus the scored samples.
 
@@ -328,7 +336,8 @@ def evaluate_model(
 
     rows = list(itertools.islice(eval_rows, cfg.num_samples))
     predictions = generate_answers(
-        model, tokenizer, [r["prompt"] for r in rows], cfg.max_new_tokens, cfg.batch_size, device, autocast_ctx
+        model, tokenizer, [r.get("prompt_ids") or r["prompt"] for r in rows], cfg.max_new_tokens, cfg.batch_size,
+        device, autocast_ctx, stop_ids=stop_ids,
     )
     references = [r["reference"] for r in rows]
     result.update(generation_metrics(predictions, references) if rows else dict.fromkeys(GENERATION_METRICS))
@@ -390,6 +399,24 @@ def _fenced(text: str) -> str:
     return f"{fence}text\n{text}\n{fence}"
 
 
+_METRIC_DEFINITIONS = (  # the report's own account of its numbers (module docstring: why these choices)
+    "- loss: the token-weighted mean negative log-likelihood over every held-out target token "
+    "(the tokens training learns from: the response, and the prompt too with `data.train_on_prompt`); "
+    f"perplexity = exp(loss), with the loss capped at {MAX_LOSS_FOR_PERPLEXITY:g} so it stays finite.",
+    "- answers: greedy decoding of at most `eval.max_new_tokens` new tokens, cut at the first stop "
+    "(end-of-sequence) token and stripped; each generation metric is the mean over the prompts.",
+    "- exact_match, f1: SQuAD v1.1. Answer and reference are normalised (lowercase, ASCII punctuation "
+    "and the articles a/an/the dropped, whitespace collapsed), then compared whole (exact_match) or as "
+    "bags of tokens (f1: harmonic mean of token precision and recall).",
+    "- exact_match_strict: 1 when answer and reference are identical after stripping surrounding "
+    "whitespace (case and punctuation count).",
+    "- rouge_l: the rougeL F-measure of the rouge-score package (longest common subsequence, so word "
+    "order counts), with its default tokenizer (lowercase; every character outside a-z and 0-9 "
+    "separates tokens) and no stemming. An answer without Latin letters or digits (e.g. Cyrillic) "
+    "has no tokens and scores 0.",
+)
+
+
 def write_report(
     path: str,
     before: Optional[dict[str, Any]],
@@ -397,7 +424,8 @@ def write_report(
     meta: dict[str, Any],
     num_samples: int = 8,
 ) -> None:
-    """Write `eval_report.md`: meta, a base-vs-tuned metric table, per-task exact match, samples.
+    """Write `eval_report.md`: meta, a base-vs-tuned metric table, per-task exact match, how each
+    metric is computed, samples.
 
     `before` is the base model's `evaluate_model` result, or None (then only the tuned column).
     Samples are paired by prompt. Written to a temporary name and renamed, so a reader never sees
@@ -416,8 +444,8 @@ def write_report(
         lines.append(f"Loss and perplexity over {after['tokens']} held-out target tokens (lower is better).")
     if after.get("num_generated"):
         lines.append(
-            f"Generation metrics over {after['num_generated']} held-out prompts, greedy, in [0, 1] (higher is better); "
-            "exact_match and f1 are SQuAD-normalised, exact_match_strict compares the raw strings."
+            f"Generation metrics over {after['num_generated']} held-out prompts, in [0, 1] (higher is better); "
+            'see "How the metrics are computed" below.'
         )
     lines += ["", "| metric | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for metric in REPORT_METRICS:
@@ -442,6 +470,8 @@ def write_report(
                 ]
             count = tuned.get("count", ((before or {}).get("per_task") or {}).get(task, {}).get("count"))
             lines.append(f"| {_cell(task)} | {_number(count)} | " + " | ".join(cells) + " |")
+
+    lines += ["", "## How the metrics are computed", "", *_METRIC_DEFINITIONS]
 
     samples = (after.get("samples") or [])[:num_samples]
     if samples:
@@ -523,7 +553,8 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, num_samples: in
     def score(model):
         if not getattr(model, "is_loaded_in_4bit", False):
             model = model.to(device)
-        return evaluate_model(model, tokenizer, batches, data.eval_rows, cfg.eval, device, autocast_ctx=autocast)
+        return evaluate_model(model, tokenizer, batches, data.eval_rows, cfg.eval, device, autocast_ctx=autocast,
+                              stop_ids=data.stop_ids)
 
     after = score(tuned)
     before = score(load_base(cfg)) if compare_base else None

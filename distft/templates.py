@@ -1,15 +1,27 @@
-"""Prompt templates: how a cleaned row becomes text, split into prompt and target pieces.
+"""Prompt templates: how a cleaned row becomes one text, and which characters of it are trained on.
 
-A row renders to a list of `(text, is_target)` pieces; `data.py` tokenizes each piece on its own
-and masks the non-target ones. Keeping the prompt a separate piece means the prompt's tokens in
-training are exactly the tokens the evaluator gets when it tokenizes the prompt alone to generate.
+A row renders to a `Rendered`: the whole text of the sample (without bos: data.py adds the bos id)
+and the character spans that are targets. `distft/encoding.py` tokenizes that text in one call, as
+the tokenizer itself would, and masks by character offsets, so the training ids are exactly the
+tokenization of the full text, whatever the tokenizer merges across the prompt/response boundary.
 
 - `alpaca`: the Stanford Alpaca prompt (preamble, with/without-input variants).
 - `alpaca_short`: the same headers without the preamble (short sequences for char-level models).
 - `plain`: instruction and input on their own lines, nothing else.
-- `chat`: the tokenizer's own chat template; only assistant turns are targets. They are found by
-  rendering growing prefixes of the conversation, which needs a template whose rendering of a
-  conversation starts with its rendering of every shorter prefix ("prefix-stable").
+- `chat`: a chat template (the tokenizer's own, or `data.chat_template`); only assistant turns are
+  targets. They are found by rendering growing prefixes of the conversation, which needs a
+  template whose rendering of a conversation starts with its rendering of every shorter prefix
+  ("prefix-stable"). An assistant turn's target is its content and the template's end-of-turn
+  token (e.g. `<|eot_id|>`, `</s>`); what a template writes after that token (a newline before the
+  next turn) belongs to the next turn's prompt.
+
+The Alpaca templates write no special tokens; bos and eos are ids, never text. Chat templates do
+write special tokens as text (`<|start_header_id|>`, `</s>`): those, and only those, become control
+ids; the same text written by the data stays text (`encoding.py`).
+
+`data.chat_template` picks the chat template: null, the tokenizer's own; `headers`, distft's own
+(`### user:` / `### assistant:` headers, each assistant turn ended by the tokenizer's eos, so it
+works with any tokenizer, base models included); or a Jinja template string.
 
 Header variants are the `data.augment.template_variation` augmentation: the same row under other
 header wordings, so a model does not latch onto one exact string.
@@ -17,6 +29,9 @@ header wordings, so a model does not latch onto one exact string.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Optional
 
 ALPACA_PREAMBLE_INPUT = (
@@ -37,7 +52,17 @@ HEADERS = (
 )
 HEADER_TEMPLATES = ("alpaca", "alpaca_short")  # the templates header variants apply to
 
-Piece = tuple[str, bool]
+# data.chat_template=headers: works with any tokenizer that has an eos token (base models too).
+HEADERS_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '### ' + message['role'] + ':\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### assistant:\n' }}{% endif %}"
+)
+NAMED_CHAT_TEMPLATES = {"headers": HEADERS_CHAT_TEMPLATE}
+
+Span = tuple[int, int]
 
 
 class TemplateError(Exception):
@@ -46,6 +71,25 @@ class TemplateError(Exception):
 
 class RejectedConversation(Exception):
     """The chat template refused one conversation (e.g. roles not alternating): a malformed row."""
+
+
+@dataclass
+class Rendered:
+    """A row as one text. `targets`: character spans trained on, in order (the last one is what a
+    generation eval asks for). `literal`: the template wrote no special tokens, so no text in it
+    may become a control id. `messages`: a conversation's turns (to locate the data in `text`)."""
+
+    text: str
+    targets: list[Span]
+    literal: bool
+    add_eos: bool
+    reference: Optional[str] = None  # the answer of the last target (None for text rows)
+    messages: Optional[list[dict]] = None
+
+    @property
+    def prompt(self) -> Optional[str]:
+        """The text before the last target: what a generation eval feeds the model (no bos)."""
+        return self.text[: self.targets[-1][0]] if self.reference is not None and self.targets else None
 
 
 def alpaca_prompt(row: dict, template: str, variant: int = 0) -> str:
@@ -68,6 +112,41 @@ def alpaca_messages(row: dict) -> list[dict]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
 
 
+def use_chat_template(tokenizer, choice: Optional[str]) -> None:
+    """Install `data.chat_template` on the tokenizer (it is saved with every checkpoint and export,
+    so the exported model formats conversations as it was trained). null keeps the tokenizer's."""
+    if choice:
+        tokenizer.chat_template = NAMED_CHAT_TEMPLATES.get(choice, choice)
+
+
+def missing_chat_template(source: str) -> str:
+    """The message for chat rows with a tokenizer that has no chat template: advice that works."""
+    return (
+        f"chat rows (messages, or data.template=chat) need a chat template, and the tokenizer of {source} has none; "
+        "set data.chat_template=headers (distft's '### user:' / '### assistant:' template, each answer ended by "
+        "the tokenizer's eos; works with any tokenizer), or data.chat_template='<a Jinja template>', or "
+        "model.tokenizer=<a chat model's tokenizer>"
+    )
+
+
+def special_strings(tokenizer) -> tuple[str, ...]:
+    """The text of the tokenizer's special tokens (bos, eos, `<|eot_id|>`, ...), longest first."""
+    key = len(tokenizer)
+    cached = getattr(tokenizer, "_distft_specials", None)
+    if cached is None or cached[0] != key:
+        found = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content}
+        ordered = tuple(sorted(found, key=lambda s: (-len(s), s)))
+        pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+        cached = (key, ordered, pattern)
+        tokenizer._distft_specials = cached
+    return cached[1]
+
+
+def special_pattern(tokenizer) -> Optional[re.Pattern]:
+    special_strings(tokenizer)
+    return tokenizer._distft_specials[2]
+
+
 def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
@@ -78,18 +157,33 @@ def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
     return text[len(bos) :] if bos and text.startswith(bos) else text
 
 
-def chat_pieces(messages: list[dict], tokenizer) -> list[Piece]:
-    """Pieces of a conversation: assistant turns (with the template's end tokens) are targets.
+def _turn_end(tokenizer, text: str, start: int, end: int, content: str) -> int:
+    """Where an assistant turn's target ends: just after the first special token the template
+    writes after the content (its end-of-turn token), or at the end of the turn without one."""
+    pattern = special_pattern(tokenizer)
+    stripped = content.strip()
+    found = text.find(stripped, start, end) if stripped else -1
+    after = found + len(stripped) if found >= 0 else start
+    match = pattern.search(text, after, end) if pattern is not None else None
+    return match.end() if match else end
 
-    For each assistant turn i, everything between the previous turn's end and the rendering of
-    messages[:i] with a generation prompt is prompt; the rest of messages[:i+1] is target.
+
+NOT_PREFIX_STABLE = (
+    "the tokenizer's chat template is not prefix-stable (rendering a conversation does not start with the "
+    "rendering of its earlier turns), so assistant turns cannot be located for masking; use a template without "
+    "history rewriting (data.chat_template=headers, or your own), or data.template=alpaca_short with alpaca rows"
+)
+
+
+def render_chat(messages: list[dict], tokenizer) -> Rendered:
+    """A conversation as one text; every assistant turn (content + end-of-turn token) is a target.
+
+    For assistant turn i, the rendering of messages[:i] with a generation prompt is everything
+    before it; the rendering of messages[:i+1] ends with it.
     """
     if not getattr(tokenizer, "chat_template", None):
-        raise TemplateError(
-            "chat rows (or data.template=chat) need a tokenizer with a chat_template; "
-            "use a chat model's tokenizer (model.tokenizer=...) or data.template=alpaca_short"
-        )
-    pieces: list[Piece] = []
+        raise TemplateError(missing_chat_template("this model"))
+    targets: list[Span] = []
     done = ""
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -97,41 +191,98 @@ def chat_pieces(messages: list[dict], tokenizer) -> list[Piece]:
         prompt = _render(tokenizer, messages[:i], generation_prompt=True) if i else ""
         full = _render(tokenizer, messages[: i + 1], generation_prompt=False)
         if not (prompt.startswith(done) and full.startswith(prompt)):
-            raise TemplateError(
-                "the tokenizer's chat template is not prefix-stable (rendering a conversation does not start "
-                "with the rendering of its earlier turns), so assistant turns cannot be located for masking; "
-                "use a template without history rewriting, or data.template=alpaca_short with alpaca rows"
-            )
-        pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
+            raise TemplateError(NOT_PREFIX_STABLE)
+        targets.append((len(prompt), _turn_end(tokenizer, full, len(prompt), len(full), message["content"])))
         done = full
-    rest = _render(tokenizer, messages, generation_prompt=False)
-    if not rest.startswith(done):
-        raise TemplateError("the tokenizer's chat template is not prefix-stable; see data.template")
-    pieces.append((rest[len(done) :], False))
-    return [(text, target) for text, target in pieces if text]
+    text = _render(tokenizer, messages, generation_prompt=False)
+    if not text.startswith(done):
+        raise TemplateError(NOT_PREFIX_STABLE)
+    last = [m["content"] for m in messages if m["role"] == "assistant"]
+    return Rendered(text, [t for t in targets if t[1] > t[0]], literal=False, add_eos=False,
+                    reference=last[-1] if last else None, messages=messages)
 
 
-def row_pieces(row: dict, kind: str, template: str, tokenizer, variant: int = 0) -> tuple[list[Piece], bool]:
-    """(pieces, add_eos) of a cleaned row. Chat templates write their own end-of-turn tokens."""
-    if kind == "text":
-        return [(row["text"], True)], True
-    if kind == "chat":
-        return chat_pieces(row["messages"], tokenizer), False
-    if template == "chat":
-        return chat_pieces(alpaca_messages(row), tokenizer), False
-    return [(alpaca_prompt(row, template, variant), False), (row["output"], True)], True
-
-
-def prompt_and_reference(row: dict, kind: str, template: str, tokenizer) -> Optional[tuple[str, str]]:
-    """What a generation eval feeds the model (no bos) and the expected answer; None for text rows.
-
-    For conversations: everything before the last assistant turn, and that turn's content.
-    """
-    if kind == "text":
+def content_spans(rendered: Rendered, tokenizer) -> Optional[list[Span]]:
+    """Where each message's content sits in a rendered conversation, or None when the template's
+    output cannot be lined up with the messages. Found by rendering the conversation with each
+    content replaced by a marker (the template's own text, specials included, stays as it is),
+    then matching the real text against it; a template may trim the content (Llama-3 does)."""
+    messages = rendered.messages or []
+    probe = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+    try:
+        shape = _render(tokenizer, probe, generation_prompt=False)
+    except RejectedConversation:
         return None
-    if kind == "alpaca" and template != "chat":
-        return alpaca_prompt(row, template), row["output"]
-    messages = row["messages"] if kind == "chat" else alpaca_messages(row)
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    pieces = chat_pieces(messages[: last + 1], tokenizer)
-    return "".join(text for text, _ in pieces[:-1]), messages[last]["content"]
+    parts = re.split("\ue000(\\d+)\ue001", shape)
+    text, pos, spans = rendered.text, 0, []
+    for j in range(0, len(parts), 2):
+        if not text.startswith(parts[j], pos):
+            return None
+        pos += len(parts[j])
+        if j + 1 == len(parts):
+            break
+        content, following = messages[int(parts[j + 1])]["content"], parts[j + 2]
+        for candidate in (content, content.strip(), content.lstrip(), content.rstrip()):
+            if text.startswith(candidate + following, pos):
+                spans.append((pos, pos + len(candidate)))
+                pos += len(candidate)
+                break
+        else:
+            return None
+    return spans if pos == len(text) else None
+
+
+def end_of_turn_tokens(tokenizer) -> list[str]:
+    """The special tokens a chat template writes right after an assistant's content (e.g.
+    `<|eot_id|>`, `<|im_end|>`, `</s>`): a generation must stop there. [] without a chat template,
+    or when the template rejects a plain user/assistant exchange."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    answer = "distft end-of-turn probe"
+    try:
+        text = _render(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": answer}], False)
+    except RejectedConversation:
+        return []
+    pattern = special_pattern(tokenizer)
+    at = text.rfind(answer)
+    if at < 0 or pattern is None:
+        return []
+    tail = text[at + len(answer) :]
+    first = pattern.search(tail)
+    return [first.group()] if first and not tail[: first.start()].strip() else []
+
+
+def render_row(row: dict, kind: str, template: str, tokenizer, variant: int = 0) -> Rendered:
+    """A cleaned row as one text with its target spans. Chat templates write their own end-of-turn
+    tokens; the other templates get the eos id appended (`add_eos`)."""
+    if kind == "text":
+        return Rendered(row["text"], [(0, len(row["text"]))], literal=True, add_eos=True)
+    if kind == "chat":
+        return render_chat(row["messages"], tokenizer)
+    if template == "chat":
+        return render_chat(alpaca_messages(row), tokenizer)
+    prompt = alpaca_prompt(row, template, variant)
+    text = prompt + row["output"]
+    return Rendered(text, [(len(prompt), len(text))], literal=True, add_eos=True, reference=row["output"])
+
+
+def stop_tokens(tokenizer, extra: Sequence[str] = ()) -> list[str]:
+    """The tokens that end an answer: eos, the chat template's end-of-turn token, and `extra`
+    (`data.stop_tokens`), in that order, each once. Raises TemplateError for an `extra` entry
+    that is not one token of the tokenizer."""
+    vocab = tokenizer.get_vocab()
+    for token in extra:
+        if token not in vocab:
+            raise TemplateError(
+                f"data.stop_tokens: {token!r} is not a token of the tokenizer; a stop token is one token "
+                "(e.g. <|im_end|>, <|eot_id|>), as the tokenizer writes it; check its spelling in tokenizer.json")
+    found: list[str] = []
+    for token in [tokenizer.eos_token, *end_of_turn_tokens(tokenizer), *extra]:
+        if token and token not in found:
+            found.append(token)
+    return found
+
+
+def stop_token_ids(tokenizer, extra: Sequence[str] = ()) -> list[int]:
+    """`stop_tokens` as ids, for generation and the exported generation_config."""
+    return [int(tokenizer.convert_tokens_to_ids(token)) for token in stop_tokens(tokenizer, extra)]

@@ -20,7 +20,7 @@ from distft.data import (
     tokenize_row,
 )
 from distft.model import IGNORE_INDEX, build_model, build_offline_tokenizer, token_loss
-from distft.templates import alpaca_prompt, chat_pieces
+from distft.templates import alpaca_prompt, render_chat
 
 ROW = {"instruction": "Uppercase the word.", "input": "abc", "output": "ABC"}
 
@@ -251,11 +251,12 @@ def test_chat_template_and_only_assistant_turns_are_targets(tok):
     assert tok.decode(sample["input_ids"]) == (
         "<s>### system:\nBe brief.\n### user:\nhi\n### assistant:\nhello</s>\n### user:\n2+2?\n### assistant:\n4</s>\n"
     )
-    assert target_spans(tok, sample) == ["hello</s>\n", "4</s>\n"]
+    # Each answer and its end-of-turn token; the newline the template writes after eos is the next prompt's.
+    assert target_spans(tok, sample) == ["hello</s>", "4</s>"]
     # An alpaca row under template=chat becomes [user, assistant]; eval prompt is the generation prompt.
     row_sample = tokenize_row(dict(ROW), "alpaca", DataConfig(template="chat"), tok)
     assert tok.decode(row_sample["input_ids"]) == "<s>### user:\nUppercase the word.\n\nabc\n### assistant:\nABC</s>\n"
-    assert target_spans(tok, row_sample) == ["ABC</s>\n"]
+    assert target_spans(tok, row_sample) == ["ABC</s>"]
 
 
 def test_without_bos_the_first_token_is_still_never_a_target():
@@ -287,7 +288,7 @@ def test_chat_template_that_is_not_prefix_stable_is_rejected(tmp_path):
     tok = build_offline_tokenizer()
     tok.chat_template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
     with pytest.raises(Exception, match="not prefix-stable") as err:
-        chat_pieces([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], tok)
+        render_chat([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], tok)
     path = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "a"},
                                                             {"role": "assistant", "content": "b"}]}])
     with pytest.raises(DataError, match="prefix-stable"):
@@ -301,14 +302,15 @@ def test_eval_rows_are_the_exact_prompt_and_reference(tmp_path, tok):
     train_path = write_jsonl(tmp_path / "train.jsonl", alpaca_rows(4, start=10))
     data = prepare_data(cfg_for(train_path, eval_path=write_jsonl(tmp_path / "e.jsonl", rows)), tok)
     assert data.report.eval == len(data.eval) == 5
-    assert data.eval_rows == [  # text rows have no prompt to generate from
+    assert [{k: v for k, v in r.items() if k != "prompt_ids"} for r in data.eval_rows] == [  # text rows: no prompt
         *({"prompt": alpaca_prompt(r, "alpaca_short"), "reference": r["output"]} for r in rows[:3]),
         {"prompt": "### user:\nhi\n### assistant:\n", "reference": "yo", "task": "x"},
     ]
     data.eval.pop(3)  # line the samples up with eval_rows
-    # The prompt, tokenized alone after bos, is exactly the unmasked prefix of the eval sample.
+    # The prompt ids are exactly the unmasked prefix of the eval sample, and the prompt's text.
     for row, sample in zip(data.eval_rows, data.eval):
-        n = 1 + len(tok.encode(row["prompt"], add_special_tokens=False))
+        n = len(row["prompt_ids"])
+        assert row["prompt_ids"] == sample["input_ids"][:n] == [1] + tok.encode(row["prompt"], add_special_tokens=False)
         assert sample["labels"][:n] == [IGNORE_INDEX] * n and sample["labels"][n] != IGNORE_INDEX
 
 

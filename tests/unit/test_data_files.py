@@ -217,7 +217,7 @@ def test_no_rows_left_names_the_file_and_why_the_first_was_dropped(tmp_path, tok
 
 
 class CountingTokenizer:
-    """The real tokenizer, noting how many characters each encode() call was given."""
+    """The real tokenizer, noting how many characters each encoding call was given."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.encoded = tokenizer, []
@@ -225,6 +225,13 @@ class CountingTokenizer:
     def encode(self, text, **kw):
         self.encoded.append(len(text))
         return self.tokenizer.encode(text, **kw)
+
+    def __call__(self, text, **kw):
+        self.encoded.append(len(text))
+        return self.tokenizer(text, **kw)
+
+    def __len__(self):
+        return len(self.tokenizer)
 
     def __getattr__(self, name):
         return getattr(self.tokenizer, name)

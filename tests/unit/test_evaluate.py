@@ -126,13 +126,50 @@ def test_token_f1_partial_overlap():
 
 
 def test_rouge_l_values():
-    # LCS of [cat sat mat] and [cat on mat sat] has length 2: P=2/3, R=2/4, F=4/7 (F1 says 6/7).
-    assert rouge_l("cat sat mat", "the cat on the mat sat") == pytest.approx(4 / 7)
-    assert rouge_l("the cat sat on a mat", "The cat was on the mat.") == pytest.approx(0.75)
-    assert rouge_l("68", "68") == 1.0
+    # rouge-score's tokenizer keeps articles: LCS of [cat sat mat] and [the cat on the mat sat] is
+    # [cat mat] (or [cat sat]): P=2/3, R=2/6, F=4/9 (F1, a SQuAD-normalised token bag, says 6/7).
+    assert rouge_l("cat sat mat", "the cat on the mat sat") == pytest.approx(4 / 9)
+    # LCS [the cat on mat] of 6 and 6 tokens: 4/6.
+    assert rouge_l("the cat sat on a mat", "The cat was on the mat.") == pytest.approx(2 / 3)
+    assert rouge_l("68", "68") == 1.0 and rouge_l("Paris, France.", "paris france") == 1.0
     assert rouge_l("68", "86") == 0.0
-    assert rouge_l("café", "café") == 1.0  # rouge_score's own tokenizer would score this 0
-    assert rouge_l("", "") == 1.0 and rouge_l("", "68") == 0.0
+    assert rouge_l("café", "café") == 1.0 and rouge_l("café", "cafe") == 0.0  # both "caf"; "caf" vs "cafe"
+    assert rouge_l("running", "runs") == 0.0  # no stemming
+
+
+def test_rouge_l_is_rouge_score_not_squad_tokens():
+    # rouge-score splits "3.14" into [3, 14]; SQuAD normalisation (the old tokenizer) made both "314".
+    assert rouge_l("3.14", "314") == 0.0
+    assert exact_match("3.14", "314") == 1.0  # exact_match stays SQuAD v1.1
+    # No [a-z0-9] characters, no tokens: rouge-score gives 0.0, even for the answer itself, and for
+    # empty strings; exact_match and f1 still see the Cyrillic answer.
+    assert rouge_l("Москва", "Москва") == 0.0 and token_f1("Москва", "Москва") == 1.0
+    assert rouge_l("", "") == 0.0 and rouge_l("", "68") == 0.0 and rouge_l("68", "") == 0.0
+    # Order matters: the same bag of words (f1 = 1.0), but the longest common subsequence of
+    # [the dog bit the man] and [the man bit the dog] is [the bit the]: 3/5. (With the articles
+    # dropped, as before, it was 1/3.)
+    assert token_f1("the dog bit the man", "the man bit the dog") == 1.0
+    assert rouge_l("the dog bit the man", "the man bit the dog") == pytest.approx(3 / 5)
+
+
+def test_rouge_l_equals_a_direct_rouge_score_call():
+    from rouge_score.rouge_scorer import RougeScorer
+
+    scorer = RougeScorer(["rougeL"], use_stemmer=False)
+    pairs = [
+        ("The U.S.A. won in 1994!", "usa won 1994"),
+        ("running fast, the dog", "the dog runs fast"),
+        ("3.14159", "3.14"),
+        ("a an the", "the"),
+        ("Ёлка café 42", "ёлка cafe 42"),
+        ("one two three four", "four three two one"),
+        ("New York City", "new york"),
+    ]
+    direct = [scorer.score(reference, prediction)["rougeL"].fmeasure for prediction, reference in pairs]
+    assert [rouge_l(prediction, reference) for prediction, reference in pairs] == direct
+    # By hand, so a change of rouge-score's tokenizer would show too (the old SQuAD-token scores
+    # were 6/7, 1/3, 0, 1, 2/3, 1/4, 4/5).
+    assert direct == pytest.approx([0.4, 0.5, 0.5, 0.5, 0.5, 0.25, 0.8])
 
 
 def test_generation_metrics_means():
@@ -370,8 +407,21 @@ def test_write_report(tmp_path):
     assert "| add | 1 | 0.0000 | 1.0000 | +1.0000 |" in text
     assert "````text\nAdd ```12|56```\n\n````" in text  # the fence outlasts the prompt's backticks
     assert "| a\\|b<br>c | base &lt;out&gt; | tuned\\*out\\* |" in text
+    # The report says how each number is computed, between the tables and the samples.
+    how = text.split("## How the metrics are computed\n", 1)[1].split("## Samples", 1)[0]
+    assert "## Exact match per task" in text.split("## How the metrics are computed")[0]
+    definitions = {line.split(":", 1)[0]: line for line in how.strip().splitlines()}
+    assert set(definitions) == {"- loss", "- answers", "- exact_match, f1", "- exact_match_strict", "- rouge_l"}
+    assert "token-weighted mean negative log-likelihood" in definitions["- loss"]
+    assert "perplexity = exp(loss), with the loss capped at 100" in definitions["- loss"]
+    assert "greedy" in definitions["- answers"] and "`eval.max_new_tokens`" in definitions["- answers"]
+    assert "SQuAD v1.1" in definitions["- exact_match, f1"]
+    assert "identical after stripping" in definitions["- exact_match_strict"]
+    assert "rougeL F-measure of the rouge-score package" in definitions["- rouge_l"]
+    assert "default tokenizer" in definitions["- rouge_l"] and "no stemming" in definitions["- rouge_l"]
 
     write_report(str(path), None, after, meta)
     text = path.read_text()
     assert "| metric | tuned |" in text and "| loss | 1.2500 |" in text and "base" not in text
+    assert "## How the metrics are computed\n\n- loss: " in text
     assert "| a\\|b<br>c | tuned\\*out\\* |" in text
