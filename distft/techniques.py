@@ -71,9 +71,17 @@ def peft_config(technique: TechniqueConfig) -> Optional[Any]:
     return None
 
 
-def build_base(cfg: Config, dtype: torch.dtype):
-    """The base model as the technique needs it (4-bit for QLoRA)."""
-    return build_model(cfg.model, dtype=dtype, quantization_config=quantization_config(cfg.technique))
+def build_base(cfg: Config, dtype: torch.dtype, tokenizer=None, meta: bool = False):
+    """The base model as the technique needs it (4-bit for QLoRA), its embeddings fitted to the
+    tokenizer (`vocab.fit_embeddings`: resized for full fine-tuning of a path model, refused where
+    the new rows could not be trained). `tokenizer` None: the run's own, loaded only where a
+    resize can happen, so every rebuild of a resized base has the same shape and weights.
+    `meta`: on the meta device (FSDP's sharded build; never QLoRA)."""
+    from distft.vocab import fit_embeddings
+
+    quantization = None if meta else quantization_config(cfg.technique)
+    model = build_model(cfg.model, dtype=dtype, meta=meta, quantization_config=quantization)
+    return fit_embeddings(model, cfg, tokenizer)
 
 
 def apply_technique(model, cfg: Config, tokenizer=None):
@@ -135,7 +143,7 @@ def _init_prompt_from_text(model, technique: TechniqueConfig, tokenizer) -> None
 
 def build_trainable_model(cfg: Config, dtype: torch.dtype, tokenizer=None):
     """Base + technique: the model the engine trains."""
-    return apply_technique(build_base(cfg, dtype), cfg, tokenizer)
+    return apply_technique(build_base(cfg, dtype, tokenizer), cfg, tokenizer)
 
 
 def is_peft(model) -> bool:

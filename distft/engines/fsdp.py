@@ -276,15 +276,14 @@ def build_meta_model(cfg: Config, dtype: torch.dtype, tokenizer=None) -> torch.n
     """The trainable model (base + technique) on the meta device: no memory until the engine
     shards it and fills the local shards from rank 0. QLoRA cannot: bitsandbytes quantises while
     weights load, so its 4-bit base must be built for real."""
-    from distft.model import build_model
-    from distft.techniques import apply_technique
+    from distft.techniques import apply_technique, build_base
 
     if cfg.technique.name == "qlora":
         raise ValueError("technique=qlora cannot be built on the meta device (bitsandbytes quantises while loading)")
     # PEFT's initialisers advance the RNG even on meta tensors: restore it, so that rank 0's real
     # build in materialize_from_rank0 draws exactly what an eager build would have drawn.
     with torch.random.fork_rng(devices=[]):
-        return apply_technique(build_model(cfg.model, dtype=dtype, meta=True), cfg, tokenizer)
+        return apply_technique(build_base(cfg, dtype, tokenizer, meta=True), cfg, tokenizer)
 
 
 def materialize_from_rank0(model: torch.nn.Module, cfg: Config, device: torch.device) -> None:
