@@ -6,7 +6,7 @@ default job's size) with distft's built-in tokenizer (a Rust `tokenizers` fast t
 - raw tokenizer: one batched `tokenizer(texts)` call over the rows' full texts (prompt and
   response as the template lays them out), the most a tokenizer alone can do;
 - distft pipeline: `prepare_data` (load, clean with counts and de-duplication, template, tokenize
-  piece by piece with the loss mask, split, report) and then one epoch of packed rows
+  each row's whole text once, masked by offsets, split, report) and then one epoch of packed rows
   (`TrainBatches`: shuffle, pack, shuffle rows) as training sees them.
 
     ratio = pipeline tokens/s / raw tokenizer tokens/s   (same tokens)

@@ -69,9 +69,23 @@ class DataReport:
     train_tokens: int = 0
     train_target_tokens: int = 0
     packing_fill: Optional[float] = None  # share of non-pad tokens in the packed training rows
+    # The first dropped row of each kind ("malformed", ...): "row 3 (line 4) of FILE: why".
+    first_dropped: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def notes(self, cfg: DataConfig) -> list[tuple[str, str]]:
+        """(level, message) lines that say why rows were dropped: the first row of each kind of
+        drop, then a warning naming the likely fix when more than DROP_WARNING of the rows went."""
+        lines = [("info", f"data: first {rule} row dropped: {where}") for rule, where in self.first_dropped.items()]
+        dropped = {rule: getattr(self, rule) for rule in ("malformed", "empty", "duplicate", "overlong")}
+        total = sum(dropped.values())
+        if self.loaded and total > DROP_WARNING * self.loaded:
+            worst = max(dropped, key=dropped.get)
+            lines.append(("warning", f"data: {total} of {self.loaded} rows ({total / self.loaded:.0%}) were dropped, "
+                                     f"most as {worst} ({dropped[worst]}); {_likely_fix(worst, cfg)}"))
+        return lines
 
     def summary(self) -> str:
         dropped = self.malformed + self.empty + self.duplicate + self.overlong
@@ -83,6 +97,21 @@ class DataReport:
             f"{self.train_tokens} train tokens ({self.train_target_tokens} targets)"
             + (f", packed {self.packing_fill:.1%} non-pad" if self.packing_fill is not None else "")
         )
+
+
+DROP_WARNING = 0.10  # share of dropped rows above which the data report warns
+
+
+def _likely_fix(rule: str, cfg: DataConfig) -> str:
+    if rule == "malformed":
+        return (f"check data.format={cfg.format} and the field names (data.instruction_field={cfg.instruction_field}, "
+                f"output_field={cfg.output_field}, messages_field={cfg.messages_field}, text_field={cfg.text_field}); "
+                "for conversations the chat template rejects, data.chat_template (e.g. headers)")
+    if rule == "overlong":
+        return f"raise data.max_seq_len={cfg.max_seq_len}, or data.drop_overlong=false to cut such rows instead"
+    if rule == "empty":
+        return f"check that data.output_field={cfg.output_field} (or the messages' content) names the filled column"
+    return "the data repeats rows (same prompt and response after collapsing whitespace): deduplicate it at the source"
 
 
 @dataclass
@@ -254,6 +283,7 @@ def clean(raw: list[RawRow], cfg: DataConfig, tokenizer, report: DataReport, see
                     "data.on_bad_rows=drop to skip such rows (they are counted in the data report)"
                 ) from None
             setattr(report, rejected.rule, getattr(report, rejected.rule) + 1)
+            report.first_dropped.setdefault(rejected.rule, f"{record.where}: {rejected.reason}")
             continue
         seen.add(key)
         report.truncated += truncated

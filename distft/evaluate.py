@@ -557,7 +557,7 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, num_samples: in
                               stop_ids=data.stop_ids)
 
     after = score(tuned)
-    before = score(load_base(cfg)) if compare_base else None
+    before = score(load_base(cfg, tokenizer=tokenizer)) if compare_base else None
     meta = {"experiment": cfg.run.experiment, "technique": cfg.technique.name, "model": model_label(cfg.model),
             "checkpoint": checkpoint, "steps": read_meta(checkpoint)["step"]}
     write_report(out, before, after, meta, num_samples=cfg.eval.report_samples)

@@ -103,11 +103,13 @@ def load_model(checkpoint: str, dtype: torch.dtype = torch.float32, quantized: b
         raise CheckpointError(f"{checkpoint}: {err}") from None
 
 
-def load_base(cfg: Config, dtype: torch.dtype = torch.float32):
-    """The untuned base of a run (for base-vs-tuned reports), quantised as in training."""
+def load_base(cfg: Config, dtype: torch.dtype = torch.float32, tokenizer=None):
+    """The untuned base of a run (for base-vs-tuned reports), quantised as in training, with its
+    embeddings resized as training resized them (`vocab.fit_embeddings`; `tokenizer` None: the
+    run's own, from `cfg.model`), so the held-out batches' added tokens index real rows."""
     from distft.techniques import build_base
 
-    return build_base(cfg, dtype)
+    return build_base(cfg, dtype, tokenizer)
 
 
 def export(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> str:
@@ -120,6 +122,7 @@ def export(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.float32, tr
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise CheckpointError(f"export directory {out_dir} is not empty; choose a new --out directory")
     cfg, model, tokenizer = load_model(checkpoint, dtype=dtype, quantized=False, trust_remote_code=trust_remote_code)
+    set_generation_stops(model, tokenizer, cfg)
     tmp = out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if cfg.technique.name in ("prefix", "prompt"):
@@ -146,6 +149,26 @@ def export(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.float32, tr
         os.rmdir(out_dir)  # empty, checked above
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def set_generation_stops(model, tokenizer, cfg: Config) -> list[int]:
+    """Write the run's stop tokens (eos, the chat template's end-of-turn token, data.stop_tokens:
+    `templates.stop_token_ids`) into the model's generation_config, with the tokenizer's bos and
+    pad, so `model.generate()` of the export stops where the tuned model ends its answers."""
+    from distft.templates import TemplateError, stop_token_ids
+
+    try:
+        ids = stop_token_ids(tokenizer, cfg.data.stop_tokens)
+    except TemplateError as err:
+        raise CheckpointError(str(err)) from None
+    for target in {id(m): m for m in (model, getattr(model, "get_base_model", lambda: model)())}.values():
+        generation = target.generation_config
+        generation.eos_token_id = ids[0] if len(ids) == 1 else ids
+        generation.bos_token_id = tokenizer.bos_token_id
+        generation.pad_token_id = tokenizer.pad_token_id
+        target.config.bos_token_id, target.config.eos_token_id = tokenizer.bos_token_id, ids[0] if ids else None
+        target.config.pad_token_id = tokenizer.pad_token_id
+    return ids
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -173,6 +173,12 @@ def path_problems(cfg: Config) -> list[str]:
         except (OSError, ValueError) as err:
             errors.append(f"model.name_or_path={name!r}: its config.json is unreadable ({err}); restore the "
                           "model's config.json (save_pretrained writes it)")
+    from distft.vocab import preflight_problems  # torch-free: tokenizer.json counted by `tokenizers`
+
+    errors += preflight_problems(cfg)
+    from distft.templates import chat_template_problems
+
+    errors += chat_template_problems(cfg)
     # The run directory (and the SLURM log folder) must be creatable: no file where a folder goes.
     from distft.config import run_dir
 

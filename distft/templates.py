@@ -29,6 +29,7 @@ header wordings, so a model does not latch onto one exact string.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -286,3 +287,64 @@ def stop_tokens(tokenizer, extra: Sequence[str] = ()) -> list[str]:
 def stop_token_ids(tokenizer, extra: Sequence[str] = ()) -> list[int]:
     """`stop_tokens` as ids, for generation and the exported generation_config."""
     return [int(tokenizer.convert_tokens_to_ids(token)) for token in stop_tokens(tokenizer, extra)]
+
+
+def _first_jsonl_record(path: str) -> Optional[dict]:
+    import json
+
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if line.strip():
+                    value = json.loads(line)
+                    return value if isinstance(value, dict) else None
+    except (OSError, ValueError):
+        return None  # unreadable files are path_problems' to report
+    return None
+
+
+def _needs_chat_template(data) -> bool:
+    """True when the run renders conversations: template=chat, format=chat, or (format=auto) a
+    JSON Lines data file whose first row has the messages field (other sources: not known here)."""
+    if data.template == "chat" or data.format == "chat":
+        return True
+    if data.format != "auto" or data.source != "jsonl":
+        return False
+    paths = [p for p in (data.path, data.eval_path) if p]
+    return any(data.messages_field in (_first_jsonl_record(os.path.expanduser(p)) or {}) for p in paths)
+
+
+def _local_tokenizer_has_chat_template(directory: str) -> Optional[bool]:
+    """Whether a tokenizer directory ships a chat template (tokenizer_config.json's chat_template,
+    or chat_template.jinja / .json beside it); None when it is not a readable local directory."""
+    import json
+
+    if not os.path.isdir(directory):
+        return None
+    if any(os.path.isfile(os.path.join(directory, name)) for name in ("chat_template.jinja", "chat_template.json")):
+        return True
+    try:
+        with open(os.path.join(directory, "tokenizer_config.json")) as f:
+            return bool(json.load(f).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def chat_template_problems(cfg) -> list[str]:
+    """Preflight (no tokenizer is loaded): `data.chat_template` names a template, and chat data
+    with a local tokenizer that has no chat template is refused before any run directory exists.
+    A hub tokenizer is checked by the trainer, when it is loaded."""
+    data, model = cfg.data, cfg.model
+    choice = data.chat_template
+    if choice is not None and choice not in NAMED_CHAT_TEMPLATES and not ("{{" in choice or "{%" in choice):
+        return [f"data.chat_template={choice!r} is neither a named template ({', '.join(NAMED_CHAT_TEMPLATES)}) nor a "
+                "Jinja template (a string with {{ ... }} or {% ... %}); null uses the tokenizer's own"]
+    if choice or not _needs_chat_template(data):
+        return []
+    source = model.tokenizer or model.name_or_path
+    if source is None:
+        return []  # the built-in tokenizer has a chat template
+    if _local_tokenizer_has_chat_template(os.path.expanduser(source)) is False:
+        key = "model.tokenizer" if model.tokenizer else "model.name_or_path"
+        return [missing_chat_template(f"{key}={source!r}")]
+    return []

@@ -124,8 +124,22 @@ def _start(cfg: Config, info, run_dir: str, device: torch.device, stop) -> dict:
     return _train(cfg, info, run_dir, summary_path, device, stop)
 
 
+def _check_vocab(cfg: Config, tokenizer) -> None:
+    """A tokenizer longer than the model's embedding stops the run here, before the data and the
+    model load (`vocab.vocab_problem`); a full fine-tuning that can resize goes on, and the base
+    build resizes (`vocab.fit_embeddings`)."""
+    from distft.model import ModelLoadError
+    from distft.vocab import embedding_rows, vocab_problem
+
+    rows = embedding_rows(cfg.model)
+    problem = vocab_problem(cfg, len(tokenizer), rows) if rows is not None else None
+    if problem:
+        raise ModelLoadError(problem)
+
+
 def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.device, stop) -> dict:
     tokenizer = load_tokenizer(cfg.model)
+    _check_vocab(cfg, tokenizer)
 
     from distft.data import TrainBatches, eval_batches, prepare_data
 
@@ -136,6 +150,8 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
         raise DataError(f"no held-out rows: {data.report.summary()}; every run scores the model on held-out rows "
                         "before and after training: set data.eval_size / data.eval_fraction above 0, or data.eval_path")
     log.info("%s", data.report.summary())
+    for level, line in data.report.notes(cfg.data):
+        getattr(log, level)("%s", line)
 
     from distft.engines import autocast_dtype, build_engine, build_model_for_engine
     from distft.techniques import base_model_context
@@ -170,7 +186,7 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
     resumed_from = _resume(run_dir, engine, batches, state, tracker, cfg, info)
     if resumed_from is None and cfg.eval.compare_base:
         with base_model_context(engine.unwrapped()):
-            state["eval_before"] = _evaluate(engine, tokenizer, held_out, data.eval_rows, cfg)
+            state["eval_before"] = _evaluate(engine, tokenizer, held_out, data, cfg)
         log.info("base model: %s", _fmt_eval(state["eval_before"]))
         tracker.log(0, {"eval_loss": state["eval_before"]["loss"]})
     eval_before = state["eval_before"]
@@ -231,7 +247,7 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
         dist.barrier()
         raise preempted
 
-    eval_after = _evaluate(engine, tokenizer, held_out, data.eval_rows, cfg)
+    eval_after = _evaluate(engine, tokenizer, held_out, data, cfg)
     log.info("tuned model: %s", _fmt_eval(eval_after))
     tracker.log(state["step"], {"eval_loss": eval_after["loss"]})
     final_checkpoint = checkpoints.save(state["step"])
@@ -375,10 +391,11 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def _evaluate(engine, tokenizer, held_out, eval_rows, cfg: Config) -> dict:
+def _evaluate(engine, tokenizer, held_out, data, cfg: Config) -> dict:
     from distft.evaluate import evaluate_model
 
-    result = evaluate_model(engine.unwrapped(), tokenizer, held_out, eval_rows, cfg.eval, engine.device,
+    result = evaluate_model(engine.unwrapped(), tokenizer, held_out, data.eval_rows, cfg.eval, engine.device,
+                            stop_ids=data.stop_ids,
                             autocast_ctx=engine.autocast)
     engine.train()
     return result

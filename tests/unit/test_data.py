@@ -588,3 +588,22 @@ def test_train_batches_shard_ranks_disjointly_and_match_one_process(samples):
         assert sorted(one) == sorted(per_rank[0] + per_rank[1])
     with pytest.raises(DataError, match="fewer than one optimizer step"):
         TrainBatches(samples[:3], 4, 128, False, pad_id=3, seed=0)
+
+
+def test_the_data_report_says_why_rows_were_dropped_and_warns_above_ten_percent(tmp_path, tok):
+    rows = [*alpaca_rows(6), {"instruction": "x", "answer": "y"}, {"instruction": "z", "answer": "w"},
+            {"instruction": "Repeat.", "input": "", "output": "ab " * 200}]
+    cfg = cfg_for(write_jsonl(tmp_path / "t.jsonl", rows), max_seq_len=128)
+    data = prepare_data(cfg, tok)
+    assert (data.report.malformed, data.report.overlong) == (2, 1)
+    notes = data.report.notes(cfg)
+    assert notes[0][0] == "info" and "first malformed row dropped: row 6 (line 7)" in notes[0][1]
+    assert "no output field 'output'" in notes[0][1]
+    assert notes[1][0] == "info" and "first overlong row dropped: row 8 (line 9)" in notes[1][1]
+    level, warning = notes[2]
+    assert level == "warning" and "3 of 9 rows (33%) were dropped, most as malformed (2)" in warning
+    assert "data.instruction_field=instruction, output_field=output" in warning
+    # Below the threshold: the examples, no warning.
+    few = cfg_for(write_jsonl(tmp_path / "few.jsonl", [*alpaca_rows(20), rows[6]]))
+    few_data = prepare_data(few, tok)
+    assert [level for level, _ in few_data.report.notes(few)] == ["info"]
