@@ -95,7 +95,7 @@ def load_model(checkpoint: str, dtype: torch.dtype = torch.float32, quantized: b
             return cfg, model, tokenizer
         from peft import PeftModel
 
-        base = build_base(cfg, dtype)
+        base = build_base(cfg, dtype, tokenizer)
         if not quantized:
             base = dequantize_base(base).to(dtype)
         return cfg, PeftModel.from_pretrained(base, model_dir), tokenizer
@@ -118,7 +118,11 @@ def export(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.float32, tr
     Refuses to write into a non-empty directory: export never overwrites earlier results.
     """
     checkpoint = resolve_checkpoint(checkpoint, announce=True)
-    out_dir = os.path.abspath(out_dir)
+    out_dir = os.path.abspath(os.path.expanduser(out_dir))
+    real = os.path.realpath(checkpoint)
+    if os.path.commonpath([os.path.realpath(out_dir), real]) == real:
+        raise CheckpointError(f"--out {out_dir} is inside the checkpoint {checkpoint}, which is never written to after "
+                              "its commit (it would no longer match its manifest); choose a directory outside it")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise CheckpointError(f"export directory {out_dir} is not empty; choose a new --out directory")
     cfg, model, tokenizer = load_model(checkpoint, dtype=dtype, quantized=False, trust_remote_code=trust_remote_code)

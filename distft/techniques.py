@@ -81,6 +81,12 @@ def build_base(cfg: Config, dtype: torch.dtype, tokenizer=None, meta: bool = Fal
 
     quantization = None if meta else quantization_config(cfg.technique)
     model = build_model(cfg.model, dtype=dtype, meta=meta, quantization_config=quantization)
+    if cfg.model.name_or_path is None and tokenizer is not None:
+        # A from-scratch architecture knows no tokenizer (its config says bos 1, eos 2, LLaMA's
+        # ids); generation reads these, so they must be the tokenizer's (id 2 is a byte elsewhere).
+        for target in (model.config, model.generation_config):
+            target.bos_token_id, target.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+            target.pad_token_id = tokenizer.pad_token_id
     return fit_embeddings(model, cfg, tokenizer)
 
 

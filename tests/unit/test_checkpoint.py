@@ -219,6 +219,8 @@ def test_evaluate_then_export_leave_the_checkpoint_sound_and_resumable(interrupt
     assert capsys.readouterr().out.splitlines()[0] == f"report: {report}"
     assert "- checkpoint: " + newest in open(report).read()
     assert sorted(os.listdir(newest)) == listing and verify(newest) == []
+    assert export.main([interrupted, "--out", os.path.join(newest, "merged")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"distft: --out {newest}/merged is inside the checkpoint")
     assert export.main([interrupted, "--out", str(tmp_path / "merged")]) == 0, capsys.readouterr().err
     assert os.path.exists(tmp_path / "merged" / "config.json")
     assert find_resumable(interrupted) == newest and not os.path.exists(newest + ".damaged")

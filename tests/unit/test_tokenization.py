@@ -270,3 +270,14 @@ def test_preflight_checks_the_chat_template_before_anything_runs(tmp_path):
     _, errors = preflight([*common, f"data.path={alpaca}", "data.chat_template=chatml"])
     assert errors and "data.chat_template='chatml' is neither a named template (headers) nor a Jinja" in errors[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_from_scratch_model_generates_with_its_tokenizers_special_ids():
+    """LLaMA's ids (bos 1, eos 2) are a byte token of the llama3 family: generation would stop at it."""
+    from distft.config import Config, ModelConfig
+    from distft.techniques import build_base
+
+    tok = build_tokenizer("llama3")
+    model = build_base(Config(model=ModelConfig(vocab_size=len(tok), num_hidden_layers=1)), torch.float32, tok)
+    for target in (model.config, model.generation_config):
+        assert (target.bos_token_id, target.eos_token_id) == (tok.bos_token_id, tok.eos_token_id) == (995, 999)
