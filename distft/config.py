@@ -279,6 +279,13 @@ class TrainConfig:
     max_steps: int = 300
     global_batch_size: int = 16  # sequences per optimizer step, over all ranks and accumulations
     micro_batch_size: int = 4  # sequences per forward pass on one rank
+    # The schedule (engines.lr_lambda), as a multiplier of `lr` for optimizer step s (0-based):
+    # warm-up (s + 1) / warmup_steps for s < warmup_steps, so the first step already trains at
+    # lr / warmup_steps and step warmup_steps - 1 at the peak. Hugging Face's
+    # get_*_schedule_with_warmup(num_warmup_steps=W) uses s / W: its first step runs at lr 0 and it
+    # reaches the peak one step later; after warm-up the two agree. Then cosine or linear decay to
+    # min_lr_ratio * lr at max_steps (Hugging Face decays to 0: train.min_lr_ratio=0), or constant.
+    # The lr logged for a step (metrics.jsonl, progress, W&B) is the one that step applied.
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0

@@ -147,6 +147,11 @@ def export(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.float32, tr
     else:
         if cfg.technique.name != "full":
             model = model.merge_and_unload()
+        bad = [name for name, value in model.state_dict().items()
+               if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+        if bad:
+            raise CheckpointError(f"{checkpoint} holds non-finite weights ({', '.join(bad[:3])}); nothing exported. "
+                                  "Export an earlier checkpoint (checkpoints/step_N)")
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     if os.path.isdir(out_dir):

@@ -6,6 +6,7 @@ out):
     kill_after_shards:8        SIGKILL after every shard of step 8 is written, before the manifest
     kill_before_commit:8       SIGKILL after the manifest, before the commit marker (rank 0 writes it)
     nan_loss:5:1               rank 1's loss at step 5 becomes NaN (before backward)
+    nan_weights:3              a trainable weight becomes NaN right after step 3's update
     raise_at_step:3:1          rank 1 raises an error at step 3 (a crash on one node)
 
 A fault fires once per process. Nothing reads the variable unless it is set, and it is never set
@@ -49,6 +50,11 @@ def point(where: str, step: int) -> None:
 def corrupt_loss(step: int) -> bool:
     """True when a `nan_loss` fault asks this rank's loss at `step` to become NaN."""
     return _active("nan_loss", step)
+
+
+def corrupt_weights(step: int) -> bool:
+    """True when a `nan_weights` fault asks this rank to poison a weight after `step`'s update."""
+    return _active("nan_weights", step)
 
 
 def crash(step: int) -> None:

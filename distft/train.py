@@ -205,6 +205,7 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
     while state["step"] < cfg.train.max_steps:
         started = time.time()
         micro_batches = [next(iterator) for _ in range(accum)]
+        lr = engine.lr()  # what this step applies: the scheduler moves it on after the update
         loss_total, step_targets, grad_norm, local_finite = optimizer_step(engine, micro_batches, state["step"] + 1)
         state["step"] += 1
         step_time = time.time() - started
@@ -219,12 +220,13 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
         if not math.isfinite(loss_total) or (not math.isfinite(grad_norm) and not fp16):
             _nonfinite_step(step, loss_total, grad_norm, local_finite, cfg, state, tracker, checkpoints)
         else:
+            _check_weights_finite(engine, step)
             last_loss = loss_total / max(step_targets, 1)
             tokens_per_s = step_tokens / max(step_time, 1e-9)
             if step % cfg.train.log_every == 0 or step == 1:
-                tracker.log(step, {"loss": last_loss, "lr": engine.lr(), "grad_norm": grad_norm,
+                tracker.log(step, {"loss": last_loss, "lr": lr, "grad_norm": grad_norm,
                                    "tokens_per_s": tokens_per_s, "step_time_s": step_time})
-            progress.update(step, last_loss, engine.lr(), tokens_per_s)
+            progress.update(step, last_loss, lr, tokens_per_s)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
             if _periodic_eval(engine, held_out, cfg, state, tracker):
                 log.info("early stopping at step %d: eval loss did not improve for %d evals",
@@ -342,8 +344,48 @@ def optimizer_step(engine, micro_batches: list[dict], step: int = 0) -> tuple[fl
         loss_total += loss_sum.detach()
     local_finite = bool(torch.isfinite(loss_total))
     grad_norm = engine.step()
+    if faults.corrupt_weights(step):
+        with torch.no_grad():  # as a bad update would: one trainable weight turns NaN
+            _local(next(p for p in engine.unwrapped().parameters() if p.requires_grad)).view(-1)[0] = float("nan")
     dist.all_reduce_sum(loss_total)
     return float(loss_total), int(step_targets.item()), grad_norm, local_finite
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """The part of a parameter this rank holds: ZeRO-3's partition, an FSDP2 DTensor's shard."""
+    if getattr(param, "ds_tensor", None) is not None:
+        return param.ds_tensor
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
+def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of the trainable parameters with a NaN or inf in this rank's part of them. One fused
+    norm per parameter and a single host sync, so it can run after every step: the norm of finite
+    values is finite (float32 accumulation), of anything else not."""
+    named = [(name, _local(p)) for name, p in model.named_parameters() if p.requires_grad]
+    named = [(name, t) for name, t in named if t.numel()]
+    if not named:
+        return []
+    norms = torch._foreach_norm([t for _, t in named])
+    finite = torch.isfinite(torch.stack([n.float() for n in norms]))
+    if bool(finite.all()):
+        return []
+    return [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
+
+
+def _check_weights_finite(engine, step: int) -> None:
+    """Every rank, after an applied step: a step that left any trainable weight non-finite (an
+    update that overflowed, fp16 arithmetic) ends the run before anything is saved from it."""
+    bad = nonfinite_parameters(engine.unwrapped())
+    if not dist.any_rank(bool(bad), engine.device):
+        return
+    names = dist.all_gather_object(bad[:3])
+    where = "; ".join(f"rank {r}: {', '.join(n)}" for r, n in enumerate(names) if n)
+    raise NonFiniteError(
+        f"step {step} left trainable weights non-finite ({where}) although its loss and gradients were finite; "
+        "stopped without saving anything from it (checkpoints already written are untouched; rerunning resumes from "
+        "the newest). Lower train.lr, or use model.dtype=float32/bfloat16 weights (fp16 weights cannot hold AdamW's "
+        "updates)")
 
 
 def _nonfinite_step(step, loss_total, grad_norm, local_finite, cfg: Config, state: dict, tracker: Tracker,
@@ -473,6 +515,10 @@ class _Checkpoints:
         from distft.checkpoint import save_checkpoint
 
         self.finish()  # one write at a time, in step order
+        bad = nonfinite_parameters(self.engine.unwrapped())
+        if dist.any_rank(bool(bad), self.device):  # never a checkpoint (or summary) of non-finite weights
+            raise NonFiniteError(f"refusing to save step {step}: trainable weights are non-finite "
+                                 f"({', '.join(bad[:3]) or 'on another rank'}); earlier checkpoints are untouched")
         weights = self.engine.gathered_state_dict()  # collective: every rank takes part
         trainer_state = {"step": step, "loop": dict(self.state), "data": self.batches.state_dict(),
                          "world_size": self.info.world_size, "parallel": self.cfg.parallel.strategy}

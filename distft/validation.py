@@ -430,8 +430,16 @@ def _check_model(cfg: Config, errors: list[str]) -> None:
             f"model.vocab_size={m.vocab_size} is smaller than the built-in offline tokenizer "
             f"({OFFLINE_TOKENIZER_VOCAB} tokens); set model.vocab_size >= {OFFLINE_TOKENIZER_VOCAB}"
         )
-    if cfg.technique.name == "full" and m.dtype == "float16" and cfg.train.precision != "fp32":
-        errors.append("model.dtype=float16 with technique=full trains fp16 master weights; use bfloat16 or float32")
+    if cfg.technique.name == "full" and m.dtype == "float16":
+        # In every precision: AdamW's eps (1e-8) is 0 in fp16, so the first update divides by zero
+        # (inf/NaN weights), updates below fp16's resolution vanish, and the fp16 loss scaler
+        # refuses to unscale fp16 gradients.
+        errors.append(
+            f"model.dtype=float16 with technique=full keeps the trained weights and AdamW's state in fp16 (with "
+            f"train.precision={cfg.train.precision}), where AdamW's eps 1e-8 is 0 and the first update turns weights "
+            "into inf/NaN; use model.dtype=float32 (train.precision=fp16 then computes in fp16 over fp32 weights) "
+            "or model.dtype=bfloat16"
+        )
 
 
 def _check_technique(cfg: Config, errors: list[str]) -> None:

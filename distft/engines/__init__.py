@@ -106,7 +106,9 @@ def build_engine(cfg: Config, model: torch.nn.Module, device: torch.device) -> E
 
 
 def lr_lambda(step: int, warmup_steps: int, max_steps: int, schedule: str, min_lr_ratio: float) -> float:
-    """Multiplier of the peak LR at `step`: linear warm-up, then cosine/linear decay or constant."""
+    """Multiplier of the peak LR for optimizer step `step` (0-based): warm-up (step + 1) / warmup_steps,
+    then cosine/linear decay to min_lr_ratio at max_steps, or constant. Hugging Face's warm-up is
+    step / warmup_steps (its first step at lr 0); see TrainConfig for the comparison."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant" or max_steps <= warmup_steps:

@@ -112,3 +112,47 @@ def test_early_stopping_stops_when_eval_loss_stops_improving(tmp_path):
     evals = [r["step"] for r in read_metrics(f"{summary['run_dir']}/metrics.jsonl") if "eval_perplexity" in r]
     assert evals == [2, 4, 6]
     assert math.isfinite(summary["eval_after"]["loss"])
+
+
+def test_the_logged_lr_is_the_lr_the_step_applied(tmp_path):
+    """metrics.jsonl's lr of step s (1-based) is the optimizer's lr during that step: the peak
+    times lr_lambda(s - 1). It used to log the scheduler's lr after the step, the next step's."""
+    from distft.tracking import read_metrics
+    from distft.train import train
+
+    cfg = compose("+experiment=tiny_full", f"run.root={tmp_path}", "train.max_steps=6", "train.warmup_steps=3",
+                  "train.log_every=1", "eval.num_samples=1", "eval.max_new_tokens=1", "eval.compare_base=false",
+                  "train.lr=1e-3")
+    summary = train(cfg)
+    logged = [(r["step"], r["lr"]) for r in read_metrics(f"{summary['run_dir']}/metrics.jsonl") if "lr" in r]
+    assert [s for s, _ in logged] == [1, 2, 3, 4, 5, 6]
+    for step, lr in logged:
+        assert lr == pytest.approx(1e-3 * lr_lambda(step - 1, 3, 6, "cosine", 0.1), rel=1e-12), step
+    assert logged[0][1] == pytest.approx(1e-3 / 3)  # the first step: 1/3 of the peak, not 2/3
+
+
+@pytest.mark.parametrize("precision", ["auto", "bf16", "fp16", "fp32"])
+def test_fp16_weights_for_full_fine_tuning_are_refused_in_every_precision(precision):
+    _, errors = preflight(["+experiment=tiny_full", "model.dtype=float16", f"train.precision={precision}"])
+    assert len(errors) == 1 and "model.dtype=float16 with technique=full keeps the trained weights" in errors[0]
+    assert "AdamW's eps 1e-8 is 0" in errors[0]
+
+
+def test_a_step_that_leaves_weights_non_finite_stops_the_run_before_anything_is_saved(tmp_path, monkeypatch):
+    """A weight turned NaN right after step 3's update (loss and gradients finite, as an fp16
+    overflow in the update does): the run stops at step 3 naming it; step 2's checkpoint is
+    intact, nothing of step 3 or later is saved, no summary is written."""
+    import os
+
+    from distft.checkpoint import verify
+    from distft.train import NonFiniteError, train
+
+    monkeypatch.setenv("DISTFT_FAULTS", "nan_weights:3")
+    run_dir = tmp_path / "run"
+    cfg = compose("+experiment=tiny_full", f"run.dir={run_dir}", "train.max_steps=6", "checkpoint.save_every=2",
+                  "eval.num_samples=1", "eval.max_new_tokens=1", "eval.compare_base=false")
+    with pytest.raises(NonFiniteError, match=r"step 3 left trainable weights non-finite \(rank 0: model\.embed_tokens"):
+        train(cfg)
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["latest", "step_000002"]
+    assert verify(str(run_dir / "checkpoints" / "step_000002")) == []
+    assert not (run_dir / "summary.json").exists()
