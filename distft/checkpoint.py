@@ -136,6 +136,11 @@ def save_checkpoint(
         if info.is_main:
             model = engine.unwrapped()
             extra = {"state_dict": weights} if weights is not None else {}
+            if hasattr(model, "peft_config"):
+                # An adapter never trains the embeddings or the head (vocab.py refuses a resize), and the
+                # base is rebuilt to load it: PEFT's "auto" would store the frozen head whenever lm_head is
+                # a LoRA target (262 MB per save at 7B).
+                extra["save_embedding_layers"] = False
             model.save_pretrained(os.path.join(tmp, "model"), safe_serialization=True, **extra)
             tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
             _write_json(os.path.join(tmp, TRAINER_STATE), trainer_state)

@@ -135,7 +135,7 @@ def export(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.float32, tr
         base.save_pretrained(os.path.join(tmp, "base"), safe_serialization=True)
         tokenizer.save_pretrained(os.path.join(tmp, "base"))
         model.peft_config[model.active_adapter].base_model_name_or_path = os.path.join(out_dir, "base")
-        model.save_pretrained(os.path.join(tmp, "adapter"))
+        model.save_pretrained(os.path.join(tmp, "adapter"), save_embedding_layers=False)  # base/ holds them
         note = (
             f"technique={cfg.technique.name} has no merged form. Load with:\n"
             "  base = AutoModelForCausalLM.from_pretrained('<out>/base')\n"

@@ -182,7 +182,8 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
 
     state = {"step": 0, "train_tokens": 0, "train_target_tokens": 0, "train_time_s": 0.0,
              "best_eval_loss": math.inf, "evals_without_improvement": 0, "stopped_early": False,
-             "eval_before": None, "nonfinite_steps": 0}
+             "eval_before": None, "nonfinite_steps": 0,
+             "train_loss_sum": 0.0, "train_loss_tokens": 0}  # over the applied steps: the run's mean loss
     resumed_from = _resume(run_dir, engine, batches, state, tracker, cfg, info)
     if resumed_from is None and cfg.eval.compare_base:
         with base_model_context(engine.unwrapped()):
@@ -222,6 +223,8 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
         else:
             _check_weights_finite(engine, step)
             last_loss = loss_total / max(step_targets, 1)
+            state["train_loss_sum"] += loss_total
+            state["train_loss_tokens"] += int(step_targets)
             tokens_per_s = step_tokens / max(step_time, 1e-9)
             if step % cfg.train.log_every == 0 or step == 1:
                 tracker.log(step, {"loss": last_loss, "lr": lr, "grad_norm": grad_norm,
@@ -284,7 +287,10 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
         "peak_memory_gb": round(memory.process_peak() / 2**30, 3),
         "peak_memory_kind": "cuda_allocated" if memory.cuda else "host_rss",
         "memory": memory_report,
-        "final_train_loss": last_loss,
+        "final_train_loss": last_loss,  # the last step's (token-weighted) loss
+        # Token-weighted mean over every applied step of the run, resumes included: what Hugging
+        # Face's Trainer reports as train_loss (it averages per-step losses; same with equal batches).
+        "mean_train_loss": state["train_loss_sum"] / state["train_loss_tokens"] if state["train_loss_tokens"] else None,
         "stopped_early": state["stopped_early"],
         "trainable_params": trainable,
         "total_params": total,

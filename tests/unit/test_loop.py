@@ -129,6 +129,10 @@ def test_the_logged_lr_is_the_lr_the_step_applied(tmp_path):
     for step, lr in logged:
         assert lr == pytest.approx(1e-3 * lr_lambda(step - 1, 3, 6, "cosine", 0.1), rel=1e-12), step
     assert logged[0][1] == pytest.approx(1e-3 / 3)  # the first step: 1/3 of the peak, not 2/3
+    # Both losses, named: the last step's and the run's token-weighted mean (Hugging Face's train_loss).
+    losses = [r["loss"] for r in read_metrics(f"{summary['run_dir']}/metrics.jsonl") if "loss" in r]
+    assert summary["final_train_loss"] == losses[-1]
+    assert min(losses) < summary["mean_train_loss"] < max(losses) and summary["mean_train_loss"] > losses[-1]
 
 
 @pytest.mark.parametrize("precision", ["auto", "bf16", "fp16", "fp32"])

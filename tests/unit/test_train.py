@@ -457,3 +457,16 @@ def test_cli_reports_an_unloadable_model_directory_clearly(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert f"model.name_or_path='{empty}'" in proc.stderr and "notes.txt" in proc.stderr
+
+
+def test_adapter_checkpoints_hold_the_adapter_only_even_with_lm_head_targeted(tiny_runs):
+    """tiny_lora targets lm_head: PEFT's default would also store the frozen head (and, at 7B, 262 MB
+    per save); the checkpoint holds LoRA matrices only, and loads and merges as before (the export
+    tests above)."""
+    from safetensors import safe_open
+
+    path = os.path.join(tiny_runs["lora"]["final_checkpoint"], "model", "adapter_model.safetensors")
+    with safe_open(path, "pt") as f:
+        keys = list(f.keys())
+    assert any("lm_head.lora_A" in k for k in keys)
+    assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys), [k for k in keys if "lora_" not in k]
