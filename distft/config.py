@@ -295,7 +295,13 @@ class TrainConfig:
     warmup_steps: int = 20
     schedule: str = "cosine"
     grad_clip: float = 1.0  # 0 disables clipping
-    precision: str = "auto"
+    precision: str = "auto"  # the compute dtype; auto: bf16 on bf16 GPUs, fp32 on the CPU
+    # Full fine-tuning keeps fp32 master weights and fp32 AdamW state on every engine and computes
+    # in `precision` (engines.weights_dtype). pure_bf16=true (single/ddp/fsdp, technique=full):
+    # weights, gradients and AdamW state in bf16 instead, half the model-state memory (8 bytes per
+    # parameter, not 16), but updates below bf16's resolution (~1/256 of a weight) are lost, so small
+    # learning rates train little. Warned about at start; the planner counts it.
+    pure_bf16: bool = False
     gradient_checkpointing: bool = False
     eval_every: int = 100  # 0: only before and after training
     eval_max_batches: int = 0  # 0: the whole eval split

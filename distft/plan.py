@@ -21,12 +21,15 @@ dtype) are reported as `params_quantized`.
 
 Model-state bytes per GPU, by engine (P all parameters, T trainable, W ranks sharing the state,
 L the largest FSDP unit's parameters, b the bytes of the model dtype: 2 for bf16, 4 for fp32):
-- DDP: weights P·b, gradients T·b, AdamW moments 2·T·b (torch keeps them in the parameter dtype;
-  distft trains bf16 models without fp32 masters under DDP and FSDP). PEFT stores adapters and
+- DDP: weights P·a, gradients T·a, AdamW moments 2·T·a (torch keeps them in the parameter dtype;
+  a = 4: full fine-tuning keeps fp32 master weights, engines.weights_dtype; 2 with
+  train.pure_bf16), and under 16-bit autocast the bf16 copies of the linear weights autograd
+  keeps (autocast_copy_bytes); activations in the compute dtype (compute_bytes). PEFT stores adapters and
   virtual tokens in fp32 (T·4 for their weights, gradients, and 2·T·4 moments), and QLoRA's
   preparation the frozen unquantised weights (embeddings, norms, head) too: trainable_bytes(),
   frozen_bytes().
-- FSDP: the same, divided by W; plus the largest unit gathered for compute (L·b: a decoder layer,
+- FSDP: the same, divided by W; plus the largest unit gathered for compute (L·c, c the compute
+  dtype's bytes: MixedPrecisionPolicy gathers in it; a decoder layer,
   or the root's embeddings, norm and head; gradients are reduce-scattered as they are produced).
 - ZeRO (DeepSpeed keeps fp32 masters and fp32 optimizer state next to the bf16 params; its
   accounting in `estimate_zero{2,3}_model_states_mem_needs`), with b = 2 for bf16: ZeRO-1
@@ -227,13 +230,56 @@ def param_bytes(cfg: Config) -> int:
     return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
 
 
+def fp32_masters(cfg: Config) -> bool:
+    """Full fine-tuning on single/ddp/fsdp keeps its weights in fp32 (engines.weights_dtype),
+    unless train.pure_bf16. (ZeRO keeps its own fp32 masters: its formulas below.)"""
+    return (cfg.technique.name == "full" and cfg.parallel.strategy in ("single", "ddp", "fsdp")
+            and not cfg.train.pure_bf16)
+
+
+def amp16(cfg: Config) -> bool:
+    """Whether the forward runs under 16-bit autocast (train.precision; auto: bf16 on GPUs)."""
+    precision = cfg.train.precision
+    return precision in ("bf16", "fp16") or (precision == "auto" and cfg.cluster.gpus_per_node > 0)
+
+
+def compute_bytes(cfg: Config) -> int:
+    """Bytes of the compute dtype: activations, FSDP's gathered units. 2 under 16-bit autocast,
+    else the dtype the weights are stored in."""
+    if amp16(cfg):
+        return 2
+    if cfg.technique.name == "full" and cfg.parallel.strategy in ("single", "ddp", "fsdp"):
+        return 2 if cfg.train.pure_bf16 else 4
+    return param_bytes(cfg)
+
+
 def trainable_bytes(cfg: Config) -> int:
-    """Bytes per trainable parameter as stored. PEFT keeps adapters and virtual tokens in fp32
-    whatever the base's dtype (get_peft_model's autocast_adapter_dtype), so their gradients and
-    Adam states are fp32 too; DeepSpeed casts the whole module to its 16-bit dtype."""
-    if cfg.technique.name == "full" or cfg.parallel.strategy.startswith("zero"):
+    """Bytes per trainable parameter as stored (its gradient and each AdamW moment alike). Full
+    fine-tuning: fp32 master weights on single/ddp/fsdp (2 with train.pure_bf16); PEFT keeps
+    adapters and virtual tokens in fp32 whatever the base's dtype (get_peft_model's
+    autocast_adapter_dtype); DeepSpeed casts the whole module to its 16-bit dtype (and keeps its
+    fp32 masters apart: model_state_bytes)."""
+    if cfg.parallel.strategy.startswith("zero"):
         return param_bytes(cfg)
+    if cfg.technique.name == "full":
+        return 4 if fp32_masters(cfg) else 2
     return 4
+
+
+def autocast_copy_bytes(cfg: Config, counts: ParameterCounts) -> int:
+    """16-bit copies of fp32 weights that autocast makes in forward and autograd keeps for
+    backward (single/DDP full fine-tuning with fp32 masters under 16-bit autocast): every linear
+    layer's weight, the output head included (the embeddings and norms run in fp32). FSDP gathers
+    16-bit parameters itself (MixedPrecisionPolicy), so autocast has nothing to cast there."""
+    if not (fp32_masters(cfg) and amp16(cfg) and cfg.parallel.strategy in ("single", "ddp")):
+        return 0
+    from distft.model import llama_config
+
+    model = llama_config(cfg.model)
+    embeddings = model.vocab_size * model.hidden_size
+    norms = (2 * model.num_hidden_layers + 1) * model.hidden_size
+    linear = counts.total - norms - (0 if model.tie_word_embeddings else embeddings)
+    return 2 * linear
 
 
 def frozen_bytes(cfg: Config) -> int:
@@ -257,7 +303,7 @@ def model_state_bytes(cfg: Config, counts: ParameterCounts) -> dict[str, int]:
         weights, grads, optimizer = held, t * a, 2 * t * a
     elif strategy == "fsdp":
         shard = ws if not cfg.parallel.fsdp.hybrid_shard else (cfg.parallel.fsdp.shard_size or cfg.launcher.nproc_per_node)
-        gathered = counts.largest_layer * b
+        gathered = counts.largest_layer * compute_bytes(cfg)  # MixedPrecisionPolicy gathers in the compute dtype
         weights = held / shard + gathered
         grads, optimizer = t * a / shard, 2 * t * a / shard
         if cfg.parallel.fsdp.cpu_offload:
@@ -299,6 +345,8 @@ def host_bytes(cfg: Config, counts: ParameterCounts) -> dict[str, int]:
     """
     n, nodes, technique = cfg.launcher.nproc_per_node, cfg.launcher.nnodes, cfg.technique.name
     p, t, b = counts.total, counts.trainable, param_bytes(cfg)
+    if fp32_masters(cfg):
+        b = 4  # loaded in fp32 (engines.weights_dtype)
     if cfg.model.name_or_path is None:
         copy = 0 if cfg.model.init_device == "cuda" else p * 4
     elif technique == "qlora":
@@ -319,7 +367,7 @@ def host_bytes(cfg: Config, counts: ParameterCounts) -> dict[str, int]:
         # What each rank would keep on its GPU without the offload, less the unit gathered for compute.
         on_gpu = model_state_bytes(dataclasses.replace(cfg, parallel=dataclasses.replace(
             cfg.parallel, fsdp=dataclasses.replace(cfg.parallel.fsdp, cpu_offload=False))), counts)
-        gathered = counts.largest_layer * b
+        gathered = counts.largest_layer * compute_bytes(cfg)
         offload = n * (on_gpu["weights"] - gathered + on_gpu["grads"] + on_gpu["optimizer"])
     out = {"load": int(load), "offload": int(offload), "overhead": int(n * cfg.plan.host_overhead_gb * 1024**3)}
     out["total"] = max(out["load"], out["offload"]) + out["overhead"]
@@ -398,7 +446,7 @@ def activation_bytes(cfg: Config, counts: ParameterCounts) -> int:
     from distft.model import llama_config
 
     model = llama_config(cfg.model)  # the preset's architecture, defaults filled in
-    m, s, b = cfg.train.micro_batch_size, cfg.data.max_seq_len, param_bytes(cfg)
+    m, s, b = cfg.train.micro_batch_size, cfg.data.max_seq_len, compute_bytes(cfg)
     technique = cfg.technique.name
     if technique in ("prefix", "prompt"):
         s += cfg.technique.num_virtual_tokens
@@ -407,7 +455,10 @@ def activation_bytes(cfg: Config, counts: ParameterCounts) -> int:
     adapters = technique in ("lora", "qlora", "dora")
     dropout = adapters and cfg.technique.dropout > 0
     inputs_kept = technique == "full" or (adapters and not dropout)
-    norm = 4 * h + (b * h if technique == "full" else 0)
+    # The normalised output is in the weights' dtype: fp32 over fp32 masters on single/DDP (the
+    # residual stream is fp32 there; autocast only lowers the linear layers), else the compute dtype.
+    stream = 4 if fp32_masters(cfg) and cfg.parallel.strategy in ("single", "ddp") else b
+    norm = 4 * h + (stream * h if technique == "full" else 0)
     fp32_stream = technique == "qlora" and cfg.parallel.strategy in ("single", "ddp")
     mlp = 3 * i * (4 if fp32_stream else b)
     per_layer = 2 * norm + (2 * h + 2 * k) * b + mlp
@@ -420,7 +471,7 @@ def activation_bytes(cfg: Config, counts: ParameterCounts) -> int:
     final_norm = norm + (h * b if inputs_kept else 0)
     logits = v * (b + 8 if b != 4 else 8)
     working = max(v * (4 + b if b != 4 else 4), mlp)
-    return int(m * s * (kept + final_norm + logits + working))
+    return int(m * s * (kept + final_norm + logits + working)) + autocast_copy_bytes(cfg, counts)
 
 
 def per_gpu_bytes(cfg: Config, counts: ParameterCounts) -> dict[str, int]:

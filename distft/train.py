@@ -25,7 +25,7 @@ import torch
 from distft import dist
 from distft.config import Config, config_hash, grad_accum_steps, model_label, to_dict
 from distft.config import run_dir as config_run_dir
-from distft.model import IGNORE_INDEX, count_parameters, load_tokenizer, resolve_dtype, token_loss
+from distft.model import IGNORE_INDEX, count_parameters, load_tokenizer, token_loss
 from distft.preemption import StopSignal, requeue_count
 from distft.tracking import MemoryMeter, Progress, Tracker, flops_per_token, mfu, plot_losses, setup_logging
 
@@ -153,10 +153,13 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
     for level, line in data.report.notes(cfg.data):
         getattr(log, level)("%s", line)
 
-    from distft.engines import autocast_dtype, build_engine, build_model_for_engine
+    from distft.engines import autocast_dtype, build_engine, build_model_for_engine, weights_dtype
     from distft.techniques import base_model_context
 
-    dtype = resolve_dtype(cfg.model.dtype, device)
+    dtype = weights_dtype(cfg, device)
+    if cfg.train.pure_bf16:
+        log.warning("train.pure_bf16=true: weights, gradients and AdamW state in bf16, no fp32 master weights; "
+                    "updates below bf16's resolution (~1/256 of a weight) are lost, so a small train.lr trains little")
     memory = MemoryMeter(device, cfg.tracking.cpu_memory_steps)  # the model, its training state, activations
     model, model_build = build_model_for_engine(cfg, dtype, tokenizer, info.world_size)
     trainable, total = count_parameters(model)

@@ -430,15 +430,26 @@ def _check_model(cfg: Config, errors: list[str]) -> None:
             f"model.vocab_size={m.vocab_size} is smaller than the built-in offline tokenizer "
             f"({OFFLINE_TOKENIZER_VOCAB} tokens); set model.vocab_size >= {OFFLINE_TOKENIZER_VOCAB}"
         )
+    if cfg.train.pure_bf16:
+        where = []
+        if cfg.technique.name != "full":
+            where.append(f"technique={cfg.technique.name} (its trained parameters are fp32 adapters; use technique=full)")
+        if cfg.parallel.strategy not in ("single", "ddp", "fsdp"):
+            where.append(f"parallel={cfg.parallel.strategy} (DeepSpeed keeps fp32 master weights itself; use single, "
+                         "ddp or fsdp)")
+        if m.dtype not in ("auto", "bfloat16"):
+            where.append(f"model.dtype={m.dtype} (pure bf16 builds the model in bfloat16; set model.dtype=bfloat16)")
+        if where:
+            errors.append("train.pure_bf16=true (bf16 weights and AdamW state, no fp32 masters) does not apply to "
+                          + "; ".join(where))
     if cfg.technique.name == "full" and m.dtype == "float16":
         # In every precision: AdamW's eps (1e-8) is 0 in fp16, so the first update divides by zero
-        # (inf/NaN weights), updates below fp16's resolution vanish, and the fp16 loss scaler
-        # refuses to unscale fp16 gradients.
+        # (inf/NaN weights) where a ZeRO module or optimizer holds fp16 state; elsewhere the policy
+        # trains fp32 masters anyway (engines.weights_dtype), so fp16 here is always a mistake.
         errors.append(
-            f"model.dtype=float16 with technique=full keeps the trained weights and AdamW's state in fp16 (with "
-            f"train.precision={cfg.train.precision}), where AdamW's eps 1e-8 is 0 and the first update turns weights "
-            "into inf/NaN; use model.dtype=float32 (train.precision=fp16 then computes in fp16 over fp32 weights) "
-            "or model.dtype=bfloat16"
+            "model.dtype=float16 with technique=full: fp16 cannot hold AdamW's state (its eps 1e-8 is 0 in fp16, so "
+            "an update turns weights into inf/NaN); leave model.dtype=auto (full fine-tuning keeps fp32 master "
+            "weights) with train.precision=fp16 for fp16 compute, or use model.dtype=bfloat16"
         )
 
 

@@ -99,10 +99,13 @@ def plan_refusal(cfg: Config, gpus: Optional[LocalGPUs] = None) -> Optional[str]
         model = cfg.model
         if model.dtype == "auto":  # as distft.model.resolve_dtype will on these GPUs
             model = dataclasses.replace(model, dtype="bfloat16" if gpus.bf16 else "float32")
+        train = cfg.train
+        if train.precision == "auto":  # as distft.engines.autocast_dtype will on these GPUs
+            train = dataclasses.replace(train, precision="bf16" if gpus.bf16 else "fp32")
         cluster = dataclasses.replace(cfg.cluster, gpu_memory_gb=gpus.memory_gb, gpus_per_node=gpus.count)
         where = f"this machine's GPUs ({gpus.memory_gb:.1f} GiB each" + (
             f" of {gpus.shared_by} ranks sharing one)" if gpus.shared_by > 1 else ")")
-        return refusal(dataclasses.replace(cfg, model=model, cluster=cluster), "not started", where=where)
+        return refusal(dataclasses.replace(cfg, model=model, train=train, cluster=cluster), "not started", where=where)
     except Exception as err:  # noqa: BLE001 - an estimate must not stop a run
         log.warning("distft: the plan before starting failed (%s: %s); starting without it", type(err).__name__, err)
         return None

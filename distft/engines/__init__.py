@@ -161,6 +161,23 @@ def apply_update(optimizer, scheduler, grad_norm: torch.Tensor, scaler=None) -> 
     optimizer.zero_grad(set_to_none=True)
 
 
+def weights_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """The precision policy: the dtype the model is built in (README, "Precision").
+
+    - technique=full on single/ddp/fsdp: fp32, the master weights (AdamW's state follows the
+      parameters, so it is fp32 too), whatever model.dtype says; the compute is train.precision's
+      (autocast; FSDP2 gathers parameters in that dtype and reduces gradients in fp32). With
+      train.pure_bf16: bf16 weights, gradients and AdamW state, no masters.
+    - ZeRO: model.dtype; DeepSpeed keeps fp32 masters and optimizer state itself.
+    - adapters and virtual tokens: model.dtype for the frozen base; PEFT keeps what trains in fp32.
+    """
+    from distft.model import resolve_dtype
+
+    if cfg.technique.name == "full" and cfg.parallel.strategy in ("single", "ddp", "fsdp"):
+        return torch.bfloat16 if cfg.train.pure_bf16 else torch.float32
+    return resolve_dtype(cfg.model.dtype, device)
+
+
 def autocast_dtype(precision: str, device: torch.device):
     """The autocast dtype for `train.precision`, or None for fp32. auto: bf16 on bf16 GPUs only
     (CPU bf16 autocast is slower than fp32 on most CPUs)."""

@@ -20,7 +20,8 @@ Choices worth knowing:
   their unsharded gradients between micro-steps. Full fine-tuning syncs every micro-step: holding
   a full unsharded gradient per rank would give back most of what sharding saves.
 - Mixed precision is FSDP's own `MixedPrecisionPolicy` (parameters all-gathered in the autocast
-  dtype, gradients reduced in fp32); fp32 (the CPU default) uses no policy.
+  dtype, gradients reduced in fp32) over the shards as stored: fp32 master weights for full
+  fine-tuning (engines.weights_dtype); fp32 (the CPU default) uses no policy.
 - `parallel.fsdp.hybrid_shard`: a 2-D (replicate, shard) mesh; shard within groups of
   `parallel.fsdp.shard_size` ranks (0: the ranks of one node), replicate across them (HSDP).
 - `parallel.fsdp.cpu_offload`: sharded parameters, gradients and optimizer state stay in host
@@ -296,7 +297,8 @@ def materialize_from_rank0(model: torch.nn.Module, cfg: Config, device: torch.de
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from distft.model import load_tokenizer, resolve_dtype
+    from distft.engines import weights_dtype
+    from distft.model import load_tokenizer
     from distft.techniques import build_trainable_model
 
     rank = torch.distributed.get_rank()
@@ -304,7 +306,7 @@ def materialize_from_rank0(model: torch.nn.Module, cfg: Config, device: torch.de
     reference = None
     full_state: dict = {}
     if rank == 0:
-        dtype = resolve_dtype(cfg.model.dtype, device)
+        dtype = weights_dtype(cfg, device)
         tokenizer = load_tokenizer(cfg.model) if cfg.technique.prompt_init_text else None
         reference = build_trainable_model(cfg, dtype, tokenizer)
         full_state = {k: v for k, v in reference.state_dict().items() if k in keys}

@@ -28,7 +28,10 @@ SHAPE = ["+experiment=tiny_full", "model.hidden_size=256", "model.intermediate_s
     ["parallel=ddp"],  # full states on every rank, DDP's gradient buckets, all activations
     ["parallel=fsdp", "technique=lora", "train.gradient_checkpointing=true"],  # shards, adapters, recompute
     ["parallel=zero3", "+parallel.deepspeed.overrides.zero_optimization={reduce_bucket_size:1000000}"],
-], ids=["ddp-full", "fsdp-lora-checkpointing", "zero3-full"])
+    # fp32 master weights under bf16 autocast: fp32 states, the bf16 weight copies autograd keeps,
+    # bf16 activations beside the fp32 residual stream (plan.autocast_copy_bytes, activation_bytes)
+    ["parallel=ddp", "train.precision=bf16", "model.dtype=bfloat16"],
+], ids=["ddp-full", "fsdp-lora-checkpointing", "zero3-full", "ddp-full-bf16-compute"])
 def test_measured_training_memory_is_within_tolerance_of_the_plan(tmp_path, overrides):
     args = [*SHAPE, *overrides, f"run.root={tmp_path}", "train.max_steps=2", "eval.num_samples=1",
             "eval.max_new_tokens=1", "eval.compare_base=false", "train.eval_max_batches=1", "tracking.cpu_memory_steps=2"]

@@ -173,7 +173,8 @@ def test_a_node_whose_host_memory_cannot_hold_every_ranks_copy_does_not_fit():
     assert "fits in 40 GiB with 10% headroom, but the node's host memory does not" in format_text(result)
     assert [item["change"] for item in result["advice"]][:1] == ["parallel=fsdp"]
     fsdp = planned(*common, "parallel=fsdp", "train.gradient_checkpointing=true")
-    assert fsdp["per_node_host_bytes"]["load"] == 68_976_648_192 * 2  # rank 0's copy; the others start on meta
+    # rank 0's copy, in fp32: full fine-tuning loads its master weights (engines.weights_dtype); the others start on meta
+    assert fsdp["per_node_host_bytes"]["load"] == 68_976_648_192 * 4
     assert fsdp["fits"] is True
     without_checkpointing = planned(*common, "parallel=zero3")  # neither fits: two changes together
     assert without_checkpointing["advice"][0]["change"] == "train.gradient_checkpointing=true parallel=fsdp"
@@ -254,7 +255,7 @@ def test_a_local_job_that_cannot_fit_the_gpus_here_is_not_started():
     """The local launcher asks the planner against the GPUs the run would get (read from the
     device; given here, as this machine has none): 7B full fine-tuning under DDP on 8 x 40 GiB is
     refused with the changes that fit; ZeRO-3 on the same GPUs, an H200, plan.override=true or
-    the CPU start. model.dtype=auto is planned as the run will resolve it on those GPUs."""
+    the CPU start. The compute dtype (train.precision=auto) is planned as the run will resolve it on those GPUs."""
     from launchers.local import LocalGPUs, local_gpus, plan_refusal
 
     common = ["model=llama_7b", "launcher.nproc_per_node=8", "train.global_batch_size=32",
@@ -264,10 +265,14 @@ def test_a_local_job_that_cannot_fit_the_gpus_here_is_not_started():
     refused = plan_refusal(cfg, gpus=LocalGPUs(39.4, True, 8))
     assert refused.startswith("distft: not started: the plan does not fit this machine's GPUs (39.4 GiB each)")
     assert "does NOT fit in 39 GiB" in refused and "would fit: parallel=zero3" in refused
-    assert "weights         12.55 GiB" in refused  # bf16: 2 bytes x 6.74 B
-    assert plan_refusal(cfg, gpus=LocalGPUs(139.8, True, 8)) is None  # an H200 holds it (70.2 GiB)
-    without_bf16 = plan_refusal(cfg, gpus=LocalGPUs(139.8, False, 8))  # a V100-class GPU: fp32, 137.8 GiB
+    assert "weights         25.10 GiB" in refused  # fp32 master weights (engines.weights_dtype): 4 bytes x 6.74 B
+    # 16 bytes per parameter (fp32 masters, gradients, AdamW) plus DDP's fp32 buckets: not on an H200 either,
+    # where bf16 compute keeps the activations (and the bf16 weight copies) at half the fp32 size.
+    on_h200 = plan_refusal(cfg, gpus=LocalGPUs(139.8, True, 8))
+    assert "does NOT fit in 140 GiB" in on_h200 and "activations     19.27 GiB" in on_h200
+    without_bf16 = plan_refusal(cfg, gpus=LocalGPUs(139.8, False, 8))  # a V100-class GPU: fp32 compute
     assert "weights         25.10 GiB" in without_bf16 and "does NOT fit in 140 GiB" in without_bf16
+    assert "activations     19.27 GiB" not in without_bf16
     cfg, errors = preflight([*common, "parallel=ddp", "plan.override=true"])
     assert plan_refusal(cfg, gpus=LocalGPUs(39.4, True, 8)) is None
     cfg, errors = preflight([*common, "parallel=zero3"])
@@ -353,16 +358,18 @@ def test_planning_65b_with_advice_takes_seconds():
 
 @pytest.mark.parametrize("technique", ["full", "lora", "dora", "prefix", "prompt", "qlora"])
 def test_planned_weights_and_gradients_are_the_bytes_the_built_model_holds(technique):
-    """bf16 models as training builds them: PEFT's fp32 adapters and virtual tokens, QLoRA's
-    fp32 embeddings/norms/head and 4-bit weights with their block scales, byte for byte."""
+    """bf16 models as training builds them: full fine-tuning's fp32 master weights, PEFT's fp32
+    adapters and virtual tokens, QLoRA's fp32 embeddings/norms/head and 4-bit weights with their
+    block scales, byte for byte."""
     import torch
 
+    from distft.engines import weights_dtype
     from distft.plan import count_parameters
     from distft.techniques import build_trainable_model
 
     cfg, errors = preflight([f"+experiment=tiny_{technique}", "model.dtype=bfloat16"])
     assert errors == []
-    model = build_trainable_model(cfg, torch.bfloat16)
+    model = build_trainable_model(cfg, weights_dtype(cfg, torch.device("cpu")))  # full: fp32 masters
     params = list({id(p): p for p in model.parameters()}.values())
     held = sum(p.numel() * p.element_size() for p in params)
     for p in params:  # bitsandbytes' block scales (and their own scales with double quantisation)
@@ -377,3 +384,27 @@ def test_planned_weights_and_gradients_are_the_bytes_the_built_model_holds(techn
     assert planned["grads"] == grads and planned["optimizer"] == 2 * grads  # AdamW: two moments per weight
     if technique != "full":
         assert {p.dtype for p in params if p.requires_grad} == {torch.float32}
+
+
+def test_pure_bf16_is_planned_as_it_is_built():
+    """train.pure_bf16: bf16 weights, gradients and AdamW state, 8 bytes per parameter, where the
+    default fp32 masters take 16."""
+    import torch
+
+    from distft.engines import weights_dtype
+    from distft.plan import count_parameters
+    from distft.techniques import build_trainable_model
+
+    cfg, errors = preflight(["+experiment=tiny_full", "train.pure_bf16=true"])
+    assert errors == []
+    model = build_trainable_model(cfg, weights_dtype(cfg, torch.device("cpu")))
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    counts = count_parameters(cfg)
+    pure = model_state_bytes(cfg, counts)
+    masters = model_state_bytes(preflight(["+experiment=tiny_full"])[0], counts)
+    assert pure["weights"] == held == masters["weights"] // 2
+    assert sum(pure.values()) == 8 * counts.total and sum(masters.values()) == 16 * counts.total
+    _, errors = preflight(["+experiment=tiny_lora", "train.pure_bf16=true", "parallel=zero2"])
+    assert len(errors) == 1 and "technique=lora (its trained parameters are fp32 adapters" in errors[0]
+    assert "parallel=zero2 (DeepSpeed keeps fp32 master weights itself" in errors[0]
