@@ -202,6 +202,10 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
     fp16 = autocast_dtype(cfg.train.precision, device) == torch.float16
     progress = Progress(cfg.train.max_steps, state["step"], info.is_main, cfg.train.log_every)
     iterator = iter(batches)
+    # Weights in host memory (FSDP cpu_offload, ZeRO-3 offload_param): a norm of every shard on the
+    # CPU each step would cost seconds; their finiteness is checked before every save instead.
+    offloaded = cfg.parallel.fsdp.cpu_offload if cfg.parallel.strategy == "fsdp" else (
+        cfg.parallel.strategy == "zero3" and cfg.parallel.deepspeed.offload_param)
     engine.train()
     last_loss = math.nan
     steps_here = 0  # optimizer steps taken by this process (a resumed run starts later)
@@ -224,7 +228,8 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
         if not math.isfinite(loss_total) or (not math.isfinite(grad_norm) and not fp16):
             _nonfinite_step(step, loss_total, grad_norm, local_finite, cfg, state, tracker, checkpoints)
         else:
-            _check_weights_finite(engine, step)
+            if not offloaded:
+                _check_weights_finite(engine, step)
             last_loss = loss_total / max(step_targets, 1)
             state["train_loss_sum"] += loss_total
             state["train_loss_tokens"] += int(step_targets)

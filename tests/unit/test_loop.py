@@ -160,3 +160,39 @@ def test_a_step_that_leaves_weights_non_finite_stops_the_run_before_anything_is_
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["latest", "step_000002"]
     assert verify(str(run_dir / "checkpoints" / "step_000002")) == []
     assert not (run_dir / "summary.json").exists()
+
+
+def test_no_checkpoint_and_no_export_is_ever_written_from_non_finite_weights(tmp_path):
+    """The save guard on its own (what protects runs whose weights live in host memory, where the
+    per-step check is off) and the export guard (a checkpoint written by an older distft, here
+    by save_checkpoint directly): both refuse with one message and leave nothing behind."""
+    import os
+
+    from distft.checkpoint import CheckpointError, save_checkpoint
+    from distft.data import TrainBatches, prepare_data
+    from distft.dist import DistInfo
+    from distft.export import export
+    from distft.model import load_tokenizer
+    from distft.techniques import build_trainable_model
+    from distft.train import NonFiniteError, _Checkpoints, nonfinite_parameters
+
+    cfg = compose("+experiment=tiny_full", f"run.dir={tmp_path / 'run'}")
+    tokenizer = load_tokenizer(cfg.model)
+    data = prepare_data(cfg.data, tokenizer)
+    engine = build_engine(cfg, build_trainable_model(cfg, torch.float32, tokenizer), torch.device("cpu"))
+    batches = TrainBatches(data.train, 4, cfg.data.max_seq_len, True, tokenizer.pad_token_id, seed=0)
+    assert nonfinite_parameters(engine.unwrapped()) == []
+    with torch.no_grad():
+        engine.unwrapped().model.layers[1].mlp.up_proj.weight[3, 5] = float("inf")
+    assert nonfinite_parameters(engine.unwrapped()) == ["model.layers.1.mlp.up_proj.weight"]
+    checkpoints = _Checkpoints(str(tmp_path / "run"), engine, tokenizer, cfg, batches, {"step": 4}, DistInfo(),
+                               torch.device("cpu"))
+    with pytest.raises(NonFiniteError, match=r"refusing to save step 4: .*model\.layers\.1\.mlp\.up_proj\.weight"):
+        checkpoints.save(4)
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+    legacy = save_checkpoint(str(tmp_path / "run"), 4, engine, tokenizer, cfg,
+                             {"step": 4, "loop": {}, "data": batches.state_dict(), "world_size": 1,
+                              "parallel": "single"}, None)
+    with pytest.raises(CheckpointError, match=r"holds non-finite weights \(model\.layers\.1\.mlp\.up_proj"):
+        export(legacy, str(tmp_path / "merged"))
+    assert not os.path.exists(tmp_path / "merged") and not os.path.exists(tmp_path / "merged.tmp")
