@@ -163,7 +163,10 @@ def export(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.float32, tr
 def set_generation_stops(model, tokenizer, cfg: Config) -> list[int]:
     """Write the run's stop tokens (eos, the chat template's end-of-turn token, data.stop_tokens:
     `templates.stop_token_ids`) into the model's generation_config, with the tokenizer's bos and
-    pad, so `model.generate()` of the export stops where the tuned model ends its answers."""
+    pad, so `model.generate()` of the export stops where the tuned model ends its answers. And turn
+    the KV cache back on: training builds models with use_cache=False (packed rows need it off),
+    which an exported model would otherwise keep, generating without a cache (quadratic). Not for
+    prefix/prompt tuning, whose PEFT generation is only right without one (evaluate.py's docstring)."""
     from distft.templates import TemplateError, stop_token_ids
 
     try:
@@ -177,6 +180,8 @@ def set_generation_stops(model, tokenizer, cfg: Config) -> list[int]:
         generation.pad_token_id = tokenizer.pad_token_id
         target.config.bos_token_id, target.config.eos_token_id = tokenizer.bos_token_id, ids[0] if ids else None
         target.config.pad_token_id = tokenizer.pad_token_id
+        if cfg.technique.name not in ("prefix", "prompt"):  # PEFT's virtual tokens break with a cache (evaluate.py)
+            generation.use_cache = target.config.use_cache = True
     return ids
 
 

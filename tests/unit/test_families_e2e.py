@@ -76,6 +76,7 @@ def test_train_evaluate_export_and_generate_until_the_stop_token(family, tmp_pat
     stop_id = tokenizer.convert_tokens_to_ids(STOP[family])
     eos = model.generation_config.eos_token_id
     assert stop_id in (eos if isinstance(eos, list) else [eos])
+    assert model.generation_config.use_cache is True and model.config.use_cache is True  # trained without a cache
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Say ok to piano 1000."}], tokenize=False,
                                            add_generation_prompt=True)
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
