@@ -29,6 +29,7 @@ header wordings, so a model does not latch onto one exact string.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -130,22 +131,26 @@ def missing_chat_template(source: str) -> str:
     )
 
 
-def special_strings(tokenizer) -> tuple[str, ...]:
-    """The text of the tokenizer's special tokens (bos, eos, `<|eot_id|>`, ...), longest first."""
-    key = len(tokenizer)
+def _specials(tokenizer) -> tuple[tuple[str, ...], Optional[re.Pattern]]:
+    """(special-token texts longest first, a regex matching any of them), cached on the tokenizer
+    until its length changes (tokens added)."""
     cached = getattr(tokenizer, "_distft_specials", None)
-    if cached is None or cached[0] != key:
+    if cached is None or cached[0] != len(tokenizer):
         found = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content}
         ordered = tuple(sorted(found, key=lambda s: (-len(s), s)))
-        pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
-        cached = (key, ordered, pattern)
+        cached = (len(tokenizer), ordered, re.compile("|".join(map(re.escape, ordered))) if ordered else None)
         tokenizer._distft_specials = cached
-    return cached[1]
+    return cached[1], cached[2]
+
+
+def special_strings(tokenizer) -> tuple[str, ...]:
+    """The text of the tokenizer's special tokens (bos, eos, `<|eot_id|>`, ...), longest first."""
+    return _specials(tokenizer)[0]
 
 
 def special_pattern(tokenizer) -> Optional[re.Pattern]:
-    special_strings(tokenizer)
-    return tokenizer._distft_specials[2]
+    """A regex matching any of the tokenizer's special-token texts (None: it has none)."""
+    return _specials(tokenizer)[1]
 
 
 def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
@@ -290,8 +295,6 @@ def stop_token_ids(tokenizer, extra: Sequence[str] = ()) -> list[int]:
 
 
 def _first_jsonl_record(path: str) -> Optional[dict]:
-    import json
-
     try:
         with open(path, "rb") as f:
             for line in f:
@@ -317,8 +320,6 @@ def _needs_chat_template(data) -> bool:
 def _local_tokenizer_has_chat_template(directory: str) -> Optional[bool]:
     """Whether a tokenizer directory ships a chat template (tokenizer_config.json's chat_template,
     or chat_template.jinja / .json beside it); None when it is not a readable local directory."""
-    import json
-
     if not os.path.isdir(directory):
         return None
     if any(os.path.isfile(os.path.join(directory, name)) for name in ("chat_template.jinja", "chat_template.json")):
