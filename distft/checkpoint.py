@@ -534,6 +534,11 @@ def resume_conflicts(cfg: Config, run_dir: str) -> list[str]:
     except (OSError, ValueError, KeyError):
         return []  # a damaged checkpoint: find_resumable reports it
     now = flatten(to_dict(cfg), sep=".")
+    # A setting the distft that wrote the checkpoint did not have yet ran as its default since.
+    defaults = flatten(to_dict(Config()), sep=".")
+    for key in set(now) - set(then):
+        if key in defaults:
+            then[key] = defaults[key]
     allowed = tuple(RESUMABLE_CHANGES)
     conflicts = [f"{key}: {then.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(then) | set(now))
                  if then.get(key) != now.get(key) and not any(key == k or key.startswith(k + ".") for k in allowed)]

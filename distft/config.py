@@ -31,6 +31,8 @@ DATA_FORMATS = ("auto", "alpaca", "chat", "text")
 TEMPLATES = ("alpaca", "alpaca_short", "chat", "plain")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")  # engines.build_optimizer
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps fp32 moments for tensors under this many elements (its default)
 NONFINITE_POLICIES = ("skip", "halt")
 WANDB_MODES = ("online", "offline", "disabled")
 ON_BAD_ROWS = ("drop", "fail")
@@ -287,6 +289,13 @@ class TrainConfig:
     # min_lr_ratio * lr at max_steps (Hugging Face decays to 0: train.min_lr_ratio=0), or constant.
     # The lr logged for a step (metrics.jsonl, progress, W&B) is the one that step applied.
     lr: float = 2e-3
+    # AdamW, whichever implementation (engines.build_optimizer; README, "Optimizers"): adamw (torch;
+    # fused kernel when the trained parameters are on a GPU), adamw_8bit (bitsandbytes: both
+    # moments in 8 bits, block-wise quantised; tensors under 4096 elements keep fp32 moments),
+    # paged_adamw_8bit / paged_adamw_32bit (bitsandbytes, moments in CUDA unified memory that pages
+    # to host memory under pressure; on the CPU they run unpaged). bitsandbytes' choices run on
+    # parallel=single/ddp only.
+    optimizer: str = "adamw"
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     adam_beta1: float = 0.9

@@ -71,12 +71,17 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from distft.config import Config, model_label, world_size
+from distft.config import BNB_MIN_8BIT_SIZE, Config, model_label, world_size
 
 # bitsandbytes 4-bit: half a byte per weight plus the block scales (blocksize 64): one fp32 absmax
 # per block, or with double quantisation one byte per block plus one fp32 per 256 blocks.
 NF4_BYTES = 0.5 + 4 / 64
 NF4_DOUBLE_QUANT_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+# bitsandbytes' 8-bit AdamW: two uint8 moments plus one fp32 absmax per 256-element block for each;
+# tensors under BNB_MIN_8BIT_SIZE elements keep two fp32 moments. Its paged optimizers allocate
+# state in CUDA unified memory only for tensors of at least 1e5 elements.
+ADAMW_8BIT_BYTES = 2 + 2 * 4 / 256
+BNB_MIN_PAGED_SIZE = 100_000
 
 
 @dataclass
@@ -87,6 +92,10 @@ class ParameterCounts:
     quantized: int  # frozen base weights stored in 4 bits (QLoRA), part of `frozen`
     largest_layer: int  # FSDP's largest gather unit: a decoder layer, or the root (embeddings, norm, head)
     largest_module: int  # the most parameters one module holds itself (ZeRO-3 gathers module by module)
+    # Trainable elements in tensors too small for bitsandbytes' 8-bit state (fp32 moments) and for
+    # its paging (allocated as ordinary GPU memory): optimizer_bytes().
+    trainable_below_8bit: int = 0
+    trainable_below_paging: int = 0
 
 
 ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -194,7 +203,8 @@ def count_parameters(cfg: Config) -> ParameterCounts:
         return getattr(one, field) + (layers - 1) * (getattr(two, field) - getattr(one, field))
 
     return ParameterCounts(scaled("total"), scaled("trainable"), scaled("frozen"), scaled("quantized"),
-                           two.largest_layer, two.largest_module)
+                           two.largest_layer, two.largest_module, scaled("trainable_below_8bit"),
+                           scaled("trainable_below_paging"))
 
 
 def _count_built(cfg: Config) -> ParameterCounts:
@@ -215,7 +225,9 @@ def _count_built(cfg: Config) -> ParameterCounts:
     largest = max([root, *(sum(p.numel() for p in layer.parameters()) for layer in layers)])
     # DeepSpeed's own definition (deepspeed.runtime.zero.stage3.model_to_params).
     largest_module = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    return ParameterCounts(total, trainable, total - trainable, quantized, largest, largest_module)
+    trained = [p.numel() for p in unique if p.requires_grad]
+    return ParameterCounts(total, trainable, total - trainable, quantized, largest, largest_module,
+                           sum(n for n in trained if n < BNB_MIN_8BIT_SIZE), sum(n for n in trained if n < BNB_MIN_PAGED_SIZE))
 
 
 def _is_adapter(name: str) -> bool:
@@ -300,7 +312,7 @@ def model_state_bytes(cfg: Config, counts: ParameterCounts) -> dict[str, int]:
     unquantized = p - q
     held = (unquantized - t) * frozen_bytes(cfg) + t * a + q * quant  # the model as the engine receives it
     if strategy in ("single", "ddp"):
-        weights, grads, optimizer = held, t * a, 2 * t * a
+        weights, grads, optimizer = held, t * a, optimizer_bytes(cfg, counts)["resident"]
     elif strategy == "fsdp":
         shard = ws if not cfg.parallel.fsdp.hybrid_shard else (cfg.parallel.fsdp.shard_size or cfg.launcher.nproc_per_node)
         gathered = counts.largest_layer * compute_bytes(cfg)  # MixedPrecisionPolicy gathers in the compute dtype
@@ -324,6 +336,28 @@ def model_state_bytes(cfg: Config, counts: ParameterCounts) -> dict[str, int]:
             optimizer = 0
             grads = 0 if strategy != "zero1" else 2 * t
     return {"weights": int(weights), "grads": int(grads), "optimizer": int(optimizer)}
+
+
+def optimizer_bytes(cfg: Config, counts: ParameterCounts) -> dict[str, int]:
+    """One rank's optimizer state on single/ddp (the only engines bitsandbytes' optimizers run
+    on): `resident` in the accelerator's memory, `paged` in CUDA unified memory (paged_* on GPUs),
+    which the driver moves to host memory when the GPU runs short, so it is not part of the GPU's
+    total. adamw: two moments in the dtype of what trains (trainable_bytes); adamw_8bit: see
+    ADAMW_8BIT_BYTES; paged_adamw_32bit: two fp32 moments whatever the parameters' dtype."""
+    t, small, unpaged = counts.trainable, counts.trainable_below_8bit, counts.trainable_below_paging
+    name = cfg.train.optimizer
+    if name == "adamw":
+        return {"resident": int(2 * t * trainable_bytes(cfg)), "paged": 0}
+
+    def state(elements: int, below_8bit: int) -> float:
+        if name.endswith("32bit"):
+            return 8 * elements
+        return 8 * below_8bit + ADAMW_8BIT_BYTES * (elements - below_8bit)
+
+    if not name.startswith("paged") or cfg.cluster.gpus_per_node == 0:  # bitsandbytes pages on CUDA only
+        return {"resident": int(state(t, small)), "paged": 0}
+    resident = state(unpaged, small)
+    return {"resident": int(resident), "paged": int(state(t, small) - resident)}
 
 
 def host_bytes(cfg: Config, counts: ParameterCounts) -> dict[str, int]:
@@ -369,6 +403,8 @@ def host_bytes(cfg: Config, counts: ParameterCounts) -> dict[str, int]:
             cfg.parallel, fsdp=dataclasses.replace(cfg.parallel.fsdp, cpu_offload=False))), counts)
         gathered = counts.largest_layer * compute_bytes(cfg)
         offload = n * (on_gpu["weights"] - gathered + on_gpu["grads"] + on_gpu["optimizer"])
+    if cfg.parallel.strategy in ("single", "ddp"):
+        offload += n * optimizer_bytes(cfg, counts)["paged"]  # at worst all of it paged out
     out = {"load": int(load), "offload": int(offload), "overhead": int(n * cfg.plan.host_overhead_gb * 1024**3)}
     out["total"] = max(out["load"], out["offload"]) + out["overhead"]
     return out
@@ -479,6 +515,10 @@ def per_gpu_bytes(cfg: Config, counts: ParameterCounts) -> dict[str, int]:
     out = {**states, "comm": comm_bytes(cfg, counts), "activations": activation_bytes(cfg, counts),
            "overhead": int(cfg.plan.overhead_gb * 1024**3)}
     out["total"] = sum(out.values())
+    if cfg.parallel.strategy in ("single", "ddp"):
+        paged = optimizer_bytes(cfg, counts)["paged"]
+        if paged:
+            out["paged"] = paged  # not in the total: unified memory gives way to the GPU's own allocations
     return out
 
 
@@ -507,6 +547,10 @@ def advice(cfg: Config, counts: ParameterCounts) -> list[dict]:
     for mb in (cfg.train.micro_batch_size // 2, 1):
         if 0 < mb < cfg.train.micro_batch_size:
             candidates.append((f"micro-batch {mb} (more accumulation, same global batch)", [f"train.micro_batch_size={mb}"]))
+    if cfg.train.optimizer == "adamw" and cfg.parallel.strategy in ("single", "ddp"):
+        candidates.append(("8-bit AdamW state (bitsandbytes)", ["train.optimizer=adamw_8bit"]))
+        candidates.append(("8-bit AdamW state, paged to host memory when the GPU runs short (QLoRA's optimizer)",
+                           ["train.optimizer=paged_adamw_8bit"]))
     ladder = ["ddp", "zero1", "zero2", "fsdp", "zero3"]
     strategy = cfg.parallel.strategy if cfg.parallel.strategy in ladder else "ddp"
     for stronger in ladder[ladder.index(strategy) + 1:]:
@@ -778,7 +822,11 @@ def format_text(result: dict) -> str:
              f"{result['params_frozen']:,} frozen ({result['params_quantized']:,} in 4 bits)",
              "  per GPU:"]
     for key, value in result["per_gpu_bytes"].items():
-        lines.append(f"    {key:<12}{value / gib:9.2f} GiB")
+        if key == "paged":
+            lines.append(f"    + paged   {value / gib:9.2f} GiB of optimizer state in unified memory, not in the total: "
+                         "it moves to host memory when the GPU runs short (slower steps then)")
+        else:
+            lines.append(f"    {key:<12}{value / gib:9.2f} GiB")
     host = result["per_node_host_bytes"]
     peak = "loading" if host["load"] >= host["offload"] else "offloaded state"
     line = (f"  host memory per node: {host['total'] / gib:.1f} GiB ({peak} {max(host['load'], host['offload']) / gib:.1f}"

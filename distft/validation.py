@@ -33,6 +33,7 @@ from distft.config import (
     NONFINITE_POLICIES,
     OFFLINE_TOKENIZER_VOCAB,
     ON_BAD_ROWS,
+    OPTIMIZERS,
     PACK_STRATEGIES,
     PARALLEL_STRATEGIES,
     PRECISIONS,
@@ -266,6 +267,19 @@ def _check_optimisation(cfg: Config, errors: list[str]) -> None:
     for key in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(tr, key) < 1:
             errors.append(f"train.{key}={getattr(tr, key)} must be in [0, 1)")
+    _choice(errors, "train.optimizer", tr.optimizer, OPTIMIZERS)
+    if tr.optimizer != "adamw" and cfg.parallel.strategy not in ("single", "ddp"):
+        # Both measured: FSDP2 hands the optimizer DTensor shards, which bitsandbytes' kernels do not
+        # take ("got mixed torch.Tensor and DTensor"; no sharding strategy registered); ZeRO hands it
+        # flat fp32 partitions and accepts it only as an "untested" optimizer, its 8-bit blocks then
+        # span parameters, and DeepSpeed's universal checkpoints reshard Adam's moments only.
+        why = ("FSDP2's parameters are DTensor shards, which bitsandbytes' optimizer kernels do not take"
+               if cfg.parallel.strategy == "fsdp" else
+               "DeepSpeed ZeRO steps the optimizer on its own flat partitions and reshards only AdamW's state")
+        errors.append(
+            f"train.optimizer={tr.optimizer} runs on parallel=single|ddp only ({why}); use train.optimizer=adamw "
+            f"with parallel={cfg.parallel.strategy} (its optimizer state is sharded already), or parallel=ddp"
+        )
     # warmup_steps > max_steps is allowed: smoke runs (train.max_steps=5) ramp up and stop.
     if tr.early_stopping_patience > 0:
         if tr.eval_every == 0:

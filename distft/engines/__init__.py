@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from contextlib import AbstractContextManager as ContextManager
 from typing import Protocol
 
 import torch
 
-from distft.config import Config
+from distft.config import BNB_MIN_8BIT_SIZE, Config
 
 
 class Engine(Protocol):
@@ -121,8 +122,16 @@ def lr_lambda(step: int, warmup_steps: int, max_steps: int, schedule: str, min_l
     return min_lr_ratio + (1.0 - min_lr_ratio) * decay
 
 
+# train.optimizer -> the bitsandbytes class (distft.config.TrainConfig.optimizer; README, "Optimizers").
+BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit", "paged_adamw_32bit": "PagedAdamW32bit"}
+
+
 def build_optimizer(cfg: Config, model: torch.nn.Module):
-    """AdamW over trainable params; no weight decay on norms, biases and other 1-D params."""
+    """AdamW over trainable params, as `train.optimizer` names it; no weight decay on norms, biases
+    and other 1-D params. `adamw` is torch's, with its fused kernel when every trained parameter is
+    on a GPU (one kernel per step instead of a loop of elementwise ones); bitsandbytes' optimizers
+    take the same groups and hyperparameters. Paged optimizers page on CUDA only: on the CPU
+    bitsandbytes keeps their state in ordinary memory, said once in the log."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
@@ -131,10 +140,28 @@ def build_optimizer(cfg: Config, model: torch.nn.Module):
         {"params": decay, "weight_decay": cfg.train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    groups = [g for g in groups if g["params"]]
     t = cfg.train
-    optimizer = torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps
-    )
+    hyper = {"lr": t.lr, "betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_eps}
+    if t.optimizer in BNB_OPTIMIZERS:
+        import bitsandbytes
+
+        on_cpu = any(p.device.type != "cuda" for g in groups for p in g["params"])
+        if t.optimizer.startswith("paged") and on_cpu:
+            import logging
+
+            logging.getLogger("distft").warning(
+                "train.optimizer=%s: paging needs CUDA; on %s bitsandbytes keeps the optimizer state in ordinary "
+                "memory (as %s)", t.optimizer, "the CPU", t.optimizer.replace("paged_", ""))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+            optimizer = getattr(bitsandbytes.optim, BNB_OPTIMIZERS[t.optimizer])(
+                groups, min_8bit_size=BNB_MIN_8BIT_SIZE, **hyper)
+        # bitsandbytes warns again when the state is first allocated (the first step): once is enough.
+        optimizer._cpu_paged_warned = True
+    else:
+        fused = all(p.device.type == "cuda" for g in groups for p in g["params"])
+        optimizer = torch.optim.AdamW(groups, fused=fused or None, **hyper)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_lambda(step, t.warmup_steps, t.max_steps, t.schedule, t.min_lr_ratio)
     )

@@ -59,7 +59,8 @@ def save(path: str, model: torch.nn.Module, optimizer, scheduler, scaler=None, b
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer, options=_options())
-    tensors = {"model": model_state, "optimizer": optim_state["state"]}
+    optim_tensors, optim_scalars = split_tensors(optim_state["state"])
+    tensors = {"model": model_state, "optimizer": optim_tensors}
     distributed = torch.distributed.is_initialized()
     future = None
     with warnings.catch_warnings():  # one process: DCP warns that it assumes one process
@@ -72,6 +73,7 @@ def save(path: str, model: torch.nn.Module, optimizer, scheduler, scaler=None, b
     if not distributed or torch.distributed.get_rank() == 0:
         rest = {  # taken now: the schedule moves on while the tensors are written
             "param_groups": optim_state["param_groups"],
+            "optimizer_scalars": optim_scalars,
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
         }
@@ -90,7 +92,7 @@ def load(path: str, model: torch.nn.Module, optimizer, scheduler, scaler=None) -
     # The templates: this rank's shards of every tensor, the optimizer state allocated (torch
     # initialises an empty Adam state with a zero-LR step for that).
     model_state, optim_state = get_state_dict(model, optimizer, options=_options())
-    tensors = {"model": model_state, "optimizer": optim_state["state"]}
+    tensors = {"model": model_state, "optimizer": split_tensors(optim_state["state"])[0]}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         # `.metadata` through the allow-list, and no pickled "bytes" items (distft.safe_load). Read
@@ -106,7 +108,8 @@ def load(path: str, model: torch.nn.Module, optimizer, scheduler, scaler=None) -
         model,
         optimizer,
         model_state_dict=tensors["model"],
-        optim_state_dict={"state": tensors["optimizer"], "param_groups": _tuples(rest["param_groups"])},
+        optim_state_dict={"state": merge_scalars(tensors["optimizer"], rest.get("optimizer_scalars", {})),
+                          "param_groups": _tuples(rest["param_groups"])},
         options=_options(strict=False),
     )
     missing_trainable = set(result.missing_keys) & set(tensors["model"])
@@ -115,6 +118,32 @@ def load(path: str, model: torch.nn.Module, optimizer, scheduler, scaler=None) -
     scheduler.load_state_dict(rest["scheduler"])
     if scaler is not None and rest["scaler"] is not None:
         scaler.load_state_dict(rest["scaler"])
+
+
+def split_tensors(tree: dict) -> tuple[dict, dict]:
+    """A nested optimizer state split into its tensors (for DCP) and its other leaves (for the
+    JSON file), both keeping the nesting: bitsandbytes counts `step` in a Python int, and nests its
+    8-bit state under one key of its own; torch's AdamW has tensors only."""
+    tensors, scalars = {}, {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            inner_tensors, inner_scalars = split_tensors(value)
+            tensors[key] = inner_tensors
+            if inner_scalars:
+                scalars[key] = inner_scalars
+        elif isinstance(value, torch.Tensor):
+            tensors[key] = value
+        else:
+            scalars[key] = value
+    return tensors, scalars
+
+
+def merge_scalars(tensors: dict, scalars: dict) -> dict:
+    """`split_tensors` undone: the JSON leaves put back into the loaded tensors' nesting."""
+    merged = dict(tensors)
+    for key, value in scalars.items():
+        merged[key] = merge_scalars(merged.get(key, {}), value) if isinstance(value, dict) else value
+    return merged
 
 
 def _tuples(param_groups: list[dict]) -> list[dict]:

@@ -1,7 +1,7 @@
 """Save an engine's training state on N ranks, load it on M, and dump every tensor (test_resume.py).
 
 `python -m torch.distributed.run --standalone --nproc_per_node=N tests/distributed/reshard_worker.py
-OUT_DIR PARALLEL TECHNIQUE save|load STATE_DIR`:
+OUT_DIR PARALLEL TECHNIQUE save|load STATE_DIR [OVERRIDE ...]`:
 - `save`: build the engine as the trainer does, train 3 steps, `engine.save_state(STATE_DIR)`;
 - `load`: build a fresh engine (other initial weights: another seed), `engine.load_state(STATE_DIR)`,
   then train one more step.
@@ -64,11 +64,14 @@ def full_state(engine) -> dict[str, torch.Tensor]:
         model_state, optim_state = get_state_dict(engine.unwrapped(), engine.optimizer, options=options)
         out.update({f"weight/{k}": v for k, v in model_state.items()})
         for name, states in optim_state.get("state", {}).items():  # full state: rank 0 only
-            out.update({f"{key}/{name}": v for key, v in states.items() if torch.is_tensor(v) and v.dim()})
+            # bitsandbytes nests its moments (uint8 + block scales, or fp32) under a key of its own.
+            nested = {**states, **states.get("__bnb_optimizer_quant_state__", {})}
+            out.update({f"{key}/{name}": v for key, v in nested.items() if torch.is_tensor(v) and v.dim()})
     if dist.from_env().rank != 0:
         return {}
-    # Copies: on one rank the full state dict holds the live parameters themselves.
-    return {k: v.detach().float().cpu().clone().contiguous() for k, v in out.items()}
+    # Copies: on one rank the full state dict holds the live parameters themselves. 8-bit moments
+    # stay uint8 (compared as stored).
+    return {k: (v if v.dtype == torch.uint8 else v.float()).detach().cpu().clone().contiguous() for k, v in out.items()}
 
 
 def adam_steps(engine) -> list[float]:
@@ -78,6 +81,7 @@ def adam_steps(engine) -> list[float]:
 
 def main() -> None:
     out_dir, parallel, technique, mode, state_dir = sys.argv[1:6]
+    extra = sys.argv[6:]
     info = dist.from_env()
     dist.share_cpu_threads(CPU)
     dist.init(info, "gloo", 300, CPU)
@@ -85,6 +89,7 @@ def main() -> None:
                  f"launcher.nproc_per_node={info.world_size}", "train.warmup_steps=2", "train.max_steps=10"]
     if parallel == "zero3":
         overrides.append(ZERO3_PARTITION_ALL)
+    overrides += extra
     cfg, errors = preflight(overrides)
     assert not errors, errors
     tokenizer = load_tokenizer(cfg.model)

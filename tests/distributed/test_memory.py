@@ -50,3 +50,31 @@ def test_measured_training_memory_is_within_tolerance_of_the_plan(tmp_path, over
     assert len(memory["training_gb_per_rank"]) == 2
     for rank, measured in enumerate(memory["training_gb_per_rank"]):
         assert abs(measured / planned_gib - 1) <= TOLERANCE, (rank, measured, planned_gib, memory["planned"])
+
+
+def test_measured_memory_with_8bit_adamw_is_within_tolerance_of_the_plan(tmp_path):
+    """Model states dominate here (a wider model, 64-token sequences): bitsandbytes' 8-bit AdamW
+    (2 bytes of state per weight, not 8) must show in the measured peak. Both ranks are within
+    the tolerance of the plan for adamw_8bit, and outside it for torch's AdamW, so the optimizer
+    term is what is measured. (paged_adamw_8bit runs unpaged on the CPU: the same allocation.)"""
+    shape = ["+experiment=tiny_full", "model.hidden_size=512", "model.intermediate_size=1536", "data.max_seq_len=64",
+             "train.micro_batch_size=4", "train.global_batch_size=16", "launcher.nproc_per_node=2", "parallel=ddp"]
+    args = [*shape, "train.optimizer=adamw_8bit", f"run.root={tmp_path}", "train.max_steps=2", "eval.num_samples=1",
+            "eval.max_new_tokens=1", "eval.compare_base=false", "train.eval_max_batches=1",
+            "tracking.cpu_memory_steps=2"]
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    memory = summary_of(run_dir_of(proc))["memory"]
+
+    def plan_gib(*overrides: str) -> float:
+        cfg, errors = preflight([*args, *overrides])
+        assert errors == []
+        planned = per_gpu_bytes(cfg, count_parameters(cfg))
+        return (planned["total"] - planned["overhead"]) / 2**30
+
+    eight_bit, torch_adamw = plan_gib(), plan_gib("train.optimizer=adamw")
+    assert memory["planned_gb"] == pytest.approx(eight_bit, abs=1e-4)
+    assert torch_adamw > 1.2 * eight_bit
+    for rank, measured in enumerate(memory["training_gb_per_rank"]):
+        assert abs(measured / eight_bit - 1) <= TOLERANCE, (rank, measured, eight_bit, memory["planned"])
+        assert abs(measured / torch_adamw - 1) > TOLERANCE, (rank, measured, torch_adamw)

@@ -196,3 +196,57 @@ def test_no_checkpoint_and_no_export_is_ever_written_from_non_finite_weights(tmp
     with pytest.raises(CheckpointError, match=r"holds non-finite weights \(model\.layers\.1\.mlp\.up_proj"):
         export(legacy, str(tmp_path / "merged"))
     assert not os.path.exists(tmp_path / "merged") and not os.path.exists(tmp_path / "merged.tmp")
+
+
+@pytest.mark.parametrize("parallel, why", [
+    ("fsdp", "FSDP2's parameters are DTensor shards, which bitsandbytes' optimizer kernels do not take"),
+    ("zero2", "DeepSpeed ZeRO steps the optimizer on its own flat partitions"),
+    ("zero3", "DeepSpeed ZeRO steps the optimizer on its own flat partitions"),
+])
+def test_bitsandbytes_optimizers_are_refused_where_the_engine_cannot_run_them(parallel, why):
+    for optimizer in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
+        _, errors = preflight(["+experiment=tiny_lora", f"parallel={parallel}", "launcher.nproc_per_node=2",
+                               f"train.optimizer={optimizer}"])
+        assert len(errors) == 1 and errors[0].startswith(f"train.optimizer={optimizer} runs on parallel=single|ddp only")
+        assert why in errors[0] and "use train.optimizer=adamw" in errors[0]
+    _, errors = preflight(["+experiment=tiny_lora", "train.optimizer=sgd"])
+    assert len(errors) == 1 and "train.optimizer='sgd'" in errors[0] and "paged_adamw_8bit" in errors[0]
+    # The QLoRA presets train with paged 8-bit AdamW on one GPU; sharded, they say what to change.
+    _, errors = preflight(["+experiment=qlora_13b", f"parallel={parallel}", "launcher.nproc_per_node=2"])
+    assert any("train.optimizer=paged_adamw_8bit runs on parallel=single|ddp only" in e for e in errors)
+
+
+def test_each_optimizer_is_the_implementation_it_names(caplog):
+    """torch's AdamW (fused only where every trained parameter is on a GPU, so not here) and
+    bitsandbytes' three, with the same groups and hyperparameters; a paged one on the CPU says
+    once that it runs unpaged, and bitsandbytes' own warning about it is not repeated."""
+    import logging
+    import warnings
+
+    import bitsandbytes
+
+    expected = {"adamw": torch.optim.AdamW, "adamw_8bit": bitsandbytes.optim.AdamW8bit,
+                "paged_adamw_8bit": bitsandbytes.optim.PagedAdamW8bit,
+                "paged_adamw_32bit": bitsandbytes.optim.PagedAdamW32bit}
+    for name, cls in expected.items():
+        cfg = compose("+experiment=tiny_full", f"train.optimizer={name}", "train.weight_decay=0.1",
+                      "train.adam_beta2=0.99")
+        from distft.engines import build_optimizer
+        from distft.techniques import build_trainable_model
+
+        model = build_trainable_model(cfg, torch.float32)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="distft"), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            optimizer, _ = build_optimizer(cfg, model)
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p)
+            optimizer.step()
+        assert type(optimizer) is cls
+        assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+        assert all(g["betas"] == (0.9, 0.99) and g["eps"] == 1e-8 for g in optimizer.param_groups)
+        said = [r.getMessage() for r in caplog.records if "paging needs CUDA" in r.getMessage()]
+        assert len(said) == (1 if name.startswith("paged") else 0)
+        assert not [w for w in caught if "Paged optimizers are not supported" in str(w.message)]
+        if name == "adamw":
+            assert not optimizer.defaults["fused"]

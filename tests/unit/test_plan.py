@@ -148,7 +148,7 @@ def test_host_memory_is_the_nodes_a_job_runs_on():
     from distft.plan import NF4_DOUBLE_QUANT_BYTES, count_parameters, host_bytes
 
     cfg, errors = preflight(["+experiment=qlora_70b", "cluster=a100_40g_8x", "launcher.nproc_per_node=8",
-                             "parallel=zero3", "parallel.deepspeed.offload_param=true",
+                             "train.optimizer=adamw", "parallel=zero3", "parallel.deepspeed.offload_param=true",
                              "parallel.deepspeed.offload_optimizer=true", "train.global_batch_size=64"])
     assert errors == [] and cfg.technique.double_quant
     counts = count_parameters(cfg)
@@ -181,10 +181,13 @@ def test_a_node_whose_host_memory_cannot_hold_every_ranks_copy_does_not_fit():
 
 
 def test_plan_json_has_the_documented_keys():
-    result = planned("+experiment=qlora_13b", "cluster=a100_40g_8x")
+    result = planned("+experiment=qlora_13b", "cluster=a100_40g_8x", "train.optimizer=adamw")
     assert {"params_total", "params_trainable", "per_gpu_bytes", "fits"} <= result.keys()
     assert set(result["per_gpu_bytes"]) == {"weights", "grads", "optimizer", "comm", "activations", "overhead", "total"}
     assert result["per_gpu_bytes"]["total"] == sum(v for k, v in result["per_gpu_bytes"].items() if k != "total")
+    # A paged optimizer adds `paged`, beside the total (test_paged_optimizer_state_is_planned_outside_the_gpus_total).
+    assert set(planned("+experiment=qlora_13b", "cluster=a100_40g_8x")["per_gpu_bytes"]) == {
+        "weights", "grads", "optimizer", "comm", "activations", "overhead", "total", "paged"}
     assert result["fits"] is True and result["advice"] == []
 
 
@@ -408,3 +411,80 @@ def test_pure_bf16_is_planned_as_it_is_built():
     _, errors = preflight(["+experiment=tiny_lora", "train.pure_bf16=true", "parallel=zero2"])
     assert len(errors) == 1 and "technique=lora (its trained parameters are fp32 adapters" in errors[0]
     assert "parallel=zero2 (DeepSpeed keeps fp32 master weights itself" in errors[0]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
+@pytest.mark.parametrize("shape", [["+experiment=tiny_full"], ["+experiment=tiny_lora"],
+                                   ["+experiment=tiny_full", "train.pure_bf16=true"]],
+                         ids=["full", "lora", "full-pure-bf16"])
+def test_planned_optimizer_state_is_the_bytes_each_optimizer_allocates(optimizer, shape):
+    """After one real step, the optimizer's state tensors (each storage once: bitsandbytes shares
+    its quantisation maps) against the plan's optimizer term: torch's AdamW keeps two moments in
+    the parameters' dtype; bitsandbytes' 8-bit AdamW two uint8 moments and their fp32 block
+    scales, but fp32 moments for tensors under 4096 elements (the LoRA matrices of the tiny
+    model); its 32-bit ones fp32 moments even for bf16 parameters. On the CPU nothing pages."""
+    import torch
+
+    from distft.engines import build_engine, weights_dtype
+    from distft.plan import count_parameters
+    from distft.techniques import build_trainable_model
+
+    cfg, errors = preflight([*shape, f"train.optimizer={optimizer}"])
+    assert errors == []
+    engine = build_engine(cfg, build_trainable_model(cfg, weights_dtype(cfg, torch.device("cpu"))), torch.device("cpu"))
+    for p in engine.unwrapped().parameters():
+        if p.requires_grad:
+            p.grad = torch.randn_like(p)
+    engine.optimizer.step()
+    storages = {}
+    for state in engine.optimizer.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+    measured = sum(storages.values())
+    planned = model_state_bytes(cfg, count_parameters(cfg))["optimizer"]
+    assert planned == pytest.approx(measured, rel=0.005)
+    if optimizer == "adamw_8bit" and shape == ["+experiment=tiny_full"]:
+        assert measured < 0.3 * model_state_bytes(cfg, count_parameters(cfg))["grads"] * 2  # 8 bits, not 32
+
+
+def test_paged_optimizer_state_is_planned_outside_the_gpus_total():
+    """paged_adamw_8bit on a GPU: bitsandbytes puts the state of every tensor of 1e5+ elements in
+    CUDA unified memory, which gives way to the GPU's own allocations, so it is reported beside the
+    total (and counted in the node's host memory, where it may go), not in it."""
+    from distft.plan import ADAMW_8BIT_BYTES, count_parameters
+
+    adamw = planned("+experiment=qlora_13b", "cluster=a100_40g_8x", "train.optimizer=adamw")
+    paged = planned("+experiment=qlora_13b", "cluster=a100_40g_8x")  # the preset: QLoRA's paged 8-bit AdamW
+    cfg, _ = preflight(["+experiment=qlora_13b", "cluster=a100_40g_8x"])
+    counts = count_parameters(cfg)
+    assert cfg.train.optimizer == "paged_adamw_8bit" and counts.trainable_below_paging < 0.01 * counts.trainable
+    gpu = paged["per_gpu_bytes"]
+    assert gpu["paged"] + gpu["optimizer"] == pytest.approx(ADAMW_8BIT_BYTES * counts.trainable, rel=1e-3)
+    assert adamw["per_gpu_bytes"]["optimizer"] == 8 * counts.trainable  # fp32 adapters, two fp32 moments
+    assert gpu["total"] == sum(v for k, v in gpu.items() if k not in ("total", "paged"))
+    assert gpu["total"] == adamw["per_gpu_bytes"]["total"] - adamw["per_gpu_bytes"]["optimizer"] + gpu["optimizer"]
+    assert paged["per_node_host_bytes"]["offload"] == gpu["paged"]
+    assert "of optimizer state in unified memory, not in the total" in format_text(paged)
+
+
+@pytest.mark.parametrize("experiment", ["qlora_13b", "qlora_65b", "qlora_70b"])
+def test_each_presets_promised_gpu_is_one_the_plan_fits(experiment):
+    """The first line of a preset promises a GPU ("one 48 GB+ GPU"): the plan fits one GPU of that
+    size with the default 10% headroom. The 65B promise holds at its 1024-token sequences; at
+    2048 it does not (its header says so, and names the 80 GB GPU that does)."""
+    import re
+
+    from distft.config import conf_dir
+
+    with open(conf_dir() / "experiment" / f"{experiment}.yaml") as f:
+        header = f.read().splitlines()[1]
+    size = int(re.search(r"one (\d+) GB\+? GPU", header).group(1))
+    fits = planned(f"+experiment={experiment}", "cluster=a100_80g_8x", f"cluster.gpu_memory_gb={size}")
+    assert fits["world_size"] == 1 and fits["fits"] is True, format_text(fits)
+    if experiment == "qlora_65b":
+        assert "data.max_seq_len=2048: an 80 GB GPU" in header
+        longer = [f"+experiment={experiment}", "cluster=a100_80g_8x", "data.max_seq_len=2048"]
+        assert planned(*longer, f"cluster.gpu_memory_gb={size}")["fits"] is False
+        assert planned(*longer)["fits"] is True
+        assert planned(f"+experiment={experiment}", "cluster=l40s_48g_8x")["fits"] is True
