@@ -456,15 +456,64 @@ def _check_model(cfg: Config, errors: list[str]) -> None:
         if where:
             errors.append("train.pure_bf16=true (bf16 weights and AdamW state, no fp32 masters) does not apply to "
                           + "; ".join(where))
-    if cfg.technique.name == "full" and m.dtype == "float16":
-        # In every precision: AdamW's eps (1e-8) is 0 in fp16, so the first update divides by zero
-        # (inf/NaN weights) where a ZeRO module or optimizer holds fp16 state; elsewhere the policy
-        # trains fp32 masters anyway (engines.weights_dtype), so fp16 here is always a mistake.
+    _check_fp16_weights(cfg, errors)
+
+
+def _check_fp16_weights(cfg: Config, errors: list[str]) -> None:
+    """`model.dtype=float16`: which (technique, train.precision) pairs train, and why the others
+    are refused (one message each, naming the keys and the fix). Measured on the tiny model, single
+    engine, CPU (tests/unit/test_fp16_matrix.py trains every supported pair and checks every refusal).
+
+    - technique=full, every precision: refused. AdamW's eps (1e-8) is 0 in fp16, so the first
+      update divides by zero (inf/NaN weights) where a ZeRO module or optimizer holds fp16 state;
+      elsewhere the policy trains fp32 masters anyway (engines.weights_dtype), so fp16 is a mistake.
+    - lora, dora, prefix, prompt: the frozen base stays fp16, the adapters or virtual tokens fp32.
+      * train.precision=fp16: supported, the intended pairing (fp16 autocast with the loss scaler).
+      * fp32: refused. No autocast and no loss scaler, so the base runs and back-propagates in
+        fp16 unscaled. Measured on LoRA with the loss divided by 1000 (a 7B step holds ~1000x the
+        target tokens of a tiny one, so its per-token gradients are that much smaller): 34% relative
+        error in the adapter gradients, 3% of them flushed to zero; fp16 autocast with the scaler:
+        9e-4. And the name would lie: nothing of the base computes in fp32.
+      * bf16: refused. bf16 autocast rounds the fp16 weights to bf16 in every matmul (model.dtype=
+        bfloat16 gives the same compute in the same memory, rounded once at load) and mixes fp16,
+        bf16 and fp32 tensors; prefix and prompt tuning crash on it (torch.cat of the fp16 prefix
+        with bf16 keys: "Unexpected floating ScalarType in at::autocast::prioritize").
+      * auto: refused. It picks bf16 (bf16 GPUs) or fp32 (the CPU, older GPUs), never fp16, so it is
+        one of the two cases above depending on the machine; fp16 weights must say fp16.
+    - qlora, every precision: allowed here. PEFT's prepare_model_for_kbit_training casts every
+      parameter that is not 4-bit to fp32, so no fp16 tensor is left to train or compute in; the
+      4-bit matmuls compute in technique.compute_dtype whatever train.precision says. fp32, bf16
+      and auto train finite on the CPU; train.precision=fp16 on the tiny CPU model is refused by
+      the QLoRA rule in _check_technique (its one message), and on a GPU it trains in fp16 autocast.
+    """
+    m, t, precision = cfg.model, cfg.technique.name, cfg.train.precision
+    if m.dtype != "float16":
+        return
+    if t == "full":
         errors.append(
             "model.dtype=float16 with technique=full: fp16 cannot hold AdamW's state (its eps 1e-8 is 0 in fp16, so "
             "an update turns weights into inf/NaN); leave model.dtype=auto (full fine-tuning keeps fp32 master "
             "weights) with train.precision=fp16 for fp16 compute, or use model.dtype=bfloat16"
         )
+        return
+    if t == "qlora" or precision == "fp16":
+        return
+    why = {
+        "fp32": "no autocast and no loss scaler, so the fp16 base computes and back-propagates in unscaled fp16 and "
+                "small gradients flush to zero",
+        "bf16": "bf16 autocast rounds the fp16 weights to bf16 in every matmul and mixes fp16 with bf16 tensors "
+                "(prefix and prompt tuning fail on it)",
+        "auto": "auto computes in bf16 or fp32 (by device), never in fp16; fp32 leaves the fp16 base without a loss "
+                "scaler and bf16 rounds its weights to bf16 in every matmul",
+    }.get(precision)
+    if why is None:  # not a precision at all: _check_choices reports it
+        return
+    other = {"fp32": "model.dtype=float32 for fp32 compute", "bf16": "model.dtype=bfloat16 for bf16 compute (same "
+             "memory)", "auto": "model.dtype=auto to let the device choose both"}[precision]
+    errors.append(
+        f"model.dtype=float16 with technique={t} and train.precision={precision}: {why}; set train.precision=fp16 "
+        f"(fp16 autocast with a loss scaler, adapters in fp32), or {other}"
+    )
 
 
 def _check_technique(cfg: Config, errors: list[str]) -> None:
