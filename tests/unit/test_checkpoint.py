@@ -596,3 +596,27 @@ def test_planner_settings_do_not_stop_a_resume(interrupted):
     assert resume_conflicts(compose(*RUN, f"run.dir={interrupted}", "plan.margin=0.3", "plan.override=true"),
                             interrupted) == []
     assert resume_conflicts(compose(*RUN, f"run.dir={interrupted}", "train.lr=0.02"), interrupted) != []
+
+
+def test_a_setting_newer_than_the_checkpoint_resumes_at_its_default(interrupted, tmp_path):
+    """A checkpoint written before `train.optimizer` existed holds no such key: it trained with
+    what is now the default (adamw), so the same command resumes it; another optimizer is a
+    conflict, and so is a recorded value that differs."""
+    import json
+    import shutil
+
+    from distft.checkpoint import committed_checkpoints, resume_conflicts
+
+    older = str(tmp_path / "older")
+    shutil.copytree(interrupted, older)
+    meta_path = os.path.join(committed_checkpoints(older)[-1], "meta.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    del meta["config"]["train"]["optimizer"]
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    assert resume_conflicts(compose(*RUN, f"run.dir={older}"), older) == []
+    assert resume_conflicts(compose(*RUN, f"run.dir={older}", "train.optimizer=adamw_8bit"), older) == [
+        "train.optimizer: 'adamw' -> 'adamw_8bit'"]
+    assert resume_conflicts(compose(*RUN, f"run.dir={interrupted}", "train.optimizer=adamw_8bit"), interrupted) == [
+        "train.optimizer: 'adamw' -> 'adamw_8bit'"]
