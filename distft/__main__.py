@@ -36,11 +36,11 @@ def hydra_entry(dict_cfg) -> None:
     cfg = to_config(dict_cfg)
     from distft import dist
     from distft.config import world_size
-    from launchers.slurm import is_rank_process, rank_environment
+    from distft.launchers.slurm import is_rank_process, rank_environment
 
     argv = _job_argv()
     if cfg.launcher.kind == "slurm" and not is_rank_process():
-        from launchers.slurm import submit
+        from distft.launchers.slurm import submit
 
         sys.exit(submit(cfg, argv))  # from the login node: check, submit, print, return
     if is_rank_process():  # launcher.env applies to ranks however they were started (RankTask, train.sbatch)
@@ -48,7 +48,7 @@ def hydra_entry(dict_cfg) -> None:
     rank_environment()  # inside a SLURM step or a submitit job: rendezvous from its environment
     env = dist.from_env()
     if env.world_size == 1 and not is_rank_process():  # the command the user typed: plan before starting
-        from launchers.local import plan_refusal
+        from distft.launchers.local import plan_refusal
 
         refusal = plan_refusal(cfg)
         if refusal:
@@ -56,7 +56,7 @@ def hydra_entry(dict_cfg) -> None:
             sys.exit(2)
     if world_size(cfg) > 1 and env.world_size == 1:
         # Not started by a launcher yet: become the launcher.
-        from launchers.local import launch
+        from distft.launchers.local import launch
 
         sys.exit(launch(cfg, argv))
     if env.world_size != world_size(cfg):
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     os.environ.update(secret_env)  # before Hydra, W&B or a launcher: ranks and jobs inherit it
     if runs:
-        from launchers.slurm import sweep_launcher_overrides
+        from distft.launchers.slurm import sweep_launcher_overrides
 
         argv = argv + sweep_launcher_overrides(cfg, argv)  # submitit sweeps: each point sized like a run
     register_configs()

@@ -404,8 +404,11 @@ class Config:
 
 
 def conf_dir() -> Path:
-    """The repository's Hydra config tree (`conf/`), found relative to this package."""
-    return Path(__file__).resolve().parent.parent / "conf"
+    """distft's Hydra config tree: `distft/conf` in an installed package, the repository's top-level
+    `conf/` in a source checkout (distft/__init__.py, "Layout")."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "conf"
+    return packaged if packaged.is_dir() else here.parent / "conf"
 
 
 def register_configs() -> None:

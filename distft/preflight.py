@@ -64,9 +64,13 @@ def preflight(argv: Sequence[str], run_here: bool = True) -> tuple[Optional[Conf
     """
     config_name, multirun, args = split_hydra_flags(argv)
     errors: list[str] = []
+    user_dir = user_config_dir(argv)
+    if user_dir and not os.path.isdir(user_dir):
+        return None, [f"--config-dir {user_dir}: no such directory; give the folder that holds your config groups "
+                      "(e.g. experiment/mine.yaml, used as +experiment=mine)"]
     parsed = _parse(args, errors)
     register_configs()
-    with _hydra_session() as loader:
+    with _hydra_session(user_dir) as loader:
         groups = set(loader.list_groups(""))
         overrides = [_expand(ov, groups, loader, errors) for ov in parsed]
         overrides = [ov for ov in overrides if ov is not None]
@@ -133,6 +137,18 @@ def split_hydra_flags(argv: Sequence[str]) -> tuple[str, bool, list[str]]:
             i += 1
         i += 1
     return config_name, multirun, overrides
+
+
+def user_config_dir(argv: Sequence[str]) -> Optional[str]:
+    """The absolute path given with Hydra's `--config-dir`/`-cd` (the last one, as Hydra reads it):
+    a user's own config groups, searched after distft's conf/ and before the schema."""
+    found = None
+    args = list(argv)
+    for i, arg in enumerate(args):
+        flag, has_inline_value, inline_value = arg.partition("=")
+        if flag in ("--config-dir", "-cd"):
+            found = inline_value if has_inline_value else (args[i + 1] if i + 1 < len(args) else None)
+    return os.path.abspath(os.path.expanduser(found)) if found else None
 
 
 def model_max_positions(model: ModelConfig) -> int:
@@ -358,8 +374,12 @@ def _expand(override: Any, groups: set[str], loader: Any, errors: list[str]) -> 
 
 
 class _hydra_session:
-    """Hydra's Compose API on conf/. Whatever GlobalHydra held before (nothing, or a running
-    @hydra.main) is put back afterwards, so a later @hydra.main in this process still starts."""
+    """Hydra's Compose API on conf/ (and a user's `--config-dir`, where @hydra.main puts it: after
+    the primary config dir, before the schema). Whatever GlobalHydra held before (nothing, or a
+    running @hydra.main) is put back afterwards, so a later @hydra.main in this process still starts."""
+
+    def __init__(self, user_dir: Optional[str] = None):
+        self.user_dir = user_dir
 
     def __enter__(self) -> Any:
         from hydra import initialize_config_dir
@@ -369,6 +389,16 @@ class _hydra_session:
         self._previous = get_gh_backup()
         GlobalHydra.instance().clear()
         self._init = initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3")
+        if self.user_dir:
+            from hydra._internal.hydra import Hydra
+            from hydra._internal.utils import create_config_search_path
+            from hydra.core.config_search_path import SearchPathQuery
+
+            search_path = create_config_search_path(str(conf_dir()))
+            search_path.prepend(provider="command-line", path=f"file://{self.user_dir}",
+                                anchor=SearchPathQuery(provider="schema"))
+            GlobalHydra.instance().clear()
+            Hydra.create_main_hydra2(task_name="distft", config_search_path=search_path)
         return GlobalHydra.instance().config_loader()
 
     def __exit__(self, *exc: Any) -> None:

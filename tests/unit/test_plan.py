@@ -242,7 +242,7 @@ def test_more_gpus_are_advised_with_the_same_global_batch():
 
 def test_the_slurm_launcher_refuses_a_job_that_cannot_fit_before_asking_the_cluster(capsys):
     """No SLURM command runs: the plan alone refuses (this machine may have no SLURM at all)."""
-    from launchers.slurm import submit
+    from distft.launchers.slurm import submit
 
     cfg, errors = preflight(["model=llama_65b", "launcher=slurm", "launcher.nodes=1", "launcher.gpus_per_node=8",
                              "launcher.time_min=60", "parallel=zero2", "cluster=a100_80g_8x",
@@ -259,7 +259,7 @@ def test_a_local_job_that_cannot_fit_the_gpus_here_is_not_started():
     device; given here, as this machine has none): 7B full fine-tuning under DDP on 8 x 40 GiB is
     refused with the changes that fit; ZeRO-3 on the same GPUs, an H200, plan.override=true or
     the CPU start. The compute dtype (train.precision=auto) is planned as the run will resolve it on those GPUs."""
-    from launchers.local import LocalGPUs, local_gpus, plan_refusal
+    from distft.launchers.local import LocalGPUs, local_gpus, plan_refusal
 
     common = ["model=llama_7b", "launcher.nproc_per_node=8", "train.global_batch_size=32",
               "cluster.cpu_memory_gb=1024"]  # cluster=local plans the host memory of the machine it runs on
