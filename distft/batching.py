@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from distft.config import PACK_STRATEGIES
+from distft.errors import DataError
 from distft.model import IGNORE_INDEX
 
 
@@ -193,8 +194,6 @@ class TrainBatches:
         self._built_epoch = self.epoch
         if self.batches_per_epoch == 0:
             group = self.micro_batch_size * self.world_size * self.accumulation_steps
-            from distft.data import DataError  # data.py imports this module
-
             raise DataError(
                 f"only {len(self._rows)} training sequences per epoch, fewer than one optimizer step needs "
                 f"(micro_batch_size x world size x accumulation = {group}); add data or lower train.global_batch_size"

@@ -52,6 +52,7 @@ from typing import Any, Optional
 
 from distft import dist, faults
 from distft.config import Config, to_dict
+from distft.errors import CheckpointError  # noqa: F401  (re-exported: callers catch distft.checkpoint.CheckpointError)
 from distft.safe_load import pickle_kind, scan_file
 
 log = logging.getLogger("distft")
@@ -62,10 +63,6 @@ TRAINER_STATE = "trainer_state.json"
 STATE_DIR = "state"
 RNG_DIR = "rng"
 LATEST = "latest"
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used or written; the message says why and what to do instead."""
 
 
 def checkpoints_dir(run_dir: str) -> str:

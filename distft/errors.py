@@ -8,3 +8,7 @@ from __future__ import annotations
 
 class DataError(Exception):
     """A problem with the user's data or data config; the message says what and how to fix it."""
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used or written; the message says why and what to do instead."""

@@ -36,7 +36,7 @@ def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
 
 
 # Secret config keys and the environment variable each is read from. A key given as a command-line
-# override is moved into its variable before anything sees the command line (distft/__main__.py),
+# override is moved into its variable before anything sees the command line (distft/cli.py),
 # so rank processes and SLURM jobs inherit it and no command line or file holds it.
 SECRET_ENVIRONMENT = {"tracking.wandb.api_key": "WANDB_API_KEY"}
 

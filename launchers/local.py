@@ -44,7 +44,7 @@ def launch(cfg: Config, argv: list[str]) -> int:
     )
     try:
         # Ranks inherit this process's environment, which is where the entry point put any secret
-        # given on the command line (distft.__main__.secrets_to_environment): `argv` has none, so
+        # given on the command line (distft.cli.secrets_to_environment): `argv` has none, so
         # no rank's command line (visible to every user in `ps`) carries one.
         elastic_launch(config, entrypoint=sys.executable)("-m", "distft", *argv)
     except ChildFailedError as err:

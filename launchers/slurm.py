@@ -9,7 +9,7 @@
    refusal (account, QOS, constraint, memory) ends here with one message and nothing queued.
 2. submitit writes the batch script (`#SBATCH --signal=USR2@<signal_delay_s>`, `--requeue`)
    and submits it; each of the `nodes x tasks_per_node` tasks (`srun --kill-on-bad-exit=1`: one
-   failing rank ends the whole step) runs `RankTask`, which sets up the rendezvous from the SLURM
+   failing rank ends the whole step) runs `distft.cli.RankTask`, which sets up the rendezvous from the SLURM
    environment (`rank_environment()`, shared with slurm/train.sbatch) and runs the same
    `python -m distft` command line in-process as one rank.
 3. The command prints the job id, the log paths and the run directory and returns (exit 0);
@@ -27,7 +27,6 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from typing import Optional
 
 from distft.config import Config
@@ -67,23 +66,6 @@ def rank_environment() -> Optional[dict]:
     env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     os.environ[RANK_MARKER] = "1"
     return {"rank": env.rank, "world_size": env.world_size, "master": f"{env.master_addr}:{env.master_port}"}
-
-
-@dataclass
-class RankTask:
-    """What each task of the job runs: the distft command line, as one rank, in this process
-    (launcher.env is applied by the entry point, as for slurm/train.sbatch). `argv` is pickled into
-    the job folder, so it never holds a secret: the entry point moved any given on the command line
-    into the environment, which the job inherits (sbatch exports it unless `--export` says otherwise)."""
-
-    argv: list[str]
-
-    def __call__(self) -> None:
-        os.environ[RANK_MARKER] = "1"
-        rank_environment()
-        from distft.__main__ import main
-
-        main(list(self.argv))
 
 
 # --------------------------------------------------------------------------- the cluster
@@ -227,8 +209,9 @@ def executor(cfg: Config, folder: str, partition: str):
     return ex
 
 
-def submit(cfg: Config, argv: list[str]) -> int:
-    """Plan, check, submit, print where everything is; follow the job with launcher.wait=true."""
+def submit(cfg: Config, argv: list[str], task) -> int:
+    """Plan, check, submit `task` (picklable; what every rank runs: distft.cli.RankTask), print
+    where everything is; follow the job with launcher.wait=true."""
     from distft.plan import refusal as plan_refusal
 
     try:
@@ -250,7 +233,7 @@ def submit(cfg: Config, argv: list[str]) -> int:
     run_dir = config_run_dir(cfg)
     folder = os.path.abspath(cfg.launcher.log_dir or os.path.join(run_dir, "slurm"))
     os.makedirs(folder, exist_ok=True)
-    job = executor(cfg, folder, partition).submit(RankTask(list(argv)))
+    job = executor(cfg, folder, partition).submit(task)
     logs = os.path.join(folder, f"{job.job_id}_<rank>_log.out")
     print(f"submitted job {job.job_id}: {cfg.launcher.nodes} node(s) x {cfg.launcher.tasks_per_node} rank(s), "
           f"partition {partition}, {cfg.launcher.time_min} min", flush=True)

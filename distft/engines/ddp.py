@@ -12,7 +12,8 @@ import contextlib
 import torch
 
 from distft.config import Config
-from distft.engines import apply_update, autocast_context, autocast_dtype, build_optimizer
+from distft.engines.optim import apply_update, build_optimizer
+from distft.engines.precision import autocast_context, autocast_dtype
 
 
 class DDPEngine:

@@ -48,9 +48,10 @@ from typing import Any
 
 import torch
 
-from distft.checkpoint import CheckpointError
 from distft.config import Config, grad_accum_steps
-from distft.engines import autocast_context, autocast_dtype, build_optimizer
+from distft.engines.optim import build_optimizer
+from distft.engines.precision import autocast_context, autocast_dtype
+from distft.errors import CheckpointError
 
 log = logging.getLogger("distft")
 

@@ -41,7 +41,8 @@ import logging
 import torch
 
 from distft.config import Config
-from distft.engines import apply_update, autocast_context, autocast_dtype, build_optimizer
+from distft.engines.optim import apply_update, build_optimizer
+from distft.engines.precision import autocast_context, autocast_dtype
 
 log = logging.getLogger("distft")
 
@@ -297,7 +298,7 @@ def materialize_from_rank0(model: torch.nn.Module, cfg: Config, device: torch.de
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from distft.engines import weights_dtype
+    from distft.engines.precision import weights_dtype
     from distft.model import load_tokenizer
     from distft.techniques import build_trainable_model
 

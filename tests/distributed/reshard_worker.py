@@ -133,4 +133,4 @@ if __name__ == "__main__":
     main()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)  # no interpreter teardown: ~1 s per rank (see distft/__main__.py, _exit_now)
+    os._exit(0)  # no interpreter teardown: ~1 s per rank (see distft/cli.py, _exit_now)

@@ -242,13 +242,14 @@ def test_more_gpus_are_advised_with_the_same_global_batch():
 
 def test_the_slurm_launcher_refuses_a_job_that_cannot_fit_before_asking_the_cluster(capsys):
     """No SLURM command runs: the plan alone refuses (this machine may have no SLURM at all)."""
+    from distft.cli import RankTask
     from distft.launchers.slurm import submit
 
     cfg, errors = preflight(["model=llama_65b", "launcher=slurm", "launcher.nodes=1", "launcher.gpus_per_node=8",
                              "launcher.time_min=60", "parallel=zero2", "cluster=a100_80g_8x",
                              "train.global_batch_size=32"])
     assert errors == []
-    assert submit(cfg, []) == 2
+    assert submit(cfg, [], RankTask([])) == 2
     err = capsys.readouterr().err
     assert err.startswith("distft: not submitted, nothing queued: the plan does not fit cluster=a100_80g_8x")
     assert "does NOT fit in 80 GiB with 10% headroom" in err and "would fit: parallel=zero3" in err

@@ -285,7 +285,7 @@ def test_secrets_never_reach_dumps_checkpoints_or_wandb(request, monkeypatch, tm
 
 
 def test_secret_overrides_leave_the_command_line_for_the_environment():
-    from distft.__main__ import secrets_to_environment
+    from distft.cli import secrets_to_environment
 
     argv, env, problems = secrets_to_environment([
         f"tracking.wandb.api_key={SECRET}", "train.lr=1e-3", "+launcher.env.HF_TOKEN=hf_abc",
