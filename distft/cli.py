@@ -22,9 +22,7 @@ from distft.preflight import format_errors, preflight
 
 def _user_error_types() -> tuple:
     # Imported lazily: `--help` and config errors should not pay for torch and transformers.
-    from distft.checkpoint import CheckpointError
-    from distft.data import DataError
-    from distft.model import ModelLoadError
+    from distft.errors import CheckpointError, DataError, ModelLoadError
 
     return (DataError, CheckpointError, ModelLoadError)
 
@@ -67,8 +65,9 @@ def hydra_entry(dict_cfg) -> None:
             file=sys.stderr,
         )
         sys.exit(2)
+    from distft.errors import NonFiniteError
     from distft.preemption import EXIT_STOPPED, Preempted
-    from distft.train import NonFiniteError, train
+    from distft.train import train
 
     _record_sweep_point(cfg, env)
     try:

@@ -12,3 +12,17 @@ class DataError(Exception):
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used or written; the message says why and what to do instead."""
+
+
+class ModelLoadError(Exception):
+    """A model or tokenizer that cannot be loaded from `model.name_or_path` / `model.tokenizer`."""
+
+
+class NonFiniteError(Exception):
+    """A non-finite step under `train.nonfinite=halt` (or too many skipped), or weights left
+    non-finite: the message names the step, the ranks and what was (not) saved. The run went
+    wrong, not its input: the command line exits 3."""
+
+
+class TemplateError(Exception):
+    """The tokenizer or template cannot render rows at all; data.py turns it into a DataError."""

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from distft.config import ModelConfig
+from distft.errors import ModelLoadError  # noqa: F401  (re-exported: callers catch distft.model.ModelLoadError)
 
 IGNORE_INDEX = -100
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
@@ -34,10 +35,6 @@ OFFLINE_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '### assistant:\n' }}{% endif %}"
 )
-
-
-class ModelLoadError(Exception):
-    """A model or tokenizer that cannot be loaded from `model.name_or_path` / `model.tokenizer`."""
 
 
 def _load_error(key: str, source: str, err: Exception) -> ModelLoadError:

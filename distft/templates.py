@@ -36,6 +36,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
+from distft.errors import TemplateError  # noqa: F401  (re-exported: callers catch distft.templates.TemplateError)
+
 ALPACA_PREAMBLE_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
@@ -65,10 +67,6 @@ HEADERS_CHAT_TEMPLATE = (
 NAMED_CHAT_TEMPLATES = {"headers": HEADERS_CHAT_TEMPLATE}
 
 Span = tuple[int, int]
-
-
-class TemplateError(Exception):
-    """The tokenizer or template cannot render rows at all; data.py turns it into a DataError."""
 
 
 class RejectedConversation(Exception):

@@ -25,6 +25,7 @@ import torch
 from distft import dist
 from distft.config import Config, config_hash, grad_accum_steps, model_label, to_dict
 from distft.config import run_dir as config_run_dir
+from distft.errors import NonFiniteError  # noqa: F401  (re-exported: callers catch distft.train.NonFiniteError)
 from distft.model import IGNORE_INDEX, count_parameters, load_tokenizer, token_loss
 from distft.preemption import StopSignal, requeue_count
 from distft.tracking import MemoryMeter, Progress, Tracker, flops_per_token, mfu, plot_losses, setup_logging
@@ -60,11 +61,6 @@ def write_config_dump(cfg: Config, run_dir: str) -> None:
 
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         f.write(OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg, redact=True))))
-
-
-class NonFiniteError(Exception):
-    """A non-finite step under `train.nonfinite=halt` (or too many skipped): the message names the
-    step, the ranks and the checkpoint saved before stopping."""
 
 
 def train(cfg: Config) -> dict:
