@@ -1,8 +1,10 @@
 """The central training loop: one plain function from a typed Config to a finished run.
 
-config -> tokenizer + data -> model + technique -> engine -> loop -> checkpoint, report, summary.
-The loop only talks to the `Engine` interface, so every technique on every parallelism strategy
-runs through the same lines.
+config -> `build_run` (tokenizer + data -> model + technique -> engine -> batches; distft/run.py)
+-> `fit` (the steps, periodic eval and saves, signals) -> `finish` (final eval, save, report,
+summary). A `Checkpointer` saves and restores every stateful part; the loop's own state is a
+`TrainState`. The loop only talks to the `Engine` interface, so every technique on every
+parallelism strategy runs through the same lines.
 
 Gradient accumulation weights every target token equally: each micro-batch contributes its
 *summed* token loss divided by the number of target tokens in the whole optimizer step (over all
@@ -25,9 +27,11 @@ import torch
 from distft import dist
 from distft.config import Config, config_hash, grad_accum_steps, model_label, to_dict
 from distft.config import run_dir as config_run_dir
-from distft.errors import NonFiniteError  # noqa: F401  (re-exported: callers catch distft.train.NonFiniteError)
-from distft.model import IGNORE_INDEX, count_parameters, load_tokenizer, token_loss
+from distft.engines import autocast_dtype
+from distft.errors import CheckpointError, NonFiniteError
+from distft.model import IGNORE_INDEX, token_loss
 from distft.preemption import StopSignal, requeue_count
+from distft.run import Run, TrainState, build_run
 from distft.tracking import MemoryMeter, Progress, Tracker, flops_per_token, mfu, plot_losses, setup_logging
 
 log = logging.getLogger("distft")
@@ -106,8 +110,6 @@ def _start(cfg: Config, info, run_dir: str, device: torch.device, stop) -> dict:
             return json.load(f)
     conflicts = resume_conflicts(cfg, run_dir)
     if conflicts:
-        from distft.checkpoint import CheckpointError
-
         raise CheckpointError(
             f"{run_dir} holds a run with another config ({'; '.join(conflicts[:3])}); rerun it with its own "
             "config to resume, choose a new run.dir, or pass resume=false to start over (the old run is kept aside)"
@@ -120,84 +122,43 @@ def _start(cfg: Config, info, run_dir: str, device: torch.device, stop) -> dict:
     return _train(cfg, info, run_dir, summary_path, device, stop)
 
 
-def _check_vocab(cfg: Config, tokenizer) -> None:
-    """A tokenizer longer than the model's embedding stops the run here, before the data and the
-    model load (`vocab.vocab_problem`); a full fine-tuning that can resize goes on, and the base
-    build resizes (`vocab.fit_embeddings`)."""
-    from distft.model import ModelLoadError
-    from distft.vocab import embedding_rows, vocab_problem
-
-    rows = embedding_rows(cfg.model)
-    problem = vocab_problem(cfg, len(tokenizer), rows) if rows is not None else None
-    if problem:
-        raise ModelLoadError(problem)
-
-
 def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.device, stop) -> dict:
-    tokenizer = load_tokenizer(cfg.model)
-    _check_vocab(cfg, tokenizer)
-
-    from distft.data import TrainBatches, eval_batches, prepare_data
-
-    data = prepare_data(cfg.data, tokenizer, seed=cfg.data.seed)
-    if not data.eval:  # validate() refuses an empty split it can see; a dataset's own split can be empty too
-        from distft.data import DataError
-
-        raise DataError(f"no held-out rows: {data.report.summary()}; every run scores the model on held-out rows "
-                        "before and after training: set data.eval_size / data.eval_fraction above 0, or data.eval_path")
-    log.info("%s", data.report.summary())
-    for level, line in data.report.notes(cfg.data):
-        getattr(log, level)("%s", line)
-
-    from distft.engines import autocast_dtype, build_engine, build_model_for_engine, weights_dtype
     from distft.techniques import base_model_context
 
-    dtype = weights_dtype(cfg, device)
-    if cfg.train.pure_bf16:
-        log.warning("train.pure_bf16=true: weights, gradients and AdamW state in bf16, no fp32 master weights; "
-                    "updates below bf16's resolution (~1/256 of a weight) are lost, so a small train.lr trains little")
-    memory = MemoryMeter(device, cfg.tracking.cpu_memory_steps)  # the model, its training state, activations
-    model, model_build = build_model_for_engine(cfg, dtype, tokenizer, info.world_size)
-    trainable, total = count_parameters(model)
-    log.info(
-        "model %s, technique %s: %s trainable of %s parameters (%.2f%%), built %s",
-        model_label(cfg.model), cfg.technique.name, f"{trainable:,}", f"{total:,}", 100.0 * trainable / max(1, total),
-        "on the meta device, filled from rank 0" if model_build == "meta" else "on every rank",
-    )
-    engine = build_engine(cfg, model, device)
+    run = build_run(cfg, info, device)
     tracker = Tracker(cfg, run_dir, info.rank, run_id=_tracker_run_id(cfg, run_dir, info))
-
-    pad_id = tokenizer.pad_token_id
-    accum = grad_accum_steps(cfg)
-    batches = TrainBatches(
-        data.train, cfg.train.micro_batch_size, cfg.data.max_seq_len, cfg.data.packing, pad_id,
-        seed=cfg.train.seed, shuffle=cfg.data.shuffle, rank=info.rank, world_size=info.world_size,
-        accumulation_steps=accum, pack_strategy=cfg.data.pack_strategy,
-    )
-    held_out = eval_batches(data.eval, cfg.eval.batch_size, cfg.data.max_seq_len, cfg.data.packing, pad_id,
-                            cfg.data.pack_strategy)
-    if cfg.train.eval_max_batches:
-        held_out = held_out[: cfg.train.eval_max_batches]
-
-    state = {"step": 0, "train_tokens": 0, "train_target_tokens": 0, "train_time_s": 0.0,
-             "best_eval_loss": math.inf, "evals_without_improvement": 0, "stopped_early": False,
-             "eval_before": None, "nonfinite_steps": 0,
-             "train_loss_sum": 0.0, "train_loss_tokens": 0}  # over the applied steps: the run's mean loss
-    resumed_from = _resume(run_dir, engine, batches, state, tracker, cfg, info)
+    state = TrainState()
+    checkpointer = Checkpointer(run, run_dir, state)
+    resumed_from = checkpointer.resume(tracker)
     if resumed_from is None and cfg.eval.compare_base:
-        with base_model_context(engine.unwrapped()):
-            state["eval_before"] = _evaluate(engine, tokenizer, held_out, data, cfg)
-        log.info("base model: %s", _fmt_eval(state["eval_before"]))
-        tracker.log(0, {"eval_loss": state["eval_before"]["loss"]})
-    eval_before = state["eval_before"]
+        with base_model_context(run.engine.unwrapped()):
+            state.eval_before = _evaluate(run)
+        log.info("base model: %s", _fmt_eval(state.eval_before))
+        tracker.log(0, {"eval_loss": state.eval_before["loss"]})
     if resumed_from is None:
         # Each rank its own dropout stream (the model was built identically on every rank above).
         torch.manual_seed(cfg.train.seed + info.rank)
-    checkpoints = _Checkpoints(run_dir, engine, tokenizer, cfg, batches, state, info, device)
+    last_loss, stopped = fit(run, state, tracker, checkpointer, stop)
+    trained_bytes = run.memory.training()  # before the final evaluation and save
+    if stopped:  # whatever checkpoint.save_every says, the work so far is kept; then requeue
+        saved = checkpointer.last if checkpointer.last_step == state.step else checkpointer.save(state.step)
+        preempted = stop.stop(state.step, saved, info.is_main)
+        tracker.finish()
+        dist.barrier()
+        raise preempted
+    return finish(run, state, tracker, checkpointer, summary_path, last_loss, resumed_from, trained_bytes)
+
+
+def fit(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpointer, stop) -> tuple[float, bool]:
+    """The optimizer steps, from state.step to train.max_steps: periodic evaluation (and early
+    stopping), periodic saves, and the scheduler's stop signal. Returns (the last applied step's
+    loss, whether the signal stopped it)."""
+    cfg, engine, info = run.cfg, run.engine, run.info
+    accum = grad_accum_steps(cfg)
     # fp16: an inf grad norm with a finite loss is the loss scaler's own overflow skip, not a fault.
-    fp16 = autocast_dtype(cfg.train.precision, device) == torch.float16
-    progress = Progress(cfg.train.max_steps, state["step"], info.is_main, cfg.train.log_every)
-    iterator = iter(batches)
+    fp16 = autocast_dtype(cfg.train.precision, run.device) == torch.float16
+    progress = Progress(cfg.train.max_steps, state.step, info.is_main, cfg.train.log_every)
+    iterator = iter(run.batches)
     # Weights in host memory (FSDP cpu_offload, ZeRO-3 offload_param): a norm of every shard on the
     # CPU each step would cost seconds; their finiteness is checked before every save instead.
     offloaded = cfg.parallel.fsdp.cpu_offload if cfg.parallel.strategy == "fsdp" else (
@@ -206,109 +167,109 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
     last_loss = math.nan
     steps_here = 0  # optimizer steps taken by this process (a resumed run starts later)
     stopped = False  # by the scheduler's "time is nearly up" (StopSignal): checkpoint and requeue
-    while state["step"] < cfg.train.max_steps:
+    while state.step < cfg.train.max_steps:
         started = time.time()
         micro_batches = [next(iterator) for _ in range(accum)]
         lr = engine.lr()  # what this step applies: the scheduler moves it on after the update
-        loss_total, step_targets, grad_norm, local_finite = optimizer_step(engine, micro_batches, state["step"] + 1)
-        state["step"] += 1
+        loss_total, step_targets, grad_norm, local_finite = optimizer_step(engine, micro_batches, state.step + 1)
+        state.step += 1
         step_time = time.time() - started
         steps_here += 1
-        memory.step(steps_here)
+        run.memory.step(steps_here)
         step_tokens = sum(b["input_ids"].numel() for b in micro_batches) * info.world_size
-        state["train_tokens"] += step_tokens
-        state["train_target_tokens"] += int(step_targets)
-        state["train_time_s"] += step_time
-        step = state["step"]
+        state.train_tokens += step_tokens
+        state.train_target_tokens += int(step_targets)
+        state.train_time_s += step_time
+        step = state.step
         # Loss and grad norm are global (all-reduced), so every rank takes the same branch here.
         if not math.isfinite(loss_total) or (not math.isfinite(grad_norm) and not fp16):
-            _nonfinite_step(step, loss_total, grad_norm, local_finite, cfg, state, tracker, checkpoints)
+            _nonfinite_step(step, loss_total, grad_norm, local_finite, cfg, state, tracker, checkpointer)
         else:
             if not offloaded:
                 _check_weights_finite(engine, step)
             last_loss = loss_total / max(step_targets, 1)
-            state["train_loss_sum"] += loss_total
-            state["train_loss_tokens"] += int(step_targets)
+            state.train_loss_sum += loss_total
+            state.train_loss_tokens += int(step_targets)
             tokens_per_s = step_tokens / max(step_time, 1e-9)
             if step % cfg.train.log_every == 0 or step == 1:
                 tracker.log(step, {"loss": last_loss, "lr": lr, "grad_norm": grad_norm,
                                    "tokens_per_s": tokens_per_s, "step_time_s": step_time})
             progress.update(step, last_loss, lr, tokens_per_s)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
-            if _periodic_eval(engine, held_out, cfg, state, tracker):
+            if _periodic_eval(run, state, tracker):
                 log.info("early stopping at step %d: eval loss did not improve for %d evals",
                          step, cfg.train.early_stopping_patience)
-                state["stopped_early"] = True
+                state.stopped_early = True
                 break
-        checkpoints.poll()
+        checkpointer.poll()
         if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < cfg.train.max_steps:
-            checkpoints.save(step, background=cfg.checkpoint.async_save)
+            checkpointer.save(step, background=cfg.checkpoint.async_save)
         if stop.requested() and step < cfg.train.max_steps:
             stopped = True
             break
     progress.close()
-    checkpoints.finish()
-    trained_bytes = memory.training()  # before the final evaluation and save
-    if stopped:  # whatever checkpoint.save_every says, the work so far is kept; then requeue
-        saved = checkpoints.last if checkpoints.last_step == state["step"] else checkpoints.save(state["step"])
-        preempted = stop.stop(state["step"], saved, info.is_main)
-        tracker.finish()
-        dist.barrier()
-        raise preempted
+    checkpointer.finish()
+    return last_loss, stopped
 
-    eval_after = _evaluate(engine, tokenizer, held_out, data, cfg)
-    log.info("tuned model: %s", _fmt_eval(eval_after))
-    tracker.log(state["step"], {"eval_loss": eval_after["loss"]})
-    final_checkpoint = checkpoints.save(state["step"])
 
+def finish(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpointer, summary_path: str,
+           last_loss: float, resumed_from: Optional[str], trained_bytes: int) -> dict:
+    """After the last step: the final evaluation, the final save, the report and the summary."""
     from distft.evaluate import metrics_only, write_report
 
-    tokens_per_s = state["train_tokens"] / max(state["train_time_s"], 1e-9)
-    arch = model.config  # the real architecture (a local checkpoint's config.json wins over the preset)
-    flops_token = flops_per_token(total, arch.num_hidden_layers, arch.hidden_size, cfg.data.max_seq_len,
+    cfg, info, run_dir = run.cfg, run.info, checkpointer.run_dir
+    eval_before = state.eval_before
+    eval_after = _evaluate(run)
+    log.info("tuned model: %s", _fmt_eval(eval_after))
+    tracker.log(state.step, {"eval_loss": eval_after["loss"]})
+    final_checkpoint = checkpointer.save(state.step)
+
+    tokens_per_s = state.train_tokens / max(state.train_time_s, 1e-9)
+    arch = run.model.config  # the real architecture (a local checkpoint's config.json wins over the preset)
+    flops_token = flops_per_token(run.total, arch.num_hidden_layers, arch.hidden_size, cfg.data.max_seq_len,
                                   full=cfg.technique.name == "full")
-    memory_report = _memory_report(cfg, memory, trained_bytes, dtype, info)
+    memory_report = _memory_report(cfg, run.memory, trained_bytes, run.dtype, info)
 
     summary = {
         "experiment": cfg.run.experiment,
         "technique": cfg.technique.name,
         "parallel": cfg.parallel.strategy,
-        "engine": type(engine).__name__,
+        "engine": type(run.engine).__name__,
         "world_size": info.world_size,
         "model": model_label(cfg.model),
-        "model_build": model_build,
+        "model_build": run.model_build,
         "run_dir": run_dir,
-        "steps": state["step"],
+        "steps": state.step,
         "global_batch_size": cfg.train.global_batch_size,
-        "grad_accum_steps": accum,
-        "train_tokens": state["train_tokens"],
-        "train_target_tokens": state["train_target_tokens"],
-        "train_time_s": round(state["train_time_s"], 3),
+        "grad_accum_steps": grad_accum_steps(cfg),
+        "train_tokens": state.train_tokens,
+        "train_target_tokens": state.train_target_tokens,
+        "train_time_s": round(state.train_time_s, 3),
         "tokens_per_s": tokens_per_s,
         "tokens_per_s_per_rank": tokens_per_s / info.world_size,
         "mfu": mfu(tokens_per_s, flops_token, cfg.cluster.peak_tflops, info.world_size),
         "flops_per_token": flops_token,
-        "peak_memory_gb": round(memory.process_peak() / 2**30, 3),
-        "peak_memory_kind": "cuda_allocated" if memory.cuda else "host_rss",
+        "peak_memory_gb": round(run.memory.process_peak() / 2**30, 3),
+        "peak_memory_kind": "cuda_allocated" if run.memory.cuda else "host_rss",
         "memory": memory_report,
         "final_train_loss": last_loss,  # the last step's (token-weighted) loss
         # Token-weighted mean over every applied step of the run, resumes included: what Hugging
         # Face's Trainer reports as train_loss (it averages per-step losses; same with equal batches).
-        "mean_train_loss": state["train_loss_sum"] / state["train_loss_tokens"] if state["train_loss_tokens"] else None,
-        "stopped_early": state["stopped_early"],
-        "trainable_params": trainable,
-        "total_params": total,
-        "data": data.report.as_dict(),
+        "mean_train_loss": state.train_loss_sum / state.train_loss_tokens if state.train_loss_tokens else None,
+        "stopped_early": state.stopped_early,
+        "trainable_params": run.trainable,
+        "total_params": run.total,
+        "data": run.data.report.as_dict(),
         "eval_before": metrics_only(eval_before) if eval_before else None,
         "eval_after": metrics_only(eval_after),
         "final_checkpoint": final_checkpoint,
         "resumed_from": resumed_from,
-        "nonfinite_steps": state["nonfinite_steps"],
+        "nonfinite_steps": state.nonfinite_steps,
         "requeues": requeue_count(),  # times SLURM requeued this job (preemption, time limit)
     }
     if info.is_main:
         meta = {"experiment": cfg.run.experiment, "technique": cfg.technique.name, "model": model_label(cfg.model),
-                "checkpoint": final_checkpoint, "steps": state["step"]}
+                "checkpoint": final_checkpoint, "steps": state.step}
         write_report(os.path.join(run_dir, REPORT), eval_before, eval_after, meta, num_samples=cfg.eval.report_samples)
         if cfg.tracking.plot:
             plot_losses(tracker.metrics_path, os.path.join(run_dir, "loss.png"))
@@ -317,7 +278,7 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
         if eval_before:
             log.info(
                 "base -> tuned on %d held-out prompts: loss %.3f -> %.3f, exact match %.3f -> %.3f",
-                min(cfg.eval.num_samples, len(data.eval_rows)), eval_before["loss"], eval_after["loss"],
+                min(cfg.eval.num_samples, len(run.data.eval_rows)), eval_before["loss"], eval_after["loss"],
                 eval_before["exact_match"], eval_after["exact_match"],
             )
         log.info("report: %s", os.path.join(run_dir, REPORT))
@@ -398,27 +359,27 @@ def _check_weights_finite(engine, step: int) -> None:
         "updates)")
 
 
-def _nonfinite_step(step, loss_total, grad_norm, local_finite, cfg: Config, state: dict, tracker: Tracker,
-                    checkpoints: _Checkpoints) -> None:
+def _nonfinite_step(step, loss_total, grad_norm, local_finite, cfg: Config, state: TrainState, tracker: Tracker,
+                    checkpointer: Checkpointer) -> None:
     """A step whose loss or grad norm was not finite: the engine applied nothing. Count it, and
     under train.nonfinite=halt (or past train.max_nonfinite_steps) save and stop."""
     bad_ranks = [r for r, ok in enumerate(dist.all_gather_object(local_finite)) if not ok]
-    state["nonfinite_steps"] += 1
-    tracker.log(step, {"nonfinite": 1, "nonfinite_steps": state["nonfinite_steps"], "grad_norm": grad_norm})
+    state.nonfinite_steps += 1
+    tracker.log(step, {"nonfinite": 1, "nonfinite_steps": state.nonfinite_steps, "grad_norm": grad_norm})
     where = f"rank{'s' if len(bad_ranks) > 1 else ''} {', '.join(map(str, bad_ranks))}" if bad_ranks else "all ranks"
     what = f"loss {loss_total} (non-finite on {where}), grad norm {grad_norm}"
-    too_many = state["nonfinite_steps"] > cfg.train.max_nonfinite_steps
+    too_many = state.nonfinite_steps > cfg.train.max_nonfinite_steps
     if cfg.train.nonfinite == "halt" or too_many:
-        path = checkpoints.save(step)
+        path = checkpointer.save(step)
         reason = ("train.nonfinite=halt" if not too_many
-                  else f"{state['nonfinite_steps']} skipped steps > train.max_nonfinite_steps")
+                  else f"{state.nonfinite_steps} skipped steps > train.max_nonfinite_steps")
         raise NonFiniteError(
             f"non-finite step {step}: {what}; stopped ({reason}). The update was not applied; checkpoint {path} "
             "holds the model before it (rerunning resumes after this batch). Lower train.lr, keep train.grad_clip > "
             "0, or use train.precision=bf16 instead of fp16"
         )
     log.warning("step %d skipped: %s; parameters unchanged (%d skipped so far, train.nonfinite=skip)",
-                step, what, state["nonfinite_steps"])
+                step, what, state.nonfinite_steps)
 
 
 def _tracker_run_id(cfg: Config, run_dir: str, info) -> str:
@@ -443,80 +404,43 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def _evaluate(engine, tokenizer, held_out, data, cfg: Config) -> dict:
+def _evaluate(run: Run) -> dict:
     from distft.evaluate import evaluate_model
 
-    result = evaluate_model(engine.unwrapped(), tokenizer, held_out, data.eval_rows, cfg.eval, engine.device,
-                            stop_ids=data.stop_ids,
-                            autocast_ctx=engine.autocast)
+    engine = run.engine
+    result = evaluate_model(engine.unwrapped(), run.tokenizer, run.held_out, run.data.eval_rows, run.cfg.eval,
+                            engine.device, stop_ids=run.data.stop_ids, autocast_ctx=engine.autocast)
     engine.train()
     return result
 
 
-def _periodic_eval(engine, held_out, cfg: Config, state: dict, tracker: Tracker) -> bool:
+def _periodic_eval(run: Run, state: TrainState, tracker: Tracker) -> bool:
     """Held-out loss during training; True when early stopping says stop."""
     from distft.evaluate import held_out_loss
 
-    result = held_out_loss(engine.unwrapped(), held_out, engine.device, autocast_ctx=engine.autocast)
+    engine, cfg = run.engine, run.cfg
+    result = held_out_loss(engine.unwrapped(), run.held_out, engine.device, autocast_ctx=engine.autocast)
     engine.train()
-    tracker.log(state["step"], {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"]})
-    log.info("step %d eval loss %.4f perplexity %.3f", state["step"], result["loss"], result["perplexity"])
-    if result["loss"] < state["best_eval_loss"] - cfg.train.early_stopping_min_delta:
-        state["best_eval_loss"] = result["loss"]
-        state["evals_without_improvement"] = 0
+    tracker.log(state.step, {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"]})
+    log.info("step %d eval loss %.4f perplexity %.3f", state.step, result["loss"], result["perplexity"])
+    if result["loss"] < state.best_eval_loss - cfg.train.early_stopping_min_delta:
+        state.best_eval_loss = result["loss"]
+        state.evals_without_improvement = 0
         return False
-    state["evals_without_improvement"] += 1
+    state.evals_without_improvement += 1
     patience = cfg.train.early_stopping_patience
-    return patience > 0 and state["evals_without_improvement"] >= patience
+    return patience > 0 and state.evals_without_improvement >= patience
 
 
-def _resume(run_dir: str, engine, batches, state: dict, tracker: Tracker, cfg: Config, info) -> Optional[str]:
-    """Continue from the newest complete checkpoint of this run directory, if there is one:
-    weights, optimizer and schedule, data position, loop counters and every rank's RNG, so the
-    rest of the run is the one an uninterrupted run would have had. Metrics logged after that
-    step are dropped. On another number of ranks the state is resharded; the dropout streams
-    (per-rank RNG) are then reseeded, so the run continues validly but not bit for bit."""
-    from distft.checkpoint import STATE_DIR, find_resumable, load_rng, read_trainer_state
-    from distft.safe_load import refusal, weights_only_loads
+class Checkpointer:
+    """Every stateful part of a run, saved and restored in one place: the engine's state (weights,
+    optimizer, schedule, scaler), the data position, the loop's TrainState and every rank's RNG
+    (distft/checkpoint.py writes and verifies them). Saves are synchronous, or with
+    `checkpoint.async_save` written in the background and committed at the first step boundary
+    where every rank's write is done."""
 
-    checkpoint = find_resumable(run_dir)  # verified against its manifest, pickles scanned
-    if checkpoint is None:
-        return None
-    trainer_state = read_trainer_state(checkpoint)
-    try:
-        with weights_only_loads():  # and every torch.load of the engine's loader through the allow-list
-            engine.load_state(os.path.join(checkpoint, STATE_DIR))
-    except Exception as err:
-        refused = refusal(err)
-        if refused is None:
-            raise
-        from distft.checkpoint import CheckpointError
-
-        raise CheckpointError(f"refusing to load {checkpoint}: {refused}; nothing in it was run. Delete that "
-                              "checkpoint (or pass resume=false) if you did not write it") from None
-    try:
-        batches.load_state_dict(trainer_state["data"])
-    except ValueError as err:
-        from distft.checkpoint import CheckpointError
-
-        raise CheckpointError(f"cannot resume from {checkpoint}: {err}") from err
-    state.update(trainer_state["loop"])
-    if trainer_state["world_size"] != info.world_size or not load_rng(checkpoint, info.rank):
-        torch.manual_seed(cfg.train.seed + info.rank + 1_000_003 * state["step"])
-        log.info("resharded from %d to %d ranks: dropout streams reseeded", trainer_state["world_size"],
-                 info.world_size)
-    tracker.truncate_after(state["step"])
-    log.info("resuming from %s (step %d)", checkpoint, state["step"])
-    return checkpoint
-
-
-class _Checkpoints:
-    """The trainer's saves: synchronous, or with `checkpoint.async_save` written in the background
-    and committed at the first step boundary where every rank's write is done."""
-
-    def __init__(self, run_dir: str, engine, tokenizer, cfg: Config, batches, state: dict, info, device):
-        self.run_dir, self.engine, self.tokenizer, self.cfg = run_dir, engine, tokenizer, cfg
-        self.batches, self.state, self.info, self.device = batches, state, info, device
+    def __init__(self, run: Run, run_dir: str, state: TrainState):
+        self.run, self.run_dir, self.state = run, run_dir, state
         self.pending = None
         self.last, self.last_step = None, None  # the newest checkpoint this run committed
 
@@ -524,15 +448,16 @@ class _Checkpoints:
         """Every rank. Returns the committed directory, or None while it is written in the background."""
         from distft.checkpoint import save_checkpoint
 
+        run = self.run
         self.finish()  # one write at a time, in step order
-        bad = nonfinite_parameters(self.engine.unwrapped())
-        if dist.any_rank(bool(bad), self.device):  # never a checkpoint (or summary) of non-finite weights
+        bad = nonfinite_parameters(run.engine.unwrapped())
+        if dist.any_rank(bool(bad), run.device):  # never a checkpoint (or summary) of non-finite weights
             raise NonFiniteError(f"refusing to save step {step}: trainable weights are non-finite "
                                  f"({', '.join(bad[:3]) or 'on another rank'}); earlier checkpoints are untouched")
-        weights = self.engine.gathered_state_dict()  # collective: every rank takes part
-        trainer_state = {"step": step, "loop": dict(self.state), "data": self.batches.state_dict(),
-                         "world_size": self.info.world_size, "parallel": self.cfg.parallel.strategy}
-        result = save_checkpoint(self.run_dir, step, self.engine, self.tokenizer, self.cfg, trainer_state, weights,
+        weights = run.engine.gathered_state_dict()  # collective: every rank takes part
+        trainer_state = {"step": step, "loop": self.state.state_dict(), "data": run.batches.state_dict(),
+                         "world_size": run.info.world_size, "parallel": run.cfg.parallel.strategy}
+        result = save_checkpoint(self.run_dir, step, run.engine, run.tokenizer, run.cfg, trainer_state, weights,
                                  background=background)
         if isinstance(result, str):
             self.last, self.last_step = result, step
@@ -543,7 +468,7 @@ class _Checkpoints:
 
     def poll(self) -> None:
         """Every rank, at each step boundary: commit the background write once all ranks finished it."""
-        if self.pending is not None and not dist.any_rank(not self.pending.written(), self.device):
+        if self.pending is not None and not dist.any_rank(not self.pending.written(), self.run.device):
             self.finish()
 
     def finish(self) -> Optional[str]:
@@ -555,6 +480,42 @@ class _Checkpoints:
         pending, self.pending = self.pending, None
         self.last, self.last_step = commit_checkpoint(pending), pending.step
         return self.last
+
+    def resume(self, tracker: Tracker) -> Optional[str]:
+        """Continue from the newest complete checkpoint of the run directory, if there is one:
+        weights, optimizer and schedule, data position, loop counters and every rank's RNG, so the
+        rest of the run is the one an uninterrupted run would have had. Metrics logged after that
+        step are dropped. On another number of ranks the state is resharded; the dropout streams
+        (per-rank RNG) are then reseeded, so the run continues validly but not bit for bit."""
+        from distft.checkpoint import STATE_DIR, find_resumable, load_rng, read_trainer_state
+        from distft.safe_load import refusal, weights_only_loads
+
+        run, state = self.run, self.state
+        checkpoint = find_resumable(self.run_dir)  # verified against its manifest, pickles scanned
+        if checkpoint is None:
+            return None
+        trainer_state = read_trainer_state(checkpoint)
+        try:
+            with weights_only_loads():  # and every torch.load of the engine's loader through the allow-list
+                run.engine.load_state(os.path.join(checkpoint, STATE_DIR))
+        except Exception as err:
+            refused = refusal(err)
+            if refused is None:
+                raise
+            raise CheckpointError(f"refusing to load {checkpoint}: {refused}; nothing in it was run. Delete that "
+                                  "checkpoint (or pass resume=false) if you did not write it") from None
+        try:
+            run.batches.load_state_dict(trainer_state["data"])
+        except ValueError as err:
+            raise CheckpointError(f"cannot resume from {checkpoint}: {err}") from err
+        state.load_state_dict(trainer_state["loop"])
+        if trainer_state["world_size"] != run.info.world_size or not load_rng(checkpoint, run.info.rank):
+            torch.manual_seed(run.cfg.train.seed + run.info.rank + 1_000_003 * state.step)
+            log.info("resharded from %d to %d ranks: dropout streams reseeded", trainer_state["world_size"],
+                     run.info.world_size)
+        tracker.truncate_after(state.step)
+        log.info("resuming from %s (step %d)", checkpoint, state.step)
+        return checkpoint
 
 
 def _memory_report(cfg: Config, memory: MemoryMeter, trained_bytes: int, dtype: torch.dtype, info) -> dict:
@@ -577,7 +538,7 @@ def _memory_report(cfg: Config, memory: MemoryMeter, trained_bytes: int, dtype: 
     except Exception as err:  # an estimate must never cost a finished run its summary
         log.warning("memory plan unavailable for this config: %s", err)
         return report
-    planned.pop("overhead"), planned.pop("total")
+    planned.pop("overhead"), planned.pop("total"), planned.pop("paged", None)  # paged: not the GPU's (plan.py)
     report["planned"] = {k: round(v / 2**30, 4) for k, v in planned.items()}
     report["planned_gb"] = round(sum(planned.values()) / 2**30, 4)
     above = f", above {memory.baseline / 2**30:.3f} GiB at the start" if memory.baseline else ""

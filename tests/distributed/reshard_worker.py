@@ -23,13 +23,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, REPO)
 
 from distft import dist  # noqa: E402
-from distft.batching import TrainBatches  # noqa: E402
 from distft.config import grad_accum_steps  # noqa: E402
-from distft.data import prepare_data  # noqa: E402
-from distft.engines import build_engine  # noqa: E402
-from distft.model import load_tokenizer, resolve_dtype  # noqa: E402
 from distft.preflight import preflight  # noqa: E402
-from distft.techniques import build_trainable_model  # noqa: E402
+from distft.run import build_run  # noqa: E402
 from distft.train import optimizer_step, seed_everything  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -92,17 +88,11 @@ def main() -> None:
     overrides += extra
     cfg, errors = preflight(overrides)
     assert not errors, errors
-    tokenizer = load_tokenizer(cfg.model)
-    data = prepare_data(cfg.data, tokenizer, seed=cfg.data.seed)
     seed_everything(cfg.train.seed if mode == "save" else cfg.train.seed + 1)  # load: other initial weights
-    model = build_trainable_model(cfg, resolve_dtype(cfg.model.dtype, CPU), tokenizer)
-    engine = build_engine(cfg, model, CPU)
+    run = build_run(cfg, info, CPU)  # what the trainer builds, the same way
+    engine = run.engine
     accum = grad_accum_steps(cfg)
-    batches = iter(TrainBatches(
-        data.train, cfg.train.micro_batch_size, cfg.data.max_seq_len, cfg.data.packing, tokenizer.pad_token_id,
-        seed=cfg.train.seed, shuffle=cfg.data.shuffle, rank=info.rank, world_size=info.world_size,
-        accumulation_steps=accum, pack_strategy=cfg.data.pack_strategy,
-    ))
+    batches = iter(run.batches)
     engine.train()
     if mode == "save":
         for _ in range(STEPS):

@@ -169,26 +169,21 @@ def test_no_checkpoint_and_no_export_is_ever_written_from_non_finite_weights(tmp
     import os
 
     from distft.checkpoint import CheckpointError, save_checkpoint
-    from distft.data import TrainBatches, prepare_data
     from distft.dist import DistInfo
     from distft.export import export
-    from distft.model import load_tokenizer
-    from distft.techniques import build_trainable_model
-    from distft.train import NonFiniteError, _Checkpoints, nonfinite_parameters
+    from distft.run import TrainState, build_run
+    from distft.train import Checkpointer, NonFiniteError, nonfinite_parameters
 
     cfg = compose("+experiment=tiny_full", f"run.dir={tmp_path / 'run'}")
-    tokenizer = load_tokenizer(cfg.model)
-    data = prepare_data(cfg.data, tokenizer)
-    engine = build_engine(cfg, build_trainable_model(cfg, torch.float32, tokenizer), torch.device("cpu"))
-    batches = TrainBatches(data.train, 4, cfg.data.max_seq_len, True, tokenizer.pad_token_id, seed=0)
+    run = build_run(cfg, DistInfo(), torch.device("cpu"))
+    engine, tokenizer, batches = run.engine, run.tokenizer, run.batches
     assert nonfinite_parameters(engine.unwrapped()) == []
     with torch.no_grad():
         engine.unwrapped().model.layers[1].mlp.up_proj.weight[3, 5] = float("inf")
     assert nonfinite_parameters(engine.unwrapped()) == ["model.layers.1.mlp.up_proj.weight"]
-    checkpoints = _Checkpoints(str(tmp_path / "run"), engine, tokenizer, cfg, batches, {"step": 4}, DistInfo(),
-                               torch.device("cpu"))
+    checkpointer = Checkpointer(run, str(tmp_path / "run"), TrainState(step=4))
     with pytest.raises(NonFiniteError, match=r"refusing to save step 4: .*model\.layers\.1\.mlp\.up_proj\.weight"):
-        checkpoints.save(4)
+        checkpointer.save(4)
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
     legacy = save_checkpoint(str(tmp_path / "run"), 4, engine, tokenizer, cfg,
                              {"step": 4, "loop": {}, "data": batches.state_dict(), "world_size": 1,
@@ -250,3 +245,25 @@ def test_each_optimizer_is_the_implementation_it_names(caplog):
         assert not [w for w in caught if "Paged optimizers are not supported" in str(w.message)]
         if name == "adamw":
             assert not optimizer.defaults["fused"]
+
+
+def test_train_state_round_trips_and_reads_older_checkpoints():
+    """TrainState is what trainer_state.json holds under "loop": its dict has the keys checkpoints
+    always had (so older ones load), and a key a checkpoint lacks stays at its default."""
+    import json
+
+    from distft.run import TrainState
+
+    state = TrainState(step=7, train_tokens=900, best_eval_loss=1.5, eval_before={"loss": 2.0, "samples": [1]})
+    saved = json.loads(json.dumps(state.state_dict()))
+    assert set(saved) == {"step", "train_tokens", "train_target_tokens", "train_time_s", "best_eval_loss",
+                          "evals_without_improvement", "stopped_early", "eval_before", "nonfinite_steps",
+                          "train_loss_sum", "train_loss_tokens"}
+    loaded = TrainState()
+    loaded.load_state_dict(saved)
+    assert loaded == state
+    older = {k: v for k, v in saved.items() if k not in ("train_loss_sum", "train_loss_tokens")}
+    fresh = TrainState()
+    fresh.load_state_dict({**older, "a_key_from_elsewhere": 1})
+    assert fresh.step == 7 and fresh.train_loss_sum == 0.0 and fresh.train_loss_tokens == 0
+    assert json.loads(json.dumps(TrainState().state_dict()))["best_eval_loss"] == math.inf

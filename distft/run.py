@@ -1,0 +1,131 @@
+"""The run as built, and the loop's state.
+
+`build_run(cfg, info, device)` is the one place a config becomes what training works with:
+tokenizer (checked against the model's embedding), data (cleaned, split, tokenized), the model
+with its technique, the engine, the training batches and the held-out batches. The trainer uses
+it, and so can anything else that needs the same objects (evaluation, benchmarks, test workers)
+instead of wiring them again by hand and drifting from the trainer.
+
+`TrainState` is the loop's own state (step, counters, early stopping, the base's evaluation): what a
+checkpoint's trainer_state.json holds under "loop" (the same keys as ever, so older checkpoints
+load).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from distft.config import Config, grad_accum_steps, model_label
+from distft.dist import DistInfo
+from distft.errors import DataError, ModelLoadError
+
+log = logging.getLogger("distft")
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    train_tokens: int = 0
+    train_target_tokens: int = 0
+    train_time_s: float = 0.0
+    best_eval_loss: float = math.inf
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+    eval_before: Optional[dict] = None
+    nonfinite_steps: int = 0
+    # Over the applied steps: the run's token-weighted mean loss.
+    train_loss_sum: float = 0.0
+    train_loss_tokens: int = 0
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Fields the checkpoint has; one written before a field existed leaves it at its default."""
+        known = {f.name for f in dataclasses.fields(self)}
+        for key, value in state.items():
+            if key in known:
+                setattr(self, key, value)
+
+
+@dataclass
+class Run:
+    cfg: Config
+    info: DistInfo
+    device: torch.device
+    tokenizer: Any
+    data: Any  # distft.data.PreparedData
+    dtype: torch.dtype  # what the model was built in (engines.weights_dtype)
+    memory: Any  # distft.tracking.MemoryMeter, counting from just before the model build
+    model: torch.nn.Module
+    model_build: str  # "eager" or "meta" (engines.build_model_for_engine)
+    trainable: int
+    total: int
+    engine: Any
+    batches: Any  # distft.batching.TrainBatches: this rank's micro-batches, resumable
+    held_out: list  # the eval split's batches (train.eval_max_batches of them when set)
+
+
+def check_vocab(cfg: Config, tokenizer) -> None:
+    """A tokenizer longer than the model's embedding stops the run here, before the data and the
+    model load (`vocab.vocab_problem`); a full fine-tuning that can resize goes on, and the base
+    build resizes (`vocab.fit_embeddings`)."""
+    from distft.vocab import embedding_rows, vocab_problem
+
+    rows = embedding_rows(cfg.model)
+    problem = vocab_problem(cfg, len(tokenizer), rows) if rows is not None else None
+    if problem:
+        raise ModelLoadError(problem)
+
+
+def build_run(cfg: Config, info: DistInfo, device: torch.device) -> Run:
+    """Everything a run trains with, built in the order the trainer always used (the RNG draws of
+    the model's initialisation depend on it)."""
+    from distft.batching import TrainBatches, eval_batches
+    from distft.data import prepare_data
+    from distft.engines import build_engine, build_model_for_engine, weights_dtype
+    from distft.model import count_parameters, load_tokenizer
+    from distft.tracking import MemoryMeter
+
+    tokenizer = load_tokenizer(cfg.model)
+    check_vocab(cfg, tokenizer)
+    data = prepare_data(cfg.data, tokenizer, seed=cfg.data.seed)
+    if not data.eval:  # validate() refuses an empty split it can see; a dataset's own split can be empty too
+        raise DataError(f"no held-out rows: {data.report.summary()}; every run scores the model on held-out rows "
+                        "before and after training: set data.eval_size / data.eval_fraction above 0, or data.eval_path")
+    log.info("%s", data.report.summary())
+    for level, line in data.report.notes(cfg.data):
+        getattr(log, level)("%s", line)
+
+    dtype = weights_dtype(cfg, device)
+    if cfg.train.pure_bf16:
+        log.warning("train.pure_bf16=true: weights, gradients and AdamW state in bf16, no fp32 master weights; "
+                    "updates below bf16's resolution (~1/256 of a weight) are lost, so a small train.lr trains little")
+    memory = MemoryMeter(device, cfg.tracking.cpu_memory_steps)  # the model, its training state, activations
+    model, model_build = build_model_for_engine(cfg, dtype, tokenizer, info.world_size)
+    trainable, total = count_parameters(model)
+    log.info(
+        "model %s, technique %s: %s trainable of %s parameters (%.2f%%), built %s",
+        model_label(cfg.model), cfg.technique.name, f"{trainable:,}", f"{total:,}", 100.0 * trainable / max(1, total),
+        "on the meta device, filled from rank 0" if model_build == "meta" else "on every rank",
+    )
+    engine = build_engine(cfg, model, device)
+
+    pad_id = tokenizer.pad_token_id
+    batches = TrainBatches(
+        data.train, cfg.train.micro_batch_size, cfg.data.max_seq_len, cfg.data.packing, pad_id,
+        seed=cfg.train.seed, shuffle=cfg.data.shuffle, rank=info.rank, world_size=info.world_size,
+        accumulation_steps=grad_accum_steps(cfg), pack_strategy=cfg.data.pack_strategy,
+    )
+    held_out = eval_batches(data.eval, cfg.eval.batch_size, cfg.data.max_seq_len, cfg.data.packing, pad_id,
+                            cfg.data.pack_strategy)
+    if cfg.train.eval_max_batches:
+        held_out = held_out[: cfg.train.eval_max_batches]
+    return Run(cfg, info, device, tokenizer, data, dtype, memory, model, model_build, trainable, total, engine,
+               batches, held_out)
