@@ -25,7 +25,6 @@ TECHNIQUES = ("full", "lora", "qlora", "dora", "prefix", "prompt")
 ADAPTER_TECHNIQUES = ("lora", "qlora", "dora")  # adapters that live inside the linear layers
 PROMPT_LEARNING_TECHNIQUES = ("prefix", "prompt")  # virtual tokens in front of the sequence
 PARALLEL_STRATEGIES = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp")
-AVAILABLE_STRATEGIES = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp")  # strategies with an engine
 DATA_SOURCES = ("synthetic", "jsonl", "json", "csv", "parquet", "hf_disk")
 DATA_FORMATS = ("auto", "alpaca", "chat", "text")
 TEMPLATES = ("alpaca", "alpaca_short", "chat", "plain")

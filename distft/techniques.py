@@ -124,13 +124,27 @@ def apply_technique(model, cfg: Config, tokenizer=None):
     return model
 
 
-def keep_4bit_training_layout(model) -> None:
-    """bitsandbytes rewrites 4-bit weights into a CPU inference layout on the first no-grad
-    forward on AVX512-BF16 CPUs; after that no gradient reaches the LoRA layers below the head.
-    Training models must keep the layout they were quantised in."""
+def keep_4bit_training_layout(model, refuse_repacked: bool = False) -> None:
+    """Stop bitsandbytes from repacking QLoRA's 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, the first no-grad eval forward of a `Linear4bit` rewrites its weight
+    in place into another layout (absmax rounded to bf16) and marks its quant state as repacked,
+    for good. Then (1) training on the repacked layout passes no gradient back through the 4-bit
+    layers (bitsandbytes 0.50; measured: every LoRA gradient below lm_head is exactly 0), and (2)
+    under ZeRO-3 and FSDP, which rebuild gathered weights from their partitions in the original
+    layout, the quant state no longer matches the weights. Without the repack, eval uses the same
+    kernel as training. Every QLoRA model is built with this (build_trainable_model) and the
+    sharding engines apply it again to what they wrap. `refuse_repacked` (FSDP, which shards the
+    weight it finds): a layer already repacked is an error, since bitsandbytes' inverse is lossy."""
     for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        if refuse_repacked and getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
+            raise ValueError(
+                "a 4-bit layer was repacked by bitsandbytes for its CPU kernels (an eval-mode forward before "
+                "sharding); build the FSDP engine before evaluating the model"
+            )
+        module.support_avx512bf16_for_cpu = False
 
 
 def _init_prompt_from_text(model, technique: TechniqueConfig, tokenizer) -> None:

@@ -22,7 +22,6 @@ from distft.config import (
     ADAPTER_TECHNIQUES,
     ATTN_IMPLEMENTATIONS,
     AUGMENT_CALL,
-    AVAILABLE_STRATEGIES,
     BACKENDS,
     CUDA_ATTN_IMPLEMENTATIONS,
     DATA_FORMATS,
@@ -572,11 +571,6 @@ def _check_parallel(cfg: Config, errors: list[str]) -> None:
     p, launcher, cluster = cfg.parallel, cfg.launcher, cfg.cluster
     ws = world_size(cfg)
     _positive(errors, "parallel.timeout_s", p.timeout_s)
-    if p.strategy in PARALLEL_STRATEGIES and p.strategy not in AVAILABLE_STRATEGIES:
-        errors.append(
-            f"parallel.strategy={p.strategy!r} has no engine in this version yet; "
-            f"available: {', '.join(AVAILABLE_STRATEGIES)}"
-        )
     if launcher.kind == "local" and launcher.nnodes > 1 and not launcher.rdzv_endpoint:
         errors.append(
             f"launcher.nnodes={launcher.nnodes} needs launcher.rdzv_endpoint=HOST:PORT (an address of the first "

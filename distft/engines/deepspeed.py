@@ -52,6 +52,7 @@ from distft.config import Config, grad_accum_steps
 from distft.engines.optim import build_optimizer
 from distft.engines.precision import autocast_context, autocast_dtype
 from distft.errors import CheckpointError
+from distft.techniques import keep_4bit_training_layout
 
 log = logging.getLogger("distft")
 
@@ -163,21 +164,6 @@ def _cpu_adam(optimizer: torch.optim.Optimizer, scheduler, cfg: Config):
     return cpu_adam, torch.optim.lr_scheduler.LambdaLR(cpu_adam, scheduler.lr_lambdas)
 
 
-def _keep_4bit_layout(model: torch.nn.Module) -> None:
-    """Stop bitsandbytes from repacking QLoRA's 4-bit weights for its CPU inference kernel.
-
-    On CPUs with AVX512-BF16, the first no-grad eval forward of a `Linear4bit` (the base-model
-    eval before training) rewrites its weight in place into another layout and marks the quant
-    state as repacked, for good. Two things then break: (1) training on the repacked layout
-    passes no gradient back through the 4-bit layers (bitsandbytes 0.50; measured: every LoRA
-    gradient below lm_head is exactly 0), and (2) under ZeRO-3, which frees gathered weights after
-    each forward and gathers them again from the partitions in the original layout, the quant state
-    no longer matches the weights. Without the repack, eval uses the same kernel as training."""
-    for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
-
-
 class DeepSpeedEngine:
     def __init__(self, cfg: Config, model: torch.nn.Module, device: torch.device):
         deepspeed = _import_deepspeed(device)
@@ -191,7 +177,7 @@ class DeepSpeedEngine:
         if cfg.parallel.deepspeed.offload_optimizer:
             optimizer, scheduler = _cpu_adam(optimizer, scheduler, cfg)
         self.optimizer, self.scheduler = optimizer, scheduler  # ours; DeepSpeed wraps the optimizer
-        _keep_4bit_layout(model)
+        keep_4bit_training_layout(model)
         self.ds, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, device),
             dist_init_required=False,

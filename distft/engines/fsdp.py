@@ -43,6 +43,7 @@ import torch
 from distft.config import Config
 from distft.engines.optim import apply_update, build_optimizer
 from distft.engines.precision import autocast_context, autocast_dtype
+from distft.techniques import keep_4bit_training_layout
 
 log = logging.getLogger("distft")
 
@@ -187,7 +188,7 @@ def shard_model(model: torch.nn.Module, cfg: Config, mesh, device: torch.device,
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard, register_fsdp_forward_method
 
     fsdp = cfg.parallel.fsdp
-    keep_4bit_layout(model)
+    keep_4bit_training_layout(model, refuse_repacked=True)
     kwargs = {
         "mesh": mesh,
         "reshard_after_forward": fsdp.reshard_after_forward,
@@ -240,26 +241,6 @@ def mixed_precision_policy(model: torch.nn.Module, amp_dtype):
                  ", ".join(sorted(str(d) for d in packed)), amp_dtype)
         return MixedPrecisionPolicy()
     return MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32)
-
-
-def keep_4bit_layout(model: torch.nn.Module) -> None:
-    """Stop bitsandbytes from repacking 4-bit weights for its CPU kernels.
-
-    On CPUs with AVX512-BF16, the first eval-mode forward of a 4-bit layer rewrites its weight
-    in place into another layout (absmax rounded to bf16) and flags its quant state. Under FSDP
-    that weight is the gathered copy, rebuilt from the unchanged shards at the next all-gather,
-    while the flag stays: the layer would read bytes in the wrong layout. bitsandbytes' inverse
-    is lossy, so a layer already repacked is an error rather than silently changed weights.
-    """
-    for module in model.modules():
-        if not hasattr(module, "support_avx512bf16_for_cpu"):
-            continue
-        if getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
-            raise ValueError(
-                "a 4-bit layer was repacked by bitsandbytes for its CPU kernels (an eval-mode forward before "
-                "sharding); build the FSDP engine before evaluating the model"
-            )
-        module.support_avx512bf16_for_cpu = False
 
 
 @contextlib.contextmanager

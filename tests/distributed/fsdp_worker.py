@@ -33,11 +33,10 @@ from distft.batching import TrainBatches, eval_batches  # noqa: E402
 from distft.config import grad_accum_steps  # noqa: E402
 from distft.data import prepare_data  # noqa: E402
 from distft.engines import autocast_context, autocast_dtype, build_engine  # noqa: E402
-from distft.engines.fsdp import keep_4bit_layout  # noqa: E402
 from distft.evaluate import generate_answers, held_out_loss  # noqa: E402
 from distft.model import load_tokenizer, resolve_dtype  # noqa: E402
 from distft.preflight import preflight  # noqa: E402
-from distft.techniques import build_trainable_model  # noqa: E402
+from distft.techniques import build_trainable_model, keep_4bit_training_layout  # noqa: E402
 from distft.train import optimizer_step, seed_everything  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -113,7 +112,7 @@ def run_cell(name: str, technique: str, parallel: str, overrides: list[str], pre
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # The engine keeps bitsandbytes from repacking 4-bit weights for its CPU eval kernels; the
     # unsharded reference must run the same kernels to compare exactly.
-    keep_4bit_layout(model)
+    keep_4bit_training_layout(model, refuse_repacked=True)
 
     # The same model before and after sharding: evaluation and generation on the sharded one
     # (every rank in lockstep, as the trainer runs them) must give the same numbers.
