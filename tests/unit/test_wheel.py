@@ -53,7 +53,9 @@ def installed(tmp_path_factory):
 
 
 def run(python: str, cwd, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DISTFT_FAULTS")}
+    # As from a fresh shell: not this process's own W&B service (WANDB_SERVICE, set once a test in
+    # this session has run W&B in-process; its socket goes away with that run).
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DISTFT_FAULTS", "WANDB_SERVICE")}
     return subprocess.run([python, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
 
 
