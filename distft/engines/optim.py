@@ -4,12 +4,15 @@ that never applies a non-finite step."""
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 
 import torch
 
 from distft.config import BNB_MIN_8BIT_SIZE, Config
+
+log = logging.getLogger("distft")
 
 
 def lr_lambda(step: int, warmup_steps: int, max_steps: int, schedule: str, min_lr_ratio: float) -> float:
@@ -54,11 +57,8 @@ def build_optimizer(cfg: Config, model: torch.nn.Module):
 
         on_cpu = any(p.device.type != "cuda" for g in groups for p in g["params"])
         if t.optimizer.startswith("paged") and on_cpu:
-            import logging
-
-            logging.getLogger("distft").warning(
-                "train.optimizer=%s: paging needs CUDA; on %s bitsandbytes keeps the optimizer state in ordinary "
-                "memory (as %s)", t.optimizer, "the CPU", t.optimizer.replace("paged_", ""))
+            log.warning("train.optimizer=%s: paging needs CUDA; on the CPU bitsandbytes keeps the optimizer state in "
+                        "ordinary memory (as %s)", t.optimizer, t.optimizer.replace("paged_", ""))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
             optimizer = getattr(bitsandbytes.optim, BNB_OPTIMIZERS[t.optimizer])(
