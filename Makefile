@@ -30,8 +30,12 @@ $(VENV)/.distft-installed: pyproject.toml Makefile
 run: setup
 	$(PY) -m distft
 
+# The suite on TEST_WORKERS pytest-xdist workers; each xdist_group (a module, or every test of the
+# shared runs: tests/conftest.py) stays on one. TEST_WORKERS=0 runs it in this one process.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 lint: setup
 	$(PY) -m ruff check distft launchers tests bench

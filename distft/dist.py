@@ -35,7 +35,8 @@ def from_env() -> DistInfo:
 
 
 def init(info: DistInfo, backend: str, timeout_s: int, device: torch.device) -> None:
-    """Join the process group when there are several ranks (env:// from the launcher).
+    """Join the process group when there are several ranks (env:// from the launcher). A group
+    the caller already made is used as it is.
 
     `timeout_s` bounds every collective: a rank stuck behind a dead peer errors out instead of
     hanging forever (the launcher usually stops it first).

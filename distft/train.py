@@ -81,6 +81,9 @@ def train(cfg: Config) -> dict:
 
     pin_accelerator(device)
     dist.share_cpu_threads(device)
+    # A process group the caller made (a script or a test running several trainings in one group)
+    # is left to the caller; the one made here (or by the engine: DeepSpeed's 1-rank group) goes with the run.
+    owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     dist.init(info, cfg.parallel.backend, cfg.parallel.timeout_s, device)
     # Installed before the data and the model are loaded: a signal that comes during that still
     # stops the run, after its first step.
@@ -89,7 +92,8 @@ def train(cfg: Config) -> dict:
         return _start(cfg, info, run_dir, device, stop)
     finally:
         stop.close()
-        dist.shutdown()
+        if owns_group:
+            dist.shutdown()
 
 
 def _start(cfg: Config, info, run_dir: str, device: torch.device, stop) -> dict:
@@ -123,9 +127,17 @@ def _start(cfg: Config, info, run_dir: str, device: torch.device, stop) -> dict:
 
 
 def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.device, stop) -> dict:
+    run = build_run(cfg, info, device)
+    try:
+        return _fit_and_finish(run, run_dir, summary_path, stop)
+    finally:
+        run.engine.close()
+
+
+def _fit_and_finish(run: Run, run_dir: str, summary_path: str, stop) -> dict:
     from distft.techniques import base_model_context
 
-    run = build_run(cfg, info, device)
+    cfg, info = run.cfg, run.info
     tracker = Tracker(cfg, run_dir, info.rank, run_id=_tracker_run_id(cfg, run_dir, info))
     state = TrainState()
     checkpointer = Checkpointer(run, run_dir, state)

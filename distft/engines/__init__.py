@@ -65,6 +65,10 @@ class Engine(Protocol):
     def load_state(self, path: str) -> None:
         """Restore what `save_state` wrote, possibly on another number of ranks. A collective."""
 
+    def close(self) -> None:
+        """Release what the engine set up beyond its own objects (DeepSpeed's hooks and global
+        state), so another run can follow in the same process. The trainer calls it last."""
+
 
 def build_model_for_engine(cfg: Config, dtype: torch.dtype, tokenizer, world_size: int) -> tuple[torch.nn.Module, str]:
     """The trainable model (base + technique), built where the engine wants it, and how it was built.

@@ -86,6 +86,9 @@ class DDPEngine:
 
         return dcp.save(path, self._model, self.optimizer, self.scheduler, self.scaler, background)
 
+    def close(self) -> None:
+        pass  # nothing beyond its objects
+
     def load_state(self, path: str) -> None:
         from distft.engines import dcp
 

@@ -270,6 +270,9 @@ class DeepSpeedEngine:
     def _unpin_prompt_embeddings(self) -> None:
         self.ds.module.__dict__.pop("get_prompt_embedding_to_save", None)
 
+    def close(self) -> None:
+        self.ds.destroy()  # its ZeRO-3 hooks and global state would otherwise outlive the run
+
     def save_state(self, path: str, background: bool = False) -> None:
         """Every rank writes its partitions in DeepSpeed's own layout (under tag `zero`): trainable
         weights (fp32 masters), optimizer state, the LR schedule. Frozen weights (an adapter's

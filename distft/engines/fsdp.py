@@ -148,6 +148,9 @@ class FSDPEngine:
 
         return dcp.save(path, self._model, self.optimizer, self.scheduler, self.scaler, background)
 
+    def close(self) -> None:
+        pass  # nothing beyond its objects
+
     def load_state(self, path: str) -> None:
         from distft.engines import dcp
 

@@ -5,9 +5,9 @@ Started by torch's elastic launcher on 2 gloo ranks (`python -m torch.distribute
 --nproc_per_node=2 tests/distributed/matrix_worker.py OUT.json [--techniques=a,b] PRESET...
 -- OVERRIDES`).
 One process group serves every cell, so the matrix pays the start-up (torch, transformers,
-DeepSpeed imports) once instead of once per cell. Each cell goes through the library's own parts,
-as `distft.train` wires them: `preflight` (compose + validate), `build_trainable_model`,
-`build_engine`, `prepare_data` + `TrainBatches`, `optimizer_step`.
+DeepSpeed imports) once instead of once per cell. Each cell is built as the trainer builds a run:
+`preflight` (compose + validate), `distft.run.build_run` (tokenizer, data, model + technique,
+engine, batches), then `optimizer_step`.
 
 Per cell it records (rank 0 writes OUT.json):
 - `rejected`: validate()'s messages, when the config is refused; nothing is built then;
@@ -40,14 +40,10 @@ NEW_TOKENS = 4  # greedy tokens generated per prompt
 
 
 def run_cell(preset: str, technique: str, overrides: list[str], info) -> dict:
-    from distft.batching import TrainBatches, eval_batches
     from distft.config import grad_accum_steps
-    from distft.data import prepare_data
-    from distft.engines import build_engine
     from distft.evaluate import held_out_loss
-    from distft.model import load_tokenizer, resolve_dtype
     from distft.preflight import preflight
-    from distft.techniques import build_trainable_model
+    from distft.run import build_run
     from distft.train import optimizer_step, seed_everything
 
     argv = [f"+experiment=tiny_{technique}", f"parallel={preset}", "launcher.nproc_per_node=2", *overrides]
@@ -59,18 +55,12 @@ def run_cell(preset: str, technique: str, overrides: list[str], info) -> dict:
         return {"rejected": errors}
     seed_everything(cfg.train.seed)
     device = torch.device("cpu")
-    tokenizer = load_tokenizer(cfg.model)
-    data = prepare_data(cfg.data, tokenizer, seed=cfg.data.seed)
-    model = build_trainable_model(cfg, resolve_dtype(cfg.model.dtype, device), tokenizer)
-    engine = build_engine(cfg, model, device)
-    pad_id = tokenizer.pad_token_id
+    run = build_run(cfg, info, device)  # tokenizer, data, model, engine and batches, as the trainer builds them
+    engine, tokenizer = run.engine, run.tokenizer
     accum = grad_accum_steps(cfg)
-    batches = iter(TrainBatches(data.train, cfg.train.micro_batch_size, cfg.data.max_seq_len, cfg.data.packing,
-                                pad_id, seed=cfg.train.seed, rank=info.rank, world_size=info.world_size,
-                                accumulation_steps=accum, pack_strategy=cfg.data.pack_strategy))
-    held_out = eval_batches(data.eval, cfg.eval.batch_size, cfg.data.max_seq_len, cfg.data.packing, pad_id,
-                            cfg.data.pack_strategy)[:1]
-    prompts = [row["prompt"] for row in data.eval_rows[:2]]
+    batches = iter(run.batches)
+    held_out = run.held_out[:1]
+    prompts = [row["prompt"] for row in run.data.eval_rows[:2]]
     model = engine.unwrapped()
     eval_before = held_out_loss(model, held_out, device, autocast_ctx=engine.autocast)["loss"]
     torch.manual_seed(cfg.train.seed + info.rank)
@@ -98,8 +88,7 @@ def run_cell(preset: str, technique: str, overrides: list[str], info) -> dict:
         gathered_values = [None] * info.world_size
         torch.distributed.all_gather_object(gathered_values, result[key])
         result[key] = gathered_values
-    if hasattr(engine, "ds"):
-        engine.ds.destroy()  # DeepSpeed keeps global state between engines
+    engine.close()  # DeepSpeed keeps global state between engines
     return result
 
 

@@ -1,4 +1,8 @@
-"""DDP on 2 real gloo ranks on the CPU, started by the local launcher exactly as a user would.
+"""DDP on 2 real gloo ranks on the CPU.
+
+The launcher itself is tested as a user meets it (a dead rank, two nodes meeting at a
+rendezvous); the equivalence runs are whole trainings in the session's shared launches
+(helpers.engine_run), each rank running `distft.train.train` as the launcher's rank processes do.
 
 Equivalence is the backbone: the same seed and global batch must give the same losses on one
 process and on 2 DDP ranks. Tolerance: relative 1e-5 on each of the first 10 step losses (fp32).
@@ -27,23 +31,19 @@ from tests.distributed.helpers import (
     REPO,
     TECHNIQUES,
     check_matrix_cell,
+    engine_run,
     launch_matrix,
-    run_cli,
-    run_dir_of,
     step_metrics,
 )
 
+for _technique in ("full", "lora"):
+    engine_run(_technique, "single"), engine_run(_technique, "ddp")
+
 
 @pytest.mark.parametrize("technique", ["full", "lora"])
-def test_ddp_on_two_ranks_matches_one_process(tmp_path, technique):
-    common = [*COMMON, "technique.dropout=0.0"] if technique != "full" else COMMON
-    single = run_cli(f"+experiment=tiny_{technique}", f"run.root={tmp_path}", *common)
-    assert single.returncode == 0, single.stderr[-3000:]
-    ddp = run_cli(f"+experiment=tiny_{technique}", f"run.root={tmp_path}", "parallel=ddp",
-                  "launcher.nproc_per_node=2", *common)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    single_dir, ddp_dir = run_dir_of(single), run_dir_of(ddp)
-    assert single_dir != ddp_dir
+def test_ddp_on_two_ranks_matches_one_process(trainings, technique):
+    single_dir, _ = trainings.finished(engine_run(technique, "single"))
+    ddp_dir, _ = trainings.finished(engine_run(technique, "ddp"))
     a, b = step_metrics(single_dir), step_metrics(ddp_dir)
     assert len(a) == len(b) == 10
     assert b[-1] < b[0] * 0.95  # it learns
@@ -51,10 +51,23 @@ def test_ddp_on_two_ranks_matches_one_process(tmp_path, technique):
         assert y == pytest.approx(x, rel=1e-5), f"step {step}: single {x} vs ddp {y}"
     summary = json.load(open(os.path.join(ddp_dir, "summary.json")))
     assert (summary["parallel"], summary["world_size"]) == ("ddp", 2)
-    # Both ranks logged; only rank 0 wrote the run directory's files.
-    assert "[rank1]" in ddp.stdout and "[rank0]" in ddp.stdout
+    # Both ranks logged, each with its rank; only rank 0 wrote the run directory's files.
+    logs = trainings[engine_run(technique, "ddp")]["logs"]
+    assert "[rank0]" in logs[0] and "[rank1]" in logs[1] and "[rank0]" not in logs[1]
     assert summary["eval_after"]["loss"] == pytest.approx(
         json.load(open(os.path.join(single_dir, "summary.json")))["eval_after"]["loss"], rel=1e-5)
+
+
+def test_the_run_directory_names_the_layout():
+    """The same experiment on one process and on 2 DDP ranks gets two run directories under run.root."""
+    from distft.config import run_dir
+    from distft.preflight import preflight
+
+    single, errors = preflight(["+experiment=tiny_full", "run.root=/runs", *COMMON])
+    ddp, more = preflight(["+experiment=tiny_full", "run.root=/runs", "parallel=ddp", "launcher.nproc_per_node=2",
+                           *COMMON])
+    assert errors == more == []
+    assert run_dir(single) != run_dir(ddp) and run_dir(single).startswith("/runs/tiny_full/")
 
 
 def test_a_dead_rank_ends_the_whole_job_with_no_orphans(tmp_path):
@@ -98,7 +111,7 @@ def test_a_dead_rank_ends_the_whole_job_with_no_orphans(tmp_path):
     assert alive == [], f"processes left behind: {alive}"
 
 
-def test_two_nodes_without_slurm_meet_at_the_rendezvous_and_match_one_process(tmp_path):
+def test_two_nodes_without_slurm_meet_at_the_rendezvous_and_match_one_process(trainings, tmp_path):
     """launcher.nnodes=2: the same command on two 'nodes' (two agents on this machine, one rank
     each) rendezvous at launcher.rdzv_endpoint and train as one 2-rank job."""
     import socket
@@ -119,9 +132,10 @@ def test_two_nodes_without_slurm_meet_at_the_rendezvous_and_match_one_process(tm
     assert len(run_dirs) == 1  # global rank 0 only, on whichever node it landed
     summary = json.load(open(os.path.join(run_dirs[0], "summary.json")))
     assert summary["world_size"] == 2
-    single = run_cli("+experiment=tiny_full", f"run.root={tmp_path / 'single'}", *COMMON)
-    assert single.returncode == 0, single.stderr[-2000:]
-    for x, y in zip(step_metrics(run_dir_of(single)), step_metrics(run_dirs[0])):
+    single, _ = trainings.finished(engine_run("full", "single"))
+    expected, got = step_metrics(single), step_metrics(run_dirs[0])
+    assert len(expected) == len(got) == 10
+    for x, y in zip(expected, got):
         assert y == pytest.approx(x, rel=1e-5)
 
 

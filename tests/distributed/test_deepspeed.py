@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO-1/2/3 on 2 real gloo ranks on the CPU, started by the local launcher as a user would.
+"""DeepSpeed ZeRO-1/2/3 on 2 real gloo ranks on the CPU: whole runs in the session's shared launches
+(helpers.engine_run: each rank runs `distft.train.train` as the launcher's rank processes do).
 
 Equivalence is the backbone: the same seed and global batch give the same step losses on one
 process (the plain engine) and on ZeRO-2 and ZeRO-3 over 2 ranks, for full fine-tuning and LoRA.
@@ -31,18 +32,15 @@ import os
 import pytest
 
 from tests.distributed.helpers import (
-    COMMON,
     TECHNIQUES,
+    ZERO3_PARTITION_ALL,
     check_matrix_cell,
+    engine_run,
     launch_matrix,
-    run_cli,
-    run_dir_of,
     summary_of,
 )
 
-# DeepSpeed keeps parameters under 1e5 elements whole on every rank (not partitioned), which is every
-# parameter of the tiny model: make ZeRO-3 partition them all, as it does a real model's layers.
-PARTITION_ALL = "+parallel.deepspeed.overrides.zero_optimization={stage3_param_persistence_threshold:0}"
+PARTITION_ALL = ZERO3_PARTITION_ALL  # every parameter of the tiny model partitioned, as a real model's layers are
 RTOL = 1e-5  # losses, eval losses
 GRAD_NORM_RTOL = 2e-4
 PRESETS = ("zero1", "zero2", "zero3", "zero3_offload")
@@ -128,29 +126,20 @@ def test_validation_refuses_what_deepspeed_cannot_do_or_would_configure_twice():
     assert errors == []
 
 
-# ------------------------------------------------------------------ equivalence, through the CLI
+# ---------------------------------------------- equivalence: whole runs in the shared launches
 
-_RUNS: dict[tuple[str, str], str] = {}
+for _technique in ("full", "lora"):
+    for _parallel in ("single", "zero2", "zero3"):
+        engine_run(_technique, _parallel)
 
 
-def _run(tmp_path_factory, technique: str, parallel: str) -> str:
-    """Run dir of `python -m distft +experiment=tiny_<technique> parallel=<parallel>`, once per session."""
-    key = (technique, parallel)
-    if key not in _RUNS:
-        root = tmp_path_factory.mktemp("ds-runs")
-        args = [f"+experiment=tiny_{technique}", f"run.root={root}", f"parallel={parallel}", *COMMON]
-        if technique != "full":
-            args.append("technique.dropout=0.0")
-        if parallel != "single":
-            args.append("launcher.nproc_per_node=2")
-        if parallel == "zero3":
-            args.append(PARTITION_ALL)
-        proc = run_cli(*args)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        if parallel != "single":
-            assert "[rank1]" in proc.stdout and "[rank0]" in proc.stdout
-        _RUNS[key] = run_dir_of(proc)
-    return _RUNS[key]
+def _run(trainings, technique: str, parallel: str) -> str:
+    """Run dir of `+experiment=tiny_<technique> parallel=<parallel>` (helpers.engine_run), each rank logging."""
+    run_dir, _ = trainings.finished(engine_run(technique, parallel))
+    if parallel != "single":
+        logs = trainings[engine_run(technique, parallel)]["logs"]
+        assert "[rank0]" in logs[0] and "[rank1]" in logs[1]
+    return run_dir
 
 
 def _metrics(run_dir: str) -> list[dict]:
@@ -160,9 +149,9 @@ def _metrics(run_dir: str) -> list[dict]:
 
 @pytest.mark.parametrize("technique", ["full", "lora"])
 @pytest.mark.parametrize("parallel", ["zero2", "zero3"])
-def test_zero_on_two_ranks_matches_one_process(tmp_path_factory, technique, parallel):
-    single_dir = _run(tmp_path_factory, technique, "single")
-    zero_dir = _run(tmp_path_factory, technique, parallel)
+def test_zero_on_two_ranks_matches_one_process(trainings, technique, parallel):
+    single_dir = _run(trainings, technique, "single")
+    zero_dir = _run(trainings, technique, parallel)
     a, b = _metrics(single_dir), _metrics(zero_dir)
     assert len(a) == len(b) == 10
     assert b[-1]["loss"] < b[0]["loss"] * 0.95  # it learns
@@ -181,7 +170,7 @@ def test_zero_on_two_ranks_matches_one_process(tmp_path_factory, technique, para
 
 
 @pytest.mark.parametrize("technique", ["lora", "full"])
-def test_checkpoint_saved_from_zero3_reloads_on_one_process(tmp_path_factory, technique):
+def test_checkpoint_saved_from_zero3_reloads_on_one_process(trainings, technique):
     """The checkpoint of a 2-rank ZeRO-3 run (weights gathered from the shards; for LoRA the adapter)
     reproduces the distributed model's held-out loss on one process. Tolerance: relative 1e-6; both
     sides are fp32 forwards of the same weights on the same batches (measured: bit-identical)."""
@@ -194,7 +183,7 @@ def test_checkpoint_saved_from_zero3_reloads_on_one_process(tmp_path_factory, te
     from distft.evaluate import held_out_loss
     from distft.export import load_model
 
-    run_dir = _run(tmp_path_factory, technique, "zero3")
+    run_dir = _run(trainings, technique, "zero3")
     cfg, model, tokenizer = load_model(run_dir)
     data = prepare_data(cfg.data, tokenizer, seed=cfg.data.seed)
     held_out = eval_batches(data.eval, cfg.eval.batch_size, cfg.data.max_seq_len, cfg.data.packing,

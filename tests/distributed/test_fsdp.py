@@ -32,38 +32,20 @@ import sys
 
 import pytest
 
-from tests.distributed.helpers import COMMON, REPO, TECHNIQUES, run_cli, run_dir_of, step_metrics, summary_of
+from tests.distributed.helpers import REPO, TECHNIQUES, engine_run, step_metrics, summary_of
 
 WORKER = os.path.join(REPO, "tests", "distributed", "fsdp_worker.py")
 
 
-@pytest.fixture(scope="module")
-def cli_run(tmp_path_factory):
-    """`python -m distft +experiment=tiny_<technique>` on one process or 2 FSDP ranks, each run
-    once per module (the adapter test reuses the equivalence test's FSDP LoRA run)."""
-    root = tmp_path_factory.mktemp("fsdp_cli")
-    done: dict = {}
-
-    def run(technique: str, parallel: str, ranks: int = 2):
-        if (technique, parallel, ranks) not in done:
-            args = [f"+experiment=tiny_{technique}", f"run.root={root}", *COMMON]
-            if technique != "full":
-                args.append("technique.dropout=0.0")
-            if parallel != "single":
-                args += [f"parallel={parallel}", f"launcher.nproc_per_node={ranks}"]
-            proc = run_cli(*args)
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            done[technique, parallel, ranks] = (proc, run_dir_of(proc))
-        return done[technique, parallel, ranks]
-
-    return run
+for _technique in ("full", "lora", "prompt"):
+    engine_run(_technique, "single"), engine_run(_technique, "fsdp")
+engine_run("lora", "fsdp_offload", 1)
 
 
 @pytest.mark.parametrize("technique", ["full", "lora", "prompt"])
-def test_fsdp_on_two_ranks_matches_one_process(cli_run, technique):
-    _, single_dir = cli_run(technique, "single")
-    proc, fsdp_dir = cli_run(technique, "fsdp")
-    assert single_dir != fsdp_dir
+def test_fsdp_on_two_ranks_matches_one_process(trainings, technique):
+    single_dir, _ = trainings.finished(engine_run(technique, "single"))
+    fsdp_dir, _ = trainings.finished(engine_run(technique, "fsdp"))
     for key, rel in (("loss", 1e-5), ("grad_norm", 1e-4)):
         a, b = step_metrics(single_dir, key), step_metrics(fsdp_dir, key)
         assert len(a) == len(b) == 10
@@ -76,25 +58,26 @@ def test_fsdp_on_two_ranks_matches_one_process(cli_run, technique):
     # The CLI built the model on the meta device and filled the shards from rank 0's one copy;
     # the losses above equal one process's, so what arrived is the model a single run builds.
     assert summary["model_build"] == "meta" and single_dir and summary_of(single_dir)["model_build"] == "eager"
-    assert "[rank1]" in proc.stdout and "[rank0]" in proc.stdout
+    logs = trainings[engine_run(technique, "fsdp")]["logs"]
+    assert "[rank0]" in logs[0] and "[rank1]" in logs[1]
     # Evaluation and generation ran on the sharded model, both ranks in lockstep.
     single = summary_of(single_dir)
     assert summary["eval_after"]["loss"] == pytest.approx(single["eval_after"]["loss"], rel=1e-5)
     assert summary["eval_after"]["num_generated"] == single["eval_after"]["num_generated"] == 4
 
 
-def test_fsdp_on_one_process_matches_single(cli_run):
+def test_fsdp_on_one_process_matches_single(trainings):
     """parallel=fsdp_offload on one process (one GPU whose optimizer state lives in host memory):
     the engine makes its own 1-rank group; nothing is split, so the losses are those of
     parallel=single (measured: identical)."""
-    _, single_dir = cli_run("lora", "single")
-    _, fsdp_dir = cli_run("lora", "fsdp_offload", ranks=1)
+    single_dir, _ = trainings.finished(engine_run("lora", "single"))
+    fsdp_dir, _ = trainings.finished(engine_run("lora", "fsdp_offload", 1))
     assert step_metrics(fsdp_dir, "loss") == pytest.approx(step_metrics(single_dir, "loss"), rel=1e-6)
     assert summary_of(fsdp_dir)["world_size"] == 1
     assert summary_of(fsdp_dir)["model_build"] == "eager"  # one rank: nothing to save by building on meta
 
 
-def test_adapters_saved_by_fsdp_reload_on_one_process(cli_run):
+def test_adapters_saved_by_fsdp_reload_on_one_process(trainings):
     """The adapter gathered from the shards and saved by rank 0 reloads into a plain PeftModel on
     one process and scores the run's own held-out loss (rel 1e-5: the same forward, once
     all-gathered, once not; measured: identical). Its tensors are the trained ones: LoRA B starts
@@ -109,8 +92,8 @@ def test_adapters_saved_by_fsdp_reload_on_one_process(cli_run):
     from distft.evaluate import held_out_loss
     from distft.export import load_model
 
-    _, fsdp_dir = cli_run("lora", "fsdp")
-    _, single_dir = cli_run("lora", "single")
+    fsdp_dir, _ = trainings.finished(engine_run("lora", "fsdp"))
+    single_dir, _ = trainings.finished(engine_run("lora", "single"))
     cfg, model, tokenizer = load_model(fsdp_dir)
     data = prepare_data(cfg.data, tokenizer, seed=cfg.data.seed)
     held_out = eval_batches(data.eval, cfg.eval.batch_size, cfg.data.max_seq_len, cfg.data.packing,

@@ -20,7 +20,7 @@ import os
 
 import pytest
 
-from tests.distributed.helpers import run_cli, run_dir_of, step_metrics, summary_of
+from tests.distributed.helpers import declare_run, step_metrics, summary_of
 
 RUN = ["+experiment=tiny_full", "model.dtype=bfloat16", "train.precision=bf16", "train.lr=2e-5",
        "train.warmup_steps=0", "train.max_steps=20", "train.log_every=1", "data.max_seq_len=96",
@@ -51,14 +51,15 @@ def changed_share(run_dir: str) -> float:
     return changed / total
 
 
+for _name, _extra in {**ENGINES, "pure_bf16": ["train.pure_bf16=true"]}.items():
+    declare_run(f"precision-{_name}", [*RUN, *_extra], ranks=2 if _extra and _name != "pure_bf16" else 1)
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    out = {}
-    for name, extra in {**ENGINES, "pure_bf16": ["train.pure_bf16=true"]}.items():
-        proc = run_cli(*RUN, *extra, f"run.root={tmp_path_factory.mktemp(name)}")
-        assert proc.returncode == 0, (name, proc.stderr[-3000:])
-        out[name] = (run_dir_of(proc), proc.stdout + proc.stderr)
-    return out
+def runs(trainings):
+    """(run directory, rank 0's output) of each engine's run and of the pure_bf16 one, from the
+    session's shared launches (helpers.declare_run)."""
+    return {name: trainings.finished(f"precision-{name}") for name in [*ENGINES, "pure_bf16"]}
 
 
 def test_every_engine_trains_fp32_master_weights_with_bf16_compute(runs):

@@ -21,8 +21,7 @@ import time
 import pytest
 import torch
 
-from tests.distributed.helpers import REPO, run_dir_of, step_metrics, summary_of
-from tests.distributed.test_resume import final_weights
+from tests.distributed.helpers import REPO, final_weights, run_dir_of, step_metrics, summary_of
 
 pytestmark = pytest.mark.slurm
 
