@@ -31,11 +31,13 @@ run: setup
 	$(PY) -m distft
 
 # The suite on TEST_WORKERS pytest-xdist workers; each xdist_group (a module, or every test of the
-# shared runs: tests/conftest.py) stays on one. TEST_WORKERS=0 runs it in this one process.
+# shared runs: tests/conftest.py) stays on one, handed out in collection order (the long
+# distributed groups first; xdist's default reorder puts the groups with the most tests first).
+# TEST_WORKERS=0 runs it in this one process.
 TEST_WORKERS ?= 2
 
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder tests
 
 lint: setup
 	$(PY) -m ruff check distft launchers tests bench

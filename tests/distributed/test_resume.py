@@ -7,8 +7,8 @@ the data position and every rank's RNG, and the same collectives run in the same
 train with dropout 0.1 here, so the RNG streams matter too.
 
 Most runs are whole trainings (`distft.train.train`, as the command line's rank processes run it)
-done one after the other in one process per rank count (resume_worker.py: three launches, 1, 2
-and 1 ranks, for the whole module), B's run directory made as a killed run leaves it. What a
+declared with helpers.declare_run and run one after the other in the session's shared launches
+of runs_worker.py (1, 2, then 1 rank), B's run directory made as a killed run leaves it. What a
 process boundary adds is checked by real drills on the command line: SIGKILL (`DISTFT_FAULTS`,
 distft/faults.py) right after a ZeRO-3 checkpoint, and of one rank in the middle of an FSDP (DCP)
 save, each followed by the same command again; a poisoned checkpoint set aside by a rerun; a
