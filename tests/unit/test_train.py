@@ -137,11 +137,41 @@ def test_export_round_trip_generates_the_same_tokens(tiny_runs, technique, tmp_p
                "### Instruction:\nAdd the two numbers.\n\n### Input:\n12 + 7\n\n### Response:\n",
                "### Instruction:\nReverse the letters.\n\n### Input:\nabcd\n\n### Response:\n"]
     ids_in = _greedy_ids(in_framework.eval(), tokenizer, prompts)
-    ids_out = _greedy_ids(exported.eval(), tokenizer, prompts)
-    assert ids_in == ids_out
+    if technique != "qlora":
+        assert _greedy_ids(exported.eval(), tokenizer, prompts) == ids_in
+    else:
+        _check_same_choices(in_framework, exported.eval(), tokenizer, prompts, ids_in)
     # Not vacuous: the untuned base generates something else.
     cfg, _, _ = load_model(ckpt)
     assert _greedy_ids(load_base(cfg).eval(), tokenizer, prompts) != ids_in
+
+
+# QLoRA's 4-bit layers compute in bf16 (technique.compute_dtype) where its export holds the
+# dequantized base with the adapter merged, computed in fp32: their logits differ by bf16 rounding
+# (measured up to 0.06 on this model). Greedy tokens then agree wherever the choice is not a
+# near-tie within that (one first token here had a top-2 margin of 0.0001 and flipped with the
+# thread count), so the test asks exactly that of every generated token.
+QLORA_EXPORT_LOGIT_TOLERANCE = 0.15
+
+
+def _check_same_choices(in_framework, exported, tokenizer, prompts, answers) -> None:
+    """Teacher-forced on the in-framework greedy answers: the exported model's logits are within
+    QLORA_EXPORT_LOGIT_TOLERANCE, and it picks the same token at every step whose top-2 margin
+    is wider than twice that."""
+    clear = 0
+    for prompt, answer in zip(prompts, answers):
+        ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False).input_ids
+        x = torch.tensor([ids + answer])
+        with torch.no_grad():
+            a = in_framework(input_ids=x).logits[0, len(ids) - 1: len(ids) - 1 + len(answer)].float()
+            b = exported(input_ids=x).logits[0, len(ids) - 1: len(ids) - 1 + len(answer)].float()
+        assert float((a - b).abs().max()) <= QLORA_EXPORT_LOGIT_TOLERANCE
+        top = a.topk(2, dim=-1).values
+        for position, token in enumerate(answer):
+            if float(top[position, 0] - top[position, 1]) > 2 * QLORA_EXPORT_LOGIT_TOLERANCE:
+                clear += 1
+                assert int(a[position].argmax()) == int(b[position].argmax()) == token, (prompt, position)
+    assert clear >= sum(map(len, answers)) // 2  # most choices were clear: the check is not vacuous
 
 
 def _greedy_ids(model, tokenizer, prompts, new_tokens=12):
