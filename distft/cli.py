@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     hydra_entry()
 
 
-def _exit_now(code: int) -> None:
+def exit_now(code: int) -> None:
     """Leave without tearing the interpreter down: atexit handlers run (W&B, logging), but not
     the collection of thousands of modules and the C++ static destructors of torch, gloo and
     bitsandbytes, which take ~1 s per process (every rank of every launch; measured 1.85 s ->
@@ -223,7 +223,7 @@ def _exit_now(code: int) -> None:
 
 
 def run_command_line() -> None:
-    """`python -m distft`: main() on sys.argv, then a fast exit (_exit_now) with its code."""
+    """`python -m distft`: main() on sys.argv, then a fast exit (exit_now) with its code."""
     try:
         main()
     except SystemExit as done:
@@ -231,8 +231,8 @@ def run_command_line() -> None:
         if code is not None and not isinstance(code, int):
             print(code, file=sys.stderr)  # what SystemExit("message") prints
             code = 1
-        _exit_now(code or 0)
-    _exit_now(0)
+        exit_now(code or 0)
+    exit_now(0)
 
 
 @dataclass
