@@ -53,6 +53,7 @@ from typing import Any, Optional
 from distft import dist, faults
 from distft.config import Config, to_dict
 from distft.errors import CheckpointError  # noqa: F401  (re-exported: callers catch distft.checkpoint.CheckpointError)
+from distft.files import fsync_dir, write_json, write_text
 from distft.safe_load import pickle_kind, scan_file
 
 log = logging.getLogger("distft")
@@ -140,7 +141,7 @@ def save_checkpoint(
                 extra["save_embedding_layers"] = False
             model.save_pretrained(os.path.join(tmp, "model"), safe_serialization=True, **extra)
             tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-            _write_json(os.path.join(tmp, TRAINER_STATE), trainer_state)
+            write_json(os.path.join(tmp, TRAINER_STATE), trainer_state)
             meta = {
                 "step": step,
                 "technique": cfg.technique.name,
@@ -149,7 +150,7 @@ def save_checkpoint(
                 "parallel": cfg.parallel.strategy,
                 "config": to_dict(cfg),
             }
-            _write_json(os.path.join(tmp, "meta.json"), meta)
+            write_json(os.path.join(tmp, "meta.json"), meta)
     except BaseException as err:  # DCP's CheckpointException is a BaseException; reported collectively below
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise
@@ -186,16 +187,16 @@ def commit_checkpoint(pending: PendingCheckpoint) -> str:
         merged = {k: v for part in dist.all_gather_object(hashes) for k, v in part.items()}
     if not errors and info.is_main:
         try:
-            _write_json(os.path.join(tmp, MANIFEST), {"format": 1, "step": step, "files": dict(sorted(merged.items()))})
+            write_json(os.path.join(tmp, MANIFEST), {"format": 1, "step": step, "files": dict(sorted(merged.items()))})
             faults.point("before_commit", step)
-            _write_text(os.path.join(tmp, COMMITTED), str(step))
+            write_text(os.path.join(tmp, COMMITTED), str(step))
             if os.path.exists(final):  # the same step saved again: set the old one aside first
                 shutil.rmtree(final + ".old", ignore_errors=True)
                 os.replace(final, final + ".old")
             os.replace(tmp, final)
-            _fsync_dir(root)
+            fsync_dir(root)
             shutil.rmtree(final + ".old", ignore_errors=True)
-            _write_text(os.path.join(root, LATEST), os.path.basename(final) + "\n")
+            write_text(os.path.join(root, LATEST), os.path.basename(final) + "\n")
             _prune(pending.run_dir, final, pending.keep_last)
         except OSError as err:
             errors = [f"rank 0: {err}"]
@@ -266,34 +267,6 @@ def load_rng(checkpoint: str, rank: int) -> bool:
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
     return True
-
-
-def _write_json(path: str, data: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_text(path: str, text: str) -> None:
-    """Atomically (temporary file, then rename): a reader sees the old or the new text."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-# ------------------------------------------------------------------------------- verifying
 
 
 def _files(directory: str) -> list[str]:

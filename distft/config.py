@@ -32,6 +32,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")  # engines.build_optimizer
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps fp32 moments for tensors under this many elements (its default)
+BNB_MIN_PAGED_SIZE = 100_000  # its paged optimizers page only tensors of at least this many elements
 NONFINITE_POLICIES = ("skip", "halt")
 WANDB_MODES = ("online", "offline", "disabled")
 ON_BAD_ROWS = ("drop", "fail")

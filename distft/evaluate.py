@@ -55,6 +55,7 @@ from typing import Any, Optional
 import torch
 
 from distft.config import EvalConfig, model_label
+from distft.files import write_text
 from distft.model import model_inputs, token_loss
 
 MAX_LOSS_FOR_PERPLEXITY = 100.0  # exp(100) ~ 2.7e43: finite, and far above any real model's loss
@@ -490,10 +491,7 @@ def write_report(
 
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines).rstrip() + "\n")
-    os.replace(tmp, path)
+    write_text(path, "\n".join(lines).rstrip() + "\n")
 
 
 # ------------------------------------------------------------------------------------------- CLI

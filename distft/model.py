@@ -16,12 +16,13 @@ The model code never imports torch.distributed: parallelism lives in engines/.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
-from distft.config import ModelConfig
+from distft.config import BNB_MIN_8BIT_SIZE, BNB_MIN_PAGED_SIZE, ModelConfig
 from distft.errors import ModelLoadError  # noqa: F401  (re-exported: callers catch distft.model.ModelLoadError)
 
 IGNORE_INDEX = -100
@@ -250,14 +251,53 @@ def model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if batch.get(k) is not None}
 
 
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit weights count as their logical size."""
-    trainable = total = 0
-    for param in model.parameters():
-        n = param.numel()
-        if hasattr(param, "quant_state") or param.__class__.__name__ == "Params4bit":
-            n *= 2  # two 4-bit values per stored byte
-        total += n
-        if param.requires_grad:
-            trainable += n
-    return trainable, total
+@dataclass
+class ParameterCounts:
+    total: int  # every parameter of the trained model (base + adapter or virtual tokens)
+    trainable: int
+    frozen: int
+    quantized: int  # frozen base weights stored in 4 bits (QLoRA), part of `frozen`
+    largest_layer: int  # FSDP's largest gather unit: a decoder layer, or the root (embeddings, norm, head)
+    largest_module: int  # the most parameters one module holds itself (ZeRO-3 gathers module by module)
+    # Trainable elements in tensors too small for bitsandbytes' 8-bit state (fp32 moments) and for
+    # its paging (allocated as ordinary GPU memory): plan.optimizer_bytes().
+    trainable_below_8bit: int = 0
+    trainable_below_paging: int = 0
+
+
+def count_parameters(model: torch.nn.Module, quantized_base: bool = False) -> ParameterCounts:
+    """The parameters of a built model (real or on the meta device), tied weights once, 4-bit
+    weights at their logical size (bitsandbytes packs two or more into one stored element).
+    `quantized_base`: a QLoRA layout, whose frozen linear weights in the decoder layers are (or,
+    on the meta device, where bitsandbytes cannot quantise, will be) stored in 4 bits."""
+    params = list(model.parameters())  # each tied weight once
+    sizes = {id(p): _logical_numel(p) for p in params}
+    total = sum(sizes.values())
+    trainable = sum(sizes[id(p)] for p in params if p.requires_grad)
+    quantized = 0
+    if quantized_base:
+        quantized = sum(sizes[id(module.weight)] for name, module in model.named_modules()
+                        if isinstance(module, torch.nn.Linear) and ".layers." in name
+                        and not module.weight.requires_grad and not any(a in name for a in ADAPTER_PARTS))
+    layers = [m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    root = sum(sizes[id(p)] for p in params if id(p) not in in_layers)
+    largest = max([root, *(sum(sizes[id(p)] for p in layer.parameters()) for layer in layers)])
+    # DeepSpeed's own definition (deepspeed.runtime.zero.stage3.model_to_params).
+    largest_module = max(sum(sizes.get(id(p), 0) for p in m.parameters(recurse=False)) for m in model.modules())
+    trained = [sizes[id(p)] for p in params if p.requires_grad]
+    return ParameterCounts(total, trainable, total - trainable, quantized, largest, largest_module,
+                           sum(n for n in trained if n < BNB_MIN_8BIT_SIZE), sum(n for n in trained if n < BNB_MIN_PAGED_SIZE))
+
+
+# Parameter names of PEFT's adapters (LoRA's A and B, DoRA's magnitudes): never quantised.
+ADAPTER_PARTS = ("lora_", "magnitude_vector")
+
+
+def _logical_numel(param: torch.Tensor) -> int:
+    state = getattr(param, "quant_state", None)
+    if getattr(state, "shape", None) is not None:
+        return int(state.shape.numel())
+    if param.__class__.__name__ == "Params4bit":  # not quantised yet: two 4-bit values per stored byte
+        return param.numel() * param.element_size() * 2
+    return param.numel()

@@ -68,10 +68,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Optional
 
-from distft.config import BNB_MIN_8BIT_SIZE, Config, model_label, world_size
+from distft.config import Config, model_label, world_size
+from distft.model import ParameterCounts
+from distft.model import count_parameters as count_model_parameters
 
 # bitsandbytes 4-bit: half a byte per weight plus the block scales (blocksize 64): one fp32 absmax
 # per block, or with double quantisation one byte per block plus one fp32 per 256 blocks.
@@ -79,23 +80,8 @@ NF4_BYTES = 0.5 + 4 / 64
 NF4_DOUBLE_QUANT_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 # bitsandbytes' 8-bit AdamW: two uint8 moments plus one fp32 absmax per 256-element block for each;
 # tensors under BNB_MIN_8BIT_SIZE elements keep two fp32 moments. Its paged optimizers allocate
-# state in CUDA unified memory only for tensors of at least 1e5 elements.
+# state in CUDA unified memory only for tensors of at least BNB_MIN_PAGED_SIZE elements.
 ADAMW_8BIT_BYTES = 2 + 2 * 4 / 256
-BNB_MIN_PAGED_SIZE = 100_000
-
-
-@dataclass
-class ParameterCounts:
-    total: int  # every parameter of the trained model (base + adapter or virtual tokens)
-    trainable: int
-    frozen: int
-    quantized: int  # frozen base weights stored in 4 bits (QLoRA), part of `frozen`
-    largest_layer: int  # FSDP's largest gather unit: a decoder layer, or the root (embeddings, norm, head)
-    largest_module: int  # the most parameters one module holds itself (ZeRO-3 gathers module by module)
-    # Trainable elements in tensors too small for bitsandbytes' 8-bit state (fp32 moments) and for
-    # its paging (allocated as ordinary GPU memory): optimizer_bytes().
-    trainable_below_8bit: int = 0
-    trainable_below_paging: int = 0
 
 
 ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -166,27 +152,6 @@ def with_architecture(cfg: Config) -> tuple[Config, str]:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **fields)), source
 
 
-def build_meta_model(cfg: Config):
-    """The model training would build, on the meta device (adapters included)."""
-    import torch
-    from transformers import LlamaForCausalLM
-
-    from distft.model import llama_config
-    from distft.techniques import peft_config
-
-    config = llama_config(cfg.model)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-        peft = peft_config(cfg.technique)
-        if peft is not None:
-            from peft import get_peft_model
-
-            model = get_peft_model(model, peft)
-    if cfg.technique.name == "full":
-        model.requires_grad_(True)
-    return model
-
-
 def count_parameters(cfg: Config) -> ParameterCounts:
     """Exact counts for the configured model. Decoder layers are all alike, so every count is
     linear in their number: meta models of one and of two layers give it exactly (asserted for
@@ -208,30 +173,16 @@ def count_parameters(cfg: Config) -> ParameterCounts:
 
 
 def _count_built(cfg: Config) -> ParameterCounts:
-    import torch
+    from distft.techniques import build_meta_model
 
-    model = build_meta_model(cfg)
-    unique = {id(p): p for p in model.parameters()}.values()  # tied weights once
-    total = sum(p.numel() for p in unique)
-    trainable = sum(p.numel() for p in unique if p.requires_grad)
-    quantized = 0
-    if cfg.technique.name == "qlora":
-        quantized = sum(module.weight.numel() for name, module in model.named_modules()
-                        if isinstance(module, torch.nn.Linear) and ".layers." in name and not module.weight.requires_grad
-                        and not _is_adapter(name))
-    layers = [m for name, m in model.named_modules() if type(m).__name__ == "LlamaDecoderLayer"]
-    in_layers = {id(p) for layer in layers for p in layer.parameters()}
-    root = sum(p.numel() for p in unique if id(p) not in in_layers)
-    largest = max([root, *(sum(p.numel() for p in layer.parameters()) for layer in layers)])
-    # DeepSpeed's own definition (deepspeed.runtime.zero.stage3.model_to_params).
-    largest_module = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    trained = [p.numel() for p in unique if p.requires_grad]
-    return ParameterCounts(total, trainable, total - trainable, quantized, largest, largest_module,
-                           sum(n for n in trained if n < BNB_MIN_8BIT_SIZE), sum(n for n in trained if n < BNB_MIN_PAGED_SIZE))
+    model = build_meta_model(from_fields(cfg))
+    return count_model_parameters(model, quantized_base=cfg.technique.name == "qlora")
 
 
-def _is_adapter(name: str) -> bool:
-    return any(part in name for part in ("lora_", "magnitude_vector"))
+def from_fields(cfg: Config) -> Config:
+    """cfg whose model is built from its architecture fields (with_architecture put a local
+    model's own there): nothing is read from name_or_path, no attention kernel needs installing."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=None, attn_implementation="sdpa"))
 
 
 def param_bytes(cfg: Config) -> int:

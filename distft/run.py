@@ -109,7 +109,8 @@ def build_run(cfg: Config, info: DistInfo, device: torch.device) -> Run:
                     "updates below bf16's resolution (~1/256 of a weight) are lost, so a small train.lr trains little")
     memory = MemoryMeter(device, cfg.tracking.cpu_memory_steps)  # the model, its training state, activations
     model, model_build = build_model_for_engine(cfg, dtype, tokenizer, info.world_size)
-    trainable, total = count_parameters(model)
+    counts = count_parameters(model, quantized_base=cfg.technique.name == "qlora")
+    trainable, total = counts.trainable, counts.total
     log.info(
         "model %s, technique %s: %s trainable of %s parameters (%.2f%%), built %s",
         model_label(cfg.model), cfg.technique.name, f"{trainable:,}", f"{total:,}", 100.0 * trainable / max(1, total),

@@ -24,6 +24,8 @@ import os
 import sys
 from typing import Any, Optional
 
+from distft.files import write_json, write_text
+
 log = logging.getLogger("distft")
 
 POINT = "point.json"
@@ -45,7 +47,6 @@ METRICS = (  # column, path in a run's summary.json
 
 def write_point(output_dir: str, cfg, overrides: list[str], job_num: int) -> str:
     from distft.config import run_dir
-    from distft.train import write_json
 
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, POINT)
@@ -127,8 +128,7 @@ def _write_markdown(path: str, sweep_dir: str, swept: list[str], rows: list[dict
              f"{len(rows)} points, {done} complete; best eval loss first. Run directories in summary.csv.", "",
              "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(_fmt(row[c]) for c in shown) + " |" for row in sorted(rows, key=_sort_key)]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def _plot(path: str, swept: list[str], rows: list[dict]) -> None:

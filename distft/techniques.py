@@ -166,6 +166,18 @@ def build_trainable_model(cfg: Config, dtype: torch.dtype, tokenizer=None):
     return apply_technique(build_base(cfg, dtype, tokenizer), cfg, tokenizer)
 
 
+def build_meta_model(cfg: Config, dtype: torch.dtype = torch.float32, tokenizer=None):
+    """Base + technique on the meta device: the shapes and the trainable set of the model the
+    engine trains, no memory. FSDP shards it before filling its shards from rank 0; the planner
+    counts it. QLoRA gets its layout with float linears where the 4-bit ones will be
+    (bitsandbytes quantises only while weights load): countable, not trainable, so FSDP builds
+    a QLoRA model for real (engines.build_model_for_engine)."""
+    # PEFT's initialisers advance the RNG even on meta tensors: restore it, so that rank 0's real
+    # build in materialize_from_rank0 draws exactly what an eager build would have drawn.
+    with torch.random.fork_rng(devices=[]):
+        return apply_technique(build_base(cfg, dtype, tokenizer, meta=True), cfg, tokenizer)
+
+
 def is_peft(model) -> bool:
     return hasattr(model, "peft_config")
 

@@ -20,6 +20,7 @@ import time
 from typing import Any, Optional
 
 from distft.config import Config, to_dict
+from distft.files import write_text
 
 log = logging.getLogger("distft")
 
@@ -84,10 +85,7 @@ class Tracker:
         if not self.enabled or not os.path.exists(self.metrics_path):
             return
         kept = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= step]
-        tmp = f"{self.metrics_path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(tmp, self.metrics_path)
+        write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.wandb_run is not None:

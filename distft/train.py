@@ -29,6 +29,7 @@ from distft.config import Config, config_hash, grad_accum_steps, model_label, to
 from distft.config import run_dir as config_run_dir
 from distft.engines import autocast_dtype
 from distft.errors import CheckpointError, NonFiniteError
+from distft.files import write_json, write_text
 from distft.model import IGNORE_INDEX, token_loss
 from distft.preemption import StopSignal, requeue_count
 from distft.run import Run, TrainState, build_run
@@ -49,14 +50,6 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed)
     except ImportError:  # pragma: no cover
         pass
-
-
-def write_json(path: str, data: dict) -> None:
-    """Write JSON atomically (temp file + rename) so a crash never leaves half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 def write_config_dump(cfg: Config, run_dir: str) -> None:
@@ -399,9 +392,8 @@ def _tracker_run_id(cfg: Config, run_dir: str, info) -> str:
     (or resharded) run continues the same curve."""
     path = os.path.join(run_dir, "tracker_run_id")
     if info.is_main and not os.path.exists(path):
-        with open(path, "w") as f:
-            # Random suffix: a run started over (resume=false) is a new W&B run, not the old one continued.
-            f.write(f"{cfg.run.experiment}-{config_hash(cfg)}-{os.urandom(3).hex()}\n")
+        # Random suffix: a run started over (resume=false) is a new W&B run, not the old one continued.
+        write_text(path, f"{cfg.run.experiment}-{config_hash(cfg)}-{os.urandom(3).hex()}\n")
     dist.barrier()
     with open(path) as f:
         return f.read().strip()

@@ -80,7 +80,7 @@ def build_model_for_engine(cfg: Config, dtype: torch.dtype, tokenizer, world_siz
     rank before it partitions it ("eager"; ZeRO-3 partitions after `deepspeed.initialize`).
     """
     if cfg.parallel.strategy == "fsdp" and world_size > 1 and cfg.technique.name != "qlora":
-        from distft.engines.fsdp import build_meta_model
+        from distft.techniques import build_meta_model
 
         return build_meta_model(cfg, dtype, tokenizer), "meta"
     from distft.techniques import build_trainable_model

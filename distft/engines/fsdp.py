@@ -26,7 +26,7 @@ Choices worth knowing:
   `parallel.fsdp.shard_size` ranks (0: the ranks of one node), replicate across them (HSDP).
 - `parallel.fsdp.cpu_offload`: sharded parameters, gradients and optimizer state stay in host
   memory; the optimizer step runs on the CPU.
-- A model built on the meta device (`build_meta_model`) is sharded first, then only the local
+- A model built on the meta device (`techniques.build_meta_model`) is sharded first, then only the local
   shards are allocated and filled from rank 0's real model (`broadcast_from_rank0`): one full
   copy of the weights in host memory on rank 0 instead of one per rank.
 - Checkpoints: each rank writes its own shards of the weights and optimizer state through DCP
@@ -256,20 +256,6 @@ def _gradient_sync(model, enabled: bool):
 
 
 # ---------------------------------------------------------------------- meta-device loading
-
-
-def build_meta_model(cfg: Config, dtype: torch.dtype, tokenizer=None) -> torch.nn.Module:
-    """The trainable model (base + technique) on the meta device: no memory until the engine
-    shards it and fills the local shards from rank 0. QLoRA cannot: bitsandbytes quantises while
-    weights load, so its 4-bit base must be built for real."""
-    from distft.techniques import apply_technique, build_base
-
-    if cfg.technique.name == "qlora":
-        raise ValueError("technique=qlora cannot be built on the meta device (bitsandbytes quantises while loading)")
-    # PEFT's initialisers advance the RNG even on meta tensors: restore it, so that rank 0's real
-    # build in materialize_from_rank0 draws exactly what an eager build would have drawn.
-    with torch.random.fork_rng(devices=[]):
-        return apply_technique(build_base(cfg, dtype, tokenizer, meta=True), cfg, tokenizer)
 
 
 def materialize_from_rank0(model: torch.nn.Module, cfg: Config, device: torch.device) -> None:

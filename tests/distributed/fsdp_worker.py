@@ -180,7 +180,8 @@ def _bytes(tensor: torch.Tensor) -> torch.Tensor:
 
 def meta_checks(out: dict, rank: int, out_dir: str) -> None:
     """Meta-device loading: host memory on a 57M-param model, correctness on tiny ones."""
-    from distft.engines.fsdp import FSDPEngine, build_meta_model
+    from distft.engines.fsdp import FSDPEngine
+    from distft.techniques import build_meta_model
 
     # Memory first, while the process's peak RSS is still its import-time level.
     big = ["model.hidden_size=768", "model.intermediate_size=2048", "model.num_hidden_layers=8",

@@ -85,11 +85,12 @@ def test_full_finetuning_model_states_agree_with_deepspeeds_estimator(model, nod
         assert errors == []
         from deepspeed.runtime.zero.stage3 import model_to_params
 
-        from distft.plan import build_meta_model, count_parameters
+        from distft.plan import count_parameters, from_fields
+        from distft.techniques import build_meta_model
 
         counts = count_parameters(cfg)
         # DeepSpeed's own largest layer of the same model (its total dedups by data_ptr, all 0 on meta).
-        assert model_to_params(build_meta_model(cfg))[1] == counts.largest_module
+        assert model_to_params(build_meta_model(from_fields(cfg)))[1] == counts.largest_module
         ours = sum(model_state_bytes(cfg, counts).values())
         _, theirs = estimate_zero2_model_states_mem_needs(counts.total, gpus, nodes, cpu_offload=offload)
         assert abs(ours - theirs) <= 2, (offload, ours, theirs)
@@ -368,12 +369,19 @@ def test_planned_weights_and_gradients_are_the_bytes_the_built_model_holds(techn
     import torch
 
     from distft.engines import weights_dtype
+    from distft.model import count_parameters as count_built
     from distft.plan import count_parameters
     from distft.techniques import build_trainable_model
 
     cfg, errors = preflight([f"+experiment=tiny_{technique}", "model.dtype=bfloat16"])
     assert errors == []
     model = build_trainable_model(cfg, weights_dtype(cfg, torch.device("cpu")))  # full: fp32 masters
+    # The real model counts what the plan counted on the meta device (the run logs these counts),
+    # QLoRA's packed 4-bit weights at their logical size (4 to a bf16 element of storage here).
+    built, counted = count_built(model, quantized_base=technique == "qlora"), count_parameters(cfg)
+    assert built == counted, (built, counted)
+    if technique == "qlora":
+        assert built.quantized == 4 * (4 * 128 * 128 + 3 * 128 * 384), built  # q, k, v, o, gate, up, down x 4 layers
     params = list({id(p): p for p in model.parameters()}.values())
     held = sum(p.numel() * p.element_size() for p in params)
     for p in params:  # bitsandbytes' block scales (and their own scales with double quantisation)

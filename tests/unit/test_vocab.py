@@ -71,9 +71,9 @@ def test_full_fine_tuning_resizes_the_embeddings_and_trains_the_new_tokens(path_
     from safetensors import safe_open
 
     from distft.data import prepare_data
-    from distft.engines.fsdp import build_meta_model
     from distft.export import load_base, load_model
     from distft.model import load_tokenizer, token_loss
+    from distft.techniques import build_meta_model
     from distft.train import train
 
     cfg, problems = configured(
