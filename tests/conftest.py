@@ -20,35 +20,31 @@ if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ
 @pytest.fixture(scope="session")
 def trainings(tmp_path_factory):
     """Every whole run the collected test modules declared (tests/distributed/helpers.py,
-    declare_run), run once per session in at most three launches. Under xdist the workers share
-    them through a directory beside their own temporary ones: the first to need them runs them
-    (the others wait on the lock), so they run once even where the grouping below did not hold."""
-    import json
-
-    from filelock import FileLock
-
-    from tests.distributed.helpers import Trainings, run_declared
+    declare_run), each set of them (`share`) run once per session, when a test first reads one of
+    its runs, in at most three launches. Under xdist the workers share them through a directory
+    beside their own temporary ones (a file lock per set: each runs once, even where the grouping
+    below did not hold)."""
+    from tests.distributed.helpers import Trainings
 
     base = tmp_path_factory.getbasetemp()
-    root = base.parent / "shared-runs" if os.environ.get("PYTEST_XDIST_WORKER") else base / "runs"
-    root.mkdir(exist_ok=True)
-    with FileLock(str(root) + ".lock"):
-        done = root / "results.json"
-        if not done.exists():
-            with open(done.with_suffix(".tmp"), "w") as f:
-                json.dump(run_declared(root).results, f)
-            os.replace(done.with_suffix(".tmp"), done)
-        with open(done) as f:
-            return Trainings(root, json.load(f))
+    return Trainings(base.parent / "shared-runs" if os.environ.get("PYTEST_XDIST_WORKER") else base / "runs")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
 def pytest_collection_modifyitems(config, items):
     """`make test` runs the suite on pytest-xdist workers (`--dist loadgroup`), which keep each
     xdist_group on one worker: a module's tests stay together (its module-scoped fixtures, such
-    as one engine matrix launch, run once), and every test that reads the shared runs
-    (`trainings`) goes to one worker, where the session fixture runs them once."""
+    as one engine matrix launch, run once), and every test that reads one set of the shared runs
+    (`trainings`; the module's SHARED_RUNS, default "engines") goes to one worker, which runs
+    that set once. Those sets are the longest groups: they come first, so that they start at
+    once, each on its own worker."""
+    def group(item) -> str:
+        if "trainings" in getattr(item, "fixturenames", ()):
+            return "trainings-" + getattr(item.module, "SHARED_RUNS", "engines")
+        return item.module.__name__
+
+    groups = {id(item): group(item) for item in items}
+    items.sort(key=lambda item: not groups[id(item)].startswith("trainings-"))  # stable: otherwise collection order
     for item in items:
-        group = "trainings" if "trainings" in getattr(item, "fixturenames", ()) else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
+        item.add_marker(pytest.mark.xdist_group(groups[id(item)]))
 

@@ -63,23 +63,25 @@ LAUNCH_RANKS = (1, 2, 1)
 
 
 def declare_run(name: str, argv: list[str], ranks: int = 2, faults: str = "",
-                resume_from: tuple[str, int] | None = None) -> str:
+                resume_from: tuple[str, int] | None = None, share: str = "engines") -> str:
     """A whole run, `distft.train.train` on the config `argv` composes, as the command line's rank
-    processes run it, in `run.dir=<session dir>/<name>`. `resume_from=(other, step)`: started as
-    `other` would be again after being killed right after its step-`step` checkpoint. The name
-    is the key: one run declared by several modules with the same argv (a shared reference) runs once."""
+    processes run it, in `run.dir=<session dir>/<share>/<name>`. `resume_from=(other, step)`:
+    started as `other` would be again after being killed right after its step-`step` checkpoint.
+    The name is the key: one run declared by several modules with the same argv (a shared
+    reference) runs once. `share`: the set of runs it is launched with (a module's SHARED_RUNS;
+    each set runs on its own, so two sets run on two pytest-xdist workers at once)."""
     return _declare({"kind": "train", "name": name, "argv": list(argv), "ranks": ranks, "faults": faults,
                      "resume_from": list(resume_from) if resume_from else None,
-                     "after": [resume_from[0]] if resume_from else []})
+                     "after": [resume_from[0]] if resume_from else [], "share": share})
 
 
 def declare_state(name: str, mode: str, cell: str, parallel: str, technique: str, ranks: int,
-                  overrides=(), after: str | None = None) -> str:
+                  overrides=(), after: str | None = None, share: str = "engines") -> str:
     """An engine's training state saved after 3 steps (`mode="save"`) or loaded into a fresh engine
-    (`"load"`, after the save named `after`), in `<session dir>/state-<cell>` (runs_worker.py)."""
+    (`"load"`, after the save named `after`), in `<session dir>/<share>/state-<cell>` (runs_worker.py)."""
     return _declare({"kind": "state", "name": name, "mode": mode, "cell": cell, "parallel": parallel,
                      "technique": technique, "ranks": ranks, "overrides": list(overrides),
-                     "after": [after] if after else []})
+                     "after": [after] if after else [], "share": share})
 
 
 def engine_run(technique: str, parallel: str = "single", ranks: int = 2, *extra: str) -> str:
@@ -105,13 +107,18 @@ def _declare(job: dict) -> str:
 
 class Trainings:
     """The results of every declared job, by name (`run_dir`, `log` of rank 0, `logs` of every rank,
-    `error` when the run ended with one of distft's own errors)."""
+    `error` when the run ended with one of distft's own errors). A set of runs (`share`) is run
+    the first time one of its names is asked for, in `<root>/<share>`; under pytest-xdist the
+    workers share `root`, and a file lock makes each set run once."""
 
-    def __init__(self, root, results: dict):
-        self.root, self.results = root, results
+    def __init__(self, root):
+        self.root, self.results = root, {}
+        self._done: set[str] = set()
 
     def __getitem__(self, name: str) -> dict:
-        assert name in self.results, f"{name} was not declared (helpers.declare_run) or its launch failed"
+        assert name in _DECLARED, f"{name} was not declared (helpers.declare_run)"
+        self._run(_DECLARED[name]["share"])
+        assert name in self.results, f"{name}: its launch failed"
         return self.results[name]
 
     def finished(self, name: str) -> tuple[str, str]:
@@ -122,17 +129,40 @@ class Trainings:
         return result["run_dir"], result["log"]
 
     def state_dir(self, cell: str):
-        return self.root / f"state-{cell}"
+        share = _DECLARED[f"save-{cell}"]["share"]
+        self._run(share)
+        return self.root / share / f"state-{cell}"
+
+    def _run(self, share: str) -> None:
+        from filelock import FileLock
+
+        if share in self._done:
+            return
+        root = self.root / share
+        root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(root) + ".lock"):
+            done = root / "results.json"
+            if not done.exists():
+                with open(done.with_suffix(".tmp"), "w") as f:
+                    json.dump(run_declared(root, share), f)
+                os.replace(done.with_suffix(".tmp"), done)
+            with open(done) as f:
+                self.results.update(json.load(f))
+        self._done.add(share)
 
 
-def run_declared(root) -> Trainings:
-    """Every declared job in at most len(LAUNCH_RANKS) launches of runs_worker.py."""
+def run_declared(root, share: str) -> dict:
+    """Every job declared in `share`, in at most len(LAUNCH_RANKS) launches of runs_worker.py:
+    results by name."""
     launch_of: dict[str, int] = {}
     plans: list[list[dict]] = [[] for _ in LAUNCH_RANKS]
     for name, job in _DECLARED.items():  # declaration order: a job comes after what it starts from
+        if job["share"] != share:
+            continue
+        assert all(_DECLARED[d]["share"] == share for d in job["after"]), f"{name} starts from another share's run"
         first = max((launch_of[d] for d in job["after"]), default=0)
         launch_of[name] = next(i for i in range(first, len(LAUNCH_RANKS)) if LAUNCH_RANKS[i] == job["ranks"])
-        concrete = {k: v for k, v in job.items() if k not in ("ranks", "after")}
+        concrete = {k: v for k, v in job.items() if k not in ("ranks", "after", "share")}
         if job["kind"] == "train":
             concrete["argv"] = [*job["argv"], f"run.dir={root / name}"]
             if job["resume_from"]:
@@ -159,7 +189,7 @@ def run_declared(root) -> Trainings:
                 per_rank.append(json.load(f))
         for name, result in per_rank[0].items():
             results[name] = {**result, "logs": [r[name].get("log", "") for r in per_rank]}
-    return Trainings(root, results)
+    return results
 
 
 def launch_matrix(out_dir, presets, overrides=()) -> dict:

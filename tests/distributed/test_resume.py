@@ -1,7 +1,7 @@
 """Exact resume, kills during a save, resharding and non-finite steps, on 2 real gloo ranks.
 
-Exact resume: run A trains 20 steps, saving every 8; run B is run A stopped right after its step-8
-checkpoint and started again. Steps 9-20 must give A's losses exactly (==) and the final weights
+Exact resume: run A trains 12 steps, saving every 6; run B is run A stopped right after its step-6
+checkpoint and started again. Steps 7-12 must give A's losses exactly (==) and the final weights
 must be equal bit for bit: the checkpoint holds the weights, the optimizer state, the schedule,
 the data position and every rank's RNG, and the same collectives run in the same order. Adapters
 train with dropout 0.1 here, so the RNG streams matter too.
@@ -41,7 +41,10 @@ from tests.distributed.helpers import (
 
 PARTITION_ALL = "+parallel.deepspeed.overrides.zero_optimization={stage3_param_persistence_threshold:0}"
 # Short sequences and small steps: what is checked (exact equality, where a run resumes) does not
-# depend on the step's size, and 20 steps of 8 x 128 tokens take a third of the time of 16 x 256.
+# depend on the step's size or count, and 12 steps of 8 x 128 tokens take a fifth of the time of
+# 20 of 16 x 256. Resumed half-way: after the warm-up, mid-schedule, with Adam moments of 6 steps.
+STEPS, SAVE = 12, 6
+SHARED_RUNS = "resume"  # this module's set of the session's shared runs (helpers.declare_run)
 FAST = ["train.log_every=1", "eval.num_samples=2", "eval.max_new_tokens=2", "eval.compare_base=false",
         "train.eval_max_batches=1", "train.warmup_steps=4", "data.max_seq_len=128", "train.global_batch_size=8",
         "train.micro_batch_size=2"]
@@ -75,7 +78,7 @@ def bit_equal(a: dict, b: dict) -> bool:
     return bool(a) and set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def cli_args(technique: str, parallel: str, ranks: int = 2, steps: int = 20) -> list[str]:
+def cli_args(technique: str, parallel: str, ranks: int = 2, steps: int = STEPS) -> list[str]:
     args = [f"+experiment=tiny_{technique}", f"train.max_steps={steps}", *FAST]
     if parallel != "single":
         args += [f"parallel={parallel}", f"launcher.nproc_per_node={ranks}"]
@@ -91,28 +94,30 @@ def saving(every: int) -> list[str]:
 def _declare_runs() -> None:
     """This module's whole runs (helpers.declare_run): run A of each cell, its resumed run B, and
     the states that reshard, in the session's shared launches (1 rank, 2 ranks, 1 rank)."""
+    share = {"share": SHARED_RUNS}
     for parallel, technique in EXACT:
-        args = [*cli_args(technique, parallel), *saving(8)]
-        a = declare_run(f"a-{parallel}-{technique}", args)
-        declare_run(f"b-{parallel}-{technique}", args, resume_from=(a, 8))
+        args = [*cli_args(technique, parallel), *saving(SAVE)]
+        a = declare_run(f"a-{parallel}-{technique}", args, **share)
+        declare_run(f"b-{parallel}-{technique}", args, resume_from=(a, SAVE), **share)
     for optimizer in BNB_OPTIMIZERS:
-        args = [*cli_args("full", "ddp", steps=12), f"train.optimizer={optimizer}", *saving(6)]
-        a = declare_run(f"a-{optimizer}", args)
-        declare_run(f"b-{optimizer}", args, resume_from=(a, 6))
+        args = [*cli_args("full", "ddp"), f"train.optimizer={optimizer}", *saving(SAVE)]
+        a = declare_run(f"a-{optimizer}", args, **share)
+        declare_run(f"b-{optimizer}", args, resume_from=(a, SAVE), **share)
     for parallel, technique in ASYNC:
-        args = [*cli_args(technique, parallel), *saving(8), "checkpoint.async_save=true"]
-        a = declare_run(f"a-async-{parallel}-{technique}", args)
-        declare_run(f"b-async-{parallel}-{technique}", args, resume_from=(a, 8))
+        args = [*cli_args(technique, parallel), *saving(SAVE), "checkpoint.async_save=true"]
+        a = declare_run(f"a-async-{parallel}-{technique}", args, **share)
+        declare_run(f"b-async-{parallel}-{technique}", args, resume_from=(a, SAVE), **share)
     for parallel in NONFINITE:
-        declare_run(f"nan-{parallel}", [*cli_args("full", parallel, steps=6), *saving(1)], faults="nan_loss:3:1")
+        declare_run(f"nan-{parallel}", [*cli_args("full", parallel, steps=6), *saving(1)], faults="nan_loss:3:1",
+                    **share)
     for parallel, before, after in RANK_CHANGES:
-        source = f"a-{parallel}-full" if before == 2 else \
-            declare_run(f"before-{parallel}-{before}", [*cli_args("full", parallel, ranks=1), *saving(8)], ranks=1)
-        declare_run(f"resharded-{parallel}-{before}-{after}", [*cli_args("full", parallel, ranks=after), *saving(8)],
-                    ranks=after, resume_from=(source, 8))
+        source = f"a-{parallel}-full" if before == 2 else declare_run(
+            f"before-{parallel}-{before}", [*cli_args("full", parallel, ranks=1), *saving(SAVE)], ranks=1, **share)
+        declare_run(f"resharded-{parallel}-{before}-{after}", [*cli_args("full", parallel, ranks=after),
+                    *saving(SAVE)], ranks=after, resume_from=(source, SAVE), **share)
     for cell, parallel_before, parallel_after, technique, before, after, overrides in STATE_CELLS:
-        saved = declare_state(f"save-{cell}", "save", cell, parallel_before, technique, before, overrides)
-        declare_state(f"load-{cell}", "load", cell, parallel_after, technique, after, overrides, after=saved)
+        saved = declare_state(f"save-{cell}", "save", cell, parallel_before, technique, before, overrides, **share)
+        declare_state(f"load-{cell}", "load", cell, parallel_after, technique, after, overrides, after=saved, **share)
 
 
 _declare_runs()
@@ -135,59 +140,59 @@ def check_resumed_exactly(a: str, b: str, log: str, step: int, steps: int) -> No
 def test_a_stopped_run_resumes_exactly(trainings, parallel, technique):
     a, _ = trainings.finished(f"a-{parallel}-{technique}")
     b, log = trainings.finished(f"b-{parallel}-{technique}")
-    check_resumed_exactly(a, b, log, 8, 20)
+    check_resumed_exactly(a, b, log, SAVE, STEPS)
 
 
 def test_a_killed_run_resumes_exactly_from_the_command_line(trainings, tmp_path):
     """The real drill on ZeRO-3 (partitioned parameters, adapters with dropout): SIGKILL right after
-    the step-8 checkpoint is committed, then the same command again, in new processes. It ends
+    the step-6 checkpoint is committed, then the same command again, in new processes. It ends
     bit for bit where the in-process run A ends."""
     a, _ = trainings.finished("a-zero3-lora")
-    args = [*cli_args("lora", "zero3"), *saving(8), f"run.dir={tmp_path / 'b'}"]
-    killed = launch(*args, faults="kill_after_save:8")
+    args = [*cli_args("lora", "zero3"), *saving(SAVE), f"run.dir={tmp_path / 'b'}"]
+    killed = launch(*args, faults=f"kill_after_save:{SAVE}")
     assert killed.returncode != 0, "the fault did not fire"
     b = run_dir_of(killed)
-    assert os.path.exists(os.path.join(b, "checkpoints", "step_000008", "COMMITTED"))
-    assert not os.path.exists(os.path.join(b, "checkpoints", "step_000016"))
+    assert sorted(os.listdir(os.path.join(b, "checkpoints"))) == ["latest", f"step_{SAVE:06d}"]
+    assert os.path.exists(os.path.join(b, "checkpoints", f"step_{SAVE:06d}", "COMMITTED"))
     assert not os.path.exists(os.path.join(b, "summary.json"))
     resumed = launch(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert run_dir_of(resumed) == b
-    check_resumed_exactly(a, b, resumed.stdout + resumed.stderr, 8, 20)
+    check_resumed_exactly(a, b, resumed.stdout + resumed.stderr, SAVE, STEPS)
 
 
 def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint(trainings, tmp_path):
     """The real drill on FSDP (DCP shards written by every rank): rank 1 dies after writing its
-    shards of step 8, before the manifest and the commit. The step-8 directory stays a `.tmp`,
-    never committed; the same command again resumes from step 4 and ends bit for bit where the
+    shards of step 6, before the manifest and the commit. The step-6 directory stays a `.tmp`,
+    never committed; the same command again resumes from step 3 and ends bit for bit where the
     in-process run A ends."""
     a, _ = trainings.finished("a-fsdp-full")
-    args = [*cli_args("full", "fsdp"), *saving(4), f"run.dir={tmp_path / 'b'}"]
-    killed = launch(*args, faults="kill_after_shards:8:1")
+    args = [*cli_args("full", "fsdp"), *saving(3), f"run.dir={tmp_path / 'b'}"]
+    killed = launch(*args, faults="kill_after_shards:6:1")
     assert killed.returncode != 0
     b = run_dir_of(killed)
     checkpoints = sorted(os.listdir(os.path.join(b, "checkpoints")))
-    assert "step_000008.tmp" in checkpoints and "step_000008" not in checkpoints, checkpoints
+    assert checkpoints == ["latest", "step_000003", "step_000006.tmp"], checkpoints
     resumed = launch(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    check_resumed_exactly(a, b, resumed.stdout + resumed.stderr, 4, 20)
-    assert not os.path.exists(os.path.join(b, "checkpoints", "step_000008.tmp"))  # replaced by the real one
+    check_resumed_exactly(a, b, resumed.stdout + resumed.stderr, 3, STEPS)
+    assert not os.path.exists(os.path.join(b, "checkpoints", "step_000006.tmp"))  # replaced by the real one
 
 
 @pytest.mark.parametrize("parallel, technique", ASYNC)
 def test_a_background_save_overlaps_training_and_resumes_exactly(trainings, parallel, technique):
-    """checkpoint.async_save: the step-8 state is staged and written by a background thread while
-    step 9 trains, and committed afterwards. Resumed from that checkpoint, the run still ends bit
-    for bit where the synchronous run A ends: what was written is the state of step 8, not a later
+    """checkpoint.async_save: the step-6 state is staged and written by a background thread while
+    step 7 trains, and committed afterwards. Resumed from that checkpoint, the run still ends bit
+    for bit where the synchronous run A ends: what was written is the state of step 6, not a later
     one the training thread had moved on to."""
     a, _ = trainings.finished(f"a-{parallel}-{technique}")
     source, log = trainings.finished(f"a-async-{parallel}-{technique}")
-    started = log.index("checkpoint of step 8: writing in the background")
-    committed = log.index(os.path.join(source, "checkpoints", "step_000008") + "\n")
-    assert started < log.index("step 9/20") < committed  # training went on while the state was written
+    started = log.index(f"checkpoint of step {SAVE}: writing in the background")
+    committed = log.index(os.path.join(source, "checkpoints", f"step_{SAVE:06d}") + "\n")
+    assert started < log.index(f"step {SAVE + 1}/{STEPS}") < committed  # training went on while the state was written
     assert step_metrics(source) == step_metrics(a)  # writing in the background changes nothing trained
     b, log = trainings.finished(f"b-async-{parallel}-{technique}")
-    check_resumed_exactly(a, b, log, 8, 20)
+    check_resumed_exactly(a, b, log, SAVE, STEPS)
 
 
 @pytest.mark.parametrize("optimizer", BNB_OPTIMIZERS)
@@ -196,24 +201,24 @@ def test_a_run_with_a_bitsandbytes_optimizer_resumes_exactly(trainings, optimize
     12 steps, stopped after the step-6 checkpoint and resumed, equal (==) to the run never stopped."""
     a, _ = trainings.finished(f"a-{optimizer}")
     b, log = trainings.finished(f"b-{optimizer}")
-    check_resumed_exactly(a, b, log, 6, 12)
+    check_resumed_exactly(a, b, log, SAVE, STEPS)
 
 
 @pytest.mark.parametrize("parallel, poison", [("fsdp", "dcp-bytes-item"), ("zero2", "polyglot-pt")])
 def test_a_poisoned_checkpoint_never_runs_on_two_ranks(trainings, tmp_path, parallel, poison):
-    """Run A's final checkpoint (step 20) tampered with, its manifest rewritten to match, as an
+    """Run A's final checkpoint (step 12) tampered with, its manifest rewritten to match, as an
     attacker who can write the run directory would: under FSDP a DCP "bytes" item whose payload
     DCP would unpickle with weights_only=False; under ZeRO-2 rank 1's optimizer file replaced by a
     raw pickle with a zip appended (torch.load reads the raw pickle; a scan that asked zipfile saw
     the zip). The rerun on the command line refuses it on both ranks, sets it aside, resumes from
-    step 16, and ends where A ended; the payload's marker never appears."""
+    step 6, and ends where A ended; the payload's marker never appears."""
     from tests.payloads import plant_dcp_bytes_item, rewrite_in_checkpoint, torch_variants
 
     a, _ = trainings.finished(f"a-{parallel}-full")
     copy = str(tmp_path / "run")
     shutil.copytree(a, copy)
     os.remove(os.path.join(copy, "summary.json"))
-    newest = os.path.join(copy, "checkpoints", "step_000020")
+    newest = os.path.join(copy, "checkpoints", f"step_{STEPS:06d}")
     markers = tmp_path / "markers"
     markers.mkdir()
     if poison == "dcp-bytes-item":
@@ -222,11 +227,11 @@ def test_a_poisoned_checkpoint_never_runs_on_two_ranks(trainings, tmp_path, para
     else:
         bad_file = "state/zero/zero_pp_rank_1_mp_rank_00_optim_states.pt"
         rewrite_in_checkpoint(newest, bad_file, torch_variants(str(markers))["polyglot-raw-then-zip"])
-    resumed = launch(*cli_args("full", parallel), *saving(8), f"run.dir={copy}")
+    resumed = launch(*cli_args("full", parallel), *saving(SAVE), f"run.dir={copy}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = resumed.stdout + resumed.stderr
     assert f"checkpoint {newest} is damaged: {bad_file}: " in log
-    assert summary_of(copy)["resumed_from"].endswith("step_000016")
+    assert summary_of(copy)["resumed_from"].endswith(f"step_{SAVE:06d}")
     assert os.path.isdir(newest + ".damaged")
     assert bit_equal(final_weights(a), final_weights(copy))
     assert os.listdir(markers) == []
@@ -294,21 +299,21 @@ def test_bitsandbytes_optimizer_state_reshards_exactly(trainings, optimizer):
 
 @pytest.mark.parametrize("parallel, ranks_before, ranks_after", RANK_CHANGES)
 def test_a_run_resumes_on_another_number_of_ranks(trainings, parallel, ranks_before, ranks_after):
-    """Stopped after its step-8 checkpoint on N ranks, the run is resumed with the same config on M
-    (same run.dir, same global batch: the data position is kept in rows). Steps 9-20 must match
+    """Stopped after its step-6 checkpoint on N ranks, the run is resumed with the same config on M
+    (same run.dir, same global batch: the data position is kept in rows). Steps 7-12 must match
     run A, which never changed its rank count (2 ranks): the weights, Adam moments and schedule
     arrived (a missing moment or a shifted data position moves the loss by >1e-3). Tolerance 1e-5
     relative: sums run in another order on another rank count (measured drift for 2 vs 1 rank
     <= 2e-7 per step, see test_fsdp.py)."""
     run_dir, log = trainings.finished(f"resharded-{parallel}-{ranks_before}-{ranks_after}")
     summary = summary_of(run_dir)
-    assert summary["world_size"] == ranks_after and summary["resumed_from"].endswith("step_000008")
+    assert summary["world_size"] == ranks_after and summary["resumed_from"].endswith(f"step_{SAVE:06d}")
     assert f"resharded from {ranks_before} to {ranks_after} ranks" in log
     expected, got = step_metrics(trainings.finished(f"a-{parallel}-full")[0]), step_metrics(run_dir)
-    assert len(got) == 20
-    assert got[:8] == pytest.approx(expected[:8], rel=1e-5)
-    assert got[8:] == pytest.approx(expected[8:], rel=1e-5)
-    assert not os.path.exists(os.path.join(run_dir, "checkpoints", "step_000008.universal"))
+    assert len(got) == STEPS
+    assert got[:SAVE] == pytest.approx(expected[:SAVE], rel=1e-5)
+    assert got[SAVE:] == pytest.approx(expected[SAVE:], rel=1e-5)
+    assert not os.path.exists(os.path.join(run_dir, "checkpoints", f"step_{SAVE:06d}.universal"))
 
 
 def _checkpoint_weights(run_dir: str, step: int) -> dict:
