@@ -24,7 +24,6 @@ from typing import Any, Optional
 TECHNIQUES = ("full", "lora", "qlora", "dora", "prefix", "prompt")
 ADAPTER_TECHNIQUES = ("lora", "qlora", "dora")  # adapters that live inside the linear layers
 PROMPT_LEARNING_TECHNIQUES = ("prefix", "prompt")  # virtual tokens in front of the sequence
-PARALLEL_STRATEGIES = ("single", "ddp", "zero1", "zero2", "zero3", "fsdp")
 DATA_SOURCES = ("synthetic", "jsonl", "json", "csv", "parquet", "hf_disk")
 DATA_FORMATS = ("auto", "alpaca", "chat", "text")
 TEMPLATES = ("alpaca", "alpaca_short", "chat", "plain")
@@ -371,7 +370,7 @@ class RunConfig:
 
 @dataclass
 class PlanConfig:
-    """`python -m distft.plan` and the check launchers run before submitting (distft/plan.py)."""
+    """`python -m distft.plan` and the check launchers run before submitting (distft/plan/)."""
 
     format: str = "text"  # text | json
     margin: float = 0.10  # a plan fits when it needs at most (1 - margin) of a GPU's memory

@@ -542,7 +542,7 @@ def _memory_report(cfg: Config, memory: MemoryMeter, trained_bytes: int, dtype: 
     except Exception as err:  # an estimate must never cost a finished run its summary
         log.warning("memory plan unavailable for this config: %s", err)
         return report
-    planned.pop("overhead"), planned.pop("total"), planned.pop("paged", None)  # paged: not the GPU's (plan.py)
+    planned.pop("overhead"), planned.pop("total"), planned.pop("paged", None)  # paged: not the GPU's (plan/memory.py)
     report["planned"] = {k: round(v / 2**30, 4) for k, v in planned.items()}
     report["planned_gb"] = round(sum(planned.values()) / 2**30, 4)
     above = f", above {memory.baseline / 2**30:.3f} GiB at the start" if memory.baseline else ""

@@ -34,7 +34,6 @@ from distft.config import (
     ON_BAD_ROWS,
     OPTIMIZERS,
     PACK_STRATEGIES,
-    PARALLEL_STRATEGIES,
     PRECISIONS,
     PROMPT_LEARNING_TECHNIQUES,
     QUANT_DTYPES,
@@ -48,6 +47,23 @@ from distft.config import (
     model_label,
     world_size,
 )
+from distft.engines.kinds import ENGINES, EngineKind
+
+# An unknown parallel.strategy (refused by name) is checked as an engine with no particular traits.
+_UNKNOWN_ENGINE = EngineKind("unknown", "", "", None, multi_rank=True, shards_weights=False, meta_build=False,
+                             state_format="dcp", bnb_refusal=None, options="")
+
+
+def _kind(cfg: Config) -> EngineKind:
+    return ENGINES.get(cfg.parallel.strategy, _UNKNOWN_ENGINE)
+
+
+def _strategies(having, sep: str = "|", last: Optional[str] = None) -> str:
+    """The strategies whose EngineKind satisfies `having`, for a message: "a|b|c", or "a, b or c"."""
+    names = [s for s, kind in ENGINES.items() if having(kind)]
+    if last is None or len(names) < 2:
+        return sep.join(names)
+    return sep.join(names[:-1]) + last + names[-1]
 
 
 def _choice(errors: list[str], key: str, value: Any, allowed: tuple) -> None:
@@ -195,7 +211,7 @@ def machine_problems(cfg: Config, ranks_here: Optional[bool] = None) -> list[str
 def _check_choices(cfg: Config, errors: list[str]) -> None:
     m, t, d, tr, p = cfg.model, cfg.technique, cfg.data, cfg.train, cfg.parallel
     _choice(errors, "technique.name", t.name, TECHNIQUES)
-    _choice(errors, "parallel.strategy", p.strategy, PARALLEL_STRATEGIES)
+    _choice(errors, "parallel.strategy", p.strategy, tuple(ENGINES))
     _choice(errors, "parallel.backend", p.backend, BACKENDS)
     _choice(errors, "data.source", d.source, DATA_SOURCES)
     _choice(errors, "data.format", d.format, DATA_FORMATS)
@@ -267,16 +283,15 @@ def _check_optimisation(cfg: Config, errors: list[str]) -> None:
         if not 0 <= getattr(tr, key) < 1:
             errors.append(f"train.{key}={getattr(tr, key)} must be in [0, 1)")
     _choice(errors, "train.optimizer", tr.optimizer, OPTIMIZERS)
-    if tr.optimizer != "adamw" and cfg.parallel.strategy not in ("single", "ddp"):
-        # Both measured: FSDP2 hands the optimizer DTensor shards, which bitsandbytes' kernels do not
-        # take ("got mixed torch.Tensor and DTensor"; no sharding strategy registered); ZeRO hands it
-        # flat fp32 partitions and accepts it only as an "untested" optimizer, its 8-bit blocks then
-        # span parameters, and DeepSpeed's universal checkpoints reshard Adam's moments only.
-        why = ("FSDP2's parameters are DTensor shards, which bitsandbytes' optimizer kernels do not take"
-               if cfg.parallel.strategy == "fsdp" else
-               "DeepSpeed ZeRO steps the optimizer on its own flat partitions and reshards only AdamW's state")
+    if tr.optimizer != "adamw" and _kind(cfg).bnb_refusal:
+        # Both measured (EngineKind.bnb_refusal): FSDP2 hands the optimizer DTensor shards, which
+        # bitsandbytes' kernels do not take ("got mixed torch.Tensor and DTensor"; no sharding
+        # strategy registered); ZeRO hands it flat fp32 partitions and accepts it only as an
+        # "untested" optimizer, its 8-bit blocks then span parameters, and DeepSpeed's universal
+        # checkpoints reshard Adam's moments only.
         errors.append(
-            f"train.optimizer={tr.optimizer} runs on parallel=single|ddp only ({why}); use train.optimizer=adamw "
+            f"train.optimizer={tr.optimizer} runs on parallel={_strategies(lambda k: not k.bnb_refusal)} only "
+            f"({_kind(cfg).bnb_refusal}); use train.optimizer=adamw "
             f"with parallel={cfg.parallel.strategy} (its optimizer state is sharded already), or parallel=ddp"
         )
     # warmup_steps > max_steps is allowed: smoke runs (train.max_steps=5) ramp up and stop.
@@ -447,9 +462,9 @@ def _check_model(cfg: Config, errors: list[str]) -> None:
         where = []
         if cfg.technique.name != "full":
             where.append(f"technique={cfg.technique.name} (its trained parameters are fp32 adapters; use technique=full)")
-        if cfg.parallel.strategy not in ("single", "ddp", "fsdp"):
-            where.append(f"parallel={cfg.parallel.strategy} (DeepSpeed keeps fp32 master weights itself; use single, "
-                         "ddp or fsdp)")
+        if not _kind(cfg).fp32_master_weights:
+            where.append(f"parallel={cfg.parallel.strategy} (DeepSpeed keeps fp32 master weights itself; use "
+                         f"{_strategies(lambda k: k.fp32_master_weights, ', ', ' or ')})")
         if m.dtype not in ("auto", "bfloat16"):
             where.append(f"model.dtype={m.dtype} (pure bf16 builds the model in bfloat16; set model.dtype=bfloat16)")
         if where:
@@ -552,7 +567,7 @@ def _check_technique(cfg: Config, errors: list[str]) -> None:
         _choice(errors, "technique.compute_dtype", t.compute_dtype, QUANT_DTYPES)
         if cfg.model.name_or_path is None and cfg.model.name == "tiny" and tr.precision == "fp16":
             errors.append("train.precision=fp16 with technique=qlora on the CPU is unsupported; use bf16 or fp32")
-        if p.strategy in ("zero3", "fsdp"):
+        if _kind(cfg).shards_weights:
             # Sharding flattens the 4-bit blocks together with the norms and embeddings, which
             # only works when both are stored in one floating dtype.
             if t.quant_storage == "uint8":
@@ -576,19 +591,21 @@ def _check_parallel(cfg: Config, errors: list[str]) -> None:
             f"launcher.nnodes={launcher.nnodes} needs launcher.rdzv_endpoint=HOST:PORT (an address of the first "
             "node that every node can reach); run the same command on every node"
         )
-    if p.strategy == "single" and ws > 1:
+    kind = _kind(cfg)
+    if not kind.multi_rank and ws > 1:
         errors.append(
-            f"parallel=single runs one process but the launcher asks for {ws}; "
-            "choose parallel=ddp|zero1|zero2|zero3|fsdp or launcher.nproc_per_node=1"
+            f"parallel={p.strategy} runs one process but the launcher asks for {ws}; "
+            f"choose parallel={_strategies(lambda k: k.multi_rank)} or launcher.nproc_per_node=1"
         )
     # Engine options set for another engine would be silently ignored.
-    if p.deepspeed.offload_optimizer and p.strategy not in ("zero1", "zero2", "zero3"):
-        errors.append(f"parallel.deepspeed.offload_optimizer=true needs parallel=zero1|zero2|zero3 (got {p.strategy})")
-    if p.deepspeed.offload_param and p.strategy != "zero3":
+    deepspeed = _strategies(lambda k: k.deepspeed)
+    if p.deepspeed.offload_optimizer and not kind.deepspeed:
+        errors.append(f"parallel.deepspeed.offload_optimizer=true needs parallel={deepspeed} (got {p.strategy})")
+    if p.deepspeed.offload_param and kind.zero_stage != 3:
         errors.append(f"parallel.deepspeed.offload_param=true needs parallel=zero3 (got {p.strategy})")
-    if p.deepspeed.overrides and p.strategy not in ("zero1", "zero2", "zero3"):
-        errors.append(f"parallel.deepspeed.overrides is only read by parallel=zero1|zero2|zero3 (got {p.strategy})")
-    if p.strategy in ("zero1", "zero2", "zero3"):
+    if p.deepspeed.overrides and not kind.deepspeed:
+        errors.append(f"parallel.deepspeed.overrides is only read by parallel={deepspeed} (got {p.strategy})")
+    if kind.deepspeed:
         # DeepSpeed: its config is derived from ours (engines/deepspeed.py); overrides add to it.
         if cfg.train.precision == "fp16" and cfg.train.device == "cpu":
             errors.append(
@@ -611,7 +628,7 @@ def _check_parallel(cfg: Config, errors: list[str]) -> None:
         zero = overrides.get("zero_optimization") if isinstance(overrides.get("zero_optimization"), dict) else {}
         derived = {key: where for key, where in derived_from.items() if key in overrides}
         if "stage" in zero:
-            derived["zero_optimization.stage"] = "parallel=zero1|zero2|zero3"
+            derived["zero_optimization.stage"] = f"parallel={deepspeed}"
         for key, where in derived.items():
             errors.append(
                 f"parallel.deepspeed.overrides.{key} is derived from the config; set {where} instead "
@@ -624,7 +641,7 @@ def _check_parallel(cfg: Config, errors: list[str]) -> None:
                     "(the override then refines it, e.g. pin_memory or an nvme device)"
                 )
     for key in ("cpu_offload", "hybrid_shard"):
-        if getattr(p.fsdp, key) and p.strategy != "fsdp":
+        if getattr(p.fsdp, key) and kind.options != "fsdp":
             errors.append(f"parallel.fsdp.{key}=true needs parallel=fsdp (got {p.strategy})")
     _positive(errors, "parallel.fsdp.shard_size", p.fsdp.shard_size, allow_zero=True)
     if p.fsdp.shard_size and not p.fsdp.hybrid_shard:
@@ -632,7 +649,7 @@ def _check_parallel(cfg: Config, errors: list[str]) -> None:
             f"parallel.fsdp.shard_size={p.fsdp.shard_size} is only read with parallel.fsdp.hybrid_shard=true "
             "(full sharding spreads over all ranks); remove it or use parallel=fsdp_hybrid"
         )
-    if p.strategy == "fsdp" and p.fsdp.hybrid_shard and p.fsdp.shard_size >= 0:
+    if kind.options == "fsdp" and p.fsdp.hybrid_shard and p.fsdp.shard_size >= 0:
         # Hybrid sharding is a (replicate x shard) grid over all ranks: the shard groups must tile it.
         shard = p.fsdp.shard_size or launcher.nproc_per_node
         if shard > 0 and ws % shard:
@@ -711,8 +728,9 @@ def _check_eval_and_run(cfg: Config, errors: list[str]) -> None:
     _positive(errors, "eval.report_samples", cfg.eval.report_samples, allow_zero=True)
     _positive(errors, "checkpoint.keep_last", cfg.checkpoint.keep_last, allow_zero=True)  # 0: keep all
     _positive(errors, "checkpoint.save_every", cfg.checkpoint.save_every, allow_zero=True)
-    if cfg.checkpoint.async_save and cfg.parallel.strategy.startswith("zero"):
-        errors.append(f"checkpoint.async_save=true needs parallel=single, ddp or fsdp (torch.distributed.checkpoint); "
+    if cfg.checkpoint.async_save and _kind(cfg).state_format != "dcp":
+        errors.append(f"checkpoint.async_save=true needs parallel="
+                      f"{_strategies(lambda k: k.state_format == 'dcp', ', ', ' or ')} (torch.distributed.checkpoint); "
                       f"DeepSpeed writes parallel={cfg.parallel.strategy} checkpoints synchronously: drop "
                       "checkpoint.async_save")
     # run.experiment names a directory under run.root: one plain path component.

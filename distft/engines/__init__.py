@@ -1,4 +1,4 @@
-"""One `Engine` interface; one implementation per parallelism strategy.
+"""One `Engine` interface; one implementation per parallelism strategy; one table of what each is.
 
 The trainer talks to an Engine and never asks which one it has. An engine owns the wrapped
 model, the optimizer, the LR schedule, mixed precision and gradient clipping, because each
@@ -6,24 +6,48 @@ strategy does those differently (DeepSpeed does all of them itself, FSDP clips s
 DDP must skip the gradient all-reduce on accumulation micro-steps). What stays out: the loss
 (shared `distft.model.token_loss`), data order and checkpoint layout.
 
+`ENGINES` (kinds.py) says what each `parallel.strategy` is for the code outside its module:
+validation, the planner, the precision policy, checkpoints and the model build read its
+`EngineKind`, never the strategy's name. Adding an engine is a module here, a row in ENGINES,
+its branch in build_engine and a conf/parallel/<strategy>.yaml (tests/unit/test_config.py
+checks that they agree).
+
 `single` (one process) and `ddp` live in ddp.py, `zero1/2/3` in deepspeed.py, `fsdp` in fsdp.py;
 what they share is in optim.py (the optimizer, its schedule, the guarded update) and
-precision.py (the dtype policy, autocast), re-exported here. The engine modules import those two,
-never this package, so the package can import them (build_engine) without a cycle.
+precision.py (the dtype policy, autocast), re-exported here. The package imports none of its
+modules when it loads (build_engine imports the one it needs; the re-exports load on first
+use), so every module can read ENGINES, and importing it imports no torch (validation runs
+without it).
 """
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager as ContextManager
-from typing import Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol
 
 from distft.config import Config
+from distft.engines.kinds import ENGINES, EngineKind, engine_kind  # noqa: F401  (re-exported)
 
-# Shared by the engines, re-exported here for callers of distft.engines.
-from distft.engines.optim import BNB_OPTIMIZERS, apply_update, build_optimizer, lr_lambda  # noqa: F401
-from distft.engines.precision import autocast_context, autocast_dtype, weights_dtype  # noqa: F401
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager as ContextManager
+
+    import torch
+
+
+# Shared by the engines, re-exported for callers of distft.engines; loaded (with torch) on first use.
+_OPTIM = ("BNB_OPTIMIZERS", "apply_update", "build_optimizer", "lr_lambda")
+_PRECISION = ("autocast_context", "autocast_dtype", "weights_dtype")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _OPTIM:
+        from distft.engines import optim
+
+        return getattr(optim, name)
+    if name in _PRECISION:
+        from distft.engines import precision
+
+        return getattr(precision, name)
+    raise AttributeError(f"module 'distft.engines' has no attribute {name!r}")
 
 
 class Engine(Protocol):
@@ -79,7 +103,7 @@ def build_model_for_engine(cfg: Config, dtype: torch.dtype, tokenizer, world_siz
     quantises while the weights load) and every other engine needs the whole model on every
     rank before it partitions it ("eager"; ZeRO-3 partitions after `deepspeed.initialize`).
     """
-    if cfg.parallel.strategy == "fsdp" and world_size > 1 and cfg.technique.name != "qlora":
+    if engine_kind(cfg.parallel.strategy).meta_build and world_size > 1 and cfg.technique.name != "qlora":
         from distft.techniques import build_meta_model
 
         return build_meta_model(cfg, dtype, tokenizer), "meta"
@@ -89,25 +113,18 @@ def build_model_for_engine(cfg: Config, dtype: torch.dtype, tokenizer, world_siz
 
 
 def state_format(strategy: str) -> str:
-    """What a checkpoint's state/ holds under `parallel.strategy`, and so which strategies can
-    resume it: DCP (single, ddp, fsdp: tensors keyed by parameter name, any layout, any rank
-    count) or DeepSpeed's ZeRO partitions of one stage (any rank count through the universal
-    checkpoint; DeepSpeed 0.19.8 fails converting between stages)."""
-    return f"deepspeed-{strategy}" if strategy.startswith("zero") else "dcp"
+    """What a checkpoint's state/ holds under `parallel.strategy` (EngineKind.state_format)."""
+    return engine_kind(strategy).state_format
 
 
 def build_engine(cfg: Config, model: torch.nn.Module, device: torch.device) -> Engine:
-    strategy = cfg.parallel.strategy
-    if strategy in ("single", "ddp"):
-        from distft.engines.ddp import DDPEngine
-
-        return DDPEngine(cfg, model, device)
-    if strategy in ("zero1", "zero2", "zero3"):
-        from distft.engines.deepspeed import DeepSpeedEngine
-
-        return DeepSpeedEngine(cfg, model, device)
-    if strategy == "fsdp":
-        from distft.engines.fsdp import FSDPEngine
-
-        return FSDPEngine(cfg, model, device)
-    raise NotImplementedError(f"parallel.strategy={strategy!r} is not available in this build yet")
+    kind = engine_kind(cfg.parallel.strategy)
+    if kind.module == "ddp":
+        from distft.engines import ddp as module
+    elif kind.module == "deepspeed":
+        from distft.engines import deepspeed as module
+    elif kind.module == "fsdp":
+        from distft.engines import fsdp as module
+    else:
+        raise NotImplementedError(f"distft.engines.{kind.module} (parallel.strategy={kind.strategy}) is not imported here")
+    return getattr(module, kind.engine_class)(cfg, model, device)

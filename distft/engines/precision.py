@@ -9,6 +9,7 @@ from contextlib import AbstractContextManager as ContextManager
 import torch
 
 from distft.config import Config
+from distft.engines.kinds import engine_kind
 
 
 def weights_dtype(cfg: Config, device: torch.device) -> torch.dtype:
@@ -23,7 +24,7 @@ def weights_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     """
     from distft.model import resolve_dtype
 
-    if cfg.technique.name == "full" and cfg.parallel.strategy in ("single", "ddp", "fsdp"):
+    if cfg.technique.name == "full" and engine_kind(cfg.parallel.strategy).fp32_master_weights:
         return torch.bfloat16 if cfg.train.pure_bf16 else torch.float32
     return resolve_dtype(cfg.model.dtype, device)
 

@@ -489,14 +489,25 @@ def test_validate_rule(changes, start):
 
 
 def test_every_strategy_has_an_engine_and_multi_node_needs_a_rendezvous():
-    from distft.config import PARALLEL_STRATEGIES, conf_dir
-    from distft.engines import build_engine
+    import importlib
 
-    # Each strategy is a parallel= option, and build_engine dispatches it (no NotImplementedError branch left).
-    assert all((conf_dir() / "parallel" / f"{s}.yaml").exists() for s in PARALLEL_STRATEGIES)
-    import inspect
+    import yaml
 
-    assert all(f'"{s}"' in inspect.getsource(build_engine) for s in PARALLEL_STRATEGIES)
+    from distft.config import conf_dir
+    from distft.engines import ENGINES, Engine
+
+    # The engine table, its modules and conf/parallel agree: each strategy is a parallel= option
+    # of its own name, its engine class exists and has every method of the Engine interface, and
+    # every preset names a strategy of the table.
+    methods = [m for m in vars(Engine) if not m.startswith("_")]
+    for strategy, kind in ENGINES.items():
+        assert kind.strategy == strategy
+        assert yaml.safe_load((conf_dir() / "parallel" / f"{strategy}.yaml").read_text())["strategy"] == strategy
+        engine_class = getattr(importlib.import_module(f"distft.engines.{kind.module}"), kind.engine_class)
+        assert all(callable(getattr(engine_class, m, None)) for m in methods if m != "device"), (strategy, methods)
+        assert kind.deepspeed == kind.state_format.startswith("deepspeed") == (kind.options == "deepspeed")
+    for preset in (conf_dir() / "parallel").glob("*.yaml"):
+        assert yaml.safe_load(preset.read_text())["strategy"] in ENGINES, preset
     assert problems(**{"parallel.strategy": "ddp", "launcher.nproc_per_node": 2}) == []
     assert problems(**{"parallel.strategy": "ddp", "launcher.nnodes": 2})[0].startswith(
         "launcher.nnodes=2 needs launcher.rdzv_endpoint=HOST:PORT")

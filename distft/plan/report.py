@@ -1,0 +1,142 @@
+"""The whole plan of a config, as text or JSON: `python -m distft.plan`, and the launchers' refusal
+of a job that cannot fit."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from distft.config import Config, model_label, world_size
+from distft.plan.advice import advice
+from distft.plan.architecture import PlanInputError, count_parameters, with_architecture
+from distft.plan.memory import verdict
+from distft.plan.timing import epoch, throughput
+
+
+def plan(cfg: Config, with_epoch: bool = True) -> dict:
+    """The whole plan (`with_epoch=False`: without the time per epoch, which runs the data
+    pipeline on a sample of the data)."""
+    cfg, architecture = with_architecture(cfg)
+    counts = count_parameters(cfg)
+    memory = verdict(cfg, counts)
+    per_gpu, fits = memory["per_gpu_bytes"], memory["fits"]
+    speed = throughput(cfg, counts)
+    return {
+        "model": model_label(cfg.model), "technique": cfg.technique.name, "parallel": cfg.parallel.strategy,
+        "world_size": world_size(cfg), "nodes": cfg.launcher.nnodes, "cluster": cfg.cluster.name,
+        "architecture": architecture,
+        "params_total": counts.total, "params_trainable": counts.trainable, "params_frozen": counts.frozen,
+        "params_quantized": counts.quantized, "largest_layer_params": counts.largest_layer,
+        "largest_module_params": counts.largest_module,
+        "per_gpu_bytes": per_gpu,
+        "per_node_bytes": {k: v * cfg.launcher.nproc_per_node for k, v in per_gpu.items()},
+        "gpu_memory_bytes": memory["gpu_memory_bytes"], "margin": cfg.plan.margin,
+        "per_node_host_bytes": memory["per_node_host_bytes"], "host_memory_bytes": memory["host_memory_bytes"],
+        "host_fits": memory["host_fits"],
+        "fits": fits,
+        "advice": advice(cfg, counts) if fits is False else [],
+        "throughput": speed,
+        "epoch": epoch(cfg, speed["step_time_s"]) if with_epoch else None,
+    }
+
+
+def format_text(result: dict) -> str:
+    gib = 1024**3
+    lines = [f"{result['model']} / {result['technique']} / {result['parallel']} on {result['world_size']} GPU(s), "
+             f"{result['nodes']} node(s) of {result['cluster']}",
+             f"  architecture: {result['architecture']}",
+             f"  parameters: {result['params_total']:,} total, {result['params_trainable']:,} trainable, "
+             f"{result['params_frozen']:,} frozen ({result['params_quantized']:,} in 4 bits)",
+             "  per GPU:"]
+    for key, value in result["per_gpu_bytes"].items():
+        if key == "paged":
+            lines.append(f"    + paged   {value / gib:9.2f} GiB of optimizer state in unified memory, not in the total: "
+                         "it moves to host memory when the GPU runs short (slower steps then)")
+        else:
+            lines.append(f"    {key:<12}{value / gib:9.2f} GiB")
+    host = result["per_node_host_bytes"]
+    peak = "loading" if host["load"] >= host["offload"] else "offloaded state"
+    line = (f"  host memory per node: {host['total'] / gib:.1f} GiB ({peak} {max(host['load'], host['offload']) / gib:.1f}"
+            f" + processes {host['overhead'] / gib:.1f})")
+    if result["host_memory_bytes"]:
+        said = "fits" if result["host_fits"] else "does NOT fit"
+        line += f", {said} in {result['host_memory_bytes'] / gib:.0f} GiB"
+    lines.append(line)
+    if result["gpu_memory_bytes"]:
+        gpu_fits = result["per_gpu_bytes"]["total"] <= result["gpu_memory_bytes"] * (1 - result["margin"])
+        said = "fits" if gpu_fits else "does NOT fit"
+        lines.append(f"  {said} in {result['gpu_memory_bytes'] / gib:.0f} GiB with {result['margin']:.0%} headroom"
+                     + (", but the node's host memory does not" if gpu_fits and result["host_fits"] is False else ""))
+    for item in result["advice"]:
+        lines.append(f"    would fit: {item['change']}  ({item['why']}; {item['per_gpu_total_bytes'] / gib:.1f} GiB per GPU, "
+                     f"{item['per_node_host_bytes'] / gib:.0f} GiB host per node)")
+    t, e = result["throughput"], result["epoch"]
+    if t["tokens_per_s"]:
+        comm = f", of which communication {t['comm_time_s']:.2f} s" if t["comm_time_s"] is not None else ""
+        lines.append(f"  ~{t['tokens_per_s']:,.0f} tokens/s at MFU {t['assumed_mfu']:.0%}: {t['step_time_s']:.2f} s per step"
+                     f"{comm}, {_duration(t['time_for_max_steps_s'])} for train.max_steps")
+    if e is None:
+        pass
+    elif "unknown" in e:
+        lines.append(f"  epoch: unknown ({e['unknown']})")
+    else:
+        when = f", {_duration(e['time_s'])}" if e["time_s"] else ""
+        about = f" (from {e['rows_read']:,} of {e['train_rows']:,} rows)" if e["extrapolated"] else ""
+        lines.append(f"  epoch: {e['sequences']:,} sequences, {e['tokens']:,} tokens, {e['steps']:,} steps{when}{about}")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
+
+
+def refusal(cfg: Config, action: str, where: Optional[str] = None, verb: str = "start") -> Optional[str]:
+    """What a launcher prints instead of starting a job whose plan does not fit
+    `cluster.gpu_memory_gb` (`action`: "not submitted, nothing queued"; `verb`: what
+    plan.override=true does anyway). None when it fits, when there is no GPU size to check against,
+    or with plan.override=true. Only the memory is planned first (a fraction of a second once the
+    libraries are imported); the whole plan, time per epoch aside, only for a refusal."""
+    if not cfg.cluster.gpu_memory_gb or cfg.plan.override:
+        return None
+    _quiet_meta_build()
+    architecture_cfg, _ = with_architecture(cfg)
+    if verdict(architecture_cfg, count_parameters(architecture_cfg))["fits"] is not False:
+        return None
+    result = plan(cfg, with_epoch=False)
+    return (f"distft: {action}: the plan does not fit {where or f'cluster={cfg.cluster.name}'} "
+            f"(pass plan.override=true to {verb} it anyway):\n{format_text(result)}")
+
+
+def _quiet_meta_build() -> None:
+    """Nothing runs on the meta device, so libraries' hints about kernels and deprecations in
+    the build (bitsandbytes' missing CPU 4-bit kernel, transformers' `is_gradient_checkpointing`)
+    are noise above the plan; a real run still shows them."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`python -m distft.plan [overrides]`: the same command line as a run, nothing started."""
+    import json
+    import sys
+
+    from distft.preflight import format_errors, preflight
+
+    # run_here=False: a plan is for the machines the config names, not for this one (a login node).
+    cfg, errors = preflight(list(sys.argv[1:] if argv is None else argv), run_here=False)
+    if errors:
+        print(format_errors(errors), file=sys.stderr)
+        return 2
+    _quiet_meta_build()
+    try:
+        result = plan(cfg)
+    except PlanInputError as err:
+        print(f"distft.plan: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if cfg.plan.format == "json" else format_text(result))
+    return 0
+

@@ -1,0 +1,101 @@
+"""How long a planned run takes: tokens/s, step time, communication, time per epoch.
+
+Time: tokens/s = GPUs x peak FLOP/s x plan.mfu / FLOPs per token (the MFU formula of
+distft/tracking.py); per step, the data-parallel traffic of one rank (gradient all-reduce,
+or ZeRO-3/FSDP's gathers and reduce-scatter) at the profile's bandwidth (the inter-node one
+shared by a node's GPUs as soon as there are 2 nodes) is reported too; a step takes the
+longer of the two (communication overlaps compute). Time per epoch: the run's data pipeline
+on up to plan.epoch_sample_rows rows with the model's own tokenizer (local files only; none:
+no epoch estimate), packed into sequences, extrapolated to all rows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from distft.config import Config, world_size
+from distft.model import ParameterCounts
+from distft.plan.memory import param_bytes
+
+
+def comm_traffic_bytes(cfg: Config, counts: ParameterCounts) -> int:
+    """Bytes one rank sends per optimizer step for data parallelism (ring collectives: an
+    all-reduce sends 2(W-1)/W of the buffer, an all-gather or reduce-scatter (W-1)/W).
+    DDP and ZeRO-1/2 reduce gradients (ZeRO also gathers updated weights) once per step; ZeRO-3
+    and FSDP gather weights for forward and again for backward, and reduce-scatter gradients,
+    on every micro-batch."""
+    from distft.config import grad_accum_steps
+
+    ws, strategy = world_size(cfg), cfg.parallel.strategy
+    if ws == 1 or strategy == "single":
+        return 0
+    share = (ws - 1) / ws
+    t, p, b = counts.trainable, counts.total - counts.quantized, param_bytes(cfg)
+    if strategy == "ddp":
+        return int(2 * share * t * b)
+    if strategy in ("zero1", "zero2"):
+        return int(2 * share * t * 2)
+    gathers = 2 if strategy == "zero3" or cfg.parallel.fsdp.reshard_after_forward else 1
+    width = 2 if strategy == "zero3" else b
+    return int(share * (gathers * p + t) * width * grad_accum_steps(cfg))
+
+
+def throughput(cfg: Config, counts: ParameterCounts) -> dict:
+    """tokens/s and step time from the cluster's peak FLOP/s at an assumed MFU, and the
+    data-parallel communication time per step at the profile's bandwidth."""
+    from distft.tracking import flops_per_token
+
+    flops = flops_per_token(counts.total, cfg.model.num_hidden_layers, cfg.model.hidden_size, cfg.data.max_seq_len,
+                            full=cfg.technique.name == "full")
+    out = {"flops_per_token": flops, "assumed_mfu": cfg.plan.mfu, "tokens_per_s": None, "compute_time_s": None,
+           "comm_bytes_per_step": comm_traffic_bytes(cfg, counts), "comm_time_s": None, "step_time_s": None,
+           "time_for_max_steps_s": None}
+    c = cfg.cluster
+    per_gpu_gbps = c.intra_node_gbps if cfg.launcher.nnodes == 1 else \
+        min(c.intra_node_gbps or math.inf, c.inter_node_gbps / max(cfg.launcher.nproc_per_node, 1))
+    if per_gpu_gbps and math.isfinite(per_gpu_gbps):
+        out["comm_time_s"] = out["comm_bytes_per_step"] / (per_gpu_gbps * 1e9)
+    if c.peak_tflops <= 0:
+        return out
+    compute_tokens_per_s = world_size(cfg) * c.peak_tflops * 1e12 * cfg.plan.mfu / flops
+    step_tokens = cfg.train.global_batch_size * cfg.data.max_seq_len
+    out["compute_time_s"] = step_tokens / compute_tokens_per_s
+    out["step_time_s"] = max(out["compute_time_s"], out["comm_time_s"] or 0.0)
+    out["tokens_per_s"] = step_tokens / out["step_time_s"]
+    out["time_for_max_steps_s"] = out["step_time_s"] * cfg.train.max_steps
+    return out
+
+
+def epoch(cfg: Config, step_time_s: Optional[float]) -> dict:
+    """Sequences, tokens and optimizer steps in one pass over the training data, and its time.
+
+    The run's own pipeline (load, clean, template, tokenize, pack) on up to
+    plan.epoch_sample_rows training rows, scaled to all of them. Needs the model's tokenizer
+    on local disk (never downloaded here); without it: {"unknown": why}."""
+    import random
+
+    from distft.data import DataError, load_rows, prepare_data
+    from distft.model import ModelLoadError, load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(cfg.model, local_files_only=True)
+    except (ModelLoadError, OSError, ValueError):
+        where = cfg.model.tokenizer or cfg.model.name_or_path
+        return {"unknown": f"the tokenizer {where!r} is not on local disk; set model.tokenizer=<local directory> "
+                           "for a time per epoch"}
+    try:
+        train_raw, eval_raw = load_rows(cfg.data)
+        sample = train_raw
+        if len(train_raw) > cfg.plan.epoch_sample_rows > 0:
+            sample = random.Random(cfg.data.seed).sample(train_raw, cfg.plan.epoch_sample_rows)
+        data = prepare_data(cfg.data, tokenizer, seed=cfg.data.seed, rows=(sample, eval_raw))
+    except (DataError, OSError, ValueError) as err:
+        return {"unknown": f"the data could not be read: {err}"}
+    scale = len(train_raw) / len(sample)
+    sequences = math.ceil(data.report.train_sequences * scale)
+    steps = math.ceil(sequences / cfg.train.global_batch_size)
+    return {"train_rows": len(train_raw), "rows_read": len(sample), "extrapolated": scale != 1,
+            "sequences": sequences, "tokens": sequences * cfg.data.max_seq_len if cfg.data.packing else
+            math.ceil(data.report.train_tokens * scale), "steps": steps,
+            "time_s": steps * step_time_s if step_time_s else None}
