@@ -178,6 +178,45 @@ def test_every_yaml_starts_with_a_description(path):
     assert "python -m distft" in lines[0]
 
 
+# Keys a group preset keeps although they equal the schema's default: what names the option, and
+# the published architecture of each LLaMA preset (pinned, whatever ModelConfig's defaults become).
+IDENTITY_KEYS = {"name", "strategy", "kind", "source"}
+ARCHITECTURE_KEYS = {"rms_norm_eps", "rope_theta", "tie_word_embeddings"}
+
+
+def _repeated_defaults(schema, node: dict, prefix: str = "") -> list[str]:
+    import typing
+
+    hints, found = typing.get_type_hints(schema), []
+    defaults = schema()
+    for key, value in node.items():
+        if key == "defaults":
+            continue
+        default = getattr(defaults, key)
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            found += _repeated_defaults(hints[key], value, f"{prefix}{key}.")
+        elif value == (list(default) if isinstance(default, tuple) else default) and type(value) is type(default):
+            found.append(prefix + key)
+    return found
+
+
+@pytest.mark.parametrize("group", ["model", "technique", "parallel", "launcher", "cluster", "data"])
+def test_no_preset_repeats_a_default_of_the_schema(group):
+    """A value lives in one place: a preset sets what differs from the dataclass defaults in
+    distft/config.py (where every key is documented), so a changed default reaches every preset."""
+    import typing
+
+    import yaml
+
+    from distft.config import Config
+
+    schema = typing.get_type_hints(Config)[group]
+    for path in sorted((CONF / group).glob("*.yaml")):
+        keep = IDENTITY_KEYS | (ARCHITECTURE_KEYS if group == "model" else set())
+        repeated = [k for k in _repeated_defaults(schema, yaml.safe_load(path.read_text()) or {}) if k not in keep]
+        assert repeated == [], f"{path.relative_to(CONF)} repeats the schema's defaults of {repeated}"
+
+
 def test_hydra_is_told_to_write_nothing(tmp_path):
     text = (CONF / "config.yaml").read_text()
     for setting in (
