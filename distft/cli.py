@@ -49,7 +49,7 @@ def hydra_entry(dict_cfg) -> None:
     if env.world_size == 1 and not is_rank_process():  # the command the user typed: plan before starting
         from distft.launchers.local import plan_refusal
 
-        refusal = plan_refusal(cfg)
+        refusal = plan_refusal(cfg, argv=list(argv))
         if refusal:
             print(refusal, file=sys.stderr)
             sys.exit(2)

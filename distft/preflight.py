@@ -29,7 +29,16 @@ import typing
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from distft.config import Config, ModelConfig, conf_dir, is_secret_key, register_configs, to_config, to_dict
+from distft.config import (
+    Config,
+    ModelConfig,
+    _size_slurm_job,
+    conf_dir,
+    is_secret_key,
+    register_configs,
+    to_config,
+    to_dict,
+)
 from distft.sources import data_file_problem
 from distft.validation import machine_problems, validate
 
@@ -106,6 +115,74 @@ def preflight(argv: Sequence[str], run_here: bool = True) -> tuple[Optional[Conf
             errors += _secrets_in_sweep(cfg, "--multirun" if multirun else "launcher=slurm")
         errors += _check_sweep_variants(config_name, chosen + values, errors)
     return cfg, errors
+
+
+class Composer:
+    """The configs `python -m distft ARGV CHANGE...` would run, for many changes of one command
+    line (the planner's advice tries about a hundred). A change replaces the line's own override
+    of the same key (the user edits the line) and applies as Hydra applies it: group choices
+    (`parallel=fsdp`) through the defaults list, one composition per distinct set of group
+    changes; `key=value` parsed by Hydra's override grammar and set by OmegaConf, as Hydra does
+    once it has composed, here on the typed section it changes (`train`), which types and
+    checks it as the whole config would, in milliseconds instead of a composition. Machine and
+    path checks are preflight()'s, not repeated. Use as a context manager (a Hydra session)."""
+
+    def __init__(self, argv: Sequence[str]):
+        self.argv = list(argv)
+
+    def __enter__(self) -> Composer:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        self._config_name, _, args = split_hydra_flags(self.argv)
+        parsed = _parse(args, [])
+        register_configs()
+        self._session = _hydra_session(user_config_dir(self.argv))
+        loader = self._session.__enter__()
+        self._groups = set(loader.list_groups(""))
+        self._base = [ov for ov in (_expand(ov, self._groups, loader, []) for ov in parsed) if ov is not None]
+        self._parser = OverridesParser.create()
+        self._composed: dict[tuple[str, ...], Optional[Config]] = {}
+        self._sections: dict[tuple[tuple[str, ...], str], Any] = {}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._session.__exit__(*exc)
+
+    def compose(self, change: Sequence[str]) -> Optional[Config]:
+        """The config with `change` (overrides) added, or None where it does not compose, type
+        or validate."""
+        from omegaconf import OmegaConf
+
+        overrides = [self._parser.parse_overrides([text])[0] for text in change]
+        keys = {ov.key_or_group for ov in overrides}
+        group_changes = tuple(ov.input_line for ov in overrides if ov.key_or_group in self._groups)
+        if group_changes not in self._composed:
+            below = _first_values([ov for ov in self._base if ov.key not in keys])
+            node, problem = _compose(self._config_name, below + list(group_changes))
+            self._composed[group_changes] = None if problem else _typed(node)[0]
+        cfg = self._composed[group_changes]
+        values = [ov for ov in overrides if ov.key_or_group not in self._groups]
+        if cfg is None or not values:
+            return None if cfg is None or validate(cfg) else cfg
+        touched: dict[str, Any] = {}
+        undo: list[tuple[Any, str, Any]] = []
+        try:
+            for ov in values:
+                section, _, rest = ov.key_or_group.partition(".")
+                if (group_changes, section) not in self._sections:
+                    self._sections[group_changes, section] = OmegaConf.structured(getattr(cfg, section))
+                node = touched[section] = self._sections[group_changes, section]
+                before = OmegaConf.select(node, rest, throw_on_missing=True)
+                OmegaConf.update(node, rest, ov.value(), merge=True)
+                undo.append((node, rest, before))
+            changed = dataclasses.replace(cfg, **{k: OmegaConf.to_object(v) for k, v in touched.items()})
+            _size_slurm_job(changed.launcher)
+        except Exception:  # noqa: BLE001 - a change the schema refuses composes to nothing
+            return None
+        finally:  # the typed sections are reused by the next change
+            for node, key, value in reversed(undo):
+                OmegaConf.update(node, key, value, merge=False)
+        return None if validate(changed) else changed
 
 
 def format_errors(errors: Sequence[str]) -> str:

@@ -83,7 +83,7 @@ def local_gpus(device: str, ranks: int) -> Optional[LocalGPUs]:
                      bf16=all(p.major >= 8 for p in props), count=count, shared_by=shared_by)
 
 
-def plan_refusal(cfg: Config, gpus: Optional[LocalGPUs] = None) -> Optional[str]:
+def plan_refusal(cfg: Config, gpus: Optional[LocalGPUs] = None, argv: Optional[list[str]] = None) -> Optional[str]:
     """The planner before a local job starts, against the GPUs it would run on (`gpus`: read from
     this machine when not given). The cluster profile's size is what a submission elsewhere is
     checked against; the GPUs here are what this run gets. A job that cannot fit is not started
@@ -96,16 +96,20 @@ def plan_refusal(cfg: Config, gpus: Optional[LocalGPUs] = None) -> Optional[str]
         gpus = gpus or local_gpus(cfg.train.device, cfg.launcher.nproc_per_node)
         if not gpus:
             return None
-        model = cfg.model
-        if model.dtype == "auto":  # as distft.model.resolve_dtype will on these GPUs
-            model = dataclasses.replace(model, dtype="bfloat16" if gpus.bf16 else "float32")
-        train = cfg.train
-        if train.precision == "auto":  # as distft.engines.autocast_dtype will on these GPUs
-            train = dataclasses.replace(train, precision="bf16" if gpus.bf16 else "fp32")
-        cluster = dataclasses.replace(cfg.cluster, gpu_memory_gb=gpus.memory_gb, gpus_per_node=gpus.count)
+
+        def on_these_gpus(cfg: Config) -> Config:
+            model = cfg.model
+            if model.dtype == "auto":  # as distft.model.resolve_dtype will on these GPUs
+                model = dataclasses.replace(model, dtype="bfloat16" if gpus.bf16 else "float32")
+            train = cfg.train
+            if train.precision == "auto":  # as distft.engines.autocast_dtype will on these GPUs
+                train = dataclasses.replace(train, precision="bf16" if gpus.bf16 else "fp32")
+            cluster = dataclasses.replace(cfg.cluster, gpu_memory_gb=gpus.memory_gb, gpus_per_node=gpus.count)
+            return dataclasses.replace(cfg, model=model, train=train, cluster=cluster)
+
         where = f"this machine's GPUs ({gpus.memory_gb:.1f} GiB each" + (
             f" of {gpus.shared_by} ranks sharing one)" if gpus.shared_by > 1 else ")")
-        return refusal(dataclasses.replace(cfg, model=model, train=train, cluster=cluster), "not started", where=where)
+        return refusal(on_these_gpus(cfg), "not started", where=where, argv=argv, adjust=on_these_gpus)
     except Exception as err:  # noqa: BLE001 - an estimate must not stop a run
         log.warning("distft: the plan before starting failed (%s: %s); starting without it", type(err).__name__, err)
         return None

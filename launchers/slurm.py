@@ -215,7 +215,7 @@ def submit(cfg: Config, argv: list[str], task) -> int:
     from distft.plan import refusal as plan_refusal
 
     try:
-        refusal = plan_refusal(cfg, "not submitted, nothing queued", verb="submit")
+        refusal = plan_refusal(cfg, "not submitted, nothing queued", verb="submit", argv=argv)
     except Exception as err:  # noqa: BLE001 - an estimate must not stop a submission
         print(f"distft: warning: the plan before submitting failed ({type(err).__name__}: {err}); submitting "
               "without it", file=sys.stderr)

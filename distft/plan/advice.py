@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Callable, Sequence
 from typing import Optional
 
-from distft.config import Config
+from distft.config import Config, to_dict
 from distft.engines.kinds import engine_kind
 from distft.model import ParameterCounts
 from distft.plan.architecture import count_parameters
 from distft.plan.memory import verdict
+from distft.preflight import Composer
 
 
-def advice(cfg: Config, counts: ParameterCounts) -> list[dict]:
+def advice(cfg: Config, counts: ParameterCounts, argv: Sequence[str],
+           adjust: Optional[Callable[[Config], Config]] = None) -> list[dict]:
     """When the plan does not fit: single changes that make it fit, cheapest first (what they
-    cost: recomputation, smaller steps, more communication, host memory, precision, GPUs)."""
+    cost: recomputation, smaller steps, more communication, host memory, precision, GPUs), else
+    pairs of them. `argv`: the command line `cfg` was composed from; each change is composed
+    with it as a run would compose it (preflight.Composer), so a change that refines a
+    preset the line chose is judged on what the preset gives with it. `adjust`: what the caller
+    did to `cfg` after composing (the local launcher's GPUs), done to each changed config too."""
     candidates: list[tuple[str, list[str]]] = []
     if not cfg.train.gradient_checkpointing:
         candidates.append(("recompute activations in backward (~30% slower steps)", ["train.gradient_checkpointing=true"]))
@@ -44,37 +50,43 @@ def advice(cfg: Config, counts: ParameterCounts) -> list[dict]:
         if overrides:
             candidates.append((why, overrides))
     counted: dict[str, ParameterCounts] = {}
-    groups_cache: dict = {}
+    endpoint = "launcher.rdzv_endpoint=first-node:29500"
 
-    def try_change(why: str, overrides: list[str]) -> Optional[dict]:
+    def fitting(why: str, overrides: list[str]) -> Optional[dict]:
         # A local launch on several nodes also needs the first node's address; any will do to plan.
-        needs_endpoint = cfg.launcher.kind != "slurm" and not cfg.launcher.rdzv_endpoint and any(
-            o.startswith("launcher.nnodes=") and o != "launcher.nnodes=1" for o in overrides)
-        changed = _apply(cfg, overrides + (["launcher.rdzv_endpoint=first-node:29500"] if needs_endpoint else []),
-                         groups_cache)
-        if needs_endpoint:
-            why += "; a local launch also needs launcher.rdzv_endpoint=HOST:PORT"
+        shown = overrides
+        if cfg.launcher.kind != "slurm" and not cfg.launcher.rdzv_endpoint and any(
+                o.startswith("launcher.nnodes=") and o != "launcher.nnodes=1" for o in overrides):
+            why, overrides = why + "; a local launch also needs launcher.rdzv_endpoint=HOST:PORT", [*overrides, endpoint]
+        changed = composer.compose(overrides)
         if changed is None:
             return None
+        changed = adjust(changed) if adjust else changed
         technique = next((o for o in overrides if o.startswith("technique")), None)
         if technique and technique not in counted:
             counted[technique] = count_parameters(changed)
         result = verdict(changed, counted[technique] if technique else counts)
         if not result["fits"]:
             return None
-        return {"change": " ".join(overrides), "why": why, "per_gpu_total_bytes": result["per_gpu_bytes"]["total"],
+        return {"change": " ".join(shown), "why": why, "per_gpu_total_bytes": result["per_gpu_bytes"]["total"],
                 "per_node_host_bytes": result["per_node_host_bytes"]["total"]}
 
-    found = [item for item in (try_change(why, overrides) for why, overrides in candidates) if item]
-    if not found:  # no single change: two together, cheapest pairs first
-        pairs = [(i, j) for i in range(len(candidates)) for j in range(i + 1, len(candidates))
-                 if not _conflict(candidates[i][1], candidates[j][1])]
-        for i, j in sorted(pairs, key=sum):
-            item = try_change(f"{candidates[i][0]}; {candidates[j][0]}", candidates[i][1] + candidates[j][1])
-            if item:
-                found.append(item)
-            if len(found) == 5:
-                break
+    with Composer(argv) as composer:
+        # The changes are composed with `argv`: it must be the command line of `cfg` (else no advice).
+        unchanged = composer.compose([])
+        if unchanged is None or to_dict(adjust(unchanged) if adjust else unchanged, redact=False) != to_dict(
+                cfg, redact=False):
+            return []
+        found = [item for item in (fitting(why, overrides) for why, overrides in candidates) if item]
+        if not found:  # no single change: two together, cheapest pairs first
+            pairs = [(i, j) for i in range(len(candidates)) for j in range(i + 1, len(candidates))
+                     if not _conflict(candidates[i][1], candidates[j][1])]
+            for i, j in sorted(pairs, key=sum):
+                item = fitting(f"{candidates[i][0]}; {candidates[j][0]}", candidates[i][1] + candidates[j][1])
+                if item:
+                    found.append(item)
+                if len(found) == 5:
+                    break
     return found[:5]
 
 
@@ -105,74 +117,3 @@ def _conflict(one: list[str], other: list[str]) -> bool:
         return {o.split("=", 1)[0].split(".")[0] if o.startswith("parallel") else o.split("=", 1)[0] for o in overrides}
 
     return bool(keys(one) & keys(other))
-
-
-def _apply(cfg: Config, overrides: list[str], groups_cache: Optional[dict] = None) -> Optional[Config]:
-    """cfg with overrides applied, or None when the result does not validate. Group choices
-    (parallel=, technique=) are re-read from conf/ through OmegaConf, once per combination when a
-    `groups_cache` is given; dotted keys are set on the dataclasses directly (advice tries a
-    hundred combinations: through OmegaConf each took ~0.1 s)."""
-    from distft.config import _size_slurm_job
-    from distft.validation import validate
-
-    groups = tuple(o for o in overrides if o.split("=", 1)[0] in ("parallel", "technique"))
-    cache = groups_cache if groups_cache is not None else {}
-    if groups not in cache:
-        cache[groups] = _apply_groups(cfg, groups)
-    changed = cache[groups]
-    if changed is None:
-        return None
-    try:
-        for override in overrides:
-            key, value = override.split("=", 1)
-            if key not in ("parallel", "technique"):
-                changed = _replace_dotted(changed, key.split("."), _yaml_value(value))
-    except (AttributeError, TypeError, ValueError):
-        return None
-    launcher = dataclasses.replace(changed.launcher)
-    _size_slurm_job(launcher)
-    changed = dataclasses.replace(changed, launcher=launcher)
-    return changed if not validate(changed) else None
-
-
-def _apply_groups(cfg: Config, groups: tuple[str, ...]) -> Optional[Config]:
-    from omegaconf import OmegaConf
-
-    from distft.config import to_config
-
-    if not groups:
-        return cfg
-    node = OmegaConf.structured(cfg)
-    for override in groups:
-        key, value = override.split("=", 1)
-        node[key] = OmegaConf.merge(node[key], OmegaConf.load(_conf_path(key, value)))
-    try:
-        return to_config(node)
-    except Exception:  # noqa: BLE001 - a combination the schema refuses is not advice
-        return None
-
-
-def _replace_dotted(obj, path: list[str], value):
-    """dataclasses.replace along a dotted path; the value converted to the field's current type."""
-    if len(path) == 1:
-        if not hasattr(obj, path[0]):
-            raise AttributeError(path[0])
-        current = getattr(obj, path[0])
-        if isinstance(current, bool) and not isinstance(value, bool):
-            raise TypeError(f"{path[0]} takes true/false")
-        if isinstance(current, float) and isinstance(value, int):
-            value = float(value)
-        return dataclasses.replace(obj, **{path[0]: value})
-    return dataclasses.replace(obj, **{path[0]: _replace_dotted(getattr(obj, path[0]), path[1:], value)})
-
-
-def _conf_path(group: str, option: str) -> str:
-    from distft.config import conf_dir
-
-    return str(conf_dir() / group / f"{option}.yaml")
-
-
-def _yaml_value(text: str):
-    import yaml
-
-    return yaml.safe_load(text)

@@ -3,6 +3,7 @@ of a job that cannot fit."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 from distft.config import Config, model_label, world_size
@@ -12,10 +13,17 @@ from distft.plan.memory import verdict
 from distft.plan.timing import epoch, throughput
 
 
-def plan(cfg: Config, with_epoch: bool = True) -> dict:
+def plan(cfg: Config, with_epoch: bool = True, argv: Optional[Sequence[str]] = None,
+         adjust: Optional[Callable[[Config], Config]] = None) -> dict:
     """The whole plan (`with_epoch=False`: without the time per epoch, which runs the data
-    pipeline on a sample of the data)."""
+    pipeline on a sample of the data). `argv`: the command line `cfg` was composed from, which
+    the advice for a plan that does not fit composes its changes with (none without it);
+    `adjust`: what the caller did to `cfg` after composing, done to each changed config too."""
     cfg, architecture = with_architecture(cfg)
+
+    def as_planned(changed: Config) -> Config:
+        return with_architecture(adjust(changed) if adjust else changed)[0]
+
     counts = count_parameters(cfg)
     memory = verdict(cfg, counts)
     per_gpu, fits = memory["per_gpu_bytes"], memory["fits"]
@@ -33,7 +41,7 @@ def plan(cfg: Config, with_epoch: bool = True) -> dict:
         "per_node_host_bytes": memory["per_node_host_bytes"], "host_memory_bytes": memory["host_memory_bytes"],
         "host_fits": memory["host_fits"],
         "fits": fits,
-        "advice": advice(cfg, counts) if fits is False else [],
+        "advice": advice(cfg, counts, argv, as_planned) if fits is False and argv is not None else [],
         "throughput": speed,
         "epoch": epoch(cfg, speed["step_time_s"]) if with_epoch else None,
     }
@@ -91,10 +99,11 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
-def refusal(cfg: Config, action: str, where: Optional[str] = None, verb: str = "start") -> Optional[str]:
+def refusal(cfg: Config, action: str, where: Optional[str] = None, verb: str = "start",
+            argv: Optional[Sequence[str]] = None, adjust: Optional[Callable[[Config], Config]] = None) -> Optional[str]:
     """What a launcher prints instead of starting a job whose plan does not fit
     `cluster.gpu_memory_gb` (`action`: "not submitted, nothing queued"; `verb`: what
-    plan.override=true does anyway). None when it fits, when there is no GPU size to check against,
+    plan.override=true does anyway; `argv` and `adjust`: as plan()'s, for its advice). None when it fits, when there is no GPU size to check against,
     or with plan.override=true. Only the memory is planned first (a fraction of a second once the
     libraries are imported); the whole plan, time per epoch aside, only for a refusal."""
     if not cfg.cluster.gpu_memory_gb or cfg.plan.override:
@@ -103,7 +112,7 @@ def refusal(cfg: Config, action: str, where: Optional[str] = None, verb: str = "
     architecture_cfg, _ = with_architecture(cfg)
     if verdict(architecture_cfg, count_parameters(architecture_cfg))["fits"] is not False:
         return None
-    result = plan(cfg, with_epoch=False)
+    result = plan(cfg, with_epoch=False, argv=argv, adjust=adjust)
     return (f"distft: {action}: the plan does not fit {where or f'cluster={cfg.cluster.name}'} "
             f"(pass plan.override=true to {verb} it anyway):\n{format_text(result)}")
 
@@ -127,13 +136,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     from distft.preflight import format_errors, preflight
 
     # run_here=False: a plan is for the machines the config names, not for this one (a login node).
-    cfg, errors = preflight(list(sys.argv[1:] if argv is None else argv), run_here=False)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg, errors = preflight(argv, run_here=False)
     if errors:
         print(format_errors(errors), file=sys.stderr)
         return 2
     _quiet_meta_build()
     try:
-        result = plan(cfg)
+        result = plan(cfg, argv=argv)
     except PlanInputError as err:
         print(f"distft.plan: {err}", file=sys.stderr)
         return 2

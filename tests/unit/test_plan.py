@@ -13,7 +13,7 @@ from distft.preflight import preflight
 def planned(*overrides: str) -> dict:
     cfg, errors = preflight(list(overrides))
     assert errors == [], errors
-    return plan(cfg)
+    return plan(cfg, argv=list(overrides))
 
 
 @pytest.mark.parametrize("model, total", [
@@ -241,16 +241,39 @@ def test_more_gpus_are_advised_with_the_same_global_batch():
     assert "launcher.nodes=8 train.micro_batch_size=2" in changes
 
 
+def test_each_change_is_planned_as_the_command_line_with_it():
+    """Advice composes each change with the command line, as `python -m distft` would: a change
+    of engine replaces the preset the line chose, with that preset's settings. FSDP's hybrid
+    preset (shards within a node) does not fit 70B full fine-tuning on 4 nodes of 8 x 80 GB;
+    ZeRO-3 over all 32 GPUs does, without the hybrid setting (which ZeRO-3 refuses: setting the
+    strategy alone, the way a second override engine merging presets would, is invalid)."""
+    argv = ["model=llama2_70b", "parallel=fsdp_hybrid", "launcher.nnodes=4", "launcher.nproc_per_node=8",
+            "launcher.rdzv_endpoint=n1:29500", "cluster=a100_80g_8x", "cluster.cpu_memory_gb=2048",
+            "train.global_batch_size=128", "train.gradient_checkpointing=true"]
+    result = planned(*argv)
+    assert result["fits"] is False
+    changes = {item["change"]: item for item in result["advice"]}
+    assert "parallel=zero3" in changes, list(changes)
+    direct = planned(*argv, "parallel=zero3")
+    assert direct["fits"] is True
+    assert changes["parallel=zero3"]["per_gpu_total_bytes"] == direct["per_gpu_bytes"]["total"]
+    _, errors = preflight([*argv, "parallel.strategy=zero3"])
+    assert errors == ["parallel.fsdp.hybrid_shard=true needs parallel=fsdp (got zero3)"]
+    # A line that is not the config's own gives no advice rather than advice for another job.
+    cfg, _ = preflight(argv)
+    assert plan(cfg, argv=["model=llama2_70b"])["advice"] == [] and plan(cfg)["advice"] == []
+
+
 def test_the_slurm_launcher_refuses_a_job_that_cannot_fit_before_asking_the_cluster(capsys):
     """No SLURM command runs: the plan alone refuses (this machine may have no SLURM at all)."""
     from distft.cli import RankTask
     from distft.launchers.slurm import submit
 
-    cfg, errors = preflight(["model=llama_65b", "launcher=slurm", "launcher.nodes=1", "launcher.gpus_per_node=8",
-                             "launcher.time_min=60", "parallel=zero2", "cluster=a100_80g_8x",
-                             "train.global_batch_size=32"])
+    argv = ["model=llama_65b", "launcher=slurm", "launcher.nodes=1", "launcher.gpus_per_node=8", "launcher.time_min=60",
+            "parallel=zero2", "cluster=a100_80g_8x", "train.global_batch_size=32"]
+    cfg, errors = preflight(argv)
     assert errors == []
-    assert submit(cfg, [], RankTask([])) == 2
+    assert submit(cfg, argv, RankTask(argv)) == 2
     err = capsys.readouterr().err
     assert err.startswith("distft: not submitted, nothing queued: the plan does not fit cluster=a100_80g_8x")
     assert "does NOT fit in 80 GiB with 10% headroom" in err and "would fit: parallel=zero3" in err
@@ -265,9 +288,10 @@ def test_a_local_job_that_cannot_fit_the_gpus_here_is_not_started():
 
     common = ["model=llama_7b", "launcher.nproc_per_node=8", "train.global_batch_size=32",
               "cluster.cpu_memory_gb=1024"]  # cluster=local plans the host memory of the machine it runs on
-    cfg, errors = preflight([*common, "parallel=ddp"])
+    argv = [*common, "parallel=ddp"]
+    cfg, errors = preflight(argv)
     assert errors == []
-    refused = plan_refusal(cfg, gpus=LocalGPUs(39.4, True, 8))
+    refused = plan_refusal(cfg, gpus=LocalGPUs(39.4, True, 8), argv=argv)
     assert refused.startswith("distft: not started: the plan does not fit this machine's GPUs (39.4 GiB each)")
     assert "does NOT fit in 39 GiB" in refused and "would fit: parallel=zero3" in refused
     assert "weights         25.10 GiB" in refused  # fp32 master weights (engines.weights_dtype): 4 bytes x 6.74 B
@@ -284,9 +308,10 @@ def test_a_local_job_that_cannot_fit_the_gpus_here_is_not_started():
     assert plan_refusal(cfg, gpus=LocalGPUs(39.4, True, 8)) is None
     assert local_gpus("cpu", 8) is None  # a CPU run has no GPU to outgrow: nothing is planned
     # Advice counts the GPUs this machine has (4 here), not a profile's 8; two ranks on one GPU halve it.
-    cfg, errors = preflight(["model=llama_7b", "launcher.nproc_per_node=1", "train.global_batch_size=32",
-                             "cluster=a100_40g_8x", "parallel=zero3", "train.gradient_checkpointing=true"])
-    refused = plan_refusal(cfg, gpus=LocalGPUs(39.4, True, 4))
+    argv = ["model=llama_7b", "launcher.nproc_per_node=1", "train.global_batch_size=32", "cluster=a100_40g_8x",
+            "parallel=zero3", "train.gradient_checkpointing=true"]
+    cfg, errors = preflight(argv)
+    refused = plan_refusal(cfg, gpus=LocalGPUs(39.4, True, 4), argv=argv)
     assert "would fit: launcher.nproc_per_node=4  (all 4 GPUs of each node;" in refused
     assert "launcher.nproc_per_node=8" not in refused
     cfg, errors = preflight(["model=llama_7b", "launcher.nproc_per_node=2", "train.global_batch_size=32",
