@@ -154,10 +154,12 @@ class Composer:
         from omegaconf import OmegaConf
 
         overrides = [self._parser.parse_overrides([text])[0] for text in change]
-        keys = {ov.key_or_group for ov in overrides}
-        group_changes = tuple(ov.input_line for ov in overrides if ov.key_or_group in self._groups)
+        groups = {ov.key_or_group for ov in overrides if ov.key_or_group in self._groups}
+        group_changes = tuple(ov.input_line for ov in overrides if ov.key_or_group in groups)
         if group_changes not in self._composed:
-            below = _first_values([ov for ov in self._base if ov.key not in keys])
+            # The line's own choice of a changed group goes; its key=value overrides stay (a
+            # changed value is set over them below), so the composition depends on the groups alone.
+            below = _first_values([ov for ov in self._base if ov.key not in groups])
             node, problem = _compose(self._config_name, below + list(group_changes))
             self._composed[group_changes] = None if problem else _typed(node)[0]
         cfg = self._composed[group_changes]

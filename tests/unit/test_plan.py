@@ -261,6 +261,12 @@ def test_each_change_is_planned_as_the_command_line_with_it():
     assert errors == ["parallel.fsdp.hybrid_shard=true needs parallel=fsdp (got zero3)"]
     # A line that is not the config's own gives no advice rather than advice for another job.
     cfg, _ = preflight(argv)
+    from distft.config import to_dict
+    from distft.preflight import Composer
+
+    with Composer(argv) as composer:  # a changed value first: the line's own values are still there after
+        assert composer.compose(["train.gradient_checkpointing=false"]).train.gradient_checkpointing is False
+        assert to_dict(composer.compose([]), redact=False) == to_dict(cfg, redact=False)
     assert plan(cfg, argv=["model=llama2_70b"])["advice"] == [] and plan(cfg)["advice"] == []
 
 
