@@ -24,7 +24,16 @@ $(VENV)/.distft-installed: pyproject.toml Makefile
 	fi
 	# DeepSpeed's build imports torch: build it against the torch above, not an isolated copy.
 	$(PIP) install -q --no-build-isolation "deepspeed>=0.16"
-	$(PIP) install -q -e ".[all,dev]"
+	# DeepSpeed compiles its CPU Adam op (what ZeRO's optimizer offload runs) on first use: ~40 s
+	# on 2 cores that a first offload run (or the test suite) would wait for. Compiled here, in the
+	# background while pip installs the rest, into torch's extension cache (~/.cache/torch_extensions).
+	# If it fails (no compiler, say), the first offload run builds it and says why it cannot.
+	@echo "installing distft and its dependencies; compiling DeepSpeed's CPU Adam op meanwhile"
+	@$(PY) -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()" \
+		>$(VENV)/cpu_adam_build.log 2>&1 & build=$$!; \
+	$(PIP) install -q -e ".[all,dev]" || { kill $$build; exit 1; }; \
+	wait $$build || echo "note: DeepSpeed's CPU Adam op did not build now (see $(VENV)/cpu_adam_build.log);" \
+		"the first offload run will build it"
 	touch $@
 
 run: setup

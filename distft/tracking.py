@@ -345,18 +345,30 @@ class MemoryMeter:
 
 
 def _profiled_peak_bytes(profiler) -> int:
-    """The most CPU bytes that tensors allocated while `profiler` ran held at once (each
-    allocation event carries the running total of what was allocated during the profile)."""
+    """The most CPU bytes that tensors allocated while `profiler` ran held at once, above what
+    they held when it started.
+
+    Each allocation event carries torch's running total of profiled CPU bytes. That total is
+    the process's, not the profile's: it starts at 0 only in a process's first profile, and a
+    tensor allocated during an earlier profile and freed while none ran stays in it for good
+    (measured on torch 2.13: 100 MB freed between two profiles, the second's first event read
+    100 MB + its own size). So the peak is taken above the total the first event started from:
+    a second run in one process (a sweep on Hydra's basic launcher, the test suite's shared
+    launches) measures what a fresh process measures."""
     from torch._C._profiler import _ExtraFields_Allocation
 
-    peak, pending = 0, list(profiler.profiler.kineto_results.experimental_event_tree())
+    events, pending = [], list(profiler.profiler.kineto_results.experimental_event_tree())
     while pending:
         node = pending.pop()
         pending.extend(node.children)
         fields = node.extra_fields
         if isinstance(fields, _ExtraFields_Allocation) and fields.device.type == "cpu":
-            peak = max(peak, fields.total_allocated)
-    return peak
+            events.append((node.start_time_ns, fields.alloc_size, fields.total_allocated))
+    if not events:
+        return 0
+    events.sort()
+    start = events[0][2] - events[0][1]
+    return max(0, max(total for _, _, total in events) - start)
 
 
 def _proc_status_bytes(field: str) -> int:

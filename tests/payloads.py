@@ -148,3 +148,24 @@ def plant_dcp_bytes_item(checkpoint: str, marker: str) -> str:
     rewrite_in_checkpoint(checkpoint, f"state/{shard}", shard_bytes + payload.getvalue())
     rewrite_in_checkpoint(checkpoint, "state/.metadata", pickle.dumps(metadata))
     return fqn
+
+
+# The file each way of poisoning a run's checkpoint (poison_checkpoint) rewrites: what the loader
+# must name when it refuses the checkpoint.
+POISONED_FILES = {
+    "dcp-bytes-item": "state/.metadata",  # DCP (FSDP): a "bytes" item DCP would unpickle unguarded
+    "polyglot-pt": "state/zero/zero_pp_rank_1_mp_rank_00_optim_states.pt",  # ZeRO: rank 1's optimizer file
+}
+
+
+def poison_checkpoint(checkpoint: str, kind: str, marker_dir: str) -> str:
+    """Tamper with a committed checkpoint as an attacker who can write the run directory would, its
+    manifest rewritten to match: `dcp-bytes-item` (plant_dcp_bytes_item), or `polyglot-pt` (ZeRO
+    rank 1's optimizer file replaced by a raw pickle with a zip appended: torch.load reads the raw
+    pickle, a scan that asked zipfile sees the zip). A payload that runs leaves a file in
+    `marker_dir`. Returns the file rewritten (POISONED_FILES)."""
+    if kind == "dcp-bytes-item":
+        plant_dcp_bytes_item(checkpoint, os.path.join(marker_dir, kind))
+    else:
+        rewrite_in_checkpoint(checkpoint, POISONED_FILES[kind], torch_variants(marker_dir)["polyglot-raw-then-zip"])
+    return POISONED_FILES[kind]

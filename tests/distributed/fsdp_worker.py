@@ -1,24 +1,25 @@
-"""One 2-rank process group that puts the FSDP engine through every technique (test_fsdp.py).
+"""One 2-rank process group that puts the FSDP engine through every technique on every FSDP
+layout (test_fsdp.py).
 
-Started once per parallel config by `python -m torch.distributed.run --nproc_per_node=2
-tests/distributed/fsdp_worker.py OUT_DIR PARALLEL [override ...] [--meta] [--extras] [--only=T,T]`, so the
-~10 s start-up of a launch is paid once for six techniques. Each technique runs the trainer's own
-pieces: config from `preflight`, model from `build_trainable_model`, engine from `build_engine`,
-data from `prepare_data` + `TrainBatches`, steps from `train.optimizer_step`. Each rank writes
-what it saw to OUT_DIR/rank<R>.json; the test asserts on the numbers.
+Started once for the module by `python -m torch.distributed.run --nproc_per_node=2
+tests/distributed/fsdp_worker.py OUT_DIR PLAN.json`, so the ~10 s start-up of a launch is paid
+once for every layout's cells. PLAN.json lists the layouts: `[{"layout": NAME, "parallel":
+PARALLEL, "args": [override ..., --meta, --extras, --only=T,T]}, ...]`. Each technique runs the
+trainer's own pieces: config from `preflight`, model from `build_trainable_model`, engine from
+`build_engine`, data from `prepare_data` + `TrainBatches`, steps from `train.optimizer_step`. Each
+rank writes what it saw to OUT_DIR/rank<R>.json, by layout; the test asserts on the numbers.
 
-`--only` picks techniques, `--extras` adds mixed-precision cells (EXTRA_CELLS). `--meta` first
-checks meta-device loading:
-a sharded meta model filled from rank 0 equals the eagerly built one, and what host memory that
-costs each rank.
+`--only` picks techniques, `--extras` adds mixed-precision cells (EXTRA_CELLS). `--meta` (one
+layout) first checks meta-device loading: a sharded meta model filled from rank 0 equals the
+eagerly built one, and what host memory that costs each rank.
 """
 
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import os
-import resource
 import sys
 import time
 import traceback
@@ -37,6 +38,7 @@ from distft.evaluate import generate_answers, held_out_loss  # noqa: E402
 from distft.model import load_tokenizer, resolve_dtype  # noqa: E402
 from distft.preflight import preflight  # noqa: E402
 from distft.techniques import build_trainable_model, keep_4bit_training_layout  # noqa: E402
+from distft.tracking import _proc_status_bytes, _reset_peak_rss  # noqa: E402
 from distft.train import optimizer_step, seed_everything  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -163,7 +165,7 @@ def run_cell(name: str, technique: str, parallel: str, overrides: list[str], pre
     from distft.checkpoint import save_checkpoint
     from distft.export import load_model
 
-    path = save_checkpoint(os.path.join(out_dir, "runs", name), cfg.train.max_steps, engine, tokenizer, cfg,
+    path = save_checkpoint(os.path.join(out_dir, parallel, "runs", name), cfg.train.max_steps, engine, tokenizer, cfg,
                            {"step": cfg.train.max_steps}, gathered)
     result["state_files"] = sorted(os.listdir(os.path.join(path, "state")))
     if gathered is not None:
@@ -178,31 +180,39 @@ def _bytes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().view(torch.uint8) if tensor.dim() else tensor
 
 
+def rss_peak_reset() -> int:
+    """The resident set now, with the kernel's peak (VmHWM) reset to it."""
+    assert _reset_peak_rss(), "cannot reset the peak RSS (/proc/self/clear_refs)"
+    return _proc_status_bytes("VmRSS")
+
+
 def meta_checks(out: dict, rank: int, out_dir: str) -> None:
     """Meta-device loading: host memory on a 57M-param model, correctness on tiny ones."""
     from distft.engines.fsdp import FSDPEngine
     from distft.techniques import build_meta_model
 
-    # Memory first, while the process's peak RSS is still its import-time level.
+    # Each path's peak resident set above the process's size when it starts (the kernel's
+    # high-water mark reset first, as tracking.MemoryMeter does).
     big = ["model.hidden_size=768", "model.intermediate_size=2048", "model.num_hidden_layers=8",
            "model.num_attention_heads=12"]
     cfg, errors = config("full", "fsdp", big)
     assert not errors, errors
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = rss_peak_reset()
     seed_everything(0)
     engine = FSDPEngine(cfg, build_meta_model(cfg, torch.float32), CPU)
-    meta_peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    meta_delta = _proc_status_bytes("VmHWM") - start
     params = list(engine.unwrapped().parameters())
     full_bytes = sum(p.numel() * p.element_size() for p in params)
     local_bytes = sum(p.to_local().numel() * p.element_size() for p in params)
     del engine, params
+    gc.collect()
     # Control: the eager path (what every rank does without meta loading) on the same model.
+    start = rss_peak_reset()
     eager = build(cfg, None)
-    eager_peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    eager_delta = _proc_status_bytes("VmHWM") - start
     del eager
     out["memory"] = {"full_bytes": full_bytes, "local_bytes": local_bytes,
-                     "meta_delta_bytes": (meta_peak_kb - peak_kb) * 1024,
-                     "eager_delta_bytes": (eager_peak_kb - meta_peak_kb) * 1024}
+                     "meta_delta_bytes": meta_delta, "eager_delta_bytes": eager_delta}
 
     # Correctness: every tensor and the held-out loss (rotary buffers included) as built eagerly,
     # for the shapes the meta path must handle: adapters, PEFT's aliased word embeddings (prompt
@@ -249,35 +259,48 @@ def meta_checks(out: dict, rank: int, out_dir: str) -> None:
         }
 
 
-def main() -> None:
-    out_dir, parallel, *rest = sys.argv[1:]
-    flags = {a.partition("=")[0]: a.partition("=")[2] for a in rest if a.startswith("--")}
-    overrides = [a for a in rest if not a.startswith("--")]
+def layout_cells(layout: dict) -> tuple[dict, list[str], dict]:
+    """(cells: name -> (technique, overrides), the layout's overrides, its --flags)."""
+    flags = {a.partition("=")[0]: a.partition("=")[2] for a in layout["args"] if a.startswith("--")}
+    overrides = [a for a in layout["args"] if not a.startswith("--")]
     techniques = flags["--only"].split(",") if "--only" in flags else TECHNIQUES
     cells = {t: (t, []) for t in techniques}
     if "--extras" in flags:
         cells.update(EXTRA_CELLS)
+    return cells, overrides, flags
+
+
+def main() -> None:
+    out_dir, plan_path = sys.argv[1:]
+    with open(plan_path) as f:
+        layouts = json.load(f)
     info = dist.from_env()
-    prebuilt = {}
+    prebuilt: dict = {}
     # Known problem outside the engine: under an initialised process group, transformers 5's
     # save_pretrained writes only on rank 0, so distft.model._quantized_from_scratch (a temporary
     # save + reload) finds nothing on the other ranks. Build the QLoRA models before joining.
-    for name, (technique, extra) in cells.items():
-        cfg, errors = config(technique, parallel, overrides + extra)
-        if technique == "qlora" and not errors:
-            prebuilt[name] = build(cfg, load_tokenizer(cfg.model))
-    dist.init(info, "gloo", 300, CPU)
-    out: dict = {"rank": info.rank, "world_size": info.world_size, "cells": {}}
-    try:
-        if "--meta" in flags:
-            meta_checks(out, info.rank, out_dir)
+    for layout in layouts:
+        cells, overrides, _ = layout_cells(layout)
         for name, (technique, extra) in cells.items():
-            try:
-                out["cells"][name] = run_cell(name, technique, parallel, overrides + extra, prebuilt, info.rank,
-                                              out_dir)
-            except Exception as err:  # recorded for the test's message; the peer rank cannot go on alone
-                out["cells"][name] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
-                raise
+            cfg, errors = config(technique, layout["parallel"], overrides + extra)
+            if technique == "qlora" and not errors:
+                prebuilt[layout["layout"], name] = build(cfg, load_tokenizer(cfg.model))
+    dist.init(info, "gloo", 300, CPU)
+    out: dict = {"rank": info.rank, "world_size": info.world_size, "layouts": {}}
+    try:
+        for layout in layouts:
+            if "--meta" in layout_cells(layout)[2]:
+                meta_checks(out["layouts"].setdefault(layout["layout"], {"cells": {}}), info.rank, out_dir)
+        for layout in layouts:
+            cells, overrides, _ = layout_cells(layout)
+            parallel, done = layout["parallel"], out["layouts"].setdefault(layout["layout"], {"cells": {}})["cells"]
+            mine = {name: model for (where, name), model in prebuilt.items() if where == layout["layout"]}
+            for name, (technique, extra) in cells.items():
+                try:
+                    done[name] = run_cell(name, technique, parallel, overrides + extra, mine, info.rank, out_dir)
+                except Exception as err:  # recorded for the test's message; the peer rank cannot go on alone
+                    done[name] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+                    raise
     finally:
         with open(os.path.join(out_dir, f"rank{info.rank}.json"), "w") as f:
             json.dump(out, f, indent=1)

@@ -63,16 +63,20 @@ LAUNCH_RANKS = (1, 2, 1)
 
 
 def declare_run(name: str, argv: list[str], ranks: int = 2, faults: str = "",
-                resume_from: tuple[str, int] | None = None, share: str = "engines") -> str:
+                resume_from: tuple[str, int] | None = None, share: str = "engines",
+                poisoned: tuple[str, int, str] | None = None) -> str:
     """A whole run, `distft.train.train` on the config `argv` composes, as the command line's rank
     processes run it, in `run.dir=<session dir>/<share>/<name>`. `resume_from=(other, step)`:
     started as `other` would be again after being killed right after its step-`step` checkpoint.
+    `poisoned=(other, step, kind)`: started in a copy of the finished run `other` (no summary)
+    whose step-`step` checkpoint was poisoned (tests/payloads.py poison_checkpoint, `kind`).
     The name is the key: one run declared by several modules with the same argv (a shared
     reference) runs once. `share`: the set of runs it is launched with (a module's SHARED_RUNS;
     each set runs on its own, so two sets run on two pytest-xdist workers at once)."""
     return _declare({"kind": "train", "name": name, "argv": list(argv), "ranks": ranks, "faults": faults,
                      "resume_from": list(resume_from) if resume_from else None,
-                     "after": [resume_from[0]] if resume_from else [], "share": share})
+                     "poisoned": list(poisoned) if poisoned else None,
+                     "after": [r[0] for r in (resume_from, poisoned) if r], "share": share})
 
 
 def declare_state(name: str, mode: str, cell: str, parallel: str, technique: str, ranks: int,
@@ -167,6 +171,10 @@ def run_declared(root, share: str) -> dict:
             concrete["argv"] = [*job["argv"], f"run.dir={root / name}"]
             if job["resume_from"]:
                 concrete["resume_from"] = {"run_dir": str(root / job["resume_from"][0]), "step": job["resume_from"][1]}
+            if job["poisoned"]:
+                source, step, kind = job["poisoned"]
+                concrete["poisoned"] = {"run_dir": str(root / source), "step": step, "kind": kind,
+                                        "markers": str(root / f"{name}.markers")}
         else:
             out_dir = root / f"state-{job['cell']}"
             out_dir.mkdir(exist_ok=True)

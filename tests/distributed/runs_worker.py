@@ -11,9 +11,13 @@ PLAN.json is a list of jobs; each rank R writes each job's result (by name) to P
   did not make to its caller), on one rank in the group the engine makes and train() ends. `faults`
   is DISTFT_FAULTS for this job alone. `resume_from`: first, rank 0 makes the run directory what a
   run killed right after its step-N checkpoint leaves behind: that run's config dump and tracker id,
-  its metrics up to step N, the committed checkpoint of step N, nothing later, no summary. Result:
-  `run_dir`, `error` (type and message, when train() raised: every rank raises alike) and `log`
-  (this rank's output: its log lines, and rank 0's progress).
+  its metrics up to step N, the committed checkpoint of step N, nothing later, no summary.
+  `poisoned: {"run_dir", "step", "kind", "markers"}`: first, rank 0 copies that finished run
+  (without its summary: a run stopped after its step-N checkpoint) and tampers with its step-N
+  checkpoint (tests/payloads.py poison_checkpoint; a payload that runs leaves a file in `markers`).
+  Result: `run_dir`, `error` (type and message, when train() raised: every rank raises alike) and
+  `log` (this rank's output: its log lines, and rank 0's progress); `poisoned_file` and `markers`
+  on rank 0 (the file tampered with, the payloads' marker directory).
 - `{"kind": "state", "name", "mode", "out_dir", "parallel", "technique", "overrides"}`: the engine's
   state alone (resharding, tensor for tensor). `save`: build the run as the trainer does
   (`build_run`), train 3 steps, `engine.save_state(OUT_DIR/checkpoint/state)`; `load`: build a fresh
@@ -145,6 +149,18 @@ def as_if_killed_after(source: str, step: int, run_dir: str) -> None:
         out.writelines(line for line in f if json.loads(line).get("step", 0) <= step)
 
 
+def poisoned_copy(source: dict, run_dir: str) -> str:
+    """Rank 0: `run_dir` as the finished run `source["run_dir"]` stopped after its last checkpoint,
+    that checkpoint then poisoned (tests/payloads.py). Returns the file tampered with."""
+    from tests.payloads import poison_checkpoint
+
+    shutil.copytree(source["run_dir"], run_dir)
+    os.remove(os.path.join(run_dir, "summary.json"))
+    os.makedirs(source["markers"], exist_ok=True)
+    checkpoint = os.path.join(run_dir, "checkpoints", f"step_{source['step']:06d}")
+    return poison_checkpoint(checkpoint, source["kind"], source["markers"])
+
+
 class Tee(io.TextIOBase):
     """This rank's stdout, and a copy of it."""
 
@@ -168,14 +184,16 @@ def train_job(job: dict, info) -> dict:
     cfg, errors = preflight(job["argv"])
     assert not errors, errors
     run_dir = config_run_dir(cfg)
+    result: dict = {"run_dir": run_dir}
     source = job.get("resume_from")
     if source and info.is_main:
         as_if_killed_after(source["run_dir"], source["step"], run_dir)
+    if job.get("poisoned") and info.is_main:
+        result.update(poisoned_file=poisoned_copy(job["poisoned"], run_dir), markers=job["poisoned"]["markers"])
     dist.barrier()
     faults._fired.clear()
     if job.get("faults"):
         os.environ[faults.ENV] = job["faults"]
-    result: dict = {"run_dir": run_dir}
     stdout, sys.stdout = sys.stdout, Tee(sys.stdout)
     try:
         train(cfg)

@@ -20,8 +20,8 @@ masks come from each rank's own RNG.
 The matrix (every technique on every ZeRO preset) runs in one 2-rank launch of
 matrix_worker.py, one process group for all cells, to keep start-up costs out of CI.
 
-First use on a machine compiles two DeepSpeed C++ ops (its shared-memory comm op, and CPU Adam for
-offload), about 35 s + 60 s on 2 cores, cached in ~/.cache/torch_extensions afterwards.
+zero3_offload runs DeepSpeed's CPU Adam, a C++ op DeepSpeed compiles on first use (~40 s on 2
+cores) into ~/.cache/torch_extensions; `make setup` compiles it while pip installs the rest.
 """
 
 from __future__ import annotations

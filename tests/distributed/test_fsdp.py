@@ -15,8 +15,8 @@ run accumulates 2 micro-batches per rank with the reduce-scatter skipped on the 
 run syncs both), so both paths count; prompt tuning's encoder is replicated, not sharded, and
 the engine sums its gradients itself.
 
-The matrix runs each technique through the trainer's own pieces in one 2-rank process group per
-layout (fsdp_worker.py): full shard, CPU offload, hybrid (a (2 replicate x 1 shard) mesh, which
+The matrix runs each technique through the trainer's own pieces in one 2-rank process group for
+every layout (fsdp_worker.py): full shard, CPU offload, hybrid (a (2 replicate x 1 shard) mesh, which
 exercises HSDP's all-reduce across replicas; full, LoRA, QLoRA and prompt tuning only). No cell is rejected by validation: every technique
 trains under FSDP2, QLoRA included (FSDP2 gathers a unit's mixed dtypes, the packed 4-bit
 bfloat16 bytes next to fp32 norms, as bytes). What validation does reject for FSDP (shard groups
@@ -114,15 +114,18 @@ def test_adapters_saved_by_fsdp_reload_on_one_process(trainings):
         assert torch.allclose(tensor, reference[name], atol=1e-4), name
 
 
-def launch_worker(out_dir, parallel: str, *args: str) -> list[dict]:
-    """One 2-rank launch of fsdp_worker.py; each rank's results."""
+def launch_worker(out_dir, layouts: dict) -> dict[str, list[dict]]:
+    """One 2-rank launch of fsdp_worker.py for every layout: each layout's results, by rank."""
+    plan = os.path.join(str(out_dir), "plan.json")
+    with open(plan, "w") as f:
+        json.dump([{"layout": name, "parallel": name, "args": args} for name, (args, *_) in layouts.items()], f)
     # Every allocation of 1 MiB or more gets its own mapping, returned to the OS when freed, so a
     # rank's peak RSS counts the tensors it really held (not malloc's reuse of freed heap).
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         WORKER, str(out_dir), parallel, *args],
-        capture_output=True, text=True, cwd=REPO, timeout=600, env=env,
+         WORKER, str(out_dir), plan],
+        capture_output=True, text=True, cwd=REPO, timeout=900, env=env,
     )
     results = []
     for rank in (0, 1):
@@ -130,9 +133,10 @@ def launch_worker(out_dir, parallel: str, *args: str) -> list[dict]:
         assert os.path.exists(path), proc.stderr[-4000:]
         with open(path) as f:
             results.append(json.load(f))
-    failed = {name: cell["traceback"] for r in results for name, cell in r["cells"].items() if "error" in cell}
+    failed = {f"{layout}/{name}": cell["traceback"] for r in results for layout, found in r["layouts"].items()
+              for name, cell in found["cells"].items() if "error" in cell}
     assert proc.returncode == 0 and not failed, (failed or proc.stderr[-4000:])
-    return results
+    return {layout: [r["layouts"][layout] for r in results] for layout in layouts}
 
 
 # Hybrid sharding changes nothing technique-specific: one technique of each kind is enough there.
@@ -148,14 +152,8 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def worker_results(tmp_path_factory):
-    done: dict = {}
-
-    def results(parallel: str) -> list[dict]:
-        if parallel not in done:
-            done[parallel] = launch_worker(tmp_path_factory.mktemp(parallel), parallel, *LAYOUTS[parallel][0])
-        return done[parallel]
-
-    return results
+    done = launch_worker(tmp_path_factory.mktemp("fsdp-layouts"), LAYOUTS)
+    return done.__getitem__
 
 
 @pytest.mark.parametrize("parallel", list(LAYOUTS))
@@ -233,8 +231,9 @@ def test_meta_device_loading_shards_before_allocating(worker_results):
     one (every tensor, and the held-out loss, so the rotary buffers too): LoRA, prompt tuning
     (PEFT aliases the word embeddings), tied embeddings, a local model directory. Memory, on a 57M-param
     model (227 MB fp32): rank 1's peak host memory grows by its shard plus one tensor in flight
-    (measured 0.54x the model), while building the model eagerly costs it a full copy (measured
-    0.98x). Bound: below 0.75x for the meta path, above it for the eager one."""
+    (measured 0.53x the model), while building the model eagerly costs it a full copy (measured
+    1.00x; each peak is taken above the resident set its path starts from). Bound: below 0.75x
+    for the meta path, above it for the eager one."""
     rank0, rank1 = worker_results("fsdp")
     assert set(rank0["meta"]) == {"lora", "prompt_text_init", "full_tied", "full_local_dir"}
     for case, meta in rank0["meta"].items():

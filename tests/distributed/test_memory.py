@@ -6,6 +6,11 @@ counterpart of a GPU's allocated-memory peak. The model is the tiny LLaMA made w
 batch longer (8 x 512 tokens), so activations (~0.4 GiB) and model states are far above
 anything incidental. Stated tolerance: every rank's measured peak is within 10% of the plan's
 weights + gradients + optimizer + communication buffers + activations (measured: 1-4%).
+
+The runs are whole trainings in the session's shared launches (helpers.declare_run), as the
+command line's rank processes run them. The profiler counts the allocations made from the model
+build on, as a running total that starts at zero, so what an earlier run in the same process
+left behind does not enter it (and the launches collect garbage between runs).
 """
 
 from __future__ import annotations
@@ -16,28 +21,36 @@ import pytest
 
 from distft.plan import count_parameters, per_gpu_bytes
 from distft.preflight import preflight
-from tests.distributed.helpers import run_cli, run_dir_of, summary_of
+from tests.distributed.helpers import declare_run, summary_of
 
 TOLERANCE = 0.10
 SHAPE = ["+experiment=tiny_full", "model.hidden_size=256", "model.intermediate_size=768", "data.max_seq_len=512",
          "model.max_position_embeddings=512", "train.micro_batch_size=8", "train.global_batch_size=16",
          "launcher.nproc_per_node=2"]
-
-
-@pytest.mark.parametrize("overrides", [
-    ["parallel=ddp"],  # full states on every rank, DDP's gradient buckets, all activations
-    ["parallel=fsdp", "technique=lora", "train.gradient_checkpointing=true"],  # shards, adapters, recompute
-    ["parallel=zero3", "+parallel.deepspeed.overrides.zero_optimization={reduce_bucket_size:1000000}"],
+PROFILED = ["train.max_steps=2", "eval.num_samples=1", "eval.max_new_tokens=1", "eval.compare_base=false",
+            "train.eval_max_batches=1", "tracking.cpu_memory_steps=2"]
+CASES = {
+    "ddp-full": ["parallel=ddp"],  # full states on every rank, DDP's gradient buckets, all activations
+    # shards, adapters, recompute
+    "fsdp-lora-checkpointing": ["parallel=fsdp", "technique=lora", "train.gradient_checkpointing=true"],
+    "zero3-full": ["parallel=zero3", "+parallel.deepspeed.overrides.zero_optimization={reduce_bucket_size:1000000}"],
     # fp32 master weights under bf16 autocast: fp32 states, the bf16 weight copies autograd keeps,
     # bf16 activations beside the fp32 residual stream (plan.autocast_copy_bytes, activation_bytes)
-    ["parallel=ddp", "train.precision=bf16", "model.dtype=bfloat16"],
-], ids=["ddp-full", "fsdp-lora-checkpointing", "zero3-full", "ddp-full-bf16-compute"])
-def test_measured_training_memory_is_within_tolerance_of_the_plan(tmp_path, overrides):
-    args = [*SHAPE, *overrides, f"run.root={tmp_path}", "train.max_steps=2", "eval.num_samples=1",
-            "eval.max_new_tokens=1", "eval.compare_base=false", "train.eval_max_batches=1", "tracking.cpu_memory_steps=2"]
-    proc = run_cli(*args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    memory = summary_of(run_dir_of(proc))["memory"]
+    "ddp-full-bf16-compute": ["parallel=ddp", "train.precision=bf16", "model.dtype=bfloat16"],
+}
+EIGHT_BIT = ["+experiment=tiny_full", "model.hidden_size=512", "model.intermediate_size=1536", "data.max_seq_len=64",
+             "train.micro_batch_size=4", "train.global_batch_size=16", "launcher.nproc_per_node=2", "parallel=ddp",
+             "train.optimizer=adamw_8bit", *PROFILED]
+for _name, _overrides in CASES.items():
+    declare_run(f"memory-{_name}", [*SHAPE, *_overrides, *PROFILED])
+declare_run("memory-adamw_8bit", EIGHT_BIT)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_measured_training_memory_is_within_tolerance_of_the_plan(trainings, case):
+    args = [*SHAPE, *CASES[case], *PROFILED]
+    run_dir, _ = trainings.finished(f"memory-{case}")
+    memory = summary_of(run_dir)["memory"]
     assert memory["kind"] == "cpu_tensors" and memory["cpu_profiled_steps"] == 2
 
     cfg, errors = preflight(args)
@@ -52,19 +65,14 @@ def test_measured_training_memory_is_within_tolerance_of_the_plan(tmp_path, over
         assert abs(measured / planned_gib - 1) <= TOLERANCE, (rank, measured, planned_gib, memory["planned"])
 
 
-def test_measured_memory_with_8bit_adamw_is_within_tolerance_of_the_plan(tmp_path):
+def test_measured_memory_with_8bit_adamw_is_within_tolerance_of_the_plan(trainings):
     """Model states dominate here (a wider model, 64-token sequences): bitsandbytes' 8-bit AdamW
     (2 bytes of state per weight, not 8) must show in the measured peak. Both ranks are within
     the tolerance of the plan for adamw_8bit, and outside it for torch's AdamW, so the optimizer
     term is what is measured. (paged_adamw_8bit runs unpaged on the CPU: the same allocation.)"""
-    shape = ["+experiment=tiny_full", "model.hidden_size=512", "model.intermediate_size=1536", "data.max_seq_len=64",
-             "train.micro_batch_size=4", "train.global_batch_size=16", "launcher.nproc_per_node=2", "parallel=ddp"]
-    args = [*shape, "train.optimizer=adamw_8bit", f"run.root={tmp_path}", "train.max_steps=2", "eval.num_samples=1",
-            "eval.max_new_tokens=1", "eval.compare_base=false", "train.eval_max_batches=1",
-            "tracking.cpu_memory_steps=2"]
-    proc = run_cli(*args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    memory = summary_of(run_dir_of(proc))["memory"]
+    args = EIGHT_BIT
+    run_dir, _ = trainings.finished("memory-adamw_8bit")
+    memory = summary_of(run_dir)["memory"]
 
     def plan_gib(*overrides: str) -> float:
         cfg, errors = preflight([*args, *overrides])

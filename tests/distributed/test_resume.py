@@ -8,12 +8,12 @@ train with dropout 0.1 here, so the RNG streams matter too.
 
 Most runs are whole trainings (`distft.train.train`, as the command line's rank processes run it)
 declared with helpers.declare_run and run one after the other in the session's shared launches
-of runs_worker.py (1, 2, then 1 rank), B's run directory made as a killed run leaves it. What a
-process boundary adds is checked by real drills on the command line: SIGKILL (`DISTFT_FAULTS`,
-distft/faults.py) right after a ZeRO-3 checkpoint, and of one rank in the middle of an FSDP (DCP)
-save, each followed by the same command again; a poisoned checkpoint set aside by a rerun; a
-non-finite halt. Their reference is the in-process run A, so they also show that a run in the
-worker's process is the run the command line makes.
+of runs_worker.py (1, 2, then 1 rank), B's run directory made as a killed run leaves it (or as an
+attacker who poisoned its checkpoint leaves it). What a process boundary adds is checked by real
+drills on the command line: SIGKILL (`DISTFT_FAULTS`, distft/faults.py) right after a ZeRO-3
+checkpoint, and of one rank in the middle of an FSDP (DCP) save, each followed by the same command
+again; a non-finite halt. Their reference is the in-process run A, so they also show that a run
+in the worker's process is the run the command line makes.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
@@ -54,6 +53,7 @@ BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_32bit")
 ASYNC = [("ddp", "lora"), ("fsdp", "full")]
 NONFINITE = ("ddp", "fsdp", "zero2")
 RANK_CHANGES = [("fsdp", 2, 1), ("fsdp", 1, 2), ("zero2", 2, 1), ("zero3", 1, 2)]
+POISONS = [("fsdp", "dcp-bytes-item"), ("zero2", "polyglot-pt")]
 # (name, parallel saved, parallel loaded, technique, ranks saving, ranks loading, overrides)
 STATE_CELLS = [
     ("fsdp-full", "fsdp", "fsdp", "full", 2, 1, ()), ("fsdp-lora", "fsdp", "fsdp", "lora", 1, 2, ()),
@@ -115,6 +115,9 @@ def _declare_runs() -> None:
             f"before-{parallel}-{before}", [*cli_args("full", parallel, ranks=1), *saving(SAVE)], ranks=1, **share)
         declare_run(f"resharded-{parallel}-{before}-{after}", [*cli_args("full", parallel, ranks=after),
                     *saving(SAVE)], ranks=after, resume_from=(source, SAVE), **share)
+    for parallel, poison in POISONS:
+        declare_run(f"poisoned-{parallel}", [*cli_args("full", parallel), *saving(SAVE)],
+                    poisoned=(f"a-{parallel}-full", STEPS, poison), **share)
     for cell, parallel_before, parallel_after, technique, before, after, overrides in STATE_CELLS:
         saved = declare_state(f"save-{cell}", "save", cell, parallel_before, technique, before, overrides, **share)
         declare_state(f"load-{cell}", "load", cell, parallel_after, technique, after, overrides, after=saved, **share)
@@ -204,37 +207,28 @@ def test_a_run_with_a_bitsandbytes_optimizer_resumes_exactly(trainings, optimize
     check_resumed_exactly(a, b, log, SAVE, STEPS)
 
 
-@pytest.mark.parametrize("parallel, poison", [("fsdp", "dcp-bytes-item"), ("zero2", "polyglot-pt")])
-def test_a_poisoned_checkpoint_never_runs_on_two_ranks(trainings, tmp_path, parallel, poison):
+@pytest.mark.parametrize("parallel, poison", POISONS)
+def test_a_poisoned_checkpoint_never_runs_on_two_ranks(trainings, parallel, poison):
     """Run A's final checkpoint (step 12) tampered with, its manifest rewritten to match, as an
-    attacker who can write the run directory would: under FSDP a DCP "bytes" item whose payload
-    DCP would unpickle with weights_only=False; under ZeRO-2 rank 1's optimizer file replaced by a
-    raw pickle with a zip appended (torch.load reads the raw pickle; a scan that asked zipfile saw
-    the zip). The rerun on the command line refuses it on both ranks, sets it aside, resumes from
-    step 6, and ends where A ended; the payload's marker never appears."""
-    from tests.payloads import plant_dcp_bytes_item, rewrite_in_checkpoint, torch_variants
+    attacker who can write the run directory would (tests/payloads.py poison_checkpoint): under
+    FSDP a DCP "bytes" item whose payload DCP would unpickle with weights_only=False; under ZeRO-2
+    rank 1's optimizer file replaced by a raw pickle with a zip appended (torch.load reads the raw
+    pickle; a scan that asked zipfile saw the zip). The rerun on 2 ranks (as the command line's
+    rank processes run it) refuses it, sets it aside, resumes from step 6, and ends where A ended;
+    the payload's marker never appears."""
+    from tests.payloads import POISONED_FILES
 
     a, _ = trainings.finished(f"a-{parallel}-full")
-    copy = str(tmp_path / "run")
-    shutil.copytree(a, copy)
-    os.remove(os.path.join(copy, "summary.json"))
+    copy, log = trainings.finished(f"poisoned-{parallel}")
+    result = trainings[f"poisoned-{parallel}"]
+    bad_file = result["poisoned_file"]
+    assert bad_file == POISONED_FILES[poison]
     newest = os.path.join(copy, "checkpoints", f"step_{STEPS:06d}")
-    markers = tmp_path / "markers"
-    markers.mkdir()
-    if poison == "dcp-bytes-item":
-        plant_dcp_bytes_item(newest, str(markers / poison))
-        bad_file = "state/.metadata"
-    else:
-        bad_file = "state/zero/zero_pp_rank_1_mp_rank_00_optim_states.pt"
-        rewrite_in_checkpoint(newest, bad_file, torch_variants(str(markers))["polyglot-raw-then-zip"])
-    resumed = launch(*cli_args("full", parallel), *saving(SAVE), f"run.dir={copy}")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    log = resumed.stdout + resumed.stderr
     assert f"checkpoint {newest} is damaged: {bad_file}: " in log
     assert summary_of(copy)["resumed_from"].endswith(f"step_{SAVE:06d}")
     assert os.path.isdir(newest + ".damaged")
     assert bit_equal(final_weights(a), final_weights(copy))
-    assert os.listdir(markers) == []
+    assert os.path.isdir(result["markers"]) and os.listdir(result["markers"]) == []
 
 
 @pytest.mark.parametrize("name, parallel_before, parallel_after, technique, ranks_before, ranks_after, overrides",

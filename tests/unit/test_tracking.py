@@ -184,3 +184,28 @@ def test_a_server_that_refuses_the_run_also_means_offline(request, monkeypatch, 
     assert len(messages) == 1, messages
     assert messages[0].startswith(f"W&B at {url} did not start the run (CommError")
     assert messages[0].endswith(f"`wandb sync {offline}`")
+
+
+def test_cpu_tensor_memory_of_a_second_run_in_one_process_is_its_own():
+    """tracking.cpu_memory_steps counts tensor allocations with torch's profiler. Its running
+    total is the process's: what an earlier profiled run allocated and freed after its profile
+    ended never leaves it. A second meter in the same process (a sweep point on Hydra's basic
+    launcher) must still report its own peak: here 40 MB, after a first run that kept 100 MB past
+    its profile (read from the raw total, the second would report 140 MB)."""
+    import torch
+
+    from distft.tracking import MemoryMeter
+
+    first = MemoryMeter(torch.device("cpu"), cpu_steps=1)
+    kept = torch.ones(25_000_000)  # 100 MB, allocated while the first meter profiles
+    first.step(1)
+    assert first.training() >= 100e6
+    del kept  # freed after the first profile ended
+
+    second = MemoryMeter(torch.device("cpu"), cpu_steps=1)
+    held = torch.ones(10_000_000)  # 40 MB at the peak
+    transient = torch.ones(1000)
+    del held, transient
+    second.step(1)
+    assert second.kind == "cpu_tensors"
+    assert 40e6 <= second.training() < 41e6
