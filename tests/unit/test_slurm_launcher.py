@@ -106,9 +106,11 @@ def test_a_signalled_run_outside_slurm_checkpoints_and_resumes_exactly(tmp_path)
     """SIGUSR2 to a plain single-process run with no periodic checkpoint: it stops at the next
     step boundary with that step's checkpoint and exit code 4 (nothing to requeue); the same
     command resumes and ends where an uninterrupted run ends, each step logged once."""
-    args = [sys.executable, "-m", "distft", "+experiment=tiny_lora", "train.max_steps=20", "train.log_every=1",
+    STEPS = 12
+    # 12 steps of 8 x 128 tokens: where the run stops and resumes does not depend on the steps' size.
+    args = [sys.executable, "-m", "distft", "+experiment=tiny_lora", f"train.max_steps={STEPS}", "train.log_every=1",
             "eval.num_samples=2", "eval.max_new_tokens=2", "train.eval_max_batches=1", "eval.compare_base=false",
-            "checkpoint.save_every=0"]
+            "checkpoint.save_every=0", "data.max_seq_len=128", "train.global_batch_size=8"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
     reference = subprocess.run([*args, f"run.dir={tmp_path / 'a'}"], capture_output=True, text=True, cwd=REPO, env=env)
     assert reference.returncode == 0, reference.stderr[-2000:]
@@ -124,12 +126,12 @@ def test_a_signalled_run_outside_slurm_checkpoints_and_resumes_exactly(tmp_path)
     assert proc.returncode == 4, err[-2000:]
     assert "not a SLURM job, nothing to requeue; rerun the same command to resume" in err
     stopped = len(step_metrics(str(run)))
-    assert 3 <= stopped < 20 and (run / "checkpoints" / f"step_{stopped:06d}" / "COMMITTED").exists()
+    assert 3 <= stopped < STEPS and (run / "checkpoints" / f"step_{stopped:06d}" / "COMMITTED").exists()
     resumed = subprocess.run([*args, f"run.dir={run}"], capture_output=True, text=True, cwd=REPO, env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert run_dir_of(resumed) == str(run)
     with open(run / "metrics.jsonl") as f:
-        assert [r["step"] for r in map(json.loads, f) if "loss" in r] == list(range(1, 21))
+        assert [r["step"] for r in map(json.loads, f) if "loss" in r] == list(range(1, STEPS + 1))
     assert step_metrics(str(run)) == step_metrics(str(tmp_path / "a"))
     assert summary_of(str(run))["resumed_from"].endswith(f"step_{stopped:06d}")
 

@@ -42,6 +42,14 @@ def fast(tmp_path, *overrides: str) -> list[str]:
     ]
 
 
+# Packed rows of 128 tokens instead of the presets' 256 for the LoRA family and the resume check:
+# what is checked (it learns, exports and reloads, resumes) does not depend on the row length, and
+# a step costs half. Not for full fine-tuning (the base of the virtual-token runs) nor the
+# virtual tokens: on 128-token rows prefix tuning's loss fell 3% in 25 steps (5% asked) and prompt
+# tuning ended at 0.990 of its control (0.985 asked).
+SHORT_ROWS = ["data.max_seq_len=128"]
+
+
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
     """One short training run per technique, shared by the tests below.
@@ -59,6 +67,8 @@ def tiny_runs(tmp_path_factory):
         if technique in ("prefix", "prompt"):
             base = runs["full"]["final_checkpoint"]
             extra = [f"model.name_or_path={base}/model", f"model.tokenizer={base}/tokenizer"]
+        if technique in ("lora", "dora", "qlora"):
+            extra = SHORT_ROWS
         cfg = compose(f"+experiment=tiny_{technique}", *fast(tmp, "train.max_steps=25", "train.log_every=1", *extra))
         runs[technique] = train(cfg)
     # Prompt tuning's control: the same run on the same batches with a learning rate too small to
@@ -463,7 +473,8 @@ def test_rerun_after_a_crash_resumes_and_matches_an_uninterrupted_run(tmp_path):
 
     def cfg_for(root):
         return compose("+experiment=tiny_lora", f"run.root={root}", "train.max_steps=8", "checkpoint.save_every=4",
-                       "checkpoint.keep_last=5", "train.log_every=1", "eval.num_samples=4", "eval.max_new_tokens=4")
+                       "checkpoint.keep_last=5", "train.log_every=1", "eval.num_samples=4", "eval.max_new_tokens=4",
+                       *SHORT_ROWS, "train.global_batch_size=8")
 
     uninterrupted = train(cfg_for(tmp_path / "a"))
     crashed = train(cfg_for(tmp_path / "b"))
