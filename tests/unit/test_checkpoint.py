@@ -35,8 +35,11 @@ from distft.safe_load import scan_file
 from distft.tracking import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Steps of 8 x 128 tokens (the preset: 16 x 256): what is checked here is what the checkpoints
+# hold and how a resume finds them, not what a step learns.
 RUN = ["+experiment=tiny_lora", "train.max_steps=8", "checkpoint.save_every=4", "checkpoint.keep_last=0",
-       "train.log_every=1", "eval.num_samples=2", "eval.max_new_tokens=2", "train.eval_max_batches=1"]
+       "train.log_every=1", "eval.num_samples=2", "eval.max_new_tokens=2", "train.eval_max_batches=1",
+       "data.max_seq_len=128", "train.global_batch_size=8"]
 
 
 def compose(*overrides: str):

@@ -144,8 +144,8 @@ def test_a_sweep_on_submitit_local_runs_multi_rank_points(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "distft", "-m", "+experiment=tiny_lora", "train.lr=1e-3,3e-3",
          "hydra/launcher=submitit_local", "parallel=ddp", "launcher.nproc_per_node=2", "train.max_steps=3",
-         "eval.num_samples=2", "eval.max_new_tokens=2", "train.eval_max_batches=1", f"run.root={tmp_path}",
-         f"hydra.sweep.dir={sweep}"],
+         "eval.num_samples=2", "eval.max_new_tokens=2", "train.eval_max_batches=1", "data.max_seq_len=128",
+         f"run.root={tmp_path}", f"hydra.sweep.dir={sweep}"],
         capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(sweep / "summary.csv") as f:
