@@ -415,11 +415,20 @@ def register_configs() -> None:
     conf/config.yaml's defaults: every YAML merged after it is checked against the dataclasses.
 
     Only the root is stored: one schema types every group, and per-group schema entries would
-    show up as bogus choices (`model=model_schema`) in `--help` and in error messages.
+    show up as bogus choices (`model=model_schema`) in `--help` and in error messages. Stored once
+    per process (storing converts the whole dataclass tree, ~20 ms, and preflight runs for every
+    composition: the planner's advice composes several).
     """
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="distft_schema", node=Config)
+    store = ConfigStore.instance()
+    if _SCHEMA_STORED.get("store") is store:
+        return
+    store.store(name="distft_schema", node=Config)
+    _SCHEMA_STORED["store"] = store
+
+
+_SCHEMA_STORED: dict = {}  # register_configs: the ConfigStore instance the schema went into
 
 
 def to_config(cfg: Any) -> Config:
