@@ -2,14 +2,25 @@
 
     python -m distft -m +experiment=tiny_lora technique.lora.r=4,8 train.lr=1e-3,3e-3 \\
         hydra/launcher=submitit_slurm        # writes the summary when the sweep ends
-    python -m distft.sweep outputs/multirun  # writes it again, from what is on disk
+    python -m distft.sweep outputs/multirun  # writes it again, from what is on disk (the newest sweep)
 
-Each point's rank 0 leaves `<sweep dir>/<job num>/point.json` (its overrides and its run
-directory) when it starts; the summary reads every point's `summary.json` from its run directory.
-Written into the sweep directory: `summary.csv` (one row per point, the swept values as
-columns), `summary.md` (the same as a markdown table, best eval loss first) and `summary.png`
-(eval loss after tuning per point, and before it when the base was evaluated). A point that has
-not finished (failed, still running, requeued) is listed with its status and no numbers.
+Each sweep has its own directory, `${run.root}/multirun/<date>_<time>` (conf/config.yaml
+hydra.sweep.dir), holding `sweep.json` (the sweep's id, written when it starts), Hydra's
+`multirun.yaml` and one `<job num>/` per point; the run directories stay where a single run's
+would be (deterministic: the same point run again resumes). A reused `hydra.sweep.dir` gets a new
+id: its summary lists only the points of the latest sweep there.
+
+Each point's rank 0 leaves `<sweep dir>/<job num>/point.json` (its overrides, its run directory and
+the sweep id) when it starts; a rank that fails leaves `failed.rank<N>.json` beside it (its first
+error line), and on SLURM the sweep's watcher (launchers/sweep_watch.py) leaves `failed.job.json`
+for a job that ended without either (killed, out of memory, a rank that left through os._exit).
+The summary reads
+every point's `summary.json` from its run directory. Written into the sweep directory:
+`summary.csv` (one row per point, the swept values as columns), `summary.md` (the same as a
+markdown table, best eval loss first) and `summary.png` (eval loss after tuning per point, and
+before it when the base was evaluated). A point's status is `complete`, `failed: <first error
+line>` (the earliest failure of a rank that was not just a peer's lost connection), or
+`incomplete`: still running or requeued.
 """
 
 from __future__ import annotations
@@ -22,6 +33,8 @@ import logging
 import math
 import os
 import sys
+import time
+import uuid
 from typing import Any, Optional
 
 from distft.files import write_json, write_text
@@ -29,6 +42,8 @@ from distft.files import write_json, write_text
 log = logging.getLogger("distft")
 
 POINT = "point.json"
+SWEEP = "sweep.json"
+FAILED = "failed.{source}.json"  # source: rank<N> (the rank's own error) or job (what the launcher saw)
 SUMMARY_FILES = ("summary.csv", "summary.md", "summary.png")
 METRICS = (  # column, path in a run's summary.json
     ("eval_loss", ("eval_after", "loss")),
@@ -45,14 +60,76 @@ METRICS = (  # column, path in a run's summary.json
 )
 
 
-def write_point(output_dir: str, cfg, overrides: list[str], job_num: int) -> str:
+def start_sweep(sweep_dir: str) -> str:
+    """A new sweep in `sweep_dir`: a fresh id in `sweep.json`, which its points copy into their
+    point.json, so that a reused directory's summary lists only this sweep's points."""
+    os.makedirs(sweep_dir, exist_ok=True)
+    sweep_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    write_json(os.path.join(sweep_dir, SWEEP), {"id": sweep_id, "started": time.time()})
+    return sweep_id
+
+
+def sweep_id(sweep_dir: str) -> Optional[str]:
+    """The id of the latest sweep started in `sweep_dir`; None for a directory without sweep.json."""
+    try:
+        with open(os.path.join(sweep_dir, SWEEP)) as f:
+            return json.load(f).get("id")
+    except (OSError, ValueError):
+        return None
+
+
+def write_point(output_dir: str, cfg, overrides: list[str], job_num: int, sweep: Optional[str] = None) -> str:
     from distft.config import run_dir
 
     os.makedirs(output_dir, exist_ok=True)
+    for stale in glob.glob(os.path.join(output_dir, FAILED.format(source="*"))):  # a reused sweep dir's
+        os.remove(stale)
     path = os.path.join(output_dir, POINT)
     write_json(path, {"job": int(job_num), "overrides": overrides, "run_dir": run_dir(cfg),
-                      "experiment": cfg.run.experiment})
+                      "experiment": cfg.run.experiment, "sweep": sweep})
     return path
+
+
+def error_line(err: BaseException) -> str:
+    """`Type: first line of the message`, what a failed point's status shows."""
+    message = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {message[0]}" if message else type(err).__name__
+
+
+def lost_peer(err: BaseException) -> bool:
+    """True for an error that only says a peer went away (torch.distributed's DistError family,
+    gloo's closed connections): the consequence of another rank's failure, not its cause."""
+    names = {cls.__name__ for cls in type(err).__mro__}
+    text = str(err)
+    return "DistError" in names or "Connection closed by peer" in text or "Connection reset by peer" in text
+
+
+def record_failure(point_dir: str, source: str, error: str, rank: Optional[int] = None, host: str = "",
+                   lost: bool = False) -> str:
+    """Leave `failed.<source>.json` in a point's directory: its error line, where and when."""
+    os.makedirs(point_dir, exist_ok=True)
+    path = os.path.join(point_dir, FAILED.format(source=source))
+    write_json(path, {"error": error[:500], "rank": rank, "host": host, "lost_peer": lost, "time": time.time()})
+    return path
+
+
+def first_failure(point_dir: str) -> Optional[dict]:
+    """The failure that explains a point: the earliest one of a rank that did not merely lose a
+    peer, else the earliest rank's, else the launcher's (`failed.job.json`); None when none."""
+    ranks, job = [], None
+    for path in glob.glob(os.path.join(point_dir, FAILED.format(source="*"))):
+        try:
+            with open(path) as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if os.path.basename(path) == FAILED.format(source="job"):
+            job = record
+        else:
+            ranks.append(record)
+    if ranks:
+        return min(ranks, key=lambda r: (bool(r.get("lost_peer")), r.get("time", 0.0)))
+    return job
 
 
 def _get(data: dict, path: tuple) -> Any:
@@ -64,30 +141,40 @@ def _get(data: dict, path: tuple) -> Any:
 
 
 def collect(sweep_dir: str) -> tuple[list[str], list[dict]]:
-    """(swept keys, one row per point in job order)."""
+    """(swept keys, one row per point of the directory's latest sweep, in job order)."""
+    current = sweep_id(sweep_dir)
     points = []
     for path in glob.glob(os.path.join(sweep_dir, "*", POINT)):
         with open(path) as f:
-            points.append(json.load(f))
-    points.sort(key=lambda p: p["job"])
-    parsed = [dict(o.split("=", 1) for o in p["overrides"] if "=" in o) for p in points]
+            point = json.load(f)
+        if current is None or point.get("sweep") == current:  # an earlier sweep's point: not this summary's
+            points.append((os.path.dirname(path), point))
+    points.sort(key=lambda p: p[1]["job"])
+    parsed = [dict(o.split("=", 1) for o in p["overrides"] if "=" in o) for _, p in points]
     # Swept keys: those whose value differs between points (the rest is the sweep's shared setting).
     keys = sorted({k for values in parsed for k in values})
     swept = [k for k in keys if len({values.get(k) for values in parsed}) > 1] or keys
     rows = []
-    for point, values in zip(points, parsed):
-        summary_path = os.path.join(point["run_dir"], "summary.json")
+    for (point_dir, point), values in zip(points, parsed):
         summary = None
-        if os.path.exists(summary_path):
+        summary_path = os.path.join(point["run_dir"], "summary.json") if point.get("run_dir") else ""
+        failure = first_failure(point_dir)  # this sweep's: write_point clears earlier ones
+        if not failure and summary_path and os.path.exists(summary_path):
             with open(summary_path) as f:
                 summary = json.load(f)
         row = {"job": point["job"], **{k: values.get(k, "") for k in swept}}
-        row["status"] = "complete" if summary else "incomplete"
+        row["status"] = f"failed: {failure['error']}" if failure else "complete" if summary else "incomplete"
         for column, where in METRICS:
             row[column] = _get(summary, where) if summary else None
-        row["run_dir"] = point["run_dir"]
+        row["run_dir"] = point.get("run_dir") or ""
         rows.append(row)
     return swept, rows
+
+
+def latest_sweep(multirun_dir: str) -> Optional[str]:
+    """The newest sweep directory (one holding sweep.json) under `multirun_dir`, or None."""
+    found = glob.glob(os.path.join(multirun_dir, "*", SWEEP))
+    return os.path.dirname(max(found, key=os.path.getmtime)) if found else None
 
 
 def summarize(sweep_dir: str) -> Optional[dict[str, str]]:
@@ -124,10 +211,13 @@ def _write_markdown(path: str, sweep_dir: str, swept: list[str], rows: list[dict
     shown = ["job", *swept, "status", "eval_loss", "eval_loss_base", "exact_match", "f1", "rouge_l",
              "final_train_loss", "steps", "requeues"]
     done = sum(r["status"] == "complete" for r in rows)
+    failed = sum(r["status"].startswith("failed") for r in rows)
     lines = [f"# Sweep {os.path.abspath(sweep_dir)}", "",
-             f"{len(rows)} points, {done} complete; best eval loss first. Run directories in summary.csv.", "",
+             f"{len(rows)} points, {done} complete{f', {failed} failed' if failed else ''}; best eval loss first. "
+             "Run directories in summary.csv.", "",
              "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    lines += ["| " + " | ".join(_fmt(row[c]) for c in shown) + " |" for row in sorted(rows, key=_sort_key)]
+    lines += ["| " + " | ".join(_fmt(row[c]).replace("|", "\\|") for c in shown) + " |"
+              for row in sorted(rows, key=_sort_key)]
     write_text(path, "\n".join(lines) + "\n")
 
 
@@ -165,8 +255,14 @@ except ImportError:  # pragma: no cover - hydra is a dependency
 
 
 class SweepSummary(Callback):
-    """Hydra callback (conf/config.yaml): the summary when a multirun ends, in the submitting
-    process, after every job returned (submitit launchers wait for their jobs)."""
+    """Hydra callback (conf/config.yaml), in the submitting process: a new sweep id when a
+    multirun starts, the summary when it ends after every job returned (submitit launchers wait
+    for their jobs). Hydra's sweeper raises a failed point's error instead of ending the multirun:
+    on submitit_slurm, launchers/sweep_watch.py writes the summary then, once every job ended
+    (elsewhere, `python -m distft.sweep <sweep dir>` does)."""
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        start_sweep(config.hydra.sweep.dir)
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = config.hydra.sweep.dir
@@ -181,15 +277,19 @@ class SweepSummary(Callback):
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distft.sweep", description=__doc__.split("\n\n")[0])
-    parser.add_argument("sweep_dir", help="a multirun directory (hydra.sweep.dir, default outputs/multirun)")
+    parser.add_argument("sweep_dir", help="a sweep directory (hydra.sweep.dir), or the multirun directory above it: its newest sweep")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.sweep_dir):
         print(f"distft.sweep: {args.sweep_dir} is not a directory; give the sweep's directory "
-              "(hydra.sweep.dir, default outputs/multirun)", file=sys.stderr)
+              "(hydra.sweep.dir, default outputs/multirun/<date>_<time>)", file=sys.stderr)
         return 2
-    paths = summarize(args.sweep_dir)
+    sweep_dir = args.sweep_dir
+    if not glob.glob(os.path.join(sweep_dir, "*", POINT)) and latest_sweep(sweep_dir):
+        sweep_dir = latest_sweep(sweep_dir)  # outputs/multirun: the newest sweep in it
+        print(f"distft.sweep: the newest sweep in {args.sweep_dir}: {sweep_dir}", file=sys.stderr)
+    paths = summarize(sweep_dir)
     if paths is None:
-        print(f"distft.sweep: no sweep point in {args.sweep_dir} (no */{POINT}); was it written by "
+        print(f"distft.sweep: no sweep point in {sweep_dir} (no */{POINT}); was it written by "
               "`python -m distft -m ...`?", file=sys.stderr)
         return 2
     with open(paths["md"]) as f:

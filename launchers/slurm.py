@@ -346,6 +346,9 @@ def sweep_launcher_overrides(cfg: Config, argv: list[str]) -> list[str]:
                           if f"hydra.launcher.{key}.{k}" not in given]
             continue
         overrides.append(f"hydra.launcher.{key}={_hydra_value(value)}")
+    if chosen[-1] == "submitit_slurm" and not any(k.startswith("hydra.callbacks.sweep_watch") for k in given):
+        # Waits without sacct and reports failed points once every job ended (launchers/sweep_watch.py).
+        overrides.append("+hydra.callbacks.sweep_watch._target_=distft.launchers.sweep_watch.SweepWatch")
     return overrides
 
 

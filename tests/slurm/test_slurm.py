@@ -144,6 +144,41 @@ def test_a_sweep_on_submitit_slurm_runs_every_point_and_summarizes(slurm_cluster
     assert (sweep / "summary.csv").read_text() == first and (sweep / "summary.png").exists()
 
 
+def test_a_sweep_whose_points_fail_ends_names_their_errors_and_summarizes_its_own_points(slurm_cluster, tmp_path):
+    """Two 1-rank points on this cluster without accounting (sacct fails), with the faults
+    nan_loss:3 and kill_after_save:2 and only a final checkpoint: the 2-step point is SIGKILLed
+    after its checkpoint (no rank can say why), the 3-step one stops on a non-finite loss
+    (train.nonfinite=halt: exit 3). The sweep ends once both ended, without sacct and within a
+    bound; both jobs are FAILED in SLURM; each point's first error is printed; the sweep has its
+    own timestamped directory under run.root/multirun, and its summary lists its two points as
+    `failed: <first error>`. (Completed points' rows: the 2x2 sweep above.)"""
+    started = time.time()
+    proc = distft("-m", "+experiment=tiny_lora", "train.max_steps=2,3", *TINY[1:], "checkpoint.save_every=0",
+                  "train.nonfinite=halt", "hydra/launcher=submitit_slurm", "launcher=slurm", "launcher.nodes=1",
+                  "launcher.time_min=10", f"run.root={tmp_path}", timeout=300,
+                  DISTFT_FAULTS="nan_loss:3,kill_after_save:2")
+    elapsed = time.time() - started
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert elapsed < 180
+    (sweep,) = (tmp_path / "multirun").iterdir()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", sweep.name)
+    assert f"sweep summary: {sweep}/summary.md" in proc.stdout
+    failed = dict(re.findall(r"distft: sweep point (\d) \(.*\) failed: .*\(job (\d+_\d), logs ", proc.stderr))
+    assert sorted(failed) == ["0", "1"], proc.stderr[-3000:]
+    assert all(job_field(job, "JobState") == "FAILED" for job in failed.values())
+    assert job_field(failed["1"], "ExitCode") == "3:0"
+    assert re.search(rf"distft: sweep point 0 \(train.max_steps=2\) failed: job {failed['0']} FAILED \(exit code "
+                     r"137:0\): rank 0 on n\d failed first \(Killed\)", proc.stderr), proc.stderr[-3000:]
+    assert re.search(r"distft: sweep point 1 \(train.max_steps=3\) failed: rank 0 on n\d: NonFiniteError: ",
+                     proc.stderr), proc.stderr[-3000:]
+    with open(sweep / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["job"], r["train.max_steps"], r["eval_loss"]) for r in rows] == [("0", "2", ""), ("1", "3", "")]
+    assert rows[0]["status"].startswith(f"failed: job {failed['0']} FAILED (exit code 137:0)")
+    assert rows[1]["status"].startswith("failed: NonFiniteError: ")
+    assert "2 points, 0 complete, 2 failed" in (sweep / "summary.md").read_text()
+
+
 def test_a_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm_cluster, local_reference, tmp_path):
     """SIGUSR2 (what SLURM sends before a time limit; here `scancel --signal`) mid-run, with no
     periodic checkpoint at all: every rank stops at the next step boundary, the checkpoint of that
