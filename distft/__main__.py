@@ -1,6 +1,9 @@
 """`python -m distft [overrides]`: the command line, distft/cli.py."""
 
-from distft.cli import run_command_line
-
 if __name__ == "__main__":
+    from distft import preemption
+
+    preemption.install()  # first thing: a stop signal or Ctrl-C while the rest imports is handled
+    from distft.cli import run_command_line
+
     run_command_line()

@@ -427,12 +427,18 @@ def _free_name(path: str) -> str:
     return candidate
 
 
-def set_run_aside(run_dir: str) -> Optional[str]:
-    """`resume=false`: move an existing run directory out of the way (never deleted). Rank 0."""
-    if not os.path.isdir(run_dir) or not os.listdir(run_dir):
+def set_run_aside(run_dir: str, keep: tuple[str, ...] = ()) -> Optional[str]:
+    """`resume=false`: move an existing run directory's contents out of the way, into a new
+    directory beside it (never deleted), leaving the names in `keep` (the run's own lock). Rank 0."""
+    if not os.path.isdir(run_dir):
+        return None
+    names = [n for n in sorted(os.listdir(run_dir)) if n not in keep]
+    if not names:
         return None
     aside = _free_name(f"{run_dir}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.replace(run_dir, aside)
+    os.makedirs(aside)
+    for name in names:
+        os.replace(os.path.join(run_dir, name), os.path.join(aside, name))
     return aside
 
 

@@ -22,9 +22,9 @@ from distft.preflight import format_errors, preflight
 
 def _user_error_types() -> tuple:
     # Imported lazily: `--help` and config errors should not pay for torch and transformers.
-    from distft.errors import CheckpointError, DataError, ModelLoadError
+    from distft.errors import CheckpointError, DataError, ModelLoadError, RunInUse
 
-    return (DataError, CheckpointError, ModelLoadError)
+    return (DataError, CheckpointError, ModelLoadError, RunInUse)
 
 
 _ARGV: list[str] = []  # the command line, for launchers that re-run it as rank processes
@@ -66,15 +66,18 @@ def hydra_entry(dict_cfg) -> None:
         )
         sys.exit(2)
     from distft.errors import NonFiniteError
-    from distft.preemption import EXIT_STOPPED, Preempted
+    from distft.preemption import EXIT_INTERRUPTED, Preempted
     from distft.train import train
 
     _record_sweep_point(cfg, env)
     try:
         train(cfg)
-    except Preempted as err:  # the scheduler's signal: checkpoint saved; requeued or not
+    except Preempted as err:  # a stop signal or Ctrl-C: checkpoint saved; requeued, exit 4 or 130
         print(f"distft: {err}", file=sys.stderr)
-        sys.exit(0 if err.requeued else EXIT_STOPPED)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C before training started (preemption._interrupt): nothing to save
+        print("distft: interrupted (Ctrl-C) before training started; nothing was trained or saved", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except NonFiniteError as err:  # the run itself went wrong, not its input: exit 3
         print(f"distft: {err}", file=sys.stderr)
         sys.exit(3)
@@ -183,6 +186,9 @@ def _secret_variable(key: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from distft import preemption
+
+    preemption.install()  # before anything slow: a signal during start-up is handled too
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, secret_env, errors = secrets_to_environment(argv)  # first: nothing else sees a secret
     flags = [a for a in argv if a.startswith("-")]
@@ -226,6 +232,9 @@ def run_command_line() -> None:
     """`python -m distft`: main() on sys.argv, then a fast exit (exit_now) with its code."""
     try:
         main()
+    except KeyboardInterrupt:  # Ctrl-C while composing or checking the config: nothing started
+        print("distft: interrupted (Ctrl-C); nothing was started", file=sys.stderr)
+        exit_now(130)
     except SystemExit as done:
         code = done.code
         if code is not None and not isinstance(code, int):
@@ -247,6 +256,9 @@ class RankTask:
     argv: list[str]
 
     def __call__(self) -> None:
+        from distft import preemption
+
+        preemption.install()  # replaces submitit's handlers (which ignore SIGTERM)
         from distft.launchers.slurm import RANK_MARKER, rank_environment
 
         os.environ[RANK_MARKER] = "1"

@@ -26,3 +26,8 @@ class NonFiniteError(Exception):
 
 class TemplateError(Exception):
     """The tokenizer or template cannot render rows at all; data.py turns it into a DataError."""
+
+
+class RunInUse(Exception):
+    """The run directory is held by another live run (distft/runlock.py); the message names the
+    holder (pid and host, SLURM job) and what to do."""

@@ -273,6 +273,21 @@ def _generate_full_forward(
     return new_tokens
 
 
+class EvalInterrupted(Exception):
+    """A stop signal arrived during an evaluation (evaluate_model's `should_stop`)."""
+
+
+def _check_stop(should_stop: Optional[Callable[[], bool]]) -> None:
+    if should_stop is not None and should_stop():
+        raise EvalInterrupted
+
+
+def _stoppable(batches: Iterable[dict], should_stop: Callable[[], bool]):
+    for batch in batches:
+        _check_stop(should_stop)
+        yield batch
+
+
 def generate_answers(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -282,6 +297,7 @@ def generate_answers(
     device: torch.device | str,
     autocast_ctx: Any = None,
     stop_ids: Sequence[int] = (),
+    should_stop: Optional[Callable[[], bool]] = None,
 ) -> list[str]:
     """Greedy answers to `prompts`, in order: the decoded new tokens up to the first stop token
     (`_eos_ids`), stripped.
@@ -306,6 +322,7 @@ def generate_answers(
     answers: list[str] = [""] * len(encoded)
     with _eval_mode(model), _autocast(autocast_ctx):
         for start in range(0, len(order), batch_size):
+            _check_stop(should_stop)
             indices = order[start : start + batch_size]
             outputs = decode_batch(model, [encoded[i] for i in indices], max_new_tokens, eos_ids, pad_id, device)
             for i, tokens in zip(indices, outputs):
@@ -323,8 +340,12 @@ def evaluate_model(
     device: torch.device | str,
     autocast_ctx: Any = None,
     stop_ids: Sequence[int] = (),
+    should_stop: Optional[Callable[[], bool]] = None,
 ) -> dict[str, Any]:
     """Held-out loss and generation metrics of one model, plus the scored samples.
+
+    `should_stop` (the trainer's stop signal, a collective: every rank calls it at the same
+    points) is asked before each batch; when it says stop, EvalInterrupted is raised.
 
     Keys: loss, perplexity, tokens (None when `eval_batches` is None); exact_match,
     exact_match_strict, f1, rouge_l, num_generated (metrics None when no rows are scored); per_task
@@ -333,12 +354,14 @@ def evaluate_model(
     """
     result: dict[str, Any] = {"loss": None, "perplexity": None, "tokens": None}
     if eval_batches is not None:
+        if should_stop is not None:
+            eval_batches = _stoppable(eval_batches, should_stop)
         result.update(held_out_loss(model, eval_batches, device, autocast_ctx))
 
     rows = list(itertools.islice(eval_rows, cfg.num_samples))
     predictions = generate_answers(
         model, tokenizer, [r.get("prompt_ids") or r["prompt"] for r in rows], cfg.max_new_tokens, cfg.batch_size,
-        device, autocast_ctx, stop_ids=stop_ids,
+        device, autocast_ctx, stop_ids=stop_ids, should_stop=should_stop,
     )
     references = [r["reference"] for r in rows]
     result.update(generation_metrics(predictions, references) if rows else dict.fromkeys(GENERATION_METRICS))

@@ -8,6 +8,8 @@ out):
     nan_loss:5:1               rank 1's loss at step 5 becomes NaN (before backward)
     nan_weights:3              a trainable weight becomes NaN right after step 3's update
     raise_at_step:3:1          rank 1 raises an error at step 3 (a crash on one node)
+    signal_at:final:USR2       the process sends itself SIGUSR2 as it enters a phase of the run
+                               (preemption.PHASES: start-up, loading, training, final, finished)
 
 A fault fires once per process. Nothing reads the variable unless it is set, and it is never set
 by distft itself: it exists so that resume, commit and non-finite handling are tested by killing
@@ -61,3 +63,21 @@ def crash(step: int) -> None:
     """A `raise_at_step` fault: this rank fails with an ordinary Python error, the others do not."""
     if _active("raise_at_step", step):
         raise RuntimeError(f"injected fault (DISTFT_FAULTS): rank {os.environ.get('RANK', '0')} fails at step {step}")
+
+
+def signal_at(phase: str) -> None:
+    """A `signal_at:<phase>:<SIGNAL>[:rank]` fault: this process sends itself the signal, for real,
+    as the run enters `phase` (preemption.set_phase), so every phase's handling is tested at a
+    known instant instead of by racing a timer."""
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    rank = int(os.environ.get("RANK", "0"))
+    for fault in spec.split(","):
+        parts = fault.strip().split(":")
+        if parts[0] != "signal_at" or parts[1] != phase or fault in _fired:
+            continue
+        if len(parts) > 3 and int(parts[3]) != rank:
+            continue
+        _fired.add(fault)
+        os.kill(os.getpid(), getattr(signal, "SIG" + parts[2].upper().removeprefix("SIG")))

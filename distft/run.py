@@ -42,6 +42,9 @@ class TrainState:
     # Over the applied steps: the run's token-weighted mean loss.
     train_loss_sum: float = 0.0
     train_loss_tokens: int = 0
+    # The last applied step's loss: a rerun from the final checkpoint (after a stop during the
+    # final evaluation) takes no step and still reports it.
+    last_train_loss: Optional[float] = None
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -29,6 +29,7 @@ from distft.config import Config, config_hash, grad_accum_steps, model_label, to
 from distft.config import run_dir as config_run_dir
 from distft.engines import autocast_dtype
 from distft.errors import CheckpointError, NonFiniteError
+from distft.evaluate import EvalInterrupted
 from distft.files import write_json, write_text
 from distft.model import IGNORE_INDEX, token_loss
 from distft.preemption import StopSignal, requeue_count
@@ -62,6 +63,8 @@ def write_config_dump(cfg: Config, run_dir: str) -> None:
 
 def train(cfg: Config) -> dict:
     """Train, evaluate against the base, checkpoint and report. Returns the summary dict."""
+    from distft import preemption
+
     info = dist.from_env()
     setup_logging(info.rank)
     _quiet_libraries()
@@ -78,24 +81,48 @@ def train(cfg: Config) -> dict:
     # is left to the caller; the one made here (or by the engine: DeepSpeed's 1-rank group) goes with the run.
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     dist.init(info, cfg.parallel.backend, cfg.parallel.timeout_s, device)
-    # Installed before the data and the model are loaded: a signal that comes during that still
-    # stops the run, after its first step.
+    # The handlers were installed when the process started (preemption.install, by the entry
+    # point); a signal that came before now still stops the run, before its first step.
     stop = StopSignal(cfg, device)
+    lock = None
     try:
+        lock = _own_run_dir(run_dir, info)
+        preemption.set_phase("loading")
         return _start(cfg, info, run_dir, device, stop)
     finally:
+        if lock is not None:
+            lock.release()
         stop.close()
         if owns_group:
             dist.shutdown()
 
 
+def _own_run_dir(run_dir: str, info):
+    """Rank 0 takes the run directory's lock (distft/runlock.py) before anything in it is read or
+    moved; every rank learns whether it did, and all refuse together when another run holds it."""
+    from distft.errors import RunInUse
+    from distft.runlock import acquire
+
+    lock, refusal = None, None
+    if info.is_main:
+        try:
+            lock = acquire(run_dir)
+        except RunInUse as err:
+            refusal = str(err)
+    refusal = dist.all_gather_object(refusal)[0]
+    if refusal:
+        raise RunInUse(refusal)
+    return lock
+
+
 def _start(cfg: Config, info, run_dir: str, device: torch.device, stop) -> dict:
     """Resume, start over (resume=false, old run set aside) or report a finished run."""
     from distft.checkpoint import resume_conflicts, set_run_aside
+    from distft.runlock import LOCK
 
     if not cfg.resume:
         if info.is_main:
-            aside = set_run_aside(run_dir)
+            aside = set_run_aside(run_dir, keep=(LOCK,))
             if aside:
                 log.info("resume=false: the previous run in %s was moved to %s", run_dir, aside)
         dist.barrier()
@@ -128,36 +155,82 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
 
 
 def _fit_and_finish(run: Run, run_dir: str, summary_path: str, stop) -> dict:
+    from distft import preemption
+    from distft.checkpoint import find_resumable
     from distft.techniques import base_model_context
 
     cfg, info = run.cfg, run.info
+    checkpoint = find_resumable(run_dir)  # verified against its manifest, pickles scanned
+    if checkpoint is None:  # starting from step 0: what an earlier attempt logged is not this run's
+        if info.is_main:
+            _set_attempt_aside(run_dir)
+        dist.barrier()
     tracker = Tracker(cfg, run_dir, info.rank, run_id=_tracker_run_id(cfg, run_dir, info))
     state = TrainState()
     checkpointer = Checkpointer(run, run_dir, state)
-    resumed_from = checkpointer.resume(tracker)
-    if resumed_from is None and cfg.eval.compare_base:
-        with base_model_context(run.engine.unwrapped()):
-            state.eval_before = _evaluate(run)
-        log.info("base model: %s", _fmt_eval(state.eval_before))
-        tracker.log(0, {"eval_loss": state.eval_before["loss"]})
+    resumed_from = checkpointer.resume(checkpoint, tracker) if checkpoint else None
+    preemption.set_phase("training")
+    if resumed_from is None and cfg.eval.compare_base and not stop.requested():
+        try:
+            with base_model_context(run.engine.unwrapped()):
+                state.eval_before = _evaluate(run, stop)
+        except EvalInterrupted:
+            state.eval_before = None
+        else:
+            log.info("base model: %s", _fmt_eval(state.eval_before))
+            tracker.log(0, {"eval_loss": state.eval_before["loss"]})
     if resumed_from is None:
         # Each rank its own dropout stream (the model was built identically on every rank above).
         torch.manual_seed(cfg.train.seed + info.rank)
-    last_loss, stopped = fit(run, state, tracker, checkpointer, stop)
+    stopped = fit(run, state, tracker, checkpointer, stop)
     trained_bytes = run.memory.training()  # before the final evaluation and save
     if stopped:  # whatever checkpoint.save_every says, the work so far is kept; then requeue
-        saved = checkpointer.last if checkpointer.last_step == state.step else checkpointer.save(state.step)
-        preempted = stop.stop(state.step, saved, info.is_main)
-        tracker.finish()
-        dist.barrier()
-        raise preempted
-    return finish(run, state, tracker, checkpointer, summary_path, last_loss, resumed_from, trained_bytes)
+        _stop(run, state, tracker, checkpointer, stop)
+    preemption.set_phase("final")
+    return finish(run, state, tracker, checkpointer, summary_path, resumed_from, trained_bytes, stop)
 
 
-def fit(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpointer, stop) -> tuple[float, bool]:
+def _stop(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpointer, stop, when: str = "") -> None:
+    """Every rank, after a stop signal: the checkpoint of the step reached (unless it is saved
+    already, or nothing was trained), then requeue or exit (raises Preempted)."""
+    if checkpointer.last_step == state.step:
+        saved = checkpointer.last  # the final save, the periodic one of this step, or the resumed checkpoint
+    elif state.step == 0:
+        saved = None
+    else:
+        saved = checkpointer.save(state.step)
+    if not when and state.step == checkpointer.resumed_step:
+        when = "before its first step" if state.step == 0 else f"before its first step after step {state.step}"
+    preempted = stop.stop(state.step, saved, run.info.is_main, when=when)
+    tracker.finish()
+    dist.barrier()
+    raise preempted
+
+
+def _set_attempt_aside(run_dir: str) -> None:
+    """Rank 0, when a run starts from step 0 in a directory an earlier attempt used (it stopped
+    before its first checkpoint): its metrics, plot, report and W&B id move to
+    `attempts/<time>/` (kept, never deleted), so this run's curve and W&B run start clean instead
+    of appending to the old ones."""
+    leftovers = [n for n in ("metrics.jsonl", "tracker_run_id", "wandb", "loss.png", REPORT)
+                 if os.path.exists(os.path.join(run_dir, n))]
+    if not leftovers:
+        return
+    aside = os.path.join(run_dir, "attempts", time.strftime("%Y%m%d-%H%M%S"))
+    n = 1
+    while os.path.exists(aside):
+        aside, n = f"{aside.rsplit('.', 1)[0]}.{n}", n + 1
+    os.makedirs(aside)
+    for name in leftovers:
+        os.replace(os.path.join(run_dir, name), os.path.join(aside, name))
+    log.warning("no checkpoint to resume from: training starts at step 0; what an earlier attempt left (%s) was "
+                "moved to %s", ", ".join(leftovers), aside)
+
+
+def fit(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpointer, stop) -> bool:
     """The optimizer steps, from state.step to train.max_steps: periodic evaluation (and early
-    stopping), periodic saves, and the scheduler's stop signal. Returns (the last applied step's
-    loss, whether the signal stopped it)."""
+    stopping), periodic saves, and the stop signals. Returns whether a signal stopped it (the last
+    applied step's loss is state.last_train_loss)."""
     cfg, engine, info = run.cfg, run.engine, run.info
     accum = grad_accum_steps(cfg)
     # fp16: an inf grad norm with a finite loss is the loss scaler's own overflow skip, not a fault.
@@ -169,10 +242,10 @@ def fit(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpointe
     offloaded = cfg.parallel.fsdp.cpu_offload if cfg.parallel.strategy == "fsdp" else (
         cfg.parallel.strategy == "zero3" and cfg.parallel.deepspeed.offload_param)
     engine.train()
-    last_loss = math.nan
     steps_here = 0  # optimizer steps taken by this process (a resumed run starts later)
-    stopped = False  # by the scheduler's "time is nearly up" (StopSignal): checkpoint and requeue
-    while state.step < cfg.train.max_steps:
+    # A signal during start-up or loading (StopSignal): stop before the first step, nothing new to save.
+    stopped = state.step < cfg.train.max_steps and stop.requested()
+    while state.step < cfg.train.max_steps and not stopped:
         started = time.time()
         micro_batches = [next(iterator) for _ in range(accum)]
         lr = engine.lr()  # what this step applies: the scheduler moves it on after the update
@@ -192,7 +265,7 @@ def fit(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpointe
         else:
             if not offloaded:
                 _check_weights_finite(engine, step)
-            last_loss = loss_total / max(step_targets, 1)
+            last_loss = state.last_train_loss = loss_total / max(step_targets, 1)
             state.train_loss_sum += loss_total
             state.train_loss_tokens += int(step_targets)
             tokens_per_s = step_tokens / max(step_time, 1e-9)
@@ -214,20 +287,28 @@ def fit(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpointe
             break
     progress.close()
     checkpointer.finish()
-    return last_loss, stopped
+    return stopped
 
 
 def finish(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpointer, summary_path: str,
-           last_loss: float, resumed_from: Optional[str], trained_bytes: int) -> dict:
-    """After the last step: the final evaluation, the final save, the report and the summary."""
+           resumed_from: Optional[str], trained_bytes: int, stop) -> dict:
+    """After the last step: the final save, then the final evaluation, the report and the summary.
+
+    Saved first: a stop signal during the evaluation (a time limit) then loses nothing trained;
+    the run requeues (or exits 4 / 130) and its rerun resumes from the final checkpoint, takes no
+    step, and only evaluates and reports."""
+    from distft import preemption
     from distft.evaluate import metrics_only, write_report
 
     cfg, info, run_dir = run.cfg, run.info, checkpointer.run_dir
     eval_before = state.eval_before
-    eval_after = _evaluate(run)
+    final_checkpoint = checkpointer.last if checkpointer.last_step == state.step else checkpointer.save(state.step)
+    try:
+        eval_after = _evaluate(run, stop)
+    except EvalInterrupted:
+        _stop(run, state, tracker, checkpointer, stop, when=f"during the final evaluation, after step {state.step}")
     log.info("tuned model: %s", _fmt_eval(eval_after))
     tracker.log(state.step, {"eval_loss": eval_after["loss"]})
-    final_checkpoint = checkpointer.save(state.step)
 
     tokens_per_s = state.train_tokens / max(state.train_time_s, 1e-9)
     arch = run.model.config  # the real architecture (a local checkpoint's config.json wins over the preset)
@@ -257,7 +338,7 @@ def finish(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpoi
         "peak_memory_gb": round(run.memory.process_peak() / 2**30, 3),
         "peak_memory_kind": "cuda_allocated" if run.memory.cuda else "host_rss",
         "memory": memory_report,
-        "final_train_loss": last_loss,  # the last step's (token-weighted) loss
+        "final_train_loss": state.last_train_loss,  # the last step's (token-weighted) loss
         # Token-weighted mean over every applied step of the run, resumes included: what Hugging
         # Face's Trainer reports as train_loss (it averages per-step losses; same with equal batches).
         "mean_train_loss": state.train_loss_sum / state.train_loss_tokens if state.train_loss_tokens else None,
@@ -288,6 +369,7 @@ def finish(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpoi
             )
         log.info("report: %s", os.path.join(run_dir, REPORT))
         log.info("summary: %s", summary_path)
+    preemption.set_phase("finished")  # from here a signal has nothing to stop: the run is complete
     tracker.finish()
     dist.barrier()  # leave together: a rank tearing its process group down early can abort its peers
     return summary
@@ -408,12 +490,15 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def _evaluate(run: Run) -> dict:
+def _evaluate(run: Run, stop=None) -> dict:
+    """The base's or the tuned model's evaluation; with `stop`, a stop signal ends it at the next
+    batch (every rank alike) by raising EvalInterrupted."""
     from distft.evaluate import evaluate_model
 
     engine = run.engine
     result = evaluate_model(engine.unwrapped(), run.tokenizer, run.held_out, run.data.eval_rows, run.cfg.eval,
-                            engine.device, stop_ids=run.data.stop_ids, autocast_ctx=engine.autocast)
+                            engine.device, stop_ids=run.data.stop_ids, autocast_ctx=engine.autocast,
+                            should_stop=stop.requested if stop is not None else None)
     engine.train()
     return result
 
@@ -446,7 +531,8 @@ class Checkpointer:
     def __init__(self, run: Run, run_dir: str, state: TrainState):
         self.run, self.run_dir, self.state = run, run_dir, state
         self.pending = None
-        self.last, self.last_step = None, None  # the newest checkpoint this run committed
+        self.last, self.last_step = None, None  # the newest checkpoint this run committed (or resumed from)
+        self.resumed_step = 0  # the step this process started from
 
     def save(self, step: int, background: bool = False) -> Optional[str]:
         """Every rank. Returns the committed directory, or None while it is written in the background."""
@@ -485,19 +571,16 @@ class Checkpointer:
         self.last, self.last_step = commit_checkpoint(pending), pending.step
         return self.last
 
-    def resume(self, tracker: Tracker) -> Optional[str]:
-        """Continue from the newest complete checkpoint of the run directory, if there is one:
+    def resume(self, checkpoint: str, tracker: Tracker) -> str:
+        """Continue from `checkpoint` (the run directory's newest sound one: find_resumable):
         weights, optimizer and schedule, data position, loop counters and every rank's RNG, so the
         rest of the run is the one an uninterrupted run would have had. Metrics logged after that
         step are dropped. On another number of ranks the state is resharded; the dropout streams
         (per-rank RNG) are then reseeded, so the run continues validly but not bit for bit."""
-        from distft.checkpoint import STATE_DIR, find_resumable, load_rng, read_trainer_state
+        from distft.checkpoint import STATE_DIR, load_rng, read_trainer_state
         from distft.safe_load import refusal, weights_only_loads
 
         run, state = self.run, self.state
-        checkpoint = find_resumable(self.run_dir)  # verified against its manifest, pickles scanned
-        if checkpoint is None:
-            return None
         trainer_state = read_trainer_state(checkpoint)
         try:
             with weights_only_loads():  # and every torch.load of the engine's loader through the allow-list
@@ -518,6 +601,8 @@ class Checkpointer:
             log.info("resharded from %d to %d ranks: dropout streams reseeded", trainer_state["world_size"],
                      run.info.world_size)
         tracker.truncate_after(state.step)
+        self.last, self.last_step = checkpoint, state.step  # nothing to save again at this step
+        self.resumed_step = state.step
         log.info("resuming from %s (step %d)", checkpoint, state.step)
         return checkpoint
 

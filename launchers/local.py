@@ -1,54 +1,164 @@
-"""Local multi-process launch through torch's elastic agent (what `torchrun` runs).
+"""Local multi-process launch: `launcher.nproc_per_node` rank processes of the same command line.
 
 `python -m distft launcher.nproc_per_node=N parallel=ddp` re-runs the same command line as N
-rank processes. The agent sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR for each, watches them,
-and when one dies it stops the others and reports which rank failed: the job ends with a non-zero
-exit and leaves no orphan behind, instead of the survivors waiting in a collective until the
-timeout. With `launcher.nnodes` > 1 the same command runs on every node and the agents meet at
-`launcher.rdzv_endpoint` (c10d rendezvous, no SLURM needed).
+rank processes on this machine (`launch_ranks`). The launcher is what a shell, a person or a
+scheduler sees as the job, so it behaves like one process:
+- the ranks are in its process group (what Ctrl-C, `kill -- -PGID` and job control reach) and die
+  with it (a parent-death signal: `kill -9` of the launcher alone leaves no rank training on);
+- a signal sent to the launcher alone (`kill -USR2 <pid>`, the documented stop; SIGINT, SIGTERM,
+  SIGHUP) is forwarded to every rank; one the terminal already sent to the whole group (Ctrl-C) is
+  not sent twice (told apart by the sender, `siginfo.si_code`);
+- when a rank fails, the others are stopped (SIGTERM: their prompt exit, distft/preemption.py)
+  and one line names the rank that failed first and how; no survivor waits in a collective;
+- its exit code is the ranks' own when they agree (0, 2 bad input, 3 non-finite, 4 stopped by the
+  signal, 130 Ctrl-C), else 1.
+
+With `launcher.nnodes` > 1 the same command runs on every node and torch's elastic agent
+(what `torchrun` runs) meets the other nodes at `launcher.rdzv_endpoint` (c10d rendezvous, no
+SLURM needed); its ranks get the same parent-death signal, and the stop signal is added to the
+signals the agent forwards.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
+import socket
+import subprocess
 import sys
+import time
 import uuid
 from typing import Optional
 
 from distft.config import Config, config_hash
+from distft.preemption import LAUNCHER_PID
 
 log = logging.getLogger("distft")
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+SI_KERNEL = 0x80  # siginfo.si_code of a signal the kernel sent: the terminal's Ctrl-C to the whole group
+ORDERLY_EXITS = (0, 2, 3, 4, 130)  # what a rank returns on its own (distft/cli.py), failures aside
+STOP_GRACE_S = 10.0  # after SIGTERM, how long the survivors of a failed rank get before SIGKILL
 
 
 def launch(cfg: Config, argv: list[str]) -> int:
     """Run `python -m distft <argv>` as `launcher.nproc_per_node` local ranks; returns the exit code."""
+    if cfg.launcher.nnodes > 1:
+        return _launch_elastic(cfg, argv)
+    return launch_ranks(cfg.launcher.nproc_per_node, [sys.executable, "-m", "distft", *argv],
+                        monitor_interval_s=cfg.launcher.monitor_interval_s)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_ranks(nproc: int, command: list[str], monitor_interval_s: float = 0.5, env: Optional[dict] = None) -> int:
+    """Start `command` as `nproc` ranks of one process group (env:// rendezvous on this machine),
+    watch them, forward signals, and return the job's exit code (module docstring)."""
+    base = dict(os.environ if env is None else env)
+    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(nproc),
+                LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", TORCHELASTIC_RUN_ID=str(uuid.uuid4()),
+                **{LAUNCHER_PID: str(os.getpid())})
+    # Blocked here, handled below by sigtimedwait; inherited blocked by the ranks, which unblock
+    # them once their handlers are in (preemption.install): none is lost while a rank starts.
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+    ranks: list[subprocess.Popen] = []
+    try:
+        for rank in range(nproc):
+            ranks.append(subprocess.Popen(command, env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
+        return _watch(ranks, monitor_interval_s)
+    finally:
+        for proc in ranks:  # only after an error in the launcher itself: never leave a rank behind
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+
+
+def _watch(ranks: list[subprocess.Popen], interval: float) -> int:
+    pids = {proc.pid for proc in ranks}
+    first_failure: Optional[tuple[int, int]] = None  # (rank, returncode)
+    stopping_since: Optional[float] = None
+    while True:
+        codes = [proc.poll() for proc in ranks]
+        for rank, code in enumerate(codes):
+            if code is not None and code not in ORDERLY_EXITS and first_failure is None:
+                first_failure = (rank, code)
+        if all(code is not None for code in codes):
+            break
+        if first_failure is not None:
+            if stopping_since is None:
+                stopping_since = time.time()
+                _signal_all(ranks, signal.SIGTERM)
+            elif time.time() - stopping_since > STOP_GRACE_S:
+                _signal_all(ranks, signal.SIGKILL)
+        info = signal.sigtimedwait(FORWARDED, interval)
+        if info is not None and info.si_code != SI_KERNEL and info.si_pid not in pids:
+            _signal_all(ranks, info.si_signo)  # sent to the launcher alone: every rank gets it
+    codes = [proc.returncode for proc in ranks]
+    if first_failure is None and len(set(codes)) == 1:
+        return codes[0]
+    if first_failure is None:  # ranks that disagree without failing (one stopped, one finished): say so
+        first_failure = next((r, c) for r, c in enumerate(codes) if c != 0)
+    print(f"distft: {describe_failure(ranks, *first_failure)}", file=sys.stderr, flush=True)
+    return 1
+
+
+def _signal_all(ranks: list[subprocess.Popen], signum: int) -> None:
+    for proc in ranks:
+        if proc.poll() is None:
+            try:
+                proc.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+
+def describe_failure(ranks: list[subprocess.Popen], rank: int, code: int) -> str:
+    """One line naming the rank that failed first; the others were stopped after it."""
+    how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+    others = len(ranks) - 1
+    return (f"rank {rank} (pid {ranks[rank].pid}) failed first, with {how}"
+            + (f"; the job's other rank{'s' if others > 1 else ''} were stopped" if others else ""))
+
+
+def _launch_elastic(cfg: Config, argv: list[str]) -> int:
+    """Several nodes without SLURM: torch's elastic agent meets the other nodes' agents at
+    launcher.rdzv_endpoint and starts this node's ranks."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from distft.preemption import signal_number
+
     launcher = cfg.launcher
-    standalone = launcher.nnodes == 1
     config = LaunchConfig(
         min_nodes=launcher.nnodes,
         max_nodes=launcher.nnodes,
         nproc_per_node=launcher.nproc_per_node,
         rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0" if standalone else launcher.rdzv_endpoint,
+        rdzv_endpoint=launcher.rdzv_endpoint,
         rdzv_configs={"timeout": cfg.parallel.timeout_s},
-        # A unique id for a single node; every node of a multi-node job must share one.
-        run_id=str(uuid.uuid4()) if standalone else f"distft-{cfg.run.experiment}-{config_hash(cfg)}",
+        run_id=f"distft-{cfg.run.experiment}-{config_hash(cfg)}",  # every node of the job shares it
         max_restarts=0,  # restarting in place is the SLURM requeue's job, with resume
         monitor_interval=launcher.monitor_interval_s,
         start_method="spawn",
     )
+    stop = signal.Signals(signal_number(launcher.signal)).name
+    handled = os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT")
+    if stop not in handled.split(","):
+        os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = f"{handled},{stop}"  # forwarded to the ranks
+    os.environ[LAUNCHER_PID] = str(os.getpid())
     try:
         # Ranks inherit this process's environment, which is where the entry point put any secret
         # given on the command line (distft.cli.secrets_to_environment): `argv` has none, so
         # no rank's command line (visible to every user in `ps`) carries one.
         elastic_launch(config, entrypoint=sys.executable)("-m", "distft", *argv)
     except ChildFailedError as err:
-        print(f"distft: {describe_failure(err.failures)}", file=sys.stderr)
+        print(f"distft: {describe_elastic_failure(err.failures)}", file=sys.stderr)
         return 1
     return 0
 
@@ -115,7 +225,7 @@ def plan_refusal(cfg: Config, gpus: Optional[LocalGPUs] = None, argv: Optional[l
         return None
 
 
-def describe_failure(failures: dict) -> str:
+def describe_elastic_failure(failures: dict) -> str:
     """One line naming the rank(s) that died first. The agent stops the survivors with SIGTERM,
     so those are the consequence, not the cause (its timestamps have one-second resolution)."""
     causes = {r: f for r, f in failures.items() if f.exitcode != -signal.SIGTERM} or failures
