@@ -258,12 +258,13 @@ def test_train_state_round_trips_and_reads_older_checkpoints():
     saved = json.loads(json.dumps(state.state_dict()))
     assert set(saved) == {"step", "train_tokens", "train_target_tokens", "train_time_s", "best_eval_loss",
                           "evals_without_improvement", "stopped_early", "eval_before", "nonfinite_steps",
-                          "train_loss_sum", "train_loss_tokens"}
+                          "train_loss_sum", "train_loss_tokens", "last_train_loss"}
     loaded = TrainState()
     loaded.load_state_dict(saved)
     assert loaded == state
-    older = {k: v for k, v in saved.items() if k not in ("train_loss_sum", "train_loss_tokens")}
+    older = {k: v for k, v in saved.items() if k not in ("train_loss_sum", "train_loss_tokens", "last_train_loss")}
     fresh = TrainState()
     fresh.load_state_dict({**older, "a_key_from_elsewhere": 1})
     assert fresh.step == 7 and fresh.train_loss_sum == 0.0 and fresh.train_loss_tokens == 0
+    assert fresh.last_train_loss is None
     assert json.loads(json.dumps(TrainState().state_dict()))["best_eval_loss"] == math.inf
