@@ -80,15 +80,22 @@ def hydra_entry(dict_cfg) -> None:
         sys.exit(EXIT_INTERRUPTED)
     except NonFiniteError as err:  # the run itself went wrong, not its input: exit 3
         print(f"distft: {err}", file=sys.stderr)
+        _sweep_point_failed(err, env)
         sys.exit(3)
     except _user_error_types() as err:
         print(f"distft: {err}", file=sys.stderr)
+        _sweep_point_failed(err, env)
         sys.exit(2)
-    except Exception:
+    except Exception as err:
         if env.world_size > 1:  # name the rank: its peers are about to be stopped by the launcher
             import socket
 
             print(f"distft: rank {env.rank} of {env.world_size} on {socket.gethostname()} failed:", file=sys.stderr)
+        if _sweep_point_failed(err, env):  # a submitit job: Hydra would catch it and SLURM record COMPLETED
+            import traceback
+
+            traceback.print_exc()
+            sys.exit(1)
         raise
 
 
@@ -113,9 +120,30 @@ def _record_sweep_point(cfg, env) -> None:
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN or env.rank != 0:
         return
-    from distft.sweep import write_point
+    from distft.sweep import sweep_id, write_point
 
-    write_point(hydra_cfg.runtime.output_dir, cfg, list(hydra_cfg.overrides.task), hydra_cfg.job.num)
+    write_point(hydra_cfg.runtime.output_dir, cfg, list(hydra_cfg.overrides.task), hydra_cfg.job.num,
+                sweep_id(hydra_cfg.sweep.dir))
+
+
+def _sweep_point_failed(err: BaseException, env) -> bool:
+    """In a sweep, any failing rank leaves its error line beside point.json (distft/sweep.py
+    record_failure) for the summary and the launcher. Returns True in a submitit job: the caller
+    then exits non-zero, so that the job ends FAILED (an exception would be caught by Hydra's
+    run_job, pickled as the job's result and the job recorded COMPLETED 0:0)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return False
+    import socket
+
+    from distft.sweep import error_line, lost_peer, record_failure
+
+    record_failure(hydra_cfg.runtime.output_dir, f"rank{env.rank}", error_line(err), rank=env.rank,
+                   host=socket.gethostname(), lost=lost_peer(err))
+    return bool(os.environ.get("SUBMITIT_EXECUTOR"))
 
 
 def secrets_to_environment(argv: list[str]) -> tuple[list[str], dict[str, str], list[str]]:
