@@ -231,6 +231,12 @@ def submit(cfg: Config, argv: list[str], task) -> int:
         print("distft: not submitted, nothing queued:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
         return 2
     run_dir = config_run_dir(cfg)
+    from distft.runlock import check as run_dir_in_use
+
+    busy = run_dir_in_use(run_dir)  # the same run already running (or requeued, waiting): not twice
+    if busy:
+        print(f"distft: not submitted, nothing queued: {busy}", file=sys.stderr)
+        return 2
     folder = os.path.abspath(cfg.launcher.log_dir or os.path.join(run_dir, "slurm"))
     os.makedirs(folder, exist_ok=True)
     job = executor(cfg, folder, partition).submit(task)
@@ -242,7 +248,10 @@ def submit(cfg: Config, argv: list[str], task) -> int:
     if not cfg.launcher.wait:
         print(f"  follow:  tail -f {rank_log(folder, job.job_id, 0)}   (state: squeue -j {job.job_id})", flush=True)
         return 0
-    state = follow(job.job_id, rank_log(folder, job.job_id, 0))
+    try:
+        state = follow(job.job_id, rank_log(folder, job.job_id, 0))
+    except KeyboardInterrupt:
+        return 130  # follow() said the job keeps running, and how to follow or cancel it
     return 0 if state == "COMPLETED" else 1
 
 
@@ -250,48 +259,113 @@ def rank_log(folder: str, job_id: str, rank: int) -> str:
     return os.path.join(folder, f"{job_id}_{rank}_log.out")
 
 
+def job_fields(job_id: str) -> dict[str, str]:
+    """The controller's view of a job (`scontrol show job`); {} once it forgot the job."""
+    result = _run(["scontrol", "show", "job", str(job_id), "--oneliner"])
+    return dict(re.findall(r"(\w+)=(\S+)", result.stdout)) if result.returncode == 0 else {}
+
+
 def job_state(job_id: str) -> tuple[str, str]:
     """(state, exit code) from the controller; ('UNKNOWN', '') once it forgot the job."""
-    result = _run(["scontrol", "show", "job", str(job_id), "--oneliner"])
-    fields = dict(re.findall(r"(\w+)=(\S+)", result.stdout))
+    fields = job_fields(job_id)
     return fields.get("JobState", "UNKNOWN"), fields.get("ExitCode", "")
 
 
+# What a job's log says about why it stopped and was requeued (the log is appended across requeues).
+REQUEUE_CAUSES = (
+    (re.compile(r"Node failure on (\S+)"), "node failure on {0}"),
+    (re.compile(r"distft: stopped (at step \d+|before its first step|during the final evaluation)[^\n]*requeued"),
+     "stopped {0} by the stop signal, checkpoint saved"),
+    (re.compile(r"DUE TO TIME LIMIT"), "time limit"),
+    (re.compile(r"DUE TO PREEMPTION"), "preempted"),
+    (re.compile(r"DUE TO NODE FAILURE"), "node failure"),
+)
+
+
+def requeue_cause(log_text: str, reason: str = "") -> str:
+    """Why the incarnation whose log is `log_text` ended, for the requeue line: the log's own
+    words (srun's node failure, distft's stop line), else the controller's Reason."""
+    for pattern, words in REQUEUE_CAUSES:
+        match = pattern.search(log_text)
+        if match:
+            return words.format(*[g for g in match.groups() if g is not None])
+    return {"NodeFail": "node failure", "Prolog": "prolog failure", "JobHeldAdmin": "held by an admin",
+            "BeginTime": "requeued by the job itself (scontrol requeue)"}.get(reason, reason or "cause not reported")
+
+
 def follow(job_id: str, log_path: str, poll_s: float = 2.0, out=None) -> str:
-    """Stream the log as it grows until the job reaches a final state (a requeued job is
-    followed through its restarts). Returns the final state and prints a last line naming it,
-    and the failing ranks when srun reported them."""
+    """Stream the log as it grows until the job reaches a final state, following it through its
+    requeues. Says what happens as it happens (waiting and why, running where, each requeue and
+    its cause) and ends with one line: the final state, the requeues and, for a job that did not
+    complete, the rank that failed first in its last run (srun's report). Ctrl-C stops following,
+    not the job: it says so, and how to follow or cancel it. Returns the final state."""
     out = out or sys.stdout
-    offset, state, exit_code = 0, "PENDING", ""
-    while True:
-        if os.path.exists(log_path):
-            with open(log_path, errors="replace") as f:
-                f.seek(offset)
-                chunk = f.read()
-                offset = f.tell()
-            if chunk:
-                out.write(chunk)
-                out.flush()
-        if state in TERMINAL_STATES:
-            break
-        state, exit_code = job_state(job_id)
-        if state == "UNKNOWN":
-            break
-        if state not in TERMINAL_STATES:
-            time.sleep(poll_s)
-    failed = failing_ranks(log_path)
+    offset, incarnation_start, state, exit_code = 0, 0, "", ""
+    seen, restarts, causes = None, 0, []
+    try:
+        while True:
+            if os.path.exists(log_path):
+                with open(log_path, errors="replace") as f:
+                    f.seek(offset)
+                    chunk = f.read()
+                    offset = f.tell()
+                if chunk:
+                    out.write(chunk)
+                    out.flush()
+            if state in TERMINAL_STATES:
+                break
+            fields = job_fields(job_id)
+            if not fields:
+                state = "UNKNOWN"
+                break
+            state, exit_code = fields.get("JobState", "UNKNOWN"), fields.get("ExitCode", "")
+            reason = fields.get("Reason", "None")
+            count = int(fields.get("Restarts", "0") or 0)
+            if count > restarts:
+                with open(log_path, errors="replace") if os.path.exists(log_path) else _empty() as f:
+                    f.seek(incarnation_start)
+                    cause = requeue_cause(f.read(), reason)
+                causes += [cause] * (count - restarts)
+                restarts, incarnation_start = count, offset
+                print(f"distft: job {job_id} requeued (restart {count}): {cause}", file=out, flush=True)
+            where = fields.get("NodeList", "") if state == "RUNNING" else reason
+            if (state, where) != seen and state not in TERMINAL_STATES:
+                if state == "RUNNING":
+                    print(f"distft: job {job_id} RUNNING on {where}", file=out, flush=True)
+                else:
+                    print(f"distft: job {job_id} {state}{f' ({where})' if where not in ('None', '') else ''}",
+                          file=out, flush=True)
+                seen = (state, where)
+            if state not in TERMINAL_STATES:
+                time.sleep(poll_s)
+    except KeyboardInterrupt:
+        print(f"\ndistft: stopped following; job {job_id} keeps running. Follow it with `tail -f {log_path}` "
+              f"(state: squeue -j {job_id}); cancel it with `scancel {job_id}`", file=out, flush=True)
+        raise
+    requeued = ""
+    if causes:
+        requeued = f" after {len(causes)} requeue{'s' if len(causes) > 1 else ''} ({'; '.join(causes)})"
+    failed = failing_ranks(log_path, since=incarnation_start) if state != "COMPLETED" else ""
     detail = f"; {failed}" if failed else ""
-    print(f"distft: job {job_id} {state} (exit code {exit_code or '?'}){detail}", file=out, flush=True)
+    print(f"distft: job {job_id} {state} (exit code {exit_code or '?'}){requeued}{detail}", file=out, flush=True)
     return state
 
 
-def failing_ranks(log_path: str) -> str:
+def _empty():
+    import io
+
+    return io.StringIO("")
+
+
+def failing_ranks(log_path: str, since: int = 0) -> str:
     """Which rank failed first and why: srun reports the tasks in the order they ended, so its
     first `srun: error: <node>: task <rank>: ...` line is the cause and the rest were stopped
-    after it; the cause's own log gives its last error line. Empty when srun reported nothing."""
+    after it; the cause's own log gives its last error line. Empty when srun reported nothing.
+    `since`: where the job's last run starts in the log (an earlier run's failures are not this one's)."""
     if not os.path.exists(log_path):
         return ""
     with open(log_path, errors="replace") as f:
+        f.seek(since)
         lines = re.findall(r"srun: error: (\S+): tasks? ([\d\-,]+): (.+)", f.read())
     if not lines:
         return ""

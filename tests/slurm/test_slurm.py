@@ -14,6 +14,7 @@ import csv
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -86,7 +87,8 @@ def test_one_line_submission_matches_the_local_run(slurm_cluster, local_referenc
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     job = submitted_job_id(proc)
     assert f"run dir: {run}" in proc.stdout and f"{run}/slurm/{job}_0_log.out" in proc.stdout
-    assert f"job {job} COMPLETED" in proc.stdout
+    assert f"distft: job {job} RUNNING on n[1-2]" in proc.stdout
+    assert proc.stdout.rstrip().endswith(f"distft: job {job} COMPLETED (exit code 0:0)")  # no requeue, no blame
     assert job_field(job, "NodeList") == "n[1-2]"
     losses = step_metrics(str(run))
     assert len(losses) == STEPS and losses == step_metrics(local_reference)
@@ -95,7 +97,10 @@ def test_one_line_submission_matches_the_local_run(slurm_cluster, local_referenc
 
 
 def test_the_sbatch_template_matches_the_local_run(slurm_cluster, local_reference, tmp_path):
-    """`sbatch --nodes=2 slurm/train.sbatch <overrides>`: same rendezvous, same losses."""
+    """`sbatch --nodes=2 slurm/train.sbatch <overrides>`: same rendezvous, same losses. The stop
+    signal is sent a second after the job step starts (its ranks still importing, long before
+    training; as a time limit shorter than launcher.signal_delay_s does): the job requeues itself
+    instead of failing, and the rerun trains the whole run."""
     run, log = tmp_path / "run", tmp_path / "job.out"
     proc = subprocess.run(
         ["sbatch", "--parsable", "--nodes=2", "--time=10", f"--output={log}", os.path.join(REPO, "slurm", "train.sbatch"),
@@ -105,9 +110,19 @@ def test_the_sbatch_template_matches_the_local_run(slurm_cluster, local_referenc
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     job = proc.stdout.strip().split(";")[0]
+    deadline = time.time() + 120
+    while subprocess.run(["scontrol", "show", "step", f"{job}.0"], capture_output=True).returncode != 0:
+        assert time.time() < deadline, job_field(job, "JobState")
+        time.sleep(0.05)
+    time.sleep(1.0)  # the ranks' Python has started (its first line installs the handlers), distft is importing
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
     state = wait_for_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))  # sbatch --wait polls slowly
     assert state == "COMPLETED", log.read_text()[-4000:]
+    assert job_field(job, "Restarts") == "1"
     text = log.read_text()
+    # (the requeue ends the job's processes before they print the line after it)
+    assert "received SIGUSR2 during start-up: stopping before the first step" in text
+    assert "(restart 1) on n[1-2]" in text
     assert "2 node(s) x 1 rank(s)" in text and "summary:" in text
     assert step_metrics(str(run)) == step_metrics(local_reference)
 
@@ -184,22 +199,57 @@ def test_a_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm_cluster,
     periodic checkpoint at all: every rank stops at the next step boundary, the checkpoint of that
     step is written, the job requeues itself and the rerun resumes from it. Each step is applied
     once (the metrics log has steps 1..N once each) and the final weights equal the
-    uninterrupted run's bit for bit."""
+    uninterrupted run's bit for bit.
+
+    Around it, what a user at the login node sees: `launcher.wait=true` reports the requeue and
+    its cause as it happens; the same command submitted again while the job runs is refused,
+    naming the job (two copies would train over each other); Ctrl-C of the follower says the job
+    keeps running and how to follow or cancel it (exit 130); following it again ends with its
+    final state and its requeue."""
+    import io
+
+    from distft.launchers.slurm import follow
+
     run = tmp_path / "run"
-    proc = distft(*RUN, *ON_SLURM, f"run.dir={run}", "checkpoint.save_every=0")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    job = submitted_job_id(proc)
+    args = [sys.executable, "-m", "distft", *RUN, *ON_SLURM, f"run.dir={run}", "checkpoint.save_every=0"]
+    waiter = subprocess.Popen([*args, "launcher.wait=true"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, cwd=REPO, env=env())
+    lines: list[str] = []
+
+    def read_until(pattern: str, timeout: float = 300) -> re.Match:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            line = waiter.stdout.readline()
+            assert line, "".join(lines)[-3000:]
+            lines.append(line)
+            match = re.search(pattern, line)
+            if match:
+                return match
+        raise AssertionError("".join(lines)[-3000:])
+
+    job = read_until(r"submitted job (\d+)").group(1)
     log = run / "slurm" / f"{job}_0_log.out"
-    deadline = time.time() + 300
-    while not (log.exists() and re.search(r"step [3-9]/", log.read_text())):
-        assert time.time() < deadline and job_field(job, "JobState") in ("PENDING", "RUNNING"), job_field(job, "JobState")
-        time.sleep(0.2)
+    read_until(r"step [3-9]/")
+    again = distft(*RUN, *ON_SLURM, f"run.dir={run}", "checkpoint.save_every=0")
+    assert again.returncode == 2 and "submitted job" not in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
+    assert f"distft: not submitted, nothing queued: run directory {run} is in use by another run of this config: " \
+           f"pid " in again.stderr and f"(SLURM job {job})" in again.stderr and f"scancel {job}" in again.stderr
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
-    wait_for_state(job, ("PENDING",), timeout=120)  # requeued
+    cause = read_until(rf"distft: job {job} requeued \(restart 1\): (.*)").group(1)
+    stopped = int(re.search(r"stopped at step (\d+)", "".join(lines)).group(1))
+    assert cause == f"stopped at step {stopped} by the stop signal, checkpoint saved"
+    waiter.send_signal(signal.SIGINT)
+    rest, _ = waiter.communicate(timeout=60)
+    assert waiter.returncode == 130, rest[-3000:]
+    assert f"stopped following; job {job} keeps running. Follow it with `tail -f {log}` (state: squeue -j {job}); " \
+           f"cancel it with `scancel {job}`" in rest and "Traceback" not in rest
+    assert job_field(job, "JobState") in ("PENDING", "RUNNING", "COMPLETING", "COMPLETED")  # not cancelled
+    followed = io.StringIO()
+    assert follow(job, str(log), poll_s=0.5, out=followed) == "COMPLETED", log.read_text()[-3000:]
+    assert followed.getvalue().rstrip().endswith(f"distft: job {job} COMPLETED (exit code 0:0) after 1 requeue "
+                                                 f"(stopped at step {stopped} by the stop signal, checkpoint saved)")
     assert job_field(job, "Restarts") == "1"
-    assert wait_for_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")) == "COMPLETED", log.read_text()[-3000:]
     text = log.read_text()
-    stopped = int(re.search(r"stopped at step (\d+)", text).group(1))
     assert 3 <= stopped < STEPS and f"resuming from {run}/checkpoints/step_{stopped:06d}" in text
     assert f"job {job} requeued (requeue 1 of at most 3)" in text
     with open(run / "metrics.jsonl") as f:
@@ -210,6 +260,36 @@ def test_a_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm_cluster,
     assert summary["requeues"] == 1 and summary["resumed_from"].endswith(f"step_{stopped:06d}")
     ours, reference = final_weights(str(run)), final_weights(local_reference)
     assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
+
+
+def test_plain_scancel_ends_the_ranks_at_once(slurm_cluster, tmp_path):
+    """`scancel JOB` (SIGTERM, then SIGKILL after KillWait, 10 s here): every rank exits at once
+    (submitit's wrapper used to ignore SIGTERM, and the ranks trained on until killed)."""
+    import psutil
+
+    run = tmp_path / "run"
+    proc = distft(*RUN, *ON_SLURM, f"run.dir={run}", "train.max_steps=400")
+    job = submitted_job_id(proc)
+    log = run / "slurm" / f"{job}_0_log.out"
+    deadline = time.time() + 300
+    while not (log.exists() and re.search(r"step [2-9]/", log.read_text())):
+        assert time.time() < deadline and job_field(job, "JobState") in ("PENDING", "RUNNING"), job_field(job, "JobState")
+        time.sleep(0.2)
+
+    def ranks() -> list[psutil.Process]:
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            if str(run / "slurm") in " ".join(p.info["cmdline"] or []):
+                found.append(p)
+        return found
+
+    assert len(ranks()) >= 2
+    cancelled = time.time()
+    subprocess.run(["scancel", job], check=True)
+    _, alive = psutil.wait_procs(ranks(), timeout=15)
+    took = time.time() - cancelled
+    assert alive == [] and took < 5, f"ranks still running {took:.1f} s after scancel: {[p.pid for p in alive]}"
+    assert wait_for_state(job, ("CANCELLED",), timeout=60) == "CANCELLED"
 
 
 def test_a_rank_failing_on_one_node_ends_the_job_and_is_named(slurm_cluster, tmp_path):
