@@ -150,8 +150,8 @@ class ParallelConfig:
 class LauncherConfig:
     """How ranks are started.
 
-    `local`: this process when there is one rank, else torch's elastic agent starts
-    `nproc_per_node` rank processes here; with `nnodes` > 1 the same command runs on every node and
+    `local`: this process when there is one rank, else launchers/local.py starts
+    `nproc_per_node` rank processes here (in its process group, forwarding signals); with `nnodes` > 1 the same command runs on every node and
     meets at `rdzv_endpoint` (torchrun style, no SLURM needed).
 
     `slurm` (launchers/slurm.py): the command submits one job of `nodes` x `tasks_per_node` ranks
