@@ -175,3 +175,20 @@ def test_requeues_are_bounded_by_max_requeues(monkeypatch):
     assert not outcome.requeued
     assert str(outcome) == ("stopped at step 9 by SIGUSR2, checkpoint of step 9: /runs/x/checkpoints/step_000009; the "
                             "job was requeued 2 times already (launcher.max_requeues=2); rerun the same command to resume")
+
+
+def test_a_requeue_is_reported_with_its_cause_and_an_earlier_run_is_not_blamed(tmp_path):
+    """launcher.wait's lines: the cause of a requeue from the log of the run that ended (srun's
+    node failure, distft's own stop line, else the controller's Reason); and the rank that failed
+    first is looked for only in the job's last run (an earlier run's stopped ranks are not it)."""
+    from distft.launchers.slurm import requeue_cause
+
+    assert requeue_cause("step 3\nsrun: error: Node failure on n2\nsrun: error: n1: task 0: Killed\n") == \
+        "node failure on n2"
+    assert requeue_cause("distft: stopped at step 5, checkpoint of step 5: /r/checkpoints/step_000005; job 12 "
+                         "requeued (1/3)\n") == "stopped at step 5 by the stop signal, checkpoint saved"
+    assert requeue_cause("step 1\n", "BeginTime") == "requeued by the job itself (scontrol requeue)"
+    earlier = "srun: error: n1: task 0: Terminated\n"
+    (tmp_path / "8_0_log.out").write_text(earlier + "resuming from ...\nstep 9\nsummary: /r/summary.json\n")
+    assert failing_ranks(str(tmp_path / "8_0_log.out")).startswith("rank 0 on n1 failed first (Terminated")
+    assert failing_ranks(str(tmp_path / "8_0_log.out"), since=len(earlier)) == ""
