@@ -230,6 +230,8 @@ def test_a_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm_cluster,
     job = read_until(r"submitted job (\d+)").group(1)
     log = run / "slurm" / f"{job}_0_log.out"
     read_until(r"step [3-9]/")
+    lock = json.loads((run / "run.lock").read_text())  # held by the job's rank 0 while it trains
+    assert lock["job"] == job and job_field(job, "JobState") == "RUNNING", (lock, job_field(job, "JobState"))
     again = distft(*RUN, *ON_SLURM, f"run.dir={run}", "checkpoint.save_every=0")
     assert again.returncode == 2 and "submitted job" not in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
     assert f"distft: not submitted, nothing queued: run directory {run} is in use by another run of this config: " \
