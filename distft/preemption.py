@@ -85,8 +85,10 @@ def install() -> None:
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # The local launcher starts its ranks with these blocked (launchers/local.py): one that came
-    # while this rank started is delivered now, to the handlers above.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, (*EARLY_STOP_SIGNALS, signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
+    # while this rank started is delivered now, to the handlers above (SIGCHLD, blocked there for
+    # its own watch, is unblocked for this rank's children).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK,
+                           (*EARLY_STOP_SIGNALS, signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD))
     die_with_launcher()
     if os.environ.get("DISTFT_FAULTS"):
         from distft import faults

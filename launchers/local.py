@@ -66,7 +66,9 @@ def launch_ranks(nproc: int, command: list[str], monitor_interval_s: float = 0.5
                 **{LAUNCHER_PID: str(os.getpid())})
     # Blocked here, handled below by sigtimedwait; inherited blocked by the ranks, which unblock
     # them once their handlers are in (preemption.install): none is lost while a rank starts.
-    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+    # SIGCHLD too: sigtimedwait wakes the moment a rank ends, so the rank that failed first is the
+    # one named, not a survivor that failed a collective with it within the same polling interval.
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, (*FORWARDED, signal.SIGCHLD))
     ranks: list[subprocess.Popen] = []
     try:
         for rank in range(nproc):
@@ -86,9 +88,11 @@ def _watch(ranks: list[subprocess.Popen], interval: float) -> int:
     stopping_since: Optional[float] = None
     while True:
         codes = [proc.poll() for proc in ranks]
-        for rank, code in enumerate(codes):
-            if code is not None and code not in ORDERLY_EXITS and first_failure is None:
-                first_failure = (rank, code)
+        failed = [(rank, code) for rank, code in enumerate(codes) if code is not None and code not in ORDERLY_EXITS]
+        if failed and first_failure is None:
+            # Seen in the same wake-up: a rank a signal killed (SIGKILL, the OOM killer) is the
+            # cause, and one that exited with an error most likely lost its peer in a collective.
+            first_failure = min(failed, key=lambda failure: (failure[1] >= 0, failure[0]))
         if all(code is not None for code in codes):
             break
         if first_failure is not None:
@@ -97,8 +101,10 @@ def _watch(ranks: list[subprocess.Popen], interval: float) -> int:
                 _signal_all(ranks, signal.SIGTERM)
             elif time.time() - stopping_since > STOP_GRACE_S:
                 _signal_all(ranks, signal.SIGKILL)
-        info = signal.sigtimedwait(FORWARDED, interval)
-        if info is not None and info.si_code != SI_KERNEL and info.si_pid not in pids:
+        info = signal.sigtimedwait((*FORWARDED, signal.SIGCHLD), interval)
+        if info is None or info.si_signo == signal.SIGCHLD:
+            continue  # a rank ended (polled at once) or the interval passed
+        if info.si_code != SI_KERNEL and info.si_pid not in pids:
             _signal_all(ranks, info.si_signo)  # sent to the launcher alone: every rank gets it
     codes = [proc.returncode for proc in ranks]
     if first_failure is None and len(set(codes)) == 1:
