@@ -20,8 +20,12 @@ into place and points `latest` at it. A crash at any instant leaves either a `.t
 never touched. Retention (`checkpoint.keep_last`) runs only after the new one is committed and
 never deletes it. With `checkpoint.async_save` (DDP/FSDP) the engine state is staged in host
 memory and written by a background thread; the trainer commits it at the first step boundary
-where every rank's write is done (and always before the next save and at the end). A failed write (a full disk) ends in a CheckpointError on every rank and
-removes only the unfinished `.tmp` directory.
+where every rank's write is done (and always before the next save and at the end). A failed write
+ends in a CheckpointError on every rank that names its real cause (`_fail`): a full disk or quota
+(with what to do), the `.tmp` directory removed or renamed under the save (another process writing
+the same run directory: two copies of the run), or any other error's own text; only the unfinished
+`.tmp` directory is removed, and only when it is still this save's. Ctrl-C during a save stays an
+interrupt (`SaveInterrupted`: exit 130) and says that nothing was committed.
 
 Reading (`find_resumable`, every rank): candidates newest first; each is verified against its
 manifest (sizes, sha256, no unlisted file a loader would read; the ranks share the hashing) and its
@@ -41,19 +45,21 @@ themselves go through the same allow-list. Weights load from safetensors; our ow
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from distft import dist, faults
 from distft.config import Config, to_dict
-from distft.errors import CheckpointError  # noqa: F401  (re-exported: callers catch distft.checkpoint.CheckpointError)
-from distft.files import fsync_dir, write_json, write_text
+from distft.errors import CheckpointError, OutputError, SaveInterrupted
+from distft.files import describe, fsync_dir, is_disk_full, write_json, write_text
 from distft.safe_load import pickle_kind, scan_file
 
 log = logging.getLogger("distft")
@@ -121,12 +127,30 @@ def save_checkpoint(
     root = checkpoints_dir(run_dir)
     final = os.path.join(root, step_dir_name(step))
     tmp = final + ".tmp"
-    if info.is_main:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # what a crashed save left
-        os.makedirs(tmp)
-    dist.barrier()
     pending = PendingCheckpoint(run_dir, step, tmp, final, cfg.checkpoint.keep_last)
+    with _interrupt_named(pending):
+        error = None
+        if info.is_main:
+            try:
+                os.makedirs(root, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)  # what a crashed save left
+                os.makedirs(tmp)
+            except OSError as err:
+                error = _failure(err, info.rank, tmp)
+        errors = [e for e in dist.all_gather_object(error) if e]  # also the barrier: nobody writes before tmp exists
+        if errors:
+            _fail(pending, errors, info)
+        pending = _write(pending, engine, tokenizer, cfg, trainer_state, weights, background, info)
+        if pending.future is not None:
+            return pending
+        return commit_checkpoint(pending)
+
+
+def _write(pending: PendingCheckpoint, engine, tokenizer, cfg: Config, trainer_state: dict, weights: Optional[dict],
+           background: bool, info) -> PendingCheckpoint:
+    """Every rank: write its share of the checkpoint into `pending.tmp`; a failure on any rank is
+    a CheckpointError on every rank (`_fail`)."""
+    step, tmp = pending.step, pending.tmp
     error = None
     try:
         pending.future = engine.save_state(os.path.join(tmp, STATE_DIR), background=background)  # collective
@@ -152,39 +176,45 @@ def save_checkpoint(
             }
             write_json(os.path.join(tmp, "meta.json"), meta)
     except BaseException as err:  # DCP's CheckpointException is a BaseException; reported collectively below
-        if isinstance(err, (KeyboardInterrupt, SystemExit)):
-            raise
-        error = f"rank {info.rank}: {_root_cause(err)}"
+        if isinstance(err, SystemExit) or _interrupted(err):
+            raise  # DCP wraps a Ctrl-C in its CheckpointException: an interrupt all the same (_interrupt_named)
+        error = _failure(err, info.rank, tmp)
     errors = [e for e in dist.all_gather_object(error) if e]
     if errors:
         _fail(pending, errors, info)
-    if pending.future is not None:
-        return pending
-    return commit_checkpoint(pending)
+    return pending
 
 
 def commit_checkpoint(pending: PendingCheckpoint) -> str:
     """Every rank: wait for the state write, hash every file (each rank a share), and commit:
     manifest, commit marker, rename into place, `latest`, retention. Returns the directory."""
-    info = dist.from_env()
+    with _interrupt_named(pending):
+        return _commit(pending, dist.from_env())
+
+
+def _commit(pending: PendingCheckpoint, info) -> str:
     step, tmp, final, root = pending.step, pending.tmp, pending.final, os.path.dirname(pending.final)
-    errors: list[str] = []
+    errors: list[tuple[str, str]] = []
     if pending.future is not None:
         try:
             pending.future.result()
         except BaseException as err:  # noqa: BLE001 - reported collectively below
             if isinstance(err, (KeyboardInterrupt, SystemExit)):
                 raise
-            errors = [f"rank {info.rank}: {_root_cause(err)}"]
+            errors = [_failure(err, info.rank, tmp)]
         errors = [e for part in dist.all_gather_object(errors) for e in part]
     if not errors:
         faults.point("after_shards", step)
         try:
             hashes = _hash_files(tmp, _files(tmp)[info.rank :: info.world_size], sync=True)
         except OSError as err:
-            hashes, errors = {}, [f"rank {info.rank}: {err}"]
+            hashes, errors = {}, [_failure(err, info.rank, tmp)]
         errors = [e for part in dist.all_gather_object(errors) for e in part]
         merged = {k: v for part in dist.all_gather_object(hashes) for k, v in part.items()}
+    if not errors and info.is_main:
+        missing = _missing_parts(tmp, info.world_size)
+        if missing:  # never commit what another process removed under this save
+            errors = [(RACED, f"rank 0: {', '.join(missing)} missing from {tmp} after being written")]
     if not errors and info.is_main:
         try:
             write_json(os.path.join(tmp, MANIFEST), {"format": 1, "step": step, "files": dict(sorted(merged.items()))})
@@ -198,9 +228,9 @@ def commit_checkpoint(pending: PendingCheckpoint) -> str:
             shutil.rmtree(final + ".old", ignore_errors=True)
             write_text(os.path.join(root, LATEST), os.path.basename(final) + "\n")
             _prune(pending.run_dir, final, pending.keep_last)
-        except OSError as err:
-            errors = [f"rank 0: {err}"]
-    errors = sorted({e for part in dist.all_gather_object(errors) for e in part})  # rank 0's commit, to all
+        except (OSError, OutputError) as err:  # write_text's errors are OutputErrors
+            errors = [_failure(err, 0, tmp)]
+    errors = sorted({tuple(e) for part in dist.all_gather_object(errors) for e in part})  # rank 0's commit, to all
     if errors:
         _fail(pending, errors, info)
     dist.barrier()  # nobody moves on (or resumes, or exits) before the checkpoint is committed
@@ -209,28 +239,112 @@ def commit_checkpoint(pending: PendingCheckpoint) -> str:
     return final
 
 
-def _fail(pending: PendingCheckpoint, errors: list[str], info) -> None:
-    """A failed save, on every rank: remove the unfinished directory, raise one clear error."""
-    if info.is_main:
+# What made a save fail, as `_failure` sorts it (a rank's (kind, line) pair; the first kind of
+# this order among the ranks' decides the advice).
+DISK_FULL, RACED, OTHER = "disk full", "raced", "other"
+
+
+def _failure(err: BaseException, rank: int, tmp: str) -> tuple[str, str]:
+    """(kind, "rank R: <cause>") for a failed write of the save into `tmp`. Raced: something in
+    `tmp` vanished (FileNotFoundError) or reappeared (FileExistsError) under the save, which only
+    another process writing the same run directory does; safetensors reports errors as text."""
+    cause = _root_exception(err)
+    text = f"rank {rank}: {describe(cause)}"
+    if is_disk_full(err) or is_disk_full(cause):
+        return DISK_FULL, text
+    paths = [str(getattr(cause, name, None) or "") for name in ("filename", "filename2")]
+    if isinstance(cause, (FileNotFoundError, FileExistsError)) and any(p.startswith(tmp) for p in paths if p):
+        return RACED, text
+    if "kind: NotFound" in str(cause):  # safetensors' text: the directories it writes into were this save's
+        return RACED, text
+    return OTHER, text
+
+
+def _fail(pending: PendingCheckpoint, errors: list[tuple[str, str]], info) -> None:
+    """A failed save, on every rank: remove the unfinished directory (unless another process
+    took it over), raise one error that names the real cause and what to do about it."""
+    kinds = {kind for kind, _ in errors}
+    kind = next(k for k in (DISK_FULL, RACED, OTHER) if k in kinds)
+    first = next(text for k, text in errors if k == kind)
+    if info.is_main and kind != RACED:  # a raced tmp directory is the other process's now
         shutil.rmtree(pending.tmp, ignore_errors=True)
     previous = committed_checkpoints(pending.run_dir)
-    raise CheckpointError(
-        f"saving the checkpoint of step {pending.step} failed ({errors[0]}); nothing was committed and earlier "
-        f"checkpoints are untouched (newest: {previous[-1] if previous else 'none'}). Free disk space or set "
-        "run.dir / checkpoint settings, then rerun the same command to resume"
-    )
+    done = (f"nothing was committed and earlier checkpoints are untouched (newest: "
+            f"{previous[-1] if previous else 'none'})")
+    head = f"saving the checkpoint of step {pending.step} failed ({first})"
+    if kind == DISK_FULL:
+        raise CheckpointError(f"{head}: the disk (or quota) is full; {done}. Free disk space (or point run.root at "
+                              "another disk), then rerun the same command to resume")
+    if kind == RACED:
+        raise CheckpointError(
+            f"{head}: {os.path.basename(pending.tmp)} was removed or renamed while it was written, so another process "
+            f"is probably writing this run directory ({os.path.dirname(os.path.dirname(pending.tmp))}): two copies of "
+            f"this run? {done[0].upper()}{done[1:]}. Stop the other copy, then rerun the same command to resume")
+    raise CheckpointError(f"{head}; {done}")
 
 
-def _root_cause(err: BaseException) -> str:
-    """One line for a failed write: the OSError under DCP's CheckpointException (which carries
-    every rank's traceback) or under a chain of re-raises."""
+def _root_exception(err: BaseException) -> BaseException:
+    """The error under DCP's CheckpointException (which carries every rank's exception and
+    traceback) or under a chain of re-raises (an OutputError's OSError)."""
     failures = getattr(err, "failures", None)
     if isinstance(failures, dict) and failures:
         first = next(iter(failures.values()))
         err = first[0] if isinstance(first, tuple) else first
-    while err.__cause__ is not None:
-        err = err.__cause__
-    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    seen = 0
+    while err.__cause__ is not None and seen < 10:
+        err, seen = err.__cause__, seen + 1
+    return err
+
+
+def _interrupted(err: BaseException) -> bool:
+    """Whether `err` is a Ctrl-C or an error raised because of one: DCP's CheckpointException
+    holds each rank's error, and torch.save's writer, interrupted mid-file, raises a RuntimeError
+    ("unexpected pos") while the KeyboardInterrupt is being handled (its __context__)."""
+    pending: list[Optional[BaseException]] = [err]
+    seen = 0
+    while pending and seen < 32:
+        current = pending.pop()
+        if current is None:
+            continue
+        seen += 1
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        failures = getattr(current, "failures", None)
+        if isinstance(failures, dict):
+            pending += [v[0] if isinstance(v, tuple) else v for v in failures.values()]
+        pending += [current.__cause__, current.__context__]
+    return False
+
+
+@contextlib.contextmanager
+def _interrupt_named(pending: PendingCheckpoint) -> Iterator[None]:
+    """Ctrl-C anywhere in a save (DCP wraps it in its CheckpointException) becomes a
+    SaveInterrupted, still a KeyboardInterrupt (exit 130), whose message says what was committed.
+    The unfinished `.tmp` directory is left for the next save to replace: a Ctrl-C is answered
+    at once, not after removing a large directory."""
+    try:
+        yield
+    except SaveInterrupted:
+        raise
+    except BaseException as err:
+        if not _interrupted(err):
+            raise
+        if os.path.exists(os.path.join(pending.final, COMMITTED)) and not os.path.exists(pending.tmp):
+            raise SaveInterrupted(f"interrupted (Ctrl-C) right after the checkpoint of step {pending.step} was "
+                                  f"committed: {pending.final} is complete") from None
+        previous = committed_checkpoints(pending.run_dir)
+        raise SaveInterrupted(
+            f"interrupted (Ctrl-C) while saving step {pending.step}; nothing committed, earlier checkpoints untouched "
+            f"(newest: {previous[-1] if previous else 'none'}); rerun the same command to resume") from None
+
+
+def _missing_parts(tmp: str, world_size: int) -> list[str]:
+    """The parts every checkpoint has that `tmp` lacks: each was written by this save, so a
+    missing one was removed under it (the manifest lists only what is there, so without this a
+    raced save could commit a checkpoint without its training state)."""
+    parts = [STATE_DIR, "model", "tokenizer", TRAINER_STATE, "meta.json"]
+    parts += [os.path.join(RNG_DIR, f"rank_{rank:05d}.safetensors") for rank in range(world_size)]
+    return [part for part in parts if not os.path.exists(os.path.join(tmp, part))]
 
 
 def _prune(run_dir: str, newest: str, keep_last: int) -> None:

@@ -14,6 +14,23 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used or written; the message says why and what to do instead."""
 
 
+class OutputError(CheckpointError):
+    """A file of the run (metrics, report, plot, summary, an export) could not be written: a full
+    disk or quota, a read-only or vanished directory. The message names the file, the cause and
+    what to do. A CheckpointError, so every command that reports those in one line (the training
+    command, evaluate, export: exit 2) reports this one alike."""
+
+    def __init__(self, message: str, path: str = "", cause: BaseException | None = None):
+        super().__init__(message)
+        self.path, self.cause = path, cause
+
+
+class SaveInterrupted(KeyboardInterrupt):
+    """Ctrl-C while a checkpoint was being written: still an interrupt (the command line exits
+    130, as for any Ctrl-C), whose message says which step was not committed and that earlier
+    checkpoints are untouched."""
+
+
 class ModelLoadError(Exception):
     """A model or tokenizer that cannot be loaded from `model.name_or_path` / `model.tokenizer`."""
 

@@ -55,7 +55,7 @@ from typing import Any, Optional
 import torch
 
 from distft.config import EvalConfig, model_label
-from distft.files import write_text
+from distft.files import write_text, writing
 from distft.model import model_inputs, token_loss
 
 MAX_LOSS_FOR_PERPLEXITY = 100.0  # exp(100) ~ 2.7e43: finite, and far above any real model's loss
@@ -513,8 +513,9 @@ def write_report(
             lines += ["| " + " | ".join(_cell(o) for o in outputs) + " |", ""]
 
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    write_text(path, "\n".join(lines).rstrip() + "\n")
+    with writing(path, "the evaluation report"):
+        os.makedirs(directory, exist_ok=True)
+    write_text(path, "\n".join(lines).rstrip() + "\n", what="the evaluation report")  # a full disk: one OutputError
 
 
 # ------------------------------------------------------------------------------------------- CLI

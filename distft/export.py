@@ -115,7 +115,9 @@ def load_base(cfg: Config, dtype: torch.dtype = torch.float32, tokenizer=None):
 def export(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> str:
     """Write a standalone Hugging Face model (merged weights + tokenizer) into `out_dir`.
 
-    Refuses to write into a non-empty directory: export never overwrites earlier results.
+    Refuses to write into a non-empty directory: export never overwrites earlier results. Written
+    into `<out_dir>.tmp`, renamed once complete; a failure there (a full disk, anything) removes
+    the partial copy and ends in one message (`export_error`); the checkpoint is only read.
     """
     checkpoint = resolve_checkpoint(checkpoint, announce=True)
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
@@ -129,6 +131,22 @@ def export(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.float32, tr
     set_generation_stops(model, tokenizer, cfg)
     tmp = out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_export(cfg, model, tokenizer, checkpoint, tmp, out_dir)
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)  # empty, checked above
+        os.replace(tmp, out_dir)
+    except BaseException as err:
+        # Nothing half-written stays behind: the partial copy can be as large as the model.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, CheckpointError) or not isinstance(err, Exception):
+            raise  # already one message (non-finite weights), or Ctrl-C: an interrupt stays one
+        raise export_error(out_dir, tmp, err) from err
+    return out_dir
+
+
+def _write_export(cfg: Config, model, tokenizer, checkpoint: str, tmp: str, out_dir: str) -> None:
+    """The export's files, into `tmp` (renamed to `out_dir` once complete)."""
     if cfg.technique.name in ("prefix", "prompt"):
         # No merged form: the virtual tokens are not weights of the base.
         base = model.get_base_model()
@@ -154,10 +172,26 @@ def export(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.float32, tr
                                   "Export an earlier checkpoint (checkpoints/step_N)")
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-    if os.path.isdir(out_dir):
-        os.rmdir(out_dir)  # empty, checked above
-    os.replace(tmp, out_dir)
-    return out_dir
+
+
+def export_error(out_dir: str, tmp: str, err: BaseException) -> CheckpointError:
+    """The one message of an export that failed while writing (a full disk or anything else):
+    its cause, that nothing was exported and the partial copy is gone, and for a full disk what to
+    do. An OutputError for a write that failed (safetensors reports a full disk as text)."""
+    from distft.errors import OutputError
+    from distft.files import describe, is_disk_full
+
+    cause = err
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    message = (f"exporting into {out_dir} failed ({describe(cause)}); nothing was exported and the partial copy "
+               f"{tmp} was removed")
+    if is_disk_full(err):
+        message += ("; the disk (or quota) holding it is full: free space there, or choose an --out on another disk, "
+                    "then run the export again")
+    if isinstance(cause, OSError) or is_disk_full(err):
+        return OutputError(message, out_dir, cause)
+    return CheckpointError(message)
 
 
 def set_generation_stops(model, tokenizer, cfg: Config) -> list[int]:

@@ -7,10 +7,16 @@ to `wandb sync` later; so does a key without a reachable W&B server (one warning
 instead of wandb's 90 s of retries and a traceback). The config given to W&B, like every config
 dump, has its secrets redacted; the key itself only ever lives in the environment
 (`SECRET_ENVIRONMENT`: the entry point moves a key given on the command line there).
+
+`metrics.jsonl` never stops a run or its resume: an append that fails (a full disk) is cut back
+to the last whole line before the one clear error (distft.files.output_error); readers skip a line
+that is not JSON (a crash's torn last line, or damage), naming the file and line in a warning; a
+resume (`truncate_after`) rewrites the file without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,7 +26,7 @@ import time
 from typing import Any, Optional
 
 from distft.config import Config, to_dict
-from distft.files import write_text
+from distft.files import output_error, write_text
 
 log = logging.getLogger("distft")
 
@@ -75,8 +81,7 @@ class Tracker:
         if not self.enabled:
             return
         record = {"step": step, "time": round(time.time(), 3), **metrics}
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.metrics_path, json.dumps(record), what="the metrics file")
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
@@ -84,8 +89,8 @@ class Tracker:
         """Drop metrics of steps after `step` (a resumed run logs them again)."""
         if not self.enabled or not os.path.exists(self.metrics_path):
             return
-        kept = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= step]
-        write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        kept = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= step]  # torn lines dropped
+        write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept), what="the metrics file")
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.wandb_run is not None:
@@ -93,6 +98,15 @@ class Tracker:
             for k, v in flat.items():
                 if isinstance(v, (int, float, str)):
                     self.wandb_run.summary[k] = v
+
+    def where(self) -> Optional[tuple[str, str]]:
+        """(mode, where) of the W&B run: its URL online; offline, its directory, which `wandb sync
+        <directory>` uploads later. None without one (disabled, or not rank 0)."""
+        if self.wandb_run is None:
+            return None
+        if self.wandb_mode == "offline":
+            return "offline", os.path.dirname(self.wandb_run.dir)  # .../wandb/offline-run-<time>-<id>
+        return self.wandb_mode, self.wandb_run.url or self.wandb_run.dir
 
     def finish(self) -> None:
         if self.wandb_run is not None:
@@ -213,15 +227,60 @@ def flatten(values: dict, prefix: str = "", sep: str = "/") -> dict:
     return out
 
 
+def append_line(path: str, line: str, what: str = "") -> None:
+    """Append `line` and a newline to `path`, whole or not at all: when the write fails (a full
+    disk, a file-size limit: a short write, then ENOSPC or EFBIG), the file is cut back to its
+    size before, so it still ends with a whole line, and `output_error`'s message is raised."""
+    data = (line + "\n").encode("utf-8")
+    fd = None
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:
+            with contextlib.suppress(OSError):  # a device (/dev/full) cannot be truncated: nothing was kept
+                os.ftruncate(fd, size)  # shrinking needs no space and is allowed under any size limit
+            raise
+    except OSError as err:
+        raise output_error(path, err, what) from err
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics file. A line that is not a JSON object is skipped with a warning
+    naming the file and line: the last line torn by a crash mid-append, or damage in the middle
+    (said so). Decided: both are skipped, not fatal: metrics are a record for plots and people,
+    and a run, its resume (which rewrites the file without them) and its plot must not fail on
+    them; damage in the middle is called damage, since no writer of distft leaves it."""
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().split("\n")
+    numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+    records = []
+    for number, line in numbered:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+            continue
+        last = number == numbered[-1][0]
+        log.warning("%s: line %d is %s; skipped", path, number,
+                    "torn (cut short by a crash or a full disk while it was written)" if last
+                    else "not a JSON record (the file was damaged or edited)")
+    return records
 
 
 def plot_losses(metrics_path: str, out_path: str) -> Optional[str]:
-    """Train and eval loss against step, as a PNG next to the metrics."""
+    """Train and eval loss against step, as a PNG next to the metrics. Written to a temporary
+    name and renamed; a failure (a full disk) leaves no partial PNG and raises one OutputError."""
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
@@ -244,8 +303,16 @@ def plot_losses(metrics_path: str, out_path: str) -> Optional[str]:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_path)
-    plt.close(fig)
+    tmp = f"{out_path}.tmp-{os.getpid()}"
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, out_path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise output_error(out_path, err, "the loss plot") from err
+    finally:
+        plt.close(fig)
     return out_path
 
 
@@ -393,7 +460,12 @@ def _reset_peak_rss() -> bool:
 
 class Progress:
     """A tqdm bar (loss, lr, tokens/s; tqdm computes the ETA) on an interactive terminal; plain
-    log lines every `log_every` steps elsewhere (CI, SLURM logs), where a bar is noise."""
+    log lines every `log_every` steps elsewhere (CI, SLURM logs), where a bar is noise.
+
+    While the bar is shown, console log lines (the "distft" logger's, and the root logger's that
+    Hydra sets up) go through `tqdm.write` (tqdm's logging redirect): the bar is cleared, the line
+    written whole on stdout, the bar redrawn under it. Written straight to stdout, a line would
+    land after the half-drawn bar on stderr, and the bar would go on in the middle of it."""
 
     def __init__(self, total: int, initial: int, enabled: bool, log_every: int):
         self.log_every = log_every
@@ -402,10 +474,16 @@ class Progress:
         self.start_step = initial
         self.bar = None
         self.enabled = enabled
+        self._redirect = None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+            consoles = [logger for logger in (logging.getLogger("distft"), logging.getLogger())
+                        if any(_writes_to_console(handler) for handler in logger.handlers)]
+            self._redirect = logging_redirect_tqdm(loggers=consoles)
+            self._redirect.__enter__()
 
     def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
         if not self.enabled:
@@ -426,6 +504,13 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self._redirect is not None:  # the loggers' own handlers back
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
+
+
+def _writes_to_console(handler: logging.Handler) -> bool:
+    return isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) in (sys.stdout, sys.stderr)
 
 
 def _fmt_seconds(seconds: float) -> str:

@@ -209,3 +209,168 @@ def test_cpu_tensor_memory_of_a_second_run_in_one_process_is_its_own():
     second.step(1)
     assert second.kind == "cpu_tensors"
     assert 40e6 <= second.training() < 41e6
+
+
+# A child that fills a real disk for the metrics writer: a file-size limit (RLIMIT_FSIZE, with
+# SIGXFSZ ignored, as Python does) gives the short write and EFBIG a full disk gives; a link
+# to /dev/full gives ENOSPC. No torch is imported: it starts in a fraction of a second.
+FULL_METRICS_CHILD = r"""
+import json, os, resource, signal, sys
+from distft.config import Config
+from distft.errors import OutputError
+from distft.tracking import Tracker
+
+run_dir, how = sys.argv[1], sys.argv[2]
+cfg = Config()
+cfg.tracking.wandb.mode = "disabled"
+tracker = Tracker(cfg, run_dir)
+if how == "dev_full":
+    os.symlink("/dev/full", tracker.metrics_path)
+else:
+    for step in (1, 2, 3):
+        tracker.log(step, {"loss": 1.0 / step})
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    limit = os.path.getsize(tracker.metrics_path) + 40  # the next record (~150 bytes) fits only in part
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+try:
+    tracker.log(4, {"loss": 0.25, "note": "x" * 100})
+except OutputError as err:
+    print(json.dumps({"error": str(err)}))
+"""
+
+
+def _fill_the_metrics_disk(tmp_path, how: str) -> tuple[str, dict]:
+    import json
+    import subprocess
+    import sys
+
+    run_dir = str(tmp_path / how)
+    proc = subprocess.run([sys.executable, "-c", FULL_METRICS_CHILD, run_dir, how], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return os.path.join(run_dir, "metrics.jsonl"), json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_a_full_disk_while_appending_metrics_leaves_whole_lines_and_one_clear_error(tmp_path, request):
+    """A real short write and EFBIG (the file-size limit reached mid-record), then ENOSPC
+    (/dev/full): one OutputError naming the file, the full disk and what to do, and the file
+    still ends with a whole line, so the rerun reads it without a warning. Before: the torn
+    record stayed and every later read (the resume, the plot) died with JSONDecodeError."""
+    path, outcome = _fill_the_metrics_disk(tmp_path, "fsize")
+    message = outcome["error"]
+    assert path in message and "File too large (EFBIG)" in message, message
+    assert "disk (or quota)" in message and "free space" in message and "rerun the same command" in message
+    warnings = _distft_warnings(request)
+    with open(path) as f:
+        text = f.read()
+    assert text.endswith("\n") and len(text.splitlines()) == 3, text  # step 4 cut back, not torn
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3] and warnings == []
+
+    path, outcome = _fill_the_metrics_disk(tmp_path, "dev_full")
+    assert path in outcome["error"] and "No space left on device (ENOSPC)" in outcome["error"]
+    assert "disk (or quota)" in outcome["error"]
+
+
+def test_readers_skip_a_torn_last_line_and_a_resume_repairs_the_file(tmp_path, request):
+    """What a crash mid-append leaves (a record cut short, no newline): readers skip it with one
+    warning naming the file and line, and `truncate_after` (the resume) rewrites the file without
+    it, so the resumed run's appends start on a line of their own. A damaged line in the middle
+    is skipped too, and called damage."""
+    warnings = _distft_warnings(request)
+    cfg = Config()
+    cfg.tracking.wandb.mode = "disabled"
+    tracker = Tracker(cfg, str(tmp_path / "run"))
+    for step in (1, 2, 3):
+        tracker.log(step, {"loss": 1.0 / step})
+    with open(tracker.metrics_path, "a") as f:
+        f.write('{"step": 4, "time": 17.0, "lo')
+    assert [r["step"] for r in read_metrics(tracker.metrics_path)] == [1, 2, 3]
+    assert warnings == [f"{tracker.metrics_path}: line 4 is torn (cut short by a crash or a full disk while it was "
+                        "written); skipped"]
+    assert plot_losses(tracker.metrics_path, str(tmp_path / "run" / "loss.png")) is not None
+    warnings.clear()
+    tracker.truncate_after(2)
+    tracker.log(3, {"loss": 0.3})
+    assert [(r["step"], r["loss"]) for r in read_metrics(tracker.metrics_path)] == [(1, 1.0), (2, 0.5), (3, 0.3)]
+    assert warnings == [f"{tracker.metrics_path}: line 4 is torn (cut short by a crash or a full disk while it was "
+                        "written); skipped"]  # the one read by truncate_after; the file is whole since
+    warnings.clear()
+    with open(tracker.metrics_path) as f:
+        lines = f.read().splitlines()
+    lines[1] = lines[1][:10] + "\x00\x00"
+    with open(tracker.metrics_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    assert [r["step"] for r in read_metrics(tracker.metrics_path)] == [1, 3]
+    assert warnings == [f"{tracker.metrics_path}: line 2 is not a JSON record (the file was damaged or edited); "
+                        "skipped"]
+
+
+PROGRESS_CHILD = r"""
+import logging, time
+from distft.tracking import Progress, setup_logging
+
+setup_logging(0)
+log = logging.getLogger("distft")
+progress = Progress(total=4, initial=0, enabled=True, log_every=1)
+for step in range(1, 5):
+    time.sleep(0.12)  # past tqdm's mininterval: the bar is redrawn at each update
+    progress.update(step, 1.0 / step, 1e-3, 1000.0)
+    log.info("log line %d", step)
+progress.close()
+log.info("after the bar")
+"""
+
+
+def _screen(output: str) -> list[str]:
+    """The terminal's lines after `output`: a carriage return moves back to the start of the line
+    and what follows overwrites it, as a terminal shows it."""
+    lines = []
+    for raw in output.split("\n"):
+        cells: list[str] = []
+        column = 0
+        for char in raw:
+            if char == "\r":
+                column = 0
+                continue
+            if column < len(cells):
+                cells[column] = char
+            else:
+                cells.append(char)
+            column += 1
+        lines.append("".join(cells).rstrip())
+    return [line for line in lines if line]
+
+
+def test_log_lines_go_through_the_progress_bar_on_a_terminal():
+    """On a real pseudo-terminal (stdout and stderr both the terminal, 100 columns), every log
+    line shows whole on a line of its own and the bar is redrawn under it, ending at 4/4. Before,
+    each line landed after the half-drawn bar: "train:  25%|...| 1/4 [...][rank0] ... log line 1"."""
+    import fcntl
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-c", PROGRESS_CHILD], stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(master)
+    assert proc.wait(timeout=30) == 0, output.decode(errors="replace")
+    screen = _screen(output.decode())
+    logged = [line for line in screen if "log line" in line or "after the bar" in line]
+    assert [line.split(" INFO ")[1] for line in logged] == [f"log line {k}" for k in range(1, 5)] + ["after the bar"]
+    assert all(line.startswith("[rank0] ") and "train:" not in line for line in logged), screen
+    bars = [line for line in screen if line.startswith("train:")]
+    assert bars and "4/4" in bars[-1] and "loss=0.2500" in bars[-1] and "[rank0]" not in bars[-1], screen
+    assert screen[-2:] == [bars[-1], logged[-1]], screen  # the bar ends above the line logged after it

@@ -1,0 +1,53 @@
+"""A full disk while a run writes its report, loss plot or summary: one clear message (an
+OutputError, which the command line prints in one line, exit 2), and no partial file left."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from distft.errors import CheckpointError, OutputError
+from tests.full_disk import in_child_with_file_limit
+
+
+def test_a_full_disk_while_writing_the_report_the_plot_or_the_summary_is_one_message(tmp_path):
+    """Files limited to 2 kB: the report (~3 kB), the loss plot (a PNG of tens of kB) and the
+    summary each fail with an OutputError (a CheckpointError: exit 2 on the command line) naming
+    the file, the full disk and what to do; none leaves a file or a temporary one behind."""
+    from distft.evaluate import write_report
+    from distft.files import write_json
+    from distft.tracking import plot_losses
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    metrics = run_dir / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s, "loss": 3.0 / s}) + "\n" for s in range(1, 30)))
+    after = {"loss": 1.2, "perplexity": 3.3, "exact_match": 0.5, "tokens": 100, "num_generated": 2,
+             "samples": [{"prompt": "p" * 300, "reference": "r" * 300, "prediction": "x" * 300}]}
+
+    def write_all() -> dict:
+        outcomes = {}
+        for name, write in [
+            ("eval_report.md", lambda p: write_report(p, None, after, {"experiment": "t"})),
+            ("loss.png", lambda p: plot_losses(str(metrics), p)),
+            ("summary.json", lambda p: write_json(p, {"values": list(range(2000))}, what="the run's summary")),
+        ]:
+            try:
+                write(str(run_dir / name))
+                outcomes[name] = None
+            except OutputError as err:
+                outcomes[name] = {"message": str(err), "checkpoint_error": isinstance(err, CheckpointError)}
+        return outcomes
+
+    outcomes = in_child_with_file_limit(2_000, write_all)
+    advice = ("File too large (EFBIG); the disk (or quota) holding it is full: free space there, or point run.root at "
+              "another disk, then rerun the same command: it resumes from the last checkpoint, nothing saved was lost")
+    assert outcomes == {
+        "eval_report.md": {"message": f"cannot write the evaluation report {run_dir}/eval_report.md: OSError: {advice}",
+                           "checkpoint_error": True},
+        "loss.png": {"message": f"cannot write the loss plot {run_dir}/loss.png: OSError: {advice}",
+                     "checkpoint_error": True},
+        "summary.json": {"message": f"cannot write the run's summary {run_dir}/summary.json: OSError: {advice}",
+                         "checkpoint_error": True},
+    }
+    assert sorted(os.listdir(run_dir)) == ["metrics.jsonl"]
