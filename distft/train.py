@@ -360,15 +360,16 @@ def finish(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpoi
         if cfg.tracking.plot:
             plot_losses(tracker.metrics_path, os.path.join(run_dir, "loss.png"))
         tracker.summary(summary)
-        write_json(summary_path, summary)
+        write_json(summary_path, summary, what="the run's summary")
         if eval_before:
             log.info(
                 "base -> tuned on %d held-out prompts: loss %.3f -> %.3f, exact match %.3f -> %.3f",
                 min(cfg.eval.num_samples, len(run.data.eval_rows)), eval_before["loss"], eval_after["loss"],
                 eval_before["exact_match"], eval_after["exact_match"],
             )
-        log.info("report: %s", os.path.join(run_dir, REPORT))
-        log.info("summary: %s", summary_path)
+        plot = os.path.join(run_dir, "loss.png") if cfg.tracking.plot else None
+        for line in closing_lines(run_dir, final_checkpoint, plot, tracker.where()):
+            log.info(line)
     preemption.set_phase("finished")  # from here a signal has nothing to stop: the run is complete
     tracker.finish()
     dist.barrier()  # leave together: a rank tearing its process group down early can abort its peers
@@ -630,12 +631,51 @@ def _memory_report(cfg: Config, memory: MemoryMeter, trained_bytes: int, dtype: 
     planned.pop("overhead"), planned.pop("total"), planned.pop("paged", None)  # paged: not the GPU's (plan/memory.py)
     report["planned"] = {k: round(v / 2**30, 4) for k, v in planned.items()}
     report["planned_gb"] = round(sum(planned.values()) / 2**30, 4)
-    above = f", above {memory.baseline / 2**30:.3f} GiB at the start" if memory.baseline else ""
-    # The resident set also grows with the code the first steps import: not comparable to a plan.
-    hint = "; tracking.cpu_memory_steps=2 counts tensors only, as the plan does" if memory.kind == "host_rss" else ""
-    log.info("memory: training took %.3f GiB at most on a rank (%s%s); the plan says %.3f GiB%s",
-             max(per_rank) / 2**30, memory.kind, above, report["planned_gb"], hint)
+    log.info(memory_line(memory.kind, max(per_rank), memory.baseline, report["planned"]))
     return report
+
+
+MEASURED = {  # what each MemoryMeter kind measures, for people
+    "cuda_allocated": "peak CUDA memory allocated by tensors",
+    "cpu_tensors": "peak memory of live tensors (torch profiler)",
+    "host_rss": "peak resident memory of the process",
+}
+
+
+def memory_line(kind: str, measured: int, baseline: int, planned: dict) -> str:
+    """The one line comparing what training took with the planner's estimate of the same terms:
+    the largest rank's measured peak above what the process held before (so: weights, gradients,
+    optimizer state, activations), against the plan's sum of exactly those terms (its fixed
+    overhead, the CUDA context and allocator slack, left out)."""
+    gib = 2**30
+    start = f", above the {baseline / gib:.3f} GiB held before the model was built" if baseline else ""
+    terms = " + ".join(f"{name} {value:.3f}" for name, value in planned.items() if value)
+    line = (f"memory per rank: training took {measured / gib:.3f} GiB on the busiest rank ({MEASURED.get(kind, kind)}"
+            f"{start}); the plan estimates {sum(planned.values()):.3f} GiB for the same terms ({terms} GiB; "
+            "its fixed overhead left out)")
+    if kind == "host_rss":  # it also grows with the code the first steps import: not comparable to a plan
+        line += "; tracking.cpu_memory_steps=2 measures tensors only, as the plan counts"
+    return line
+
+
+def closing_lines(run_dir: str, checkpoint: str, plot: Optional[str], wandb: Optional[tuple[str, str]]) -> list[str]:
+    """What a finished run's last lines say: where its files are, the W&B run (offline: the
+    command that uploads it), and the next commands, each ready to paste."""
+    from shlex import quote as shell_quote
+
+    lines = [f"report: {os.path.join(run_dir, REPORT)}", f"summary: {os.path.join(run_dir, SUMMARY)}"]
+    if plot:
+        lines.append(f"loss plot: {plot}")
+    if wandb is not None:
+        mode, where = wandb
+        lines.append(f"W&B run (offline): {where}; upload it with `wandb sync {shell_quote(where)}`" if mode == "offline"
+                     else f"W&B run: {where}")
+    exported = os.path.join(run_dir, "exported")
+    lines += ["next:",
+              f"  compare it with its base again:   python -m distft.evaluate {shell_quote(checkpoint)}",
+              f"  export a Hugging Face model:      python -m distft.export {shell_quote(checkpoint)} "
+              f"--out {shell_quote(exported)}"]
+    return lines
 
 
 def _fmt_eval(result: dict) -> str:

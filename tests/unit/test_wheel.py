@@ -12,6 +12,7 @@ nothing else at the top level.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -87,6 +88,23 @@ def test_the_installed_package_trains_and_plans_from_another_folder(installed, t
     assert trained.returncode == 0, trained.stderr[-3000:]
     run_dir = next(line[len("run_dir: "):] for line in trained.stdout.splitlines() if line.startswith("run_dir: "))
     assert run_dir.startswith(str(elsewhere)) and os.path.exists(os.path.join(run_dir, "summary.json"))
+    # Its last lines say where everything is and what to run next, each ready to paste.
+    last = [line.split(" INFO ", 1)[-1] for line in trained.stdout.splitlines()[-8:]]
+    checkpoint = os.path.join(run_dir, "checkpoints", "step_000002")
+    offline = next(line for line in last if line.startswith("W&B run (offline): "))
+    wandb_dir = offline[len("W&B run (offline): "):].split(";")[0]
+    assert offline.endswith(f"; upload it with `wandb sync {wandb_dir}`") and os.path.isdir(wandb_dir), last
+    assert os.path.basename(wandb_dir).startswith("offline-run-") and wandb_dir.startswith(run_dir)
+    assert last[-6:] == [
+        f"summary: {run_dir}/summary.json", f"loss plot: {run_dir}/loss.png", offline, "next:",
+        f"  compare it with its base again:   python -m distft.evaluate {checkpoint}",
+        f"  export a Hugging Face model:      python -m distft.export {checkpoint} --out {run_dir}/exported"], last
+    assert os.path.getsize(os.path.join(run_dir, "loss.png")) > 1000
+    memory = next(line for line in trained.stdout.splitlines() if "memory per rank: " in line)
+    assert "training took " in memory and "; the plan estimates " in memory and "for the same terms (" in memory
+    exported = run(python, elsewhere, *shlex.split(last[-1].split(":", 1)[1])[1:])  # the printed command, as pasted
+    assert exported.returncode == 0 and os.path.exists(os.path.join(run_dir, "exported", "config.json")), \
+        exported.stderr[-3000:]
     planned = run(python, elsewhere, "-m", "distft.plan", "+experiment=qlora_13b", "plan.format=json")
     assert planned.returncode == 0, planned.stderr[-3000:]
     assert '"params_trainable": 250347520' in planned.stdout
