@@ -15,6 +15,7 @@ file's mtime, touched every `HEARTBEAT_S`). A lock whose holder is gone is stale
 over with a warning naming it:
 - a SLURM job's lock: gone when `scontrol` no longer lists the job as pending or running, or when
   the job is this one (an earlier run of a requeued job: SLURM runs one copy of a job at a time);
+  when the controller does not answer, by its heartbeat alone (as below), never by its pid;
 - a lock from this host: gone when its pid is dead, or now belongs to another process;
 - a lock from another host, outside SLURM (nothing there to ask): gone when its heartbeat is older
   than `STALE_AFTER_S`.
@@ -128,7 +129,10 @@ def stale_reason(holder: Holder, path: str, now: Optional[float] = None) -> Opti
             return f"its job {holder.job} has ended ({state if state != 'GONE' else 'unknown to the controller'})"
         if state is not None:
             return None
-    if holder.host == socket.gethostname():
+    # A job's holder whose controller did not answer (scontrol timed out under load) is judged by
+    # its heartbeat only: its pid may live on a compute node or in a PID namespace of its own, so
+    # "no such process here" would take a live job's lock.
+    if not holder.job and holder.host == socket.gethostname():
         if holder.boot_id and _boot_id() and holder.boot_id != _boot_id():
             return f"its holder ({holder.describe()}) ran before this machine rebooted"
         started = _process_start(holder.pid)
