@@ -11,7 +11,9 @@ scheduler sees as the job, so it behaves like one process:
 - when a rank fails, the others are stopped (SIGTERM: their prompt exit, distft/preemption.py)
   and one line names the rank that failed first and how; no survivor waits in a collective;
 - its exit code is the ranks' own when they agree (0, 2 bad input, 3 non-finite, 4 stopped by the
-  signal, 130 Ctrl-C), else 1.
+  signal, 130 Ctrl-C), else 1; when one rank ends with such a code and its peers do not follow
+  within STOP_GRACE_S (rank 0 alone met a full disk), they are stopped and the job's code is that
+  rank's.
 
 With `launcher.nnodes` > 1 the same command runs on every node and torch's elastic agent
 (what `torchrun` runs) meets the other nodes at `launcher.rdzv_endpoint` (c10d rendezvous, no
@@ -84,35 +86,46 @@ def launch_ranks(nproc: int, command: list[str], monitor_interval_s: float = 0.5
 
 def _watch(ranks: list[subprocess.Popen], interval: float) -> int:
     pids = {proc.pid for proc in ranks}
-    first_failure: Optional[tuple[int, int]] = None  # (rank, returncode)
-    stopping_since: Optional[float] = None
+    first: Optional[tuple[int, int]] = None  # (rank, returncode) of the first rank to end non-zero
+    stopping_since: Optional[float] = None  # when the survivors were sent SIGTERM
+    waiting_since: Optional[float] = None  # when a rank ended with an orderly non-zero code first
     while True:
         codes = [proc.poll() for proc in ranks]
-        failed = [(rank, code) for rank, code in enumerate(codes) if code is not None and code not in ORDERLY_EXITS]
-        if failed and first_failure is None:
+        ended = [(rank, code) for rank, code in enumerate(codes) if code]
+        if ended and first is None:
             # Seen in the same wake-up: a rank a signal killed (SIGKILL, the OOM killer) is the
-            # cause, and one that exited with an error most likely lost its peer in a collective.
-            first_failure = min(failed, key=lambda failure: (failure[1] >= 0, failure[0]))
+            # cause, and one that exited with an error most likely lost its peer in a collective;
+            # an orderly exit (2, 3, 4, 130) comes after both.
+            first = min(ended, key=lambda e: (e[1] >= 0, e[1] in ORDERLY_EXITS, e[0]))
         if all(code is not None for code in codes):
             break
-        if first_failure is not None:
-            if stopping_since is None:
-                stopping_since = time.time()
+        now = time.time()
+        if first is not None and first[1] in ORDERLY_EXITS and stopping_since is None:
+            # Its peers normally end the same way at once (every rank stops, or refuses, together);
+            # one that does not (rank 0 alone met a full disk) would wait in its next collective.
+            waiting_since = waiting_since or now
+            if now - waiting_since > STOP_GRACE_S:
+                stopping_since = now
                 _signal_all(ranks, signal.SIGTERM)
-            elif time.time() - stopping_since > STOP_GRACE_S:
-                _signal_all(ranks, signal.SIGKILL)
+        elif first is not None and stopping_since is None:  # a failure: stop the others now
+            stopping_since = now
+            _signal_all(ranks, signal.SIGTERM)
+        if stopping_since is not None and now - stopping_since > STOP_GRACE_S:
+            _signal_all(ranks, signal.SIGKILL)
         info = signal.sigtimedwait((*FORWARDED, signal.SIGCHLD), interval)
         if info is None or info.si_signo == signal.SIGCHLD:
             continue  # a rank ended (polled at once) or the interval passed
         if info.si_code != SI_KERNEL and info.si_pid not in pids:
             _signal_all(ranks, info.si_signo)  # sent to the launcher alone: every rank gets it
     codes = [proc.returncode for proc in ranks]
-    if first_failure is None and len(set(codes)) == 1:
+    if len(set(codes)) == 1:
         return codes[0]
-    if first_failure is None:  # ranks that disagree without failing (one stopped, one finished): say so
-        first_failure = next((r, c) for r, c in enumerate(codes) if c != 0)
-    print(f"distft: {describe_failure(ranks, *first_failure)}", file=sys.stderr, flush=True)
-    return 1
+    if first is None:  # cannot be: the codes differ, so one is non-zero
+        first = next((r, c) for r, c in enumerate(codes) if c)
+    print(f"distft: {describe_failure(ranks, *first)}", file=sys.stderr, flush=True)
+    # An orderly code first (2 bad input, 3 non-finite, 4 stopped, 130 Ctrl-C) is the job's: what
+    # its peers did after it (a lost collective) is a consequence.
+    return first[1] if first[1] in ORDERLY_EXITS else 1
 
 
 def _signal_all(ranks: list[subprocess.Popen], signum: int) -> None:
@@ -125,11 +138,14 @@ def _signal_all(ranks: list[subprocess.Popen], signum: int) -> None:
 
 
 def describe_failure(ranks: list[subprocess.Popen], rank: int, code: int) -> str:
-    """One line naming the rank that failed first; the others were stopped after it."""
-    how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+    """One line naming the rank that ended first (a failure, or an orderly exit its peers did
+    not follow); the others were stopped after it."""
     others = len(ranks) - 1
-    return (f"rank {rank} (pid {ranks[rank].pid}) failed first, with {how}"
-            + (f"; the job's other rank{'s' if others > 1 else ''} were stopped" if others else ""))
+    after = f"; the job's other rank{'s' if others > 1 else ''} were stopped" if others else ""
+    if code in ORDERLY_EXITS:
+        return f"rank {rank} (pid {ranks[rank].pid}) ended first, with exit code {code} (its message is above){after}"
+    how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+    return f"rank {rank} (pid {ranks[rank].pid}) failed first, with {how}{after}"
 
 
 def _launch_elastic(cfg: Config, argv: list[str]) -> int:
