@@ -10,6 +10,8 @@ out):
     raise_at_step:3:1          rank 1 raises an error at step 3 (a crash on one node)
     signal_at:final:USR2       the process sends itself SIGUSR2 as it enters a phase of the run
                                (preemption.PHASES: start-up, loading, training, final, finished)
+    wait_for_signal:4          before step 4, wait until a stop signal (or Ctrl-C) has arrived (at
+                               most 300 s), so that a signal sent from outside lands mid-run for sure
 
 A fault fires once per process. Nothing reads the variable unless it is set, and it is never set
 by distft itself: it exists so that resume, commit and non-finite handling are tested by killing
@@ -57,6 +59,20 @@ def corrupt_loss(step: int) -> bool:
 def corrupt_weights(step: int) -> bool:
     """True when a `nan_weights` fault asks this rank to poison a weight after `step`'s update."""
     return _active("nan_weights", step)
+
+
+def wait_for_signal(step: int, timeout_s: float = 300.0) -> None:
+    """A `wait_for_signal` fault: before `step`, wait until a stop signal or Ctrl-C was recorded
+    (distft.preemption), then go on: the step runs and the run stops at its boundary."""
+    if not _active("wait_for_signal", step):
+        return
+    import time
+
+    from distft import preemption
+
+    deadline = time.time() + timeout_s
+    while not preemption.received() and time.time() < deadline:
+        time.sleep(0.05)
 
 
 def crash(step: int) -> None:

@@ -125,6 +125,11 @@ def phase() -> str:
     return _phase[0]
 
 
+def received() -> bool:
+    """Whether a stop signal or Ctrl-C has arrived in this run (recorded by the handlers)."""
+    return bool(_received)
+
+
 def reset() -> None:
     """After a run in this process: forget its signals (the next run in the same process, a
     test or a sweep on Hydra's basic launcher, starts clean) and go back to start-up."""

@@ -189,9 +189,10 @@ class RunLock:
     def held(self) -> bool:
         return read_holder(self.path) == self.holder
 
-    def release(self) -> None:
+    def release(self, remove: bool = True) -> None:
+        """Stop the heartbeat and remove the lock (`remove=False`: leave it, for a requeued job's rerun)."""
         self._stop.set()
-        if self.held():
+        if remove and self.held():
             try:
                 os.remove(self.path)
             except OSError:

@@ -84,14 +84,20 @@ def train(cfg: Config) -> dict:
     # The handlers were installed when the process started (preemption.install, by the entry
     # point); a signal that came before now still stops the run, before its first step.
     stop = StopSignal(cfg, device)
-    lock = None
+    lock, requeued = None, False
     try:
         lock = _own_run_dir(run_dir, info)
         preemption.set_phase("loading")
         return _start(cfg, info, run_dir, device, stop)
+    except preemption.Preempted as stopped:
+        requeued = stopped.requeued
+        raise
     finally:
         if lock is not None:
-            lock.release()
+            # A requeued job keeps its lock while it waits to run again: a submission of the same
+            # run meanwhile is refused (the job is PENDING, so the lock is live), and the job's own
+            # rerun takes it over (an earlier run of this job, distft/runlock.py).
+            lock.release(remove=not requeued)
         stop.close()
         if owns_group:
             dist.shutdown()
@@ -387,6 +393,7 @@ def optimizer_step(engine, micro_batches: list[dict], step: int = 0) -> tuple[fl
     from distft import faults
 
     device = engine.device
+    faults.wait_for_signal(step)
     faults.crash(step)
     step_targets = torch.tensor(
         float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)), device=device

@@ -212,8 +212,10 @@ def test_a_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm_cluster,
 
     run = tmp_path / "run"
     args = [sys.executable, "-m", "distft", *RUN, *ON_SLURM, f"run.dir={run}", "checkpoint.save_every=0"]
+    # Every rank waits before step 4 until the signal has come (faults.wait_for_signal): it lands
+    # mid-run however long the second submission below takes (in CI the 16 steps once ended first).
     waiter = subprocess.Popen([*args, "launcher.wait=true"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, cwd=REPO, env=env())
+                              text=True, cwd=REPO, env=env(DISTFT_FAULTS="wait_for_signal:4"))
     lines: list[str] = []
 
     def read_until(pattern: str, timeout: float = 300) -> re.Match:
@@ -229,7 +231,7 @@ def test_a_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm_cluster,
 
     job = read_until(r"submitted job (\d+)").group(1)
     log = run / "slurm" / f"{job}_0_log.out"
-    read_until(r"step [3-9]/")
+    read_until(r"step 3/")
     lock = json.loads((run / "run.lock").read_text())  # held by the job's rank 0 while it trains
     assert lock["job"] == job and job_field(job, "JobState") == "RUNNING", (lock, job_field(job, "JobState"))
     again = distft(*RUN, *ON_SLURM, f"run.dir={run}", "checkpoint.save_every=0")
@@ -238,6 +240,12 @@ def test_a_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm_cluster,
            f"pid " in again.stderr and f"(SLURM job {job})" in again.stderr and f"scancel {job}" in again.stderr
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     cause = read_until(rf"distft: job {job} requeued \(restart 1\): (.*)").group(1)
+    # Requeued, the job keeps its lock (its rerun takes it over): a submission meanwhile is refused.
+    from distft.runlock import check
+
+    assert json.loads((run / "run.lock").read_text())["job"] == job
+    refusal = check(str(run))
+    assert refusal is not None and f"(SLURM job {job})" in refusal, job_field(job, "JobState")
     stopped = int(re.search(r"stopped at step (\d+)", "".join(lines)).group(1))
     assert cause == f"stopped at step {stopped} by the stop signal, checkpoint saved"
     waiter.send_signal(signal.SIGINT)
@@ -252,7 +260,7 @@ def test_a_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm_cluster,
                                                  f"(stopped at step {stopped} by the stop signal, checkpoint saved)")
     assert job_field(job, "Restarts") == "1"
     text = log.read_text()
-    assert 3 <= stopped < STEPS and f"resuming from {run}/checkpoints/step_{stopped:06d}" in text
+    assert stopped == 4 and f"resuming from {run}/checkpoints/step_{stopped:06d}" in text
     assert f"job {job} requeued (requeue 1 of at most 3)" in text
     with open(run / "metrics.jsonl") as f:
         steps = [r["step"] for r in map(json.loads, f) if "loss" in r]
