@@ -405,10 +405,13 @@ def test_a_secret_on_the_command_line_reaches_ranks_only_through_the_environment
     services = [cmd for cmd, _ in started if cmd[0].endswith("wandb-core")]  # W&B's service was looked at too
     assert services and all("--no-observability" in cmd for cmd in services)  # offline: it sends nothing
 
-    warnings = [line for line in stdout.splitlines() + stderr.splitlines() if "W&B" in line]
+    lines = stdout.splitlines() + stderr.splitlines()
+    warnings = [line for line in lines if "W&B" in line and " WARNING " in line]
     assert len(warnings) == 1, warnings
     assert warnings[0].startswith("[rank0]") and f"W&B is unreachable at {url} (" in warnings[0]
     offline = warnings[0].rsplit("`wandb sync ", 1)[1].rstrip("`")
+    closing = [line for line in lines if "W&B run (offline): " in line]  # the run's last lines say it again
+    assert len(closing) == 1 and closing[0].endswith(f"upload it with `wandb sync {offline}`"), closing
     assert os.path.isdir(offline) and os.path.dirname(os.path.dirname(offline)).startswith(str(tmp_path / "runs"))
 
     scanned, hits = _files_holding(tmp_path, SECRET, token)
