@@ -59,7 +59,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_ranks(nproc: int, command: list[str], monitor_interval_s: float = 0.5, env: Optional[dict] = None) -> int:
+def launch_ranks(nproc: int, command: list[str], monitor_interval_s: float = 0.5, env: Optional[dict] = None,
+                 stop_grace_s: float = STOP_GRACE_S) -> int:
     """Start `command` as `nproc` ranks of one process group (env:// rendezvous on this machine),
     watch them, forward signals, and return the job's exit code (module docstring)."""
     base = dict(os.environ if env is None else env)
@@ -75,7 +76,7 @@ def launch_ranks(nproc: int, command: list[str], monitor_interval_s: float = 0.5
     try:
         for rank in range(nproc):
             ranks.append(subprocess.Popen(command, env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
-        return _watch(ranks, monitor_interval_s)
+        return _watch(ranks, monitor_interval_s, stop_grace_s)
     finally:
         for proc in ranks:  # only after an error in the launcher itself: never leave a rank behind
             if proc.poll() is None:
@@ -84,7 +85,7 @@ def launch_ranks(nproc: int, command: list[str], monitor_interval_s: float = 0.5
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
 
 
-def _watch(ranks: list[subprocess.Popen], interval: float) -> int:
+def _watch(ranks: list[subprocess.Popen], interval: float, grace: float = STOP_GRACE_S) -> int:
     pids = {proc.pid for proc in ranks}
     first: Optional[tuple[int, int]] = None  # (rank, returncode) of the first rank to end non-zero
     stopping_since: Optional[float] = None  # when the survivors were sent SIGTERM
@@ -104,13 +105,13 @@ def _watch(ranks: list[subprocess.Popen], interval: float) -> int:
             # Its peers normally end the same way at once (every rank stops, or refuses, together);
             # one that does not (rank 0 alone met a full disk) would wait in its next collective.
             waiting_since = waiting_since or now
-            if now - waiting_since > STOP_GRACE_S:
+            if now - waiting_since > grace:
                 stopping_since = now
                 _signal_all(ranks, signal.SIGTERM)
         elif first is not None and stopping_since is None:  # a failure: stop the others now
             stopping_since = now
             _signal_all(ranks, signal.SIGTERM)
-        if stopping_since is not None and now - stopping_since > STOP_GRACE_S:
+        if stopping_since is not None and now - stopping_since > grace:
             _signal_all(ranks, signal.SIGKILL)
         info = signal.sigtimedwait((*FORWARDED, signal.SIGCHLD), interval)
         if info is None or info.si_signo == signal.SIGCHLD:
