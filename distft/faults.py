@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 
 ENV = "DISTFT_FAULTS"
 _fired: set[str] = set()
@@ -61,17 +62,16 @@ def corrupt_weights(step: int) -> bool:
     return _active("nan_weights", step)
 
 
-def wait_for_signal(step: int, timeout_s: float = 300.0) -> None:
-    """A `wait_for_signal` fault: before `step`, wait until a stop signal or Ctrl-C was recorded
-    (distft.preemption), then go on: the step runs and the run stops at its boundary."""
+def wait_for_signal(step: int, arrived: Callable[[], bool], timeout_s: float = 300.0) -> None:
+    """A `wait_for_signal` fault: before `step`, wait until `arrived()` (distft.preemption.received:
+    a stop signal or Ctrl-C was recorded), then go on: the step runs and the run stops at its
+    boundary."""
     if not _active("wait_for_signal", step):
         return
     import time
 
-    from distft import preemption
-
     deadline = time.time() + timeout_s
-    while not preemption.received() and time.time() < deadline:
+    while not arrived() and time.time() < deadline:
         time.sleep(0.05)
 
 

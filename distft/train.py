@@ -390,10 +390,10 @@ def optimizer_step(engine, micro_batches: list[dict], step: int = 0) -> tuple[fl
     Each micro-batch's summed token loss is divided by the target-token count of the whole step,
     so every target token weighs the same however the step is split into micro-batches.
     """
-    from distft import faults
+    from distft import faults, preemption
 
     device = engine.device
-    faults.wait_for_signal(step)
+    faults.wait_for_signal(step, preemption.received)
     faults.crash(step)
     step_targets = torch.tensor(
         float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)), device=device
