@@ -51,3 +51,32 @@ def test_a_full_disk_while_writing_the_report_the_plot_or_the_summary_is_one_mes
                          "checkpoint_error": True},
     }
     assert sorted(os.listdir(run_dir)) == ["metrics.jsonl"]
+
+
+def test_a_run_on_a_full_disk_ends_in_one_line_and_the_rerun_on_free_space_completes(tmp_path):
+    """The training command itself, its files limited to 1 MB (the tiny model's checkpoint is
+    larger): the final save fails with one line naming the full disk and what to do, exit 2, no
+    traceback, no `.tmp` directory left; the same command with the space back completes."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def full_disk() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, resource.RLIM_INFINITY))
+
+    args = [sys.executable, "-m", "distft", "train.max_steps=2", "eval.num_samples=1", "eval.max_new_tokens=1",
+            f"run.root={tmp_path}", "tracking.wandb.mode=disabled", "eval.compare_base=false"]
+    full = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=300, preexec_fn=full_disk)
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert full.stderr.strip().splitlines()[-1] == (
+        "distft: saving the checkpoint of step 2 failed (rank 0: OSError: File too large (EFBIG)): the disk (or quota) "
+        "is full; nothing was committed and earlier checkpoints are untouched (newest: none). Free disk space (or "
+        "point run.root at another disk), then rerun the same command to resume")
+    run_dir = next(line[len("run_dir: "):] for line in full.stdout.splitlines() if line.startswith("run_dir: "))
+    assert os.listdir(os.path.join(run_dir, "checkpoints")) == [] and not os.path.exists(os.path.join(run_dir, "summary.json"))
+    again = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        assert json.load(f)["steps"] == 2
