@@ -641,6 +641,26 @@ def resume_conflicts(cfg: Config, run_dir: str) -> list[str]:
     return conflicts
 
 
+def data_changes(then: Optional[dict], now: dict) -> list[str]:
+    """How the data files differ from the ones a run trained on (distft.sources.data_fingerprint),
+    one line each; empty when they are the same, or when `then` is unknown (a checkpoint or
+    summary written before distft recorded it)."""
+    if then is None:
+        return []
+    changes = []
+    for key in sorted(set(then) | set(now)):
+        old, new = then.get(key), now.get(key)
+        if old == new:
+            continue
+        if old is None or new is None:
+            changes.append(f"{key} was {old['path'] if old else 'not set'}, now {new['path'] if new else 'not set'}")
+        elif old["sha256"] != new["sha256"]:
+            moved = f" (was {old['path']})" if old["path"] != new["path"] else ""
+            changes.append(f"{key}={new['path']}{moved} has other content: {old['bytes']} -> {new['bytes']} bytes, "
+                           f"sha256 {old['sha256'][:12]} -> {new['sha256'][:12]}")
+    return changes
+
+
 def read_meta(checkpoint: str) -> dict:
     with open(os.path.join(checkpoint, "meta.json")) as f:
         return json.load(f)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -73,6 +73,7 @@ class Run:
     engine: Any
     batches: Any  # distft.batching.TrainBatches: this rank's micro-batches, resumable
     held_out: list  # the eval split's batches (train.eval_max_batches of them when set)
+    data_fingerprint: dict = field(default_factory=dict)  # the data files by content (sources.data_fingerprint)
 
 
 def check_vocab(cfg: Config, tokenizer) -> None:

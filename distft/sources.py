@@ -360,3 +360,35 @@ def data_file_problem(key: str, path: str, source: str) -> Optional[str]:
     except OSError as err:
         return f"{key}={path!r} cannot be opened ({err.strerror}); check the file and the file system it is on"
     return None
+
+
+def data_fingerprint(cfg: DataConfig) -> dict:
+    """What a run's data files are, by content: `{key: {"path", "bytes", "sha256"}}` for
+    data.path and data.eval_path (a `hf_disk` directory: every file in it, by relative name).
+    Empty for the synthetic data, which the config alone defines. Stored with every checkpoint
+    and in summary.json, so a run is never resumed (or called complete) on other data than it
+    trained on (distft.checkpoint.data_changes)."""
+    import hashlib
+
+    if cfg.source == "synthetic" and not cfg.eval_path:
+        return {}
+    found = {}
+    for key, path in (("data.path", None if cfg.source == "synthetic" else cfg.path), ("data.eval_path", cfg.eval_path)):
+        if not path:
+            continue
+        path = os.path.abspath(os.path.expanduser(path))
+        files = ([os.path.join(root, name) for root, _, names in sorted(os.walk(path)) for name in sorted(names)]
+                 if os.path.isdir(path) else [path])
+        digest, size = hashlib.sha256(), 0
+        for name in files:
+            if len(files) > 1:
+                digest.update(os.path.relpath(name, path).encode() + b"\0")
+            try:
+                with open(name, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        digest.update(chunk)
+                        size += len(chunk)
+            except OSError as err:
+                raise DataError(f"{key}={path} could not be read ({err.strerror or err}); check the file") from None
+        found[key] = {"path": path, "bytes": size, "sha256": digest.hexdigest()}
+    return found

@@ -123,7 +123,7 @@ def _own_run_dir(run_dir: str, info):
 
 def _start(cfg: Config, info, run_dir: str, device: torch.device, stop) -> dict:
     """Resume, start over (resume=false, old run set aside) or report a finished run."""
-    from distft.checkpoint import resume_conflicts, set_run_aside
+    from distft.checkpoint import data_changes, resume_conflicts, set_run_aside
     from distft.runlock import LOCK
 
     if not cfg.resume:
@@ -133,11 +133,27 @@ def _start(cfg: Config, info, run_dir: str, device: torch.device, stop) -> dict:
                 log.info("resume=false: the previous run in %s was moved to %s", run_dir, aside)
         dist.barrier()
     summary_path = os.path.join(run_dir, SUMMARY)
+    fingerprint = _data_fingerprint(cfg, info)
     if os.path.exists(summary_path):
+        with open(summary_path) as f:
+            summary = json.load(f)
+        changed = data_changes(summary.get("data_fingerprint"), fingerprint)
+        if changed:
+            raise CheckpointError(
+                f"{run_dir} holds a run that finished on other data: {'; '.join(changed)}. Pass resume=false to "
+                "train on the data as it is now (the finished run is kept aside), restore the file, or choose "
+                "another run.dir")
         log.info("this run is already complete (%s); nothing to do. Change the config, or pass resume=false "
                  "to train it again.", summary_path)
-        with open(summary_path) as f:
-            return json.load(f)
+        return summary
+    newest = _newest_trainer_state(run_dir)
+    changed = data_changes(newest[1].get("data_fingerprint") if newest else None, fingerprint)
+    if changed:
+        raise CheckpointError(
+            f"cannot resume {newest[0]}: its run trained on other data: {'; '.join(changed)}. Resuming would go on "
+            "with rows it never saw (and its base-model scores are of the old split). Restore the file, pass "
+            "resume=false to start over on the data as it is now (the interrupted run is kept aside), or choose "
+            "another run.dir")
     conflicts = resume_conflicts(cfg, run_dir)
     if conflicts:
         raise CheckpointError(
@@ -149,11 +165,43 @@ def _start(cfg: Config, info, run_dir: str, device: torch.device, stop) -> dict:
         if not os.path.exists(os.path.join(run_dir, "config.yaml")):  # a resume keeps the first dump
             write_config_dump(cfg, run_dir)
     dist.barrier()
-    return _train(cfg, info, run_dir, summary_path, device, stop)
+    return _train(cfg, info, run_dir, summary_path, device, stop, fingerprint)
 
 
-def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.device, stop) -> dict:
+def _data_fingerprint(cfg: Config, info) -> dict:
+    """Rank 0's fingerprint of the data files (distft.sources.data_fingerprint), on every rank."""
+    from distft.errors import DataError
+    from distft.sources import data_fingerprint
+
+    found, problem = {}, None
+    if info.is_main:
+        try:
+            found = data_fingerprint(cfg.data)
+        except DataError as err:
+            problem = str(err)
+    found, problem = dist.all_gather_object((found, problem))[0]
+    if problem:
+        raise DataError(problem)
+    return found
+
+
+def _newest_trainer_state(run_dir: str) -> Optional[tuple[str, dict]]:
+    """(the newest committed checkpoint, its trainer state), or None (none, or it cannot be read:
+    find_resumable then reports it and falls back)."""
+    from distft.checkpoint import committed_checkpoints, read_trainer_state
+
+    for checkpoint in reversed(committed_checkpoints(run_dir)):
+        try:
+            return checkpoint, read_trainer_state(checkpoint)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.device, stop,
+           fingerprint: Optional[dict] = None) -> dict:
     run = build_run(cfg, info, device)
+    run.data_fingerprint = fingerprint or {}
     try:
         return _fit_and_finish(run, run_dir, summary_path, stop)
     finally:
@@ -352,6 +400,7 @@ def finish(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpoi
         "trainable_params": run.trainable,
         "total_params": run.total,
         "data": run.data.report.as_dict(),
+        "data_fingerprint": run.data_fingerprint,  # the data files by content: a rerun on other data is refused
         "eval_before": metrics_only(eval_before) if eval_before else None,
         "eval_after": metrics_only(eval_after),
         "final_checkpoint": final_checkpoint,
@@ -554,7 +603,8 @@ class Checkpointer:
                                  f"({', '.join(bad[:3]) or 'on another rank'}); earlier checkpoints are untouched")
         weights = run.engine.gathered_state_dict()  # collective: every rank takes part
         trainer_state = {"step": step, "loop": self.state.state_dict(), "data": run.batches.state_dict(),
-                         "world_size": run.info.world_size, "parallel": run.cfg.parallel.strategy}
+                         "world_size": run.info.world_size, "parallel": run.cfg.parallel.strategy,
+                         "data_fingerprint": run.data_fingerprint}
         result = save_checkpoint(self.run_dir, step, run.engine, run.tokenizer, run.cfg, trainer_state, weights,
                                  background=background)
         if isinstance(result, str):
