@@ -486,3 +486,55 @@ def eval_row(example: Example, cfg: DataConfig, tokenizer) -> Optional[dict]:
 
 def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+USAGE = """usage: python -m distft.data [OVERRIDE ...]
+
+Prepare a run's data without training, with the same overrides as the run (`python -m distft
+OVERRIDE ...`): load, clean, template, tokenize and pack it exactly as every rank will, and print
+the data report (rows loaded, dropped by kind with the first of each, kept, sequences, tokens,
+packing) and the data files' fingerprint that checkpoints record. What to run on a login node
+before submitting: a data problem ends here, in one message, not in a queued job.
+
+Exit status: 0 with the report, 2 for a config, tokenizer or data error.
+"""
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`python -m distft.data [overrides]` (USAGE)."""
+    import sys
+
+    from distft.errors import ModelLoadError
+    from distft.model import load_tokenizer
+    from distft.preflight import format_errors, preflight
+    from distft.sources import data_fingerprint
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(USAGE, end="")
+        return 0
+    cfg, errors = preflight(argv, run_here=False)
+    if errors:
+        print(format_errors(errors), file=sys.stderr)
+        return 2
+    try:
+        tokenizer = load_tokenizer(cfg.model)
+        data = prepare_data(cfg.data, tokenizer, seed=cfg.data.seed)
+        fingerprint = data_fingerprint(cfg.data)
+    except (DataError, ModelLoadError) as err:
+        print(f"distft: {err}", file=sys.stderr)
+        return 2
+    print(data.report.summary())
+    for level, line in data.report.notes(cfg.data):
+        print(f"{'warning: ' if level == 'warning' else ''}{line}")
+    for key, found in fingerprint.items():
+        print(f"{key}: {found['path']} ({found['bytes']} bytes, sha256 {found['sha256']})")
+    if not fingerprint:
+        print("data files: none (data.source=synthetic: the config defines the rows)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
