@@ -163,7 +163,7 @@ def to_canonical(value: Any, fmt: str, cfg: DataConfig) -> tuple[str, dict]:
         raise _Rejected("malformed", f"a JSON {json_type(value)}, expected an object")
     kind = fmt
     if fmt == "auto":
-        if cfg.messages_field in value:
+        if cfg.messages_field in value or SHAREGPT_FIELD in value:
             kind = "chat"
         elif cfg.instruction_field in value or cfg.output_field in value:
             kind = "alpaca"
@@ -184,7 +184,8 @@ def to_canonical(value: Any, fmt: str, cfg: DataConfig) -> tuple[str, dict]:
         row["input"] = _string(value, cfg.input_field, "input", required=False)
         row["output"] = _string(value, cfg.output_field, "output")
         return kind, row
-    messages = value.get(cfg.messages_field)
+    field_name = cfg.messages_field if cfg.messages_field in value or SHAREGPT_FIELD not in value else SHAREGPT_FIELD
+    messages = _from_sharegpt(value.get(field_name), field_name)
     ok = isinstance(messages, list) and all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
     )
@@ -194,7 +195,32 @@ def to_canonical(value: Any, fmt: str, cfg: DataConfig) -> tuple[str, dict]:
     for i, m in enumerate(messages):
         _check_text(m["role"], f"{cfg.messages_field}[{i}].role")
         _check_text(m["content"], f"{cfg.messages_field}[{i}].content")
-    return kind, {**_extras(value, cfg.messages_field), "messages": messages}
+    return kind, {**_extras(value, cfg.messages_field, SHAREGPT_FIELD), "messages": messages}
+
+
+# ShareGPT conversations (FastChat's, Vicuna's, many Hub sets): `{"conversations": [{"from": "human",
+# "value": ...}, {"from": "gpt", "value": ...}]}`; their speaker names, mapped to chat roles.
+SHAREGPT_FIELD = "conversations"
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant"}
+
+
+def _from_sharegpt(turns: Any, field_name: str) -> Any:
+    """ShareGPT turns (`from`/`value`) as chat messages (`role`/`content`); anything else as it is
+    (the caller checks the shape). An unknown speaker is a malformed row naming it."""
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) and "from" in t for t in turns):
+        return turns
+    messages = []
+    for i, turn in enumerate(turns):
+        speaker = turn.get("from")
+        role = SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
+        if role is None:
+            raise _Rejected("malformed", f"{field_name}[{i}].from is {speaker!r}, not a ShareGPT speaker "
+                                         f"({', '.join(sorted(SHAREGPT_ROLES))})")
+        if not isinstance(turn.get("value"), str):
+            raise _Rejected("malformed", f"{field_name}[{i}].value is not a string")
+        messages.append({"role": role, "content": turn["value"]})
+    return messages
 
 
 def _extras(value: dict, *used: str) -> dict:

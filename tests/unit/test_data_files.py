@@ -440,3 +440,23 @@ def test_a_dataset_with_no_held_out_rows_is_one_message_before_training(tmp_path
     with pytest.raises(DataError, match="no held-out rows: .*set data.eval_size / data.eval_fraction above 0, or "
                                         "data.eval_path"):
         train(cfg)
+
+
+def test_sharegpt_conversations_train_as_the_same_chat_messages(tmp_path, tok):
+    """ShareGPT rows (`conversations` of `from`/`value`: human, gpt, system) give exactly the
+    samples of the same conversations as `messages` (role/content): the same tokens, loss on the
+    assistant turns only; an unknown speaker is a malformed row that names it and the known ones."""
+    turns = [[("system", "Be brief."), ("human", f"What is {i} plus {i}?"), ("gpt", str(2 * i)),
+              ("human", "And doubled?"), ("gpt", str(4 * i))] for i in range(40)]
+    roles = {"system": "system", "human": "user", "gpt": "assistant"}
+    sharegpt = [{"id": f"c{i}", "conversations": [{"from": f, "value": v} for f, v in t]} for i, t in enumerate(turns)]
+    chat = [{"id": f"c{i}", "messages": [{"role": roles[f], "content": v} for f, v in t]} for i, t in enumerate(turns)]
+    bad = {"conversations": [{"from": "narrator", "value": "Once"}, {"from": "gpt", "value": "upon"}]}
+    a = prepare_data(cfg_for(write(tmp_path / "sharegpt.jsonl", jsonl(sharegpt + [bad]))), tok)
+    b = prepare_data(cfg_for(write(tmp_path / "chat.jsonl", jsonl(chat))), tok)
+    assert a.train + a.eval == b.train + b.eval and len(a.train + a.eval) == 40
+    labels = (a.train + a.eval)[0]["labels"]
+    assert 0 < sum(label != -100 for label in labels) < len(labels)  # only the replies are targets
+    assert a.report.malformed == 1 and a.report.first_dropped["malformed"].endswith(
+        "conversations[0].from is 'narrator', not a ShareGPT speaker (assistant, bard, bing, chatgpt, gpt, human, "
+        "model, system, user)")
