@@ -641,11 +641,12 @@ def resume_conflicts(cfg: Config, run_dir: str) -> list[str]:
     return conflicts
 
 
-def data_changes(then: Optional[dict], now: dict) -> list[str]:
+def data_changes(then: Optional[dict], now: Optional[dict]) -> list[str]:
     """How the data files differ from the ones a run trained on (distft.sources.data_fingerprint),
-    one line each; empty when they are the same, or when `then` is unknown (a checkpoint or
-    summary written before distft recorded it)."""
-    if then is None:
+    one line each; empty when they are the same, or when either is unknown (a checkpoint or
+    summary written before distft recorded it; a file that cannot be read now, which the data
+    loader reports)."""
+    if then is None or now is None:
         return []
     changes = []
     for key in sorted(set(then) | set(now)):

@@ -168,21 +168,20 @@ def _start(cfg: Config, info, run_dir: str, device: torch.device, stop) -> dict:
     return _train(cfg, info, run_dir, summary_path, device, stop, fingerprint)
 
 
-def _data_fingerprint(cfg: Config, info) -> dict:
-    """Rank 0's fingerprint of the data files (distft.sources.data_fingerprint), on every rank."""
+def _data_fingerprint(cfg: Config, info) -> Optional[dict]:
+    """Rank 0's fingerprint of the data files (distft.sources.data_fingerprint), on every rank;
+    None when a file cannot be read: the data loader reports that later in its own words (after
+    the tokenizer and vocabulary checks, which come first), and nothing is compared."""
     from distft.errors import DataError
     from distft.sources import data_fingerprint
 
-    found, problem = {}, None
+    found = None
     if info.is_main:
         try:
             found = data_fingerprint(cfg.data)
-        except DataError as err:
-            problem = str(err)
-    found, problem = dist.all_gather_object((found, problem))[0]
-    if problem:
-        raise DataError(problem)
-    return found
+        except DataError:
+            found = None
+    return dist.all_gather_object(found)[0]
 
 
 def _newest_trainer_state(run_dir: str) -> Optional[tuple[str, dict]]:

@@ -78,7 +78,7 @@ def test_what_counts_as_a_change():
     were recorded is not refused; an eval file added or dropped is named."""
     same = {"data.path": {"path": "/a/x.jsonl", "bytes": 10, "sha256": "ab" * 32}}
     moved = {"data.path": {"path": "/b/x.jsonl", "bytes": 10, "sha256": "ab" * 32}}
-    assert data_changes(same, moved) == [] and data_changes(None, same) == []
+    assert data_changes(same, moved) == [] and data_changes(None, same) == [] and data_changes(same, None) == []
     with_eval = {**same, "data.eval_path": {"path": "/a/e.jsonl", "bytes": 3, "sha256": "cd" * 32}}
     assert data_changes(same, with_eval) == ["data.eval_path was not set, now /a/e.jsonl"]
     assert data_changes(with_eval, same) == ["data.eval_path was /a/e.jsonl, now not set"]
