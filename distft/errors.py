@@ -20,10 +20,6 @@ class OutputError(CheckpointError):
     what to do. A CheckpointError, so every command that reports those in one line (the training
     command, evaluate, export: exit 2) reports this one alike."""
 
-    def __init__(self, message: str, path: str = "", cause: BaseException | None = None):
-        super().__init__(message)
-        self.path, self.cause = path, cause
-
 
 class SaveInterrupted(KeyboardInterrupt):
     """Ctrl-C while a checkpoint was being written: still an interrupt (the command line exits

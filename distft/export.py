@@ -190,7 +190,7 @@ def export_error(out_dir: str, tmp: str, err: BaseException) -> CheckpointError:
         message += ("; the disk (or quota) holding it is full: free space there, or choose an --out on another disk, "
                     "then run the export again")
     if isinstance(cause, OSError) or is_disk_full(err):
-        return OutputError(message, out_dir, cause)
+        return OutputError(message)
     return CheckpointError(message)
 
 

@@ -61,7 +61,7 @@ def output_error(path: str, err: BaseException, what: str = "", advice: str = DI
     message = f"cannot write {what + ' ' if what else ''}{path}: {describe(err, skip_path=getattr(err, 'filename', None) or '')}"
     if is_disk_full(err):
         message += f"; {advice}"
-    return OutputError(message, path, err)
+    return OutputError(message)
 
 
 @contextlib.contextmanager
