@@ -260,6 +260,9 @@ class StopSignal:
         job, used, budget = slurm_job_id(), requeue_count(), self.cfg.launcher.max_requeues
         if job and used < budget:
             if is_main:
+                # Said before the requeue, which ends this job's processes at once: the log's last
+                # line, from which `launcher.wait` tells the requeue's cause.
+                print(f"distft: {at}, {where}; requeueing job {job} ({used + 1}/{budget})", file=sys.stderr, flush=True)
                 result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=120)
                 if result.returncode != 0:
                     detail = (result.stderr or result.stdout).strip()

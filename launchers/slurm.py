@@ -274,7 +274,7 @@ def job_state(job_id: str) -> tuple[str, str]:
 # What a job's log says about why it stopped and was requeued (the log is appended across requeues).
 REQUEUE_CAUSES = (
     (re.compile(r"Node failure on (\S+)"), "node failure on {0}"),
-    (re.compile(r"distft: stopped (at step \d+|before its first step|during the final evaluation)[^\n]*requeued"),
+    (re.compile(r"distft: stopped (at step \d+|before its first step|during the final evaluation)[^\n]*(?:job \S+ requeued|requeueing job)"),
      "stopped {0} by the stop signal, checkpoint saved"),
     (re.compile(r"DUE TO TIME LIMIT"), "time limit"),
     (re.compile(r"DUE TO PREEMPTION"), "preempted"),
