@@ -12,34 +12,71 @@ the same data.
 
 from __future__ import annotations
 
+import copy
 import random
 from typing import Optional
 
+import numpy as np
 import torch
 
 from distft.config import PACK_STRATEGIES
 from distft.errors import DataError
 from distft.model import IGNORE_INDEX
+from distft.samples import TokenSamples
 
 
-def pack(samples: list[dict], max_seq_len: int, pad_id: int, strategy: str = "best_fit") -> list[dict]:
-    """Rows of exactly max_seq_len tokens; position_ids restart per sample, and the padding at
-    the end of a row is a segment of its own (labels -100). No sample is split.
+def pack(samples, max_seq_len: int, pad_id: int, strategy: str = "best_fit") -> list[dict]:
+    """Rows of exactly max_seq_len tokens, as lists (for looking at them; training builds its rows
+    from `pack_index` as it goes); position_ids restart per sample, and the padding at the end of
+    a row is a segment of its own (labels -100). No sample is split. `samples`: TokenSamples or
+    `{"input_ids", "labels"}` dicts.
 
     best_fit: row by row, longest sample first, then the longest samples that keep the row
     fillable (see _best_fit_order); rows come out longest-first, so callers that train shuffle
     them. in_order: greedy in the given order, a new row whenever the next sample does not fit.
     """
+    samples = as_samples(samples)
+    order, bounds = pack_index(samples.lengths, max_seq_len, strategy)
+    batch = collate_packed(samples, [order[bounds[r] : bounds[r + 1]] for r in range(len(bounds) - 1)],
+                           max_seq_len, pad_id)
+    return [{k: v[r].tolist() for k, v in batch.items()} for r in range(len(bounds) - 1)] if len(bounds) > 1 else []
+
+
+def as_samples(samples) -> TokenSamples:
+    return samples if isinstance(samples, TokenSamples) else TokenSamples.from_samples(samples)
+
+
+def pack_index(lengths: np.ndarray, max_seq_len: int, strategy: str = "best_fit") -> tuple[np.ndarray, np.ndarray]:
+    """Packing as index arrays: (order, bounds), where row r holds the samples
+    order[bounds[r]:bounds[r + 1]] (positions in `lengths`), in that order; len(bounds) = rows + 1.
+    What `pack` lays out, without touching a token."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and int(lengths.max()) > max_seq_len:  # cleaning prevents it
+        raise ValueError(f"sample of {int(lengths.max())} tokens does not fit max_seq_len={max_seq_len}")
     if strategy == "best_fit":
-        samples = [samples[i] for i in _best_fit_order(samples, max_seq_len)]
-    elif strategy != "in_order":
+        order = np.asarray(_best_fit_order(lengths.tolist(), max_seq_len), dtype=np.int64)
+    elif strategy == "in_order":
+        order = np.arange(len(lengths), dtype=np.int64)
+    else:
         raise ValueError(f"unknown packing strategy {strategy!r}; choose one of {', '.join(PACK_STRATEGIES)}")
-    return _pack_in_order(samples, max_seq_len, pad_id)
+    return order, _row_bounds(lengths[order].tolist(), max_seq_len)
 
 
-def _best_fit_order(samples: list[dict], max_seq_len: int) -> list[int]:
+def _row_bounds(lengths: list[int], max_seq_len: int) -> np.ndarray:
+    """Where each row starts when samples of these lengths are packed greedily in this order."""
+    bounds, used = [0], 0
+    for i, n in enumerate(lengths):
+        if used + n > max_seq_len:
+            bounds.append(i)
+            used = 0
+        used += n
+    if lengths:
+        bounds.append(len(lengths))
+    return np.asarray(bounds, dtype=np.int64)
+
+
+def _best_fit_order(lengths: list[int], max_seq_len: int) -> list[int]:
     """Sample indices grouped row by row, so that packing them in order gives the best-fit rows.
-
     Each row takes the longest samples left while its room exceeds twice the longest length
     (up to FILL_WINDOW tokens), then fills what is left as fully as any subset of the remaining
     samples can (a bounded subset sum over their distinct lengths, bit sets as Python ints):
@@ -49,8 +86,8 @@ def _best_fit_order(samples: list[dict], max_seq_len: int) -> list[int]:
     import bisect
 
     by_length: dict[int, list[int]] = {}
-    for i in reversed(range(len(samples))):  # stacks: pop() gives the earliest sample of a length
-        by_length.setdefault(len(samples[i]["input_ids"]), []).append(i)
+    for i in reversed(range(len(lengths))):  # stacks: pop() gives the earliest sample of a length
+        by_length.setdefault(lengths[i], []).append(i)
     lengths = sorted(by_length)  # distinct lengths still present, ascending
     order: list[int] = []
 
@@ -101,47 +138,44 @@ def _best_subset(room: int, lengths: list[int], by_length: dict[int, list[int]])
     return chosen
 
 
-def _pack_in_order(samples: list[dict], max_seq_len: int, pad_id: int) -> list[dict]:
-    rows: list[dict] = []
-    current: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
-
-    def flush() -> None:
-        pad = max_seq_len - len(current["input_ids"])
-        rows.append(
-            {
-                "input_ids": current["input_ids"] + [pad_id] * pad,
-                "labels": current["labels"] + [IGNORE_INDEX] * pad,
-                "position_ids": current["position_ids"] + list(range(pad)),
-            }
-        )
-        current.update(input_ids=[], labels=[], position_ids=[])
-
-    for sample in samples:
-        n = len(sample["input_ids"])
-        if n > max_seq_len:
-            raise ValueError(f"sample of {n} tokens does not fit max_seq_len={max_seq_len}")  # cleaning prevents it
-        if len(current["input_ids"]) + n > max_seq_len:
-            flush()
-        current["input_ids"] += sample["input_ids"]
-        current["labels"] += sample["labels"]
-        current["position_ids"] += list(range(n))
-    if current["input_ids"]:
-        flush()
-    return rows
+def collate_packed(samples: TokenSamples, rows: list[np.ndarray], max_seq_len: int, pad_id: int) -> dict:
+    """Packed rows (each a list of sample indices) -> input_ids/labels/position_ids of max_seq_len."""
+    shape = (len(rows), max_seq_len)
+    input_ids = np.full(shape, pad_id, dtype=np.int64)
+    labels = np.full(shape, IGNORE_INDEX, dtype=np.int64)
+    position_ids = np.empty(shape, dtype=np.int64)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            a, b = int(samples.offsets[i]), int(samples.offsets[i + 1])
+            n = b - a
+            ids = samples.tokens[a:b]
+            input_ids[r, at : at + n] = ids
+            labels[r, at : at + n] = np.where(samples.targets[a:b] != 0, ids, IGNORE_INDEX)
+            position_ids[r, at : at + n] = _ARANGE[:n] if n <= len(_ARANGE) else np.arange(n)
+            at += n
+        position_ids[r, at:] = np.arange(max_seq_len - at)  # the padding: a segment of its own
+    return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
+            "position_ids": torch.from_numpy(position_ids)}
 
 
-def collate(rows: list[dict], packing: bool, pad_id: int) -> dict[str, torch.Tensor]:
-    """Packed rows -> input_ids/labels/position_ids; samples -> right-padded with attention_mask."""
-    if packing:
-        keys = ("input_ids", "labels", "position_ids")
-        return {k: torch.tensor([r[k] for r in rows], dtype=torch.long) for k in keys}
-    width = max(len(r["input_ids"]) for r in rows)
-    pads = [width - len(r["input_ids"]) for r in rows]
-    return {
-        "input_ids": torch.tensor([r["input_ids"] + [pad_id] * p for r, p in zip(rows, pads)], dtype=torch.long),
-        "labels": torch.tensor([r["labels"] + [IGNORE_INDEX] * p for r, p in zip(rows, pads)], dtype=torch.long),
-        "attention_mask": torch.tensor([[1] * (width - p) + [0] * p for p in pads], dtype=torch.long),
-    }
+_ARANGE = np.arange(1 << 16, dtype=np.int64)
+
+
+def collate_padded(samples: TokenSamples, indices, pad_id: int) -> dict:
+    """Unpacked samples -> right-padded input_ids/labels with an attention_mask, as wide as the longest."""
+    spans = [(int(samples.offsets[i]), int(samples.offsets[i + 1])) for i in indices]
+    width = max(b - a for a, b in spans)
+    input_ids = np.full((len(spans), width), pad_id, dtype=np.int64)
+    labels = np.full((len(spans), width), IGNORE_INDEX, dtype=np.int64)
+    attention_mask = np.zeros((len(spans), width), dtype=np.int64)
+    for r, (a, b) in enumerate(spans):
+        ids = samples.tokens[a:b]
+        input_ids[r, : b - a] = ids
+        labels[r, : b - a] = np.where(samples.targets[a:b] != 0, ids, IGNORE_INDEX)
+        attention_mask[r, : b - a] = 1
+    return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
+            "attention_mask": torch.from_numpy(attention_mask)}
 
 
 class TrainBatches:
@@ -157,7 +191,7 @@ class TrainBatches:
 
     def __init__(
         self,
-        samples: list[dict],
+        samples,
         micro_batch_size: int,
         max_seq_len: int,
         packing: bool,
@@ -171,13 +205,16 @@ class TrainBatches:
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
-        self.samples, self.micro_batch_size, self.max_seq_len = samples, micro_batch_size, max_seq_len
+        self.samples = as_samples(samples)
+        self.micro_batch_size, self.max_seq_len = micro_batch_size, max_seq_len
         self.packing, self.pad_id, self.seed, self.shuffle = packing, pad_id, seed, shuffle
         self.pack_strategy = pack_strategy
         self.rank, self.world_size, self.accumulation_steps = rank, world_size, accumulation_steps
         self.epoch, self.index = 0, 0
         self._built_epoch: Optional[int] = None
-        self._rows: list[dict] = []
+        # The epoch as index arrays: row k of the epoch holds the samples
+        # _order[_bounds[_rows[k]] : _bounds[_rows[k] + 1]] (unpacked: the one sample _order[_rows[k]]).
+        self._order = self._bounds = self._rows = np.zeros(0, dtype=np.int64)
         self._load_epoch()
 
     def _load_epoch(self) -> None:
@@ -186,11 +223,18 @@ class TrainBatches:
         order = list(range(len(self.samples)))
         if self.shuffle:
             random.Random(self.seed + self.epoch).shuffle(order)
-        ordered = [self.samples[i] for i in order]
-        self._rows = pack(ordered, self.max_seq_len, self.pad_id, self.pack_strategy) if self.packing else ordered
-        if self.packing and self.pack_strategy == "best_fit" and self.shuffle:
-            # Best fit emits rows by the length of their longest sample: shuffle the rows too.
-            random.Random(f"rows-{self.seed}-{self.epoch}").shuffle(self._rows)
+        self._order = np.asarray(order, dtype=np.int64)
+        del order
+        if self.packing:
+            within, self._bounds = pack_index(self.samples.lengths[self._order], self.max_seq_len, self.pack_strategy)
+            self._order = self._order[within]
+            rows = list(range(len(self._bounds) - 1))
+            if self.pack_strategy == "best_fit" and self.shuffle:
+                # Best fit emits rows by the length of their longest sample: shuffle the rows too.
+                random.Random(f"rows-{self.seed}-{self.epoch}").shuffle(rows)
+            self._rows = np.asarray(rows, dtype=np.int64)
+        else:
+            self._rows = np.arange(len(self._order), dtype=np.int64)
         self._built_epoch = self.epoch
         if self.batches_per_epoch == 0:
             group = self.micro_batch_size * self.world_size * self.accumulation_steps
@@ -198,6 +242,12 @@ class TrainBatches:
                 f"only {len(self._rows)} training sequences per epoch, fewer than one optimizer step needs "
                 f"(micro_batch_size x world size x accumulation = {group}); add data or lower train.global_batch_size"
             )
+
+    def _batch(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        if self.packing:
+            members = [self._order[self._bounds[r] : self._bounds[r + 1]] for r in rows]
+            return collate_packed(self.samples, members, self.max_seq_len, self.pad_id)
+        return collate_padded(self.samples, self._order[rows], self.pad_id)
 
     @property
     def rows_per_epoch(self) -> int:
@@ -221,7 +271,7 @@ class TrainBatches:
             self._load_epoch()
         start = (self.index * self.world_size + self.rank) * self.micro_batch_size
         self.index += 1
-        return collate(self._rows[start : start + self.micro_batch_size], self.packing, self.pad_id)
+        return self._batch(self._rows[start : start + self.micro_batch_size])
 
     def state_dict(self) -> dict:
         """The position in the data as rows consumed this epoch over all ranks, so it means the
@@ -241,8 +291,46 @@ class TrainBatches:
         self._load_epoch()
 
 
-def eval_batches(samples: list[dict], batch_size: int, max_seq_len: int, packing: bool, pad_id: int,
-                 pack_strategy: str = "best_fit") -> list[dict]:
+def eval_batches(samples, batch_size: int, max_seq_len: int, packing: bool, pad_id: int,
+                 pack_strategy: str = "best_fit") -> EvalBatches:
     """Every eval sample, in batches (the last one may be smaller)."""
-    rows = pack(samples, max_seq_len, pad_id, pack_strategy) if packing else samples
-    return [collate(rows[i : i + batch_size], packing, pad_id) for i in range(0, len(rows), batch_size)]
+    return EvalBatches(as_samples(samples), batch_size, max_seq_len, packing, pad_id, pack_strategy)
+
+
+class EvalBatches:
+    """The eval split's batches, built when read (a list of tensors for a large eval split would
+    hold it all in memory on every rank, 24 bytes per token); indexing and slicing as a list."""
+
+    def __init__(self, samples: TokenSamples, batch_size: int, max_seq_len: int, packing: bool, pad_id: int,
+                 pack_strategy: str = "best_fit"):
+        self.samples, self.batch_size, self.max_seq_len = samples, batch_size, max_seq_len
+        self.packing, self.pad_id, self.pack_strategy = packing, pad_id, pack_strategy
+        if packing:
+            order, bounds = pack_index(samples.lengths, max_seq_len, pack_strategy)
+            self._rows = [order[bounds[r] : bounds[r + 1]] for r in range(len(bounds) - 1)]
+        else:
+            self._rows = list(range(len(samples)))
+        self._count = -(-len(self._rows) // batch_size)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self._count)
+            if step != 1 or start != 0:
+                return [self[i] for i in range(start, stop, step)]
+            limited = copy.copy(self)
+            limited._count = max(0, stop)
+            return limited
+        if index < 0:
+            index += self._count
+        if not 0 <= index < self._count:
+            raise IndexError(f"eval batch {index} of {self._count}")
+        rows = self._rows[index * self.batch_size : (index + 1) * self.batch_size]
+        if self.packing:
+            return collate_packed(self.samples, rows, self.max_seq_len, self.pad_id)
+        return collate_padded(self.samples, rows, self.pad_id)
+
+    def __iter__(self):
+        return (self[i] for i in range(self._count))

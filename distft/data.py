@@ -30,11 +30,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from distft.batching import TrainBatches, collate, eval_batches, pack  # noqa: F401  (re-exported)
+from distft.batching import TrainBatches, eval_batches, pack, pack_index  # noqa: F401  (re-exported)
 from distft.config import AUGMENT_CALL, DataConfig
 from distft.encoding import encode_row
 from distft.errors import DataError  # noqa: F401  (re-exported: callers catch distft.data.DataError)
 from distft.model import IGNORE_INDEX
+from distft.samples import TokenSamples, piece
 from distft.sources import SURROGATE, RawRow, Unparsable, json_type, load_rows  # noqa: F401  (load_rows re-exported)
 from distft.templates import (
     HEADER_TEMPLATES,
@@ -116,8 +117,8 @@ def _likely_fix(rule: str, cfg: DataConfig) -> str:
 
 @dataclass
 class PreparedData:
-    train: list[dict]  # {"input_ids": list[int], "labels": list[int]}
-    eval: list[dict]
+    train: TokenSamples  # samples[i] == {"input_ids": [...], "labels": [...]} (distft/samples.py)
+    eval: TokenSamples
     eval_rows: list[dict]  # {"prompt": str without bos, "prompt_ids", "reference": str without eos, "task"?: str}
     report: DataReport
     stop_ids: list[int] = field(default_factory=list)  # ids that end an answer (templates.stop_token_ids)
@@ -291,7 +292,7 @@ def _fit(sample: dict, cfg: DataConfig) -> tuple[dict, bool]:
 class Example:
     kind: str
     row: dict
-    sample: dict
+    sample: tuple  # (ids int32, targets uint8) arrays: samples.piece
     variant: int = 0  # header wording (templates.HEADERS), set by template_variation
 
 
@@ -325,7 +326,7 @@ def _clean_row(value: Any, cfg: DataConfig, tokenizer, seen: set) -> tuple[Examp
     if key in seen:
         raise _Rejected("duplicate", "the same prompt and response as an earlier row")
     sample, truncated = _fit(tokenize_row(row, kind, cfg, tokenizer), cfg)
-    return Example(kind, row, sample), truncated, key
+    return Example(kind, row, piece(sample["input_ids"], sample["labels"])), truncated, key
 
 
 def _why_none_left(raw: list[RawRow], cfg: DataConfig, tokenizer, seen: set) -> str:
@@ -429,7 +430,7 @@ def augment(train: list[Example], cfg: DataConfig, tokenizer, report: DataReport
                 continue
             report.truncated += truncated
             report.augmented += 1
-            out.append(Example(kind, row, sample, variant))
+            out.append(Example(kind, row, piece(sample["input_ids"], sample["labels"]), variant))
     return out
 
 
@@ -479,20 +480,24 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int = 0, rows: Optional[tuple
         train = augment(train, cfg, tokenizer, report, random.Random(cfg.seed * 1_000_003 + seed))
         if not train:
             raise DataError("data.augment.functions dropped every training row")
-    train_samples = [e.sample for e in train]
-    eval_samples = [e.sample for e in held_out]
+    train_samples = TokenSamples.from_pieces(e.sample for e in train)
+    eval_samples = TokenSamples.from_pieces(e.sample for e in held_out)
     eval_rows = [entry for entry in (eval_row(e, cfg, tokenizer) for e in held_out) if entry is not None]
-
-    pad_id = pad_token_id(tokenizer)
     report.train = len(train)
-    strategy = cfg.pack_strategy
-    report.train_sequences = len(pack(train_samples, cfg.max_seq_len, pad_id, strategy)) if cfg.packing else len(train)
-    report.eval_sequences = len(pack(eval_samples, cfg.max_seq_len, pad_id, strategy)) if cfg.packing else len(held_out)
-    report.train_tokens = sum(len(s["input_ids"]) for s in train_samples)
-    if cfg.packing:
-        report.packing_fill = round(report.train_tokens / max(1, report.train_sequences * cfg.max_seq_len), 4)
-    report.train_target_tokens = sum(sum(label != IGNORE_INDEX for label in s["labels"]) for s in train_samples)
+    report.train_tokens = train_samples.token_count
+    report.train_target_tokens = train_samples.target_count
+    count_sequences(report, cfg, train_samples, eval_samples)
     return PreparedData(train_samples, eval_samples, eval_rows, report, stop_ids)
+
+
+def count_sequences(report: DataReport, cfg: DataConfig, train: TokenSamples, eval: TokenSamples) -> None:
+    """The report's sequence counts and packing fill: packed rows (from the lengths alone) or samples."""
+    if cfg.packing:
+        report.train_sequences = len(pack_index(train.lengths, cfg.max_seq_len, cfg.pack_strategy)[1]) - 1
+        report.eval_sequences = len(pack_index(eval.lengths, cfg.max_seq_len, cfg.pack_strategy)[1]) - 1
+        report.packing_fill = round(report.train_tokens / max(1, report.train_sequences * cfg.max_seq_len), 4)
+    else:
+        report.train_sequences, report.eval_sequences, report.packing_fill = len(train), len(eval), None
 
 
 def eval_row(example: Example, cfg: DataConfig, tokenizer) -> Optional[dict]:

@@ -306,9 +306,10 @@ def test_eval_rows_are_the_exact_prompt_and_reference(tmp_path, tok):
         *({"prompt": alpaca_prompt(r, "alpaca_short"), "reference": r["output"]} for r in rows[:3]),
         {"prompt": "### user:\nhi\n### assistant:\n", "reference": "yo", "task": "x"},
     ]
-    data.eval.pop(3)  # line the samples up with eval_rows
+    samples = list(data.eval)
+    samples.pop(3)  # line the samples up with eval_rows
     # The prompt ids are exactly the unmasked prefix of the eval sample, and the prompt's text.
-    for row, sample in zip(data.eval_rows, data.eval):
+    for row, sample in zip(data.eval_rows, samples):
         n = len(row["prompt_ids"])
         assert row["prompt_ids"] == sample["input_ids"][:n] == [1] + tok.encode(row["prompt"], add_special_tokens=False)
         assert sample["labels"][:n] == [IGNORE_INDEX] * n and sample["labels"][n] != IGNORE_INDEX

@@ -454,8 +454,8 @@ def test_sharegpt_conversations_train_as_the_same_chat_messages(tmp_path, tok):
     bad = {"conversations": [{"from": "narrator", "value": "Once"}, {"from": "gpt", "value": "upon"}]}
     a = prepare_data(cfg_for(write(tmp_path / "sharegpt.jsonl", jsonl(sharegpt + [bad]))), tok)
     b = prepare_data(cfg_for(write(tmp_path / "chat.jsonl", jsonl(chat))), tok)
-    assert a.train + a.eval == b.train + b.eval and len(a.train + a.eval) == 40
-    labels = (a.train + a.eval)[0]["labels"]
+    assert list(a.train) + list(a.eval) == list(b.train) + list(b.eval) and len(a.train) + len(a.eval) == 40
+    labels = a.train[0]["labels"]
     assert 0 < sum(label != -100 for label in labels) < len(labels)  # only the replies are targets
     assert a.report.malformed == 1 and a.report.first_dropped["malformed"].endswith(
         "conversations[0].from is 'narrator', not a ShareGPT speaker (assistant, bard, bing, chatgpt, gpt, human, "
