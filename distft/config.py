@@ -272,6 +272,13 @@ class DataConfig:
     text_field: str = "text"
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # The tokenized-data cache (distft/datacache.py): rank 0 builds the samples once per content,
+    # tokenizer and settings; every rank memory-maps them. cache_dir null: <run.root>/data-cache;
+    # it must be on a filesystem every rank sees. cache_wait_s: how long the other ranks wait for it.
+    cache: bool = True
+    cache_dir: Optional[str] = None
+    cache_wait_s: int = 7200
+    num_proc: int = 0  # processes that tokenize a build; 0: one per core for large data, else 1
 
 
 @dataclass

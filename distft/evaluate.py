@@ -547,6 +547,7 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, num_samples: in
 
     from distft.checkpoint import CheckpointError, read_meta, resolve_checkpoint
     from distft.data import eval_batches, prepare_data
+    from distft.datacache import prepared
     from distft.engines import autocast_context, autocast_dtype
     from distft.export import load_base, load_model
 
@@ -562,7 +563,7 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, num_samples: in
     device = torch.device("cpu")
     if cfg.train.device in ("auto", "cuda") and torch.cuda.is_available():
         device = torch.device("cuda")
-    data = prepare_data(cfg.data, tokenizer, seed=cfg.data.seed)
+    data = prepared(cfg.data, tokenizer, cfg.data.seed, cfg.run.root, prepare_data).data
     batches = eval_batches(data.eval, cfg.eval.batch_size, cfg.data.max_seq_len, cfg.data.packing,
                            tokenizer.pad_token_id, cfg.data.pack_strategy)
     if cfg.train.eval_max_batches:

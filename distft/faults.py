@@ -5,6 +5,8 @@ out):
     kill_after_save:8          SIGKILL once the checkpoint of step 8 is committed
     kill_after_shards:8        SIGKILL after every shard of step 8 is written, before the manifest
     kill_before_commit:8       SIGKILL after the manifest, before the commit marker (rank 0 writes it)
+    kill_cache_write:0         SIGKILL while the data cache is written: its train arrays are, the rest not
+    kill_cache_publish:0       SIGKILL once the data cache is written, before its directory is renamed
     nan_loss:5:1               rank 1's loss at step 5 becomes NaN (before backward)
     nan_weights:3              a trainable weight becomes NaN right after step 3's update
     raise_at_step:3:1          rank 1 raises an error at step 3 (a crash on one node)

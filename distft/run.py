@@ -93,17 +93,21 @@ def build_run(cfg: Config, info: DistInfo, device: torch.device) -> Run:
     the model's initialisation depend on it)."""
     from distft.batching import TrainBatches, eval_batches
     from distft.data import prepare_data
+    from distft.datacache import prepared
     from distft.engines import build_engine, build_model_for_engine, weights_dtype
     from distft.model import count_parameters, load_tokenizer
     from distft.tracking import MemoryMeter
 
     tokenizer = load_tokenizer(cfg.model)
     check_vocab(cfg, tokenizer)
-    data = prepare_data(cfg.data, tokenizer, seed=cfg.data.seed)
+    cached = prepared(cfg.data, tokenizer, cfg.data.seed, cfg.run.root, prepare_data, info.rank)
+    data = cached.data
     if not data.eval:  # validate() refuses an empty split it can see; a dataset's own split can be empty too
         raise DataError(f"no held-out rows: {data.report.summary()}; every run scores the model on held-out rows "
                         "before and after training: set data.eval_size / data.eval_fraction above 0, or data.eval_path")
     log.info("%s", data.report.summary())
+    if cached.path:
+        log.info("data: %s the cache %s in %.1f s", "built" if cached.built else "read", cached.path, cached.seconds)
     for level, line in data.report.notes(cfg.data):
         getattr(log, level)("%s", line)
 

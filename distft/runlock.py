@@ -210,6 +210,15 @@ def acquire(run_dir: str, unreadable_grace_s: float = 10.0) -> RunLock:
     warning; raises RunInUse naming a live holder."""
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, LOCK)
+    lock, holder = try_take(path, f"run directory {run_dir}", unreadable_grace_s)
+    if lock is None:
+        raise RunInUse(refusal(run_dir, holder, path))
+    return lock
+
+
+def try_take(path: str, what: str, unreadable_grace_s: float = 10.0) -> tuple[Optional[RunLock], Optional[Holder]]:
+    """(the lock at `path`, None) once taken, a stale one taken over with a warning naming `what`;
+    (None, the holder) while a live holder has it. Also the data cache's build lock (distft/datacache.py)."""
     mine = me()
     for _ in range(20):
         try:
@@ -221,7 +230,7 @@ def acquire(run_dir: str, unreadable_grace_s: float = 10.0) -> RunLock:
                 json.dump(asdict(mine), f)
                 f.flush()
                 os.fsync(f.fileno())
-            return RunLock(path, mine)
+            return RunLock(path, mine), None
         holder = read_holder(path)
         if holder is None:  # being written right now, or left half-written by a crash
             try:
@@ -235,9 +244,9 @@ def acquire(run_dir: str, unreadable_grace_s: float = 10.0) -> RunLock:
         else:
             reason = stale_reason(holder, path)
             if reason is None:
-                raise RunInUse(refusal(run_dir, holder, path))
+                return None, holder
         if _take_over(path, holder):
-            log.warning("run directory %s: taking over its lock, %s", run_dir, reason)
+            log.warning("%s: taking over its lock, %s", what, reason)
     raise RunInUse(f"could not take {path}: other starters keep taking it; is the same run being started in a loop?")
 
 

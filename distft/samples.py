@@ -124,7 +124,7 @@ class TokenSamples:
         for array in ARRAYS:
             path = os.path.join(directory, f"{name}.{array}.npy")
             with open(path, "wb") as f:
-                np.save(f, np.ascontiguousarray(getattr(self, array), dtype=DTYPES[array]))
+                _write_npy(f, np.ascontiguousarray(getattr(self, array), dtype=DTYPES[array]))
                 f.flush()
                 os.fsync(f.fileno())
             sizes[array] = os.path.getsize(path)
@@ -139,6 +139,18 @@ class TokenSamples:
             if value.dtype != DTYPES[array] or value.ndim != 1:
                 raise ValueError(f"{name}.{array}.npy holds {value.dtype} of {value.ndim} dimensions")
         return cls(*arrays)
+
+
+def _write_npy(f, array: np.ndarray) -> None:
+    """np.save's format, written through the file object in chunks: np.save's own write of a real
+    file (ndarray.tofile) reports a full disk as "N requested and M written", without its errno,
+    so distft.files could not say that the disk is full."""
+    header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False, "shape": array.shape}
+    np.lib.format.write_array_header_1_0(f, header)
+    data = memoryview(array).cast("B")
+    step = 1 << 24
+    for start in range(0, len(data), step):
+        f.write(data[start : start + step])
 
 
 def piece(input_ids, labels) -> tuple[np.ndarray, np.ndarray]:

@@ -372,6 +372,10 @@ def _check_data(cfg: Config, errors: list[str]) -> None:
         errors.append(f"data.augment.template_variation={d.augment.template_variation} must be in [0, 1]")
     if d.source == "synthetic" and d.synthetic.num_examples < 10:
         errors.append(f"data.synthetic.num_examples={d.synthetic.num_examples} must be >= 10")
+    if d.cache_wait_s <= 0:
+        errors.append(f"data.cache_wait_s={d.cache_wait_s} must be > 0 (seconds a rank waits for rank 0's data cache)")
+    if d.num_proc < 0:
+        errors.append(f"data.num_proc={d.num_proc} must be >= 0 (0: one tokenizing process per core for large data)")
 
 
 def _check_augment_functions(specs: Any, errors: list[str]) -> None:

@@ -66,8 +66,20 @@ def test_a_run_on_a_full_disk_ends_in_one_line_and_the_rerun_on_free_space_compl
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, resource.RLIM_INFINITY))
 
-    args = [sys.executable, "-m", "distft", "train.max_steps=2", "eval.num_samples=1", "eval.max_new_tokens=1",
-            f"run.root={tmp_path}", "tracking.wandb.mode=disabled", "eval.compare_base=false"]
+    overrides = ["train.max_steps=2", "eval.num_samples=1", "eval.max_new_tokens=1", f"run.root={tmp_path}",
+                 "tracking.wandb.mode=disabled", "eval.compare_base=false"]
+    args = [sys.executable, "-m", "distft", *overrides]
+    # The data cache (2.5 MB, over the limit too) first, with the space the data needs: as on a login node.
+    data_cmd = [sys.executable, "-m", "distft.data", *overrides]
+    prepared = subprocess.run(data_cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert prepared.returncode == 0 and "cache: built " in prepared.stdout, prepared.stderr[-3000:]
+    full_cache = subprocess.run(data_cmd + ["data.synthetic.num_examples=20001"], capture_output=True, text=True,
+                                cwd=tmp_path, timeout=300, preexec_fn=full_disk)
+    assert full_cache.returncode == 2 and "Traceback" not in full_cache.stderr, full_cache.stderr[-3000:]
+    line = full_cache.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"distft: cannot write the data cache {tmp_path}/data-cache/") and (
+        "File too large (EFBIG); the disk (or quota) holding it is full" in line), line
+    assert not [n for n in os.listdir(tmp_path / "data-cache") if ".tmp-" in n or n.endswith(".lock")]
     full = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=300, preexec_fn=full_disk)
     assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-3000:]
     assert full.stderr.strip().splitlines()[-1] == (

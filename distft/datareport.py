@@ -1,0 +1,102 @@
+"""What preparing a run's data produced: the samples, the eval rows, and the report of every row.
+
+Shared by `distft/data.py`, which builds it, and `distft/datacache.py`, which stores and reads it
+(so neither imports the other's module for its types).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from distft.batching import pack_index
+from distft.config import DataConfig
+from distft.samples import TokenSamples
+
+
+@dataclass
+class DataReport:
+    """What happened to the rows. loaded = malformed + empty + duplicate + overlong + kept, and
+    kept = eval + (train rows before augmentation). Counts cover the eval file too when there is one.
+    train counts rows after augmentation; *_sequences are packed rows (packing) or samples."""
+
+    loaded: int = 0
+    malformed: int = 0
+    empty: int = 0
+    duplicate: int = 0
+    overlong: int = 0
+    truncated: int = 0  # kept, cut to max_seq_len (drop_overlong=false)
+    kept: int = 0
+    train: int = 0
+    eval: int = 0
+    augmented: int = 0  # training rows changed or added by augmentation
+    augment_dropped: int = 0  # training rows an augmentation function removed, or made empty/over-long
+    train_sequences: int = 0
+    eval_sequences: int = 0
+    train_tokens: int = 0
+    train_target_tokens: int = 0
+    packing_fill: Optional[float] = None  # share of non-pad tokens in the packed training rows
+    # The first dropped row of each kind ("malformed", ...): "row 3 (line 4) of FILE: why".
+    first_dropped: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def notes(self, cfg: DataConfig) -> list[tuple[str, str]]:
+        """(level, message) lines that say why rows were dropped: the first row of each kind of
+        drop, then a warning naming the likely fix when more than DROP_WARNING of the rows went."""
+        lines = [("info", f"data: first {rule} row dropped: {where}") for rule, where in self.first_dropped.items()]
+        dropped = {rule: getattr(self, rule) for rule in ("malformed", "empty", "duplicate", "overlong")}
+        total = sum(dropped.values())
+        if self.loaded and total > DROP_WARNING * self.loaded:
+            worst = max(dropped, key=dropped.get)
+            lines.append(("warning", f"data: {total} of {self.loaded} rows ({total / self.loaded:.0%}) were dropped, "
+                                     f"most as {worst} ({dropped[worst]}); {_likely_fix(worst, cfg)}"))
+        return lines
+
+    def summary(self) -> str:
+        dropped = self.malformed + self.empty + self.duplicate + self.overlong
+        return (
+            f"data: loaded {self.loaded} rows, dropped {dropped} (malformed {self.malformed}, empty {self.empty}, "
+            f"duplicate {self.duplicate}, overlong {self.overlong}), truncated {self.truncated}, kept {self.kept}; "
+            f"train {self.train} rows ({self.augmented} augmented, {self.augment_dropped} dropped by augmentation), "
+            f"eval {self.eval}; {self.train_sequences} train / {self.eval_sequences} eval sequences, "
+            f"{self.train_tokens} train tokens ({self.train_target_tokens} targets)"
+            + (f", packed {self.packing_fill:.1%} non-pad" if self.packing_fill is not None else "")
+        )
+
+
+DROP_WARNING = 0.10  # share of dropped rows above which the data report warns
+
+
+def _likely_fix(rule: str, cfg: DataConfig) -> str:
+    if rule == "malformed":
+        return (f"check data.format={cfg.format} and the field names (data.instruction_field={cfg.instruction_field}, "
+                f"output_field={cfg.output_field}, messages_field={cfg.messages_field}, text_field={cfg.text_field}); "
+                "for conversations the chat template rejects, data.chat_template (e.g. headers)")
+    if rule == "overlong":
+        return f"raise data.max_seq_len={cfg.max_seq_len}, or data.drop_overlong=false to cut such rows instead"
+    if rule == "empty":
+        return f"check that data.output_field={cfg.output_field} (or the messages' content) names the filled column"
+    return "the data repeats rows (same prompt and response after collapsing whitespace): deduplicate it at the source"
+
+
+@dataclass
+class PreparedData:
+    train: TokenSamples  # samples[i] == {"input_ids": [...], "labels": [...]} (distft/samples.py)
+    eval: TokenSamples
+    eval_rows: list[dict]  # {"prompt": str without bos, "prompt_ids", "reference": str without eos, "task"?: str}
+    report: DataReport
+    stop_ids: list[int] = field(default_factory=list)  # ids that end an answer (templates.stop_token_ids)
+
+
+
+
+def count_sequences(report: DataReport, cfg: DataConfig, train: TokenSamples, eval: TokenSamples) -> None:
+    """The report's sequence counts and packing fill: packed rows (from the lengths alone) or samples."""
+    if cfg.packing:
+        report.train_sequences = len(pack_index(train.lengths, cfg.max_seq_len, cfg.pack_strategy)[1]) - 1
+        report.eval_sequences = len(pack_index(eval.lengths, cfg.max_seq_len, cfg.pack_strategy)[1]) - 1
+        report.packing_fill = round(report.train_tokens / max(1, report.train_sequences * cfg.max_seq_len), 4)
+    else:
+        report.train_sequences, report.eval_sequences, report.packing_fill = len(train), len(eval), None
