@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import importlib
 import random
 from collections.abc import Callable
@@ -33,9 +34,8 @@ from typing import Any, Optional
 from distft.batching import TrainBatches, eval_batches, pack, pack_index  # noqa: F401  (re-exported)
 from distft.config import AUGMENT_CALL, DataConfig
 from distft.datareport import DataReport, PreparedData, count_sequences  # noqa: F401  (re-exported)
-from distft.encoding import encode_row
+from distft.encoding import encode_row, encode_rows
 from distft.errors import DataError  # noqa: F401  (re-exported: callers catch distft.data.DataError)
-from distft.model import IGNORE_INDEX
 from distft.samples import TokenSamples, piece
 from distft.sources import SURROGATE, RawRow, Unparsable, json_type, load_rows  # noqa: F401  (load_rows re-exported)
 from distft.templates import (
@@ -56,6 +56,9 @@ class _Rejected(Exception):
     def __init__(self, rule: str, reason: str):
         super().__init__(reason)
         self.rule, self.reason = rule, reason
+
+    def __reduce__(self):  # comes back from a tokenizing process
+        return _Rejected, (self.rule, self.reason)
 
 
 def _string(row: dict, name: str, what: str, required: bool = True) -> str:
@@ -164,15 +167,19 @@ def _check_not_empty(kind: str, row: dict) -> None:
             raise _Rejected("empty", "no assistant turn" if not replies else "an assistant turn with blank content")
 
 
-def _dedup_key(kind: str, row: dict) -> tuple:
+def _dedup_key(kind: str, row: dict) -> bytes:
+    """What makes two rows the same (the kind, and the texts with whitespace collapsed), as a
+    16-byte digest: the set of keys seen then costs ~100 bytes a row, not a second copy of the text."""
     def norm(text: str) -> str:
         return " ".join(text.split())
 
     if kind == "text":
-        return (kind, norm(row["text"]))
-    if kind == "alpaca":
-        return (kind, norm(row["instruction"]), norm(row["input"]), norm(row["output"]))
-    return (kind, tuple((m["role"], norm(m["content"])) for m in row["messages"]))
+        key: tuple = (kind, norm(row["text"]))
+    elif kind == "alpaca":
+        key = (kind, norm(row["instruction"]), norm(row["input"]), norm(row["output"]))
+    else:
+        key = (kind, tuple((m["role"], norm(m["content"])) for m in row["messages"]))
+    return hashlib.blake2b(repr(key).encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def tokenize_row(row: dict, kind: str, cfg: DataConfig, tokenizer, variant: int = 0) -> dict:
@@ -196,22 +203,6 @@ def encode(row: dict, kind: str, cfg: DataConfig, tokenizer, variant: int = 0) -
         raise DataError(f"data.template={cfg.template}: {err}") from None
 
 
-def _fit(sample: dict, cfg: DataConfig) -> tuple[dict, bool]:
-    """(sample within max_seq_len, whether it was truncated); _Rejected('overlong') when dropped."""
-    n = len(sample["input_ids"])
-    if n <= cfg.max_seq_len:
-        return sample, False
-    if cfg.drop_overlong:
-        # max_seq_len + 1 is also where a very long text stops being encoded: no exact count then
-        size = f"{n} tokens > data.max_seq_len={cfg.max_seq_len}" if n > cfg.max_seq_len + 1 else (
-            f"more than data.max_seq_len={cfg.max_seq_len} tokens")
-        raise _Rejected("overlong", f"{size} (or data.drop_overlong=false)")
-    cut = {k: v[: cfg.max_seq_len] for k, v in sample.items()}
-    if all(label == IGNORE_INDEX for label in cut["labels"]):
-        raise _Rejected("overlong", f"the prompt alone fills data.max_seq_len={cfg.max_seq_len}; nothing to learn")
-    return cut, True
-
-
 @dataclass
 class Example:
     kind: str
@@ -220,26 +211,146 @@ class Example:
     variant: int = 0  # header wording (templates.HEADERS), set by template_variation
 
 
-def clean(raw: list[RawRow], cfg: DataConfig, tokenizer, report: DataReport, seen: set) -> list[Example]:
-    """Cleaned, tokenized examples in source order; every dropped row is counted in `report`."""
+def clean(raw: list[RawRow], cfg: DataConfig, tokenizer, report: DataReport, seen: set,
+          pool: Optional[TokenizerPool] = None) -> list[Example]:
+    """Cleaned, tokenized examples in source order; every dropped row is counted in `report`.
+
+    Rows go in chunks of CHUNK_ROWS through `_clean_chunk` (checked, templated, tokenized in one
+    batch), here or in `pool`'s processes; what depends on the rows before (duplicates, the
+    counts, on_bad_rows=fail's first bad row) is decided here, in order, so the result is the
+    same row for row however many processes tokenized."""
     kept = []
-    for record in raw:
-        report.loaded += 1
-        try:
-            example, truncated, key = _clean_row(record.value, cfg, tokenizer, seen)
-        except _Rejected as rejected:
-            if cfg.on_bad_rows == "fail":
-                raise DataError(
-                    f"{record.where} is {rejected.rule}: {rejected.reason}. Fix or remove the row, or set "
-                    "data.on_bad_rows=drop to skip such rows (they are counted in the data report)"
-                ) from None
-            setattr(report, rejected.rule, getattr(report, rejected.rule) + 1)
-            report.first_dropped.setdefault(rejected.rule, f"{record.where}: {rejected.reason}")
-            continue
-        seen.add(key)
-        report.truncated += truncated
-        kept.append(example)
+    chunks = [[r.value for r in raw[i : i + CHUNK_ROWS]] for i in range(0, len(raw), CHUNK_ROWS)]
+    results = pool.map(chunks) if pool is not None else (_clean_chunk(c, cfg, tokenizer) for c in chunks)
+    records = iter(raw)
+    for outcomes in results:
+        for outcome in outcomes:
+            record = next(records)
+            report.loaded += 1
+            try:
+                if isinstance(outcome, Exception):
+                    raise outcome
+                kind, row, key, sample = outcome
+                if key in seen:
+                    raise _Rejected("duplicate", "the same prompt and response as an earlier row")
+                sample, truncated = _fit_piece(sample, cfg)
+            except _Rejected as rejected:
+                if cfg.on_bad_rows == "fail":
+                    raise DataError(
+                        f"{record.where} is {rejected.rule}: {rejected.reason}. Fix or remove the row, or set "
+                        "data.on_bad_rows=drop to skip such rows (they are counted in the data report)"
+                    ) from None
+                setattr(report, rejected.rule, getattr(report, rejected.rule) + 1)
+                report.first_dropped.setdefault(rejected.rule, f"{record.where}: {rejected.reason}")
+                continue
+            seen.add(key)
+            report.truncated += truncated
+            kept.append(Example(kind, row, sample))
     return kept
+
+
+CHUNK_ROWS = 1000  # rows tokenized in one call (and handed to a process at a time)
+
+
+def _clean_chunk(values: list, cfg: DataConfig, tokenizer) -> list:
+    """Per raw record: (kind, canonical row, dedup key, (ids, targets)) or the exception that
+    rejects it (_Rejected, or the DataError of a template that cannot render rows), in order.
+    The tokenization is `tokenize_row`'s, for the whole chunk at once (encoding.encode_rows)."""
+    staged: list = []
+    for value in values:
+        try:
+            kind, row = to_canonical(value, cfg.format, cfg)
+            _check_not_empty(kind, row)
+            staged.append((kind, row, _dedup_key(kind, row)))
+        except _Rejected as rejected:
+            staged.append(rejected)
+    todo, rendered = [], []
+    for i, item in enumerate(staged):
+        if isinstance(item, Exception):
+            continue
+        try:
+            rendered.append(render_row(item[1], item[0], cfg.template, tokenizer, 0))
+            todo.append(i)
+        except RejectedConversation as err:
+            staged[i] = _Rejected("malformed", str(err))
+        except TemplateError as err:
+            staged[i] = DataError(f"data.template={cfg.template}: {err}")
+    for i, encoded in zip(todo, encode_rows(rendered, tokenizer, cfg.max_seq_len, cfg.train_on_prompt)):
+        if isinstance(encoded, RejectedConversation):
+            staged[i] = _Rejected("malformed", str(encoded))
+        elif isinstance(encoded, Exception):
+            raise encoded  # a bug, not the row's fault
+        else:
+            staged[i] = (*staged[i], encoded)
+    return staged
+
+
+class TokenizerPool:
+    """`_clean_chunk` in `processes` processes, results in order (`map`). Spawned, not forked: the
+    caller may be a training rank with torch's and the tokenizer's threads running, which a fork
+    copies in a broken state. Each process tokenizes on one thread (RAYON_NUM_THREADS=1), so
+    n processes use n cores."""
+
+    def __init__(self, processes: int, cfg: DataConfig, tokenizer):
+        import multiprocessing
+        import pickle
+
+        self.processes = processes
+        self._pool = multiprocessing.get_context("spawn").Pool(
+            processes, initializer=_start_worker, initargs=(pickle.dumps(tokenizer), cfg))
+
+    def map(self, chunks: list[list]):
+        return self._pool.imap(_worker_chunk, chunks)
+
+    def close(self) -> None:
+        self._pool.terminate()
+        self._pool.join()
+
+
+_WORKER: dict = {}
+
+
+def _start_worker(tokenizer: bytes, cfg: DataConfig) -> None:
+    import os
+    import pickle
+
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER.update(tokenizer=pickle.loads(tokenizer), cfg=cfg)
+
+
+def _worker_chunk(values: list) -> list:
+    return _clean_chunk(values, _WORKER["cfg"], _WORKER["tokenizer"])
+
+
+PARALLEL_ROWS = 50_000  # data.num_proc=0 tokenizes in one process per core from this many rows
+
+
+def tokenizing_processes(cfg: DataConfig, rows: int) -> int:
+    """data.num_proc, or for 0: one process per core this process may use when there are at least
+    PARALLEL_ROWS rows (below that, starting the processes costs more than they save), else 1."""
+    import os
+
+    if cfg.num_proc:
+        return cfg.num_proc
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores if rows >= PARALLEL_ROWS and cores > 1 else 1
+
+
+def _fit_piece(sample: tuple, cfg: DataConfig) -> tuple[tuple, bool]:
+    """`_fit` of an (ids, targets) sample."""
+    ids, targets = sample
+    n = len(ids)
+    if n <= cfg.max_seq_len:
+        return sample, False
+    if cfg.drop_overlong:
+        size = f"{n} tokens > data.max_seq_len={cfg.max_seq_len}" if n > cfg.max_seq_len + 1 else (
+            f"more than data.max_seq_len={cfg.max_seq_len} tokens")
+        raise _Rejected("overlong", f"{size} (or data.drop_overlong=false)")
+    ids, targets = ids[: cfg.max_seq_len], targets[: cfg.max_seq_len]
+    if not targets.any():
+        raise _Rejected("overlong", f"the prompt alone fills data.max_seq_len={cfg.max_seq_len}; nothing to learn")
+    return (ids, targets), True
 
 
 def _clean_row(value: Any, cfg: DataConfig, tokenizer, seen: set) -> tuple[Example, bool, tuple]:
@@ -249,8 +360,8 @@ def _clean_row(value: Any, cfg: DataConfig, tokenizer, seen: set) -> tuple[Examp
     key = _dedup_key(kind, row)
     if key in seen:
         raise _Rejected("duplicate", "the same prompt and response as an earlier row")
-    sample, truncated = _fit(tokenize_row(row, kind, cfg, tokenizer), cfg)
-    return Example(kind, row, piece(sample["input_ids"], sample["labels"])), truncated, key
+    sample, truncated = _fit_piece(piece(**tokenize_row(row, kind, cfg, tokenizer)), cfg)
+    return Example(kind, row, sample), truncated, key
 
 
 def _why_none_left(raw: list[RawRow], cfg: DataConfig, tokenizer, seen: set) -> str:
@@ -348,13 +459,13 @@ def augment(train: list[Example], cfg: DataConfig, tokenizer, report: DataReport
                 continue
             try:
                 _check_not_empty(kind, row)
-                sample, truncated = _fit(tokenize_row(row, kind, cfg, tokenizer, variant), cfg)
+                sample, truncated = _fit_piece(piece(**tokenize_row(row, kind, cfg, tokenizer, variant)), cfg)
             except _Rejected:
                 report.augment_dropped += 1
                 continue
             report.truncated += truncated
             report.augmented += 1
-            out.append(Example(kind, row, piece(sample["input_ids"], sample["labels"]), variant))
+            out.append(Example(kind, row, sample, variant))
     return out
 
 
@@ -382,23 +493,29 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int = 0, rows: Optional[tuple
     report = DataReport()
     train_raw, eval_raw = rows if rows is not None else load_rows(cfg)
     seen: set = set()  # shared, so an eval row that repeats a training row is dropped as a duplicate
-    train = clean(train_raw, cfg, tokenizer, report, seen)
-    if not train:
-        source = "the synthetic data" if cfg.source == "synthetic" else f"data.path={cfg.path}"
-        raise DataError(
-            f"no training rows left after cleaning {source}: {report.summary()}; "
-            f"{_why_none_left(train_raw, cfg, tokenizer, seen)}"
-        )
-    if eval_raw is not None:
-        held_out = clean(eval_raw, cfg, tokenizer, report, seen)
-        if not held_out:
-            source = f"data.eval_path={cfg.eval_path}" if cfg.eval_path else f"the eval split of data.path={cfg.path}"
+    processes = tokenizing_processes(cfg, len(train_raw) + len(eval_raw or ()))
+    pool = TokenizerPool(processes, cfg, tokenizer) if processes > 1 else None
+    try:
+        train = clean(train_raw, cfg, tokenizer, report, seen, pool)
+        if not train:
+            source = "the synthetic data" if cfg.source == "synthetic" else f"data.path={cfg.path}"
             raise DataError(
-                f"no eval rows left after cleaning {source}: {report.summary()}; "
-                f"{_why_none_left(eval_raw, cfg, tokenizer, seen)}"
+                f"no training rows left after cleaning {source}: {report.summary()}; "
+                f"{_why_none_left(train_raw, cfg, tokenizer, seen)}"
             )
-    else:
-        train, held_out = split(train, cfg)
+        if eval_raw is not None:
+            held_out = clean(eval_raw, cfg, tokenizer, report, seen, pool)
+            if not held_out:
+                source = f"data.eval_path={cfg.eval_path}" if cfg.eval_path else f"the eval split of data.path={cfg.path}"
+                raise DataError(
+                    f"no eval rows left after cleaning {source}: {report.summary()}; "
+                    f"{_why_none_left(eval_raw, cfg, tokenizer, seen)}"
+                )
+        else:
+            train, held_out = split(train, cfg)
+    finally:
+        if pool is not None:
+            pool.close()
     report.kept, report.eval = len(train) + len(held_out), len(held_out)
     if cfg.augment.functions or cfg.augment.template_variation > 0:
         train = augment(train, cfg, tokenizer, report, random.Random(cfg.seed * 1_000_003 + seed))

@@ -147,3 +147,102 @@ def _encode_keeping_data_text(rendered: Rendered, tokenizer) -> tuple[list[int],
             out_offsets.append((a, b))
         pos = max(pos, b)
     return out_ids, out_offsets, False
+
+
+# ------------------------------------------------------------------------------ many rows at once
+
+
+def encode_rows(rendered: list[Rendered], tokenizer, max_seq_len: int, train_on_prompt: bool = False) -> list:
+    """`encode_row(r, ...)` of every row as (ids int32, targets uint8) arrays (targets: label is
+    the token), in one tokenizer call per kind of row, labels computed with numpy over the whole
+    batch: the same ids and labels, without ~40 µs of Python per row and ~0.5 µs per token. Rows
+    that need more than one call (a text far over max_seq_len, a message holding special-token
+    text) go through encode_row itself. An exception encode_row raises for a row is returned in
+    its place."""
+    import numpy as np
+
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    budget = max_seq_len - len(bos)
+    pattern = special_pattern(tokenizer)
+    out: list = [None] * len(rendered)
+    groups: dict[bool, list[int]] = {True: [], False: []}
+    for i, r in enumerate(rendered):
+        whole = len(r.text) <= (max(budget, 0) + MARGIN_TOKENS) * 8  # _encode_text encodes it in one call
+        if whole and r.literal:
+            groups[True].append(i)
+        elif whole and (pattern is None or not any(pattern.search(m["content"]) for m in r.messages or ())):
+            groups[False].append(i)
+        else:
+            try:
+                encoded = encode_row(r, tokenizer, max_seq_len, train_on_prompt)
+                out[i] = (np.asarray(encoded.input_ids, dtype=np.int32),
+                          (np.asarray(encoded.labels) != IGNORE_INDEX).astype(np.uint8))
+            except Exception as err:  # noqa: BLE001 - handed back: the caller words it for its row
+                out[i] = err
+    eos = tokenizer.eos_token_id
+    for split_special, members in groups.items():
+        if not members:
+            continue
+        texts = [rendered[i].text for i in members]
+        encodings = _batch_call(tokenizer, texts, split_special)
+        counts = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
+        ids = np.fromiter((t for e in encodings for t in e.ids), dtype=np.int32, count=int(counts.sum()))
+        if train_on_prompt:
+            inside = np.ones(len(ids), dtype=bool)
+        else:
+            inside = _inside_targets(encodings, counts, [rendered[i] for i in members], texts)
+        starts = np.zeros(len(members) + 1, dtype=np.int64)
+        np.cumsum(counts, out=starts[1:])
+        for k, i in enumerate(members):
+            row_ids = ids[starts[k] : starts[k + 1]]
+            row_targets = inside[starts[k] : starts[k + 1]]
+            add_eos = rendered[i].add_eos and eos is not None
+            piece_ids = np.empty(len(bos) + len(row_ids) + add_eos, dtype=np.int32)
+            piece_targets = np.zeros(len(piece_ids), dtype=np.uint8)
+            piece_ids[: len(bos)] = bos
+            piece_ids[len(bos) : len(bos) + len(row_ids)] = row_ids
+            piece_targets[len(bos) : len(bos) + len(row_ids)] = row_targets
+            if add_eos:
+                piece_ids[-1], piece_targets[-1] = eos, 1
+            if len(piece_targets):
+                piece_targets[0] = 0  # never a target: packed, it would be predicted from the previous sample
+            out[i] = (piece_ids, piece_targets)
+    return out
+
+
+def _batch_call(tokenizer, texts: list[str], split_special: bool) -> list:
+    """The tokenizer's Rust encodings of `texts`: what `tokenizer(text, add_special_tokens=False,
+    split_special_tokens=split_special)` computes per text (transformers sets the same switch on
+    the same backend), in one call."""
+    backend = tokenizer.backend_tokenizer
+    if backend.truncation is not None or backend.padding is not None:  # transformers clears them per call too
+        backend.no_truncation()
+        backend.no_padding()
+    before = backend.encode_special_tokens
+    backend.encode_special_tokens = split_special
+    try:
+        return backend.encode_batch(texts, add_special_tokens=False)
+    finally:
+        backend.encode_special_tokens = before
+
+
+def _inside_targets(encodings: list, counts, rendered: list[Rendered], texts: list[str]):
+    """For every token of the batch: whether its characters overlap a target span of its row
+    (`_labels`' rule), with the rows laid end to end in one coordinate space."""
+    import numpy as np
+
+    bases = np.zeros(len(texts), dtype=np.int64)
+    np.cumsum([len(t) + 2 for t in texts[:-1]], out=bases[1:])  # a gap, so no token meets the next row's span
+    total = int(counts.sum())
+    flat = np.fromiter((x for e in encodings for pair in e.offsets for x in pair), dtype=np.int64, count=2 * total)
+    a = flat[0::2] + np.repeat(bases, counts)
+    b = flat[1::2] + np.repeat(bases, counts)
+    spans = [(s + base, e + base) for r, base in zip(rendered, bases.tolist()) for s, e in r.targets]
+    if not spans:
+        return np.zeros(total, dtype=bool)
+    span_starts = np.fromiter((s for s, _ in spans), dtype=np.int64, count=len(spans))
+    span_ends = np.fromiter((e for _, e in spans), dtype=np.int64, count=len(spans))
+    j = np.searchsorted(span_ends, a, side="right")  # the first span that ends after the token starts
+    found = j < len(spans)
+    j = np.minimum(j, len(spans) - 1)
+    return found & (np.maximum(b, a + 1) > span_starts[j])
