@@ -42,6 +42,32 @@ def pack(samples, max_seq_len: int, pad_id: int, strategy: str = "best_fit") -> 
     return [{k: v[r].tolist() for k, v in batch.items()} for r in range(len(bounds) - 1)] if len(bounds) > 1 else []
 
 
+def mix_counts(available: list[int], weights: list[float]) -> list[int]:
+    """Samples each source gives an epoch of sum(available) samples: weight / sum(weights) of it,
+    rounded by largest remainder (ties to the earlier source) so that the counts add up."""
+    total, weight_sum = sum(available), float(sum(weights))
+    shares = [w / weight_sum * total for w in weights]
+    counts = [int(share) for share in shares]
+    by_remainder = sorted(range(len(shares)), key=lambda i: (-(shares[i] - counts[i]), i))
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def mixed_order(sources: np.ndarray, weights: list[float], seed: int, epoch: int) -> list[int]:
+    """The samples of one epoch of a mix, before the epoch's shuffle: source i gives
+    mix_counts(...)[i] samples, each of its samples whole times over (weights above its size
+    repeat it) plus a draw without replacement, seeded by (seed, epoch), for the rest. A pure
+    function of (seed, epoch), like the order of an unmixed epoch."""
+    members = [np.flatnonzero(sources == i).tolist() for i in range(len(weights))]
+    rng = random.Random(f"mix-{seed}-{epoch}")
+    order: list[int] = []
+    for own, count in zip(members, mix_counts([len(m) for m in members], weights)):
+        whole, rest = divmod(count, len(own))
+        order += own * whole + sorted(rng.sample(own, rest))
+    return order
+
+
 def as_samples(samples) -> TokenSamples:
     return samples if isinstance(samples, TokenSamples) else TokenSamples.from_samples(samples)
 
@@ -202,13 +228,18 @@ class TrainBatches:
         world_size: int = 1,
         accumulation_steps: int = 1,
         pack_strategy: str = "best_fit",
+        sources: Optional[np.ndarray] = None,
+        weights: Optional[list[float]] = None,
     ):
+        """`sources` and `weights`: a mix (data.sources): each sample's source index, and the
+        sources' weights; every epoch then holds mixed_order's samples."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.samples = as_samples(samples)
         self.micro_batch_size, self.max_seq_len = micro_batch_size, max_seq_len
         self.packing, self.pad_id, self.seed, self.shuffle = packing, pad_id, seed, shuffle
         self.pack_strategy = pack_strategy
+        self.sources, self.weights = sources, weights
         self.rank, self.world_size, self.accumulation_steps = rank, world_size, accumulation_steps
         self.epoch, self.index = 0, 0
         self._built_epoch: Optional[int] = None
@@ -220,7 +251,10 @@ class TrainBatches:
     def _load_epoch(self) -> None:
         if self._built_epoch == self.epoch:
             return
-        order = list(range(len(self.samples)))
+        if self.sources is not None:
+            order = mixed_order(self.sources, self.weights, self.seed, self.epoch)
+        else:
+            order = list(range(len(self.samples)))
         if self.shuffle:
             random.Random(self.seed + self.epoch).shuffle(order)
         self._order = np.asarray(order, dtype=np.int64)

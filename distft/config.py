@@ -275,6 +275,10 @@ class DataConfig:
     # The tokenized-data cache (distft/datacache.py): rank 0 builds the samples once per content,
     # tokenizer and settings; every rank memory-maps them. cache_dir null: <run.root>/data-cache;
     # it must be on a filesystem every rank sees. cache_wait_s: how long the other ranks wait for it.
+    # Several data sets mixed: [{path, weight, source, template, format, *_field, name}, ...]
+    # (distft/sources.py SOURCE_KEYS); data.path unset then. Each epoch draws weight / sum(weights)
+    # of its samples from each source (distft/batching.py mixed_order).
+    sources: list = field(default_factory=list)
     cache: bool = True
     cache_dir: Optional[str] = None
     cache_wait_s: int = 7200

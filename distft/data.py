@@ -23,6 +23,7 @@ use_cache=False in training and evaluation.)
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import hashlib
 import importlib
@@ -31,13 +32,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
+
 from distft.batching import TrainBatches, eval_batches, pack, pack_index  # noqa: F401  (re-exported)
 from distft.config import AUGMENT_CALL, DataConfig
 from distft.datareport import DataReport, PreparedData, count_sequences  # noqa: F401  (re-exported)
 from distft.encoding import encode_row, encode_rows
 from distft.errors import DataError  # noqa: F401  (re-exported: callers catch distft.data.DataError)
 from distft.samples import TokenSamples, piece
-from distft.sources import SURROGATE, RawRow, Unparsable, json_type, load_rows  # noqa: F401  (load_rows re-exported)
+from distft.sources import SURROGATE, RawRow, Unparsable, json_type, load_rows, parts, read_eval_path  # noqa: F401  (load_rows re-exported)
 from distft.templates import (
     HEADER_TEMPLATES,
     HEADERS,
@@ -209,10 +212,11 @@ class Example:
     row: dict
     sample: tuple  # (ids int32, targets uint8) arrays: samples.piece
     variant: int = 0  # header wording (templates.HEADERS), set by template_variation
+    source: int = 0  # its index in data.sources (sources.parts)
 
 
 def clean(raw: list[RawRow], cfg: DataConfig, tokenizer, report: DataReport, seen: set,
-          pool: Optional[TokenizerPool] = None) -> list[Example]:
+          pool: Optional[TokenizerPool] = None, source: int = 0) -> list[Example]:
     """Cleaned, tokenized examples in source order; every dropped row is counted in `report`.
 
     Rows go in chunks of CHUNK_ROWS through `_clean_chunk` (checked, templated, tokenized in one
@@ -245,7 +249,7 @@ def clean(raw: list[RawRow], cfg: DataConfig, tokenizer, report: DataReport, see
                 continue
             seen.add(key)
             report.truncated += truncated
-            kept.append(Example(kind, row, sample))
+            kept.append(Example(kind, row, sample, source=source))
     return kept
 
 
@@ -420,12 +424,15 @@ def resolve_functions(specs: list) -> list[tuple[str, Callable]]:
     return resolved
 
 
-def augment(train: list[Example], cfg: DataConfig, tokenizer, report: DataReport, rng: random.Random) -> list[Example]:
+def augment(train: list[Example], cfgs: list[DataConfig], tokenizer, report: DataReport,
+            rng: random.Random) -> list[Example]:
     """Apply `data.augment.functions` in order, then template_variation, to each training row.
 
     validate() has checked that each function imports and takes (row, rng, **kwargs); an exception
     it raises on a row is the user's to fix, so it ends the run as one DataError naming the
-    function and the row (its index in the training split), not as a traceback."""
+    function and the row (its index in the training split), not as a traceback. `cfgs`: data.*
+    as each source reads it (sources.parts), by Example.source."""
+    cfg = cfgs[0]
     functions = resolve_functions(list(cfg.augment.functions))
     probability = cfg.augment.template_variation
     out = []
@@ -452,20 +459,22 @@ def augment(train: list[Example], cfg: DataConfig, tokenizer, report: DataReport
             report.augment_dropped += 1
         for kind, row in produced:
             variant = 0
-            if probability > 0 and kind == "alpaca" and cfg.template in HEADER_TEMPLATES and rng.random() < probability:
+            if (probability > 0 and kind == "alpaca" and cfgs[example.source].template in HEADER_TEMPLATES
+                    and rng.random() < probability):
                 variant = rng.randrange(1, len(HEADERS))
             if kind == example.kind and row == example.row and variant == 0:
                 out.append(example)
                 continue
             try:
                 _check_not_empty(kind, row)
-                sample, truncated = _fit_piece(piece(**tokenize_row(row, kind, cfg, tokenizer, variant)), cfg)
+                own = cfgs[example.source]
+                sample, truncated = _fit_piece(piece(**tokenize_row(row, kind, own, tokenizer, variant)), own)
             except _Rejected:
                 report.augment_dropped += 1
                 continue
             report.truncated += truncated
             report.augmented += 1
-            out.append(Example(kind, row, sample, variant))
+            out.append(Example(kind, row, sample, variant, example.source))
     return out
 
 
@@ -491,44 +500,69 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int = 0, rows: Optional[tuple
     except TemplateError as err:
         raise DataError(str(err)) from None
     report = DataReport()
-    train_raw, eval_raw = rows if rows is not None else load_rows(cfg)
+    sources = parts(cfg)
+    cfgs = [part.cfg for part in sources]
     seen: set = set()  # shared, so an eval row that repeats a training row is dropped as a duplicate
-    processes = tokenizing_processes(cfg, len(train_raw) + len(eval_raw or ()))
-    pool = TokenizerPool(processes, cfg, tokenizer) if processes > 1 else None
+    pool: Optional[TokenizerPool] = None
+    train: list[Example] = []
+    held_out: list[Example] = []
     try:
-        train = clean(train_raw, cfg, tokenizer, report, seen, pool)
-        if not train:
-            source = "the synthetic data" if cfg.source == "synthetic" else f"data.path={cfg.path}"
-            raise DataError(
-                f"no training rows left after cleaning {source}: {report.summary()}; "
-                f"{_why_none_left(train_raw, cfg, tokenizer, seen)}"
-            )
-        if eval_raw is not None:
-            held_out = clean(eval_raw, cfg, tokenizer, report, seen, pool)
-            if not held_out:
-                source = f"data.eval_path={cfg.eval_path}" if cfg.eval_path else f"the eval split of data.path={cfg.path}"
+        for index, part in enumerate(sources):
+            train_raw, eval_raw = rows if rows is not None else load_rows(part.cfg, part.key)
+            if pool is None and index == 0:
+                processes = tokenizing_processes(cfg, len(train_raw) + len(eval_raw or ()))
+                pool = TokenizerPool(processes, cfg, tokenizer) if processes > 1 else None
+            kept = clean(train_raw, part.cfg, tokenizer, report, seen, pool, index)
+            if not kept:
+                what = "the synthetic data" if part.cfg.source == "synthetic" else f"{part.key}={part.cfg.path}"
                 raise DataError(
-                    f"no eval rows left after cleaning {source}: {report.summary()}; "
-                    f"{_why_none_left(eval_raw, cfg, tokenizer, seen)}"
+                    f"no training rows left after cleaning {what}: {report.summary()}; "
+                    f"{_why_none_left(train_raw, part.cfg, tokenizer, seen)}"
                 )
-        else:
-            train, held_out = split(train, cfg)
+            train += kept
+            if eval_raw is not None:
+                kept = clean(eval_raw, part.cfg, tokenizer, report, seen, pool, index)
+                if not kept:
+                    what = (f"data.eval_path={cfg.eval_path}" if cfg.eval_path else
+                            f"the eval split of {part.key}={part.cfg.path}")
+                    raise DataError(
+                        f"no eval rows left after cleaning {what}: {report.summary()}; "
+                        f"{_why_none_left(eval_raw, part.cfg, tokenizer, seen)}"
+                    )
+                held_out += kept
+        if cfg.sources and cfg.eval_path:  # one eval file for the whole mix
+            eval_raw = read_eval_path(cfg)
+            held_out += clean(eval_raw, dataclasses.replace(cfg, template=cfgs[0].template), tokenizer, report, seen, pool)
+            if not held_out:
+                raise DataError(f"no eval rows left after cleaning data.eval_path={cfg.eval_path}: {report.summary()}")
     finally:
         if pool is not None:
             pool.close()
+    if not held_out:
+        train, held_out = split(train, cfg)
     report.kept, report.eval = len(train) + len(held_out), len(held_out)
     if cfg.augment.functions or cfg.augment.template_variation > 0:
-        train = augment(train, cfg, tokenizer, report, random.Random(cfg.seed * 1_000_003 + seed))
+        train = augment(train, cfgs, tokenizer, report, random.Random(cfg.seed * 1_000_003 + seed))
         if not train:
             raise DataError("data.augment.functions dropped every training row")
     train_samples = TokenSamples.from_pieces(e.sample for e in train)
+    train_sources, mix = None, []
+    if cfg.sources:
+        train_sources = np.fromiter((e.source for e in train), dtype=np.int32, count=len(train))
+        counts = np.bincount(train_sources, minlength=len(sources))
+        mix = [{"name": p.name, "weight": p.weight, "samples": int(n)} for p, n in zip(sources, counts)]
+        empty = [p.name for p, n in zip(sources, counts) if n == 0]
+        if empty:
+            raise DataError(f"data.sources: {', '.join(empty)} kept no training rows after the eval split; give it "
+                            "more rows, or lower data.eval_fraction / data.eval_size")
     eval_samples = TokenSamples.from_pieces(e.sample for e in held_out)
-    eval_rows = [entry for entry in (eval_row(e, cfg, tokenizer) for e in held_out) if entry is not None]
+    eval_rows = [entry for entry in (eval_row(e, cfgs[e.source], tokenizer) for e in held_out) if entry is not None]
     report.train = len(train)
     report.train_tokens = train_samples.token_count
     report.train_target_tokens = train_samples.target_count
     count_sequences(report, cfg, train_samples, eval_samples)
-    return PreparedData(train_samples, eval_samples, eval_rows, report, stop_ids)
+    report.sources = mix
+    return PreparedData(train_samples, eval_samples, eval_rows, report, stop_ids, train_sources)
 
 
 def eval_row(example: Example, cfg: DataConfig, tokenizer) -> Optional[dict]:

@@ -43,6 +43,8 @@ import sys
 import time
 from typing import Optional
 
+import numpy as np
+
 from distft.config import DataConfig
 from distft.errors import DataError
 
@@ -162,7 +164,10 @@ def _load(path: str, key: str):
     with open(os.path.join(path, "eval_rows.json")) as f:
         eval_rows = json.load(f)
     report = DataReport(**manifest["report"])
-    return PreparedData(train, held_out, eval_rows, report, manifest["stop_ids"])
+    train_sources = np.load(os.path.join(path, "train.sources.npy")) if report.sources else None
+    if train_sources is not None and len(train_sources) != len(train):
+        raise ValueError("train.sources.npy does not give every training sample a source")
+    return PreparedData(train, held_out, eval_rows, report, manifest["stop_ids"], train_sources)
 
 
 def _write(data, path: str, key: str, inputs: dict, seconds: float) -> None:
@@ -172,6 +177,8 @@ def _write(data, path: str, key: str, inputs: dict, seconds: float) -> None:
 
     os.makedirs(path)
     sizes = {"train": data.train.save(path, "train")}
+    if data.train_sources is not None:
+        np.save(os.path.join(path, "train.sources.npy"), data.train_sources)
     faults.point("cache_write", 0)
     sizes["eval"] = data.eval.save(path, "eval")
     with open(os.path.join(path, "eval_rows.json"), "w") as f:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+import numpy as np
+
 from distft.batching import pack_index
 from distft.config import DataConfig
 from distft.samples import TokenSamples
@@ -36,6 +38,8 @@ class DataReport:
     train_tokens: int = 0
     train_target_tokens: int = 0
     packing_fill: Optional[float] = None  # share of non-pad tokens in the packed training rows
+    # data.sources: [{"name", "weight", "samples"}] (training samples kept per source); [] for one source
+    sources: list = field(default_factory=list)
     # The first dropped row of each kind ("malformed", ...): "row 3 (line 4) of FILE: why".
     first_dropped: dict = field(default_factory=dict)
 
@@ -46,6 +50,14 @@ class DataReport:
         """(level, message) lines that say why rows were dropped: the first row of each kind of
         drop, then a warning naming the likely fix when more than DROP_WARNING of the rows went."""
         lines = [("info", f"data: first {rule} row dropped: {where}") for rule, where in self.first_dropped.items()]
+        if self.sources:
+            from distft.batching import mix_counts
+
+            counts = mix_counts([s["samples"] for s in self.sources], [s["weight"] for s in self.sources])
+            total = sum(counts)
+            lines.append(("info", "data: mix per epoch: " + "; ".join(
+                f"{s['name']} {n} of {total} samples ({n / total:.0%}, weight {s['weight']:g}; "
+                f"{n / s['samples']:.2f}x its {s['samples']} samples)" for s, n in zip(self.sources, counts))))
         dropped = {rule: getattr(self, rule) for rule in ("malformed", "empty", "duplicate", "overlong")}
         total = sum(dropped.values())
         if self.loaded and total > DROP_WARNING * self.loaded:
@@ -88,6 +100,7 @@ class PreparedData:
     eval_rows: list[dict]  # {"prompt": str without bos, "prompt_ids", "reference": str without eos, "task"?: str}
     report: DataReport
     stop_ids: list[int] = field(default_factory=list)  # ids that end an answer (templates.stop_token_ids)
+    train_sources: Optional[np.ndarray] = None  # data.sources: each training sample's source index
 
 
 

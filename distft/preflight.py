@@ -246,10 +246,14 @@ def path_problems(cfg: Config) -> list[str]:
     """Local files a run will read, checked on the launching machine before anything starts."""
     errors = []
     d = cfg.data
-    for key, path in (("data.path", d.path), ("data.eval_path", d.eval_path)):
-        if path and (d.source != "synthetic" or key == "data.eval_path"):  # synthetic data reads an eval file
+    from distft.sources import eval_reader, parts, source_problems
+
+    files = [] if source_problems(d) else [(p.key, p.cfg.path, p.cfg.source) for p in parts(d)
+                                           if p.cfg.source != "synthetic"]
+    files.append(("data.eval_path", d.eval_path, eval_reader(d)))
+    for key, path, source in files:
+        if path:
             path = os.path.expanduser(path)
-            source = "jsonl" if d.source == "synthetic" else d.source  # as data.load_rows reads it
             problem = data_file_problem(key, path, source)
             if problem:
                 errors.append(problem)

@@ -131,6 +131,7 @@ def build_run(cfg: Config, info: DistInfo, device: torch.device) -> Run:
         data.train, cfg.train.micro_batch_size, cfg.data.max_seq_len, cfg.data.packing, pad_id,
         seed=cfg.train.seed, shuffle=cfg.data.shuffle, rank=info.rank, world_size=info.world_size,
         accumulation_steps=grad_accum_steps(cfg), pack_strategy=cfg.data.pack_strategy,
+        sources=data.train_sources, weights=[s["weight"] for s in data.report.sources] or None,
     )
     held_out = eval_batches(data.eval, cfg.eval.batch_size, cfg.data.max_seq_len, cfg.data.packing, pad_id,
                             cfg.data.pack_strategy)

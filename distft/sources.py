@@ -301,8 +301,92 @@ def _read(source: str, path: Optional[str], key: str) -> tuple[list[RawRow], Opt
     return rows, split_eval
 
 
-def load_rows(cfg: DataConfig) -> tuple[list[RawRow], Optional[list[RawRow]]]:
-    """(training rows, separate eval rows or None when eval is to be split off the training rows)."""
+# What one entry of data.sources may set (the rest of data.* applies to every source).
+SOURCE_KEYS = ("path", "weight", "source", "template", "format", "instruction_field", "input_field", "output_field",
+               "messages_field", "text_field", "name")
+
+
+def reader_for(path: str) -> str:
+    """The data source that reads a file like `path`, from its extension (jsonl when unknown)."""
+    extension = os.path.splitext(path.rstrip("/"))[1].lower().lstrip(".")
+    if not extension:
+        return "hf_disk" if os.path.isdir(os.path.expanduser(path)) else "jsonl"
+    return {"jsonl": "jsonl", "ndjson": "jsonl", "json": "json", "csv": "csv", "parquet": "parquet"}.get(extension, "jsonl")
+
+
+@dataclass
+class Part:
+    """One data source of a run: its name, its weight in the mix, and data.* as it reads it."""
+
+    name: str
+    weight: float
+    cfg: DataConfig
+    key: str  # the config key that names its file, for messages: data.path, data.sources[1].path
+
+
+def source_problems(cfg: DataConfig) -> list[str]:
+    """What is wrong with data.sources, one message per problem (validate() reports them all)."""
+    if not cfg.sources:
+        return []
+    errors = []
+    if cfg.path:
+        errors.append(f"data.path={cfg.path!r} and data.sources are both set; put that file into data.sources "
+                      "as one more {path: ..., weight: ...} entry, or unset data.sources")
+    for i, spec in enumerate(cfg.sources):
+        key = f"data.sources[{i}]"
+        if not isinstance(spec, dict):
+            errors.append(f"{key} is a {type(spec).__name__}; write {{path: FILE, weight: 1.0}} (keys: "
+                          f"{', '.join(SOURCE_KEYS)})")
+            continue
+        unknown = sorted(set(spec) - set(SOURCE_KEYS))
+        if unknown:
+            errors.append(f"{key} has unknown keys {unknown}; a source takes {', '.join(SOURCE_KEYS)}")
+        if not isinstance(spec.get("path"), str) or not spec.get("path"):
+            errors.append(f"{key} has no path; every source names its file (or datasets directory)")
+        weight = spec.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            errors.append(f"{key}.weight={weight!r} must be a number > 0 (its share of each epoch is weight / sum)")
+        if "source" in spec and spec["source"] not in DATA_READERS:
+            errors.append(f"{key}.source={spec['source']!r} is not one of {', '.join(DATA_READERS)}")
+    return errors
+
+
+DATA_READERS = ("jsonl", "json", "csv", "parquet", "hf_disk")
+
+
+def parts(cfg: DataConfig) -> list[Part]:
+    """The run's sources: data.sources, each as data.* with its own entries; else data.* itself."""
+    import dataclasses
+
+    if not cfg.sources:
+        return [Part(cfg.name, 1.0, cfg, "data.path")]
+    found = []
+    for i, spec in enumerate(cfg.sources):
+        spec = dict(spec)
+        path = os.path.expanduser(spec["path"])
+        overrides = {k: v for k, v in spec.items() if k not in ("path", "weight", "name", "source")}
+        part_cfg = dataclasses.replace(cfg, source=spec.get("source") or reader_for(path), path=path, eval_path=None,
+                                       sources=[], **overrides)
+        name = spec.get("name") or os.path.splitext(os.path.basename(path.rstrip("/")))[0]
+        found.append(Part(name, float(spec.get("weight", 1.0)), part_cfg, f"data.sources[{i}].path"))
+    return found
+
+
+def eval_reader(cfg: DataConfig) -> str:
+    """How data.eval_path is read: as data.source reads data.path; as JSON Lines next to the
+    synthetic data; by its extension next to data.sources."""
+    if cfg.sources:
+        return reader_for(cfg.eval_path or "")
+    return "jsonl" if cfg.source == "synthetic" else cfg.source
+
+
+def read_eval_path(cfg: DataConfig) -> list[RawRow]:
+    return _read(eval_reader(cfg), cfg.eval_path, "data.eval_path")[0]
+
+
+def load_rows(cfg: DataConfig, key: str = "data.path") -> tuple[list[RawRow], Optional[list[RawRow]]]:
+    """(training rows, separate eval rows or None when eval is to be split off the training rows).
+    `key`: what names the file in messages (a source of data.sources: its entry)."""
     if cfg.source == "synthetic":
         from distft.synthetic import generate
 
@@ -313,10 +397,9 @@ def load_rows(cfg: DataConfig) -> tuple[list[RawRow], Optional[list[RawRow]]]:
             raise DataError(f"data.synthetic.tasks: {err}") from None
         train, split_eval = [RawRow(r, f"synthetic row {i}") for i, r in enumerate(rows)], None
     else:
-        train, split_eval = _read(cfg.source, cfg.path, "data.path")
+        train, split_eval = _read(cfg.source, cfg.path, key)
     if cfg.eval_path:
-        source = "jsonl" if cfg.source == "synthetic" else cfg.source
-        return train, _read(source, cfg.eval_path, "data.eval_path")[0]
+        return train, read_eval_path(cfg)
     return train, split_eval
 
 
@@ -370,10 +453,9 @@ def data_fingerprint(cfg: DataConfig) -> dict:
     trained on (distft.checkpoint.data_changes)."""
     import hashlib
 
-    if cfg.source == "synthetic" and not cfg.eval_path:
-        return {}
+    files = [(p.key, p.cfg.path) for p in parts(cfg) if p.cfg.source != "synthetic"] + [("data.eval_path", cfg.eval_path)]
     found = {}
-    for key, path in (("data.path", None if cfg.source == "synthetic" else cfg.path), ("data.eval_path", cfg.eval_path)):
+    for key, path in files:
         if not path:
             continue
         path = os.path.abspath(os.path.expanduser(path))

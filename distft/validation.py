@@ -344,16 +344,22 @@ def _check_sequence_length(cfg: Config, errors: list[str], max_positions: int) -
 
 
 def _check_data(cfg: Config, errors: list[str]) -> None:
+    from distft.sources import reader_for, source_problems
+
     d = cfg.data
-    if d.source != "synthetic" and not d.path:
+    errors += source_problems(d)
+    if d.source != "synthetic" and not d.path and not d.sources:
         errors.append(f"data.path is required for data.source={d.source!r} (a file, or a directory for hf_disk)")
     # (data.eval_path is read with synthetic training data too, as JSON Lines: data.py load_rows.)
     if d.source == "synthetic" and d.path:
         errors.append(f"data.path={d.path!r} is ignored by data.source=synthetic (the built-in data set); "
-                      f"choose the file's reader, e.g. data={_reader_for(d.path)} data.path={d.path}")
+                      f"choose the file's reader, e.g. data={reader_for(d.path)} data.path={d.path}")
     # Every run scores the model on held-out rows before and after training: it needs an eval split.
     # An hf_disk dataset may bring its own (a validation or test split), which only loading can tell.
-    if not d.eval_path and d.source in DATA_SOURCES and d.source != "hf_disk":
+    # (Sources are read as their entries say; hf_disk ones may bring their own split.)
+    readers = [reader_for(str(s.get("path", ""))) if isinstance(s, dict) else "" for s in d.sources]
+    splits_itself = all(r == "hf_disk" for r in readers) if d.sources else d.source == "hf_disk"
+    if not d.eval_path and (d.sources or d.source in DATA_SOURCES) and not splits_itself:
         if d.eval_size == 0:
             errors.append("data.eval_size=0 leaves no eval split, but every run scores the model on held-out rows "
                           "before and after training; use data.eval_size >= 1, or give data.eval_path")
@@ -424,14 +430,6 @@ def _check_augment_functions(specs: Any, errors: list[str]) -> None:
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return text[:200] + "..." if len(text) > 200 else text
-
-
-def _reader_for(path: str) -> str:
-    """The data source that reads a file like `path`, from its extension (jsonl when unknown)."""
-    extension = os.path.splitext(path.rstrip("/"))[1].lower().lstrip(".")
-    if not extension:
-        return "hf_disk" if os.path.isdir(os.path.expanduser(path)) else "jsonl"
-    return {"jsonl": "jsonl", "ndjson": "jsonl", "json": "json", "csv": "csv", "parquet": "parquet"}.get(extension, "jsonl")
 
 
 def _check_model(cfg: Config, errors: list[str]) -> None:
