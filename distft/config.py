@@ -24,7 +24,7 @@ from typing import Any, Optional
 TECHNIQUES = ("full", "lora", "qlora", "dora", "prefix", "prompt")
 ADAPTER_TECHNIQUES = ("lora", "qlora", "dora")  # adapters that live inside the linear layers
 PROMPT_LEARNING_TECHNIQUES = ("prefix", "prompt")  # virtual tokens in front of the sequence
-DATA_SOURCES = ("synthetic", "jsonl", "json", "csv", "parquet", "hf_disk")
+DATA_SOURCES = ("synthetic", "jsonl", "json", "csv", "parquet", "hf_disk", "hub")
 DATA_FORMATS = ("auto", "alpaca", "chat", "text")
 TEMPLATES = ("alpaca", "alpaca_short", "chat", "plain")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -245,7 +245,11 @@ PACK_STRATEGIES = ("best_fit", "in_order")  # distft/batching.py pack()
 class DataConfig:
     name: str = "synthetic"
     source: str = "synthetic"
+    # a file; for hf_disk a save_to_disk directory; for hub a Hugging Face Hub dataset name (or a
+    # local dataset directory), read with datasets.load_dataset(path, hub_config, revision=hub_revision)
     path: Optional[str] = None
+    hub_config: Optional[str] = None
+    hub_revision: Optional[str] = None
     eval_path: Optional[str] = None
     format: str = "auto"
     template: str = "alpaca"

@@ -252,7 +252,7 @@ def path_problems(cfg: Config) -> list[str]:
                                            if p.cfg.source != "synthetic"]
     files.append(("data.eval_path", d.eval_path, eval_reader(d)))
     for key, path, source in files:
-        if path:
+        if path and source != "hub":  # a Hub name is no file; loading says what is wrong with it
             path = os.path.expanduser(path)
             problem = data_file_problem(key, path, source)
             if problem:

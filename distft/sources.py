@@ -244,12 +244,42 @@ def _read_parquet(f, path: str, key: str) -> list[RawRow]:
 
 def _read_hf_disk(path: str, key: str) -> tuple[list[RawRow], Optional[list[RawRow]]]:
     """A `save_to_disk` directory: a Dataset, or a DatasetDict whose validation/test split is eval."""
-    from datasets import Dataset, load_from_disk
+    from datasets import load_from_disk
 
     try:
         data = load_from_disk(path)
     except Exception as err:
         raise DataError(f"{key}={path} is not a datasets.save_to_disk directory: {err}") from None
+    return _dataset_rows(data, path, key)
+
+
+def load_hub(name: str, cfg: DataConfig, key: str):
+    """`datasets.load_dataset(name, data.hub_config, revision=data.hub_revision)` (a DatasetDict),
+    or one DataError saying why it could not be had: offline, unknown or gated, or unreadable."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, cfg.hub_config, revision=cfg.hub_revision)
+    except ConnectionError as err:
+        raise DataError(
+            f"{key}={name}: the Hugging Face Hub dataset cannot be reached ({' '.join(str(err).split())[:200]}); on a "
+            "machine without network (HF_DATASETS_OFFLINE=1, or compute nodes), download it first where there is "
+            "one (it is then read from the datasets cache, HF_HOME), or save it with save_to_disk and use "
+            "data.source=hf_disk") from None
+    except FileNotFoundError as err:  # datasets' DatasetNotFoundError too
+        raise DataError(
+            f"{key}={name} is not a dataset datasets can find ({' '.join(str(err).split())[:200]}); check the name "
+            "(org/name on huggingface.co/datasets), data.hub_config, and for a gated dataset your access and "
+            "HF_TOKEN") from None
+    except Exception as err:  # noqa: BLE001 - a dataset's own loading code may fail in any way
+        raise DataError(f"{key}={name} could not be loaded with datasets.load_dataset: {type(err).__name__}: "
+                        f"{' '.join(str(err).split())[:300]}") from None
+
+
+def _dataset_rows(data, path: str, key: str) -> tuple[list[RawRow], Optional[list[RawRow]]]:
+    """A datasets Dataset or DatasetDict as rows: its 'train' split, and its validation (or test)
+    split as eval; a separate eval dataset (data.eval_path): its held-out split, else its only one."""
+    from datasets import Dataset
 
     def rows(split, name: str) -> list[RawRow]:
         return [RawRow(v, f"row {i} of {path} [{name}]") for i, v in enumerate(split.to_list())]
@@ -268,14 +298,20 @@ def _read_hf_disk(path: str, key: str) -> tuple[list[RawRow], Optional[list[RawR
 _READERS = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}
 
 
-def _read(source: str, path: Optional[str], key: str) -> tuple[list[RawRow], Optional[list[RawRow]]]:
+def _read(source: str, path: Optional[str], key: str, cfg: Optional[DataConfig] = None
+          ) -> tuple[list[RawRow], Optional[list[RawRow]]]:
     if not path:
         raise DataError(
             f"{key} is not set but data.source={source} reads a file; set {key}=/path/to/data.{source} "
             "(or data.source=synthetic for the embedded dataset)"
         )
+    if source == "hub":
+        rows, split_eval = _dataset_rows(load_hub(path, cfg, key), path, key)
+        if not rows:
+            raise DataError(f"{key}={path} holds no rows (its train split is empty)")
+        return rows, split_eval
     if source != "hf_disk" and source not in _READERS:
-        raise DataError(f"data.source={source} is not one of: synthetic, {', '.join(_READERS)}, hf_disk")
+        raise DataError(f"data.source={source} is not one of: synthetic, {', '.join(_READERS)}, hf_disk, hub")
     path = os.path.expanduser(path)
     problem = data_file_problem(key, path, source)  # the checks preflight made on the launching machine
     if problem:
@@ -351,7 +387,7 @@ def source_problems(cfg: DataConfig) -> list[str]:
     return errors
 
 
-DATA_READERS = ("jsonl", "json", "csv", "parquet", "hf_disk")
+DATA_READERS = ("jsonl", "json", "csv", "parquet", "hf_disk", "hub")
 
 
 def parts(cfg: DataConfig) -> list[Part]:
@@ -381,7 +417,7 @@ def eval_reader(cfg: DataConfig) -> str:
 
 
 def read_eval_path(cfg: DataConfig) -> list[RawRow]:
-    return _read(eval_reader(cfg), cfg.eval_path, "data.eval_path")[0]
+    return _read(eval_reader(cfg), cfg.eval_path, "data.eval_path", cfg)[0]
 
 
 def load_rows(cfg: DataConfig, key: str = "data.path") -> tuple[list[RawRow], Optional[list[RawRow]]]:
@@ -397,7 +433,7 @@ def load_rows(cfg: DataConfig, key: str = "data.path") -> tuple[list[RawRow], Op
             raise DataError(f"data.synthetic.tasks: {err}") from None
         train, split_eval = [RawRow(r, f"synthetic row {i}") for i, r in enumerate(rows)], None
     else:
-        train, split_eval = _read(cfg.source, cfg.path, key)
+        train, split_eval = _read(cfg.source, cfg.path, key, cfg)
     if cfg.eval_path:
         return train, read_eval_path(cfg)
     return train, split_eval
@@ -445,6 +481,18 @@ def data_file_problem(key: str, path: str, source: str) -> Optional[str]:
     return None
 
 
+def _hub_fingerprint(name: str, cfg: DataConfig, key: str) -> dict:
+    """A Hub dataset by what datasets made of it: the fingerprints of its splits (they follow the
+    dataset's revision and data files), its size; loaded from the datasets cache once downloaded."""
+    import hashlib
+
+    data = load_hub(name, cfg, key)
+    digest = hashlib.sha256(json.dumps({k: v._fingerprint for k, v in data.items()}, sort_keys=True).encode())
+    size = sum(int(v.data.nbytes) for v in data.values())
+    return {"path": f"{name} (Hub, config {cfg.hub_config}, revision {cfg.hub_revision or 'main'})",
+            "bytes": size, "sha256": digest.hexdigest()}
+
+
 def data_fingerprint(cfg: DataConfig) -> dict:
     """What a run's data files are, by content: `{key: {"path", "bytes", "sha256"}}` for
     data.path and data.eval_path (a `hf_disk` directory: every file in it, by relative name).
@@ -453,10 +501,14 @@ def data_fingerprint(cfg: DataConfig) -> dict:
     trained on (distft.checkpoint.data_changes)."""
     import hashlib
 
-    files = [(p.key, p.cfg.path) for p in parts(cfg) if p.cfg.source != "synthetic"] + [("data.eval_path", cfg.eval_path)]
+    files = [(p.key, p.cfg.path, p.cfg) for p in parts(cfg) if p.cfg.source != "synthetic"]
+    files.append(("data.eval_path", cfg.eval_path, cfg))
     found = {}
-    for key, path in files:
+    for key, path, part in files:
         if not path:
+            continue
+        if part.source == "hub" and key != "data.eval_path" and not os.path.exists(os.path.expanduser(path)):
+            found[key] = _hub_fingerprint(path, part, key)
             continue
         path = os.path.abspath(os.path.expanduser(path))
         files = ([os.path.join(root, name) for root, _, names in sorted(os.walk(path)) for name in sorted(names)]

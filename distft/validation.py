@@ -349,7 +349,7 @@ def _check_data(cfg: Config, errors: list[str]) -> None:
     d = cfg.data
     errors += source_problems(d)
     if d.source != "synthetic" and not d.path and not d.sources:
-        errors.append(f"data.path is required for data.source={d.source!r} (a file, or a directory for hf_disk)")
+        errors.append(f"data.path is required for data.source={d.source!r} (a file, a directory for hf_disk, a dataset name for hub)")
     # (data.eval_path is read with synthetic training data too, as JSON Lines: data.py load_rows.)
     if d.source == "synthetic" and d.path:
         errors.append(f"data.path={d.path!r} is ignored by data.source=synthetic (the built-in data set); "

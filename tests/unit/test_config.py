@@ -161,10 +161,11 @@ def test_every_group_option_composes(group):
 
 
 def test_data_file_sources_default_to_no_path():
-    for source in ("jsonl", "json", "csv", "parquet", "hf_disk"):
+    for source in ("jsonl", "json", "csv", "parquet", "hf_disk", "hub"):
         cfg, errors = check(f"data={source}")
         assert (cfg.data.source, cfg.data.path, cfg.data.template) == (source, None, "alpaca")
-        assert errors == [f"data.path is required for data.source='{source}' (a file, or a directory for hf_disk)"]
+        assert errors == [f"data.path is required for data.source='{source}' "
+                          "(a file, a directory for hf_disk, a dataset name for hub)"]
 
 
 @pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: str(p.relative_to(CONF)))
