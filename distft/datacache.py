@@ -252,6 +252,29 @@ def prepared(cfg: DataConfig, tokenizer, seed: int, run_root: str, build, rank: 
     return result
 
 
+def find(cfg: DataConfig, tokenizer, seed: int, run_root: str) -> Optional[CacheResult]:
+    """The cache of this config if it is there and sound, else None; nothing is built or locked
+    (the planner's exact epoch)."""
+    from distft.datareport import count_sequences
+    from distft.sources import data_fingerprint
+    from distft.templates import use_chat_template
+
+    if not cfg.cache:
+        return None
+    started = time.monotonic()
+    use_chat_template(tokenizer, cfg.chat_template)
+    key = cache_key(key_inputs(cfg, tokenizer, seed, data_fingerprint(cfg)))
+    path = os.path.join(cache_dir(cfg, run_root), key)
+    try:
+        found = _load(path, key)
+    except (ValueError, OSError):
+        return None
+    if found is None:
+        return None
+    count_sequences(found.report, cfg, found.train, found.eval)
+    return CacheResult(found, path, False, time.monotonic() - started)
+
+
 def _find_or_build(cfg, tokenizer, seed, build, path, key, inputs, started) -> CacheResult:
     from distft.runlock import try_take
 

@@ -88,7 +88,8 @@ def format_text(result: dict) -> str:
         lines.append(f"  epoch: unknown ({e['unknown']})")
     else:
         when = f", {_duration(e['time_s'])}" if e["time_s"] else ""
-        about = f" (from {e['rows_read']:,} of {e['train_rows']:,} rows)" if e["extrapolated"] else ""
+        about = f" (from {e['rows_read']:,} of {e['train_rows']:,} rows)" if e["extrapolated"] else (
+            f" (from the data cache {e['cache']})" if e.get("cache") else "")
         lines.append(f"  epoch: {e['sequences']:,} sequences, {e['tokens']:,} tokens, {e['steps']:,} steps{when}{about}")
     return "\n".join(lines)
 

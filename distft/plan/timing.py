@@ -70,8 +70,9 @@ def throughput(cfg: Config, counts: ParameterCounts) -> dict:
 def epoch(cfg: Config, step_time_s: Optional[float]) -> dict:
     """Sequences, tokens and optimizer steps in one pass over the training data, and its time.
 
-    The run's own pipeline (load, clean, template, tokenize, pack) on up to
-    plan.epoch_sample_rows training rows, scaled to all of them. Needs the model's tokenizer
+    From the tokenized-data cache when the data was prepared before (exact); else the run's own
+    pipeline (load, clean, template, tokenize, pack) on up to plan.epoch_sample_rows training
+    rows, scaled to all of them. Needs the model's tokenizer
     on local disk (never downloaded here); without it: {"unknown": why}."""
     import random
 
@@ -84,6 +85,22 @@ def epoch(cfg: Config, step_time_s: Optional[float]) -> dict:
         where = cfg.model.tokenizer or cfg.model.name_or_path
         return {"unknown": f"the tokenizer {where!r} is not on local disk; set model.tokenizer=<local directory> "
                            "for a time per epoch"}
+    from distft.datacache import find
+
+    try:
+        cached = find(cfg.data, tokenizer, cfg.data.seed, cfg.run.root)
+    except (DataError, OSError, ValueError) as err:
+        return {"unknown": f"the data could not be read: {err}"}
+    if cached is not None:  # prepared before (python -m distft.data, or a run): exact, nothing tokenized
+        report = cached.data.report
+        steps = math.ceil(report.train_sequences / cfg.train.global_batch_size)
+        return {"train_rows": report.train, "rows_read": report.train, "extrapolated": False, "cache": cached.path,
+                "sequences": report.train_sequences,
+                "tokens": report.train_sequences * cfg.data.max_seq_len if cfg.data.packing else report.train_tokens,
+                "steps": steps, "time_s": steps * step_time_s if step_time_s else None}
+    if cfg.data.sources:
+        return {"unknown": "a mix of data.sources is counted from its cache: prepare it first with "
+                           "`python -m distft.data <the same overrides>`"}
     try:
         train_raw, eval_raw = load_rows(cfg.data)
         sample = train_raw

@@ -349,6 +349,21 @@ def test_time_per_epoch_counts_the_sequences_the_run_trains_on():
     assert abs(sampled["sequences"] - 50) <= 3
 
 
+def test_time_per_epoch_is_read_from_the_data_cache_once_prepared(tmp_path):
+    from distft.data import prepare_data
+    from distft.datacache import prepared
+    from distft.model import load_tokenizer
+
+    args = ["+experiment=tiny_lora", "train.global_batch_size=8", "cluster.peak_tflops=100",
+            f"data.cache_dir={tmp_path}", "plan.epoch_sample_rows=200"]
+    cfg, errors = preflight(args)
+    assert errors == [] and "cache" not in plan(cfg)["epoch"]  # sampled: nothing prepared yet
+    built = prepared(cfg.data, load_tokenizer(cfg.model), cfg.data.seed, cfg.run.root, prepare_data)
+    epoch = plan(cfg)["epoch"]
+    assert epoch["cache"] == built.path and not epoch["extrapolated"] and epoch["rows_read"] == 380
+    assert epoch["sequences"] == 50 and epoch["steps"] == 7  # exact, though only 200 rows would be sampled
+
+
 def test_time_per_epoch_is_unknown_without_a_local_tokenizer(tmp_path):
     result = planned("model=llama2_7b", "technique=lora", "cluster=a100_80g_8x", f"model.tokenizer={tmp_path}")
     assert "not on local disk" in result["epoch"]["unknown"]
