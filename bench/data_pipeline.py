@@ -1,32 +1,35 @@
-"""Data pipeline: distft's prepare + pack against raw fast-tokenizer throughput, and packing efficiency.
+"""Data at scale: distft's pipeline against the raw tokenizer, across cores, cached, and in memory per rank.
 
-What it measures, on the shipped synthetic instruction data (`--rows`, 20,000 by default, the
-default job's size) with distft's built-in tokenizer (a Rust `tokenizers` fast tokenizer):
+Rows: Alpaca-format rows of generated English-like text (~230 tokens each, like the real Alpaca
+set under a 32k vocabulary), written to a JSON Lines file; tokenizer: the repo's LLaMA-style
+SentencePiece BPE (distft/tokenizer_families.py, `llama2`) trained to `--vocab` entries. Every
+figure is a ratio against a baseline measured in the same run:
 
-- raw tokenizer: one batched `tokenizer(texts)` call over the rows' full texts (prompt and
-  response as the template lays them out), the most a tokenizer alone can do;
-- distft pipeline: `prepare_data` (load, clean with counts and de-duplication, template, tokenize
-  each row's whole text once, masked by offsets, split, report) and then one epoch of packed rows
-  (`TrainBatches`: shuffle, pack, shuffle rows) as training sees them.
+1. one core (sched_setaffinity, one tokenizer thread): `prepare_data` tokens/s (read the file,
+   clean with counts and de-duplication, template, tokenize, mask, split) / the raw batched
+   tokenizer (`tokenizer(texts)`) on the same rows' full texts. Target >= 0.8.
+2. cores: `prepare_data` with data.num_proc = every core against num_proc=1. Target: near-linear.
+3. cache: a run's data start-up (fingerprint, cache, the first epoch's packing) when the cache is
+   built, against a rerun that finds it. Target: the rerun <= 5% of the first.
+4. memory: `--ranks` processes read the same `--rows`-row cache and build their epoch, as ranks do;
+   each one's growth of private memory (RssAnon: what the process holds itself; the cache's pages
+   are file-backed, shared through the page cache, counted as RssFile). Target <= 1 GB per rank.
 
-    ratio = pipeline tokens/s / raw tokenizer tokens/s   (same tokens)
+    python bench/data_pipeline.py [--rows 1000000] [--ratio-rows 50000] [--vocab 32000] [--record]
 
-and packing efficiency (the share of non-pad tokens in the packed rows) for both strategies,
-best_fit (the default) and in_order, at `--seq` lengths. Medians of `--reps` repetitions.
-
-Why. The pipeline does more than tokenizing (validation, masks, de-duplication, packing); the
-ratio shows what that costs next to the tokenizer, and the fill shows how much compute packing
-wastes on padding. Target: >= 99% non-pad tokens.
-
-    python bench/data_pipeline.py [--rows 20000] [--seq 256 2048] [--reps 3] [--record]
+Also the packing fill of best_fit and in_order on the shipped synthetic data (target >= 99% non-pad).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
-import statistics
+import random
+import subprocess
 import sys
+import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,70 +38,198 @@ if REPO not in sys.path:
 
 from bench.common import command_line, report  # noqa: E402
 
+WORDS = ("the model data token train step batch rank node cluster memory cache shard layer weight "
+         "gradient optimizer schedule warmup learning rate loss eval sample packing sequence length "
+         "question answer explain describe summarize translate list compare reason because however "
+         "therefore example system user assistant instruction input output response correct simple "
+         "river mountain city history science language music garden kitchen travel health energy").split()
+
+
+def alpaca_rows(n: int, seed: int = 0):
+    rng = random.Random(seed)
+
+    def text(lo: int, hi: int) -> str:
+        words = [rng.choice(WORDS) for _ in range(rng.randint(lo, hi))]
+        for i in range(0, len(words), rng.randint(8, 14)):
+            words[i] = words[i].capitalize()
+        return " ".join(words) + "."
+
+    for i in range(n):
+        yield {"instruction": text(5, 20), "input": text(0, 25) if i % 3 else "", "output": text(30, 80),
+               "id": i}
+
+
+def write_rows(path: str, n: int) -> None:
+    with open(path, "w") as f:
+        for row in alpaca_rows(n):
+            f.write(json.dumps(row) + "\n")
+
+
+def rss() -> dict:
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "RssAnon", "RssFile")}
+
+
+def data_cfg(path: str, cache_dir: str, num_proc: int = 1):
+    from distft.config import DataConfig
+
+    return DataConfig(source="jsonl", path=path, template="alpaca", max_seq_len=2048, num_proc=num_proc,
+                      cache_dir=cache_dir)
+
+
+# ---------------------------------------------------------------- the measurements, each its own process
+
+
+def measure_one_core(path: str, tokenizer_dir: str) -> dict:
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    from distft.config import ModelConfig
+    from distft.data import load_rows, prepare_data, to_canonical
+    from distft.model import load_tokenizer
+    from distft.templates import render_row
+
+    tok = load_tokenizer(ModelConfig(tokenizer=tokenizer_dir))
+    cfg = data_cfg(path, "", num_proc=1)
+    raw, _ = load_rows(cfg)
+    texts = [render_row(to_canonical(r.value, cfg.format, cfg)[1], "alpaca", cfg.template, tok).text for r in raw]
+    del raw
+    started = time.perf_counter()
+    raw_tokens = sum(map(len, tok(texts, add_special_tokens=False)["input_ids"]))
+    raw_s = time.perf_counter() - started
+    started = time.perf_counter()
+    data = prepare_data(cfg, tok)
+    pipe_s = time.perf_counter() - started
+    return {"raw_tokens": raw_tokens, "raw_s": raw_s, "pipe_s": pipe_s,
+            "pipe_tokens": data.train.token_count + data.eval.token_count, "rows": len(texts)}
+
+
+def measure_processes(path: str, tokenizer_dir: str, num_proc: int) -> dict:
+    from distft.config import ModelConfig
+    from distft.data import prepare_data
+    from distft.model import load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(tokenizer=tokenizer_dir))
+    started = time.perf_counter()
+    data = prepare_data(data_cfg(path, "", num_proc=num_proc), tok)
+    return {"seconds": time.perf_counter() - started, "tokens": data.train.token_count + data.eval.token_count,
+            "digest": hashlib.sha256(data.train.tokens.tobytes() + data.eval.tokens.tobytes()).hexdigest()}
+
+
+def measure_rank(path: str, tokenizer_dir: str, cache_dir: str, rank: int, world: int) -> dict:
+    """What a rank does with the data at start-up: the cache (built by rank 0 when missing), then
+    its batches' first epoch (shuffle, best-fit packing), and a few micro-batches."""
+    from distft.batching import TrainBatches
+    from distft.config import ModelConfig
+    from distft.data import prepare_data
+    from distft.datacache import prepared
+    from distft.model import load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(tokenizer=tokenizer_dir))
+    before = rss()
+    started = time.perf_counter()
+    result = prepared(data_cfg(path, cache_dir, num_proc=0), tok, 0, cache_dir, prepare_data, rank=rank)
+    batches = TrainBatches(result.data.train, 4, 2048, True, tok.eos_token_id, seed=0, rank=rank, world_size=world)
+    for _ in range(8):
+        next(batches)
+    seconds = time.perf_counter() - started
+    after = rss()
+    return {"seconds": seconds, "built": result.built, "samples": len(result.data.train),
+            "tokens": result.data.train.token_count, "rows_per_epoch": batches.rows_per_epoch,
+            **{f"{k}_growth": after[k] - before[k] for k in before}}
+
+
+def run_worker(kind: str, *args) -> dict:
+    env = {**os.environ, "RAYON_NUM_THREADS": "1"} if kind == "one_core" else None  # one tokenizer thread
+    proc = subprocess.run([sys.executable, __file__, "--worker", kind, *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench worker {kind} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def packing_fill() -> list[str]:
+    from distft.batching import PACK_STRATEGIES, pack_index
+    from distft.config import DataConfig, SyntheticDataConfig
+    from distft.data import prepare_data
+    from distft.model import build_offline_tokenizer
+
+    data = prepare_data(DataConfig(template="plain", synthetic=SyntheticDataConfig(num_examples=20000)),
+                        build_offline_tokenizer())
+    rows = ["| max_seq_len | strategy | rows | non-pad share |", "|---:|---|---:|---:|"]
+    for seq in (256, 2048):
+        for strategy in PACK_STRATEGIES:
+            bounds = pack_index(data.train.lengths, seq, strategy)[1]
+            rows.append(f"| {seq} | {strategy} | {len(bounds) - 1:,} | "
+                        f"{data.train.token_count / ((len(bounds) - 1) * seq):.2%} |")
+    return rows
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=20000)
-    parser.add_argument("--seq", type=int, nargs="+", default=[256, 2048], help="max_seq_len values for the fill")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=1_000_000, help="rows of the cache and memory figures")
+    parser.add_argument("--ratio-rows", type=int, default=50_000, help="rows of the one-core and cores figures")
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--record", action="store_true", help="append the results to bench/RESULTS.md")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker:
+        kind, *rest = args.worker
+        fn = {"one_core": measure_one_core, "processes": measure_processes, "rank": measure_rank}[kind]
+        rest = [int(x) if x.isdigit() else x for x in rest]
+        print(json.dumps(fn(*rest)))
+        return
     command = command_line()
+    from distft.tokenizer_families import save_tokenizer
 
-    from distft.batching import PACK_STRATEGIES, TrainBatches, pack
-    from distft.config import DataConfig, SyntheticDataConfig
-    from distft.data import load_rows, prepare_data, to_canonical
-    from distft.model import build_offline_tokenizer
-    from distft.templates import render_row
+    work = tempfile.mkdtemp(prefix="distft-bench-data-")
+    tokenizer_dir = str(save_tokenizer("llama2", os.path.join(work, "tokenizer"), vocab_size=args.vocab))
+    small, large = os.path.join(work, "small.jsonl"), os.path.join(work, "large.jsonl")
+    write_rows(small, args.ratio_rows)
+    write_rows(large, args.rows)
+    cores = len(os.sched_getaffinity(0))
 
-    tokenizer = build_offline_tokenizer()
-    cfg = DataConfig(template="plain", synthetic=SyntheticDataConfig(num_examples=args.rows),
-                     max_seq_len=args.seq[0])  # conf/data/synthetic.yaml
-    raw, _ = load_rows(cfg)
-    texts = []
-    for r in raw:
-        kind, row = to_canonical(r.value, cfg.format, cfg)
-        texts.append(render_row(row, kind, cfg.template, tokenizer).text)
+    one = run_worker("one_core", small, tokenizer_dir)
+    ratio = (one["pipe_tokens"] / one["pipe_s"]) / (one["raw_tokens"] / one["raw_s"])
+    serial = run_worker("processes", small, tokenizer_dir, 1)  # one process; the tokenizer's own threads
+    parallel = run_worker("processes", small, tokenizer_dir, cores)
+    assert serial["digest"] == parallel["digest"] and serial["tokens"] == parallel["tokens"] == one["pipe_tokens"]
+    speedup = one["pipe_s"] / parallel["seconds"]  # against one core, one thread
 
-    raw_times, pipe_times, raw_tokens, pipe_tokens = [], [], 0, 0
-    for _ in range(args.reps):
-        started = time.perf_counter()
-        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        raw_times.append(time.perf_counter() - started)
-        raw_tokens = sum(map(len, encoded))
-
-        started = time.perf_counter()
-        data = prepare_data(cfg, tokenizer)
-        epoch = TrainBatches(data.train, 4, cfg.max_seq_len, True, tokenizer.pad_token_id, seed=0)
-        pipe_times.append(time.perf_counter() - started)
-        pipe_tokens = data.report.train_tokens + sum(len(s["input_ids"]) for s in data.eval)
-        assert epoch.rows_per_epoch == data.report.train_sequences
-
-    raw_s, pipe_s = statistics.median(raw_times), statistics.median(pipe_times)
-    rows = ["| stage | tokens | median s | tokens/s | vs raw tokenizer |", "|---|---:|---:|---:|---:|",
-            f"| raw tokenizer (batched) | {raw_tokens:,} | {raw_s:.3f} | {raw_tokens / raw_s:,.0f} | 1.00 |",
-            f"| distft prepare + pack | {pipe_tokens:,} | {pipe_s:.3f} | {pipe_tokens / pipe_s:,.0f} | "
-            f"{(pipe_tokens / pipe_s) / (raw_tokens / raw_s):.2f} |"]
-    fill_rows = ["| max_seq_len | strategy | rows | non-pad share | pack s |", "|---:|---|---:|---:|---:|"]
-    fills: dict[tuple[int, str], float] = {}
-    for seq in args.seq:
-        samples = [s for s in data.train if len(s["input_ids"]) <= seq]
-        tokens = sum(len(s["input_ids"]) for s in samples)
-        for strategy in PACK_STRATEGIES:
-            started = time.perf_counter()
-            packed = pack(samples, seq, tokenizer.pad_token_id, strategy)
-            seconds = time.perf_counter() - started
-            fills[seq, strategy] = tokens / (len(packed) * seq)
-            fill_rows.append(f"| {seq} | {strategy} | {len(packed):,} | {fills[seq, strategy]:.2%} | {seconds:.3f} |")
-    table = "\n".join(rows) + "\n\n" + "\n".join(fill_rows)
-    summary = (f"pipeline / raw tokenizer = {(pipe_tokens / pipe_s) / (raw_tokens / raw_s):.2f}   (tokens/s)\n"
-               + "\n".join(f"packing fill at {seq}: best_fit {fills[seq, 'best_fit']:.2%}, "
-                           f"in_order {fills[seq, 'in_order']:.2%}" for seq in args.seq))
-    lengths = sorted(len(s["input_ids"]) for s in data.train)
-    details = (f"data: {args.rows:,} synthetic rows (template plain), distft's offline character-level fast "
-               f"tokenizer; sample lengths {lengths[0]}-{lengths[-1]} tokens (median {lengths[len(lengths) // 2]}); "
-               f"median of {args.reps}")
-    report("data_pipeline", command, details, table, summary, args.record)
+    cache_dir = os.path.join(work, "cache")
+    first = run_worker("rank", large, tokenizer_dir, cache_dir, 0, 1)
+    rerun = run_worker("rank", large, tokenizer_dir, cache_dir, 0, 1)
+    procs = [subprocess.Popen([sys.executable, __file__, "--worker", "rank", large, tokenizer_dir, cache_dir, str(r),
+                               str(args.ranks)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+             for r in range(args.ranks)]
+    ranks = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+    cache_bytes = sum(os.path.getsize(os.path.join(first_dir, n)) for first_dir in
+                      [os.path.join(cache_dir, d) for d in os.listdir(cache_dir) if "." not in d]
+                      for n in os.listdir(first_dir))
+    gib = 1 << 30
+    table = "\n".join([
+        "| figure | baseline | distft | ratio | target |", "|---|---:|---:|---:|---|",
+        f"| one core: tokens/s ({one['rows']:,} rows, {one['pipe_tokens']:,} tokens) | raw batched tokenizer "
+        f"{one['raw_tokens'] / one['raw_s']:,.0f} | prepare_data {one['pipe_tokens'] / one['pipe_s']:,.0f} | "
+        f"{ratio:.2f} | >= 0.8 |",
+        f"| {cores} cores: prepare_data seconds | one core {one['pipe_s']:.1f} s (num_proc=1 unpinned: "
+        f"{serial['seconds']:.1f} s) | num_proc={cores} {parallel['seconds']:.1f} s | {speedup:.2f}x | ~{cores}x |",
+        f"| data start-up, {first['samples']:,} samples, {first['tokens']:,} tokens | cache built "
+        f"{first['seconds']:.1f} s | cache found {rerun['seconds']:.1f} s | {rerun['seconds'] / first['seconds']:.1%} "
+        "| <= 5% |",
+        *[f"| rank {r} of {args.ranks} reading the cache ({cache_bytes / gib:.2f} GiB) | - | private memory "
+          f"+{x['RssAnon_growth'] / gib:.2f} GiB (file-backed +{x['RssFile_growth'] / gib:.2f} GiB), "
+          f"{x['seconds']:.1f} s | - | <= 1 GB |" for r, x in enumerate(ranks)],
+    ])
+    fill = packing_fill()
+    summary = (f"one core: pipeline / raw tokenizer = {ratio:.2f}\n"
+               f"{cores} cores: {speedup:.2f}x one core\n"
+               f"cached rerun start-up = {rerun['seconds'] / first['seconds']:.1%} of the first\n"
+               + "\n".join(f"rank {r}: private memory +{x['RssAnon_growth'] / gib:.2f} GiB" for r, x in enumerate(ranks)))
+    details = (f"data: {args.rows:,} generated Alpaca rows (~{first['tokens'] // max(1, first['samples'])} tokens "
+               f"each; {args.ratio_rows:,} for the one-core and cores rows), template alpaca, max_seq_len 2048; "
+               f"tokenizer: the repo's llama2 SentencePiece BPE, vocab {args.vocab:,}")
+    report("data_pipeline", command, details, table + "\n\n" + "\n".join(fill), summary, args.record)
 
 
 if __name__ == "__main__":

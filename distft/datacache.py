@@ -57,7 +57,7 @@ ORDER_ONLY = ("name", "shuffle", "packing", "pack_strategy", "cache", "cache_dir
 # distft's modules that turn rows into samples: their source is part of the key.
 CODE = ("data.py", "encoding.py", "samples.py", "sources.py", "synthetic.py", "templates.py",
         "datacache.py")
-POLL_S = 1.0
+POLL_S = 0.2  # cheap: one stat of the manifest
 NO_BUILDER_S = 300.0  # a waiting rank that sees neither a cache nor its build for this long gives up
 
 

@@ -13,8 +13,8 @@ from distft import data as pipeline
 from distft.config import DataConfig
 from distft.data import DataReport, prepare_data
 from distft.sources import RawRow
-from distft.tokenizer_families import FAMILIES, build_tokenizer
 from distft.templates import use_chat_template
+from distft.tokenizer_families import FAMILIES, build_tokenizer
 
 SPECIALS = "<s> </s> <|eot_id|> <|begin_of_text|>"
 
@@ -87,9 +87,9 @@ def test_chunked_tokenization_is_row_for_row_the_single_row_encoding(family, set
 
 def test_several_processes_prepare_exactly_the_same_data(tmp_path):
     """data.num_proc=2: real spawned processes, the same samples, eval rows and report."""
-    from distft.tokenizer_families import save_tokenizer
-    from distft.model import load_tokenizer
     from distft.config import ModelConfig, SyntheticDataConfig
+    from distft.model import load_tokenizer
+    from distft.tokenizer_families import save_tokenizer
 
     tok = load_tokenizer(ModelConfig(tokenizer=str(save_tokenizer("llama3", tmp_path / "tok"))))
     cfg = DataConfig(synthetic=SyntheticDataConfig(num_examples=3000), max_seq_len=128)
