@@ -12,6 +12,7 @@ the same data.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import random
 from typing import Optional
@@ -109,7 +110,6 @@ def _best_fit_order(lengths: list[int], max_seq_len: int) -> list[int]:
     a plain longest-first fill strands gaps shorter than every sample, ~5% padding on the
     tiny synthetic data against <1% this way. Among equal lengths the earliest sample goes first.
     """
-    import bisect
 
     by_length: dict[int, list[int]] = {}
     for i in reversed(range(len(lengths))):  # stacks: pop() gives the earliest sample of a length
@@ -142,20 +142,34 @@ FILL_WINDOW = 1024  # rooms up to this many tokens are filled by exact subset su
 
 
 def _best_subset(room: int, lengths: list[int], by_length: dict[int, list[int]]) -> list[int]:
-    """Lengths (with repeats, within the samples left) whose sum is the largest possible <= room."""
-    fitting = [n for n in lengths if n <= room]
+    """Lengths (with repeats, within the samples left) whose sum is the largest possible <= room.
+
+    A bounded subset sum: bit s of reach[j] is set when sum s is reachable with fitting[:j]. The
+    copies of a length are added in binary pieces (1, 2, 4, ... of them: the same reachable sums in
+    log2 shifts), and the scan stops once `room` itself is reachable: the walk back then takes no
+    copy of a later length, so the choice is the one the full scan makes."""
+    fitting = lengths[: bisect.bisect_right(lengths, room)]
     if not fitting:
         return []
     mask = (1 << (room + 1)) - 1
-    reach = [1]  # reach[j]: bit s set when sum s is reachable with fitting[:j]
+    full = 1 << room
+    reach = [1]
+    bits = 1
     for n in fitting:
-        bits = reach[-1]
-        for _ in range(min(len(by_length[n]), room // n)):
-            bits |= (bits << n) & mask
+        copies, cap, piece = len(by_length[n]), room // n, 1
+        if cap < copies:
+            copies = cap
+        while copies:
+            take = piece if piece < copies else copies
+            bits |= (bits << (n * take)) & mask
+            copies -= take
+            piece <<= 1
         reach.append(bits)
+        if bits & full:
+            break
     target = reach[-1].bit_length() - 1
     chosen: list[int] = []
-    for j in range(len(fitting) - 1, -1, -1):  # walk back: how many of fitting[j] the target needs
+    for j in range(len(reach) - 2, -1, -1):  # walk back: how many of fitting[j] the target needs
         n, copies = fitting[j], 0
         while not (reach[j] >> target) & 1:
             target -= n

@@ -562,7 +562,8 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int = 0, rows: Optional[tuple
     report.train_target_tokens = train_samples.target_count
     count_sequences(report, cfg, train_samples, eval_samples)
     report.sources = mix
-    return PreparedData(train_samples, eval_samples, eval_rows, report, stop_ids, train_sources)
+    return PreparedData(train_samples, eval_samples, eval_rows, report, stop_ids, train_sources,
+                        [cfg.packing, cfg.pack_strategy])
 
 
 def eval_row(example: Example, cfg: DataConfig, tokenizer) -> Optional[dict]:

@@ -167,7 +167,8 @@ def _load(path: str, key: str):
     train_sources = np.load(os.path.join(path, "train.sources.npy")) if report.sources else None
     if train_sources is not None and len(train_sources) != len(train):
         raise ValueError("train.sources.npy does not give every training sample a source")
-    return PreparedData(train, held_out, eval_rows, report, manifest["stop_ids"], train_sources)
+    return PreparedData(train, held_out, eval_rows, report, manifest["stop_ids"], train_sources,
+                        manifest.get("packed_as"))
 
 
 def _write(data, path: str, key: str, inputs: dict, seconds: float) -> None:
@@ -186,7 +187,7 @@ def _write(data, path: str, key: str, inputs: dict, seconds: float) -> None:
         f.flush()
         os.fsync(f.fileno())
     manifest = {"format": FORMAT, "key": key, "inputs": inputs, "sizes": sizes, "train_samples": len(data.train),
-                "eval_samples": len(data.eval), "report": data.report.as_dict(), "stop_ids": list(data.stop_ids),
+                "eval_samples": len(data.eval), "report": data.report.as_dict(), "stop_ids": list(data.stop_ids), "packed_as": data.packed_as,
                 "built": {"host": socket.gethostname(), "pid": os.getpid(), "at": time.time(), "seconds": seconds}}
     with open(os.path.join(path, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
@@ -227,7 +228,6 @@ def prepared(cfg: DataConfig, tokenizer, seed: int, run_root: str, build, rank: 
     it, the other ranks find it or wait for it. `build(cfg, tokenizer, seed)` -> PreparedData
     (`distft.data.prepare_data`, passed in: distft.data's CLI calls this module). data.cache=false:
     built here, in memory, every time."""
-    from distft.datareport import count_sequences
     from distft.sources import data_fingerprint
     from distft.templates import use_chat_template
 
@@ -248,14 +248,22 @@ def prepared(cfg: DataConfig, tokenizer, seed: int, run_root: str, build, rank: 
         return CacheResult(_wait(path, key, cfg, rank), path, False, time.monotonic() - started)
     result = _find_or_build(cfg, tokenizer, seed, build, path, key, inputs, started)
     # The packing figures depend on data.packing / pack_strategy, which the key leaves out.
-    count_sequences(result.data.report, cfg, result.data.train, result.data.eval)
+    _recount(result.data, cfg)
     return result
+
+
+def _recount(data, cfg: DataConfig) -> None:
+    """The report's packing figures for this config's packing, when the cache was built with another."""
+    from distft.datareport import count_sequences
+
+    if data.packed_as != [cfg.packing, cfg.pack_strategy]:
+        count_sequences(data.report, cfg, data.train, data.eval)
+        data.packed_as = [cfg.packing, cfg.pack_strategy]
 
 
 def find(cfg: DataConfig, tokenizer, seed: int, run_root: str) -> Optional[CacheResult]:
     """The cache of this config if it is there and sound, else None; nothing is built or locked
     (the planner's exact epoch)."""
-    from distft.datareport import count_sequences
     from distft.sources import data_fingerprint
     from distft.templates import use_chat_template
 
@@ -271,7 +279,7 @@ def find(cfg: DataConfig, tokenizer, seed: int, run_root: str) -> Optional[Cache
         return None
     if found is None:
         return None
-    count_sequences(found.report, cfg, found.train, found.eval)
+    _recount(found, cfg)
     return CacheResult(found, path, False, time.monotonic() - started)
 
 

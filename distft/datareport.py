@@ -101,12 +101,14 @@ class PreparedData:
     report: DataReport
     stop_ids: list[int] = field(default_factory=list)  # ids that end an answer (templates.stop_token_ids)
     train_sources: Optional[np.ndarray] = None  # data.sources: each training sample's source index
+    packed_as: Optional[list] = None  # [data.packing, data.pack_strategy] the report's sequence counts are for
 
 
 
 
 def count_sequences(report: DataReport, cfg: DataConfig, train: TokenSamples, eval: TokenSamples) -> None:
-    """The report's sequence counts and packing fill: packed rows (from the lengths alone) or samples."""
+    """The report's sequence counts and packing fill: packed rows (from the lengths alone) or samples.
+    (Best-fit packing of a million samples takes seconds: the cache keeps the counts it was built with.)"""
     if cfg.packing:
         report.train_sequences = len(pack_index(train.lengths, cfg.max_seq_len, cfg.pack_strategy)[1]) - 1
         report.eval_sequences = len(pack_index(eval.lengths, cfg.max_seq_len, cfg.pack_strategy)[1]) - 1

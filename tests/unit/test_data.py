@@ -608,3 +608,23 @@ def test_the_data_report_says_why_rows_were_dropped_and_warns_above_ten_percent(
     few = cfg_for(write_jsonl(tmp_path / "few.jsonl", [*alpaca_rows(20), rows[6]]))
     few_data = prepare_data(few, tok)
     assert [level for level, _ in few_data.report.notes(few)] == ["info"]
+
+
+def test_best_fit_fills_each_row_as_fully_as_any_subset_of_the_samples_left_could():
+    """The bounded subset sum behind best_fit (its binary pieces and its early stop): on random
+    lengths, the room each call leaves is the smallest any subset of the remaining samples leaves."""
+    import itertools
+    import random
+
+    from distft.batching import _best_subset
+
+    rng = random.Random(7)
+    for _ in range(200):
+        left = [rng.randint(1, 40) for _ in range(rng.randint(1, 9))]
+        room = rng.randint(1, 120)
+        by_length: dict[int, list[int]] = {}
+        for i, n in enumerate(left):
+            by_length.setdefault(n, []).append(i)
+        chosen = _best_subset(room, sorted(by_length), by_length)
+        best = max(s for r in range(len(left) + 1) for c in itertools.combinations(left, r) if (s := sum(c)) <= room)
+        assert sum(chosen) == best and all(chosen.count(n) <= left.count(n) for n in chosen)

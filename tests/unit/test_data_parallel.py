@@ -13,17 +13,11 @@ from distft import data as pipeline
 from distft.config import DataConfig
 from distft.data import DataReport, prepare_data
 from distft.sources import RawRow
-from distft.templates import use_chat_template
-from distft.tokenizer_families import FAMILIES, build_tokenizer
+from distft.tokenizer_families import FAMILIES
+from tests.families import family_tokenizer
 
 SPECIALS = "<s> </s> <|eot_id|> <|begin_of_text|>"
 
-
-def family_tokenizer(family: str):
-    tok = build_tokenizer(family)
-    if not tok.chat_template:  # llama2: a base tokenizer; conversations use distft's headers
-        use_chat_template(tok, "headers")
-    return tok
 
 
 def raw_rows() -> list[RawRow]:

@@ -18,18 +18,13 @@ from distft.config import DataConfig, EvalConfig, SyntheticDataConfig
 from distft.data import encode, pack, prepare_data, tokenize_row
 from distft.evaluate import evaluate_model, generate_answers
 from distft.model import IGNORE_INDEX
-from distft.templates import end_of_turn_tokens, render_row, stop_token_ids, use_chat_template
+from distft.templates import end_of_turn_tokens, render_row, stop_token_ids
 from distft.tokenizer_families import FAMILIES, build_tokenizer
+from tests.families import family_tokenizer
 
 TEMPLATES = ("alpaca", "alpaca_short", "plain", "chat")
 LITERAL_SPECIALS = "<s> </s> <unk> <|eot_id|> <|begin_of_text|> <|end_header_id|>"
 
-
-def family_tokenizer(family: str):
-    tok = build_tokenizer(family)
-    if not tok.chat_template:  # llama2: a base tokenizer; conversations use distft's fallback
-        use_chat_template(tok, "headers")
-    return tok
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
