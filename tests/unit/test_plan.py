@@ -329,7 +329,7 @@ def test_a_local_job_that_cannot_fit_the_gpus_here_is_not_started():
                              "2 ranks sharing one)")
 
 
-def test_time_per_epoch_counts_the_sequences_the_run_trains_on():
+def test_time_per_epoch_counts_the_sequences_the_run_trains_on(tmp_path):
     """tiny_lora's 400 synthetic rows: the run's data report says 50 packed training sequences
     of 256 tokens (tests/unit/test_train.py runs it); the plan reads the same pipeline."""
     from distft.data import prepare_data
@@ -343,8 +343,9 @@ def test_time_per_epoch_counts_the_sequences_the_run_trains_on():
     assert epoch["sequences"] == sequences == 50 and not epoch["extrapolated"]
     assert epoch["tokens"] == 50 * 256 and epoch["steps"] == 7  # ceil(50 / 8)
     assert epoch["time_s"] == pytest.approx(7 * plan(cfg)["throughput"]["step_time_s"])
-    # A sample of the rows, scaled up: 200 of 400 rows give about the same count.
-    sampled = planned(*args, "plan.epoch_sample_rows=200")["epoch"]
+    # A sample of the rows, scaled up: 200 of 400 rows give about the same count (with no data cache
+    # to read: another test's run of tiny_lora may have prepared one under run.root).
+    sampled = planned(*args, "plan.epoch_sample_rows=200", f"data.cache_dir={tmp_path}")["epoch"]
     assert sampled["extrapolated"] and sampled["rows_read"] == 200 and sampled["train_rows"] == 400
     assert abs(sampled["sequences"] - 50) <= 3
 
