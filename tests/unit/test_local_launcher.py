@@ -26,6 +26,15 @@ elif action.startswith("exit"):
 elif action == "kill-self":
     time.sleep(0.3)
     os.kill(os.getpid(), 9)
+elif action == "kill-self-marked":  # says it is dying (PEER_MARKER), then dies
+    time.sleep(0.3)
+    open(os.environ["PEER_MARKER"], "w").close()
+    os.kill(os.getpid(), 9)
+elif action.startswith("after-peer"):  # fails 10 ms after its peer died, as a lost collective does
+    while not os.path.exists(os.environ["PEER_MARKER"]):
+        time.sleep(0.005)
+    time.sleep(0.01)
+    sys.exit(int(action.split(":")[1]))
 """
 
 
@@ -35,10 +44,13 @@ def _launch(capfd, *plan: str) -> tuple[int, str, float]:
     return code, capfd.readouterr().err, time.time() - started
 
 
-def test_the_rank_a_signal_killed_is_named_not_the_peer_that_lost_it(capfd):
-    """Rank 1 dies by SIGKILL; rank 0 exits 1 a few milliseconds later (what a lost collective
-    does), within the same polling interval: rank 1 is named, with its signal. CI once blamed rank 0."""
-    code, err, _ = _launch(capfd, "exit:1:0.31", "kill-self")
+def test_the_rank_a_signal_killed_is_named_not_the_peer_that_lost_it(capfd, tmp_path, monkeypatch):
+    """Rank 1 dies by SIGKILL; rank 0 exits 1 ten milliseconds later (what a lost collective
+    does), within the same polling interval: rank 1 is named, with its signal. CI once blamed rank 0.
+    (Rank 0 waits for rank 1's marker, not for a fixed time: on a loaded machine rank 1 may start
+    late enough that a timed rank 0 really failed first.)"""
+    monkeypatch.setenv("PEER_MARKER", str(tmp_path / "rank1-dying"))
+    code, err, _ = _launch(capfd, "after-peer:1", "kill-self-marked")
     assert code == 1
     assert "rank 1 (pid " in err and "failed first, with signal SIGKILL; the job's other rank were stopped" in err, err
 
