@@ -228,17 +228,12 @@ def prepared(cfg: DataConfig, tokenizer, seed: int, run_root: str, build, rank: 
     it, the other ranks find it or wait for it. `build(cfg, tokenizer, seed)` -> PreparedData
     (`distft.data.prepare_data`, passed in: distft.data's CLI calls this module). data.cache=false:
     built here, in memory, every time."""
-    from distft.sources import data_fingerprint
-    from distft.templates import use_chat_template
 
     started = time.monotonic()
     if not cfg.cache:
         return CacheResult(build(cfg, tokenizer, seed), None, True, time.monotonic() - started)
-    use_chat_template(tokenizer, cfg.chat_template)  # before the key: the template in use is part of it
-    inputs = key_inputs(cfg, tokenizer, seed, data_fingerprint(cfg))
-    key = cache_key(inputs)
-    root = cache_dir(cfg, run_root)
-    path = os.path.join(root, key)
+    inputs, key, path = _locate(cfg, tokenizer, seed, run_root)
+    root = os.path.dirname(path)
     try:
         os.makedirs(root, exist_ok=True)
     except OSError as err:
@@ -250,6 +245,18 @@ def prepared(cfg: DataConfig, tokenizer, seed: int, run_root: str, build, rank: 
     # The packing figures depend on data.packing / pack_strategy, which the key leaves out.
     _recount(result.data, cfg)
     return result
+
+
+def _locate(cfg: DataConfig, tokenizer, seed: int, run_root: str) -> tuple[dict, str, str]:
+    """(key inputs, key, cache path) of this config: the chat template in use is installed first,
+    since it is part of the key."""
+    from distft.sources import data_fingerprint
+    from distft.templates import use_chat_template
+
+    use_chat_template(tokenizer, cfg.chat_template)
+    inputs = key_inputs(cfg, tokenizer, seed, data_fingerprint(cfg))
+    key = cache_key(inputs)
+    return inputs, key, os.path.join(cache_dir(cfg, run_root), key)
 
 
 def _recount(data, cfg: DataConfig) -> None:
@@ -264,15 +271,11 @@ def _recount(data, cfg: DataConfig) -> None:
 def find(cfg: DataConfig, tokenizer, seed: int, run_root: str) -> Optional[CacheResult]:
     """The cache of this config if it is there and sound, else None; nothing is built or locked
     (the planner's exact epoch)."""
-    from distft.sources import data_fingerprint
-    from distft.templates import use_chat_template
 
     if not cfg.cache:
         return None
     started = time.monotonic()
-    use_chat_template(tokenizer, cfg.chat_template)
-    key = cache_key(key_inputs(cfg, tokenizer, seed, data_fingerprint(cfg)))
-    path = os.path.join(cache_dir(cfg, run_root), key)
+    _, key, path = _locate(cfg, tokenizer, seed, run_root)
     try:
         found = _load(path, key)
     except (ValueError, OSError):
