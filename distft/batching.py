@@ -18,11 +18,10 @@ import random
 from typing import Optional
 
 import numpy as np
-import torch
 
 from distft.config import PACK_STRATEGIES
 from distft.errors import DataError
-from distft.model import IGNORE_INDEX
+from distft.samples import IGNORE_INDEX
 from distft.samples import TokenSamples
 
 
@@ -195,6 +194,8 @@ def collate_packed(samples: TokenSamples, rows: list[np.ndarray], max_seq_len: i
             position_ids[r, at : at + n] = _ARANGE[:n] if n <= len(_ARANGE) else np.arange(n)
             at += n
         position_ids[r, at:] = np.arange(max_seq_len - at)  # the padding: a segment of its own
+    import torch  # here, not at the top: the tokenizing processes import this module and need no torch
+
     return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
             "position_ids": torch.from_numpy(position_ids)}
 
@@ -214,6 +215,8 @@ def collate_padded(samples: TokenSamples, indices, pad_id: int) -> dict:
         input_ids[r, : b - a] = ids
         labels[r, : b - a] = np.where(samples.targets[a:b] != 0, ids, IGNORE_INDEX)
         attention_mask[r, : b - a] = 1
+    import torch
+
     return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
             "attention_mask": torch.from_numpy(attention_mask)}
 

@@ -213,6 +213,7 @@ class Example:
     sample: tuple  # (ids int32, targets uint8) arrays: samples.piece
     variant: int = 0  # header wording (templates.HEADERS), set by template_variation
     source: int = 0  # its index in data.sources (sources.parts)
+    prompt_len: Optional[int] = None  # the untruncated encoding's Encoded.prompt_len, when cleaning kept it
 
 
 def clean(raw: list[RawRow], cfg: DataConfig, tokenizer, report: DataReport, seen: set,
@@ -234,10 +235,10 @@ def clean(raw: list[RawRow], cfg: DataConfig, tokenizer, report: DataReport, see
             try:
                 if isinstance(outcome, Exception):
                     raise outcome
-                kind, row, key, sample = outcome
+                kind, row, key, (ids, targets, prompt_len) = outcome
                 if key in seen:
                     raise _Rejected("duplicate", "the same prompt and response as an earlier row")
-                sample, truncated = _fit_piece(sample, cfg)
+                sample, truncated = _fit_piece((ids, targets), cfg)
             except _Rejected as rejected:
                 if cfg.on_bad_rows == "fail":
                     raise DataError(
@@ -249,7 +250,7 @@ def clean(raw: list[RawRow], cfg: DataConfig, tokenizer, report: DataReport, see
                 continue
             seen.add(key)
             report.truncated += truncated
-            kept.append(Example(kind, row, sample, source=source))
+            kept.append(Example(kind, row, sample, source=source, prompt_len=prompt_len))
     return kept
 
 
@@ -257,7 +258,7 @@ CHUNK_ROWS = 1000  # rows tokenized in one call (and handed to a process at a ti
 
 
 def _clean_chunk(values: list, cfg: DataConfig, tokenizer) -> list:
-    """Per raw record: (kind, canonical row, dedup key, (ids, targets)) or the exception that
+    """Per raw record: (kind, canonical row, dedup key, (ids, targets, prompt_len)) or the exception that
     rejects it (_Rejected, or the DataError of a template that cannot render rows), in order.
     The tokenization is `tokenize_row`'s, for the whole chunk at once (encoding.encode_rows)."""
     staged: list = []
@@ -298,29 +299,43 @@ class TokenizerPool:
     def __init__(self, processes: int, cfg: DataConfig, tokenizer):
         import multiprocessing
         import pickle
+        import tempfile
 
         self.processes = processes
+        # The tokenizer goes by file: a spawned process reads its start-up arguments only after
+        # importing its modules (~2 s), so a ~1 MB argument through the pipe would start the
+        # processes one after another, each waiting for the previous one's imports.
+        with tempfile.NamedTemporaryFile(prefix="distft-tokenizer-", suffix=".pkl", delete=False) as f:
+            pickle.dump(tokenizer, f)
+        self._tokenizer_file = f.name
         self._pool = multiprocessing.get_context("spawn").Pool(
-            processes, initializer=_start_worker, initargs=(pickle.dumps(tokenizer), cfg))
+            processes, initializer=_start_worker, initargs=(self._tokenizer_file, cfg))
 
     def map(self, chunks: list[list]):
         return self._pool.imap(_worker_chunk, chunks)
 
     def close(self) -> None:
+        import os
+
         self._pool.terminate()
         self._pool.join()
+        try:
+            os.unlink(self._tokenizer_file)
+        except FileNotFoundError:
+            pass
 
 
 _WORKER: dict = {}
 
 
-def _start_worker(tokenizer: bytes, cfg: DataConfig) -> None:
+def _start_worker(tokenizer_file: str, cfg: DataConfig) -> None:
     import os
     import pickle
 
     os.environ["RAYON_NUM_THREADS"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER.update(tokenizer=pickle.loads(tokenizer), cfg=cfg)
+    with open(tokenizer_file, "rb") as f:
+        _WORKER.update(tokenizer=pickle.load(f), cfg=cfg)
 
 
 def _worker_chunk(values: list) -> list:
@@ -570,12 +585,21 @@ def eval_row(example: Example, cfg: DataConfig, tokenizer) -> Optional[dict]:
     """What a generation eval asks of a held-out row: `prompt_ids`, the ids of its training sample
     before the last target (the row encoded again, untruncated), `prompt` (that text, for the
     report) and `reference` (the last answer); `task` when the row names one. None for text rows,
-    and for a row whose prompt alone is far longer than data.max_seq_len."""
-    encoded, rendered = encode(example.row, example.kind, cfg, tokenizer, example.variant)
-    if encoded.prompt_len is None:
-        return None
-    entry = {"prompt": rendered.prompt, "prompt_ids": encoded.input_ids[: encoded.prompt_len],
-             "reference": rendered.reference}
+    and for a row whose prompt alone is far longer than data.max_seq_len.
+
+    A row that cleaning encoded in a batch kept its prompt_len: its prompt ids are the head of its
+    sample (truncation keeps the head), so only the text is rendered again, not tokenized."""
+    if example.kind == "text":
+        return None  # nothing to generate from: the whole text is the target
+    if example.prompt_len is not None and example.prompt_len <= len(example.sample[0]):
+        rendered = render_row(example.row, example.kind, cfg.template, tokenizer, example.variant)
+        prompt_ids = example.sample[0][: example.prompt_len].tolist()
+    else:
+        encoded, rendered = encode(example.row, example.kind, cfg, tokenizer, example.variant)
+        if encoded.prompt_len is None:
+            return None
+        prompt_ids = encoded.input_ids[: encoded.prompt_len]
+    entry = {"prompt": rendered.prompt, "prompt_ids": prompt_ids, "reference": rendered.reference}
     if isinstance(example.row.get("task"), str):
         entry["task"] = example.row["task"]
     return entry

@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from distft.model import IGNORE_INDEX
+from distft.samples import IGNORE_INDEX
 from distft.templates import RejectedConversation, Rendered, content_spans, special_pattern, special_strings
 
 MARGIN_TOKENS = 64  # where a prefix may tokenize differently from the whole text: beyond what is kept
@@ -153,9 +153,10 @@ def _encode_keeping_data_text(rendered: Rendered, tokenizer) -> tuple[list[int],
 
 
 def encode_rows(rendered: list[Rendered], tokenizer, max_seq_len: int, train_on_prompt: bool = False) -> list:
-    """`encode_row(r, ...)` of every row as (ids int32, targets uint8) arrays (targets: label is
-    the token), in one tokenizer call per kind of row, labels computed with numpy over the whole
-    batch: the same ids and labels, without ~40 µs of Python per row and ~0.5 µs per token. Rows
+    """`encode_row(r, ...)` of every row as (ids int32, targets uint8, prompt_len) (targets: label
+    is the token; prompt_len: Encoded.prompt_len), in one tokenizer call per kind of row, labels
+    computed with numpy over the whole batch: the same ids, labels and prompt_len, without ~40 µs
+    of Python per row and ~0.5 µs per token. Rows
     that need more than one call (a text far over max_seq_len, a message holding special-token
     text) go through encode_row itself. An exception encode_row raises for a row is returned in
     its place."""
@@ -176,7 +177,7 @@ def encode_rows(rendered: list[Rendered], tokenizer, max_seq_len: int, train_on_
             try:
                 encoded = encode_row(r, tokenizer, max_seq_len, train_on_prompt)
                 out[i] = (np.asarray(encoded.input_ids, dtype=np.int32),
-                          (np.asarray(encoded.labels) != IGNORE_INDEX).astype(np.uint8))
+                          (np.asarray(encoded.labels) != IGNORE_INDEX).astype(np.uint8), encoded.prompt_len)
             except Exception as err:  # noqa: BLE001 - handed back: the caller words it for its row
                 out[i] = err
     eos = tokenizer.eos_token_id
@@ -187,12 +188,12 @@ def encode_rows(rendered: list[Rendered], tokenizer, max_seq_len: int, train_on_
         encodings = _batch_call(tokenizer, texts, split_special)
         counts = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
         ids = np.fromiter((t for e in encodings for t in e.ids), dtype=np.int32, count=int(counts.sum()))
-        if train_on_prompt:
-            inside = np.ones(len(ids), dtype=bool)
-        else:
-            inside = _inside_targets(encodings, counts, [rendered[i] for i in members], texts)
+        group = [rendered[i] for i in members]
         starts = np.zeros(len(members) + 1, dtype=np.int64)
         np.cumsum(counts, out=starts[1:])
+        a, b, bases = _token_spans(encodings, counts, texts)
+        inside = np.ones(len(ids), dtype=bool) if train_on_prompt else _inside_targets(a, b, bases, group)
+        prompt_lens = _prompt_lens(a, b, bases, starts, group, len(bos))
         for k, i in enumerate(members):
             row_ids = ids[starts[k] : starts[k + 1]]
             row_targets = inside[starts[k] : starts[k + 1]]
@@ -206,7 +207,7 @@ def encode_rows(rendered: list[Rendered], tokenizer, max_seq_len: int, train_on_
                 piece_ids[-1], piece_targets[-1] = eos, 1
             if len(piece_targets):
                 piece_targets[0] = 0  # never a target: packed, it would be predicted from the previous sample
-            out[i] = (piece_ids, piece_targets)
+            out[i] = (piece_ids, piece_targets, prompt_lens[k])
     return out
 
 
@@ -226,23 +227,47 @@ def _batch_call(tokenizer, texts: list[str], split_special: bool) -> list:
         backend.encode_special_tokens = before
 
 
-def _inside_targets(encodings: list, counts, rendered: list[Rendered], texts: list[str]):
-    """For every token of the batch: whether its characters overlap a target span of its row
-    (`_labels`' rule), with the rows laid end to end in one coordinate space."""
+def _token_spans(encodings: list, counts, texts: list[str]):
+    """(start, end) character offsets of every token of the batch, the rows laid end to end in one
+    coordinate space, and each row's base in it."""
     import numpy as np
 
     bases = np.zeros(len(texts), dtype=np.int64)
     np.cumsum([len(t) + 2 for t in texts[:-1]], out=bases[1:])  # a gap, so no token meets the next row's span
     total = int(counts.sum())
     flat = np.fromiter((x for e in encodings for pair in e.offsets for x in pair), dtype=np.int64, count=2 * total)
-    a = flat[0::2] + np.repeat(bases, counts)
-    b = flat[1::2] + np.repeat(bases, counts)
+    return flat[0::2] + np.repeat(bases, counts), flat[1::2] + np.repeat(bases, counts), bases
+
+
+def _inside_targets(a, b, bases, rendered: list[Rendered]):
+    """For every token of the batch (`_token_spans`): whether its characters overlap a target span
+    of its row (`_labels`' rule)."""
+    import numpy as np
+
     spans = [(s + base, e + base) for r, base in zip(rendered, bases.tolist()) for s, e in r.targets]
     if not spans:
-        return np.zeros(total, dtype=bool)
+        return np.zeros(len(a), dtype=bool)
     span_starts = np.fromiter((s for s, _ in spans), dtype=np.int64, count=len(spans))
     span_ends = np.fromiter((e for _, e in spans), dtype=np.int64, count=len(spans))
     j = np.searchsorted(span_ends, a, side="right")  # the first span that ends after the token starts
     found = j < len(spans)
     j = np.minimum(j, len(spans) - 1)
     return found & (np.maximum(b, a + 1) > span_starts[j])
+
+
+def _prompt_lens(a, b, bases, starts, rendered: list[Rendered], bos: int) -> list:
+    """Per row of the batch, encode_row's prompt_len: bos + the index of the first token that
+    reaches the last target (`_first_overlap`), or None (no reference, or no such token)."""
+    import numpy as np
+
+    rows = np.repeat(np.arange(len(rendered)), np.diff(starts))
+    last = np.array([r.targets[-1][0] if r.reference is not None and r.targets else -1 for r in rendered],
+                    dtype=np.int64)
+    reaches = (last[rows] >= 0) & (np.maximum(b, a + 1) > last[rows] + bases[rows])
+    hits = np.flatnonzero(reaches)
+    first = np.searchsorted(hits, starts[:-1])  # each row's first reaching token, if it is in the row
+    out: list = []
+    for k in range(len(rendered)):
+        at = first[k]
+        out.append(int(hits[at] - starts[k]) + bos if at < len(hits) and hits[at] < starts[k + 1] else None)
+    return out

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from distft.config import BNB_MIN_8BIT_SIZE, BNB_MIN_PAGED_SIZE, ModelConfig
 from distft.errors import ModelLoadError  # noqa: F401  (re-exported: callers catch distft.model.ModelLoadError)
+from distft.samples import IGNORE_INDEX  # noqa: F401  (re-exported: the loss's ignore_index)
 
-IGNORE_INDEX = -100
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
 # Printable ASCII plus newline and tab: everything the embedded data and templates use.
 OFFLINE_CHARS = tuple(chr(c) for c in range(32, 127)) + ("\n", "\t")

@@ -26,7 +26,7 @@ from typing import Union
 
 import numpy as np
 
-from distft.model import IGNORE_INDEX
+IGNORE_INDEX = -100  # a label the loss skips (torch cross_entropy's ignore_index); distft.model re-exports it
 
 ARRAYS = ("tokens", "targets", "offsets")
 DTYPES = {"tokens": np.int32, "targets": np.uint8, "offsets": np.int64}

@@ -74,6 +74,9 @@ def test_chunked_tokenization_is_row_for_row_the_single_row_encoding(family, set
     got = pipeline.clean(raw, cfg, tok, report, set())
     assert as_lists(got) == as_lists(expected)
     assert report == expected_report
+    # a generation eval's prompt: from the batch's prompt_len, exactly what encoding the row again gives
+    assert sum(e.prompt_len is not None for e in got) > 100 and all(e.prompt_len is None for e in expected)
+    assert [pipeline.eval_row(e, cfg, tok) for e in got] == [pipeline.eval_row(e, cfg, tok) for e in expected]
     # what the rows hold really varies: drops of several kinds, special-token text, cut rows
     assert report.duplicate == 1 and report.malformed >= 2 and report.empty == 1 and len(got) > 100
     assert report.overlong > 0 and (report.truncated > 0) == (not cfg.drop_overlong)
