@@ -15,14 +15,16 @@ from __future__ import annotations
 import bisect
 import copy
 import random
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
 from distft.config import PACK_STRATEGIES
 from distft.errors import DataError
-from distft.samples import IGNORE_INDEX
-from distft.samples import TokenSamples
+from distft.samples import IGNORE_INDEX, TokenSamples
+
+if TYPE_CHECKING:
+    import torch
 
 
 def pack(samples, max_seq_len: int, pad_id: int, strategy: str = "best_fit") -> list[dict]:
