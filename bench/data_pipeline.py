@@ -8,7 +8,9 @@ figure is a ratio against a baseline measured in the same run:
 1. one core (sched_setaffinity, one tokenizer thread): `prepare_data` tokens/s (read the file,
    clean with counts and de-duplication, template, tokenize, mask, split) / the raw batched
    tokenizer (`tokenizer(texts)`) on the same rows' full texts. Target >= 0.8.
-2. cores: `prepare_data` with data.num_proc = every core against num_proc=1. Target: near-linear.
+2. cores: `prepare_data` with data.num_proc = every core against num_proc=1 on one core, in
+   alternating pairs. Target: near-linear; the machine's own ceiling is measured beside it (the
+   raw tokenizer on the same texts in equal shares, one process per core).
 3. cache: a run's data start-up (fingerprint, cache, the first epoch's packing) when the cache is
    built, against a rerun that finds it. Target: the rerun <= 5% of the first.
 4. memory: `--ranks` processes read the same `--rows`-row cache and build their epoch, as ranks do;
@@ -84,15 +86,12 @@ def data_cfg(path: str, cache_dir: str, num_proc: int = 1):
 def measure_one_core(path: str, tokenizer_dir: str) -> dict:
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     from distft.config import ModelConfig
-    from distft.data import load_rows, prepare_data, to_canonical
+    from distft.data import prepare_data
     from distft.model import load_tokenizer
-    from distft.templates import render_row
 
     tok = load_tokenizer(ModelConfig(tokenizer=tokenizer_dir))
     cfg = data_cfg(path, "", num_proc=1)
-    raw, _ = load_rows(cfg)
-    texts = [render_row(to_canonical(r.value, cfg.format, cfg)[1], "alpaca", cfg.template, tok).text for r in raw]
-    del raw
+    texts = _rendered_texts(path, tokenizer_dir)
     started = time.perf_counter()
     raw_tokens = sum(map(len, tok(texts, add_special_tokens=False)["input_ids"]))
     raw_s = time.perf_counter() - started
@@ -101,6 +100,49 @@ def measure_one_core(path: str, tokenizer_dir: str) -> dict:
     pipe_s = time.perf_counter() - started
     return {"raw_tokens": raw_tokens, "raw_s": raw_s, "pipe_s": pipe_s,
             "pipe_tokens": data.train.token_count + data.eval.token_count, "rows": len(texts)}
+
+
+def _rendered_texts(path: str, tokenizer_dir: str) -> list[str]:
+    """The rows' full texts as the template renders them: what the raw tokenizer baselines encode."""
+    from distft.config import ModelConfig
+    from distft.data import load_rows, to_canonical
+    from distft.model import load_tokenizer
+    from distft.templates import render_row
+
+    tok = load_tokenizer(ModelConfig(tokenizer=tokenizer_dir))
+    cfg = data_cfg(path, "", num_proc=1)
+    raw, _ = load_rows(cfg)
+    return [render_row(to_canonical(r.value, cfg.format, cfg)[1], "alpaca", cfg.template, tok).text for r in raw]
+
+
+def _raw_share(args: tuple) -> float:
+    """Seconds the raw batched tokenizer takes on one share of the texts, on one thread."""
+    tokenizer_dir, texts = args
+    from distft.config import ModelConfig
+    from distft.model import load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(tokenizer=tokenizer_dir))
+    started = time.perf_counter()
+    tok(texts, add_special_tokens=False)
+    return time.perf_counter() - started
+
+
+def measure_raw_split(path: str, tokenizer_dir: str, processes: int) -> dict:
+    """The machine's own scaling, the cores figure's ceiling: the raw batched tokenizer on the same
+    texts in `processes` equal shares, one single-threaded process each (started beforehand), timed
+    until the last share is done; processes=1: all texts on one pinned core."""
+    import multiprocessing
+
+    texts = _rendered_texts(path, tokenizer_dir)
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    if processes == 1:
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+        return {"seconds": _raw_share((tokenizer_dir, texts))}
+    size = -(-len(texts) // processes)
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        pool.map(time.sleep, [0.0] * processes)  # started and imported before the clock runs
+        seconds = pool.map(_raw_share, [(tokenizer_dir, texts[i : i + size]) for i in range(0, len(texts), size)])
+    return {"seconds": max(seconds)}
 
 
 def measure_processes(path: str, tokenizer_dir: str, num_proc: int, pinned: int = 0) -> dict:
@@ -142,7 +184,7 @@ def measure_rank(path: str, tokenizer_dir: str, cache_dir: str, rank: int, world
 
 
 def run_worker(kind: str, *args) -> dict:
-    one_thread = kind == "one_core" or (kind == "processes" and args[-1] == 1)
+    one_thread = kind == "one_core" or (kind in ("processes", "raw_split") and args[-1] == 1)
     env = {**os.environ, "RAYON_NUM_THREADS": "1"} if one_thread else None  # one tokenizer thread
     proc = subprocess.run([sys.executable, __file__, "--worker", kind, *map(str, args)], capture_output=True, text=True,
                           cwd=REPO, env=env)
@@ -180,7 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.worker:
         kind, *rest = args.worker
-        fn = {"one_core": measure_one_core, "processes": measure_processes, "rank": measure_rank}[kind]
+        fn = {"one_core": measure_one_core, "processes": measure_processes, "rank": measure_rank,
+              "raw_split": measure_raw_split}[kind]
         rest = [int(x) if x.isdigit() else x for x in rest]
         print(json.dumps(fn(*rest)))
         return
@@ -206,6 +249,9 @@ def main(argv: list[str] | None = None) -> None:
         pairs.append((serial["seconds"] / parallel["seconds"], serial["seconds"], parallel["seconds"]))
     pairs.sort()
     speedup, serial_s, parallel_s = pairs[len(pairs) // 2]
+    ceiling = sorted(run_worker("raw_split", small, tokenizer_dir, 1)["seconds"]
+                     / run_worker("raw_split", small, tokenizer_dir, cores)["seconds"] for _ in range(args.pairs))
+    ceiling_x = ceiling[len(ceiling) // 2]
 
     cache_dir = os.path.join(work, "cache")
     first = run_worker("rank", large, tokenizer_dir, cache_dir, 0, 1)
@@ -226,6 +272,9 @@ def main(argv: list[str] | None = None) -> None:
         f"| {cores} cores: prepare_data seconds (median of {len(pairs)} pairs; ratios "
         f"{', '.join(f'{r:.2f}' for r, _, _ in pairs)}) | one core, num_proc=1 {serial_s:.1f} s | "
         f"num_proc={cores} {parallel_s:.1f} s | {speedup:.2f}x | ~{cores}x |",
+        f"| {cores} cores: the machine's ceiling, the raw tokenizer in {cores} shares (median of {len(ceiling)}; "
+        f"{', '.join(f'{r:.2f}' for r in ceiling)}) | - | - | {ceiling_x:.2f}x | distft / ceiling "
+        f"{speedup / ceiling_x:.2f} |",
         f"| data start-up, {first['samples']:,} samples, {first['tokens']:,} tokens | cache built "
         f"{first['seconds']:.1f} s | cache found {rerun['seconds']:.1f} s | {rerun['seconds'] / first['seconds']:.1%} "
         "| <= 5% |",
@@ -235,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     ])
     fill = packing_fill()
     summary = (f"one core: pipeline / raw tokenizer = {ratio:.2f}\n"
-               f"{cores} cores: {speedup:.2f}x one core\n"
+               f"{cores} cores: {speedup:.2f}x one core (raw tokenizer's ceiling {ceiling_x:.2f}x)\n"
                f"cached rerun start-up = {rerun['seconds'] / first['seconds']:.1%} of the first\n"
                + "\n".join(f"rank {r}: private memory +{x['RssAnon_growth'] / gib:.2f} GiB" for r, x in enumerate(ranks)))
     details = (f"data: {args.rows:,} generated Alpaca rows (~{first['tokens'] // max(1, first['samples'])} tokens "
