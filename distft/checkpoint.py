@@ -18,7 +18,11 @@ the files (each a share), rank 0 writes the manifest, the commit marker, renames
 into place and points `latest` at it. A crash at any instant leaves either a `.tmp` directory
 (ignored and replaced by the next save) or a complete checkpoint; the previous checkpoint is
 never touched. Retention (`checkpoint.keep_last`) runs only after the new one is committed and
-never deletes it. With `checkpoint.async_save` (DDP/FSDP) the engine state is staged in host
+never deletes it, nor the best one. The best one (`checkpoints/best.json`): the checkpoint of the
+lowest periodic eval loss so far, saved at that eval when early stopping or `checkpoint.keep_best`
+is on (train.py); when the run ends having stopped early, or with keep_best, best.json says
+`"default": true` and `resolve_checkpoint` (evaluate, export) uses it for a run directory, saying
+so. Resuming always continues from the newest. With `checkpoint.async_save` (DDP/FSDP) the engine state is staged in host
 memory and written by a background thread; the trainer commits it at the first step boundary
 where every rank's write is done (and always before the next save and at the end). A failed write
 ends in a CheckpointError on every rank that names its real cause (`_fail`): a full disk or quota
@@ -70,6 +74,7 @@ TRAINER_STATE = "trainer_state.json"
 STATE_DIR = "state"
 RNG_DIR = "rng"
 LATEST = "latest"
+BEST = "best.json"  # checkpoints/best.json: the checkpoint of the best periodic eval loss (read_best)
 
 
 def checkpoints_dir(run_dir: str) -> str:
@@ -103,6 +108,7 @@ class PendingCheckpoint:
     final: str
     keep_last: int
     future: Any = None  # the state write: a Future, or None when it was written synchronously
+    best_eval_loss: Optional[float] = None  # set when this step's eval loss is the run's best so far
 
     def written(self) -> bool:
         """This rank's share is on disk (or failed): the commit will not wait."""
@@ -128,6 +134,9 @@ def save_checkpoint(
     final = os.path.join(root, step_dir_name(step))
     tmp = final + ".tmp"
     pending = PendingCheckpoint(run_dir, step, tmp, final, cfg.checkpoint.keep_last)
+    loop = trainer_state.get("loop") or {}
+    if loop.get("best_step") == step:
+        pending.best_eval_loss = loop.get("best_eval_loss")
     with _interrupt_named(pending):
         error = None
         if info.is_main:
@@ -227,6 +236,8 @@ def _commit(pending: PendingCheckpoint, info) -> str:
             fsync_dir(root)
             shutil.rmtree(final + ".old", ignore_errors=True)
             write_text(os.path.join(root, LATEST), os.path.basename(final) + "\n")
+            if pending.best_eval_loss is not None:
+                write_best(pending.run_dir, step, pending.best_eval_loss)
             _prune(pending.run_dir, final, pending.keep_last)
         except (OSError, OutputError) as err:  # write_text's errors are OutputErrors
             errors = [_failure(err, 0, tmp)]
@@ -348,12 +359,37 @@ def _missing_parts(tmp: str, world_size: int) -> list[str]:
 
 
 def _prune(run_dir: str, newest: str, keep_last: int) -> None:
-    """Keep the `keep_last` newest committed checkpoints; `newest` (just committed) always stays."""
+    """Keep the `keep_last` newest committed checkpoints; `newest` (just committed) and the best
+    one (best.json) always stay."""
     if keep_last <= 0:
         return
+    best = read_best(run_dir)
     for old in committed_checkpoints(run_dir)[:-keep_last]:
-        if old != newest:
+        if old != newest and (best is None or old != best["path"]):
             shutil.rmtree(old, ignore_errors=True)
+
+
+def write_best(run_dir: str, step: int, eval_loss: float, default: bool = False, why: str = "") -> None:
+    """Rank 0: point checkpoints/best.json at the committed checkpoint of `step`, the run's best
+    periodic eval loss; `default`: evaluate and export use it for the run directory (`why` says why)."""
+    record = {"checkpoint": step_dir_name(step), "step": step, "eval_loss": eval_loss, "default": default}
+    if why:
+        record["why"] = why
+    write_json(os.path.join(checkpoints_dir(run_dir), BEST), record, what="the best checkpoint's pointer")
+
+
+def read_best(run_dir: str) -> Optional[dict]:
+    """checkpoints/best.json with `path` added, or None: no best recorded, an unreadable pointer,
+    or one whose checkpoint is no longer committed."""
+    try:
+        with open(os.path.join(checkpoints_dir(run_dir), BEST)) as f:
+            record = json.load(f)
+        path = os.path.join(checkpoints_dir(run_dir), record["checkpoint"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if os.path.basename(path) != record["checkpoint"] or not os.path.exists(os.path.join(path, COMMITTED)):
+        return None
+    return {**record, "path": path}
 
 
 def _save_rng(tmp: str, rank: int) -> None:
@@ -557,8 +593,9 @@ def set_run_aside(run_dir: str, keep: tuple[str, ...] = ()) -> Optional[str]:
 
 
 def resolve_checkpoint(path: str, announce: bool = False) -> str:
-    """A verified checkpoint directory from a checkpoint path or a run directory (its newest sound
-    one). Damaged checkpoints are skipped, never moved (reading a run changes nothing in it).
+    """A verified checkpoint directory from a checkpoint path or a run directory (its best one when
+    the run made it its default, see `read_best`; else its newest sound one). Damaged checkpoints
+    are skipped, never moved (reading a run changes nothing in it).
 
     `announce` (the evaluate and export commands): given a run directory, say on stderr which
     checkpoint is used, and why when newer ones were skipped, every time; and, given either, name
@@ -582,6 +619,19 @@ def resolve_checkpoint(path: str, announce: bool = False) -> str:
             )
         say_ignored(path)
         return path
+    best = read_best(path)
+    if best and best.get("default"):
+        problems = verify(best["path"], ignored=ignored)
+        if not problems:
+            if announce:
+                newest = committed_checkpoints(path)[-1]
+                also = (f"; the newest is {os.path.basename(newest)}: pass {newest} for it"
+                        if newest != best["path"] else "")
+                print(f"distft: using the best checkpoint {best['path']} (eval loss {best['eval_loss']:.4f} at step "
+                      f"{best['step']}{'; ' + best['why'] if best.get('why') else ''}){also}", file=sys.stderr)
+                say_ignored(best["path"])
+            return best["path"]
+        log.warning("the best checkpoint %s is damaged (%s); using the newest sound one", best["path"], problems[0])
     skipped = []
     for checkpoint in reversed(committed_checkpoints(path)):
         if ignored:

@@ -345,12 +345,28 @@ class EvalConfig:
     batch_size: int = 16
     compare_base: bool = True
     report_samples: int = 8
+    # The report calls out overfitting when the eval loss rose this many periodic evals in a row
+    # while the train loss fell; 0: never.
+    overfit_evals: int = 2
+    # The forgetting check (distft/forgetting.py): general text scored as perplexity before and
+    # after, a warning when the tuned model's is more than general_warn (relative) above the base's.
+    general_path: Optional[str] = None
+    general_max_tokens: int = 100_000
+    general_warn: float = 0.1
+    # lm-evaluation-harness tasks run on the tuned model and its base (pip install 'distft[lm-eval]');
+    # include_path: a directory of one's own task YAMLs; limit: examples per task (None: all).
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    lm_eval_include_path: Optional[str] = None
+    lm_eval_limit: Optional[int] = None
 
 
 @dataclass
 class CheckpointConfig:
     save_every: int = 0  # steps; 0: only the final checkpoint
-    keep_last: int = 2  # committed checkpoints kept (the newest is never deleted); 0: all
+    keep_last: int = 2  # committed checkpoints kept (the newest and the best are never deleted); 0: all
+    # Save the checkpoint of each new best periodic eval loss, and make it the run's result: the
+    # final report scores it, evaluate and export default to it. Early stopping does this by itself.
+    keep_best: bool = False
     # DDP/FSDP: stage the sharded state in host memory and write it in a background thread while
     # training goes on (committed once written); costs one extra copy of the state in host memory.
     async_save: bool = False

@@ -1,12 +1,14 @@
-"""Evaluation: held-out loss and perplexity, generation metrics, and the base-vs-tuned report.
+"""Evaluation: held-out loss and perplexity, generation metrics, and the base-vs-tuned command.
 
 What it owns, in the order a run uses it:
 - metrics on strings (`exact_match`, `token_f1`, `rouge_l`, `generation_metrics`): pure Python;
 - `held_out_loss`: the token-weighted loss over eval batches, the same `token_loss` the trainer
   minimises, so the eval loss and the train loss are the same quantity;
-- `generate_answers`: greedy, deterministic answers to held-out prompts;
-- `evaluate_model`: both of the above for one model, in one dict;
-- `write_report` / `metrics_only`: `eval_report.md` (base vs tuned) and the numbers for summary.json.
+- `generate_outputs` / `generate_answers`: greedy, deterministic answers to held-out prompts,
+  each flagged when it was cut at max_new_tokens;
+- `evaluate_model`: both of the above for one model, in one dict, every answer with its scores;
+- `metrics_only`: the numbers for summary.json; `python -m distft.evaluate`: a checkpoint scored
+  against its base. The report and the predictions file are distft.report's.
 
 Choices worth knowing:
 - exact_match and f1 are SQuAD v1.1's: both strings are normalised (lowercase, drop ASCII
@@ -55,13 +57,11 @@ from typing import Any, Optional
 import torch
 
 from distft.config import EvalConfig, model_label
-from distft.files import write_text, writing
 from distft.model import model_inputs, token_loss
 
 MAX_LOSS_FOR_PERPLEXITY = 100.0  # exp(100) ~ 2.7e43: finite, and far above any real model's loss
 REPORT_METRICS = ("loss", "perplexity", "exact_match", "exact_match_strict", "f1", "rouge_l")
 GENERATION_METRICS = ("exact_match", "exact_match_strict", "f1", "rouge_l")
-_META_KEYS = ("experiment", "technique", "model", "checkpoint", "steps")  # first in the report, in this order
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = frozenset(string.punctuation)
@@ -119,15 +119,26 @@ def rouge_l(prediction: str, reference: str) -> float:
     return float(_rouge_scorer().score(reference, prediction)["rougeL"].fmeasure)
 
 
+_SCORERS = {"exact_match": exact_match, "exact_match_strict": exact_match_strict, "f1": token_f1, "rouge_l": rouge_l}
+
+
+def sample_scores(prediction: str, reference: str) -> dict[str, float]:
+    """exact_match, exact_match_strict, f1 and rouge_l of one answer."""
+    return {name: fn(prediction, reference) for name, fn in _SCORERS.items()}
+
+
+def mean_scores(scores: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The mean of each generation metric over per-sample `sample_scores`."""
+    if not scores:
+        raise ValueError("no predictions to score (an empty eval set has no generation metrics)")
+    return {name: sum(s[name] for s in scores) / len(scores) for name in GENERATION_METRICS}
+
+
 def generation_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """Mean exact_match, exact_match_strict, f1 and rouge_l (each in [0, 1]) over the pairs."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
-    if not predictions:
-        raise ValueError("no predictions to score (an empty eval set has no generation metrics)")
-    scorers = {"exact_match": exact_match, "exact_match_strict": exact_match_strict, "f1": token_f1, "rouge_l": rouge_l}
-    n = len(predictions)
-    return {name: sum(fn(p, r) for p, r in zip(predictions, references)) / n for name, fn in scorers.items()}
+    return mean_scores([sample_scores(p, r) for p, r in zip(predictions, references)])
 
 
 # ------------------------------------------------------------------------------- model helpers
@@ -299,8 +310,25 @@ def generate_answers(
     stop_ids: Sequence[int] = (),
     should_stop: Optional[Callable[[], bool]] = None,
 ) -> list[str]:
-    """Greedy answers to `prompts`, in order: the decoded new tokens up to the first stop token
-    (`_eos_ids`), stripped.
+    """Greedy answers to `prompts`, in order (`generate_outputs` without the truncation flags)."""
+    return [text for text, _ in generate_outputs(model, tokenizer, prompts, max_new_tokens, batch_size, device,
+                                                 autocast_ctx, stop_ids, should_stop)]
+
+
+def generate_outputs(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str | Sequence[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    device: torch.device | str,
+    autocast_ctx: Any = None,
+    stop_ids: Sequence[int] = (),
+    should_stop: Optional[Callable[[], bool]] = None,
+) -> list[tuple[str, bool]]:
+    """(answer, truncated) for each of `prompts`, in order. The answer is the decoded new tokens
+    up to the first stop token (`_eos_ids`), stripped; truncated: no stop token came within
+    `max_new_tokens`, so the answer was cut there (and may be missing its end).
 
     A prompt is token ids (a held-out row's `prompt_ids`: exactly its training prefix, bos
     included) or text, tokenised as bos id + the text with add_special_tokens=False. Rows are
@@ -319,15 +347,16 @@ def generate_answers(
         raise ValueError("cannot generate from an empty prompt with a tokenizer that has no bos token")
     decode_batch = _generate_full_forward if _is_prompt_learning(model) else _generate_cached
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # stable: deterministic
-    answers: list[str] = [""] * len(encoded)
+    answers: list[tuple[str, bool]] = [("", False)] * len(encoded)
     with _eval_mode(model), _autocast(autocast_ctx):
         for start in range(0, len(order), batch_size):
             _check_stop(should_stop)
             indices = order[start : start + batch_size]
             outputs = decode_batch(model, [encoded[i] for i in indices], max_new_tokens, eos_ids, pad_id, device)
             for i, tokens in zip(indices, outputs):
-                stop = next((k for k, t in enumerate(tokens) if t in eos_ids), len(tokens))
-                answers[i] = tokenizer.decode(tokens[:stop], skip_special_tokens=True).strip()
+                stop = next((k for k, t in enumerate(tokens) if t in eos_ids), None)
+                text = tokenizer.decode(tokens[:stop], skip_special_tokens=True).strip()
+                answers[i] = (text, stop is None and max_new_tokens > 0)
     return answers
 
 
@@ -341,6 +370,7 @@ def evaluate_model(
     autocast_ctx: Any = None,
     stop_ids: Sequence[int] = (),
     should_stop: Optional[Callable[[], bool]] = None,
+    general: Optional[Iterable[dict]] = None,
 ) -> dict[str, Any]:
     """Held-out loss and generation metrics of one model, plus the scored samples.
 
@@ -348,37 +378,48 @@ def evaluate_model(
     points) is asked before each batch; when it says stop, EvalInterrupted is raised.
 
     Keys: loss, perplexity, tokens (None when `eval_batches` is None); exact_match,
-    exact_match_strict, f1, rouge_l, num_generated (metrics None when no rows are scored); per_task
-    ({task: metrics + count}, when rows name a task); samples (list of {prompt, reference,
-    prediction, task}). Generation scores the first `cfg.num_samples` rows, always the same ones.
+    exact_match_strict, f1, rouge_l, num_generated (metrics None when no rows are scored);
+    num_truncated and max_new_tokens (answers cut at max_new_tokens without a stop token); per_task
+    ({task: metrics + count}, when rows name a task); samples (every scored row: {prompt,
+    reference, prediction, task, truncated, scores}, scores being its `sample_scores`). Generation
+    scores the first `cfg.num_samples` rows, always the same ones. With `general` (batches of
+    general text, distft.forgetting.general_batches): general_loss, general_perplexity,
+    general_tokens and general_warn (the forgetting check).
     """
     result: dict[str, Any] = {"loss": None, "perplexity": None, "tokens": None}
     if eval_batches is not None:
         if should_stop is not None:
             eval_batches = _stoppable(eval_batches, should_stop)
         result.update(held_out_loss(model, eval_batches, device, autocast_ctx))
+    if general is not None:
+        if should_stop is not None:
+            general = _stoppable(general, should_stop)
+        scored = held_out_loss(model, general, device, autocast_ctx)
+        result.update({f"general_{k}": v for k, v in scored.items()}, general_warn=cfg.general_warn)
 
     rows = list(itertools.islice(eval_rows, cfg.num_samples))
-    predictions = generate_answers(
+    outputs = generate_outputs(
         model, tokenizer, [r.get("prompt_ids") or r["prompt"] for r in rows], cfg.max_new_tokens, cfg.batch_size,
         device, autocast_ctx, stop_ids=stop_ids, should_stop=should_stop,
     )
-    references = [r["reference"] for r in rows]
-    result.update(generation_metrics(predictions, references) if rows else dict.fromkeys(GENERATION_METRICS))
+    scores = [sample_scores(text, r["reference"]) for (text, _), r in zip(outputs, rows)]
+    result.update(mean_scores(scores) if rows else dict.fromkeys(GENERATION_METRICS))
     result["num_generated"] = len(rows)
+    result["num_truncated"] = sum(cut for _, cut in outputs)
+    result["max_new_tokens"] = cfg.max_new_tokens
 
     tasks = [r.get("task") for r in rows]
     if any(task is not None for task in tasks):
-        per_task = {}
-        for task in sorted({t for t in tasks if t is not None}):
-            idx = [i for i, t in enumerate(tasks) if t == task]
-            scores = generation_metrics([predictions[i] for i in idx], [references[i] for i in idx])
-            per_task[task] = {"count": len(idx), **scores}
-        result["per_task"] = per_task
+        result["per_task"] = {
+            task: {"count": len(idx), **mean_scores([scores[i] for i in idx])}
+            for task in sorted({t for t in tasks if t is not None})
+            for idx in [[i for i, t in enumerate(tasks) if t == task]]
+        }
 
     result["samples"] = [
-        {"prompt": r["prompt"], "reference": r["reference"], "prediction": p, "task": r.get("task")}
-        for r, p in zip(rows, predictions)
+        {"prompt": r["prompt"], "reference": r["reference"], "prediction": text, "task": r.get("task"),
+         "truncated": cut, "scores": score}
+        for r, (text, cut), score in zip(rows, outputs, scores)
     ]
     return result
 
@@ -386,136 +427,6 @@ def evaluate_model(
 def metrics_only(result: dict[str, Any]) -> dict[str, Any]:
     """`result` without its samples: the part that goes into summary.json."""
     return {k: v for k, v in result.items() if k != "samples"}
-
-
-# ---------------------------------------------------------------------------------------- report
-
-
-def _number(value: Optional[float]) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:.4e}" if abs(value) >= 1e6 else f"{value:.4f}"
-
-
-def _change(before: Optional[float], after: Optional[float]) -> str:
-    if before is None or after is None:
-        return "n/a"
-    return f"{after - before:+.4e}" if abs(after - before) >= 1e6 else f"{after - before:+.4f}"
-
-
-def _cell(text: Optional[str]) -> str:
-    """Text as one Markdown table cell: inline markup, pipes and newlines escaped."""
-    if text is None:
-        return "n/a"
-    if not text.strip():
-        return "*(empty)*"
-    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    text = re.sub(r"([\\`*_\[\]|~])", r"\\\1", text)
-    return text.replace("\r\n", "\n").replace("\n", "<br>")
-
-
-def _fenced(text: str) -> str:
-    """A code block that no backtick run inside `text` can close early."""
-    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
-    fence = "`" * max(3, longest + 1)
-    return f"{fence}text\n{text}\n{fence}"
-
-
-_METRIC_DEFINITIONS = (  # the report's own account of its numbers (module docstring: why these choices)
-    "- loss: the token-weighted mean negative log-likelihood over every held-out target token "
-    "(the tokens training learns from: the response, and the prompt too with `data.train_on_prompt`); "
-    f"perplexity = exp(loss), with the loss capped at {MAX_LOSS_FOR_PERPLEXITY:g} so it stays finite.",
-    "- answers: greedy decoding of at most `eval.max_new_tokens` new tokens, cut at the first stop "
-    "(end-of-sequence) token and stripped; each generation metric is the mean over the prompts.",
-    "- exact_match, f1: SQuAD v1.1. Answer and reference are normalised (lowercase, ASCII punctuation "
-    "and the articles a/an/the dropped, whitespace collapsed), then compared whole (exact_match) or as "
-    "bags of tokens (f1: harmonic mean of token precision and recall).",
-    "- exact_match_strict: 1 when answer and reference are identical after stripping surrounding "
-    "whitespace (case and punctuation count).",
-    "- rouge_l: the rougeL F-measure of the rouge-score package (longest common subsequence, so word "
-    "order counts), with its default tokenizer (lowercase; every character outside a-z and 0-9 "
-    "separates tokens) and no stemming. An answer without Latin letters or digits (e.g. Cyrillic) "
-    "has no tokens and scores 0.",
-)
-
-
-def write_report(
-    path: str,
-    before: Optional[dict[str, Any]],
-    after: dict[str, Any],
-    meta: dict[str, Any],
-    num_samples: int = 8,
-) -> None:
-    """Write `eval_report.md`: meta, a base-vs-tuned metric table, per-task exact match, how each
-    metric is computed, samples.
-
-    `before` is the base model's `evaluate_model` result, or None (then only the tuned column).
-    Samples are paired by prompt. Written to a temporary name and renamed, so a reader never sees
-    half a report; the caller makes sure only rank 0 calls this.
-    """
-    columns = ["base", "tuned", "change"] if before is not None else ["tuned"]
-    title = meta.get("experiment") or "distft"
-    lines = [f"# Evaluation report: {title}", ""]
-    for key in _META_KEYS:
-        if meta.get(key) is not None:
-            lines.append(f"- {key}: {meta[key]}")
-    lines += [f"- {key}: {value}" for key, value in meta.items() if key not in _META_KEYS]
-
-    lines += ["", "## Metrics", ""]
-    if after.get("tokens"):
-        lines.append(f"Loss and perplexity over {after['tokens']} held-out target tokens (lower is better).")
-    if after.get("num_generated"):
-        lines.append(
-            f"Generation metrics over {after['num_generated']} held-out prompts, in [0, 1] (higher is better); "
-            'see "How the metrics are computed" below.'
-        )
-    lines += ["", "| metric | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    for metric in REPORT_METRICS:
-        cells = [_number(after.get(metric))]
-        if before is not None:
-            cells = [_number(before.get(metric)), cells[0], _change(before.get(metric), after.get(metric))]
-        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
-
-    tasks = sorted(set(after.get("per_task") or {}) | set((before or {}).get("per_task") or {}))
-    if tasks:
-        lines += ["", "## Exact match per task", ""]
-        lines += ["| task | n | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
-        for task in tasks:
-            tuned = (after.get("per_task") or {}).get(task, {})
-            cells = [_number(tuned.get("exact_match"))]
-            if before is not None:
-                base = (before.get("per_task") or {}).get(task, {})
-                cells = [
-                    _number(base.get("exact_match")),
-                    cells[0],
-                    _change(base.get("exact_match"), tuned.get("exact_match")),
-                ]
-            count = tuned.get("count", ((before or {}).get("per_task") or {}).get(task, {}).get("count"))
-            lines.append(f"| {_cell(task)} | {_number(count)} | " + " | ".join(cells) + " |")
-
-    lines += ["", "## How the metrics are computed", "", *_METRIC_DEFINITIONS]
-
-    samples = (after.get("samples") or [])[:num_samples]
-    if samples:
-        base_by_prompt = {s["prompt"]: s["prediction"] for s in (before or {}).get("samples") or []}
-        lines += ["", "## Samples", ""]
-        for number, sample in enumerate(samples, 1):
-            task = f" ({sample['task']})" if sample.get("task") else ""
-            lines += [f"### Sample {number}{task}", "", "Prompt:", "", _fenced(sample["prompt"]), ""]
-            if before is not None:
-                lines += ["| reference | base output | tuned output |", "|---|---|---|"]
-                outputs = [sample["reference"], base_by_prompt.get(sample["prompt"]), sample["prediction"]]
-            else:
-                lines += ["| reference | tuned output |", "|---|---|"]
-                outputs = [sample["reference"], sample["prediction"]]
-            lines += ["| " + " | ".join(_cell(o) for o in outputs) + " |", ""]
-
-    directory = os.path.dirname(os.path.abspath(path))
-    with writing(path, "the evaluation report"):
-        os.makedirs(directory, exist_ok=True)
-    write_text(path, "\n".join(lines).rstrip() + "\n", what="the evaluation report")  # a full disk: one OutputError
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -550,6 +461,7 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, num_samples: in
     from distft.datacache import prepared
     from distft.engines import autocast_context, autocast_dtype
     from distft.export import load_base, load_model
+    from distft.report import predictions_path, write_predictions, write_report
 
     checkpoint = resolve_checkpoint(checkpoint, announce=True)
     out = os.path.abspath(os.path.expanduser(out)) if out else default_report_path(checkpoint)
@@ -573,17 +485,25 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, num_samples: in
     def autocast():
         return autocast_context(amp, device)
 
+    general = None
+    if cfg.eval.general_path:
+        from distft.forgetting import general_batches
+
+        general = general_batches(cfg.eval.general_path, tokenizer, cfg.data.max_seq_len, cfg.eval.batch_size,
+                                  cfg.eval.general_max_tokens)
+
     def score(model):
         if not getattr(model, "is_loaded_in_4bit", False):
             model = model.to(device)
         return evaluate_model(model, tokenizer, batches, data.eval_rows, cfg.eval, device, autocast_ctx=autocast,
-                              stop_ids=data.stop_ids)
+                              stop_ids=data.stop_ids, general=general)
 
     after = score(tuned)
     before = score(load_base(cfg, tokenizer=tokenizer)) if compare_base else None
     meta = {"experiment": cfg.run.experiment, "technique": cfg.technique.name, "model": model_label(cfg.model),
             "checkpoint": checkpoint, "steps": read_meta(checkpoint)["step"]}
-    write_report(out, before, after, meta, num_samples=cfg.eval.report_samples)
+    predictions = write_predictions(predictions_path(out), {"base": before, "tuned": after})
+    write_report(out, before, after, meta, num_samples=cfg.eval.report_samples, predictions=predictions)
     return out, after, before
 
 
@@ -611,7 +531,10 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, DataError, ModelLoadError) as err:
         print(f"distft: {err}", file=sys.stderr)
         return 2
+    from distft.report import predictions_path
+
     print(f"report: {out}")
+    print(f"predictions: {predictions_path(out)}")
     print(" ".join(f"{k}={after[k]:.4f}" for k in ("loss", "perplexity", "exact_match", "f1", "rouge_l")))
     return 0
 

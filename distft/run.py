@@ -35,6 +35,7 @@ class TrainState:
     train_target_tokens: int = 0
     train_time_s: float = 0.0
     best_eval_loss: float = math.inf
+    best_step: Optional[int] = None  # the step of best_eval_loss (periodic evals)
     evals_without_improvement: int = 0
     stopped_early: bool = False
     eval_before: Optional[dict] = None
@@ -73,6 +74,7 @@ class Run:
     engine: Any
     batches: Any  # distft.batching.TrainBatches: this rank's micro-batches, resumable
     held_out: list  # the eval split's batches (train.eval_max_batches of them when set)
+    general: Optional[list] = None  # eval.general_path's batches: the forgetting check (distft.forgetting)
     data_fingerprint: dict = field(default_factory=dict)  # the data files by content (sources.data_fingerprint)
 
 
@@ -137,5 +139,11 @@ def build_run(cfg: Config, info: DistInfo, device: torch.device) -> Run:
                             cfg.data.pack_strategy)
     if cfg.train.eval_max_batches:
         held_out = held_out[: cfg.train.eval_max_batches]
+    general = None
+    if cfg.eval.general_path:
+        from distft.forgetting import general_batches
+
+        general = general_batches(cfg.eval.general_path, tokenizer, cfg.data.max_seq_len, cfg.eval.batch_size,
+                                  cfg.eval.general_max_tokens)
     return Run(cfg, info, device, tokenizer, data, dtype, memory, model, model_build, trainable, total, engine,
-               batches, held_out)
+               batches, held_out, general=general)

@@ -92,6 +92,28 @@ class Tracker:
         kept = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= step]  # torn lines dropped
         write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept), what="the metrics file")
 
+    def predictions(self, step: int, path: str) -> None:
+        """The final evaluation's predictions file as a W&B table `eval/predictions` (one row per
+        prompt: task, prompt, reference, then each model's output, truncated flag and exact
+        match), when W&B is on. The file itself stays the record."""
+        if self.wandb_run is None:
+            return
+        import wandb
+
+        records = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+        labels = list(records[0]["outputs"]) if records else []
+        columns = ["index", "task", "prompt", "reference"]
+        for label in labels:
+            columns += [f"{label}_output", f"{label}_truncated", f"{label}_exact_match", f"{label}_f1"]
+        rows = []
+        for r in records:
+            row = [r["index"], r["task"], r["prompt"], r["reference"]]
+            for label in labels:
+                out = r["outputs"][label]
+                row += [out["text"], out["truncated"], out.get("exact_match"), out.get("f1")]
+            rows.append(row)
+        self.wandb_run.log({"eval/predictions": wandb.Table(columns=columns, data=rows)}, step=step)
+
     def summary(self, values: dict[str, Any]) -> None:
         if self.wandb_run is not None:
             flat = flatten(values)
@@ -278,9 +300,10 @@ def read_metrics(path: str) -> list[dict]:
     return records
 
 
-def plot_losses(metrics_path: str, out_path: str) -> Optional[str]:
-    """Train and eval loss against step, as a PNG next to the metrics. Written to a temporary
-    name and renamed; a failure (a full disk) leaves no partial PNG and raises one OutputError."""
+def plot_losses(metrics_path: str, out_path: str, best_step: Optional[int] = None) -> Optional[str]:
+    """Train and eval loss against step, as a PNG next to the metrics, the best periodic eval
+    (`best_step`) marked. Written to a temporary name and renamed; a failure (a full disk)
+    leaves no partial PNG and raises one OutputError."""
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
@@ -296,6 +319,11 @@ def plot_losses(metrics_path: str, out_path: str) -> Optional[str]:
         ax.plot(*zip(*train), label="train loss")
     if evals:
         ax.plot(*zip(*evals), marker="o", label="eval loss")
+    best = [(step, loss) for step, loss in evals if step == best_step]
+    if best:
+        ax.axvline(best[-1][0], color="tab:green", linestyle="--", alpha=0.6)
+        ax.plot(*best[-1], marker="*", markersize=14, color="tab:green", linestyle="none",
+                label=f"best eval loss {best[-1][1]:.3f} (step {best[-1][0]})")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats/token)")
     run = os.path.dirname(os.path.abspath(out_path))

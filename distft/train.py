@@ -40,6 +40,7 @@ log = logging.getLogger("distft")
 
 SUMMARY = "summary.json"
 REPORT = "eval_report.md"
+PREDICTIONS = "eval_report.predictions.jsonl"  # evaluate.predictions_path(REPORT)
 
 
 def seed_everything(seed: int) -> None:
@@ -265,7 +266,7 @@ def _set_attempt_aside(run_dir: str) -> None:
     before its first checkpoint): its metrics, plot, report and W&B id move to
     `attempts/<time>/` (kept, never deleted), so this run's curve and W&B run start clean instead
     of appending to the old ones."""
-    leftovers = [n for n in ("metrics.jsonl", "tracker_run_id", "wandb", "loss.png", REPORT)
+    leftovers = [n for n in ("metrics.jsonl", "tracker_run_id", "wandb", "loss.png", REPORT, PREDICTIONS)
                  if os.path.exists(os.path.join(run_dir, n))]
     if not leftovers:
         return
@@ -333,7 +334,8 @@ def fit(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpointe
                 state.stopped_early = True
                 break
         checkpointer.poll()
-        if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < cfg.train.max_steps:
+        periodic = cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0
+        if step < cfg.train.max_steps and (periodic or (state.best_step == step and saves_best(cfg))):
             checkpointer.save(step, background=cfg.checkpoint.async_save)
         if stop.requested() and step < cfg.train.max_steps:
             stopped = True
@@ -341,6 +343,62 @@ def fit(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpointe
     progress.close()
     checkpointer.finish()
     return stopped
+
+
+def _best_note(state: TrainState, best: Optional[dict], last: str) -> Optional[str]:
+    """The report's line on the best periodic eval: which checkpoint the report scores, and why."""
+    if state.best_step is None:
+        return None
+    if best:
+        return (f"**Best checkpoint**: this report scores {os.path.basename(best['path'])}, the best periodic eval "
+                f"loss ({best['eval_loss']:.4f} at step {best['step']}), because {best['why']}; the last checkpoint "
+                f"is {os.path.basename(last)} (step {state.step}). `python -m distft.evaluate` and `distft.export` "
+                "use the best one for this run directory too.")
+    return (f"Best periodic eval loss: {state.best_eval_loss:.4f} at step {state.best_step}; this report scores the "
+            f"last model (step {state.step}). checkpoint.keep_best=true (or early stopping) keeps and scores the best.")
+
+
+def saves_best(cfg: Config) -> bool:
+    """Whether each new best periodic eval loss gets its checkpoint: with early stopping (which
+    ends the run past its best) or checkpoint.keep_best."""
+    return bool(cfg.train.eval_every) and (cfg.checkpoint.keep_best or cfg.train.early_stopping_patience > 0)
+
+
+def _use_best(run: Run, state: TrainState, checkpointer: Checkpointer) -> Optional[dict]:
+    """After the final save: the best checkpoint's pointer (checkpoint.read_best) when the run's
+    result is its best checkpoint rather than its last, else None. That is when early
+    stopping fired (the last evals were worse) or with checkpoint.keep_best; then the best weights
+    are loaded into the engine for the final evaluation, and best.json is made the run
+    directory's default for evaluate and export. With keep_best the last model is first scored
+    on held-out loss, and stays the result when it is at least as good."""
+    from distft.checkpoint import read_best, write_best
+    from distft.evaluate import held_out_loss
+
+    cfg, info = run.cfg, run.info
+    if not (state.stopped_early or cfg.checkpoint.keep_best) or state.best_step is None:
+        return None
+    best = read_best(checkpointer.run_dir)
+    if best is None or best["step"] != state.best_step:
+        log.warning("the best eval loss (step %d) has no checkpoint; the final report scores the last model (step "
+                    "%d)", state.best_step, state.step)
+        return None
+    why = f"training stopped early at step {state.step}" if state.stopped_early else "checkpoint.keep_best=true"
+    if not state.stopped_early and best["step"] != state.step:
+        last = held_out_loss(run.engine.unwrapped(), run.held_out, run.engine.device, autocast_ctx=run.engine.autocast)
+        run.engine.train()
+        if last["loss"] is not None and last["loss"] <= best["eval_loss"]:
+            if info.is_main:  # the last model is the best: it becomes best.json's checkpoint
+                write_best(checkpointer.run_dir, state.step, last["loss"], default=True, why=why)
+            dist.barrier()
+            return None
+    if best["step"] != state.step:
+        checkpointer.load_weights(best["path"])
+        log.info("the run's result is its best checkpoint %s (eval loss %.4f at step %d; %s)", best["path"],
+                 best["eval_loss"], best["step"], why)
+    if info.is_main:
+        write_best(checkpointer.run_dir, best["step"], best["eval_loss"], default=True, why=why)
+    dist.barrier()
+    return {**best, "default": True, "why": why}
 
 
 def finish(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpointer, summary_path: str,
@@ -351,17 +409,22 @@ def finish(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpoi
     the run requeues (or exits 4 / 130) and its rerun resumes from the final checkpoint, takes no
     step, and only evaluates and reports."""
     from distft import preemption
-    from distft.evaluate import metrics_only, write_report
+    from distft.evaluate import metrics_only
+    from distft.report import overfitting, predictions_path, write_predictions, write_report
+    from distft.tracking import read_metrics
 
     cfg, info, run_dir = run.cfg, run.info, checkpointer.run_dir
     eval_before = state.eval_before
     final_checkpoint = checkpointer.last if checkpointer.last_step == state.step else checkpointer.save(state.step)
+    best = _use_best(run, state, checkpointer)
+    evaluated = best["path"] if best else final_checkpoint
     try:
         eval_after = _evaluate(run, stop)
     except EvalInterrupted:
         _stop(run, state, tracker, checkpointer, stop, when=f"during the final evaluation, after step {state.step}")
     log.info("tuned model: %s", _fmt_eval(eval_after))
-    tracker.log(state.step, {"eval_loss": eval_after["loss"]})
+    # The best checkpoint's loss is on the curve at its own step already: not again at the last.
+    tracker.log(state.step, {"result_eval_loss" if best else "eval_loss": eval_after["loss"]})
 
     tokens_per_s = state.train_tokens / max(state.train_time_s, 1e-9)
     arch = run.model.config  # the real architecture (a local checkpoint's config.json wins over the preset)
@@ -403,16 +466,30 @@ def finish(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpoi
         "eval_before": metrics_only(eval_before) if eval_before else None,
         "eval_after": metrics_only(eval_after),
         "final_checkpoint": final_checkpoint,
+        # The run's result: what the final report scored, and what evaluate and export use by
+        # default (its best checkpoint after early stopping or with checkpoint.keep_best).
+        "evaluated_checkpoint": evaluated,
+        "best_step": state.best_step,
+        "best_eval_loss": state.best_eval_loss if state.best_step is not None else None,
         "resumed_from": resumed_from,
         "nonfinite_steps": state.nonfinite_steps,
         "requeues": requeue_count(),  # times SLURM requeued this job (preemption, time limit)
     }
     if info.is_main:
         meta = {"experiment": cfg.run.experiment, "technique": cfg.technique.name, "model": model_label(cfg.model),
-                "checkpoint": final_checkpoint, "steps": state.step}
-        write_report(os.path.join(run_dir, REPORT), eval_before, eval_after, meta, num_samples=cfg.eval.report_samples)
+                "checkpoint": evaluated, "steps": state.step}
+        if best:
+            meta["checkpoint"] = (f"{evaluated} (the best eval loss, {best['eval_loss']:.4f} at step {best['step']}; "
+                                  f"{best['why']}; the last checkpoint is {final_checkpoint})")
+        report = os.path.join(run_dir, REPORT)
+        predictions = write_predictions(predictions_path(report), {"base": eval_before, "tuned": eval_after})
+        notes = [note for note in [_best_note(state, best, final_checkpoint),
+                                   overfitting(read_metrics(tracker.metrics_path), cfg.eval.overfit_evals)] if note]
+        write_report(report, eval_before, eval_after, meta, num_samples=cfg.eval.report_samples,
+                     predictions=predictions, notes=notes)
+        tracker.predictions(state.step, predictions)
         if cfg.tracking.plot:
-            plot_losses(tracker.metrics_path, os.path.join(run_dir, "loss.png"))
+            plot_losses(tracker.metrics_path, os.path.join(run_dir, "loss.png"), best_step=state.best_step)
         tracker.summary(summary)
         write_json(summary_path, summary, what="the run's summary")
         if eval_before:
@@ -422,7 +499,7 @@ def finish(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpoi
                 eval_before["exact_match"], eval_after["exact_match"],
             )
         plot = os.path.join(run_dir, "loss.png") if cfg.tracking.plot else None
-        for line in closing_lines(run_dir, final_checkpoint, plot, tracker.where()):
+        for line in closing_lines(run_dir, evaluated, plot, tracker.where()):
             log.info(line)
     preemption.set_phase("finished")  # from here a signal has nothing to stop: the run is complete
     tracker.finish()
@@ -554,7 +631,7 @@ def _evaluate(run: Run, stop=None) -> dict:
     engine = run.engine
     result = evaluate_model(engine.unwrapped(), run.tokenizer, run.held_out, run.data.eval_rows, run.cfg.eval,
                             engine.device, stop_ids=run.data.stop_ids, autocast_ctx=engine.autocast,
-                            should_stop=stop.requested if stop is not None else None)
+                            should_stop=stop.requested if stop is not None else None, general=run.general)
     engine.train()
     return result
 
@@ -569,7 +646,7 @@ def _periodic_eval(run: Run, state: TrainState, tracker: Tracker) -> bool:
     tracker.log(state.step, {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"]})
     log.info("step %d eval loss %.4f perplexity %.3f", state.step, result["loss"], result["perplexity"])
     if result["loss"] < state.best_eval_loss - cfg.train.early_stopping_min_delta:
-        state.best_eval_loss = result["loss"]
+        state.best_eval_loss, state.best_step = result["loss"], state.step
         state.evals_without_improvement = 0
         return False
     state.evals_without_improvement += 1
@@ -627,6 +704,15 @@ class Checkpointer:
         pending, self.pending = self.pending, None
         self.last, self.last_step = commit_checkpoint(pending), pending.step
         return self.last
+
+    def load_weights(self, checkpoint: str) -> None:
+        """Every rank: the engine's training state from `checkpoint` (a verified one of this run),
+        for evaluating it; the loop's own state is left as it is."""
+        from distft.checkpoint import STATE_DIR
+        from distft.safe_load import weights_only_loads
+
+        with weights_only_loads():
+            self.run.engine.load_state(os.path.join(checkpoint, STATE_DIR))
 
     def resume(self, checkpoint: str, tracker: Tracker) -> str:
         """Continue from `checkpoint` (the run directory's newest sound one: find_resumable):
@@ -719,7 +805,8 @@ def closing_lines(run_dir: str, checkpoint: str, plot: Optional[str], wandb: Opt
     command that uploads it), and the next commands, each ready to paste."""
     from shlex import quote as shell_quote
 
-    lines = [f"report: {os.path.join(run_dir, REPORT)}", f"summary: {os.path.join(run_dir, SUMMARY)}"]
+    lines = [f"report: {os.path.join(run_dir, REPORT)}", f"predictions: {os.path.join(run_dir, PREDICTIONS)}",
+             f"summary: {os.path.join(run_dir, SUMMARY)}"]
     if plot:
         lines.append(f"loss plot: {plot}")
     if wandb is not None:

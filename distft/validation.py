@@ -729,6 +729,18 @@ def _check_eval_and_run(cfg: Config, errors: list[str]) -> None:
     _positive(errors, "eval.batch_size", cfg.eval.batch_size)
     _positive(errors, "eval.report_samples", cfg.eval.report_samples, allow_zero=True)
     _positive(errors, "checkpoint.keep_last", cfg.checkpoint.keep_last, allow_zero=True)  # 0: keep all
+    _positive(errors, "eval.overfit_evals", cfg.eval.overfit_evals, allow_zero=True)  # 0: never
+    _positive(errors, "eval.general_max_tokens", cfg.eval.general_max_tokens)
+    _positive(errors, "eval.general_warn", cfg.eval.general_warn, allow_zero=True)
+    if cfg.eval.general_path and not os.path.isfile(os.path.expanduser(cfg.eval.general_path)):
+        errors.append(f"eval.general_path={cfg.eval.general_path} is not a file; point it at a text or JSON Lines "
+                      "file of general text (the forgetting check), or set eval.general_path=null")
+    if cfg.eval.lm_eval_include_path and not os.path.isdir(os.path.expanduser(cfg.eval.lm_eval_include_path)):
+        errors.append(f"eval.lm_eval_include_path={cfg.eval.lm_eval_include_path} is not a directory of "
+                      "lm-evaluation-harness task YAMLs")
+    if cfg.checkpoint.keep_best and not cfg.train.eval_every:
+        errors.append("checkpoint.keep_best=true needs periodic evaluation to know the best step: set "
+                      "train.eval_every (e.g. 100), or checkpoint.keep_best=false")
     _positive(errors, "checkpoint.save_every", cfg.checkpoint.save_every, allow_zero=True)
     if cfg.checkpoint.async_save and _kind(cfg).state_format != "dcp":
         errors.append(f"checkpoint.async_save=true needs parallel="

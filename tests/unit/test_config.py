@@ -18,6 +18,7 @@ import pytest
 from distft.config import (
     REDACTED,
     Config,
+    EvalConfig,
     ModelConfig,
     conf_dir,
     config_hash,
@@ -135,6 +136,18 @@ def test_model_preset_has_the_published_architecture(preset):
 
 def test_every_model_preset_is_tested():
     assert {p.stem for p in (CONF / "model").glob("*.yaml")} == set(PUBLISHED) | {"tiny"}
+
+
+def test_large_model_experiments_leave_room_for_instruction_answers():
+    """Issue 19, item 1: the 7B-70B experiments generate answers of up to 256 tokens, not the
+    tiny job's 32 (which cut instruction answers mid-sentence); the tiny ones keep theirs."""
+    names = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+    lengths = {name: preflight([f"+experiment={name}"])[0].eval.max_new_tokens for name in names}
+    assert {n for n in names if not n.startswith("tiny_")} == {"dora_7b", "full_7b", "lora_7b", "prefix_7b",
+                                                               "prompt_7b", "qlora_13b", "qlora_65b", "qlora_70b"}
+    assert {n: v for n, v in lengths.items() if not n.startswith("tiny_")} == dict.fromkeys(
+        [n for n in names if not n.startswith("tiny_")], 256)
+    assert {v for n, v in lengths.items() if n.startswith("tiny_")} == {EvalConfig().max_new_tokens} == {32}
 
 
 def test_technique_presets():

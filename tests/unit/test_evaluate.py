@@ -22,9 +22,9 @@ from distft.evaluate import (
     normalize_answer,
     rouge_l,
     token_f1,
-    write_report,
 )
 from distft.model import IGNORE_INDEX, build_model, build_offline_tokenizer
+from distft.report import write_report
 
 BOS, EOS, PAD = 1, 2, 3
 # Prompts of different lengths (so a batch needs padding) and their memorised answers.
@@ -373,11 +373,54 @@ def test_evaluate_model(trained_model, tokenizer):
     assert result["per_task"]["memo"]["count"] == 2 and result["per_task"]["memo"]["exact_match"] == 1.0
     assert result["per_task"]["add"]["exact_match"] == 0.0
     assert [s["prediction"] for s in result["samples"]] == ["ba", "HELLO", "68"]
-    assert result["samples"][2] == {"prompt": PAIRS[2][0], "reference": "69", "prediction": "68", "task": "add"}
+    assert result["samples"][2] == {"prompt": PAIRS[2][0], "reference": "69", "prediction": "68", "task": "add",
+                                    "truncated": False, "scores": {"exact_match": 0.0, "exact_match_strict": 0.0,
+                                                                   "f1": 0.0, "rouge_l": 0.0}}
+    assert result["samples"][1]["scores"] == {"exact_match": 1.0, "exact_match_strict": 1.0, "f1": 1.0, "rouge_l": 1.0}
+    assert result["num_truncated"] == 0 and result["max_new_tokens"] == 12
     assert "samples" not in metrics_only(result) and metrics_only(result)["f1"] == result["f1"]
 
     no_loss = evaluate_model(trained_model, tokenizer, None, rows, EvalConfig(num_samples=0), "cpu")
     assert no_loss["loss"] is None and no_loss["exact_match"] is None and no_loss["samples"] == []
+
+
+def test_answers_cut_at_max_new_tokens_are_flagged_kept_and_marked(trained_model, tokenizer, tmp_path):
+    """Issue 19, item 1: every generation is kept with its scores and a truncated flag (no stop
+    token within eval.max_new_tokens); the report counts and marks the cut ones and names the file."""
+    import json
+
+    from distft.evaluate import generate_outputs
+    from distft.report import predictions_path, write_predictions
+
+    prompts = [p for p, _ in PAIRS]
+    # Character tokens: "ba" and "68" fit in 3 new tokens with their eos; "HELLO" and "ok go" do not.
+    outputs = generate_outputs(trained_model, tokenizer, prompts, max_new_tokens=3, batch_size=4, device="cpu")
+    assert outputs == [("ba", False), ("HEL", True), ("68", False), ("ok", True)]
+    rows = [{"prompt": p, "reference": a, "task": "memo"} for p, a in PAIRS]
+    cfg = EvalConfig(num_samples=4, max_new_tokens=3, batch_size=4)
+    tuned = evaluate_model(trained_model, tokenizer, None, rows, cfg, "cpu")
+    assert tuned["num_truncated"] == 2 and tuned["num_generated"] == 4
+    base = evaluate_model(trained_model, tokenizer, None, rows, EvalConfig(num_samples=4, max_new_tokens=12), "cpu")
+    assert base["num_truncated"] == 0
+
+    report = tmp_path / "eval_report.md"
+    predictions = write_predictions(predictions_path(str(report)), {"base": base, "tuned": tuned})
+    assert predictions == str(tmp_path / "eval_report.predictions.jsonl")
+    records = [json.loads(line) for line in open(predictions)]
+    assert len(records) == 4  # all of them, though the report shows one
+    assert records[1] == {
+        "index": 1, "task": "memo", "prompt": PAIRS[1][0], "reference": "HELLO",
+        "outputs": {"base": {"text": "HELLO", "truncated": False, "exact_match": 1.0, "exact_match_strict": 1.0,
+                             "f1": 1.0, "rouge_l": 1.0},
+                    "tuned": {"text": "HEL", "truncated": True, "exact_match": 0.0, "exact_match_strict": 0.0,
+                              "f1": 0.0, "rouge_l": 0.0}}}  # fmt: skip
+    write_report(str(report), base, tuned, {"experiment": "cut"}, num_samples=2, predictions=predictions)
+    text = report.read_text()
+    assert "answers that reached eval.max_new_tokens=3 without a stop token (tuned 2 of 4)" in text
+    assert "| HELLO | HELLO | HEL *(cut at 3 tokens)* |" in text
+    assert "| ba | ba | ba |" in text  # not cut: no mark
+    assert "The first 2 of 4 scored prompts; all 4 in `eval_report.predictions.jsonl`." in text
+    assert "ok go" not in text.split("## Samples")[1]  # beyond report_samples: only in the file
 
 
 def fake_result(loss, em, prediction, per_task_em):
@@ -425,3 +468,26 @@ def test_write_report(tmp_path):
     assert "| metric | tuned |" in text and "| loss | 1.2500 |" in text and "base" not in text
     assert "## How the metrics are computed\n\n- loss: " in text
     assert "| a\\|b<br>c | tuned\\*out\\* |" in text
+
+
+def test_overfitting_is_called_out_when_eval_rises_while_train_falls():
+    from distft.report import overfitting
+
+    def history(evals, train):
+        return ([{"step": 0, "eval_loss": 5.0}] + [{"step": s, "eval_loss": v} for s, v in evals]
+                + [{"step": s, "loss": v} for s, v in train])
+
+    train = [(s, 3.0 - 0.1 * s) for s in range(1, 21)]  # falling all along
+    rising = history([(5, 2.0), (10, 1.6), (15, 1.7), (20, 1.8)], train)
+    note = overfitting(rising, 2)
+    assert note is not None and note.startswith("**Overfitting**: from step 10 to step 20 the eval loss rose 2 evals")
+    # Train loss over steps 6-10 (mean 2.2) against 16-20 (mean 1.2).
+    assert "(1.6000 -> 1.8000) while the train loss fell (2.2000 -> 1.2000)" in note
+    assert overfitting(rising, 3) is None  # only two rises in a row
+    assert overfitting(rising, 0) is None
+    # Eval rising while train rises too is divergence, not overfitting; a rise then a fall is noise.
+    assert overfitting(history([(5, 2.0), (10, 1.6), (15, 1.7), (20, 1.8)], [(s, 1.0 + 0.1 * s) for s in range(1, 21)]),
+                       2) is None
+    assert overfitting(history([(5, 2.0), (10, 2.1), (15, 1.7), (20, 1.8)], train), 2) is None
+    # The base model's eval at step 0 is not a periodic eval: a rise from it does not count.
+    assert overfitting(history([(5, 5.5), (10, 6.0)], train), 2) is None

@@ -4,6 +4,7 @@ early stopping."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -112,6 +113,71 @@ def test_early_stopping_stops_when_eval_loss_stops_improving(tmp_path):
     evals = [r["step"] for r in read_metrics(f"{summary['run_dir']}/metrics.jsonl") if "eval_perplexity" in r]
     assert evals == [2, 4, 6]
     assert math.isfinite(summary["eval_after"]["loss"])
+
+
+def test_early_stopping_keeps_scores_and_hands_on_the_best_checkpoint(tmp_path, capsys):
+    """Issue 19, item 2: the best eval's checkpoint is saved when it happens, survives keep_last,
+    and is what the final report, summary, `distft.evaluate` and `distft.export` use; resuming
+    still continues from the newest; loss.png is drawn with the best marked."""
+    import json
+
+    from distft.checkpoint import find_resumable, read_best, resolve_checkpoint
+    from distft.evaluate import main as evaluate_main
+    from distft.tracking import read_metrics
+    from distft.train import train
+
+    # The first eval (step 2) is the best; steps 4 and 6 cannot beat it by 100: stop at step 6.
+    cfg = compose("+experiment=tiny_lora", f"run.root={tmp_path}", "train.max_steps=50", "train.eval_every=2",
+                  "train.early_stopping_patience=2", "train.early_stopping_min_delta=100", "eval.num_samples=3",
+                  "eval.max_new_tokens=4", "train.log_every=1", "checkpoint.keep_last=1", "data.max_seq_len=128",
+                  "eval.compare_base=false", "tracking.progress_bar=false")
+    summary = train(cfg)
+    run_dir = summary["run_dir"]
+    assert summary["stopped_early"] and summary["steps"] == 6 and summary["best_step"] == 2
+    best = os.path.join(run_dir, "checkpoints", "step_000002")
+    last = os.path.join(run_dir, "checkpoints", "step_000006")
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["best.json", "latest", "step_000002",
+                                                                       "step_000006"]  # keep_last=1 spared the best
+    assert summary["final_checkpoint"] == last and summary["evaluated_checkpoint"] == best
+    record = read_best(run_dir)
+    assert record["step"] == 2 and record["default"] is True and "stopped early at step 6" in record["why"]
+    # The final evaluation scored the best weights: its loss is step 2's eval loss, not step 6's.
+    evals = {r["step"]: r["eval_loss"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+             if "eval_perplexity" in r}
+    assert summary["eval_after"]["loss"] == pytest.approx(evals[2], rel=1e-6)
+    assert summary["eval_after"]["loss"] != pytest.approx(evals[6], rel=1e-6)
+    report = open(os.path.join(run_dir, "eval_report.md")).read()
+    assert f"- checkpoint: {best} (the best eval loss, {evals[2]:.4f} at step 2; training stopped early" in report
+    assert "**Best checkpoint**: this report scores step_000002" in report
+    assert os.path.getsize(os.path.join(run_dir, "loss.png")) > 1000
+    # evaluate and export take the best for the run directory, and say so; resume takes the newest.
+    assert resolve_checkpoint(run_dir) == best
+    assert find_resumable(run_dir) == last
+    assert evaluate_main([run_dir, "--no-base", "--num-samples", "2"]) == 0
+    err = capsys.readouterr().err
+    assert f"distft: using the best checkpoint {best} (eval loss {evals[2]:.4f} at step 2; training stopped" in err
+    assert f"the newest is step_000006: pass {last} for it" in err
+    scored = json.loads(open(os.path.join(run_dir, "summary.json")).read())
+    assert scored["evaluated_checkpoint"] == best
+
+
+def test_keep_best_without_early_stopping_keeps_the_last_when_it_is_best(tmp_path):
+    """checkpoint.keep_best saves each new best eval's checkpoint; when the last model scores at
+    least as well (a loss still falling), the last is the result and best.json points at it."""
+    from distft.checkpoint import read_best, resolve_checkpoint
+    from distft.train import train
+
+    cfg = compose("+experiment=tiny_lora", f"run.root={tmp_path}", "train.max_steps=6", "train.eval_every=2",
+                  "checkpoint.keep_best=true", "eval.num_samples=1", "eval.max_new_tokens=1", "data.max_seq_len=128",
+                  "eval.compare_base=false", "tracking.progress_bar=false", "train.lr=3e-3")
+    summary = train(cfg)
+    run_dir = summary["run_dir"]
+    saved = sorted(n for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.startswith("step_"))
+    assert saved == ["step_000004", "step_000006"]  # the best evals' (2, then 4) and the final; keep_last=2
+    assert summary["best_step"] == 4 and not summary["stopped_early"]
+    record = read_best(run_dir)
+    assert record["step"] == 6 and record["default"] and record["eval_loss"] == pytest.approx(summary["eval_after"]["loss"])
+    assert summary["evaluated_checkpoint"] == summary["final_checkpoint"] == resolve_checkpoint(run_dir)
 
 
 def test_the_logged_lr_is_the_lr_the_step_applied(tmp_path):
@@ -258,13 +324,14 @@ def test_train_state_round_trips_and_reads_older_checkpoints():
     saved = json.loads(json.dumps(state.state_dict()))
     assert set(saved) == {"step", "train_tokens", "train_target_tokens", "train_time_s", "best_eval_loss",
                           "evals_without_improvement", "stopped_early", "eval_before", "nonfinite_steps",
-                          "train_loss_sum", "train_loss_tokens", "last_train_loss"}
+                          "train_loss_sum", "train_loss_tokens", "last_train_loss", "best_step"}
     loaded = TrainState()
     loaded.load_state_dict(saved)
     assert loaded == state
-    older = {k: v for k, v in saved.items() if k not in ("train_loss_sum", "train_loss_tokens", "last_train_loss")}
+    older = {k: v for k, v in saved.items()
+             if k not in ("train_loss_sum", "train_loss_tokens", "last_train_loss", "best_step")}
     fresh = TrainState()
     fresh.load_state_dict({**older, "a_key_from_elsewhere": 1})
     assert fresh.step == 7 and fresh.train_loss_sum == 0.0 and fresh.train_loss_tokens == 0
-    assert fresh.last_train_loss is None
+    assert fresh.last_train_loss is None and fresh.best_step is None
     assert json.loads(json.dumps(TrainState().state_dict()))["best_eval_loss"] == math.inf

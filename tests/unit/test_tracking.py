@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import http.server
+import json
 import logging
 import os
 import socket
@@ -374,3 +375,31 @@ def test_log_lines_go_through_the_progress_bar_on_a_terminal():
     bars = [line for line in screen if line.startswith("train:")]
     assert bars and "4/4" in bars[-1] and "loss=0.2500" in bars[-1] and "[rank0]" not in bars[-1], screen
     assert screen[-2:] == [bars[-1], logged[-1]], screen  # the bar ends above the line logged after it
+
+
+def test_the_predictions_reach_wandb_as_a_table(request, monkeypatch, tmp_path):
+    """Issue 19, item 1: with W&B on, the final evaluation's predictions file is logged as the
+    table eval/predictions, one row per prompt (W&B writes logged tables as JSON under files/media)."""
+    from distft.report import write_predictions
+
+    sandbox_wandb(request, monkeypatch, tmp_path)
+    cfg = Config()
+    cfg.tracking.wandb.mode = "offline"
+    run_dir = str(tmp_path / "run")
+    sample = {"prompt": "Q: 2+2\nA: ", "reference": "4", "task": "add", "prediction": "4", "truncated": False,
+              "scores": {"exact_match": 1.0, "exact_match_strict": 1.0, "f1": 1.0, "rouge_l": 1.0}}
+    cut = {**sample, "prompt": "Q: spell\nA: ", "reference": "abcdef", "task": "spell", "prediction": "abc",
+           "truncated": True, "scores": {"exact_match": 0.0, "exact_match_strict": 0.0, "f1": 0.0, "rouge_l": 0.0}}
+    base = {"samples": [{**sample, "prediction": "5", "scores": dict.fromkeys(sample["scores"], 0.0)}, cut]}
+    path = write_predictions(str(tmp_path / "eval_report.predictions.jsonl"), {"base": base, "tuned": {"samples": [sample, cut]}})
+    tracker = Tracker(cfg, run_dir)
+    tracker.predictions(7, path)
+    tracker.finish()
+    tables = glob.glob(os.path.join(_offline_run_of(run_dir), "files", "media", "table", "eval", "predictions_*.table.json"))
+    assert len(tables) == 1, tables
+    table = json.load(open(tables[0]))
+    assert table["columns"] == ["index", "task", "prompt", "reference", "base_output", "base_truncated",
+                                "base_exact_match", "base_f1", "tuned_output", "tuned_truncated", "tuned_exact_match",
+                                "tuned_f1"]
+    assert table["data"] == [[0, "add", "Q: 2+2\nA: ", "4", "5", False, 0.0, 0.0, "4", False, 1.0, 1.0],
+                             [1, "spell", "Q: spell\nA: ", "abcdef", "abc", True, 0.0, 0.0, "abc", True, 0.0, 0.0]]
