@@ -23,6 +23,7 @@ import torch
 
 from distft.checkpoint import CheckpointError, read_meta, resolve_checkpoint
 from distft.config import Config, to_config
+from distft.files import write_json
 
 
 def checkpoint_config(checkpoint: str, trust_remote_code: bool = False) -> Config:
@@ -128,11 +129,16 @@ def export(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.float32, tr
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise CheckpointError(f"export directory {out_dir} is not empty; choose a new --out directory")
     cfg, model, tokenizer = load_model(checkpoint, dtype=dtype, quantized=False, trust_remote_code=trust_remote_code)
-    set_generation_stops(model, tokenizer, cfg)
+    stop_ids = set_generation_stops(model, tokenizer, cfg)
     tmp = out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _write_export(cfg, model, tokenizer, checkpoint, tmp, out_dir)
+        # How to prompt it (distft.chat reads it): the run's template and where its answers stop.
+        write_json(os.path.join(tmp, "prompt_format.json"), {
+            "template": cfg.data.template, "chat_template": cfg.data.chat_template, "stop_token_ids": stop_ids,
+            "note": "data.template of the run: chat = the tokenizer's chat template; alpaca/alpaca_short/plain = "
+                    "distft.templates.alpaca_prompt (instruction, input, then the answer)"}, what="the export")
         if os.path.isdir(out_dir):
             os.rmdir(out_dir)  # empty, checked above
         os.replace(tmp, out_dir)
