@@ -495,8 +495,14 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, num_samples: in
     def score(model):
         if not getattr(model, "is_loaded_in_4bit", False):
             model = model.to(device)
-        return evaluate_model(model, tokenizer, batches, data.eval_rows, cfg.eval, device, autocast_ctx=autocast,
-                              stop_ids=data.stop_ids, general=general)
+        result = evaluate_model(model, tokenizer, batches, data.eval_rows, cfg.eval, device, autocast_ctx=autocast,
+                                stop_ids=data.stop_ids, general=general)
+        if cfg.eval.lm_eval_tasks:
+            from distft.forgetting import run_lm_eval
+
+            result["lm_eval"] = run_lm_eval(model, tokenizer, list(cfg.eval.lm_eval_tasks), cfg.eval.lm_eval_include_path,
+                                            cfg.eval.lm_eval_limit, cfg.eval.batch_size, device)
+        return result
 
     after = score(tuned)
     before = score(load_base(cfg, tokenizer=tokenizer)) if compare_base else None

@@ -126,5 +126,7 @@ def run_lm_eval(model, tokenizer, tasks: list[str], include_path: Optional[str],
     wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
     results = simple_evaluate(model=wrapped, tasks=list(tasks), task_manager=manager, limit=limit,
                               log_samples=False, bootstrap_iters=0)
-    return {task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k}
+    # Its keys are "<metric>,<filter>" ("acc,none"), beside bookkeeping ("alias", "sample_len").
+    return {task: {k.split(",")[0]: v for k, v in metrics.items()
+                   if "," in k and isinstance(v, (int, float)) and "_stderr" not in k}
             for task, metrics in results["results"].items()}

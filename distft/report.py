@@ -219,6 +219,15 @@ def _body(results: dict[str, dict[str, Any]], change: Optional[tuple[str, str]],
             lines.append(f"| {_cell(task)} | {_number(count)} | "
                          + " | ".join(cells([p.get("exact_match") for p in per])) + " |")
 
+    harness = [r.get("lm_eval") or {} for r in results.values()]
+    if any(harness):
+        lines += ["", "## lm-evaluation-harness", "", "| task | metric | " + " | ".join(columns) + " |",
+                  "|---|---|" + "---:|" * len(columns)]
+        for task in sorted(set().union(*harness)):
+            for metric in sorted(set().union(*[set(h.get(task) or {}) for h in harness])):
+                values = [(h.get(task) or {}).get(metric) for h in harness]
+                lines.append(f"| {_cell(task)} | {_cell(metric)} | " + " | ".join(cells(values)) + " |")
+
     lines += ["", "## How the metrics are computed", "", *_METRIC_DEFINITIONS]
     if general:
         lines.append(_GENERAL_DEFINITION)

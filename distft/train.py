@@ -345,10 +345,13 @@ def fit(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpointe
     return stopped
 
 
-def _best_note(state: TrainState, best: Optional[dict], last: str) -> Optional[str]:
+def _best_note(state: TrainState, best: Optional[dict], last: str, final_loss: Optional[float]) -> Optional[str]:
     """The report's line on the best periodic eval: which checkpoint the report scores, and why."""
     if state.best_step is None:
         return None
+    if not best and final_loss is not None and final_loss <= state.best_eval_loss:
+        return (f"The last model (step {state.step}) is the best: its eval loss {final_loss:.4f} is below every "
+                f"periodic eval's (the lowest, {state.best_eval_loss:.4f}, at step {state.best_step}).")
     if best:
         return (f"**Best checkpoint**: this report scores {os.path.basename(best['path'])}, the best periodic eval "
                 f"loss ({best['eval_loss']:.4f} at step {best['step']}), because {best['why']}; the last checkpoint "
@@ -483,7 +486,7 @@ def finish(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpoi
                                   f"{best['why']}; the last checkpoint is {final_checkpoint})")
         report = os.path.join(run_dir, REPORT)
         predictions = write_predictions(predictions_path(report), {"base": eval_before, "tuned": eval_after})
-        notes = [note for note in [_best_note(state, best, final_checkpoint),
+        notes = [note for note in [_best_note(state, best, final_checkpoint, eval_after["loss"]),
                                    overfitting(read_metrics(tracker.metrics_path), cfg.eval.overfit_evals)] if note]
         write_report(report, eval_before, eval_after, meta, num_samples=cfg.eval.report_samples,
                      predictions=predictions, notes=notes)
@@ -632,6 +635,12 @@ def _evaluate(run: Run, stop=None) -> dict:
     result = evaluate_model(engine.unwrapped(), run.tokenizer, run.held_out, run.data.eval_rows, run.cfg.eval,
                             engine.device, stop_ids=run.data.stop_ids, autocast_ctx=engine.autocast,
                             should_stop=stop.requested if stop is not None else None, general=run.general)
+    if run.cfg.eval.lm_eval_tasks:  # every rank alike (unsharded engines only: validation), no collectives
+        from distft.forgetting import run_lm_eval
+
+        result["lm_eval"] = run_lm_eval(engine.unwrapped(), run.tokenizer, list(run.cfg.eval.lm_eval_tasks),
+                                        run.cfg.eval.lm_eval_include_path, run.cfg.eval.lm_eval_limit,
+                                        run.cfg.eval.batch_size, engine.device)
     engine.train()
     return result
 

@@ -735,6 +735,14 @@ def _check_eval_and_run(cfg: Config, errors: list[str]) -> None:
     if cfg.eval.general_path and not os.path.isfile(os.path.expanduser(cfg.eval.general_path)):
         errors.append(f"eval.general_path={cfg.eval.general_path} is not a file; point it at a text or JSON Lines "
                       "file of general text (the forgetting check), or set eval.general_path=null")
+    if cfg.eval.lm_eval_tasks and cfg.technique.name in ("prefix", "prompt"):
+        errors.append(f"eval.lm_eval_tasks does not run on technique={cfg.technique.name}: lm-evaluation-harness "
+                      "scores logits position by position, which the virtual tokens shift; leave eval.lm_eval_tasks "
+                      "empty for it")
+    if cfg.eval.lm_eval_tasks and cfg.parallel.strategy in ("fsdp", "zero3"):
+        errors.append(f"eval.lm_eval_tasks needs the whole model in one process, which parallel.strategy="
+                      f"{cfg.parallel.strategy} shards: run the tasks after training with `python -m distft.evaluate "
+                      "<run_dir>` (which loads it whole), and leave eval.lm_eval_tasks empty here")
     if cfg.eval.lm_eval_include_path and not os.path.isdir(os.path.expanduser(cfg.eval.lm_eval_include_path)):
         errors.append(f"eval.lm_eval_include_path={cfg.eval.lm_eval_include_path} is not a directory of "
                       "lm-evaluation-harness task YAMLs")
