@@ -403,3 +403,32 @@ def test_the_predictions_reach_wandb_as_a_table(request, monkeypatch, tmp_path):
                                 "tuned_f1"]
     assert table["data"] == [[0, "add", "Q: 2+2\nA: ", "4", "5", False, 0.0, 0.0, "4", False, 1.0, 1.0],
                              [1, "spell", "Q: spell\nA: ", "abcdef", "abc", True, 0.0, 0.0, "abc", True, 0.0, 0.0]]
+
+
+def test_the_loss_plot_marks_the_best_eval(tmp_path):
+    """loss.png marks the best periodic eval (issue 19, item 2): a green star and line at its step,
+    and nothing green without one."""
+    from PIL import Image
+
+    metrics = tmp_path / "metrics.jsonl"
+    records = [{"step": s, "loss": 3.0 - 0.05 * s} for s in range(1, 41)]
+    records += [{"step": s, "eval_loss": v} for s, v in [(10, 2.5), (20, 2.1), (30, 2.3), (40, 2.4)]]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def green_columns(best_step):
+        out = str(tmp_path / f"loss-{best_step}.png")
+        plot_losses(str(metrics), out, best_step=best_step)
+        image = Image.open(out).convert("RGB")
+        width, height = image.size
+        pixels = image.load()
+        # matplotlib's tab:green is (44, 160, 44).
+        return sorted({x for x in range(width) for y in range(height)
+                       if abs(pixels[x, y][0] - 44) < 30 and abs(pixels[x, y][1] - 160) < 30
+                       and abs(pixels[x, y][2] - 44) < 30})
+
+    assert green_columns(None) == []
+    marked = green_columns(20)
+    assert len(marked) > 5
+    marked_at_30 = green_columns(30)
+    # The mark moves with the best step: its vertical line sits further right for step 30.
+    assert max(marked_at_30) > max(marked) or min(marked_at_30) > min(marked)
