@@ -57,10 +57,8 @@ from typing import Any, Optional
 import torch
 
 from distft.config import EvalConfig, model_label
-from distft.model import model_inputs, token_loss
+from distft.model import MAX_LOSS_FOR_PERPLEXITY, model_inputs, token_loss
 
-MAX_LOSS_FOR_PERPLEXITY = 100.0  # exp(100) ~ 2.7e43: finite, and far above any real model's loss
-REPORT_METRICS = ("loss", "perplexity", "exact_match", "exact_match_strict", "f1", "rouge_l")
 GENERATION_METRICS = ("exact_match", "exact_match_strict", "f1", "rouge_l")
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")

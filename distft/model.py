@@ -226,6 +226,11 @@ def _seeded_cuda(seed: int):
         torch.cuda.set_rng_state(state)
 
 
+# Perplexity is exp(loss) with the loss capped here, so a diverged model reports a huge finite
+# number (JSON has no inf): exp(100) ~ 2.7e43, far above any real model's.
+MAX_LOSS_FOR_PERPLEXITY = 100.0
+
+
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy and the number of target tokens.
 

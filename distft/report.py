@@ -20,8 +20,10 @@ import re
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from distft.evaluate import MAX_LOSS_FOR_PERPLEXITY, REPORT_METRICS
 from distft.files import write_text, writing
+from distft.model import MAX_LOSS_FOR_PERPLEXITY
+
+REPORT_METRICS = ("loss", "perplexity", "exact_match", "exact_match_strict", "f1", "rouge_l")
 
 GENERAL_METRICS = ("general_loss", "general_perplexity")  # the forgetting check's rows, when it ran
 _META_KEYS = ("experiment", "technique", "model", "checkpoint", "steps")  # first in the report, in this order
@@ -251,8 +253,8 @@ def _body(results: dict[str, dict[str, Any]], change: Optional[tuple[str, str]],
     return lines
 
 
-def _head(title: str, meta: dict[str, Any], notes: Sequence[str], notes_title: str) -> list[str]:
-    lines = [f"# {title}", ""]
+def _head(title: str, meta: dict[str, Any], notes: Sequence[str], notes_title: str, intro: str = "") -> list[str]:
+    lines = [f"# {title}", ""] + ([intro, ""] if intro else [])
     for key in _META_KEYS:
         if meta.get(key) is not None:
             lines.append(f"- {key}: {meta[key]}")
@@ -273,6 +275,7 @@ def write_report(
     num_samples: int = 8,
     predictions: Optional[str] = None,
     notes: Sequence[str] = (),
+    intro: str = "",
 ) -> None:
     """Write `eval_report.md`: meta, a base-vs-tuned metric table, per-task exact match, how each
     metric is computed, the first `num_samples` samples (answers cut at max_new_tokens marked).
@@ -280,10 +283,11 @@ def write_report(
     `before` is the base model's `evaluate_model` result, or None (then only the tuned column).
     Samples are paired by position (both scored the same rows). `predictions`: the predictions
     file written beside it (`write_predictions`), which the report names. `notes`: paragraphs on
-    the training (the best checkpoint, overfitting) under "## Training".
+    the training (the best checkpoint, overfitting) under "## Training"; `intro`: the opening
+    paragraph, before everything else (what the default job shows: synthetic.what_it_shows).
     """
     results = {"base": before, "tuned": after} if before is not None else {"tuned": after}
-    lines = _head(f"Evaluation report: {meta.get('experiment') or 'distft'}", meta, notes, "Training")
+    lines = _head(f"Evaluation report: {meta.get('experiment') or 'distft'}", meta, notes, "Training", intro)
     lines += _body(results, ("base", "tuned") if before is not None else None, num_samples, predictions, "held-out")
     _write(path, lines, "the evaluation report")
 
