@@ -68,6 +68,33 @@ TASKS: dict[str, tuple[str, _Maker]] = {
 }
 
 
+LEARNED = 0.5  # a task counts as learned at this held-out exact match
+
+
+def what_it_shows(tasks: list[str], after: dict, before: Optional[dict], steps: int, params: int) -> str:
+    """The report's opening paragraph for a run on these tasks: what the job is, what a learned
+    model does, and which tasks this one learned (held-out exact match >= LEARNED)."""
+    tasks = list(tasks) or list(TASKS)
+    per_task = after.get("per_task") or {}
+    learned = [t for t in tasks if (per_task.get(t) or {}).get("exact_match", 0) >= LEARNED]
+    rng = random.Random(0)
+    examples = []
+    for task in tasks[:3]:
+        instruction, make = TASKS[task]
+        value, answer = make(rng)
+        examples.append(f"{instruction} `{value}` -> `{answer}`")
+    base = (before or {}).get("exact_match")
+    start = f" from {base:.2f}" if base is not None else ""
+    untuned = "" if base is None else (" the untuned base answers none." if base == 0 else
+                                       f" the untuned base answers {base:.0%} of them.")
+    return (f"**What this job shows**: a {params / 1e6:.1f}M-parameter LLaMA fine-tuned for {steps} steps on "
+            f"{len(tasks)} synthetic tasks whose answers are exactly right or wrong "
+            f"({'; '.join(examples)}; ...). A model that learned a task answers its held-out prompts exactly;"
+            f"{untuned} This one learned {len(learned)} of {len(tasks)} "
+            f"({', '.join(learned) if learned else 'none yet'}: held-out exact match >= {LEARNED}), and its overall "
+            f"exact match went{start} to {after.get('exact_match') or 0:.2f}; the table per task below says which.")
+
+
 def generate(num_examples: int, seed: int, tasks: Optional[list[str]] = None) -> list[dict]:
     """`num_examples` distinct rows, tasks interleaved round-robin, identical for the same seed.
 

@@ -488,8 +488,13 @@ def finish(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpoi
         predictions = write_predictions(predictions_path(report), {"base": eval_before, "tuned": eval_after})
         notes = [note for note in [_best_note(state, best, final_checkpoint, eval_after["loss"]),
                                    overfitting(read_metrics(tracker.metrics_path), cfg.eval.overfit_evals)] if note]
+        intro = ""
+        if cfg.data.source == "synthetic" and not cfg.data.sources:
+            from distft.synthetic import what_it_shows
+
+            intro = what_it_shows(list(cfg.data.synthetic.tasks), eval_after, eval_before, state.step, run.total)
         write_report(report, eval_before, eval_after, meta, num_samples=cfg.eval.report_samples,
-                     predictions=predictions, notes=notes)
+                     predictions=predictions, notes=notes, intro=intro)
         tracker.predictions(state.step, predictions)
         if cfg.tracking.plot:
             plot_losses(tracker.metrics_path, os.path.join(run_dir, "loss.png"), best_step=state.best_step)

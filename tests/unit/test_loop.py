@@ -147,6 +147,7 @@ def test_early_stopping_keeps_scores_and_hands_on_the_best_checkpoint(tmp_path, 
     assert summary["eval_after"]["loss"] == pytest.approx(evals[2], rel=1e-6)
     assert summary["eval_after"]["loss"] != pytest.approx(evals[6], rel=1e-6)
     report = open(os.path.join(run_dir, "eval_report.md")).read()
+    assert report.startswith("# Evaluation report: tiny_lora\n\n**What this job shows**: a ")
     assert f"- checkpoint: {best} (the best eval loss, {evals[2]:.4f} at step 2; training stopped early" in report
     assert "**Best checkpoint**: this report scores step_000002" in report
     assert os.path.getsize(os.path.join(run_dir, "loss.png")) > 1000

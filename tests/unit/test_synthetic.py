@@ -61,3 +61,20 @@ def test_cli_writes_jsonl(tmp_path):
     assert main([str(out), "--num", "12", "--seed", "5"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows == generate(12, seed=5)
+
+
+def test_the_report_opens_with_what_the_job_shows():
+    """Issue 20: the default job's report says first what the job is, what a learned model does,
+    and which tasks this run learned (held-out exact match >= 0.5)."""
+    from distft.synthetic import TASKS, what_it_shows
+
+    after = {"exact_match": 0.55, "per_task": {"count": {"exact_match": 1.0}, "reverse": {"exact_match": 0.5},
+                                               "add": {"exact_match": 0.49}}}
+    text = what_it_shows([], after, {"exact_match": 0.0}, 700, 2_500_000)
+    assert text.startswith("**What this job shows**: a 2.5M-parameter LLaMA fine-tuned for 700 steps on 6 synthetic "
+                           "tasks whose answers are exactly right or wrong (Uppercase the word. `")
+    assert "the untuned base answers none. This one learned 2 of 6 (reverse, count: held-out exact match >= 0.5)" in text
+    assert "overall exact match went from 0.00 to 0.55" in text
+    assert len(TASKS) == 6
+    only = what_it_shows(["add", "count"], after, None, 10, 10**6)
+    assert "on 2 synthetic tasks" in only and "learned 1 of 2 (count:" in only and "untuned" not in only
