@@ -297,20 +297,10 @@ def _stoppable(batches: Iterable[dict], should_stop: Callable[[], bool]):
         yield batch
 
 
-def generate_answers(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    prompts: Sequence[str | Sequence[int]],
-    max_new_tokens: int,
-    batch_size: int,
-    device: torch.device | str,
-    autocast_ctx: Any = None,
-    stop_ids: Sequence[int] = (),
-    should_stop: Optional[Callable[[], bool]] = None,
-) -> list[str]:
-    """Greedy answers to `prompts`, in order (`generate_outputs` without the truncation flags)."""
-    return [text for text, _ in generate_outputs(model, tokenizer, prompts, max_new_tokens, batch_size, device,
-                                                 autocast_ctx, stop_ids, should_stop)]
+def generate_answers(*args: Any, **kwargs: Any) -> list[str]:
+    """Greedy answers to `prompts`, in order: `generate_outputs` (same arguments) without the
+    truncation flags."""
+    return [text for text, _ in generate_outputs(*args, **kwargs)]
 
 
 def generate_outputs(

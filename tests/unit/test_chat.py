@@ -11,15 +11,9 @@ import sys
 
 import pytest
 
-from distft.preflight import preflight
+from tests.unit.test_train import compose
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def compose(*overrides: str):
-    cfg, errors = preflight(list(overrides))
-    assert errors == [], errors
-    return cfg
 
 
 @pytest.fixture(scope="module")

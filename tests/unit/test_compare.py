@@ -7,13 +7,7 @@ import os
 
 import pytest
 
-from distft.preflight import preflight
-
-
-def compose(*overrides: str):
-    cfg, errors = preflight(list(overrides))
-    assert errors == [], errors
-    return cfg
+from tests.unit.test_train import compose
 
 
 @pytest.fixture(scope="module")

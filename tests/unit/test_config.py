@@ -66,7 +66,7 @@ def test_default_run_is_tiny_full_on_synthetic_data():
     assert (cfg.launcher.kind, cfg.cluster.name, cfg.run.experiment) == ("local", "local", "default")
     d = cfg.data
     assert (d.source, d.template, d.max_seq_len, d.packing) == ("synthetic", "plain", 256, True)
-    assert (d.synthetic.num_examples, cfg.train.max_steps, cfg.train.lr) == (20000, 500, 5e-3)
+    assert (d.synthetic.num_examples, cfg.train.max_steps, cfg.train.lr) == (20000, 400, 1e-3)
     # the tiny preset is exactly the dataclass defaults
     assert dataclasses.asdict(cfg.model) == dataclasses.asdict(ModelConfig())
 
