@@ -27,11 +27,11 @@ import os
 import sys
 from typing import Any, Optional
 
+from distft.compare import PLACEHOLDER  # an answer whose start marks where the prompt ends; never fed
 from distft.errors import CheckpointError, DataError
 
 PROMPT_FORMAT = "prompt_format.json"  # written by distft.export: how to prompt the exported model
 INSTRUCTION_TEMPLATES = ("alpaca", "alpaca_short", "plain")
-PLACEHOLDER = "A"  # an answer whose start marks where the prompt ends; never fed to the model
 
 
 @dataclasses.dataclass

@@ -33,6 +33,7 @@ from distft.evaluate import EvalInterrupted
 from distft.files import write_json, write_text
 from distft.model import IGNORE_INDEX, token_loss
 from distft.preemption import StopSignal, requeue_count
+from distft.report import predictions_path
 from distft.run import Run, TrainState, build_run
 from distft.tracking import MemoryMeter, Progress, Tracker, flops_per_token, mfu, plot_losses, setup_logging
 
@@ -40,7 +41,7 @@ log = logging.getLogger("distft")
 
 SUMMARY = "summary.json"
 REPORT = "eval_report.md"
-PREDICTIONS = "eval_report.predictions.jsonl"  # evaluate.predictions_path(REPORT)
+PREDICTIONS = os.path.basename(predictions_path(REPORT))  # eval_report.predictions.jsonl
 
 
 def seed_everything(seed: int) -> None:
@@ -413,7 +414,7 @@ def finish(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpoi
     step, and only evaluates and reports."""
     from distft import preemption
     from distft.evaluate import metrics_only
-    from distft.report import overfitting, predictions_path, write_predictions, write_report
+    from distft.report import overfitting, write_predictions, write_report
     from distft.tracking import read_metrics
 
     cfg, info, run_dir = run.cfg, run.info, checkpointer.run_dir
@@ -720,13 +721,21 @@ class Checkpointer:
         return self.last
 
     def load_weights(self, checkpoint: str) -> None:
-        """Every rank: the engine's training state from `checkpoint` (a verified one of this run),
-        for evaluating it; the loop's own state is left as it is."""
+        """Every rank: the engine's training state (weights, optimizer, schedule) from `checkpoint`,
+        a verified one of this run, every torch.load through the safe-load allow-list; the loop's
+        own state is left as it is (`resume` restores that too)."""
         from distft.checkpoint import STATE_DIR
-        from distft.safe_load import weights_only_loads
+        from distft.safe_load import refusal, weights_only_loads
 
-        with weights_only_loads():
-            self.run.engine.load_state(os.path.join(checkpoint, STATE_DIR))
+        try:
+            with weights_only_loads():  # and every torch.load of the engine's loader through the allow-list
+                self.run.engine.load_state(os.path.join(checkpoint, STATE_DIR))
+        except Exception as err:
+            refused = refusal(err)
+            if refused is None:
+                raise
+            raise CheckpointError(f"refusing to load {checkpoint}: {refused}; nothing in it was run. Delete that "
+                                  "checkpoint (or pass resume=false) if you did not write it") from None
 
     def resume(self, checkpoint: str, tracker: Tracker) -> str:
         """Continue from `checkpoint` (the run directory's newest sound one: find_resumable):
@@ -734,20 +743,11 @@ class Checkpointer:
         rest of the run is the one an uninterrupted run would have had. Metrics logged after that
         step are dropped. On another number of ranks the state is resharded; the dropout streams
         (per-rank RNG) are then reseeded, so the run continues validly but not bit for bit."""
-        from distft.checkpoint import STATE_DIR, load_rng, read_trainer_state
-        from distft.safe_load import refusal, weights_only_loads
+        from distft.checkpoint import load_rng, read_trainer_state
 
         run, state = self.run, self.state
         trainer_state = read_trainer_state(checkpoint)
-        try:
-            with weights_only_loads():  # and every torch.load of the engine's loader through the allow-list
-                run.engine.load_state(os.path.join(checkpoint, STATE_DIR))
-        except Exception as err:
-            refused = refusal(err)
-            if refused is None:
-                raise
-            raise CheckpointError(f"refusing to load {checkpoint}: {refused}; nothing in it was run. Delete that "
-                                  "checkpoint (or pass resume=false) if you did not write it") from None
+        self.load_weights(checkpoint)
         try:
             run.batches.load_state_dict(trainer_state["data"])
         except ValueError as err:
