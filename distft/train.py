@@ -362,6 +362,17 @@ def _best_note(state: TrainState, best: Optional[dict], last: str, final_loss: O
             f"last model (step {state.step}). checkpoint.keep_best=true (or early stopping) keeps and scores the best.")
 
 
+def _best_of_run(state: TrainState, best: Optional[dict], final_loss: Optional[float]) -> tuple:
+    """(step, eval loss) of the run's lowest held-out loss, for the summary and loss.png: the best
+    periodic eval's, or the last step's when the final evaluation scored the last model at least as
+    well (as _best_note says, and best.json with keep_best). (None, None) without periodic evals."""
+    if state.best_step is None:
+        return None, None
+    if not best and final_loss is not None and final_loss <= state.best_eval_loss:
+        return state.step, final_loss
+    return state.best_step, state.best_eval_loss
+
+
 def saves_best(cfg: Config) -> bool:
     """Whether each new best periodic eval loss gets its checkpoint: with early stopping (which
     ends the run past its best) or checkpoint.keep_best."""
@@ -429,6 +440,7 @@ def finish(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpoi
     log.info("tuned model: %s", _fmt_eval(eval_after))
     # The best checkpoint's loss is on the curve at its own step already: not again at the last.
     tracker.log(state.step, {"result_eval_loss" if best else "eval_loss": eval_after["loss"]})
+    best_step, best_loss = _best_of_run(state, best, eval_after["loss"])
 
     tokens_per_s = state.train_tokens / max(state.train_time_s, 1e-9)
     arch = run.model.config  # the real architecture (a local checkpoint's config.json wins over the preset)
@@ -473,8 +485,8 @@ def finish(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpoi
         # The run's result: what the final report scored, and what evaluate and export use by
         # default (its best checkpoint after early stopping or with checkpoint.keep_best).
         "evaluated_checkpoint": evaluated,
-        "best_step": state.best_step,
-        "best_eval_loss": state.best_eval_loss if state.best_step is not None else None,
+        "best_step": best_step,
+        "best_eval_loss": best_loss,
         "resumed_from": resumed_from,
         "nonfinite_steps": state.nonfinite_steps,
         "requeues": requeue_count(),  # times SLURM requeued this job (preemption, time limit)
@@ -498,7 +510,7 @@ def finish(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpoi
                      predictions=predictions, notes=notes, intro=intro)
         tracker.predictions(state.step, predictions)
         if cfg.tracking.plot:
-            plot_losses(tracker.metrics_path, os.path.join(run_dir, "loss.png"), best_step=state.best_step)
+            plot_losses(tracker.metrics_path, os.path.join(run_dir, "loss.png"), best_step=best_step)
         tracker.summary(summary)
         write_json(summary_path, summary, what="the run's summary")
         if eval_before:

@@ -175,10 +175,32 @@ def test_keep_best_without_early_stopping_keeps_the_last_when_it_is_best(tmp_pat
     run_dir = summary["run_dir"]
     saved = sorted(n for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.startswith("step_"))
     assert saved == ["step_000004", "step_000006"]  # the best evals' (2, then 4) and the final; keep_last=2
-    assert summary["best_step"] == 4 and not summary["stopped_early"]
     record = read_best(run_dir)
     assert record["step"] == 6 and record["default"] and record["eval_loss"] == pytest.approx(summary["eval_after"]["loss"])
     assert summary["evaluated_checkpoint"] == summary["final_checkpoint"] == resolve_checkpoint(run_dir)
+    # The summary names the same best as best.json: the last step, not the best periodic eval (4).
+    assert (summary["best_step"], summary["best_eval_loss"]) == (6, record["eval_loss"])
+    assert not summary["stopped_early"]
+
+
+def test_a_last_model_better_than_every_periodic_eval_is_the_runs_best(tmp_path):
+    """Issue 20: the default job's loss still falls at its last step. Its summary and loss.png
+    marked the best periodic eval (step 300 of 400) as the run's best while the plotted final eval
+    loss lay below it; the best is the last step's, as the report's note says."""
+    from distft.tracking import read_metrics
+    from distft.train import train
+
+    cfg = compose("+experiment=tiny_lora", f"run.root={tmp_path}", "train.max_steps=6", "train.eval_every=2",
+                  "eval.num_samples=1", "eval.max_new_tokens=1", "data.max_seq_len=128", "eval.compare_base=false",
+                  "tracking.progress_bar=false", "train.lr=3e-3")
+    summary = train(cfg)
+    evals = {r["step"]: r["eval_loss"] for r in read_metrics(os.path.join(summary["run_dir"], "metrics.jsonl"))
+             if "eval_loss" in r}
+    assert sorted(evals) == [2, 4, 6] and evals[6] < min(evals[2], evals[4])
+    assert summary["best_step"] == 6 and summary["best_eval_loss"] == pytest.approx(evals[6], rel=1e-9)
+    assert summary["best_eval_loss"] == pytest.approx(summary["eval_after"]["loss"], rel=1e-9)
+    report = open(os.path.join(summary["run_dir"], "eval_report.md")).read()
+    assert f"The last model (step 6) is the best: its eval loss {evals[6]:.4f} is below every periodic eval's" in report
 
 
 def test_the_logged_lr_is_the_lr_the_step_applied(tmp_path):
