@@ -294,13 +294,26 @@ class TokenizerPool:
     """`_clean_chunk` in `processes` processes, results in order (`map`). Spawned, not forked: the
     caller may be a training rank with torch's and the tokenizer's threads running, which a fork
     copies in a broken state. Each process tokenizes on one thread (RAYON_NUM_THREADS=1), so
-    n processes use n cores."""
+    n processes use n cores.
+
+    A process that ends before its work is done (killed for memory; or, the usual case, a user's
+    script without an `if __name__ == "__main__":` guard, which each spawned process runs again and
+    which would start processes of its own) ends the build with one DataError naming both causes.
+    concurrent.futures reports such a death; multiprocessing.Pool replaced the dead process, again
+    and again, and the build hung."""
 
     def __init__(self, processes: int, cfg: DataConfig, tokenizer):
         import multiprocessing
+        import os
         import pickle
         import tempfile
+        from concurrent.futures import ProcessPoolExecutor
 
+        if getattr(multiprocessing.current_process(), "_inheriting", False):
+            # This is a spawned tokenizing process re-running an unguarded main script (what
+            # multiprocessing's own "bootstrapping phase" check detects): end it quietly; the
+            # parent process names the problem.
+            os._exit(3)
         self.processes = processes
         # The tokenizer goes by file: a spawned process reads its start-up arguments only after
         # importing its modules (~2 s), so a ~1 MB argument through the pipe would start the
@@ -308,17 +321,25 @@ class TokenizerPool:
         with tempfile.NamedTemporaryFile(prefix="distft-tokenizer-", suffix=".pkl", delete=False) as f:
             pickle.dump(tokenizer, f)
         self._tokenizer_file = f.name
-        self._pool = multiprocessing.get_context("spawn").Pool(
-            processes, initializer=_start_worker, initargs=(self._tokenizer_file, cfg))
+        self._pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_start_worker, initargs=(self._tokenizer_file, cfg))
 
     def map(self, chunks: list[list]):
-        return self._pool.imap(_worker_chunk, chunks)
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            yield from self._pool.map(_worker_chunk, chunks)
+        except BrokenProcessPool:
+            raise DataError(
+                f"a tokenizing process (data.num_proc={self.processes}) ended before its work was done. If distft "
+                "runs from a script of your own: Python starts these processes by running that script again, so the "
+                "code that calls distft must sit under `if __name__ == \"__main__\":`. Otherwise the process was "
+                "killed (out of memory?). data.num_proc=1 tokenizes in this process instead") from None
 
     def close(self) -> None:
         import os
 
-        self._pool.terminate()
-        self._pool.join()
+        self._pool.shutdown(wait=False, cancel_futures=True)
         try:
             os.unlink(self._tokenizer_file)
         except FileNotFoundError:
