@@ -350,7 +350,7 @@ def _best_note(state: TrainState, best: Optional[dict], last: str, final_loss: O
     """The report's line on the best periodic eval: which checkpoint the report scores, and why."""
     if state.best_step is None:
         return None
-    if not best and final_loss is not None and final_loss <= state.best_eval_loss:
+    if not best and _best_of_run(state, best, final_loss)[0] == state.step:
         return (f"The last model (step {state.step}) is the best: its eval loss {final_loss:.4f} is below every "
                 f"periodic eval's (the lowest, {state.best_eval_loss:.4f}, at step {state.best_step}).")
     if best:
