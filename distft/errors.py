@@ -44,3 +44,10 @@ class TemplateError(Exception):
 class RunInUse(Exception):
     """The run directory is held by another live run (distft/runlock.py); the message names the
     holder (pid and host, SLURM job) and what to do."""
+
+
+class UnsafePathError(OutputError):
+    """A write refused because its path under a run directory, cache or review folder holds a
+    symbolic link, a named pipe or a device where distft writes a file or a directory (planted by
+    whoever could write there): nothing is written through it. The message names the path and
+    what to do (remove it, or use another directory)."""

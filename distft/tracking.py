@@ -16,7 +16,7 @@ resume (`truncate_after`) rewrites the file without it.
 
 from __future__ import annotations
 
-import contextlib
+import io
 import json
 import logging
 import os
@@ -26,7 +26,7 @@ import time
 from typing import Any, Optional
 
 from distft.config import Config, to_dict
-from distft.files import output_error, write_text
+from distft.files import append_line, read_json_lines, write_bytes, write_text
 
 log = logging.getLogger("distft")
 
@@ -249,55 +249,11 @@ def flatten(values: dict, prefix: str = "", sep: str = "/") -> dict:
     return out
 
 
-def append_line(path: str, line: str, what: str = "") -> None:
-    """Append `line` and a newline to `path`, whole or not at all: when the write fails (a full
-    disk, a file-size limit: a short write, then ENOSPC or EFBIG), the file is cut back to its
-    size before, so it still ends with a whole line, and `output_error`'s message is raised."""
-    data = (line + "\n").encode("utf-8")
-    fd = None
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        size = os.fstat(fd).st_size
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        except OSError:
-            with contextlib.suppress(OSError):  # a device (/dev/full) cannot be truncated: nothing was kept
-                os.ftruncate(fd, size)  # shrinking needs no space and is allowed under any size limit
-            raise
-    except OSError as err:
-        raise output_error(path, err, what) from err
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
 def read_metrics(path: str) -> list[dict]:
-    """The records of a metrics file. A line that is not a JSON object is skipped with a warning
-    naming the file and line: the last line torn by a crash mid-append, or damage in the middle
-    (said so). Decided: both are skipped, not fatal: metrics are a record for plots and people,
-    and a run, its resume (which rewrites the file without them) and its plot must not fail on
-    them; damage in the middle is called damage, since no writer of distft leaves it."""
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = f.read().split("\n")
-    numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
-    records = []
-    for number, line in numbered:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if isinstance(record, dict):
-            records.append(record)
-            continue
-        last = number == numbered[-1][0]
-        log.warning("%s: line %d is %s; skipped", path, number,
-                    "torn (cut short by a crash or a full disk while it was written)" if last
-                    else "not a JSON record (the file was damaged or edited)")
-    return records
+    """The records of a metrics file (`files.read_json_lines`). Decided: a torn or damaged line is
+    skipped with a warning, not fatal: metrics are a record for plots and people, and a run, its
+    resume (which rewrites the file without them) and its plot must not fail on them."""
+    return read_json_lines(path)
 
 
 def plot_losses(metrics_path: str, out_path: str, best_step: Optional[int] = None) -> Optional[str]:
@@ -331,16 +287,12 @@ def plot_losses(metrics_path: str, out_path: str, best_step: Optional[int] = Non
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = f"{out_path}.tmp-{os.getpid()}"
+    image = io.BytesIO()
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, out_path)
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise output_error(out_path, err, "the loss plot") from err
+        fig.savefig(image, format="png")
     finally:
         plt.close(fig)
+    write_bytes(out_path, image.getvalue(), "the loss plot")
     return out_path
 
 
