@@ -1,31 +1,55 @@
 """`python -m distft.review`: the review page, clicked through in a real headless browser (Debian's
-chromium through selenium; issue 19, item 5), on a real run's predictions."""
+chromium through selenium; issue 19, item 5), on a real run's predictions; and what issue 34 asks
+of it: answering its owner only (a token, the Host, the Origin, JSON bodies; a second OS user),
+never writing or reading through planted links and pipes, each prompt rated once however many tabs
+rate at the same time, and a torn ratings line skipped with a warning."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import hashlib
+import http.client
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import threading
+import time
+import types
 
 import pytest
 
 from distft.preflight import preflight
-from distft.review import summarise, wilson
+from distft.review import (
+    SCRIPT,
+    Review,
+    ReviewError,
+    exposure_warning,
+    make_server,
+    read_predictions,
+    summarise,
+    wilson,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_root(reason: str) -> None:
+    """Skip a test that needs root, except under CI (which runs as root), where not being root fails it."""
+    if os.geteuid() != 0:
+        if IN_CI:
+            pytest.fail(f"CI is set but this is not root: {reason}", pytrace=False)
+        pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
 def browser():
     if not os.path.exists("/usr/bin/chromedriver"):
-        if os.geteuid() != 0:
-            reason = "needs Debian's chromium and chromium-driver (tests/install-browser.sh installs them as root)"
-            if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-                pytest.fail(f"CI is set but this is not root: {reason}", pytrace=False)
-            pytest.skip(reason)
+        require_root("needs Debian's chromium and chromium-driver (tests/install-browser.sh installs them as root)")
         subprocess.run(["bash", os.path.join(REPO, "tests", "install-browser.sh")], check=True, timeout=600)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -60,6 +84,86 @@ def tree_digest(root: str, skip: str) -> dict:
     return out
 
 
+def files_holding(root: str, needle: str) -> list[str]:
+    hits = []
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path) and needle.encode() in open(path, "rb").read():
+                hits.append(path)
+    return hits
+
+
+def write_predictions(directory, n: int = 6, identical: tuple = (0,)) -> str:
+    """A run directory's predictions file: n prompts, base and tuned answering alike at `identical`."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "eval_report.predictions.jsonl")
+    with open(path, "w") as f:
+        for i in range(n):
+            tuned = f"base answer {i}" if i in identical else f"tuned answer {i}"
+            f.write(json.dumps({"index": i, "task": "t", "prompt": f"secret prompt {i}", "reference": f"ref {i}",
+                                "outputs": {"base": {"text": f"base answer {i}", "exact_match": 0, "f1": 0.5},
+                                            "tuned": {"text": tuned, "exact_match": 1, "f1": 1.0}}}) + "\n")
+    return path
+
+
+@contextlib.contextmanager
+def served(review: Review, host: str = "127.0.0.1"):
+    """The page's real server for `review`, in a thread of this process."""
+    server = make_server(review, host)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def call(server, method: str, path: str, body=None, headers=None, timeout: float = 30):
+    """One HTTP request to `server`: (status, response headers, body as text)."""
+    address, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(address, port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.headers, response.read().decode()
+    finally:
+        conn.close()
+
+
+def owner(server, **extra) -> dict:
+    return {"Authorization": f"token {server.token}", **extra}
+
+
+def post_rating(server, reservation: str, choice: str = "left", headers=None, timeout: float = 30):
+    return call(server, "POST", "/api/rate", json.dumps({"reservation": reservation, "choice": choice}),
+                headers if headers is not None else owner(server, **{"Content-Type": "application/json"}), timeout)
+
+
+def start_cli(directory: str, *args: str) -> tuple[subprocess.Popen, str]:
+    """`python -m distft.review DIR ARGS` started, and the URL it printed."""
+    proc = subprocess.Popen([sys.executable, "-m", "distft.review", directory, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    line = proc.stdout.readline()
+    match = re.search(r"review: (http://\S+:\d+/\?token=[\w-]+) ", line)
+    if not match:
+        proc.kill()
+        pytest.fail(f"no URL printed: {line!r} {proc.communicate(timeout=30)}")
+    return proc, match.group(1)
+
+
+def stop(proc: subprocess.Popen) -> str:
+    """Stop a started review server; its stderr."""
+    proc.terminate()
+    return proc.communicate(timeout=30)[1]
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distft.review", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout)
+
+
 def test_wilson_interval_and_summary_counts():
     low, high = wilson(8, 10)
     assert (round(low, 4), round(high, 4)) == (0.4902, 0.9433)  # the textbook Wilson score interval
@@ -67,9 +171,11 @@ def test_wilson_interval_and_summary_counts():
     ratings = [{"index": 0, "pair": ["base", "t"], "winner": "base"}, {"index": 0, "pair": ["base", "t"], "winner": "t"},
                {"index": 1, "pair": ["base", "t"], "winner": "tie"}, {"index": 2, "pair": ["base", "t"], "winner": "t"},
                {"index": 3, "pair": ["base", "t"], "winner": "both_bad"}]
-    [row] = summarise(ratings)  # prompt 0 rated twice: the last rating counts
-    assert (row["n"], row["wins_a"], row["wins_b"], row["ties"], row["both_bad"]) == (4, 0, 2, 1, 1)
-    assert row["win_rate_b"] == 1.0 and row["ci_b"] == list(wilson(2, 2))
+    [row] = summarise(ratings)  # prompt 0 rated twice (a file from before the page refused that): the first counts
+    assert (row["n"], row["wins_a"], row["wins_b"], row["ties"], row["both_bad"]) == (4, 1, 1, 1, 1)
+    assert row["win_rate_b"] == 0.5 and row["ci_b"] == list(wilson(1, 2))
+    low, high = wilson(1, 2)
+    assert row["win_rate_text"] == f"0.50 ({low:.2f}-{high:.2f})"
 
 
 def test_browse_filter_and_rate_blind_in_a_browser(browser, run_dir):
@@ -78,10 +184,10 @@ def test_browse_filter_and_rate_blind_in_a_browser(browser, run_dir):
 
     predictions = [json.loads(line) for line in open(os.path.join(run_dir, "eval_report.predictions.jsonl"))]
     before = tree_digest(run_dir, os.path.join(run_dir, "review"))
-    server = subprocess.Popen([sys.executable, "-m", "distft.review", run_dir], stdout=subprocess.PIPE, text=True,
-                              cwd=REPO)
+    server, url = start_cli(run_dir)
+    token = url.split("?token=")[1]
     try:
-        url = re.search(r"review: (http://127\.0\.0\.1:\d+/)", server.stdout.readline()).group(1)
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/\?token=[\w-]{43}", url)
         wait = WebDriverWait(browser, 20)
         browser.get(url)
         wait.until(lambda d: d.find_element(By.ID, "count").text.startswith(f"{len(predictions)} of"))
@@ -120,27 +226,383 @@ def test_browse_filter_and_rate_blind_in_a_browser(browser, run_dir):
             browser.find_element(By.ID, f"btn-{choice}").click()
             wait.until(lambda d, p=prompt: d.find_element(By.ID, "p-prompt").text != p
                        or d.find_element(By.ID, "pair").get_attribute("hidden"))
+        assert browser.find_element(By.ID, "p-note").text == ""  # every rating saved
         ratings = [json.loads(line) for line in open(os.path.join(run_dir, "review", "ratings.jsonl"))]
         assert [(r["index"], r["winner"]) for r in ratings] == expected
         assert all(r["pair"] == ["base", "tuned"] for r in ratings)
 
+        # The bare URL, without the token: the cookie the first visit set lets the page in.
+        browser.get(url.split("?")[0])
+        wait.until(lambda d: d.find_element(By.ID, "count").text.startswith(f"{len(predictions)} of"))
+        assert browser.find_element(By.ID, "error").text == ""
+        # The Summary tab: an HTML table (not Markdown text), its cells the summary's.
         browser.find_element(By.ID, "tab-summary").click()
-        wait.until(lambda d: "| a=base, b=tuned |" in d.find_element(By.ID, "summary-text").text)
-        text = browser.find_element(By.ID, "summary-text").text
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#summary-table tbody td"))
+        [row] = browser.find_elements(By.CSS_SELECTOR, "#summary-table tbody tr")
+        cells = [td.text for td in row.find_elements(By.TAG_NAME, "td")]
         wins_b = sum(w == "tuned" for _, w in expected)
         wins_a = sum(w == "base" for _, w in expected)
         low, high = wilson(wins_b, wins_a + wins_b)
-        assert f"| a=base, b=tuned | 3 | {wins_a} | {wins_b} | 1 | 0 | {wins_b / 2:.2f} ({low:.2f}-{high:.2f}) |" in text
+        assert cells == ["a=base, b=tuned", "3", str(wins_a), str(wins_b), "1", "0",
+                         f"{wins_b / 2:.2f} ({low:.2f}-{high:.2f})"]
+        assert "|" not in browser.find_element(By.ID, "summary").text
+        assert browser.find_element(By.ID, "summary-note").text.startswith("Win rate: b's share")
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        stop(server)
     assert tree_digest(run_dir, os.path.join(run_dir, "review")) == before  # read-only but for its ratings
-    printed = subprocess.run([sys.executable, "-m", "distft.review", run_dir, "--summary"], capture_output=True,
-                             text=True, cwd=REPO).stdout
+    assert files_holding(run_dir, token) == []  # the token is printed, never written down
+    printed = run_cli(run_dir, "--summary").stdout
     assert "| a=base, b=tuned | 3 |" in printed
 
 
 def test_a_directory_without_predictions_is_one_message(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "distft.review", str(tmp_path)], capture_output=True, text=True,
-                          cwd=REPO, timeout=60)
+    proc = run_cli(str(tmp_path))
     assert proc.returncode == 2 and "has no predictions file" in proc.stderr
+
+
+# ------------------------------------------------------------------------- its owner only
+
+
+def test_the_page_answers_its_owner_only(tmp_path):
+    """The token (URL, then cookie; or header), the Host, the Origin and a JSON body, over real HTTP."""
+    write_predictions(tmp_path)
+    with served(Review(str(tmp_path))) as server:
+        port = server.server_address[1]
+        for path in ("/", "/api/predictions", "/api/pair", "/api/summary"):  # no token
+            status, _, body = call(server, "GET", path)
+            assert status == 403 and "secret prompt" not in body and "answer" not in body
+        wrong = "x" + server.token[1:]
+        for headers, path in (({}, f"/api/predictions?token={wrong}"), ({"Authorization": f"token {wrong}"}, "/"),
+                              ({"Cookie": f"distft-review-{port}={wrong}"}, "/api/predictions"),
+                              ({"Cookie": f"distft-review-{port + 1}={server.token}"}, "/api/predictions")):
+            status, _, body = call(server, "GET", path, headers=headers)
+            assert status == 403 and "secret prompt" not in body, headers
+        for host in ("rebind.attacker.example", f"rebind.attacker.example:{port}", f"127.0.0.1.attacker.example:{port}"):
+            status, _, body = call(server, "GET", f"/api/predictions?token={server.token}", headers={"Host": host})
+            assert status == 403 and "secret prompt" not in body, host
+
+        # The token in the URL: the page, and the cookie the page's own requests then carry.
+        status, page_headers, page = call(server, "GET", f"/?token={server.token}")
+        assert status == 200 and "<title>distft review</title>" in page
+        cookie = page_headers["Set-Cookie"]
+        assert cookie.startswith(f"distft-review-{port}={server.token};")
+        assert {part.strip() for part in cookie.split(";")[1:]} == {"HttpOnly", "SameSite=Strict", "Path=/"}
+        jar = {"Cookie": f"other=1; {cookie.split(';')[0]}"}
+        for host in (f"127.0.0.1:{port}", "127.0.0.1", f"localhost:{port}", f"[::1]:{port}"):
+            status, headers, body = call(server, "GET", "/api/predictions", headers={**jar, "Host": host})
+            assert status == 200 and "secret prompt 1" in body and "Set-Cookie" not in headers, host
+        pair = json.loads(call(server, "GET", "/api/pair", headers=jar)[2])
+
+        # A POST: the page's own Origin, a JSON body; what a cross-site form would send is refused.
+        json_type = {"Content-Type": "application/json"}
+        assert post_rating(server, pair["reservation"], headers={**jar, **json_type,
+                                                                   "Origin": "http://evil.example"})[0] == 403
+        assert post_rating(server, pair["reservation"], headers={**jar, **json_type, "Origin": "null"})[0] == 403
+        for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+            assert post_rating(server, pair["reservation"], headers={**jar, "Content-Type": kind})[0] == 415
+        assert post_rating(server, pair["reservation"], headers=json_type)[0] == 403  # no token
+        assert not os.path.exists(tmp_path / "review")  # nothing refused was written
+        status, _, body = post_rating(server, pair["reservation"],
+                                      headers={**jar, **json_type, "Origin": f"http://127.0.0.1:{port}"})
+        assert status == 200 and f"secret prompt {json.loads(body)['index']}" == pair["prompt"]
+        assert len(open(tmp_path / "review" / "ratings.jsonl").readlines()) == 1
+
+        # The page runs its own script only: the policy names its hash, and nothing inline besides.
+        csp = page_headers["Content-Security-Policy"]
+        policy = dict(part.strip().split(" ", 1) for part in csp.split(";"))
+        digest = base64.b64encode(hashlib.sha256(SCRIPT.encode()).digest()).decode()
+        assert policy["script-src"] == f"'sha256-{digest}'" and f"<script>{SCRIPT}</script>" in page
+        assert policy["frame-ancestors"] == "'none'" and "unsafe" not in csp
+
+
+def test_a_host_given_by_hand_is_allowed_and_warned_about(tmp_path):
+    write_predictions(tmp_path)
+    with served(Review(str(tmp_path)), host="127.0.0.2") as server:
+        port = server.server_address[1]
+        for host, expected in ((f"127.0.0.2:{port}", 200), (f"localhost:{port}", 200),
+                               (f"rebind.attacker.example:{port}", 403)):
+            assert call(server, "GET", "/api/summary", headers=owner(server, Host=host))[0] == expected, host
+        assert call(server, "GET", "/api/summary", headers={"Host": f"127.0.0.2:{port}"})[0] == 403  # token still needed
+    assert [exposure_warning(h) for h in ("127.0.0.1", "127.0.0.2", "localhost", "::1")] == [None] * 4
+    for host in ("0.0.0.0", "192.168.1.5", "example.org"):
+        assert "anyone who can reach that address and has the printed URL" in exposure_warning(host)
+    proc, url = start_cli(str(tmp_path), "--host", "0.0.0.0")
+    stderr = stop(proc)
+    assert url.startswith("http://0.0.0.0:") and "?token=" in url
+    assert "warning: serving on 0.0.0.0" in stderr and url.split("?token=")[1] not in stderr
+
+
+def test_a_second_user_without_the_token_is_refused(tmp_path):
+    """Another OS user on the machine (`nobody`, through setpriv) reaches the port, not the predictions."""
+    require_root("runs a client as user nobody through setpriv (root only, as CI runs)")
+    setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
+    if not os.path.exists(setpriv):
+        (pytest.fail if IN_CI else pytest.skip)("needs util-linux's setpriv")
+    write_predictions(tmp_path)
+    with served(Review(str(tmp_path))) as server:
+        port = server.server_address[1]
+        pair = json.loads(call(server, "GET", "/api/pair", headers=owner(server))[2])  # held by the owner's tab
+
+        def as_nobody(request: str) -> str:
+            """`request` sent as user nobody (bash's /dev/tcp: nothing of this user's needed); `id -u`, then the answer."""
+            script = f'id -u; exec 3<>/dev/tcp/127.0.0.1/{port} && printf "%s" "$REQUEST" >&3 && cat <&3'
+            return subprocess.run([setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups", "bash", "-c", script],
+                                  env={"PATH": "/usr/bin:/bin", "REQUEST": request}, cwd="/", capture_output=True,
+                                  text=True, timeout=60, check=True).stdout
+
+        host = f"Host: 127.0.0.1:{port}\r\n"
+        body = json.dumps({"reservation": pair["reservation"], "choice": "left"})
+        rate = (f"POST /api/rate HTTP/1.0\r\n{host}Content-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n{body}")
+        for request in (f"GET /api/predictions HTTP/1.0\r\n{host}\r\n", f"GET / HTTP/1.0\r\n{host}\r\n", rate):
+            uid, status, *rest = as_nobody(request).split("\n")
+            assert uid == "65534" and status.startswith("HTTP/1.0 403"), (uid, status)
+            assert "secret prompt" not in "\n".join(rest)
+        assert not os.path.exists(tmp_path / "review")
+        # The same user with the token gets in: what keeps it out is the token, not the network.
+        answer = as_nobody(f"GET /api/predictions HTTP/1.0\r\n{host}Authorization: token {server.token}\r\n\r\n")
+        assert answer.split("\n")[1].startswith("HTTP/1.0 200") and "secret prompt 1" in answer
+
+
+# ------------------------------------------------------------------------- planted links and pipes
+
+
+@pytest.mark.parametrize("planted", ["ratings file -> missing file", "review folder -> a folder",
+                                     "review folder -> missing folder", "a pipe in place of the review folder"])
+def test_a_rating_is_never_written_through_a_planted_link(tmp_path, planted):
+    run = tmp_path / "run"
+    write_predictions(run)
+    elsewhere = tmp_path / "elsewhere"
+    target = elsewhere / "ratings.jsonl"
+    says = ("symbolic link", "symbolic link")  # what the rating's error and the next pair's say
+    with served(Review(str(run))) as server:
+        pair = json.loads(call(server, "GET", "/api/pair", headers=owner(server))[2])
+        if planted == "ratings file -> missing file":
+            target = tmp_path / "missing_profile"
+            os.makedirs(run / "review")
+            os.symlink(target, run / "review" / "ratings.jsonl")
+        elif planted == "a pipe in place of the review folder":
+            os.mkfifo(run / "review")
+            says = ("File exists", "Not a directory")
+        else:
+            if planted == "review folder -> a folder":
+                os.makedirs(elsewhere)
+            os.symlink(elsewhere, run / "review")
+        status, _, body = post_rating(server, pair["reservation"], timeout=10)
+        assert status >= 400 and says[0] in json.loads(body)["error"], body
+        status, _, body = call(server, "GET", "/api/pair", headers=owner(server), timeout=10)
+        assert status == 400 and says[1] in json.loads(body)["error"]
+    assert not os.path.lexists(target)
+    assert sorted(os.listdir(tmp_path)) == sorted(["run", *(["elsewhere"] if "-> a folder" in planted else [])])
+    assert not os.path.exists(elsewhere) or os.listdir(elsewhere) == []
+    proc = run_cli(str(run), "--summary", timeout=30)
+    assert proc.returncode == 2 and says[1] in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("planted", ["fifo", "link"])
+def test_ratings_are_never_read_from_a_planted_pipe_or_link(tmp_path, planted):
+    write_predictions(tmp_path)
+    os.makedirs(tmp_path / "review")
+    ratings = tmp_path / "review" / "ratings.jsonl"
+    if planted == "fifo":
+        os.mkfifo(ratings)  # nobody writes to it: reading it would wait forever
+    else:
+        other = tmp_path / "someone_elses.jsonl"
+        other.write_text(json.dumps({"index": 1, "pair": ["base", "tuned"], "winner": "tuned"}) + "\n")
+        os.symlink(other, ratings)
+    kind = "named pipe (FIFO)" if planted == "fifo" else "symbolic link"
+    proc = run_cli(str(tmp_path), "--summary", timeout=30)
+    assert proc.returncode == 2 and kind in proc.stderr and proc.stdout == "", proc
+    with served(Review(str(tmp_path))) as server:
+        for path in ("/api/pair", "/api/summary"):
+            status, _, body = call(server, "GET", path, headers=owner(server), timeout=10)
+            assert status == 400 and kind in json.loads(body)["error"], path
+        assert call(server, "GET", "/api/predictions", headers=owner(server))[0] == 200  # Browse still works
+
+
+@pytest.mark.parametrize("planted", ["the run's file, a link to a fifo", "--predictions a fifo",
+                                     "--predictions a link to /dev/zero"])
+def test_a_predictions_file_that_is_not_a_regular_file_is_one_message(tmp_path, planted):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    run = tmp_path / "run"
+    os.makedirs(run)
+    if planted == "the run's file, a link to a fifo":
+        os.symlink(fifo, run / "eval_report.predictions.jsonl")
+        args, kind = [], "is a symbolic link"
+    elif planted == "--predictions a fifo":
+        args, kind = ["--predictions", str(fifo)], "is a named pipe (FIFO), not a regular file"
+    else:
+        os.symlink("/dev/zero", tmp_path / "zero.jsonl")
+        args, kind = ["--predictions", str(tmp_path / "zero.jsonl")], "is a character device, not a regular file"
+    proc = run_cli(str(run), *args, timeout=30)
+    assert proc.returncode == 2 and kind in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc
+
+
+def test_a_predictions_file_named_by_hand_may_be_a_link(tmp_path):
+    real = write_predictions(tmp_path / "real")
+    os.symlink(real, tmp_path / "mine.jsonl")
+    review = Review(str(tmp_path / "run"), predictions=str(tmp_path / "mine.jsonl"))
+    assert [r["index"] for r in review.records] == list(range(6))
+
+
+@pytest.mark.parametrize("line, says", [
+    ("[" * 100_000 + "]" * 100_000, "line 3 is not a prediction record"),  # too deep to parse: not a RecursionError
+    ('{"index": 2, "prompt": "p", "outputs": {"base": {"text": "a", "f1": NaN}, "tuned": {"text": "b"}}}',
+     "line 3 is not a prediction record"),  # the page's JSON.parse would refuse NaN
+    ('{"index": 2, "prompt": "p", "outputs": {"base": {"text": 7}, "tuned": {"text": "b"}}}',
+     "line 3 is not a prediction record"),
+    ('{"index": 2, "prompt": "p", "outputs": {"base": {"text": "a"}, "other": {"text": "b"}}}',
+     "line 3 has the answers of base, other, the first line those of base, tuned"),
+    ('{"index": 1, "prompt": "p", "outputs": {"base": {"text": "a"}, "tuned": {"text": "b"}}}',
+     "line 3 repeats index 1"),
+], ids=["nested too deep", "NaN", "an answer not text", "other models", "an index twice"])
+def test_a_damaged_predictions_line_is_one_message(tmp_path, line, says):
+    path = write_predictions(tmp_path, n=2)
+    with open(path, "a") as f:
+        f.write(line + "\n")
+    with pytest.raises(ReviewError, match=re.escape(f"{path}: {says}")):
+        read_predictions(path)
+    proc = run_cli(str(tmp_path))
+    assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------- each prompt rated once
+
+
+def test_concurrent_tabs_each_rate_a_distinct_prompt(tmp_path):
+    """8 clients x 20 ratings at the same time over HTTP, on 100 prompts (90 asked): each prompt
+    handed out and rated once, every rating saved, none overwritten."""
+    write_predictions(tmp_path, n=100, identical=tuple(range(0, 100, 10)))
+    asked = [i for i in range(100) if i % 10]
+    rated, failures = [], []
+    lock = threading.Lock()
+    with served(Review(str(tmp_path))) as server:
+        headers = owner(server, **{"Content-Type": "application/json"})
+
+        def client(number: int) -> None:
+            done, deadline = 0, time.monotonic() + 120
+            while done < 20 and time.monotonic() < deadline:
+                status, _, body = call(server, "GET", "/api/pair", headers=headers)
+                pair = json.loads(body)
+                if status != 200 or pair["done"]:
+                    break
+                if pair["waiting"]:  # the prompts left are held by other tabs
+                    time.sleep(0.01)
+                    continue
+                choice = ("left", "right", "tie", "both_bad")[done % 4]
+                status, _, body = post_rating(server, pair["reservation"], choice)
+                with lock:
+                    (rated if status == 200 else failures).append(json.loads(body))
+                done += 1
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=180)
+        final = json.loads(call(server, "GET", "/api/pair", headers=headers)[2])
+    lines = [json.loads(line) for line in open(tmp_path / "review" / "ratings.jsonl")]
+    keys = [(tuple(r["pair"]), r["index"]) for r in lines]
+    assert failures == []
+    assert len(lines) == len(rated) == len(asked) == len(set(keys))  # one line per rating, none for a prompt twice
+    assert sorted(r["index"] for r in lines) == asked and {k[0] for k in keys} == {("base", "tuned")}
+    assert sorted(r["index"] for r in rated) == asked
+    assert final["done"] and final["rated"] == len(asked) and final["remaining"] == 0
+
+
+def test_a_prompt_already_rated_is_refused_not_overwritten(tmp_path):
+    """Two reviewers, each running the page on the same directory, are handed the same prompt: the
+    first rating stands, the second is refused."""
+    write_predictions(tmp_path)
+    first, second = Review(str(tmp_path), seed=0), Review(str(tmp_path), seed=1)
+    mine, theirs = first.next_pair("base", "tuned"), second.next_pair("base", "tuned")
+    assert mine["prompt"] == theirs["prompt"]
+    kept = first.rate(mine["reservation"], "tie")
+    with pytest.raises(ReviewError, match=rf"prompt {kept['index']} is already rated .* its first rating stands"):
+        second.rate(theirs["reservation"], "left")
+    [line] = open(tmp_path / "review" / "ratings.jsonl").readlines()
+    assert json.loads(line) == kept
+    assert second.next_pair("base", "tuned")["prompt"] != mine["prompt"]  # the other reviewer moves on
+    assert [(r["n"], r["ties"]) for r in second.summary()["pairs"]] == [(1, 1)]
+
+
+def test_a_rating_waits_for_another_server_holding_the_review_folder(tmp_path, monkeypatch):
+    """Another server on the same directory checks and appends under an flock of the review folder:
+    a rating waits for it, and after LOCK_WAIT_SECONDS says so instead of racing it."""
+    import fcntl
+
+    write_predictions(tmp_path)
+    os.makedirs(tmp_path / "review")
+    review = Review(str(tmp_path))
+    first, second = review.next_pair("base", "tuned"), review.next_pair("base", "tuned")
+    folder = os.open(tmp_path / "review", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)  # what the other server holds while it checks and appends
+        monkeypatch.setattr("distft.review.LOCK_WAIT_SECONDS", 0.3)
+        with pytest.raises(ReviewError, match="locked by another process"):
+            review.rate(first["reservation"], "left")
+        monkeypatch.setattr("distft.review.LOCK_WAIT_SECONDS", 60)
+        rating = threading.Thread(target=review.rate, args=(second["reservation"], "left"))
+        rating.start()
+        rating.join(timeout=0.5)
+        assert rating.is_alive() and not os.path.exists(tmp_path / "review" / "ratings.jsonl")
+    finally:
+        os.close(folder)  # the other server is done: the rating goes in
+    rating.join(timeout=30)
+    assert [json.loads(line)["pair"] for line in open(tmp_path / "review" / "ratings.jsonl")] == [["base", "tuned"]]
+
+
+def test_a_reserved_prompt_waits_for_its_tab_until_it_expires(tmp_path, monkeypatch):
+    write_predictions(tmp_path, n=3, identical=(0,))  # prompts 1 and 2 asked
+    clock = [1000.0]
+    monkeypatch.setattr("distft.review.time", types.SimpleNamespace(monotonic=lambda: clock[0], time=time.time,
+                                                                   sleep=time.sleep))
+    review = Review(str(tmp_path))
+    one, two = review.next_pair("base", "tuned"), review.next_pair("base", "tuned")
+    assert {one["prompt"], two["prompt"]} == {"secret prompt 1", "secret prompt 2"}
+    third = review.next_pair("base", "tuned")
+    assert third["waiting"] and not third["done"] and third["remaining"] == 2 and "reservation" not in third
+    assert "being rated in another tab" in third["message"] and "10 minutes" in third["message"]
+    clock[0] += 300
+    again = review.next_pair("base", "tuned", release=one["reservation"])  # tab one moves on: gives its prompt back
+    assert again["prompt"] == one["prompt"]
+    with pytest.raises(ReviewError, match="unknown or expired"):
+        review.rate(one["reservation"], "left")
+    clock[0] += 301  # tab two went to lunch: its prompt is handed out again, tab one's (newer) is not
+    late = review.next_pair("base", "tuned")
+    assert late["prompt"] == two["prompt"]
+    review.rate(late["reservation"], "right")
+    with pytest.raises(ReviewError, match="unknown or expired"):
+        review.rate(two["reservation"], "left")
+    review.rate(again["reservation"], "tie")
+    assert review.next_pair("base", "tuned")["done"]
+
+
+def test_a_torn_ratings_line_is_skipped_with_a_warning(tmp_path):
+    write_predictions(tmp_path)
+    os.makedirs(tmp_path / "review")
+    good = [{"index": i, "pair": ["base", "tuned"], "left": "base", "right": "tuned", "choice": "left",
+             "winner": "base", "time": 0} for i in (1, 2)]
+    (tmp_path / "review" / "ratings.jsonl").write_text(
+        f"{json.dumps(good[0])}\ngarbage in the middle\n{json.dumps(good[1])}\n" + '{"index": 3, "pa')
+    path = str(tmp_path / "review" / "ratings.jsonl")
+    proc = run_cli(str(tmp_path), "--summary")
+    high = wilson(0, 2)[1]
+    assert proc.returncode == 0 and f"| a=base, b=tuned | 2 | 2 | 0 | 0 | 0 | 0.00 (0.00-{high:.2f}) |" in proc.stdout
+    assert f"{path}: line 2 is not a JSON record" in proc.stderr and f"{path}: line 4 is torn" in proc.stderr
+
+    server, url = start_cli(str(tmp_path))
+    try:
+        port, token = re.search(r":(\d+)/\?token=(.+)", url).groups()
+        conn = types.SimpleNamespace(server_address=("127.0.0.1", int(port)), token=token)
+        assert call(conn, "GET", "/", headers=owner(conn))[0] == 200
+        for _ in range(3):
+            summary = json.loads(call(conn, "GET", "/api/summary", headers=owner(conn))[2])
+            assert [(r["a"], r["b"], r["n"], r["wins_a"]) for r in summary["pairs"]] == [("base", "tuned", 2, 2)]
+            pair = json.loads(call(conn, "GET", "/api/pair", headers=owner(conn))[2])
+            assert pair["prompt"] in ("secret prompt 3", "secret prompt 4", "secret prompt 5")
+    finally:
+        stderr = stop(server)
+    assert stderr.count(f"{path}: line 4 is torn") == 1  # warned once, not at every request
+    assert stderr.count(f"{path}: line 2 is not a JSON record") == 1
