@@ -32,6 +32,21 @@ _ARGV: list[str] = []  # the command line, for launchers that re-run it as rank 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def hydra_entry(dict_cfg) -> None:
+    try:
+        _run_job(dict_cfg)
+    except SystemExit as done:
+        # Hydra's basic launcher runs every point of a -m sweep in this process: an exit would end
+        # the sweep there, an exception fails this point alone (distft/sweep.py point_exit).
+        from distft.sweep import point_exit
+
+        failed = point_exit(done.code)
+        if failed is not None:
+            raise failed from None
+        raise
+
+
+def _run_job(dict_cfg) -> None:
+    """One run, or one point of a sweep: the command line's job (see the module docstring)."""
     cfg = to_config(dict_cfg)
     from distft import dist
     from distft.config import world_size

@@ -1,27 +1,34 @@
 """Loading data files: every source becomes a list of RawRow; unparsable records are kept (and later counted
 as malformed) so that on_bad_rows=fail can point at the exact line. A record with bytes that are
 not UTF-8 is one malformed row, with the byte offset, in every text format (a .json or .csv file
-is not refused for one bad cell, as a .jsonl file is not for one bad line). A UTF-8 byte-order
-mark is skipped; a problem of the whole file (not a regular file, unreadable, UTF-16, no rows,
-broken JSON, an unclosed CSV quote) is one DataError naming the file.
+is not refused for one bad cell, as a .jsonl file is not for one bad line), and so is a JSON
+record nested more than MAX_NESTING levels deep. A UTF-8 byte-order mark is skipped; a problem of
+the whole file (not a regular file, unreadable, UTF-16, no rows, broken JSON, a broken CSV quote
+or a CSV header naming a column twice) is one DataError naming the file.
 
-What comes out is raw: `distft.data` cleans, templates and tokenizes it. `data_file_problem` is
-also what preflight asks on the launching machine, so both say the same thing.
+Nothing here opens a data file, or a file of a dataset directory, that is not a regular file: a
+named pipe would block the reader (`data_file_problem`, `dataset_files`, `open_data_file`). What
+comes out is raw: `distft.data` cleans, templates and tokenizes it. `data_file_problem` is also
+what preflight asks on the launching machine, so both say the same thing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import math
 import os
 import re
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import IO, Any, Optional
 
 from distft.config import DataConfig
 from distft.errors import DataError
+from distft.files import NotAFile, file_kind, open_regular
 
 
 @dataclass
@@ -60,13 +67,45 @@ def _not_utf8(byte: int, offset: int, line: Optional[int] = None) -> str:
     return f"not valid UTF-8: byte 0x{byte:02x} at {where}; save the file as UTF-8"
 
 
+MAX_NESTING = 100  # arrays and objects within each other in one row; real rows nest a few levels
+
+
+def _too_deep(where: str = "") -> Unparsable:
+    return Unparsable(f"arrays or objects nested more than {MAX_NESTING} levels deep{where}; distft reads rows "
+                      f"nested at most {MAX_NESTING} levels (deeper ones would overflow Python's stack later)")
+
+
+def nested_too_deep(value: Any) -> bool:
+    """Whether `value` nests lists and dicts more than MAX_NESTING levels, walked without
+    recursion. Such a row is malformed even where json.loads could parse it: copying it or
+    pickling it to a tokenizing process recurses once per level and fails near 500."""
+    todo = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while todo:
+        item, depth = todo.pop()
+        if depth > MAX_NESTING:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        todo.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def _brackets(text) -> int:
+    """Opening brackets in `text` (bytes or str): a row nests no deeper, so most need no walk."""
+    if isinstance(text, str):
+        return text.count("[") + text.count("{")
+    return text.count(b"[") + text.count(b"{")
+
+
 def _parse_line(line: bytes, offset: int) -> Any:
     try:
-        return json.loads(line.decode("utf-8"))
+        value = json.loads(line.decode("utf-8"))
     except UnicodeDecodeError as err:
         return Unparsable(_not_utf8(line[err.start], offset + err.start))
     except json.JSONDecodeError as err:
         return Unparsable(f"invalid JSON: {err.msg} at column {err.colno}")
+    except RecursionError:  # deeper than the parser goes (~1000 levels)
+        return _too_deep()
+    return _too_deep() if _brackets(line) > MAX_NESTING and nested_too_deep(value) else value
 
 
 def _read_jsonl(f, path: str, key: str) -> list[RawRow]:
@@ -102,39 +141,66 @@ def json_type(value: Any) -> str:
 
 
 def _read_json(f, path: str, key: str) -> list[RawRow]:
+    """A JSON list of rows. Parsed whole; when a row nests deeper than the parser goes, the list is
+    parsed one element at a time instead, so that such a row costs itself, not the file."""
     skip = _skip_bom(f, path, key)
     data = f.read()
     try:
         text, escaped = data.decode("utf-8"), False
     except UnicodeDecodeError:  # parse anyway: the rows holding such bytes are malformed, the others kept
         text, escaped = data.decode("utf-8", "surrogateescape"), True
+    listed = text.lstrip().startswith("[")
     try:
-        value = json.loads(text)
+        try:
+            value = json.loads(text)
+        except RecursionError:
+            value = [element for _, _, element in _elements(text)] if listed else _DEEP
     except json.JSONDecodeError as err:
-        if not text.lstrip().startswith("["):
+        if not listed:
             f.seek(0)
             return _read_jsonl(f, path, key)  # JSON Lines saved as .json
-        at = skip + len(text[: err.pos].encode("utf-8", "surrogateescape"))
-        bad = _ESCAPED_BYTE.match(text, err.pos)
-        why = f"byte 0x{ord(bad.group()) - 0xDC00:02x} is not UTF-8" if bad else err.msg
-        raise DataError(
-            f"{key}={path} is not valid JSON: {why} at line {err.lineno} column {err.colno} (byte offset {at}); "
-            "fix it, or save it as JSON Lines (one object per line), where a bad record costs one row, not the file"
-        ) from None
+        raise _not_json(err, text, skip, path, key) from None
+    if value is _DEEP:  # one record nested too deep, or JSON Lines: each line its own row
+        f.seek(0)
+        return _read_jsonl(f, path, key)
     if not isinstance(value, list):
         raise DataError(
             f"{key}={path} holds a JSON {json_type(value)}, not a list of rows; "
             "write a JSON list of objects (or JSON Lines with data.source=jsonl)"
         )
     rows = [RawRow(v, f"row {i} of {path}") for i, v in enumerate(value)]
-    if escaped:
-        where = _Locator(text, skip)
-        for row, (start, end) in zip(rows, _element_spans(text)):
-            bad = _ESCAPED_BYTE.search(text, start, end)
-            if bad:
-                line, offset = where(bad.start())
-                row.value = Unparsable(_not_utf8(ord(bad.group()) - 0xDC00, offset, line))
+    may_nest = _brackets(text) > MAX_NESTING  # else no row can: nothing to walk
+    deep = [v is _DEEP or may_nest and nested_too_deep(v) for v in value]
+    if escaped or any(deep):
+        _mark_malformed(rows, deep, text, skip, escaped)
     return rows
+
+
+_DEEP = object()  # _elements: an element nested deeper than the parser goes
+
+
+def _not_json(err: json.JSONDecodeError, text: str, skip: int, path: str, key: str) -> DataError:
+    at = skip + len(text[: err.pos].encode("utf-8", "surrogateescape"))
+    bad = _ESCAPED_BYTE.match(text, err.pos)
+    why = f"byte 0x{ord(bad.group()) - 0xDC00:02x} is not UTF-8" if bad else err.msg
+    return DataError(
+        f"{key}={path} is not valid JSON: {why} at line {err.lineno} column {err.colno} (byte offset {at}); "
+        "fix it, or save it as JSON Lines (one object per line), where a bad record costs one row, not the file"
+    )
+
+
+def _mark_malformed(rows: list[RawRow], deep: list[bool], text: str, skip: int, escaped: bool) -> None:
+    """Make malformed, with the line and byte offset, each row nested too deep and (`escaped`:
+    the text holds bytes that are not UTF-8) each row holding such a byte."""
+    where = _Locator(text, skip)
+    for row, too_deep, (start, end, _) in zip(rows, deep, _elements(text)):
+        bad = _ESCAPED_BYTE.search(text, start, end) if escaped else None
+        if too_deep:
+            line, offset = where(start)
+            row.value = _too_deep(f", from line {line} (byte offset {offset})")
+        elif bad:
+            line, offset = where(bad.start())
+            row.value = Unparsable(_not_utf8(ord(bad.group()) - 0xDC00, offset, line))
 
 
 class _Locator:
@@ -150,18 +216,52 @@ class _Locator:
         return self.line, self.offset
 
 
-def _element_spans(text: str) -> list[tuple[int, int]]:
-    """(start, end) of each element of the JSON array `text` (known to parse)."""
-    decoder = json.JSONDecoder()
+_DECODER = json.JSONDecoder()
+_BRACKET_OR_QUOTE = re.compile(r'[][{}"]')
+_STRING_REST = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # after the opening quote
+
+
+def _elements(text: str) -> Iterator[tuple[int, int, Any]]:
+    """(start, end, value) of each element of the JSON array `text`, parsed by json's decoder; an
+    element nested deeper than the decoder goes is _DEEP, its end found by counting brackets
+    instead (`_bracketed_end`). JSONDecodeError for what json.loads would refuse."""
     pos = _JSON_SPACE.match(text, text.index("[") + 1).end()
-    spans: list[tuple[int, int]] = []
-    while text[pos] != "]":
-        _, end = decoder.raw_decode(text, pos)
-        spans.append((pos, end))
+    while text[pos : pos + 1] != "]":
+        try:
+            value, end = _DECODER.raw_decode(text, pos)
+        except RecursionError:
+            value, end = _DEEP, _bracketed_end(text, pos)
+        yield pos, end, value
         pos = _JSON_SPACE.match(text, end).end()
-        if text[pos] == ",":
+        if text[pos : pos + 1] == ",":
             pos = _JSON_SPACE.match(text, pos + 1).end()
-    return spans
+        elif text[pos : pos + 1] != "]":
+            raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+    if text[pos + 1 :].strip(" \t\n\r"):
+        raise json.JSONDecodeError("Extra data", text, _JSON_SPACE.match(text, pos + 1).end())
+
+
+def _bracketed_end(text: str, pos: int) -> int:
+    """Where the array or object opening at `pos` closes, found without recursion (brackets counted
+    outside strings), so that one nested 100,000 deep still has an end; what is inside is not
+    checked: the row is malformed anyway."""
+    depth = 0
+    while True:
+        found = _BRACKET_OR_QUOTE.search(text, pos)
+        if found is None:
+            raise json.JSONDecodeError("Expecting ']' or '}' to close what opens", text, len(text))
+        pos = found.end()
+        if found.group() == '"':
+            rest = _STRING_REST.match(text, pos)
+            if rest is None:
+                raise json.JSONDecodeError("Unterminated string starting at", text, pos - 1)
+            pos = rest.end()
+        elif found.group() in "[{":
+            depth += 1
+        else:
+            depth -= 1
+            if depth == 0:
+                return pos
 
 
 _MISSING_CELL = object()
@@ -183,7 +283,10 @@ def _read_csv(f, path: str, key: str) -> list[RawRow]:
     """A header line, then one row per record. Decoded with surrogateescape so that bytes that are
     not UTF-8 make their row malformed (with the byte offset) rather than the file unreadable;
     the physical lines of each record are kept to say where. No limit on a cell's length (csv's
-    default 128 KiB would refuse the file for one long document)."""
+    default 128 KiB would refuse the file for one long document). Read strictly: a quote left open
+    (it swallows every line after it) or text after a closing quote (an inner quote not doubled)
+    would silently shift cells between columns and rows, so either refuses the file, naming the
+    line and the column (`_csv_error`), as does a column name that the header repeats."""
     skip = _skip_bom(f, path, key)
     text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
     consumed: list[tuple[int, str]] = []  # (byte offset, text) of the lines read since the last record
@@ -195,41 +298,110 @@ def _read_csv(f, path: str, key: str) -> list[RawRow]:
             at += len(line.encode("utf-8", "surrogateescape"))
             yield line
 
-    reader = csv.DictReader(lines(), restkey="__extra__", restval=_MISSING_CELL)
+    reader = csv.DictReader(lines(), restkey="__extra__", restval=_MISSING_CELL, strict=True)
     rows: list[RawRow] = []
-    record_lines: list[tuple[int, str]] = []
+    header: Optional[list[str]] = None
     limit = csv.field_size_limit(2**31 - 1)
     try:
-        reader.fieldnames  # noqa: B018  (reads the header line)
-        problem = _bad_csv_text(consumed)
-        if problem:
-            raise DataError(f"{key}={path}: the header line is {problem}")
+        header = _read_csv_header(reader, consumed, path, key)
         consumed.clear()
         for i, record in enumerate(reader):
-            record_lines = consumed[:]
+            problem = _bad_csv_text(consumed)
             consumed.clear()
-            problem = _bad_csv_text(record_lines)
             if problem is None and ("__extra__" in record or any(v is _MISSING_CELL for v in record.values())):
                 problem = f"wrong number of columns for the header {reader.fieldnames}"
-            value = Unparsable(problem) if problem else record
-            rows.append(RawRow(value, f"row {i} (line {reader.line_num}) of {path}"))
-        if len(record_lines) > 1:  # the last record ran over lines: a quote left open swallows the rest
-            try:
-                list(csv.reader((line for _, line in record_lines), strict=True))
-            except csv.Error as err:
-                if "unexpected end of data" in str(err):
-                    first = reader.line_num - len(record_lines) + 1
-                    raise DataError(
-                        f"{key}={path}: the quoted field opened in row {len(rows) - 1} (line {first}) is never "
-                        f"closed, so the {len(record_lines)} lines from there were read as one cell; close the "
-                        'quote, or write a quote inside a quoted field as two ("")'
-                    ) from None
+            rows.append(RawRow(Unparsable(problem) if problem else record, f"row {i} (line {reader.line_num}) of {path}"))
     except csv.Error as err:
-        raise DataError(f"{key}={path} line {reader.line_num} is not CSV ({err}); fix that line") from None
+        record = "the header" if header is None else f"row {len(rows)}"
+        # reader.reader counts the lines read so far (DictReader's own count stops at the last record).
+        first_line = reader.reader.line_num - len(consumed) + 1
+        raise _csv_error(err, consumed, first_line, record, header, path, key) from None
     finally:
         csv.field_size_limit(limit)
         text.detach()
     return rows
+
+
+def _read_csv_header(reader: csv.DictReader, consumed: list[tuple[int, str]], path: str, key: str) -> list[str]:
+    """The column names: refused when the header is not text or names a column twice (DictReader
+    would keep the last of the two cells and drop the other without a word)."""
+    names = reader.fieldnames or []
+    problem = _bad_csv_text(consumed)
+    if problem:
+        raise DataError(f"{key}={path}: the header line is {problem}")
+    first: dict[str, int] = {}
+    for column, name in enumerate(names, 1):
+        if name in first and name.strip():  # unnamed columns (a spreadsheet's trailing commas) are read by no one
+            raise DataError(f"{key}={path}: the header (line {reader.line_num}) names column {column} {name!r}, "
+                            f"like column {first[name]}; DictReader would keep one of the two cells, so give "
+                            "every column its own name")
+        first.setdefault(name, column)
+    return list(names)
+
+
+_CSV_MARK = re.compile(r'[",\r\n]')
+
+
+def _csv_error(err: csv.Error, consumed: list[tuple[int, str]], first_line: int, record: str,
+               fieldnames: Optional[list], path: str, key: str) -> DataError:
+    """The DataError for csv's strict-mode error in the record read from `consumed` (its physical
+    lines, the first being line `first_line`): where the broken quoted field opens and why."""
+    found = _broken_quote("".join(line for _, line in consumed))
+    if found is None:
+        return DataError(f"{key}={path} line {first_line + max(len(consumed) - 1, 0)} is not CSV ({err}); fix that line")
+    column, opened, closed = found
+    name = f" {fieldnames[column]!r}" if fieldnames and column < len(fieldnames) else ""
+    line = first_line + _line_index(consumed, opened)
+    where = f"{record} (line {line}, column {column + 1}{name})"
+    if closed is None:
+        rest = first_line + len(consumed) - line
+        return DataError(
+            f"{key}={path}: the quoted field opened in {where} is never closed, so the rest of the file ({rest} "
+            f"line{'' if rest == 1 else 's'} from there) would be read as one cell; close the quote, or write a "
+            'quote inside a quoted field as two ("")')
+    return DataError(
+        f"{key}={path}: the quoted field opened in {where} closes on line {first_line + _line_index(consumed, closed)} "
+        f"and text follows its closing quote; write a quote inside a quoted field as two (\"\"), or quote the whole "
+        "cell")
+
+
+def _broken_quote(text: str) -> Optional[tuple[int, int, Optional[int]]]:
+    """(column index, position of its opening quote, position of its closing quote or None when
+    it never closes) of the first quoted field of CSV `text` that is broken: never closed, or
+    closed and followed by text rather than a comma or the line's end. As csv reads it: a quote
+    opens a quoted field only as the field's first character, and "" inside it is a quote."""
+    column, field_start, pos = 0, 0, 0
+    while (found := _CSV_MARK.search(text, pos)) is not None:
+        at = found.start()
+        if found.group() != '"':
+            column = column + 1 if found.group() == "," else 0
+            field_start = pos = at + 1
+            continue
+        pos = at + 1
+        if at != field_start:
+            continue  # a quote inside an unquoted field is text
+        closed = _closing_quote(text, at + 1)
+        if closed is None or text[closed + 1 : closed + 2] not in ("", ",", "\r", "\n"):
+            return column, at, closed
+        pos = closed + 1
+    return None
+
+
+def _closing_quote(text: str, pos: int) -> Optional[int]:
+    while (quote := text.find('"', pos)) >= 0:
+        if text[quote + 1 : quote + 2] != '"':
+            return quote
+        pos = quote + 2
+    return None
+
+
+def _line_index(lines: list[tuple[int, str]], pos: int) -> int:
+    """Which of `lines` (joined) holds character `pos`."""
+    for index, (_, line) in enumerate(lines):
+        if pos < len(line):
+            return index
+        pos -= len(line)
+    return max(len(lines) - 1, 0)
 
 
 def _read_parquet(f, path: str, key: str) -> list[RawRow]:
@@ -306,6 +478,9 @@ def _read(source: str, path: Optional[str], key: str, cfg: Optional[DataConfig] 
             "(or data.source=synthetic for the embedded dataset)"
         )
     if source == "hub":
+        problem = data_file_problem(key, os.path.expanduser(path), source)  # a local dataset directory's files
+        if problem:
+            raise DataError(problem)
         rows, split_eval = _dataset_rows(load_hub(path, cfg, key), path, key)
         if not rows:
             raise DataError(f"{key}={path} holds no rows (its train split is empty)")
@@ -325,16 +500,31 @@ def _read(source: str, path: Optional[str], key: str, cfg: Optional[DataConfig] 
     if source == "hf_disk":
         rows, split_eval = _read_hf_disk(path, key)
     else:
-        try:
-            with open(path, "rb") as f:
-                rows, split_eval = _READERS[source](f, path, key), None
-        except OSError as err:  # checked above, so a failing disk or a file changed meanwhile
-            raise DataError(f"{key}={path} could not be read ({err.strerror or err}); check the file") from None
+        with open_data_file(key, path, source) as f:
+            rows, split_eval = _READERS[source](f, path, key), None
     if not rows:
         what = "an empty dataset" if source == "hf_disk" else (
             f"{os.path.getsize(path)} bytes: only blank lines, an empty list, a header line or an empty table")
         raise DataError(f"{key}={path} holds no rows ({what}); set {key} to the file that holds the data")
     return rows, split_eval
+
+
+@contextlib.contextmanager
+def open_data_file(key: str, path: str, source: str) -> Iterator[IO[bytes]]:
+    """`path` opened for reading only if it is a regular file (`files.open_regular`: non-blocking,
+    then fstat, so a file swapped for a pipe after `data_file_problem` looked still cannot block;
+    links followed: the user's own path may be one). A failure is one DataError naming `key`."""
+    try:
+        f = open_regular(path, "rb", follow_links=True)
+    except NotAFile as err:
+        raise DataError(data_file_problem(key, path, source) or f"{key}={path!r}: {err}") from None
+    except OSError as err:
+        raise DataError(f"{key}={path} could not be read ({err.strerror or err}); check the file") from None
+    with f:
+        try:
+            yield f
+        except OSError as err:  # checked when opened, so a failing disk
+            raise DataError(f"{key}={path} could not be read ({err.strerror or err}); check the file") from None
 
 
 # What one entry of data.sources may set (the rest of data.* applies to every source).
@@ -380,10 +570,14 @@ def source_problems(cfg: DataConfig) -> list[str]:
         if not isinstance(spec.get("path"), str) or not spec.get("path"):
             errors.append(f"{key} has no path; every source names its file (or datasets directory)")
         weight = spec.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-            errors.append(f"{key}.weight={weight!r} must be a number > 0 (its share of each epoch is weight / sum)")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+            errors.append(f"{key}.weight={weight!r} must be a finite number > 0, such as 1 or 2.5 (its share of each "
+                          "epoch is weight / sum of the weights)")
         if "source" in spec and spec["source"] not in DATA_READERS:
             errors.append(f"{key}.source={spec['source']!r} is not one of {', '.join(DATA_READERS)}")
+    weights = [s.get("weight", 1.0) for s in cfg.sources if isinstance(s, dict)]
+    if not errors and not math.isfinite(sum(weights)):  # each finite, the sum not: shares would be nan
+        errors.append(f"data.sources: the weights sum to {sum(weights)}; scale them down (only their ratios count)")
     return errors
 
 
@@ -446,8 +640,10 @@ def data_file_problem(key: str, path: str, source: str) -> Optional[str]:
 
     Nothing is read and nothing blocks: a named pipe, a device or a socket is refused before it is
     opened (opening a FIFO waits for a writer; and every rank reads the data, again on resume, so a
-    stream would be drained by the first reader). Root is not exempt from every denial (a directory
-    on NFS with root squash, a write-only /sys file), hence the trial open rather than os.access."""
+    stream would be drained by the first reader). A dataset directory (hf_disk, or a local `hub`
+    one) is refused for any such file in it, since datasets opens them all. Root is not exempt
+    from every denial (a directory on NFS with root squash, a write-only /sys file), hence the
+    trial open rather than os.access."""
 
     try:
         mode = os.stat(path)
@@ -458,18 +654,16 @@ def data_file_problem(key: str, path: str, source: str) -> Optional[str]:
                 "directories above it searchable (chmod a+x) by the user running distft, or move the file")
     except OSError as err:
         return f"{key}={path!r} cannot be read ({err.strerror}); check the file system it is on"
-    if source == "hf_disk":
-        if not stat.S_ISDIR(mode.st_mode):
-            return f"{key}={path!r} is a file; data.source=hf_disk reads a save_to_disk directory"
-    elif stat.S_ISDIR(mode.st_mode):
+    if stat.S_ISDIR(mode.st_mode):
+        if source in ("hf_disk", "hub"):
+            return dataset_files(key, path)[1]
         return f"{key}={path!r} is a directory; data.source={source} reads one file"
-    elif not stat.S_ISREG(mode.st_mode):
-        kinds = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
-                 (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-        kind = next((name for test, name in kinds if test(mode.st_mode)), "a special file")
-        return (f"{key}={path!r} is {kind}, not a regular file: every rank reads the data, and again on resume; "
-                f"save it to a file and set {key} to that file")
-    elif mode.st_size == 0:
+    if source == "hf_disk":
+        return f"{key}={path!r} is a file; data.source=hf_disk reads a save_to_disk directory"
+    if not stat.S_ISREG(mode.st_mode):
+        return (f"{key}={path!r} is {file_kind(mode.st_mode)}, not a regular file: every rank reads the data, and "
+                f"again on resume; save it to a file and set {key} to that file")
+    if mode.st_size == 0:
         return f"{key}={path!r} is empty (0 bytes); set {key} to the file that holds the data"
     try:
         os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
@@ -479,6 +673,40 @@ def data_file_problem(key: str, path: str, source: str) -> Optional[str]:
     except OSError as err:
         return f"{key}={path!r} cannot be opened ({err.strerror}); check the file and the file system it is on"
     return None
+
+
+def dataset_files(key: str, directory: str) -> tuple[list[str], Optional[str]]:
+    """(every file below a dataset directory, in the fingerprint's order: by folder, then name;
+    why the directory cannot be read, or None). Links are followed, as datasets follows them, each
+    real folder once; anything but a regular file or a folder (a named pipe would block datasets,
+    and the fingerprint, on its first read) is refused, naming it."""
+    files: list[tuple[str, str]] = []
+    seen: set[tuple[int, int]] = set()
+    folders = [directory]
+    while folders:
+        folder = folders.pop()
+        try:
+            info = os.stat(folder)
+            names = os.listdir(folder)
+        except OSError as err:
+            return [], f"{key}={directory!r}: {folder} cannot be read ({err.strerror}); check the dataset directory"
+        if (info.st_dev, info.st_ino) in seen:  # a link back to a folder already walked
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        for name in names:
+            path = os.path.join(folder, name)
+            try:
+                mode = os.stat(path).st_mode
+            except OSError as err:  # a dangling link, a link loop
+                return [], f"{key}={directory!r} holds {path}, which cannot be read ({err.strerror}); remove it"
+            if stat.S_ISDIR(mode):
+                folders.append(path)
+            elif stat.S_ISREG(mode):
+                files.append((folder, name))
+            else:
+                return [], (f"{key}={directory!r} holds {path}, {file_kind(mode)}, not a regular file: datasets reads "
+                            "every file of a dataset directory; remove it from there")
+    return [os.path.join(folder, name) for folder, name in sorted(files)], None
 
 
 def _hub_fingerprint(name: str, cfg: DataConfig, key: str) -> dict:
@@ -499,30 +727,38 @@ def data_fingerprint(cfg: DataConfig) -> dict:
     Empty for the synthetic data, which the config alone defines. Stored with every checkpoint
     and in summary.json, so a run is never resumed (or called complete) on other data than it
     trained on (distft.checkpoint.data_changes)."""
-    import hashlib
-
-    files = [(p.key, p.cfg.path, p.cfg) for p in parts(cfg) if p.cfg.source != "synthetic"]
-    files.append(("data.eval_path", cfg.eval_path, cfg))
+    files = [(p.key, p.cfg.path, p.cfg.source, p.cfg) for p in parts(cfg) if p.cfg.source != "synthetic"]
+    files.append(("data.eval_path", cfg.eval_path, eval_reader(cfg), cfg))
     found = {}
-    for key, path, part in files:
+    for key, path, source, part in files:
         if not path:
             continue
-        if part.source == "hub" and key != "data.eval_path" and not os.path.exists(os.path.expanduser(path)):
+        if source == "hub" and key != "data.eval_path" and not os.path.exists(os.path.expanduser(path)):
             found[key] = _hub_fingerprint(path, part, key)
             continue
-        path = os.path.abspath(os.path.expanduser(path))
-        files = ([os.path.join(root, name) for root, _, names in sorted(os.walk(path)) for name in sorted(names)]
-                 if os.path.isdir(path) else [path])
-        digest, size = hashlib.sha256(), 0
-        for name in files:
-            if len(files) > 1:
-                digest.update(os.path.relpath(name, path).encode() + b"\0")
-            try:
-                with open(name, "rb") as f:
-                    while chunk := f.read(1 << 20):
-                        digest.update(chunk)
-                        size += len(chunk)
-            except OSError as err:
-                raise DataError(f"{key}={path} could not be read ({err.strerror or err}); check the file") from None
-        found[key] = {"path": path, "bytes": size, "sha256": digest.hexdigest()}
+        found[key] = _content_fingerprint(key, os.path.abspath(os.path.expanduser(path)), source)
     return found
+
+
+def _content_fingerprint(key: str, path: str, source: str) -> dict:
+    """sha256 and size of a data file, or of every file of a dataset directory (with its relative
+    name). Checked first as the loader checks it (`data_file_problem`: no pipe in the directory
+    either), then each file opened only if it still is a regular file: nothing here blocks."""
+    import hashlib
+
+    problem = data_file_problem(key, path, source)
+    if problem:
+        raise DataError(problem)
+    names = dataset_files(key, path)[0] if os.path.isdir(path) else [path]
+    digest, size = hashlib.sha256(), 0
+    for name in names:
+        if len(names) > 1:
+            digest.update(os.path.relpath(name, path).encode() + b"\0")
+        try:
+            with open_regular(name, "rb", follow_links=True) as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+                    size += len(chunk)
+        except OSError as err:  # NotAFile too: swapped for a pipe since it was looked at
+            raise DataError(f"{key}={path} could not be read ({err.strerror or err}); check the file") from None
+    return {"path": path, "bytes": size, "sha256": digest.hexdigest()}

@@ -14,7 +14,10 @@ Each point's rank 0 leaves `<sweep dir>/<job num>/point.json` (its overrides, it
 the sweep id) when it starts; a rank that fails leaves `failed.rank<N>.json` beside it (its first
 error line), and on SLURM the sweep's watcher (launchers/sweep_watch.py) leaves `failed.job.json`
 for a job that ended without either (killed, out of memory, a rank that left through os._exit).
-The summary reads
+With Hydra's basic launcher (the default) the points run one after another in the sweep's own
+process: a point that fails (its run directory in use by another run, bad data) raises
+`PointFailed` instead of exiting (`point_exit`; `failed.job.json` when no rank recorded why), so
+the other points still run, and the sweep exits 1 once they did. The summary reads
 every point's `summary.json` from its run directory. Written into the sweep directory:
 `summary.csv` (one row per point, the swept values as columns), `summary.md` (the same as a
 markdown table, best eval loss first) and `summary.png` (eval loss after tuning per point, and
@@ -28,16 +31,17 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
-import json
+import io
 import logging
 import math
 import os
 import sys
 import time
 import uuid
+import warnings
 from typing import Any, Optional
 
-from distft.files import write_json, write_text
+from distft.files import read_json, read_text, write_bytes, write_json, write_text
 
 log = logging.getLogger("distft")
 
@@ -72,9 +76,8 @@ def start_sweep(sweep_dir: str) -> str:
 def sweep_id(sweep_dir: str) -> Optional[str]:
     """The id of the latest sweep started in `sweep_dir`; None for a directory without sweep.json."""
     try:
-        with open(os.path.join(sweep_dir, SWEEP)) as f:
-            return json.load(f).get("id")
-    except (OSError, ValueError):
+        return read_json(os.path.join(sweep_dir, SWEEP), max_bytes=1 << 16).get("id")
+    except (OSError, ValueError, AttributeError):
         return None
 
 
@@ -119,9 +122,10 @@ def first_failure(point_dir: str) -> Optional[dict]:
     ranks, job = [], None
     for path in glob.glob(os.path.join(point_dir, FAILED.format(source="*"))):
         try:
-            with open(path) as f:
-                record = json.load(f)
+            record = read_json(path, max_bytes=1 << 20)
         except (OSError, ValueError):
+            continue
+        if not isinstance(record, dict):
             continue
         if os.path.basename(path) == FAILED.format(source="job"):
             job = record
@@ -145,8 +149,14 @@ def collect(sweep_dir: str) -> tuple[list[str], list[dict]]:
     current = sweep_id(sweep_dir)
     points = []
     for path in glob.glob(os.path.join(sweep_dir, "*", POINT)):
-        with open(path) as f:
-            point = json.load(f)
+        try:  # a point directory is a run's: a FIFO or a link there is skipped, never waited for
+            point = read_json(path, max_bytes=1 << 20)
+        except (OSError, ValueError) as err:
+            log.warning("sweep point %s cannot be read (%s); left out of the summary", path, err)
+            continue
+        if not isinstance(point, dict) or "job" not in point:
+            log.warning("sweep point %s is not a point record; left out of the summary", path)
+            continue
         if current is None or point.get("sweep") == current:  # an earlier sweep's point: not this summary's
             points.append((os.path.dirname(path), point))
     points.sort(key=lambda p: p[1]["job"])
@@ -159,9 +169,11 @@ def collect(sweep_dir: str) -> tuple[list[str], list[dict]]:
         summary = None
         summary_path = os.path.join(point["run_dir"], "summary.json") if point.get("run_dir") else ""
         failure = first_failure(point_dir)  # this sweep's: write_point clears earlier ones
-        if not failure and summary_path and os.path.exists(summary_path):
-            with open(summary_path) as f:
-                summary = json.load(f)
+        if not failure and summary_path and os.path.lexists(summary_path):
+            try:
+                summary = read_json(summary_path)
+            except (OSError, ValueError) as err:
+                log.warning("%s cannot be read (%s); its point is listed as incomplete", summary_path, err)
         row = {"job": point["job"], **{k: values.get(k, "") for k in swept}}
         row["status"] = f"failed: {failure['error']}" if failure else "complete" if summary else "incomplete"
         for column, where in METRICS:
@@ -185,10 +197,11 @@ def summarize(sweep_dir: str) -> Optional[dict[str, str]]:
         return None
     columns = ["job", *swept, "status", *(c for c, _ in METRICS), "run_dir"]
     paths = {name.split(".")[1]: os.path.join(sweep_dir, name) for name in SUMMARY_FILES}
-    with open(paths["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    write_text(paths["csv"], table.getvalue(), "the sweep summary")
     _write_markdown(paths["md"], sweep_dir, swept, rows)
     _plot(paths["png"], swept, rows)
     return paths
@@ -243,36 +256,101 @@ def _plot(path: str, swept: list[str], rows: list[dict]) -> None:
     ax.set_ylabel("held-out loss (nats/token)")
     ax.set_title("eval loss per sweep point")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
+    with warnings.catch_warnings():  # labels too long to fit (a one-point summary names every key): drawn anyway
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout()
+    image = io.BytesIO()
+    fig.savefig(image, format="png")
     plt.close(fig)
+    write_bytes(path, image.getvalue(), "the sweep's plot")
 
 
 try:
+    from hydra.errors import CompactHydraException
     from hydra.experimental.callback import Callback
 except ImportError:  # pragma: no cover - hydra is a dependency
-    Callback = object
+    Callback = CompactHydraException = Exception
+
+
+class PointFailed(CompactHydraException):
+    """A sweep point that failed, raised in place of its exit where Hydra's basic launcher (the
+    default for -m) runs every point in this process: a SystemExit there would end the whole
+    sweep, the points after it never run. Hydra keeps an exception as that point's result, runs
+    the other points, then ends the sweep with it: its message alone (a CompactHydraException,
+    no traceback) and exit code 1."""
+
+    def __init__(self, sweep_dir: str, job: int, error: str):
+        super().__init__(sweep_dir, job, error)
+        self.sweep_dir, self.job, self.error = sweep_dir, job, error
+
+    def __str__(self) -> str:
+        # Composed when Hydra prints it, after the last point: the point named by its swept values,
+        # as the summary names it, and how many points failed in all.
+        try:
+            swept, rows = collect(self.sweep_dir)
+            row = next(r for r in rows if r["job"] == self.job)
+            values = " ".join(f"{k}={row[k]}" for k in swept)
+            failed = sum(r["status"].startswith("failed") for r in rows)
+            tally = f"{failed} of {len(rows)} points failed"
+        except Exception:  # noqa: BLE001 - the point's own error still says what matters
+            values, tally = "", "the other points were run"
+        summary = os.path.join(self.sweep_dir, "summary.md")
+        return f"distft: sweep point {self.job} ({values}) failed: {self.error}; {tally}: see {summary}"
+
+
+def runs_points_here(hydra_cfg) -> bool:
+    """Whether this is a multirun whose launcher runs its points in this process, one after the
+    other (Hydra's basic launcher; submitit's run each in a job of its own)."""
+    from hydra.types import RunMode
+
+    return hydra_cfg.mode == RunMode.MULTIRUN and str(hydra_cfg.launcher._target_).endswith(".BasicLauncher")
+
+
+def point_exit(code: Any) -> Optional[PointFailed]:
+    """What the current point's exit with `code` becomes where `runs_points_here`: PointFailed
+    naming the point and its first error (`failed.job.json` recorded when no rank left one: a
+    refusal before training, a local launcher's exit code). None (exit as asked) elsewhere, on
+    success, and for a stop signal or Ctrl-C (4, 130), which stop the sweep, not one point."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from distft.preemption import EXIT_INTERRUPTED, EXIT_STOPPED
+
+    hydra_cfg = HydraConfig.get()
+    if code in (None, 0, EXIT_STOPPED, EXIT_INTERRUPTED) or not runs_points_here(hydra_cfg):
+        return None
+    point_dir = hydra_cfg.runtime.output_dir
+    if first_failure(point_dir) is None:
+        record_failure(point_dir, "job", f"exit code {code} (its message is above)")
+    return PointFailed(hydra_cfg.sweep.dir, int(hydra_cfg.job.num), first_failure(point_dir)["error"])
 
 
 class SweepSummary(Callback):
     """Hydra callback (conf/config.yaml), in the submitting process: a new sweep id when a
     multirun starts, the summary when it ends after every job returned (submitit launchers wait
     for their jobs). Hydra's sweeper raises a failed point's error instead of ending the multirun:
-    on submitit_slurm, launchers/sweep_watch.py writes the summary then, once every job ended
-    (elsewhere, `python -m distft.sweep <sweep dir>` does)."""
+    on submitit_slurm, launchers/sweep_watch.py writes the summary then, once every job ended;
+    with the basic launcher it is written after each point (`on_job_end`), so the last one is the
+    whole sweep's (elsewhere, `python -m distft.sweep <sweep dir>` writes it)."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
         start_sweep(config.hydra.sweep.dir)
 
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        if runs_points_here(config.hydra):
+            _write_summary(config.hydra.sweep.dir, announce=False)
+
     def on_multirun_end(self, config, **kwargs) -> None:
-        sweep_dir = config.hydra.sweep.dir
-        try:
-            paths = summarize(sweep_dir)
-        except Exception as err:  # a summary problem must not hide the sweep's own outcome
-            print(f"distft: sweep summary failed ({err}); rerun `python -m distft.sweep {sweep_dir}`", file=sys.stderr)
-            return
-        if paths:
-            print(f"sweep summary: {paths['md']} (also summary.csv, summary.png)", flush=True)
+        _write_summary(config.hydra.sweep.dir, announce=True)
+
+
+def _write_summary(sweep_dir: str, announce: bool) -> None:
+    try:
+        paths = summarize(sweep_dir)
+    except Exception as err:  # a summary problem must not hide the sweep's own outcome
+        print(f"distft: sweep summary failed ({err}); rerun `python -m distft.sweep {sweep_dir}`", file=sys.stderr)
+        return
+    if paths and announce:
+        print(f"sweep summary: {paths['md']} (also summary.csv, summary.png)", flush=True)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -292,8 +370,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"distft.sweep: no sweep point in {sweep_dir} (no */{POINT}); was it written by "
               "`python -m distft -m ...`?", file=sys.stderr)
         return 2
-    with open(paths["md"]) as f:
-        print(f.read(), end="")
+    print(read_text(paths["md"]), end="")
     print(f"written: {', '.join(paths.values())}")
     return 0
 

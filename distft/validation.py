@@ -344,10 +344,14 @@ def _check_sequence_length(cfg: Config, errors: list[str], max_positions: int) -
 
 
 def _check_data(cfg: Config, errors: list[str]) -> None:
-    from distft.sources import reader_for, source_problems
+    from distft.sources import SOURCE_KEYS, reader_for, source_problems
 
     d = cfg.data
     errors += source_problems(d)
+    if d.name == "mix" and not d.sources:  # else data=mix would train on the synthetic set without a word
+        errors.append("data=mix needs data.sources, a list of one entry or more, such as 'data.sources=[{path: a.jsonl, "
+                      f"weight: 3}}, {{path: b.csv}}]' (an entry's keys: {', '.join(SOURCE_KEYS)}); for one file "
+                      "use data=jsonl|json|csv|parquet|hf_disk data.path=FILE")
     if d.source != "synthetic" and not d.path and not d.sources:
         errors.append(f"data.path is required for data.source={d.source!r} (a file, a directory for hf_disk, a dataset name for hub)")
     # (data.eval_path is read with synthetic training data too, as JSON Lines: data.py load_rows.)

@@ -166,7 +166,8 @@ def test_technique_presets():
 @pytest.mark.parametrize("group", ["model", "technique", "parallel", "launcher", "cluster", "data"])
 def test_every_group_option_composes(group):
     # The only problems an option alone may cause are the ones that tell the user what to add.
-    allowed = ("data.path is required", "data.packing=true does not work", "launcher=slurm needs a time limit")
+    allowed = ("data.path is required", "data.packing=true does not work", "launcher=slurm needs a time limit",
+               "data=mix needs data.sources")
     for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
         cfg, errors = check(f"{group}={option}")
         assert getattr(cfg, group).name == option
@@ -388,6 +389,27 @@ def test_missing_and_wrong_data_paths(tmp_path):
     good("data=jsonl", f"data.path={tmp_path / 'train.jsonl'}")
     assert "is a file" in only_error("data=hf_disk", f"data.path={tmp_path / 'train.jsonl'}")
     assert "is not a directory" in only_error("model.name_or_path=./no/such/model")
+
+
+def test_a_mix_needs_sources_and_finite_positive_weights(tmp_path):
+    """Issue 34: data=mix without data.sources (or with `data.sources=[]`) trained on the synthetic
+    set without a word, and a weight of inf or nan ended the run with a traceback from the epoch's
+    draw. Each is refused before anything starts, every problem at once, naming the key and the
+    allowed values."""
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for path in (a, b):
+        path.write_text('{"instruction": "q", "output": "a"}\n')
+    for argv in (["data=mix"], ["data=mix", "data.sources=[]"]):
+        assert only_error(*argv).startswith("data=mix needs data.sources, a list of one entry or more, such as "
+                                            "'data.sources=[{path: a.jsonl, weight: 3}, {path: b.csv}]' (an entry's "
+                                            "keys: path, weight, source,")
+    _, errors = check("data=mix", f"data.sources=[{{path: {a}, weight: inf}}, {{path: {b}, weight: nan}}, "
+                                  f"{{path: {a}, weight: -1}}, {{path: {b}, weight: 0}}, {{path: {a}, weight: '2'}}]")
+    finite = "must be a finite number > 0, such as 1 or 2.5 (its share of each epoch is weight / sum of the weights)"
+    assert errors == [f"data.sources[{i}].weight={w} {finite}" for i, w in enumerate(["inf", "nan", "-1", "0", "'2'"])]
+    assert only_error("data=mix", f"data.sources=[{{path: {a}, weight: 1e308}}, {{path: {b}, weight: 1e308}}]") == (
+        "data.sources: the weights sum to inf; scale them down (only their ratios count)")
+    good("data=mix", f"data.sources=[{{path: {a}, weight: 1e-3}}, {{path: {b}}}]", "data.eval_size=1")
 
 
 def test_every_problem_is_reported_in_one_call():

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from distft.config import Config, DataConfig
 from distft.data import DataError, load_rows, prepare_data, tokenize_row
 from distft.model import build_offline_tokenizer
 from distft.preflight import path_problems
+from distft.sources import Unparsable
 
 REPO = Path(__file__).resolve().parents[2]
 BOM = b"\xef\xbb\xbf"
@@ -204,6 +206,41 @@ def test_json_that_is_not_a_list_of_objects(tmp_path, tok):
         assert f"holds a JSON {kind}, not a list of rows" in message, message
 
 
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def test_a_row_nested_too_deep_is_one_malformed_row_with_its_line(tmp_path, tok):
+    """Issue 34: 100,000 nested brackets, even in a field no template reads, ended the run with a
+    RecursionError from json's parser (the whole .json file with it), and 600 levels, which json
+    parses, with one when the row was pickled to a tokenizing process (num_proc=2). Each such row
+    is now one malformed row, counted, with its line; the other rows are kept."""
+    good = rows(4)
+    records = [json.dumps(good[0]), json.dumps({**good[1], "junk": 0}).replace("0}", nested(100_000) + "}"),
+               json.dumps(good[2]), json.dumps({**good[3], "junk": 0}).replace("0}", nested(600) + "}"),
+               json.dumps({"instruction": "q", "output": "a", "ok": 0}).replace("0}", nested(99) + "}")]
+    jsonl_path = write(tmp_path / "deep.jsonl", "\n".join(records).encode() + b"\n")
+    json_text = "[\n" + ",\n".join(records) + "\n]\n"
+    json_path = write(tmp_path / "deep.json", json_text.encode())
+    reason = "is malformed: arrays or objects nested more than 100 levels deep"
+    for path, source, num_proc in ((jsonl_path, "jsonl", 2), (json_path, "json", 1)):
+        with deadline(120):
+            report = prepare_data(cfg_for(path, source, num_proc=num_proc), tok).report
+        assert (report.loaded, report.malformed, report.kept) == (5, 2, 3), source
+        where = f"row 1 (line 2) of {path}" if source == "jsonl" else f"row 1 of {path}"
+        assert report.first_dropped["malformed"].startswith(f"{where}: {reason[len('is malformed: '):]}"), source
+        message = refusal_of_rows(cfg_for(path, source, on_bad_rows="fail"), tok)
+        assert message.startswith(f"{where} {reason}"), message
+    offset = len(json_text[: json_text.index(records[1])].encode())
+    assert f"more than 100 levels deep, from line 3 (byte offset {offset})" in message
+    # A .json document that is one deep record (no list) is read as JSON Lines: one malformed row.
+    only = write(tmp_path / "only.json", ('{"instruction": "q", "output": ' + nested(100_000) + "}").encode())
+    assert [type(v) for v in values(load_rows(cfg_for(only, "json"))[0])] == [Unparsable]
+    # The element-by-element parse refuses what json.loads refuses, where it would.
+    broken = write(tmp_path / "broken.json", json_text.replace(",\n" + records[2], "\n" + records[2]).encode())
+    assert "is not valid JSON: Expecting ',' delimiter at line 4 column 1" in refusal(cfg_for(broken, "json"))
+
+
 def test_no_rows_left_names_the_file_and_why_the_first_was_dropped(tmp_path, tok):
     path = write(tmp_path / "wrong_fields.jsonl", jsonl([{"question": "q", "answer": str(i)} for i in range(3)]))
     message = refusal_of_rows(cfg_for(path), tok)
@@ -277,7 +314,24 @@ WHOLE_FILE = [  # (id, source, content, what the message says)
     ("bad-byte-in-csv-header", "csv", b"instr\xffuction,input,output\na,b,c\n",
      "the header line is not valid UTF-8: byte 0xff at byte offset 5; save the file as UTF-8"),
     ("unclosed-csv-quote", "csv", b'instruction,input,output\na,"b,c\nd,e,f\ng,h,i\n',
-     "the quoted field opened in row 0 (line 2) is never closed, so the 3 lines from there were read as one cell"),
+     "the quoted field opened in row 0 (line 2, column 2 'input') is never closed, so the rest of the file (3 lines "
+     "from there) would be read as one cell; close the quote"),
+    # Issue 34: a quote left open on the last line (one line, no further quote) was one malformed row.
+    ("unclosed-csv-quote-last-line", "csv", b'instruction,input,output\na,b,c\nd,e,"f\n',
+     "the quoted field opened in row 1 (line 3, column 3 'output') is never closed, so the rest of the file (1 "
+     "line from there)"),
+    # An inner quote not doubled: csv (not strict) closed the field there and glued on what followed, quotes lost.
+    ("csv-text-after-closing-quote", "csv", b'instruction,input,output\na,b,c\nd,"He said "hi" twice",f\n',
+     "the quoted field opened in row 1 (line 3, column 2 'input') closes on line 3 and text follows its closing "
+     'quote; write a quote inside a quoted field as two ("")'),
+    ("csv-quote-closed-lines-later", "csv", b'instruction,input,output\na,"b,c\nd,e,f\ng,"h,i\n',
+     "the quoted field opened in row 0 (line 2, column 2 'input') closes on line 4 and text follows"),
+    ("csv-header-unclosed-quote", "csv", b'instruction,"input,output\na,b,c\n',
+     "the quoted field opened in the header (line 1, column 2) is never closed"),
+    # Two columns of one name: DictReader kept the second cell and dropped the first without a word.
+    ("csv-duplicate-column", "csv", b"instruction,output,output\na,b,c\n",
+     "the header (line 1) names column 3 'output', like column 2; DictReader would keep one of the two cells, so "
+     "give every column its own name"),
     ("not-parquet", "parquet", b"PAR1 but not really", "is not a readable parquet file"),
     ("directory", "jsonl", "dir", "is a directory; data.source=jsonl reads one file"),
     ("fifo", "jsonl", "fifo", "is a named pipe (FIFO), not a regular file"),
@@ -422,6 +476,66 @@ def test_an_eval_file_beside_synthetic_data_is_checked_before_anything_starts(tm
     for path, expected in ((missing, "does not exist"), (fifo, "is a named pipe (FIFO), not a regular file")):
         _, errors = preflight([f"data.eval_path={path}"])
         assert len(errors) == 1 and errors[0].startswith(f"data.eval_path={path!r}") and expected in errors[0], errors
+
+
+def dataset_with_a_pipe(tmp_path: Path) -> tuple[str, str]:
+    """(a save_to_disk directory, the named pipe planted in it)."""
+    from datasets import Dataset
+
+    directory = tmp_path / "dataset"
+    Dataset.from_list(rows(12)).save_to_disk(str(directory))
+    os.mkfifo(directory / "extra.arrow")
+    return str(directory), str(directory / "extra.arrow")
+
+
+PIPES = {  # case: (overrides, the file named), for tmp_path
+    "data.path": lambda tmp: (["data=jsonl", f"data.path={tmp / 'pipe.jsonl'}"], str(tmp / "pipe.jsonl")),
+    "data.eval_path": lambda tmp: (["data=jsonl", f"data.path={write(tmp / 'good.jsonl', jsonl(rows(30)))}",
+                                    f"data.eval_path={tmp / 'pipe.jsonl'}"], str(tmp / "pipe.jsonl")),
+    "in-hf_disk": lambda tmp: (["data=hf_disk", f"data.path={dataset_with_a_pipe(tmp)[0]}"], str(tmp / "dataset" /
+                                                                                                 "extra.arrow")),
+}
+
+
+@pytest.mark.parametrize("case", list(PIPES))
+@pytest.mark.parametrize("command", ["distft", "distft.data"])
+def test_a_named_pipe_is_refused_by_both_commands_without_blocking(tmp_path, command, case):
+    """Issue 34: a FIFO given as data.path or data.eval_path, or one inside a save_to_disk
+    directory, hung both commands (preflight's peek at the first JSON Lines record and the data
+    fingerprint opened it, and an open waits for a writer). Now: exit 2 at once, one line naming
+    the file and what it is."""
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    overrides, named = PIPES[case](tmp_path)
+    proc = subprocess.run([sys.executable, "-m", command, *overrides, f"run.root={tmp_path / 'runs'}",
+                           "tracking.wandb.mode=disabled"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    said = [line for line in proc.stderr.splitlines() if named in line]
+    assert len(said) == 1 and "a named pipe (FIFO), not a regular file" in said[0], proc.stderr
+
+
+def test_the_loader_and_the_fingerprint_refuse_a_pipe_in_a_dataset_directory(tmp_path):
+    """What ranks ask of an hf_disk directory (load_rows) and what the cache key and checkpoints
+    record of it (data_fingerprint) refuse a planted FIFO without opening it; a link to a regular
+    file is followed, as the user's own data path may be one."""
+    from distft.sources import data_fingerprint
+
+    directory, pipe = dataset_with_a_pipe(tmp_path)
+    cfg = cfg_for(directory, "hf_disk")
+    expected = f"data.path={directory!r} holds {pipe}, a named pipe (FIFO), not a regular file"
+    assert refusal(cfg).startswith(expected)
+    with deadline(10), pytest.raises(DataError, match=re.escape(expected)):
+        data_fingerprint(cfg)
+    os.remove(pipe)
+    before = data_fingerprint(cfg)["data.path"]
+    link = tmp_path / "linked.jsonl"
+    link.symlink_to(write(tmp_path / "real.jsonl", jsonl(rows(3))))
+    assert data_fingerprint(cfg_for(str(link)))["data.path"]["bytes"] == len(jsonl(rows(3)))
+    assert values(load_rows(cfg_for(str(link)))[0]) == rows(3)
+    os.mkfifo(tmp_path / "dataset" / "late.arrow")
+    with deadline(10), pytest.raises(DataError, match="late.arrow, a named pipe"):
+        data_fingerprint(cfg)
+    os.remove(tmp_path / "dataset" / "late.arrow")
+    assert data_fingerprint(cfg)["data.path"] == before
 
 
 def test_a_dataset_with_no_held_out_rows_is_one_message_before_training(tmp_path):

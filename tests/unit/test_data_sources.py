@@ -87,7 +87,7 @@ def test_bad_source_entries_are_one_message_each(tmp_path):
         {"path": "d", "source": "xml"}]))
     assert len(problems) == 6, problems
     assert problems[0].startswith("data.path='x.jsonl' and data.sources are both set")
-    assert "data.sources[0].weight=0 must be a number > 0" in problems[1]
+    assert "data.sources[0].weight=0 must be a finite number > 0" in problems[1]
     assert problems[2].startswith("data.sources[1] is a str; write {path: FILE, weight: 1.0}")
     assert problems[3] == "data.sources[2] has no path; every source names its file (or datasets directory)"
     assert problems[4].startswith("data.sources[3] has unknown keys ['colour']")
