@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from typing import Any, Optional
 
 from distft.compare import PLACEHOLDER  # an answer whose start marks where the prompt ends; never fed
 from distft.errors import CheckpointError, DataError
+from distft.files import read_json
 
 PROMPT_FORMAT = "prompt_format.json"  # written by distft.export: how to prompt the exported model
 INSTRUCTION_TEMPLATES = ("alpaca", "alpaca_short", "plain")
@@ -99,8 +99,10 @@ def _load_export(path: str, base: bool, trust_remote_code: bool):
         model = PeftModel.from_pretrained(model, os.path.join(path, "adapter"))
     fmt_path = os.path.join(path, PROMPT_FORMAT)
     if os.path.exists(fmt_path):
-        with open(fmt_path) as f:
-            fmt = json.load(f)
+        try:
+            fmt = read_json(fmt_path, max_bytes=1 << 20)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{fmt_path} cannot be read ({err}); export the checkpoint again") from None
         return model, tokenizer, fmt["template"], [int(i) for i in fmt["stop_token_ids"]]
     if not getattr(tokenizer, "chat_template", None):
         raise CheckpointError(f"{path} has no {PROMPT_FORMAT} (written by distft.export) and its tokenizer no chat "

@@ -51,10 +51,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
-import shutil
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -62,8 +61,20 @@ from typing import Any, Optional
 
 from distft import dist, faults
 from distft.config import Config, to_dict
-from distft.errors import CheckpointError, OutputError, SaveInterrupted
-from distft.files import describe, fsync_dir, is_disk_full, write_json, write_text
+from distft.errors import CheckpointError, OutputError, SaveInterrupted, UnsafePathError
+from distft.files import (
+    describe,
+    file_kind,
+    fsync_dir,
+    is_disk_full,
+    make_dirs,
+    open_regular,
+    read_json,
+    read_text,
+    remove_tree,
+    write_json,
+    write_text,
+)
 from distft.safe_load import pickle_kind, scan_file
 
 log = logging.getLogger("distft")
@@ -141,10 +152,10 @@ def save_checkpoint(
         error = None
         if info.is_main:
             try:
-                os.makedirs(root, exist_ok=True)
-                shutil.rmtree(tmp, ignore_errors=True)  # what a crashed save left
-                os.makedirs(tmp)
-            except OSError as err:
+                make_dirs(root, run_dir, "the checkpoints directory")  # a planted link there is refused
+                remove_tree(tmp)  # what a crashed save left (a link planted there: the link itself)
+                os.mkdir(tmp)
+            except (OSError, UnsafePathError) as err:
                 error = _failure(err, info.rank, tmp)
         errors = [e for e in dist.all_gather_object(error) if e]  # also the barrier: nobody writes before tmp exists
         if errors:
@@ -174,7 +185,7 @@ def _write(pending: PendingCheckpoint, engine, tokenizer, cfg: Config, trainer_s
                 extra["save_embedding_layers"] = False
             model.save_pretrained(os.path.join(tmp, "model"), safe_serialization=True, **extra)
             tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-            write_json(os.path.join(tmp, TRAINER_STATE), trainer_state)
+            write_json(os.path.join(tmp, TRAINER_STATE), trainer_state, root=pending.run_dir)
             meta = {
                 "step": step,
                 "technique": cfg.technique.name,
@@ -183,7 +194,7 @@ def _write(pending: PendingCheckpoint, engine, tokenizer, cfg: Config, trainer_s
                 "parallel": cfg.parallel.strategy,
                 "config": to_dict(cfg),
             }
-            write_json(os.path.join(tmp, "meta.json"), meta)
+            write_json(os.path.join(tmp, "meta.json"), meta, root=pending.run_dir)
     except BaseException as err:  # DCP's CheckpointException is a BaseException; reported collectively below
         if isinstance(err, SystemExit) or _interrupted(err):
             raise  # DCP wraps a Ctrl-C in its CheckpointException: an interrupt all the same (_interrupt_named)
@@ -226,16 +237,17 @@ def _commit(pending: PendingCheckpoint, info) -> str:
             errors = [(RACED, f"rank 0: {', '.join(missing)} missing from {tmp} after being written")]
     if not errors and info.is_main:
         try:
-            write_json(os.path.join(tmp, MANIFEST), {"format": 1, "step": step, "files": dict(sorted(merged.items()))})
+            write_json(os.path.join(tmp, MANIFEST), {"format": 1, "step": step, "files": dict(sorted(merged.items()))},
+                       root=pending.run_dir)
             faults.point("before_commit", step)
-            write_text(os.path.join(tmp, COMMITTED), str(step))
+            write_text(os.path.join(tmp, COMMITTED), str(step), root=pending.run_dir)
             if os.path.exists(final):  # the same step saved again: set the old one aside first
-                shutil.rmtree(final + ".old", ignore_errors=True)
+                remove_tree(final + ".old")
                 os.replace(final, final + ".old")
             os.replace(tmp, final)
             fsync_dir(root)
-            shutil.rmtree(final + ".old", ignore_errors=True)
-            write_text(os.path.join(root, LATEST), os.path.basename(final) + "\n")
+            remove_tree(final + ".old")
+            write_text(os.path.join(root, LATEST), os.path.basename(final) + "\n", root=pending.run_dir)
             if pending.best_eval_loss is not None:
                 write_best(pending.run_dir, step, pending.best_eval_loss)
             _prune(pending.run_dir, final, pending.keep_last)
@@ -278,7 +290,7 @@ def _fail(pending: PendingCheckpoint, errors: list[tuple[str, str]], info) -> No
     kind = next(k for k in (DISK_FULL, RACED, OTHER) if k in kinds)
     first = next(text for k, text in errors if k == kind)
     if info.is_main and kind != RACED:  # a raced tmp directory is the other process's now
-        shutil.rmtree(pending.tmp, ignore_errors=True)
+        remove_tree(pending.tmp)
     previous = committed_checkpoints(pending.run_dir)
     done = (f"nothing was committed and earlier checkpoints are untouched (newest: "
             f"{previous[-1] if previous else 'none'})")
@@ -366,7 +378,7 @@ def _prune(run_dir: str, newest: str, keep_last: int) -> None:
     best = read_best(run_dir)
     for old in committed_checkpoints(run_dir)[:-keep_last]:
         if old != newest and (best is None or old != best["path"]):
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(old)
 
 
 def write_best(run_dir: str, step: int, eval_loss: float, default: bool = False, why: str = "") -> None:
@@ -375,15 +387,14 @@ def write_best(run_dir: str, step: int, eval_loss: float, default: bool = False,
     record = {"checkpoint": step_dir_name(step), "step": step, "eval_loss": eval_loss, "default": default}
     if why:
         record["why"] = why
-    write_json(os.path.join(checkpoints_dir(run_dir), BEST), record, what="the best checkpoint's pointer")
+    write_json(os.path.join(checkpoints_dir(run_dir), BEST), record, what="the best checkpoint's pointer", root=run_dir)
 
 
 def read_best(run_dir: str) -> Optional[dict]:
     """checkpoints/best.json with `path` added, or None: no best recorded, an unreadable pointer,
     or one whose checkpoint is no longer committed."""
     try:
-        with open(os.path.join(checkpoints_dir(run_dir), BEST)) as f:
-            record = json.load(f)
+        record = read_json(os.path.join(checkpoints_dir(run_dir), BEST), max_bytes=1 << 16)
         path = os.path.join(checkpoints_dir(run_dir), record["checkpoint"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -399,7 +410,7 @@ def _save_rng(tmp: str, rank: int) -> None:
     states = {"cpu": torch.random.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state()
-    os.makedirs(os.path.join(tmp, RNG_DIR), exist_ok=True)
+    make_dirs(os.path.join(tmp, RNG_DIR), tmp)
     save_file(states, os.path.join(tmp, RNG_DIR, f"rank_{rank:05d}.safetensors"))
 
 
@@ -430,14 +441,29 @@ def _files(directory: str) -> list[str]:
     return sorted(found)
 
 
+def _special_files(directory: str) -> list[tuple[str, str]]:
+    """(relative name, what it is) of everything under `directory` that is neither a regular file
+    nor a directory: links (to files or directories), pipes, devices, sockets. distft never writes
+    them into a checkpoint, and reading one could hang (a FIFO), never end (a link to /dev/zero)
+    or read outside the checkpoint."""
+    found = []
+    for parent, dirs, names in os.walk(directory):
+        for name in dirs + names:
+            path = os.path.join(parent, name)
+            mode = os.lstat(path).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)) or stat.S_ISLNK(mode):
+                found.append((os.path.relpath(path, directory), file_kind(mode)))
+    return sorted(found)
+
+
 def _hash_files(directory: str, names: list[str], sync: bool = False) -> dict[str, dict]:
     """Size and sha256 of each file; `sync`: also flush it to disk (a save does, before it commits:
-    not every library fsyncs what it writes)."""
+    not every library fsyncs what it writes). Only regular files are opened (`open_regular`)."""
     out = {}
     for name in names:
         digest = hashlib.sha256()
         size = 0
-        with open(os.path.join(directory, name), "rb") as f:
+        with open_regular(os.path.join(directory, name), "rb") as f:
             while chunk := f.read(1 << 22):
                 digest.update(chunk)
                 size += len(chunk)
@@ -475,11 +501,13 @@ def verify(checkpoint: str, rank: int = 0, world_size: int = 1, ignored: Optiona
     if not os.path.exists(os.path.join(checkpoint, COMMITTED)):
         return [f"{COMMITTED} is missing (the save did not finish)"]
     try:
-        with open(manifest_path) as f:
-            files = json.load(f)["files"]
+        files = read_json(manifest_path)["files"]
+        if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+            raise TypeError("its files are not a table of sizes and hashes")
     except (OSError, ValueError, KeyError, TypeError) as err:
         return [f"{MANIFEST} is missing or unreadable ({type(err).__name__}: {err})"]
-    problems = []
+    problems = [f"{name}: {kind}, where a checkpoint holds only regular files (refused, never read)"
+                for name, kind in _special_files(checkpoint)]
     present = set(_files(checkpoint))
     if rank == 0:
         for name in sorted(present - set(files)):
@@ -499,11 +527,11 @@ def verify(checkpoint: str, rank: int = 0, world_size: int = 1, ignored: Optiona
         if name not in present:
             problems.append(f"{name}: missing")
             continue
-        size = os.path.getsize(path)
-        if size != expected["size"]:
-            problems.append(f"{name}: {size} bytes, the manifest says {expected['size']} (truncated or rewritten)")
+        size = os.lstat(path).st_size
+        if size != expected.get("size"):
+            problems.append(f"{name}: {size} bytes, the manifest says {expected.get('size')} (truncated or rewritten)")
             continue
-        if _hash_files(checkpoint, [name])[name]["sha256"] != expected["sha256"]:
+        if _hash_files(checkpoint, [name])[name]["sha256"] != expected.get("sha256"):
             problems.append(f"{name}: sha256 differs from the manifest (corrupted)")
             continue
         if pickle_kind(name):
@@ -560,8 +588,11 @@ def _check_latest(run_dir: str) -> None:
     path = os.path.join(checkpoints_dir(run_dir), LATEST)
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        name = f.read().strip()
+    try:
+        name = read_text(path, max_bytes=1 << 10).strip()
+    except OSError as err:  # a planted FIFO or link: never read, reported like an empty one
+        log.warning("%s cannot be read (%s); finding the newest complete checkpoint by scanning instead", path, err)
+        return
     if not name or not os.path.exists(os.path.join(checkpoints_dir(run_dir), name, COMMITTED)):
         log.warning(
             "%s is %s; finding the newest complete checkpoint by scanning instead",
@@ -713,10 +744,8 @@ def data_changes(then: Optional[dict], now: Optional[dict]) -> list[str]:
 
 
 def read_meta(checkpoint: str) -> dict:
-    with open(os.path.join(checkpoint, "meta.json")) as f:
-        return json.load(f)
+    return read_json(os.path.join(checkpoint, "meta.json"))
 
 
 def read_trainer_state(checkpoint: str) -> dict:
-    with open(os.path.join(checkpoint, TRAINER_STATE)) as f:
-        return json.load(f)
+    return read_json(os.path.join(checkpoint, TRAINER_STATE))

@@ -419,19 +419,22 @@ def metrics_only(result: dict[str, Any]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------- CLI
 # `python -m distft.evaluate CHECKPOINT`: the base-vs-tuned report for any checkpoint.
+def report_root(checkpoint: str) -> str:
+    """The directory `default_report_path` writes under: the checkpoint's run directory, or the
+    current directory for a checkpoint outside a run. Nothing below it is followed (a run
+    directory is untrusted: a planted `evals` link is refused, distft.files)."""
+    parent = os.path.dirname(os.path.abspath(checkpoint))
+    return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else os.getcwd()
+
+
 def default_report_path(checkpoint: str) -> str:
     """Where `python -m distft.evaluate` writes its report by default: never into the checkpoint.
 
     A checkpoint of a run (`<run_dir>/checkpoints/step_000300`): `<run_dir>/evals/step_000300/
     eval_report.md`, beside the run's own files. A checkpoint anywhere else (copied, downloaded,
     possibly on read-only storage): `evals/<its name>/eval_report.md` under the current directory."""
-    checkpoint = os.path.abspath(checkpoint)
-    parent, name = os.path.split(checkpoint)
-    if os.path.basename(parent) == "checkpoints":
-        root = os.path.dirname(parent)
-    else:
-        root = os.getcwd()
-    return os.path.join(root, "evals", name, "eval_report.md")
+    return os.path.join(report_root(checkpoint), "evals", os.path.basename(os.path.abspath(checkpoint)),
+                        "eval_report.md")
 
 
 def evaluate_checkpoint(checkpoint: str, out: str | None = None, num_samples: int | None = None,
@@ -452,6 +455,7 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, num_samples: in
     from distft.report import predictions_path, write_predictions, write_report
 
     checkpoint = resolve_checkpoint(checkpoint, announce=True)
+    root = os.path.dirname(os.path.abspath(os.path.expanduser(out))) if out else report_root(checkpoint)
     out = os.path.abspath(os.path.expanduser(out)) if out else default_report_path(checkpoint)
     real = os.path.realpath(checkpoint)
     if os.path.commonpath([os.path.realpath(out), real]) == real:
@@ -496,8 +500,8 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, num_samples: in
     before = score(load_base(cfg, tokenizer=tokenizer)) if compare_base else None
     meta = {"experiment": cfg.run.experiment, "technique": cfg.technique.name, "model": model_label(cfg.model),
             "checkpoint": checkpoint, "steps": read_meta(checkpoint)["step"]}
-    predictions = write_predictions(predictions_path(out), {"base": before, "tuned": after})
-    write_report(out, before, after, meta, num_samples=cfg.eval.report_samples, predictions=predictions)
+    predictions = write_predictions(predictions_path(out), {"base": before, "tuned": after}, root)
+    write_report(out, before, after, meta, num_samples=cfg.eval.report_samples, predictions=predictions, root=root)
     return out, after, before
 
 

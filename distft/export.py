@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 
 import torch
 
 from distft.checkpoint import CheckpointError, read_meta, resolve_checkpoint
 from distft.config import Config, to_config
-from distft.files import write_json
+from distft.files import remove_tree, write_json, write_text
 
 
 def checkpoint_config(checkpoint: str, trust_remote_code: bool = False) -> Config:
@@ -131,8 +130,9 @@ def export(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.float32, tr
     cfg, model, tokenizer = load_model(checkpoint, dtype=dtype, quantized=False, trust_remote_code=trust_remote_code)
     stop_ids = set_generation_stops(model, tokenizer, cfg)
     tmp = out_dir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_tree(tmp)  # a crashed export's copy; a link there is removed, never written through
     try:
+        os.mkdir(tmp)
         _write_export(cfg, model, tokenizer, checkpoint, tmp, out_dir)
         # How to prompt it (distft.chat reads it): the run's template and where its answers stop.
         write_json(os.path.join(tmp, "prompt_format.json"), {
@@ -144,7 +144,7 @@ def export(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.float32, tr
         os.replace(tmp, out_dir)
     except BaseException as err:
         # Nothing half-written stays behind: the partial copy can be as large as the model.
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         if isinstance(err, CheckpointError) or not isinstance(err, Exception):
             raise  # already one message (non-finite weights), or Ctrl-C: an interrupt stays one
         raise export_error(out_dir, tmp, err) from err
@@ -165,9 +165,7 @@ def _write_export(cfg: Config, model, tokenizer, checkpoint: str, tmp: str, out_
             "  base = AutoModelForCausalLM.from_pretrained('<out>/base')\n"
             "  model = PeftModel.from_pretrained(base, '<out>/adapter')\n"
         )
-        os.makedirs(tmp, exist_ok=True)
-        with open(os.path.join(tmp, "README.txt"), "w") as f:
-            f.write(note)
+        write_text(os.path.join(tmp, "README.txt"), note, "the export", root=tmp)
     else:
         if cfg.technique.name != "full":
             model = model.merge_and_unload()

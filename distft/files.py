@@ -30,7 +30,9 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import stat
+import time
 from collections.abc import Iterator
 from typing import IO, Any, Optional
 
@@ -138,7 +140,7 @@ def append_line(path: str, line: str, what: str = "", root: Optional[str] = None
             fd = os.open(os.path.basename(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
                          | os.O_CLOEXEC, 0o644, dir_fd=folder)
         _require_regular(fd, path, what)
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        _lock_for_a_while(fd, path)
         size = os.fstat(fd).st_size
         try:
             _write_all(fd, data)
@@ -160,11 +162,48 @@ def append_line(path: str, line: str, what: str = "", root: Optional[str] = None
             os.close(fd)
 
 
+APPEND_LOCK_WAIT_S = 10.0
+
+
+def _lock_for_a_while(fd: int, path: str) -> bool:
+    """An exclusive flock on `fd`, waited for at most `wait_s`: anyone who can open the file (a
+    second local user, read-only) can hold one forever, and a run must not hang on that. Past the
+    wait the append goes ahead unlocked, with a warning: an O_APPEND write of one line is placed
+    whole at the end by the kernel on a local file system; the lock only orders writers."""
+    wait_s = APPEND_LOCK_WAIT_S
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                log.warning("%s has been locked by another process for %.0f s; appending without the lock", path,
+                            wait_s)
+                return False
+            time.sleep(0.05)
+
+
 def make_dirs(path: str, root: Optional[str] = None, what: str = "") -> str:
     """Create directory `path` and the missing ones between it and `root`, refusing links on the
     way (`directory_fd`); returns `path`."""
     with directory_fd(os.path.abspath(path), root, what):
         return path
+
+
+def remove_tree(path: str) -> None:
+    """Remove `path`, whatever it is, without following a link: a link or a file is unlinked, a
+    directory removed with everything in it (shutil.rmtree, which does not follow the links it
+    meets either); nothing there is fine."""
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if stat.S_ISDIR(mode):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 _REMOVE_IT = ("distft never writes through links or into special files under a run directory, cache or review "
@@ -224,11 +263,9 @@ def _open_child_dir(fd: int, part: str, walked: str, path: str, what: str, creat
     except OSError as err:
         if err.errno not in (errno.ELOOP, errno.ENOTDIR):
             raise
-        mode = os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode
-        if stat.S_ISLNK(mode):
+        if stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode):
             raise _link_refused(path, what, walked) from None
-        raise UnsafePathError(f"refusing to write {_what(what)}under {path}: {walked} is {file_kind(mode)}, not a "
-                              f"directory; {_REMOVE_IT}") from None
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), walked) from None  # what makedirs says
     with contextlib.suppress(FileExistsError):  # made meanwhile by another writer: fine, if it is a directory
         os.mkdir(part, 0o755, dir_fd=fd)
     return _open_child_dir(fd, part, walked, path, what, create=False)

@@ -20,6 +20,7 @@ import os
 from typing import Any, Optional
 
 from distft.errors import DataError
+from distft.files import open_regular
 
 LM_EVAL_HINT = "pip install 'distft[lm-eval]' (or lm-eval)"
 
@@ -30,8 +31,12 @@ def read_corpus(path: str) -> list[str]:
     if not os.path.isfile(path):
         raise DataError(f"eval.general_path={path} does not exist; point it at a text or JSON Lines file of general "
                         "text, or set eval.general_path=null")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read()
+    try:
+        with open_regular(path, "rb", follow_links=True) as f:  # never a FIFO's endless wait (distft.files)
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError as err:
+        raise DataError(f"eval.general_path={path} cannot be read ({err}); point it at a regular text or JSON Lines "
+                        "file") from None
     if path.endswith((".jsonl", ".json")):
         docs = []
         for number, line in enumerate(text.splitlines(), 1):
@@ -39,7 +44,7 @@ def read_corpus(path: str) -> list[str]:
                 continue
             try:
                 record = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise DataError(f"eval.general_path={path}: line {number} is not JSON; give one "
                                 '{"text": ...} object per line, or a plain .txt file') from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):

@@ -20,7 +20,7 @@ import re
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from distft.files import write_text, writing
+from distft.files import write_text
 from distft.model import MAX_LOSS_FOR_PERPLEXITY
 
 REPORT_METRICS = ("loss", "perplexity", "exact_match", "exact_match_strict", "f1", "rouge_l")
@@ -147,13 +147,12 @@ def prediction_records(results: dict[str, Optional[dict[str, Any]]]) -> list[dic
     return records
 
 
-def write_predictions(path: str, results: dict[str, Optional[dict[str, Any]]]) -> str:
+def write_predictions(path: str, results: dict[str, Optional[dict[str, Any]]], root: Optional[str] = None) -> str:
     """Every scored prompt with each model's answer and scores (`prediction_records`) as JSON
-    Lines at `path`, written to a temporary name and renamed. Returns the path."""
+    Lines at `path`, written to a temporary name and renamed, nothing followed below `root` (a
+    run directory: distft.files). Returns the path."""
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in prediction_records(results))
-    with writing(path, "the predictions file"):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_text(path, lines, what="the predictions file")
+    write_text(path, lines, "the predictions file", root)
     return path
 
 
@@ -169,10 +168,8 @@ def _truncation_line(results: dict[str, Optional[dict[str, Any]]]) -> Optional[s
             "longer.")
 
 
-def _write(path: str, lines: list[str], what: str) -> None:
-    with writing(path, what):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_text(path, "\n".join(lines).rstrip() + "\n", what=what)  # a full disk: one OutputError
+def _write(path: str, lines: list[str], what: str, root: Optional[str]) -> None:
+    write_text(path, "\n".join(lines).rstrip() + "\n", what, root)  # a full disk, a planted link: one OutputError
 
 
 def _body(results: dict[str, dict[str, Any]], change: Optional[tuple[str, str]], num_samples: int,
@@ -276,6 +273,7 @@ def write_report(
     predictions: Optional[str] = None,
     notes: Sequence[str] = (),
     intro: str = "",
+    root: Optional[str] = None,
 ) -> None:
     """Write `eval_report.md`: meta, a base-vs-tuned metric table, per-task exact match, how each
     metric is computed, the first `num_samples` samples (answers cut at max_new_tokens marked).
@@ -285,19 +283,21 @@ def write_report(
     file written beside it (`write_predictions`), which the report names. `notes`: paragraphs on
     the training (the best checkpoint, overfitting) under "## Training"; `intro`: the opening
     paragraph, before everything else (what the default job shows: synthetic.what_it_shows).
+    `root`: the directory the report belongs to (a run directory), below which nothing is followed.
     """
     results = {"base": before, "tuned": after} if before is not None else {"tuned": after}
     lines = _head(f"Evaluation report: {meta.get('experiment') or 'distft'}", meta, notes, "Training", intro)
     lines += _body(results, ("base", "tuned") if before is not None else None, num_samples, predictions, "held-out")
-    _write(path, lines, "the evaluation report")
+    _write(path, lines, "the evaluation report", root)
 
 
 def write_comparison(path: str, results: dict[str, dict[str, Any]], meta: dict[str, Any], num_samples: int = 8,
-                     predictions: Optional[str] = None, notes: Sequence[str] = (), what: str = "held-out") -> None:
+                     predictions: Optional[str] = None, notes: Sequence[str] = (), what: str = "held-out",
+                     root: Optional[str] = None) -> None:
     """Write a comparison report of several models scored on the same prompts: one column per
     model (`results`: {label: evaluate_model result}, in order); with exactly two, a change column
     (second minus first)."""
     change = tuple(results) if len(results) == 2 else None
     lines = _head(f"Comparison: {', '.join(results)}", meta, notes, "Models")
     lines += _body(results, change, num_samples, predictions, what)
-    _write(path, lines, "the comparison report")
+    _write(path, lines, "the comparison report", root)

@@ -42,6 +42,8 @@ import pickletools
 import re
 from typing import Any
 
+from distft.files import open_regular
+
 # Exact (module, name) pairs a checkpoint pickle may import. Checked against what every engine
 # writes (DCP for single/DDP/FSDP; DeepSpeed ZeRO-1/2/3 with offload, full and LoRA). torch's dtypes,
 # storage classes, layouts and memory formats (`torch.float32`, `torch.FloatStorage`, ...) are
@@ -264,7 +266,7 @@ def scan_file(path: str) -> list[str]:
     kind = pickle_kind(path)
     if kind is None:
         return []
-    with open(path, "rb") as f:
+    with open_regular(path, "rb") as f:  # never a FIFO or a link (checkpoint.verify refused them already)
         data = f.read()
     if kind in ("dcp-metadata", "pickle"):
         return scan_pickle_bytes(data, trailing_allowed=False)

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from distft.errors import TemplateError  # noqa: F401  (re-exported: callers catch distft.templates.TemplateError)
+from distft.files import open_regular
 
 ALPACA_PREAMBLE_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -294,12 +295,12 @@ def stop_token_ids(tokenizer, extra: Sequence[str] = ()) -> list[int]:
 
 def _first_jsonl_record(path: str) -> Optional[dict]:
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "rb", follow_links=True) as f:  # a FIFO is refused, not waited for
             for line in f:
                 if line.strip():
                     value = json.loads(line)
                     return value if isinstance(value, dict) else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None  # unreadable files are path_problems' to report
     return None
 

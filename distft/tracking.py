@@ -26,7 +26,7 @@ import time
 from typing import Any, Optional
 
 from distft.config import Config, to_dict
-from distft.files import append_line, read_json_lines, write_bytes, write_text
+from distft.files import append_line, make_dirs, read_json_lines, write_bytes, write_text
 
 log = logging.getLogger("distft")
 
@@ -100,7 +100,7 @@ class Tracker:
             return
         import wandb
 
-        records = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+        records = read_json_lines(path)
         labels = list(records[0]["outputs"]) if records else []
         columns = ["index", "task", "prompt", "reference"]
         for label in labels:
@@ -176,6 +176,7 @@ def _start_wandb(cfg: Config, run_dir: str, mode: str, key: Optional[str], run_i
 
 def _init_wandb(wandb, cfg: Config, run_dir: str, mode: str, run_id: Optional[str]):
     w = cfg.tracking.wandb
+    make_dirs(os.path.join(run_dir, "wandb"), run_dir, "W&B's files")  # a planted `wandb` link: refused
     return wandb.init(
         project=w.project,
         entity=w.entity,

@@ -14,7 +14,6 @@ micro-batch 4 x 1, whatever the lengths of the samples.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -30,7 +29,7 @@ from distft.config import run_dir as config_run_dir
 from distft.engines import autocast_dtype
 from distft.errors import CheckpointError, NonFiniteError
 from distft.evaluate import EvalInterrupted
-from distft.files import write_json, write_text
+from distft.files import make_dirs, read_json, read_text, write_json, write_text
 from distft.model import IGNORE_INDEX, token_loss
 from distft.preemption import StopSignal, requeue_count
 from distft.report import predictions_path
@@ -59,8 +58,8 @@ def write_config_dump(cfg: Config, run_dir: str) -> None:
     """The run's config, secrets redacted, as YAML: what `python -m distft` actually ran."""
     from omegaconf import OmegaConf
 
-    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-        f.write(OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg, redact=True))))
+    write_text(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg, redact=True))),
+               "the config dump")
 
 
 def train(cfg: Config) -> dict:
@@ -136,9 +135,8 @@ def _start(cfg: Config, info, run_dir: str, device: torch.device, stop) -> dict:
         dist.barrier()
     summary_path = os.path.join(run_dir, SUMMARY)
     fingerprint = _data_fingerprint(cfg, info)
-    if os.path.exists(summary_path):
-        with open(summary_path) as f:
-            summary = json.load(f)
+    if os.path.lexists(summary_path):
+        summary = _read_run_file(summary_path, read_json)
         changed = data_changes(summary.get("data_fingerprint"), fingerprint)
         if changed:
             raise CheckpointError(
@@ -268,14 +266,14 @@ def _set_attempt_aside(run_dir: str) -> None:
     `attempts/<time>/` (kept, never deleted), so this run's curve and W&B run start clean instead
     of appending to the old ones."""
     leftovers = [n for n in ("metrics.jsonl", "tracker_run_id", "wandb", "loss.png", REPORT, PREDICTIONS)
-                 if os.path.exists(os.path.join(run_dir, n))]
+                 if os.path.lexists(os.path.join(run_dir, n))]
     if not leftovers:
         return
     aside = os.path.join(run_dir, "attempts", time.strftime("%Y%m%d-%H%M%S"))
     n = 1
     while os.path.exists(aside):
         aside, n = f"{aside.rsplit('.', 1)[0]}.{n}", n + 1
-    os.makedirs(aside)
+    make_dirs(aside, run_dir, "the earlier attempt's files")
     for name in leftovers:
         os.replace(os.path.join(run_dir, name), os.path.join(aside, name))
     log.warning("no checkpoint to resume from: training starts at step 0; what an earlier attempt left (%s) was "
@@ -631,8 +629,21 @@ def _tracker_run_id(cfg: Config, run_dir: str, info) -> str:
         # Random suffix: a run started over (resume=false) is a new W&B run, not the old one continued.
         write_text(path, f"{cfg.run.experiment}-{config_hash(cfg)}-{os.urandom(3).hex()}\n")
     dist.barrier()
-    with open(path) as f:
-        return f.read().strip()
+    return _read_run_file(path, read_text).strip()
+
+
+def _read_run_file(path: str, read):
+    """A small file of the run directory read with `read` (files.read_json / read_text: regular
+    files only, never a planted link or FIFO); what cannot be read is a CheckpointError naming it."""
+    try:
+        value = read(path, max_bytes=16 << 20)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} cannot be read ({err}); the run directory is damaged: remove that file to "
+                              "resume, or pass resume=false to start over (the old run is kept aside)") from None
+    if read is read_json and not isinstance(value, dict):
+        raise CheckpointError(f"{path} is not a JSON object; the run directory is damaged: remove that file to "
+                              "resume, or pass resume=false to start over (the old run is kept aside)")
+    return value
 
 
 def _quiet_libraries() -> None:

@@ -31,12 +31,12 @@ checkpoints pad their vocabulary, and nothing is done):
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, Optional
 
 from distft.config import Config, ModelConfig
+from distft.files import read_json
 
 log = logging.getLogger("distft")
 
@@ -88,8 +88,7 @@ def local_embedding_rows(model: ModelConfig) -> Optional[int]:
         return model.vocab_size
     path = os.path.join(os.path.expanduser(model.name_or_path), "config.json")
     try:
-        with open(path) as f:
-            config = json.load(f)
+        config = read_json(path, follow_links=True)
     except (OSError, ValueError):
         return None
     return _config_vocab_size(config) if isinstance(config, dict) else None

@@ -20,12 +20,12 @@ exactly as the first run built it. Full fine-tuning saves every weight.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 
 import torch
 
+from distft.files import read_json, write_json
 from distft.safe_load import guarded_planner, guarded_reader
 
 STATE_JSON = "engine_state.json"
@@ -77,9 +77,7 @@ def save(path: str, model: torch.nn.Module, optimizer, scheduler, scaler=None, b
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
         }
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, STATE_JSON), "w") as f:
-            json.dump(rest, f)
+        write_json(os.path.join(path, STATE_JSON), rest, "the training state", root=os.path.dirname(path))
     return future
 
 
@@ -101,8 +99,7 @@ def load(path: str, model: torch.nn.Module, optimizer, scheduler, scaler=None) -
         reader.read_metadata()
         dcp.load(tensors, storage_reader=reader, planner=guarded_planner(),
                  no_dist=not torch.distributed.is_initialized())
-    with open(os.path.join(path, STATE_JSON)) as f:
-        rest = json.load(f)
+    rest = read_json(os.path.join(path, STATE_JSON))  # a regular file only (distft.files)
     # Not strict: the frozen weights are missing on purpose (they stay as built).
     result = set_state_dict(
         model,

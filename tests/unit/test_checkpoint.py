@@ -826,3 +826,156 @@ def test_a_full_disk_during_an_export_is_one_message_and_leaves_no_partial_copy(
     assert not os.path.exists(out) and not os.path.exists(out + ".tmp")
     assert verify(checkpoint) == []
     assert export_main([checkpoint, "--out", out]) == 0 and os.path.exists(os.path.join(out, "config.json"))
+
+
+# ------------------------------------------------------------------ hostile run directories (issue 34)
+
+
+class _Hung(Exception):
+    pass
+
+
+@pytest.fixture
+def within_60s():
+    """Fails the test with _Hung when it blocks for a minute (an open() of a FIFO waits for a
+    writer forever; SIGALRM's handler raises, which ends the blocked call: PEP 475)."""
+
+    def hung(signum, frame):
+        raise _Hung("blocked for 60 s")
+
+    before = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, before)
+
+
+def _plant(path: str, how: str) -> None:
+    os.remove(path)
+    if how == "fifo":
+        os.mkfifo(path)
+    else:
+        os.symlink("/dev/zero", path)
+
+
+@pytest.mark.parametrize("planted", [("MANIFEST.json", "fifo"), ("meta.json", "fifo"), ("trainer_state.json", "zero"),
+                                     ("state/engine_state.json", "fifo"), ("model/adapter_model.safetensors", "zero")])
+def test_a_fifo_or_a_link_to_dev_zero_in_a_checkpoint_is_refused_without_hanging(interrupted, finished, planted,
+                                                                                   within_60s, capsys):
+    """A checkpoint file replaced by a named pipe (open() would wait for a writer forever) or by
+    a link to /dev/zero (a read that never ends) is found before anything is opened: verify
+    names it, evaluate uses the previous checkpoint, and resume sets it aside and ends as the
+    undamaged run did. Before: resume and evaluate hung silently."""
+    from distft.checkpoint import resolve_checkpoint
+
+    name, how = planted
+    newest = os.path.join(interrupted, "checkpoints", "step_000008")
+    _plant(os.path.join(newest, name), how)
+    problems = verify(newest)
+    kind = "a named pipe (FIFO)" if how == "fifo" else "a symbolic link"
+    if name == MANIFEST:
+        assert problems == [f"{MANIFEST} is missing or unreadable (NotAFile: {newest}/{MANIFEST} is {kind}, not a "
+                            "regular file)"], problems
+    else:
+        assert f"{name}: {kind}, where a checkpoint holds only regular files (refused, never read)" in problems
+    assert resolve_checkpoint(interrupted).endswith("step_000004")
+    summary = resume(interrupted)
+    assert summary["resumed_from"].endswith("step_000004") and os.path.isdir(newest + ".damaged")
+    assert losses(interrupted) == losses(finished["run_dir"])
+
+
+@pytest.mark.parametrize("name", ["latest", "best.json"])
+def test_a_fifo_as_latest_or_best_json_is_reported_not_waited_for(interrupted, name, within_60s, capsys):
+    """`checkpoints/latest` and `checkpoints/best.json` are conveniences, read with O_NONBLOCK: a
+    FIFO there is reported (latest) or ignored (best.json), and the newest checkpoint resumes."""
+    from distft.checkpoint import read_best
+
+    path = os.path.join(interrupted, "checkpoints", name)
+    if os.path.exists(path):
+        os.remove(path)
+    os.mkfifo(path)
+    assert read_best(interrupted) is None
+    summary = resume(interrupted)
+    assert summary["resumed_from"].endswith("step_000008")
+    if name == "latest":
+        assert f"{path} cannot be read ({path} is a named pipe (FIFO), not a regular file)" in capsys.readouterr().out
+
+
+def test_a_fifo_as_summary_json_is_one_message_not_a_hang(interrupted, within_60s):
+    """A finished run's summary.json is read before anything else: a FIFO (or a link) planted
+    there is one CheckpointError naming it and what to do."""
+    path = os.path.join(interrupted, "summary.json")
+    os.mkfifo(path)
+    with pytest.raises(CheckpointError) as caught:
+        resume(interrupted)
+    assert str(caught.value) == (
+        f"{path} cannot be read ({path} is a named pipe (FIFO), not a regular file); the run directory is damaged: "
+        "remove that file to resume, or pass resume=false to start over (the old run is kept aside)")
+
+
+def _victims(tmp_path, names):
+    victims = {}
+    for name in names:
+        victim = tmp_path / f"victim-{name.replace('/', '_')}"
+        victim.write_text("precious\n")
+        victims[name] = victim
+    return victims
+
+
+def test_a_run_writes_nothing_through_links_planted_in_its_directory(interrupted, tmp_path, capsys):
+    """Links planted where a resumed run writes its report, predictions, loss plot, checkpoint
+    pointer, and at the temporary names this process would have written them under before issue
+    34 (`<name>.tmp-<pid>`), point at files elsewhere: the run replaces each link with its own
+    file and every target keeps its content. Before: the report, its predictions and the loss
+    plot were written through the temporary names' links."""
+    names = ["eval_report.md", "eval_report.predictions.jsonl", "loss.png", "checkpoints/latest"]
+    names += [f"{name}.tmp-{os.getpid()}" for name in names]
+    victims = _victims(tmp_path, names)
+    for name, victim in victims.items():
+        path = os.path.join(interrupted, name)
+        if os.path.exists(path):
+            os.remove(path)
+        os.symlink(victim, path)
+    summary = resume(interrupted)
+    assert summary["resumed_from"].endswith("step_000008")
+    for name, victim in victims.items():
+        assert victim.read_text() == "precious\n", name
+    # A resume from the last step saves nothing, so `latest` stays the planted link; the files
+    # the finish wrote are regular files of their own.
+    for name in ["eval_report.md", "eval_report.predictions.jsonl", "loss.png"]:
+        path = os.path.join(interrupted, name)
+        assert os.path.isfile(path) and not os.path.islink(path), name
+    assert "## Samples" in open(os.path.join(interrupted, "eval_report.md")).read()
+
+
+def test_evaluate_writes_nothing_through_planted_links(interrupted, tmp_path, within_60s):
+    """`python -m distft.evaluate RUN_DIR` writes under `<run_dir>/evals/`: a planted `evals` link
+    is refused in one message (an OutputError: exit 2) with nothing written at its target; links
+    planted as the report, its predictions file and the temporary name this process would have
+    used (`eval_report.md.tmp-<pid>`, the name before issue 34) leave their targets untouched.
+    Before: the report overwrote the file a link pointed at."""
+    from distft.errors import OutputError, UnsafePathError
+    from distft.evaluate import evaluate_checkpoint
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    evals = os.path.join(interrupted, "evals")
+    os.symlink(elsewhere, evals)
+    with pytest.raises(UnsafePathError) as caught:
+        evaluate_checkpoint(interrupted, num_samples=1, compare_base=False)
+    assert isinstance(caught.value, OutputError)
+    assert f"{evals} is a symbolic link (to {elsewhere})" in str(caught.value)
+    assert os.listdir(elsewhere) == []
+
+    os.remove(evals)
+    folder = os.path.join(evals, "step_000008")
+    os.makedirs(folder)
+    names = ["eval_report.md", "eval_report.predictions.jsonl", f"eval_report.md.tmp-{os.getpid()}",
+             f"eval_report.predictions.jsonl.tmp-{os.getpid()}"]
+    victims = _victims(tmp_path, names)
+    for name, victim in victims.items():
+        os.symlink(victim, os.path.join(folder, name))
+    out, after, _ = evaluate_checkpoint(interrupted, num_samples=1, compare_base=False)
+    assert out == os.path.join(folder, "eval_report.md") and after["loss"] > 0
+    assert all(victim.read_text() == "precious\n" for victim in victims.values())
+    assert not os.path.islink(out) and "## Samples" in open(out).read()

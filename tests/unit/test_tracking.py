@@ -213,30 +213,36 @@ def test_cpu_tensor_memory_of_a_second_run_in_one_process_is_its_own():
 
 
 # A child that fills a real disk for the metrics writer: a file-size limit (RLIMIT_FSIZE, with
-# SIGXFSZ ignored, as Python does) gives the short write and EFBIG a full disk gives; a link
-# to /dev/full gives ENOSPC. No torch is imported: it starts in a fraction of a second.
+# SIGXFSZ ignored, as Python does) gives the short write and EFBIG a full disk gives; a real
+# tmpfs of 8 kB, mounted in a mount namespace of its own (`unshare`), gives ENOSPC. A link to
+# /dev/full planted as the metrics file is refused, never written through. No torch is imported:
+# it starts in a fraction of a second.
 FULL_METRICS_CHILD = r"""
 import json, os, resource, signal, sys
 from distft.config import Config
-from distft.errors import OutputError
+from distft.errors import OutputError, UnsafePathError
 from distft.tracking import Tracker
 
 run_dir, how = sys.argv[1], sys.argv[2]
 cfg = Config()
 cfg.tracking.wandb.mode = "disabled"
 tracker = Tracker(cfg, run_dir)
-if how == "dev_full":
+if how == "dev_full_link":
     os.symlink("/dev/full", tracker.metrics_path)
-else:
+elif how == "fsize":
     for step in (1, 2, 3):
         tracker.log(step, {"loss": 1.0 / step})
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     limit = os.path.getsize(tracker.metrics_path) + 40  # the next record (~150 bytes) fits only in part
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 try:
-    tracker.log(4, {"loss": 0.25, "note": "x" * 100})
+    for step in range(4, 1000):  # the 8 kB tmpfs fills after ~50 records
+        tracker.log(step, {"loss": 0.25, "note": "x" * 100})
+except UnsafePathError as err:
+    print(json.dumps({"error": str(err), "refused": True}))
 except OutputError as err:
-    print(json.dumps({"error": str(err)}))
+    text = open(tracker.metrics_path).read()  # on the tmpfs, gone with the namespace: read it here
+    print(json.dumps({"error": str(err), "text": text, "at": step}))
 """
 
 
@@ -246,15 +252,19 @@ def _fill_the_metrics_disk(tmp_path, how: str) -> tuple[str, dict]:
     import sys
 
     run_dir = str(tmp_path / how)
-    proc = subprocess.run([sys.executable, "-c", FULL_METRICS_CHILD, run_dir, how], capture_output=True, text=True,
-                          timeout=60)
+    command = [sys.executable, "-c", FULL_METRICS_CHILD, run_dir, how]
+    if how == "tmpfs":
+        os.makedirs(run_dir)
+        command = ["unshare", "--map-root-user", "--mount", "sh", "-c",
+                   'mount -t tmpfs -o size=8k tmpfs "$1" && shift && exec "$@"', "_", run_dir, *command]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     return os.path.join(run_dir, "metrics.jsonl"), json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_a_full_disk_while_appending_metrics_leaves_whole_lines_and_one_clear_error(tmp_path, request):
-    """A real short write and EFBIG (the file-size limit reached mid-record), then ENOSPC
-    (/dev/full): one OutputError naming the file, the full disk and what to do, and the file
+    """A real short write and EFBIG (the file-size limit reached mid-record), then ENOSPC (a real
+    full tmpfs): one OutputError naming the file, the full disk and what to do, and the file
     still ends with a whole line, so the rerun reads it without a warning. Before: the torn
     record stayed and every later read (the resume, the plot) died with JSONDecodeError."""
     path, outcome = _fill_the_metrics_disk(tmp_path, "fsize")
@@ -267,9 +277,21 @@ def test_a_full_disk_while_appending_metrics_leaves_whole_lines_and_one_clear_er
     assert text.endswith("\n") and len(text.splitlines()) == 3, text  # step 4 cut back, not torn
     assert [r["step"] for r in read_metrics(path)] == [1, 2, 3] and warnings == []
 
-    path, outcome = _fill_the_metrics_disk(tmp_path, "dev_full")
+    path, outcome = _fill_the_metrics_disk(tmp_path, "tmpfs")
     assert path in outcome["error"] and "No space left on device (ENOSPC)" in outcome["error"]
     assert "disk (or quota)" in outcome["error"]
+    lines = outcome["text"].splitlines()
+    assert outcome["text"].endswith("\n") and len(lines) == outcome["at"] - 4 > 10  # whole records only
+    assert [json.loads(line)["step"] for line in lines] == list(range(4, outcome["at"]))
+
+
+def test_a_link_planted_as_the_metrics_file_is_refused_not_written_through(tmp_path):
+    """Issue 34: a run directory is untrusted. A link to /dev/full (or anywhere) planted as
+    metrics.jsonl is refused in one message naming it; the link stays a link. Before: the
+    metrics were appended to the link's target."""
+    path, outcome = _fill_the_metrics_disk(tmp_path, "dev_full_link")
+    assert outcome.get("refused") and f"{path} is a symbolic link (to /dev/full)" in outcome["error"]
+    assert os.readlink(path) == "/dev/full"
 
 
 def test_readers_skip_a_torn_last_line_and_a_resume_repairs_the_file(tmp_path, request):
