@@ -31,6 +31,7 @@ from typing import Optional
 
 from distft.config import Config
 from distft.config import run_dir as config_run_dir
+from distft.files import open_regular
 
 RANK_MARKER = "DISTFT_RANK_PROCESS"  # set in every rank: never submit again from inside the job
 TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
@@ -304,11 +305,8 @@ def follow(job_id: str, log_path: str, poll_s: float = 2.0, out=None) -> str:
     seen, restarts, causes = None, 0, []
     try:
         while True:
-            if os.path.exists(log_path):
-                with open(log_path, errors="replace") as f:
-                    f.seek(offset)
-                    chunk = f.read()
-                    offset = f.tell()
+            if os.path.lexists(log_path):
+                chunk, offset = read_log(log_path, offset)
                 if chunk:
                     out.write(chunk)
                     out.flush()
@@ -322,9 +320,7 @@ def follow(job_id: str, log_path: str, poll_s: float = 2.0, out=None) -> str:
             reason = fields.get("Reason", "None")
             count = int(fields.get("Restarts", "0") or 0)
             if count > restarts:
-                with open(log_path, errors="replace") if os.path.exists(log_path) else _empty() as f:
-                    f.seek(incarnation_start)
-                    cause = requeue_cause(f.read(), reason)
+                cause = requeue_cause(read_log(log_path, incarnation_start)[0], reason)
                 causes += [cause] * (count - restarts)
                 restarts, incarnation_start = count, offset
                 print(f"distft: job {job_id} requeued (restart {count}): {cause}", file=out, flush=True)
@@ -351,10 +347,21 @@ def follow(job_id: str, log_path: str, poll_s: float = 2.0, out=None) -> str:
     return state
 
 
-def _empty():
-    import io
-
-    return io.StringIO("")
+def read_log(log_path: str, offset: int = 0) -> tuple[str, int]:
+    """A job log's text from byte `offset` on, and the offset of its end ('' when it is missing).
+    Logs live in the run directory, which is untrusted: only a regular file is read
+    (distft.files.open_regular), never a FIFO planted there (the follower would wait for a writer
+    forever) nor a link."""
+    try:
+        with open_regular(log_path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return "", offset
+    except OSError as err:
+        print(f"distft: cannot read the job log ({err}); following the job's state only", file=sys.stderr)
+        return "", offset
+    return data.decode("utf-8", errors="replace"), offset + len(data)
 
 
 def failing_ranks(log_path: str, since: int = 0) -> str:
@@ -362,11 +369,7 @@ def failing_ranks(log_path: str, since: int = 0) -> str:
     first `srun: error: <node>: task <rank>: ...` line is the cause and the rest were stopped
     after it; the cause's own log gives its last error line. Empty when srun reported nothing.
     `since`: where the job's last run starts in the log (an earlier run's failures are not this one's)."""
-    if not os.path.exists(log_path):
-        return ""
-    with open(log_path, errors="replace") as f:
-        f.seek(since)
-        lines = re.findall(r"srun: error: (\S+): tasks? ([\d\-,]+): (.+)", f.read())
+    lines = re.findall(r"srun: error: (\S+): tasks? ([\d\-,]+): (.+)", read_log(log_path, since)[0])
     if not lines:
         return ""
     node, task, how = lines[0]
@@ -380,10 +383,7 @@ def failing_ranks(log_path: str, since: int = 0) -> str:
 
 def last_error(log_path: str) -> str:
     """The last exception line (`SomeError: message`) of a rank's log, or ''."""
-    if not os.path.exists(log_path):
-        return ""
-    with open(log_path, errors="replace") as f:
-        found = re.findall(r"^(\w*(?:Error|Exception|Interrupt)\b.*)$", f.read(), flags=re.M)
+    found = re.findall(r"^(\w*(?:Error|Exception|Interrupt)\b.*)$", read_log(log_path)[0], flags=re.M)
     return found[-1].strip()[:300] if found else ""
 
 

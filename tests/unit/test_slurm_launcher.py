@@ -68,6 +68,21 @@ def test_the_failing_rank_is_the_first_srun_names(tmp_path):
     assert failing_ranks(str(tmp_path / "missing.out")) == ""
 
 
+def test_a_fifo_planted_as_a_job_log_is_not_waited_for(tmp_path, capsys):
+    """Job logs live in the run directory, which is untrusted (issue 34): a named pipe planted as
+    the rank's log is reported and skipped; before, the follower's open() waited for a writer."""
+    import signal
+
+    log = tmp_path / "9_0_log.out"
+    os.mkfifo(log)
+    signal.alarm(30)  # a hang fails the test instead of the suite
+    try:
+        assert failing_ranks(str(log)) == ""
+    finally:
+        signal.alarm(0)
+    assert f"distft: cannot read the job log ({log} is a named pipe (FIFO), not a regular file)" in capsys.readouterr().err
+
+
 def _fake_run(tmp_path, job: int, overrides: list[str], eval_loss, steps: int = 4):
     cfg, errors = preflight([f"run.dir={tmp_path / f'run{job}'}", *overrides])
     assert errors == []
