@@ -16,11 +16,18 @@ over with a warning naming it:
 - a SLURM job's lock: gone when `scontrol` no longer lists the job as pending or running, or when
   the job is this one (an earlier run of a requeued job: SLURM runs one copy of a job at a time);
   when the controller does not answer, by its heartbeat alone (as below), never by its pid;
-- a lock from this host: gone when its pid is dead, or now belongs to another process;
+- a lock from this host: gone when its pid is dead, or now belongs to another process, or when
+  its heartbeat is older than `STALE_AFTER_S` while that process is not stopped: a holder
+  refreshes it every `HEARTBEAT_S`, so a running process that has not is one that holds nothing
+  (pid 1 in a planted lock, a reused pid whose start time was not recorded), which would
+  otherwise keep the lock, and a data cache's waiters, for hours; a stopped holder (Ctrl-Z,
+  SIGSTOP) cannot refresh it and keeps it;
 - a lock from another host, outside SLURM (nothing there to ask): gone when its heartbeat is older
   than `STALE_AFTER_S`.
 A takeover renames the stale file aside and checks that it moved the file it judged, so two
-starters racing over one stale lock cannot both win.
+starters racing over one stale lock cannot both win. The lock file is read only if it is a
+regular file (a planted FIFO would block the reader, a link is never followed); anything else
+there is taken over at once.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -36,10 +44,12 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from distft.errors import RunInUse
+from distft.files import file_kind, open_regular
 
 log = logging.getLogger("distft")
 
 LOCK = "run.lock"
+LOCK_MAX_BYTES = 64 << 10  # a lock holds a few hundred bytes; a larger file is not read
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
 # scontrol's states of a job that has not ended: its lock is live (a requeued job waits PENDING).
@@ -63,12 +73,20 @@ class Holder:
         return f"{where}, since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.started))}"
 
 
-def _process_start(pid: int) -> Optional[int]:
+def _process_stat(pid: int) -> Optional[tuple[str, int]]:
+    """(state, start time in clock ticks after boot) of process `pid` (/proc/<pid>/stat fields 3
+    and 22); None when there is no such process."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rpartition(")")[2].split()[19])  # field 22: starttime
+            fields = f.read().rpartition(")")[2].split()
+        return fields[0], int(fields[19])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _process_start(pid: int) -> Optional[int]:
+    found = _process_stat(pid)
+    return found[1] if found else None
 
 
 def _boot_id() -> Optional[str]:
@@ -95,10 +113,10 @@ def me() -> Holder:
 def read_holder(path: str) -> Optional[Holder]:
     """The holder a lock file names; None when it cannot be read (being written, or garbage)."""
     try:
-        with open(path) as f:
+        with open_regular(path, "r", max_bytes=LOCK_MAX_BYTES) as f:  # no FIFO blocks it, no link is followed
             data = json.load(f)
         return Holder(**{k: data.get(k) for k in Holder.__dataclass_fields__})
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, AttributeError, RecursionError):
         return None
 
 
@@ -135,19 +153,29 @@ def stale_reason(holder: Holder, path: str, now: Optional[float] = None) -> Opti
     if not holder.job and holder.host == socket.gethostname():
         if holder.boot_id and _boot_id() and holder.boot_id != _boot_id():
             return f"its holder ({holder.describe()}) ran before this machine rebooted"
-        started = _process_start(holder.pid)
-        if started is None:
+        process = _process_stat(holder.pid)
+        if process is None:
             return f"its holder ({holder.describe()}) is no longer running"
+        state, started = process
         if holder.pid_start is not None and started != holder.pid_start:
             return f"its holder ({holder.describe()}) is no longer running (pid {holder.pid} is another process now)"
+        age = _heartbeat_age(path, now)
+        if age is not None and age > STALE_AFTER_S and state not in ("T", "t"):  # T, t: stopped, cannot beat
+            return (f"its holder ({holder.describe()}) has not refreshed it for {age:.0f} s (it does every "
+                    f"{HEARTBEAT_S:.0f} s): pid {holder.pid} is running but does not hold it")
         return None
-    try:
-        age = now - os.stat(path).st_mtime
-    except OSError:
-        return None
-    if age > STALE_AFTER_S:
+    age = _heartbeat_age(path, now)
+    if age is not None and age > STALE_AFTER_S:
         return f"its holder ({holder.describe()}) has not refreshed it for {age:.0f} s (it does every {HEARTBEAT_S:.0f} s)"
     return None
+
+
+def _heartbeat_age(path: str, now: float) -> Optional[float]:
+    """Seconds since the lock file at `path` (not what a link there names) was last touched."""
+    try:
+        return now - os.lstat(path).st_mtime
+    except OSError:
+        return None
 
 
 def refusal(run_dir: str, holder: Holder, path: str) -> str:
@@ -164,7 +192,7 @@ def check(run_dir: str) -> Optional[str]:
     """The refusal a start in `run_dir` would meet now, or None (nothing is taken: the SLURM
     launcher asks this on the login node before submitting)."""
     path = os.path.join(run_dir, LOCK)
-    holder = read_holder(path) if os.path.exists(path) else None
+    holder = read_holder(path) if os.path.lexists(path) else None
     if holder is None or holder.job and holder.job == this_job():
         return None
     return None if stale_reason(holder, path) else refusal(run_dir, holder, path)
@@ -182,7 +210,7 @@ class RunLock:
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
-                os.utime(self.path)
+                os.utime(self.path, follow_symlinks=False)
             except OSError:
                 pass
 
@@ -232,15 +260,19 @@ def try_take(path: str, what: str, unreadable_grace_s: float = 10.0) -> tuple[Op
                 os.fsync(f.fileno())
             return RunLock(path, mine), None
         holder = read_holder(path)
-        if holder is None:  # being written right now, or left half-written by a crash
+        if holder is None:  # being written right now, left half-written by a crash, or not a file we wrote
             try:
-                age = time.time() - os.stat(path).st_mtime
+                info = os.lstat(path)
             except FileNotFoundError:
                 continue
-            if age < unreadable_grace_s:
+            age = time.time() - info.st_mtime
+            if not stat.S_ISREG(info.st_mode):
+                reason = f"it is {file_kind(info.st_mode)}, not a lock file"
+            elif age < unreadable_grace_s:
                 time.sleep(0.2)
                 continue
-            reason = f"it is unreadable and {age:.0f} s old"
+            else:
+                reason = f"it is unreadable and {age:.0f} s old"
         else:
             reason = stale_reason(holder, path)
             if reason is None:

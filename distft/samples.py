@@ -16,13 +16,20 @@ when a micro-batch is built.
 
 Indexing gives the old shape (`samples[i] == {"input_ids": [...], "labels": [...]}`), so code and
 tests that look at single samples read them as before.
+
+On disk each array is a `.npy` file with its size and checksum (`save`'s result, kept in the data
+cache's manifest, which compares the checksums: distft/datacache.py). `load` opens a file only if
+it is a regular file of that size (never a link, a FIFO or a device: the cache is untrusted),
+checks its header's dtype and shape, and maps it; `problem` says whether the ids fit a
+vocabulary. The checksum is xxh3-64: ~15 GB/s on one core, a 1M-row cache (1.3 GB) in ~0.1 s,
+where sha256 or blake2b would take ~2 s of a start-up of 5-8 s (bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 
@@ -30,6 +37,7 @@ IGNORE_INDEX = -100  # a label the loss skips (torch cross_entropy's ignore_inde
 
 ARRAYS = ("tokens", "targets", "offsets")
 DTYPES = {"tokens": np.int32, "targets": np.uint8, "offsets": np.int64}
+CHECKSUM = "xxh3_64"  # the manifest's name for `checksum`'s digest
 
 
 class TokenSamples:
@@ -116,29 +124,110 @@ class TokenSamples:
     def __repr__(self) -> str:
         return f"TokenSamples({len(self)} samples, {self.token_count} tokens)"
 
+    # -- checks
+
+    def problem(self, vocab_size: int) -> Optional[tuple[str, str]]:
+        """(the array, why) these samples cannot be trained with a vocabulary of `vocab_size` ids,
+        or None: every id in [0, vocab_size), every target flag 0 or 1 (a label is its token or
+        -100), no sample of negative length. An id past the embedding would otherwise end in an
+        IndexError steps into training."""
+        if len(self.tokens):
+            # One pass for both bounds: as uint32, a negative int32 id is above 2**31, so above any vocabulary.
+            ids = self.tokens.view(np.uint32) if self.tokens.dtype == np.int32 else self.tokens
+            if int(ids.max()) >= vocab_size or (ids is self.tokens and int(ids.min()) < 0):
+                low = int(self.tokens.min())
+                bad = low if low < 0 else int(self.tokens.max())
+                return "tokens", f"token id {bad} is outside the tokenizer's vocabulary of {vocab_size} ids"
+        if len(self.targets) and int(self.targets.max()) > 1:
+            return "targets", (f"a target flag is {int(self.targets.max())}: each must be 0 (label -100) or 1 "
+                               "(label = the token)")
+        if len(self) and int(self.lengths.min()) < 0:
+            return "offsets", "its offsets decrease: a sample would have a negative length"
+        return None
+
     # -- files
 
     def save(self, directory: str, name: str) -> dict:
-        """Write `<name>.<array>.npy` files into `directory` (fsynced); their sizes, for the manifest."""
-        sizes = {}
-        for array in ARRAYS:
-            path = os.path.join(directory, f"{name}.{array}.npy")
-            with open(path, "wb") as f:
-                _write_npy(f, np.ascontiguousarray(getattr(self, array), dtype=DTYPES[array]))
-                f.flush()
-                os.fsync(f.fileno())
-            sizes[array] = os.path.getsize(path)
-        return sizes
+        """Write `<name>.<array>.npy` files, new ones, into `directory` (fsynced); {file name:
+        {"bytes", CHECKSUM}} of each, for the manifest."""
+        return {f"{name}.{array}.npy": save_array(os.path.join(directory, f"{name}.{array}.npy"), getattr(self, array),
+                                                  DTYPES[array]) for array in ARRAYS}
 
     @classmethod
-    def load(cls, directory: str, name: str, mmap: bool = True) -> TokenSamples:
-        """The arrays `save` wrote, memory-mapped read-only (or read, mmap=False)."""
-        mode = "r" if mmap else None
-        arrays = [np.load(os.path.join(directory, f"{name}.{array}.npy"), mmap_mode=mode) for array in ARRAYS]
-        for array, value in zip(ARRAYS, arrays):
-            if value.dtype != DTYPES[array] or value.ndim != 1:
-                raise ValueError(f"{name}.{array}.npy holds {value.dtype} of {value.ndim} dimensions")
-        return cls(*arrays)
+    def load(cls, directory: str, name: str, files: Optional[dict] = None) -> TokenSamples:
+        """The arrays `save` wrote, memory-mapped read-only (`load_array`; `files`: `save`'s result,
+        each file's size to check)."""
+        arrays = []
+        for array in ARRAYS:
+            file = f"{name}.{array}.npy"
+            arrays.append(load_array(os.path.join(directory, file), DTYPES[array], files[file]["bytes"] if files else None))
+        try:
+            return cls(*arrays)
+        except ValueError as err:
+            raise ValueError(f"{name}.*.npy: {err}") from None
+
+
+def checksum(buffer) -> str:
+    """xxh3-64 (hex) of the bytes of `buffer`: an array (memory-mapped or not, C-contiguous) or bytes.
+    64 bits: it catches damage, it is no seal (whoever can write the cache can rewrite the manifest)."""
+    import xxhash
+
+    return xxhash.xxh3_64(memoryview(buffer).cast("B")).hexdigest()
+
+
+def unreadable(path: str, err: OSError) -> str:
+    """Why the file `path` could not be opened, naming it by its name: "x.npy is a named pipe
+    (FIFO), not a regular file", "x.npy is 8 bytes, its manifest says 16", "x.npy cannot be read
+    (No such file or directory)"."""
+    from distft.files import NotAFile
+
+    file = os.path.basename(path)
+    if isinstance(err, NotAFile):
+        return str(err).replace(path, file)
+    return f"{file} cannot be read ({err.strerror or err})"
+
+
+def save_array(path: str, array: np.ndarray, dtype) -> dict:
+    """`array` as `dtype` into the new file `path` (np.save's format, fsynced; created with O_EXCL
+    and O_NOFOLLOW: never an existing file or a planted link); {"bytes", CHECKSUM}."""
+    array = np.ascontiguousarray(array, dtype=dtype)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        _write_npy(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+        size = f.tell()
+    return {"bytes": size, CHECKSUM: checksum(array)}
+
+
+def load_array(path: str, dtype, size: Optional[int] = None) -> np.ndarray:
+    """The one-dimensional `dtype` array of the .npy file `path`, memory-mapped read-only. The
+    file is opened only if it is a regular file (`distft.files.open_regular`: not a link, a FIFO
+    or a device) of `size` bytes, and its header must say `dtype`, one dimension and a length that
+    fills the file. A ValueError names the file and what is wrong."""
+    from distft.files import open_regular
+
+    file = os.path.basename(path)
+    dtype = np.dtype(dtype)
+    try:
+        with open_regular(path, "rb", size=size) as f:
+            size = os.fstat(f.fileno()).st_size
+            readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            version = np.lib.format.read_magic(f)
+            if version not in readers:
+                raise ValueError(f"npy format version {version}")
+            shape, fortran_order, found = readers[version](f)
+            offset = f.tell()
+            if found != dtype or len(shape) != 1 or fortran_order:
+                raise ValueError(f"it holds {found} of shape {shape}, not one dimension of {dtype}")
+            if offset + shape[0] * dtype.itemsize != size:
+                raise ValueError(f"its header says {shape[0]} items, its {size} bytes hold another number")
+            array = np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=shape)
+    except OSError as err:  # not there, not a regular file (distft.files.NotAFile), not of its size
+        raise ValueError(unreadable(path, err)) from None
+    except ValueError as err:
+        raise ValueError(f"{file} is not an array file of this cache ({err})") from None
+    return array
 
 
 def _write_npy(f, array: np.ndarray) -> None:
