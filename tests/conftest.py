@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -48,3 +49,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         item.add_marker(pytest.mark.xdist_group(groups[id(item)]))
 
+
+
+@pytest.fixture
+def distft_warnings():
+    """The warnings the "distft" logger gives during the test, in order (a list that fills as they
+    come), whatever handlers a run in this process installed (the logger does not propagate)."""
+    lines: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("distft")
+    logger.addHandler(handler)
+    yield lines
+    logger.removeHandler(handler)

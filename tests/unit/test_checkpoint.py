@@ -9,7 +9,6 @@ the write with EFBIG, the same error path as ENOSPC).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import pickle
 import random
@@ -130,26 +129,6 @@ def test_a_damaged_checkpoint_is_detected_and_the_previous_one_resumes(interrupt
     assert os.path.isdir(newest + ".damaged")  # kept for inspection
     assert losses(interrupted) == losses(finished["run_dir"])
     assert summary["eval_after"]["loss"] == finished["eval_after"]["loss"]
-
-
-class _Records(logging.Handler):
-    """The "distft" logger's records, whatever handlers a run installed (it does not propagate)."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
-@pytest.fixture
-def distft_warnings():
-    handler = _Records()
-    logger = logging.getLogger("distft")
-    logger.addHandler(handler)
-    yield handler.lines
-    logger.removeHandler(handler)
 
 
 HARMLESS = ["eval_report.md", "meta.json~", os.path.join("notes", "todo.txt")]

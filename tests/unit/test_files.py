@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import logging
 import os
 import subprocess
 import time
@@ -128,18 +127,7 @@ def test_a_fifo_planted_as_an_appended_file_is_refused(run_dir):
         files.append_line(path, "{}", root=run_dir)
 
 
-class _Warnings(logging.Handler):
-    """The "distft" logger's warnings, whatever handlers a run in this process installed."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
-def test_deep_json_is_a_value_error_and_a_torn_line_is_skipped(run_dir):
+def test_deep_json_is_a_value_error_and_a_torn_line_is_skipped(run_dir, distft_warnings):
     deep = os.path.join(run_dir, "deep.json")
     with open(deep, "w") as f:
         f.write("[" * 200_000 + "]" * 200_000)
@@ -148,13 +136,8 @@ def test_deep_json_is_a_value_error_and_a_torn_line_is_skipped(run_dir):
     lines = os.path.join(run_dir, "ratings.jsonl")
     with open(lines, "w") as f:
         f.write('{"a": 1}\n' + "[" * 200_000 + "\n" + '{"a": 2}\n{"index": 3, "pa')
-    warnings = _Warnings()
-    logging.getLogger("distft").addHandler(warnings)
-    try:
-        assert files.read_json_lines(lines) == [{"a": 1}, {"a": 2}]
-    finally:
-        logging.getLogger("distft").removeHandler(warnings)
-    assert warnings.lines == [
+    assert files.read_json_lines(lines) == [{"a": 1}, {"a": 2}]
+    assert distft_warnings == [
         f"{lines}: line 2 is not a JSON record (the file was damaged or edited); skipped",
         f"{lines}: line 4 is torn (cut short by a crash or a full disk while it was written); skipped"]
 
