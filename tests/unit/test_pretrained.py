@@ -9,19 +9,9 @@ import os
 import subprocess
 import sys
 
-import pytest
-
-from distft.pretrained import HOW_TO_GET_IT, smollm2_dir, smollm2_gguf
+from distft.pretrained import smollm2_gguf
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    path = smollm2_dir()
-    if path is None:
-        pytest.fail(f"SmolLM2-135M-Instruct is not prepared: {HOW_TO_GET_IT}", pytrace=False)
-    return path
 
 
 def test_the_converted_model_is_smollm2_and_answers_coherently(smollm2):
