@@ -113,8 +113,15 @@ class TechniqueConfig:
     quant_storage: str = "bfloat16"  # same dtype as the unquantised params so FSDP/ZeRO-3 can shard it
     # prefix / prompt tuning
     num_virtual_tokens: int = 16
-    prompt_init_text: Optional[str] = None  # prompt tuning: initialise the virtual tokens from this text
+    prompt_init_text: Optional[str] = None
+    """The text the virtual tokens start as (repeated or cut to num_virtual_tokens): prompt tuning
+    takes its token embeddings, prefix tuning its keys and values through the frozen base, so the
+    untrained model is the base reading this text first. None: techniques.DEFAULT_INIT_TEXT for a
+    pretrained model (model.name_or_path), PEFT's random init for one built from scratch; "":
+    PEFT's random init always."""
     prefix_projection: bool = False
+    """Prefix tuning through PEFT's MLP (embedding -> linear -> tanh -> linear); its last layer is
+    solved so that it starts out giving the text's keys and values too."""
 
 
 @dataclass

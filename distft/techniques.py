@@ -3,8 +3,14 @@
 One function builds the trainable model for a config: the base from `model.build_model` (4-bit
 quantised through bitsandbytes for QLoRA), then the PEFT wrapping. Every technique goes through
 PEFT's own classes so adapters save and load in PEFT's format and merge with its code; we only
-add what PEFT leaves to the caller (text initialisation of prompt tuning without a tokenizer
-path, dequantising a QLoRA base before merging).
+add what PEFT leaves to the caller (virtual tokens initialised from a real text, dequantising a
+QLoRA base before merging).
+
+Virtual tokens start as a real text (`init_text`: `technique.prompt_init_text`, by default
+`DEFAULT_INIT_TEXT` for a pretrained model): prompt tuning from its token embeddings (PEFT's
+TEXT init), prefix tuning from its keys and values through the frozen base (Li & Liang 2021).
+Either way the untrained model is the base reading that text first, so step 0 starts near the
+base's loss (PEFT's random prefix started SmolLM2-135M at several times its base's loss).
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ from typing import Any, Optional
 import torch
 
 from distft.config import ADAPTER_TECHNIQUES, PROMPT_LEARNING_TECHNIQUES, Config, TechniqueConfig
-from distft.model import build_model
+from distft.errors import ModelLoadError
+from distft.model import build_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +101,8 @@ def apply_technique(model, cfg: Config, tokenizer=None):
     """Wrap `model` for the configured technique; returns the model to train.
 
     Full fine-tuning returns the model itself with every parameter trainable. The others freeze
-    the base (PEFT does) and add the adapter or virtual tokens.
+    the base (PEFT does) and add the adapter or virtual tokens, these started from `init_text`
+    (`tokenizer` None: the model's own, loaded only for that).
     """
     technique = cfg.technique
     gradient_checkpointing = cfg.train.gradient_checkpointing
@@ -119,8 +127,15 @@ def apply_technique(model, cfg: Config, tokenizer=None):
         # requiring grad and would skip the adapter's backward.
         model.enable_input_require_grads()
     model = get_peft_model(model, peft_config(technique))
-    if technique.name == "prompt" and technique.prompt_init_text and tokenizer is not None:
-        _init_prompt_from_text(model, technique, tokenizer)
+    text = init_text(cfg)
+    # On the meta device there are no weights to read: FSDP fills the shards from rank 0's real build.
+    if text is not None and not model.get_input_embeddings().weight.is_meta:
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
+        ids = _init_token_ids(text, technique.num_virtual_tokens, tokenizer)
+        if technique.name == "prefix":
+            _init_prefix_from_ids(model, ids)
+        else:
+            _init_prompt_from_ids(model, ids)
     return model
 
 
@@ -147,18 +162,90 @@ def keep_4bit_training_layout(model, refuse_repacked: bool = False) -> None:
         module.support_avx512bf16_for_cpu = False
 
 
-def _init_prompt_from_text(model, technique: TechniqueConfig, tokenizer) -> None:
-    """Initialise the virtual tokens from the embeddings of a text (PEFT's TEXT init needs a
-    tokenizer path on disk; the offline tokenizer has none)."""
-    ids = tokenizer(technique.prompt_init_text, add_special_tokens=False).input_ids
+# An instruction-tuning preamble (Alpaca's): ordinary text in front of an instruction changes little what
+# a model predicts next (tests/unit/test_prefix_init.py); it is cut or repeated to num_virtual_tokens.
+DEFAULT_INIT_TEXT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
+
+
+def init_text(cfg: Config) -> Optional[str]:
+    """The text the virtual tokens of prefix / prompt tuning start from; None: PEFT's random init.
+
+    `technique.prompt_init_text` when set; unset (None), `DEFAULT_INIT_TEXT` for a pretrained model
+    (`model.name_or_path`), whose loss a random prefix ruins, and PEFT's random init for a model
+    built from scratch, which has no behaviour to keep; "" asks for the random init everywhere.
+    """
+    if cfg.technique.name not in PROMPT_LEARNING_TECHNIQUES:
+        return None
+    text = cfg.technique.prompt_init_text
+    if text is None:
+        return DEFAULT_INIT_TEXT if cfg.model.name_or_path is not None else None
+    return text or None
+
+
+def _init_token_ids(text: str, num_virtual_tokens: int, tokenizer) -> list[int]:
+    """The token ids of `text` repeated and cut to `num_virtual_tokens` (as PEFT's TEXT init)."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
     if not ids:
-        return
-    ids = (ids * (technique.num_virtual_tokens // len(ids) + 1))[: technique.num_virtual_tokens]
+        raise ModelLoadError(
+            f"technique.prompt_init_text={text!r} has no tokens; set a text, or '' for random virtual tokens"
+        )
+    return (ids * (num_virtual_tokens // len(ids) + 1))[:num_virtual_tokens]
+
+
+def _init_prompt_from_ids(model, ids: list[int]) -> None:
+    """Prompt tuning: the virtual tokens are the embeddings of `ids` (PEFT's own TEXT init needs a
+    tokenizer path on disk; the offline tokenizer has none)."""
     embeddings = model.get_input_embeddings()
     with torch.no_grad():
-        init = embeddings(torch.tensor(ids, device=embeddings.weight.device)).detach().clone()
+        init = embeddings(torch.tensor(ids, device=embeddings.weight.device))
         encoder = model.prompt_encoder[model.active_adapter]
         encoder.embedding.weight.copy_(init.to(encoder.embedding.weight.dtype))
+
+
+def _init_prefix_from_ids(model, ids: list[int]) -> None:
+    """Prefix tuning: the prefix is the keys and values the frozen base computes for `ids`.
+
+    PEFT reads the prefix encoder's output (`get_prompt`) as one row per virtual token holding
+    [layer, key|value, kv head, head_dim] flattened (GQA: the KV heads, e.g. SmolLM2-135M's row is
+    30 x 2 x 3 x 64), keys after rotary embedding at positions 0..P-1, the positions the real
+    tokens then follow. With `prefix_projection` the embedding and the MLP's first layer keep
+    PEFT's random init and the last linear layer is solved (least squares, minimum norm) so the
+    MLP outputs exactly these rows; with more virtual tokens than its hidden size + 1 the fit is
+    the closest one. Deterministic given the weights, so every rank that builds the model gets
+    the same prefix (DDP and DeepSpeed broadcast rank 0's anyway; FSDP builds it on rank 0 only).
+    """
+    config = model.active_peft_config
+    base = model.get_base_model()
+    embedding = model.get_input_embeddings()
+    was_training = base.training
+    base.eval()
+    try:
+        with torch.no_grad():
+            output = base(input_ids=torch.tensor([ids], device=embedding.weight.device), use_cache=True)
+    finally:
+        base.train(was_training)
+    cache = getattr(output, "cache", None)  # transformers >= 5.x renamed past_key_values
+    cache = output.past_key_values if cache is None else cache
+    kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
+    heads = config.num_attention_heads
+    expected = (config.num_layers, 2, heads, len(ids), config.token_dim // heads)
+    if tuple(kv.shape) != expected:
+        raise RuntimeError(f"the base's key/values have shape {tuple(kv.shape)}, PEFT's prefix expects {expected} "
+                           "(layers, key|value, kv heads, virtual tokens, head dim)")
+    target = kv.permute(3, 0, 1, 2, 4).reshape(len(ids), -1)  # [virtual token, layer x k|v x head x dim]
+    encoder = model.prompt_encoder[model.active_adapter]
+    with torch.no_grad():
+        if not encoder.prefix_projection:
+            encoder.embedding.weight.copy_(target.to(encoder.embedding.weight.dtype))
+            return
+        first, activation, last = encoder.transform
+        hidden = activation(first(encoder.embedding.weight)).double()
+        design = torch.cat([hidden, torch.ones_like(hidden[:, :1])], dim=1)  # [P, hidden + 1]: weight and bias
+        solution = torch.linalg.pinv(design).to(last.weight.dtype) @ target.to(last.weight.dtype)
+        last.weight.copy_(solution[:-1].T)
+        last.bias.copy_(solution[-1])
 
 
 def build_trainable_model(cfg: Config, dtype: torch.dtype, tokenizer=None):

@@ -563,8 +563,8 @@ def _check_technique(cfg: Config, errors: list[str]) -> None:
                 f"train.gradient_checkpointing=true is not supported with technique={t.name}; set it to false"
             )
     # Settings that only one technique reads: set elsewhere they would be silently ignored.
-    if t.prompt_init_text is not None and t.name != "prompt":
-        errors.append(f"technique.prompt_init_text is only used by technique=prompt (got {t.name}); remove it")
+    if t.prompt_init_text is not None and t.name not in PROMPT_LEARNING_TECHNIQUES:
+        errors.append(f"technique.prompt_init_text is only used by technique=prompt or prefix (got {t.name}); remove it")
     if t.prefix_projection and t.name != "prefix":
         errors.append(f"technique.prefix_projection=true is only used by technique=prefix (got {t.name}); remove it")
     if t.name == "qlora":

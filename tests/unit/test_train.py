@@ -67,6 +67,10 @@ def tiny_runs(tmp_path_factory):
         if technique in ("prefix", "prompt"):
             base = runs["full"]["final_checkpoint"]
             extra = [f"model.name_or_path={base}/model", f"model.tokenizer={base}/tokenizer"]
+            if technique == "prompt":
+                # It starts from real token embeddings (std 0.02 in this model; techniques.init_text),
+                # not PEFT's N(0, 1): the preset's 3e-2 throws that start away in one step.
+                extra.append("train.lr=3e-3")
         if technique in ("lora", "dora", "qlora"):
             extra = SHORT_ROWS
         cfg = compose(f"+experiment=tiny_{technique}", *fast(tmp, "train.max_steps=25", "train.log_every=1", *extra))
@@ -94,7 +98,7 @@ def test_every_technique_trains_with_falling_loss(tiny_runs, technique):
     if technique == "prompt":
         # 20 x 128 virtual-token weights move a trained base the least, and batch-to-batch noise is
         # of the same order as 25 steps' progress; so compare with the control on the same batches,
-        # where a run that does not learn scores exactly 1.0 (measured: 0.971).
+        # where a run that does not learn scores exactly 1.0 (measured: 0.84).
         control = step_losses(tiny_runs["prompt_control"])
         assert len(control) == 25 and control[0] == pytest.approx(losses[0], rel=1e-6)  # same batches, same start
         ratio = sum(losses[-5:]) / sum(control[-5:])
@@ -104,7 +108,7 @@ def test_every_technique_trains_with_falling_loss(tiny_runs, technique):
     assert summary["technique"] == technique
     if technique not in ("prefix", "prompt"):
         # LoRA-family adapters start as an exact no-op, so 25 steps must already beat the base.
-        # Virtual tokens start random and first perturb the base: 25 steps only win back most of it.
+        # Virtual tokens start as a text the base reads first, which perturbs it: 25 steps may not win it back.
         assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"]
     assert summary["steps"] == 25 and summary["train_tokens"] > 0 and summary["tokens_per_s"] > 0
     for key in ("loss", "perplexity", "exact_match", "f1", "rouge_l"):
