@@ -2,7 +2,8 @@
 
 CHECKPOINT is a checkpoint directory or a run directory (its latest checkpoint). The result
 loads with `AutoModelForCausalLM.from_pretrained(DIR)` (merged weights and the tokenizer); for
-prefix/prompt tuning, which have no merged form, DIR holds `base/` and `adapter/` instead.
+prefix/prompt tuning, which have no merged form, DIR holds `base/` and `adapter/` instead. Weights
+are in the dtype the base model was distributed in unless `--dtype` says otherwise.
 
 Also what reads a checkpoint back as a model (`load_model`, `load_base`), for evaluation and
 export. Full weights are already a Hugging Face model; LoRA/DoRA adapters are merged into their
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Optional
 
 import torch
 
@@ -77,11 +79,16 @@ def load_model(checkpoint: str, dtype: torch.dtype = torch.float32, quantized: b
     full precision (dequantised), which is what merging needs. Code-running settings come from
     `trust_remote_code`, never from the checkpoint (`checkpoint_config`).
     """
+    checkpoint = resolve_checkpoint(checkpoint)
+    cfg = checkpoint_config(checkpoint, trust_remote_code)
+    return cfg, *_load_tuned(checkpoint, cfg, dtype, quantized, trust_remote_code)
+
+
+def _load_tuned(checkpoint: str, cfg: Config, dtype: torch.dtype, quantized: bool, trust_remote_code: bool):
+    """(tuned model, tokenizer) of a verified checkpoint whose config is `cfg` (`load_model`)."""
     from distft.model import ModelLoadError, _load_error
     from distft.techniques import build_base, dequantize_base
 
-    checkpoint = resolve_checkpoint(checkpoint)
-    cfg = checkpoint_config(checkpoint, trust_remote_code)
     tokenizer = load_tokenizer_from(checkpoint, trust_remote_code)
     model_dir = os.path.join(checkpoint, "model")
     try:
@@ -92,13 +99,13 @@ def load_model(checkpoint: str, dtype: torch.dtype = torch.float32, quantized: b
                 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
             except (OSError, ValueError) as err:
                 raise _load_error("model", model_dir, err) from None
-            return cfg, model, tokenizer
+            return model, tokenizer
         from peft import PeftModel
 
         base = build_base(cfg, dtype, tokenizer)
         if not quantized:
             base = dequantize_base(base).to(dtype)
-        return cfg, PeftModel.from_pretrained(base, model_dir), tokenizer
+        return PeftModel.from_pretrained(base, model_dir), tokenizer
     except ModelLoadError as err:
         raise CheckpointError(f"{checkpoint}: {err}") from None
 
@@ -112,12 +119,15 @@ def load_base(cfg: Config, dtype: torch.dtype = torch.float32, tokenizer=None):
     return build_base(cfg, dtype, tokenizer)
 
 
-def export(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> str:
+def export(checkpoint: str, out_dir: str, dtype: Optional[torch.dtype] = None, trust_remote_code: bool = False) -> str:
     """Write a standalone Hugging Face model (merged weights + tokenizer) into `out_dir`.
 
-    Refuses to write into a non-empty directory: export never overwrites earlier results. Written
-    into `<out_dir>.tmp`, renamed once complete; a failure there (a full disk, anything) removes
-    the partial copy and ends in one message (`export_error`); the checkpoint is only read.
+    Weights in `dtype`; None: the dtype the base model was distributed in (`export_dtype`), said
+    on stdout with the reason once exported, with a warning on stderr when a full fine-tune's
+    updates round away in it (`warn_if_rounded_away`). Refuses to write into a non-empty
+    directory: export never overwrites earlier results. Written into `<out_dir>.tmp`, renamed
+    once complete; a failure there (a full disk, anything) removes the partial copy and ends in
+    one message (`export_error`); the checkpoint is only read.
     """
     checkpoint = resolve_checkpoint(checkpoint, announce=True)
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
@@ -127,7 +137,11 @@ def export(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.float32, tr
                               "its commit (it would no longer match its manifest); choose a directory outside it")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise CheckpointError(f"export directory {out_dir} is not empty; choose a new --out directory")
-    cfg, model, tokenizer = load_model(checkpoint, dtype=dtype, quantized=False, trust_remote_code=trust_remote_code)
+    cfg = checkpoint_config(checkpoint, trust_remote_code)
+    dtype, why = export_dtype(cfg, dtype)
+    model, tokenizer = _load_tuned(checkpoint, cfg, dtype, quantized=False, trust_remote_code=trust_remote_code)
+    if cfg.technique.name == "full":
+        warn_if_rounded_away(model, cfg, checkpoint, tokenizer)
     stop_ids = set_generation_stops(model, tokenizer, cfg)
     tmp = out_dir + ".tmp"
     remove_tree(tmp)  # a crashed export's copy; a link there is removed, never written through
@@ -148,6 +162,7 @@ def export(checkpoint: str, out_dir: str, dtype: torch.dtype = torch.float32, tr
         if isinstance(err, CheckpointError) or not isinstance(err, Exception):
             raise  # already one message (non-finite weights), or Ctrl-C: an interrupt stays one
         raise export_error(out_dir, tmp, err) from err
+    print(why)  # with the result, not before it: a failed export stays one message
     return out_dir
 
 
@@ -224,18 +239,92 @@ def set_generation_stops(model, tokenizer, cfg: Config) -> list[int]:
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+# Warn when more than this fraction of a full fine-tune's exported weights are bit-identical to
+# the base's: most of its updates rounded away (measured: one step at lr 5e-5 leaves 93% of
+# SmolLM2-135M's weights in bf16 as they were).
+ROUNDED_AWAY_WARN = 0.5
+
+
+def config_dtype(name_or_path: str) -> Optional[str]:
+    """The dtype a Hugging Face model folder (or hub id) says its weights are in: its config.json's
+    `dtype` (`torch_dtype` as older transformers wrote it); None when it names none or cannot be read."""
+    from transformers import PretrainedConfig
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(name_or_path)
+    except (OSError, ValueError):
+        return None
+    name = config.get("dtype") or config.get("torch_dtype")
+    return name if isinstance(name, str) else None
+
+
+def export_dtype(cfg: Config, requested: Optional[torch.dtype] = None) -> tuple[torch.dtype, str]:
+    """The dtype of an export's weights and the line saying why: `requested` when given, else the
+    dtype the base was distributed in (a bf16 model exports at its own size, not twice it), else
+    float32 (a from-scratch preset has no distributed dtype)."""
+    if requested is not None:
+        return requested, f"weights in {DTYPE_NAMES.get(requested, requested)}, as asked (--dtype)"
+    if cfg.model.name_or_path is None:
+        return torch.float32, ("weights in float32, as trained (a from-scratch model has no distributed dtype); "
+                               "--dtype bfloat16 for half the size")
+    name = config_dtype(cfg.model.name_or_path)
+    if name == "float32":
+        return torch.float32, "weights in float32, the base model's dtype"
+    if name in DTYPES:
+        return DTYPES[name], f"weights in {name}, the base model's dtype; --dtype float32 to keep full precision"
+    return torch.float32, (f"weights in float32: the base model's config names "
+                           f"{'no dtype' if name is None else f'dtype {name}, which export does not write'}; "
+                           "--dtype bfloat16 for half the size")
+
+
+def warn_if_rounded_away(model, cfg: Config, checkpoint: str, tokenizer) -> Optional[float]:
+    """Warn on stderr when most of a full fine-tune's weights, cast to the export's dtype, are
+    bit-identical to the base's in that dtype: its updates were smaller than that dtype's rounding
+    step and the export would be (nearly) the base. Returns the identical fraction; None where
+    nothing is cast (the export's dtype is the checkpoint's own). Holds the base beside the model
+    for the comparison: twice the export's dtype in memory, what a float32 export alone took."""
+    dtype = model.dtype
+    if config_dtype(os.path.join(checkpoint, "model")) in (None, DTYPE_NAMES.get(dtype)):
+        return None
+    base = load_base(cfg, dtype, tokenizer)
+    fraction = identical_fraction(model, base)
+    del base
+    name = DTYPE_NAMES.get(dtype, str(dtype))
+    if fraction > ROUNDED_AWAY_WARN:
+        print(f"distft: warning: {fraction:.1%} of the exported weights are bit-identical to the base model's in "
+              f"{name}: the fine-tune's updates are below {name}'s rounding step and mostly round away (too few or "
+              "too small steps); export with --dtype float32 to keep them", file=sys.stderr)
+    return fraction
+
+
+def identical_fraction(model, base) -> float:
+    """The fraction of `model`'s floating-point parameter elements equal to `base`'s (parameters
+    of the same name and shape; a tied one counted once)."""
+    base_params = dict(base.named_parameters())
+    same = total = 0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            reference = base_params.get(name)
+            if reference is None or reference.shape != param.shape or not param.is_floating_point():
+                continue
+            same += int((param == reference).sum())
+            total += param.numel()
+    return same / total if total else 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distft.export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="checkpoint directory, or a run directory (uses its latest checkpoint)")
     parser.add_argument("--out", required=True, help="new or empty directory for the exported model")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the exported weights")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="dtype of the exported weights (default: the base model's, as it was distributed; "
+                             "float32 for a from-scratch model)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let the base model run its own Python code (never taken from the checkpoint)")
     args = parser.parse_args(argv)
     try:
-        out = export(args.checkpoint, args.out, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code)
+        out = export(args.checkpoint, args.out, dtype=DTYPES.get(args.dtype), trust_remote_code=args.trust_remote_code)
     except CheckpointError as err:
         print(f"distft: {err}", file=sys.stderr)
         return 2

@@ -14,10 +14,10 @@ checks that they agree).
 
 `single` (one process) and `ddp` live in ddp.py, `zero1/2/3` in deepspeed.py, `fsdp` in fsdp.py;
 what they share is in optim.py (the optimizer, its schedule, the guarded update) and
-precision.py (the dtype policy, autocast), re-exported here. The package imports none of its
-modules when it loads (build_engine imports the one it needs; the re-exports load on first
-use), so every module can read ENGINES, and importing it imports no torch (validation runs
-without it).
+precision.py (the dtype policy, autocast), re-exported here, and tied.py (a tied weight saved
+once). The package imports none of its modules when it loads (build_engine imports the one it
+needs; the re-exports load on first use), so every module can read ENGINES, and importing it
+imports no torch (validation runs without it).
 """
 
 from __future__ import annotations
@@ -77,8 +77,10 @@ class Engine(Protocol):
 
     def gathered_state_dict(self) -> dict | None:
         """The full (unsharded) model state dict on rank 0, None on other ranks; None everywhere
-        when `unwrapped()` already holds full weights (single, DDP). A collective: every rank
-        calls it. Checkpoints and adapter saves use it so sharded runs save real weights."""
+        when `unwrapped()` already holds full weights (single, DDP). As `state_dict()` gives it: a
+        tied weight is one tensor under both its names, so it is saved once (engines/tied.py).
+        A collective: every rank calls it. Checkpoints and adapter saves use it so sharded runs
+        save real weights."""
 
     def save_state(self, path: str, background: bool = False):
         """Write the trainable weights, optimizer, LR schedule (and grad scaler) into directory

@@ -15,7 +15,8 @@ DCP would pickle non-tensor values into its files and unpickle them on load with
 through the same allow-list, refusing any "bytes" item (`distft.safe_load`).
 
 Frozen parameters (a LoRA/QLoRA base) are not saved: the base is rebuilt from the config on resume,
-exactly as the first run built it. Full fine-tuning saves every weight.
+exactly as the first run built it. Full fine-tuning saves every weight, a tied one once
+(engines/tied.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import warnings
 
 import torch
 
+from distft.engines.tied import tied_aliases, without_aliases
 from distft.files import read_json, write_json
 from distft.safe_load import guarded_planner, guarded_reader
 
@@ -60,7 +62,7 @@ def save(path: str, model: torch.nn.Module, optimizer, scheduler, scaler=None, b
 
     model_state, optim_state = get_state_dict(model, optimizer, options=_options())
     optim_tensors, optim_scalars = split_tensors(optim_state["state"])
-    tensors = {"model": model_state, "optimizer": optim_tensors}
+    tensors = {"model": without_aliases(model_state, tied_aliases(model)), "optimizer": optim_tensors}
     distributed = torch.distributed.is_initialized()
     future = None
     with warnings.catch_warnings():  # one process: DCP warns that it assumes one process
@@ -90,7 +92,10 @@ def load(path: str, model: torch.nn.Module, optimizer, scheduler, scaler=None) -
     # The templates: this rank's shards of every tensor, the optimizer state allocated (torch
     # initialises an empty Adam state with a zero-LR step for that).
     model_state, optim_state = get_state_dict(model, optimizer, options=_options())
-    tensors = {"model": model_state, "optimizer": split_tensors(optim_state["state"])[0]}
+    # A tied weight under its first name only (engines/tied.py): a state saved before that holds
+    # both names loads all the same, DCP reading only the keys asked for.
+    tensors = {"model": without_aliases(model_state, tied_aliases(model)),
+               "optimizer": split_tensors(optim_state["state"])[0]}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         # `.metadata` through the allow-list, and no pickled "bytes" items (distft.safe_load). Read
@@ -100,7 +105,8 @@ def load(path: str, model: torch.nn.Module, optimizer, scheduler, scaler=None) -
         dcp.load(tensors, storage_reader=reader, planner=guarded_planner(),
                  no_dist=not torch.distributed.is_initialized())
     rest = read_json(os.path.join(path, STATE_JSON))  # a regular file only (distft.files)
-    # Not strict: the frozen weights are missing on purpose (they stay as built).
+    # Not strict: the frozen weights and a tied weight's second name are missing on purpose (they stay
+    # as built; the second name is the parameter its first name fills).
     result = set_state_dict(
         model,
         optimizer,

@@ -232,7 +232,8 @@ class DeepSpeedEngine:
         """Full weights on rank 0 under ZeRO-3 (None elsewhere); None for stages 1/2, whose
         weights are replicated. Gathers one module's own parameters at a time, so no rank ever
         holds more than one layer unpartitioned beyond what it holds anyway; keys and extra
-        entries (bitsandbytes quant states) are those of `unwrapped().state_dict()`."""
+        entries (bitsandbytes quant states) are those of `unwrapped().state_dict()`, a tied
+        weight one tensor under both names as there (engines/tied.py)."""
         if self.stage < 3:
             return None
         import deepspeed
@@ -248,7 +249,11 @@ class DeepSpeedEngine:
                     module._save_to_state_dict(local, f"{name}." if name else "", keep_vars=False)
                     for key, value in local.items():
                         state[key] = value.detach().to("cpu", copy=True) if torch.is_tensor(value) else value
-        return state if is_main else None
+        if not is_main:
+            return None
+        from distft.engines.tied import share_aliases, tied_aliases
+
+        return share_aliases(state, tied_aliases(self.ds.module))  # a tied weight's two copies become one
 
     def _pin_prompt_embeddings(self) -> None:
         """Prefix/prompt tuning under ZeRO-3: compute the virtual-token embeddings to save now, on

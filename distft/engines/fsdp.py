@@ -129,10 +129,13 @@ class FSDPEngine:
     def gathered_state_dict(self) -> dict | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        from distft.engines.tied import share_aliases, tied_aliases
+
         # Collective: every rank all-gathers each tensor; only rank 0 keeps the CPU copies.
         state = get_model_state_dict(self._model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if torch.distributed.get_rank() != 0:
             return None
+        share_aliases(state, tied_aliases(self._model))  # a tied weight's two copies become one, saved once
         # Sharding replaced bitsandbytes' Params4bit by plain parameters, whose state dict lacks
         # the quantisation constants; their modules keep them (replicated on every rank).
         for name, module in self._model.named_modules():
