@@ -5,7 +5,9 @@ training rows, answered greedily (as the evaluation answers, `evaluate.generate_
 held-out prompt typed here gets the report's answer), and cut at the run's stop tokens.
 
 - A run directory or checkpoint: the run's tuned model (its best checkpoint when the run made that
-  its result), or with `--base` its untuned base; its `data.template` and stop tokens.
+  its result), or with `--base` its untuned base; the format its training rows were rendered in
+  (recorded in the checkpoint: `templates.trained_format`; rows with messages mean chat, whatever
+  data.template says) and its stop tokens.
 - An export (`python -m distft.export`): the merged model, or `base/` + `adapter/` for prefix and
   prompt tuning (`--base`: `base/` alone); the prompt format written beside it
   (`prompt_format.json`), or for an export without one, its tokenizer's chat template.
@@ -116,7 +118,7 @@ def load(path: str, base: bool = False, max_new_tokens: Optional[int] = None, sy
     import torch
 
     from distft.checkpoint import resolve_checkpoint
-    from distft.templates import TemplateError, stop_token_ids
+    from distft.templates import TemplateError, stop_token_ids, trained_format
 
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
@@ -132,14 +134,14 @@ def load(path: str, base: bool = False, max_new_tokens: Optional[int] = None, sy
         cfg, model, tokenizer = load_model(checkpoint, trust_remote_code=trust_remote_code)
         if base:
             model = load_base(cfg, tokenizer=tokenizer)
-        template, new_tokens = cfg.data.template, max_new_tokens or cfg.eval.max_new_tokens
+        template, new_tokens = trained_format(checkpoint, cfg), max_new_tokens or cfg.eval.max_new_tokens
         try:
             stop_ids = stop_token_ids(tokenizer, cfg.data.stop_tokens)
         except TemplateError as err:
             raise CheckpointError(f"{checkpoint}: {err}") from None
     if system and template != "chat":
-        raise CheckpointError(f"--system needs a chat model (data.template=chat); this one was trained on single "
-                              f"instructions (template {template})")
+        raise CheckpointError(f"--system needs a model trained on conversations (messages rows or data.template=chat);"
+                              f" this one was trained on single instructions (template {template})")
     if not getattr(model, "is_loaded_in_4bit", False):
         model = model.to(device)
     return Chat(model.eval(), tokenizer, template, stop_ids, new_tokens, device, system)

@@ -153,7 +153,7 @@ def compare(checkpoints: list[str], out: str, prompts: Optional[str] = None, bas
     from distft.evaluate import metrics_only
     from distft.export import checkpoint_config, load_base, load_model, load_tokenizer_from
     from distft.report import predictions_path, write_comparison, write_predictions
-    from distft.templates import TemplateError, stop_token_ids
+    from distft.templates import TemplateError, stop_token_ids, trained_format
 
     if len(checkpoints) + int(base) < 2:
         raise CheckpointError("compare needs two models or more: give two checkpoints or run directories, or one "
@@ -174,7 +174,9 @@ def compare(checkpoints: list[str], out: str, prompts: Optional[str] = None, bas
         eval_cfg.max_new_tokens = max_new_tokens
     batches = None
     if prompts:
-        rows = prompt_rows(prompts, first_cfg.data, first_tokenizer)
+        # Plain prompts in the format the first model was trained in (chat for messages rows).
+        trained = dataclasses.replace(first_cfg.data, template=trained_format(checkpoints[0], first_cfg))
+        rows = prompt_rows(prompts, trained, first_tokenizer)
         eval_cfg.num_samples = num_samples if num_samples is not None else len(rows)
         scored = all(r["has_reference"] for r in rows)
     else:

@@ -478,6 +478,9 @@ def to_config(cfg: Any) -> Config:
     merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
     config = OmegaConf.to_object(merged)
     _size_slurm_job(config.launcher)
+    from distft.pretrained import local_model  # a .gguf file: its Hugging Face copy (made once); ~ expanded
+
+    config.model.name_or_path = local_model(config.model.name_or_path)
     return config
 
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from distft.batching import TrainBatches, eval_batches, pack, pack_index  # noqa: F401  (re-exported)
 from distft.config import AUGMENT_CALL, DataConfig
-from distft.datareport import DataReport, PreparedData, count_sequences  # noqa: F401  (re-exported)
+from distft.datareport import DataReport, PreparedData, count_sequences, lengths_that_keep  # noqa: F401  (re-exported)
 from distft.encoding import encode_row, encode_rows
 from distft.errors import DataError  # noqa: F401  (re-exported: callers catch distft.data.DataError)
 from distft.samples import TokenSamples, piece
@@ -44,6 +44,7 @@ from distft.sources import SURROGATE, RawRow, Unparsable, json_type, load_rows, 
 from distft.templates import (
     HEADER_TEMPLATES,
     HEADERS,
+    HEADERS_CHAT_TEMPLATE,
     RejectedConversation,
     TemplateError,
     render_row,
@@ -217,8 +218,9 @@ class Example:
 
 
 def clean(raw: list[RawRow], cfg: DataConfig, tokenizer, report: DataReport, seen: set,
-          pool: Optional[TokenizerPool] = None, source: int = 0) -> list[Example]:
-    """Cleaned, tokenized examples in source order; every dropped row is counted in `report`.
+          pool: Optional[TokenizerPool] = None, source: int = 0, lengths: Optional[list] = None) -> list[Example]:
+    """Cleaned, tokenized examples in source order; every dropped row is counted in `report`, and
+    the token length of every row that reaches the length check is appended to `lengths`.
 
     Rows go in chunks of CHUNK_ROWS through `_clean_chunk` (checked, templated, tokenized in one
     batch), here or in `pool`'s processes; what depends on the rows before (duplicates, the
@@ -235,9 +237,11 @@ def clean(raw: list[RawRow], cfg: DataConfig, tokenizer, report: DataReport, see
             try:
                 if isinstance(outcome, Exception):
                     raise outcome
-                kind, row, key, (ids, targets, prompt_len) = outcome
+                kind, row, key, (ids, targets, prompt_len), chars = outcome
                 if key in seen:
                     raise _Rejected("duplicate", "the same prompt and response as an earlier row")
+                if lengths is not None:
+                    lengths.append(_measured_length(len(ids), chars, cfg.max_seq_len))
                 sample, truncated = _fit_piece((ids, targets), cfg)
             except _Rejected as rejected:
                 if cfg.on_bad_rows == "fail":
@@ -257,9 +261,17 @@ def clean(raw: list[RawRow], cfg: DataConfig, tokenizer, report: DataReport, see
 CHUNK_ROWS = 1000  # rows tokenized in one call (and handed to a process at a time)
 
 
+def _measured_length(ids: int, chars: int, max_seq_len: int) -> int:
+    """A row's token length for the data report (`datareport.lengths_that_keep`), or -1 where it
+    is not known: encoding.encode_row stops a text far longer than max_seq_len at max_seq_len + 1
+    ids, which it only does to a text of more than 8 characters for each of those ids."""
+    return -1 if ids == max_seq_len + 1 and chars > 8 * ids else ids
+
+
 def _clean_chunk(values: list, cfg: DataConfig, tokenizer) -> list:
-    """Per raw record: (kind, canonical row, dedup key, (ids, targets, prompt_len)) or the exception that
-    rejects it (_Rejected, or the DataError of a template that cannot render rows), in order.
+    """Per raw record: (kind, canonical row, dedup key, (ids, targets, prompt_len), characters of the
+    rendered text) or the exception that rejects it (_Rejected, or the DataError of a template
+    that cannot render rows), in order.
     The tokenization is `tokenize_row`'s, for the whole chunk at once (encoding.encode_rows)."""
     staged: list = []
     for value in values:
@@ -280,13 +292,14 @@ def _clean_chunk(values: list, cfg: DataConfig, tokenizer) -> list:
             staged[i] = _Rejected("malformed", str(err))
         except TemplateError as err:
             staged[i] = DataError(f"data.template={cfg.template}: {err}")
-    for i, encoded in zip(todo, encode_rows(rendered, tokenizer, cfg.max_seq_len, cfg.train_on_prompt)):
+    encoded_rows = encode_rows(rendered, tokenizer, cfg.max_seq_len, cfg.train_on_prompt)
+    for i, text, encoded in zip(todo, rendered, encoded_rows):
         if isinstance(encoded, RejectedConversation):
             staged[i] = _Rejected("malformed", str(encoded))
         elif isinstance(encoded, Exception):
             raise encoded  # a bug, not the row's fault
         else:
-            staged[i] = (*staged[i], encoded)
+            staged[i] = (*staged[i], encoded, len(text.text))
     return staged
 
 
@@ -539,6 +552,7 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int = 0, rows: Optional[tuple
     sources = parts(cfg)
     cfgs = [part.cfg for part in sources]
     seen: set = set()  # shared, so an eval row that repeats a training row is dropped as a duplicate
+    lengths: list[int] = []  # every row's tokens at the length check: what data.max_seq_len keeps them
     pool: Optional[TokenizerPool] = None
     train: list[Example] = []
     held_out: list[Example] = []
@@ -548,7 +562,7 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int = 0, rows: Optional[tuple
             if pool is None and index == 0:
                 processes = tokenizing_processes(cfg, len(train_raw) + len(eval_raw or ()))
                 pool = TokenizerPool(processes, cfg, tokenizer) if processes > 1 else None
-            kept = clean(train_raw, part.cfg, tokenizer, report, seen, pool, index)
+            kept = clean(train_raw, part.cfg, tokenizer, report, seen, pool, index, lengths)
             if not kept:
                 what = "the synthetic data" if part.cfg.source == "synthetic" else f"{part.key}={part.cfg.path}"
                 raise DataError(
@@ -557,7 +571,7 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int = 0, rows: Optional[tuple
                 )
             train += kept
             if eval_raw is not None:
-                kept = clean(eval_raw, part.cfg, tokenizer, report, seen, pool, index)
+                kept = clean(eval_raw, part.cfg, tokenizer, report, seen, pool, index, lengths)
                 if not kept:
                     what = (f"data.eval_path={cfg.eval_path}" if cfg.eval_path else
                             f"the eval split of {part.key}={part.cfg.path}")
@@ -568,7 +582,8 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int = 0, rows: Optional[tuple
                 held_out += kept
         if cfg.sources and cfg.eval_path:  # one eval file for the whole mix
             eval_raw = read_eval_path(cfg)
-            held_out += clean(eval_raw, dataclasses.replace(cfg, template=cfgs[0].template), tokenizer, report, seen, pool)
+            held_out += clean(eval_raw, dataclasses.replace(cfg, template=cfgs[0].template), tokenizer, report, seen, pool,
+                              lengths=lengths)
             if not held_out:
                 raise DataError(f"no eval rows left after cleaning data.eval_path={cfg.eval_path}: {report.summary()}")
     finally:
@@ -577,6 +592,7 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int = 0, rows: Optional[tuple
     if not held_out:
         train, held_out = split(train, cfg)
     report.kept, report.eval = len(train) + len(held_out), len(held_out)
+    report.max_seq_len_p90, report.max_seq_len_all = lengths_that_keep(lengths)
     if cfg.augment.functions or cfg.augment.template_variation > 0:
         train = augment(train, cfgs, tokenizer, report, random.Random(cfg.seed * 1_000_003 + seed))
         if not train:
@@ -598,8 +614,23 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int = 0, rows: Optional[tuple
     report.train_target_tokens = train_samples.target_count
     count_sequences(report, cfg, train_samples, eval_samples)
     report.sources = mix
+    report.formats = rendered_formats(train, sources)
+    report.chat_template_unused = (
+        bool(getattr(tokenizer, "chat_template", None)) and not cfg.chat_template
+        and tokenizer.chat_template != HEADERS_CHAT_TEMPLATE  # the built-in tokenizer's: no model was tuned on it
+        and any(f["format"] not in ("chat", "text") for f in report.formats)
+        and not any(f["format"] == "chat" for f in report.formats))
     return PreparedData(train_samples, eval_samples, eval_rows, report, stop_ids, train_sources,
                         [cfg.packing, cfg.pack_strategy])
+
+
+def rendered_formats(examples: list[Example], sources: list) -> list[dict]:
+    """DataReport.formats: how many training rows of each source were rendered in which format."""
+    counts: dict[tuple[int, str], int] = {}
+    for e in examples:
+        fmt = "chat" if e.kind == "chat" else "text" if e.kind == "text" else sources[e.source].cfg.template
+        counts[(e.source, fmt)] = counts.get((e.source, fmt), 0) + 1
+    return [{"source": sources[i].name, "format": fmt, "rows": n} for (i, fmt), n in sorted(counts.items())]
 
 
 def eval_row(example: Example, cfg: DataConfig, tokenizer) -> Optional[dict]:

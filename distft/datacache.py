@@ -316,6 +316,12 @@ def _report_value_ok(name: str, value, blank) -> bool:
             and isinstance(s.get("weight"), (int, float)) and not isinstance(s.get("weight"), bool) for s in value)
     if name == "first_dropped":
         return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+    if isinstance(getattr(blank, name), bool):
+        return isinstance(value, bool)
+    if name == "formats":
+        return isinstance(value, list) and all(
+            isinstance(f, dict) and isinstance(f.get("source"), str) and isinstance(f.get("format"), str)
+            and _is_count(f.get("rows")) for f in value)
     return _is_count(value) if isinstance(getattr(blank, name), int) else False
 
 

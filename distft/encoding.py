@@ -4,8 +4,9 @@ Why one call: tokenizers do not tokenize a text the way they tokenize its pieces
 SentencePiece tokenizer puts a word marker `▁` in front of every call (`'\\n','The'` inside a text,
 `'▁The'` alone), a byte-level BPE merges a space into the next word; so encoding a prompt and a
 response apart trains tokens the tokenizer never produces for the real text. Here the training ids
-are exactly `tokenizer(text)` (distft adds bos first and, for templates that do not end turns
-themselves, eos last), and a token is a target when its characters overlap a target span of the
+are exactly `tokenizer(text)`: the bos the tokenizer's own call adds, and nothing where it adds
+none (`templates.bos_ids`: SmolLM2 and other ChatML models add none; Llama-2/3 do), then, for
+templates that do not end turns themselves, eos last, and a token is a target when its characters overlap a target span of the
 `Rendered` row (`templates.py`). A token that straddles the prompt/response boundary is a target:
 the model has to produce it.
 
@@ -17,7 +18,7 @@ always), the rendered text is encoded as is. When one does, the message contents
 rendering (`templates.content_spans`) and only the template's own special tokens stay control ids;
 a conversation whose rendering cannot be lined up with its messages is rejected as malformed.
 
-`prompt_len` is the number of ids (bos included) before the first token of the last target: a
+`prompt_len` is the number of ids (an added bos included) before the first token of the last target: a
 generation eval feeds exactly `input_ids[:prompt_len]`, the prefix the model was trained on.
 
 A text far longer than `max_seq_len` is encoded only as far as matters (see `_encode_text`).
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from distft.samples import IGNORE_INDEX
-from distft.templates import RejectedConversation, Rendered, content_spans, special_pattern, special_strings
+from distft.templates import RejectedConversation, Rendered, bos_ids, content_spans, special_pattern, special_strings
 
 MARGIN_TOKENS = 64  # where a prefix may tokenize differently from the whole text: beyond what is kept
 
@@ -43,11 +44,11 @@ class Encoded:
 
 
 def encode_row(rendered: Rendered, tokenizer, max_seq_len: int, train_on_prompt: bool = False) -> Encoded:
-    """[bos] + tokenizer(text) (+ eos when the template does not end the turn itself), labels
+    """tokenizer(text) with the bos it adds (`bos_ids`), + eos when the template does not end the turn itself; labels
     aligned to the ids: targets where the tokens overlap a target span (everything with
     `train_on_prompt`), -100 elsewhere and always on the first id. Untruncated, except that a
     capped text stops at max_seq_len + 1 ids."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    bos = bos_ids(tokenizer)
     ids, offsets, capped = _tokenize(rendered, tokenizer, max_seq_len - len(bos))
     labels = [IGNORE_INDEX] * len(bos) + _labels(ids, offsets, rendered.targets, train_on_prompt)
     ids = bos + ids
@@ -162,7 +163,7 @@ def encode_rows(rendered: list[Rendered], tokenizer, max_seq_len: int, train_on_
     its place."""
     import numpy as np
 
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    bos = bos_ids(tokenizer)
     budget = max_seq_len - len(bos)
     pattern = special_pattern(tokenizer)
     out: list = [None] * len(rendered)

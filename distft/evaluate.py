@@ -58,6 +58,7 @@ import torch
 
 from distft.config import EvalConfig, model_label
 from distft.model import MAX_LOSS_FOR_PERPLEXITY, model_inputs, token_loss
+from distft.templates import bos_ids
 
 GENERATION_METRICS = ("exact_match", "exact_match_strict", "f1", "rouge_l")
 
@@ -220,7 +221,24 @@ def _eos_ids(model: torch.nn.Module, tokenizer: Any, stop_ids: Sequence[int] = (
     return ids
 
 
-def _generate_cached(model, rows: list[list[int]], max_new_tokens: int, eos_ids, pad_id, device) -> list[list[int]]:
+class _DecodeSteps:
+    """A transformers streamer that only counts: each decoding step's tokens go to a
+    tracking.GenerationProgress (`generate` first puts the prompt, which is not counted)."""
+
+    def __init__(self, progress):
+        self.progress, self.prompt_seen = progress, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_seen:
+            self.progress.decoded(value.numel())
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+def _generate_cached(model, rows: list[list[int]], max_new_tokens: int, eos_ids, pad_id, device,
+                     progress=None) -> list[list[int]]:
     """`model.generate` on a left-padded batch (left, so every row continues at the same index)."""
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -241,12 +259,13 @@ def _generate_cached(model, rows: list[list[int]], max_new_tokens: int, eos_ids,
         top_k=None,
         pad_token_id=pad_id,
         eos_token_id=eos_ids,
+        streamer=_DecodeSteps(progress) if progress is not None else None,
     )
     return output[:, width:].tolist()
 
 
 def _generate_full_forward(
-    model, rows: list[list[int]], max_new_tokens: int, eos_ids, pad_id, device
+    model, rows: list[list[int]], max_new_tokens: int, eos_ids, pad_id, device, progress=None
 ) -> list[list[int]]:
     """Greedy decoding by re-running the training-time forward on a right-padded batch.
 
@@ -269,6 +288,8 @@ def _generate_full_forward(
         logits = logits[:, -end:]  # drop prompt tuning's virtual-token positions
         last = torch.tensor(lengths, device=logits.device) - 1
         next_tokens = logits[torch.arange(len(rows), device=logits.device), last].argmax(-1).tolist()
+        if progress is not None:
+            progress.decoded(len(rows))
         for i, token in enumerate(next_tokens):
             if done[i]:
                 continue
@@ -313,38 +334,53 @@ def generate_outputs(
     autocast_ctx: Any = None,
     stop_ids: Sequence[int] = (),
     should_stop: Optional[Callable[[], bool]] = None,
+    progress: Any = None,
 ) -> list[tuple[str, bool]]:
     """(answer, truncated) for each of `prompts`, in order. The answer is the decoded new tokens
     up to the first stop token (`_eos_ids`), stripped; truncated: no stop token came within
     `max_new_tokens`, so the answer was cut there (and may be missing its end).
 
     A prompt is token ids (a held-out row's `prompt_ids`: exactly its training prefix, bos
-    included) or text, tokenised as bos id + the text with add_special_tokens=False. Rows are
+    included) or text, tokenised as the tokenizer tokenises it (`templates.bos_ids`: its bos where it adds one). Rows are
     padded by hand, so the caller's tokenizer is never modified. They are batched by length to waste little on padding; greedy decoding makes
     the answers independent of the batching up to float rounding. `model` is the bare model or
     PeftModel (not a DDP wrapper, which has no `generate`).
+
+    `progress` (a tracking.GenerationProgress; None: an unlabelled one that logs, never draws a
+    bar) hears of every decoding step and answered batch, and logs where a slow generation is.
     """
     if not prompts:
         return []
     eos_ids = _eos_ids(model, tokenizer, stop_ids)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    bos = bos_ids(tokenizer)
     encoded = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str) else [int(t) for t in p]
                for p in prompts]
     if any(not row for row in encoded):
-        raise ValueError("cannot generate from an empty prompt with a tokenizer that has no bos token")
+        raise ValueError("cannot generate from an empty prompt with a tokenizer that adds no bos token")
     decode_batch = _generate_full_forward if _is_prompt_learning(model) else _generate_cached
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # stable: deterministic
     answers: list[tuple[str, bool]] = [("", False)] * len(encoded)
+    if progress is None:
+        from distft.tracking import GenerationProgress
+
+        progress = GenerationProgress(bar=False)
+    progress.start(len(encoded))
     with _eval_mode(model), _autocast(autocast_ctx):
-        for start in range(0, len(order), batch_size):
-            _check_stop(should_stop)
-            indices = order[start : start + batch_size]
-            outputs = decode_batch(model, [encoded[i] for i in indices], max_new_tokens, eos_ids, pad_id, device)
-            for i, tokens in zip(indices, outputs):
-                stop = next((k for k, t in enumerate(tokens) if t in eos_ids), None)
-                text = tokenizer.decode(tokens[:stop], skip_special_tokens=True).strip()
-                answers[i] = (text, stop is None and max_new_tokens > 0)
+        try:
+            for start in range(0, len(order), batch_size):
+                _check_stop(should_stop)
+                indices = order[start : start + batch_size]
+                # Only where it shows: counting steps costs a device-to-host copy each (a GPU sync).
+                outputs = decode_batch(model, [encoded[i] for i in indices], max_new_tokens, eos_ids, pad_id, device,
+                                       progress=progress if progress.enabled else None)
+                for i, tokens in zip(indices, outputs):
+                    stop = next((k for k, t in enumerate(tokens) if t in eos_ids), None)
+                    text = tokenizer.decode(tokens[:stop], skip_special_tokens=True).strip()
+                    answers[i] = (text, stop is None and max_new_tokens > 0)
+                progress.answered(len(indices))
+        finally:
+            progress.close()
     return answers
 
 
@@ -359,6 +395,7 @@ def evaluate_model(
     stop_ids: Sequence[int] = (),
     should_stop: Optional[Callable[[], bool]] = None,
     general: Optional[Iterable[dict]] = None,
+    progress: Any = None,
 ) -> dict[str, Any]:
     """Held-out loss and generation metrics of one model, plus the scored samples.
 
@@ -372,7 +409,7 @@ def evaluate_model(
     reference, prediction, task, truncated, scores}, scores being its `sample_scores`). Generation
     scores the first `cfg.num_samples` rows, always the same ones. With `general` (batches of
     general text, distft.forgetting.general_batches): general_loss, general_perplexity,
-    general_tokens and general_warn (the forgetting check).
+    general_tokens and general_warn (the forgetting check). `progress`: generate_outputs'.
     """
     result: dict[str, Any] = {"loss": None, "perplexity": None, "tokens": None}
     if eval_batches is not None:
@@ -388,7 +425,7 @@ def evaluate_model(
     rows = list(itertools.islice(eval_rows, cfg.num_samples))
     outputs = generate_outputs(
         model, tokenizer, [r.get("prompt_ids") or r["prompt"] for r in rows], cfg.max_new_tokens, cfg.batch_size,
-        device, autocast_ctx, stop_ids=stop_ids, should_stop=should_stop,
+        device, autocast_ctx, stop_ids=stop_ids, should_stop=should_stop, progress=progress,
     )
     scores = [sample_scores(text, r["reference"]) for (text, _), r in zip(outputs, rows)]
     result.update(mean_scores(scores) if rows else dict.fromkeys(GENERATION_METRICS))
@@ -467,6 +504,12 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, num_samples: in
     device = torch.device("cpu")
     if cfg.train.device in ("auto", "cuda") and torch.cuda.is_available():
         device = torch.device("cuda")
+    if device.type == "cpu":  # as a run's ranks choose theirs (a loaded CPU: minutes, not seconds)
+        import logging
+
+        from distft.dist import share_cpu_threads
+
+        logging.getLogger("distft").info("torch threads: %d (%s)", *share_cpu_threads(device))
     data = prepared(cfg.data, tokenizer, cfg.data.seed, cfg.run.root, prepare_data).data
     batches = eval_batches(data.eval, cfg.eval.batch_size, cfg.data.max_seq_len, cfg.data.packing,
                            tokenizer.pad_token_id, cfg.data.pack_strategy)
@@ -484,11 +527,14 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, num_samples: in
         general = general_batches(cfg.eval.general_path, tokenizer, cfg.data.max_seq_len, cfg.eval.batch_size,
                                   cfg.eval.general_max_tokens)
 
-    def score(model):
+    def score(model, label: str):
+        from distft.tracking import GenerationProgress
+
         if not getattr(model, "is_loaded_in_4bit", False):
             model = model.to(device)
         result = evaluate_model(model, tokenizer, batches, data.eval_rows, cfg.eval, device, autocast_ctx=autocast,
-                                stop_ids=data.stop_ids, general=general)
+                                stop_ids=data.stop_ids, general=general,
+                                progress=GenerationProgress(f"{label}: generating"))
         if cfg.eval.lm_eval_tasks:
             from distft.forgetting import run_lm_eval
 
@@ -496,8 +542,8 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, num_samples: in
                                             cfg.eval.lm_eval_limit, cfg.eval.batch_size, device)
         return result
 
-    after = score(tuned)
-    before = score(load_base(cfg, tokenizer=tokenizer)) if compare_base else None
+    after = score(tuned, "tuned model")
+    before = score(load_base(cfg, tokenizer=tokenizer), "base model") if compare_base else None
     meta = {"experiment": cfg.run.experiment, "technique": cfg.technique.name, "model": model_label(cfg.model),
             "checkpoint": checkpoint, "steps": read_meta(checkpoint)["step"]}
     predictions = write_predictions(predictions_path(out), {"base": before, "tuned": after}, root)
@@ -523,6 +569,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let the base model run its own Python code (never taken from the checkpoint)")
     args = parser.parse_args(argv)
+    from distft.tracking import quiet_libraries, setup_logging
+
+    setup_logging()  # the progress of a slow generation (tracking.GenerationProgress)
+    quiet_libraries()
     try:
         out, after, _ = evaluate_checkpoint(args.checkpoint, args.out, args.num_samples, not args.no_base,
                                             trust_remote_code=args.trust_remote_code)

@@ -25,6 +25,7 @@ import torch
 from distft.checkpoint import CheckpointError, read_meta, resolve_checkpoint
 from distft.config import Config, to_config
 from distft.files import remove_tree, write_json, write_text
+from distft.templates import trained_format
 
 
 def checkpoint_config(checkpoint: str, trust_remote_code: bool = False) -> Config:
@@ -150,9 +151,11 @@ def export(checkpoint: str, out_dir: str, dtype: Optional[torch.dtype] = None, t
         _write_export(cfg, model, tokenizer, checkpoint, tmp, out_dir)
         # How to prompt it (distft.chat reads it): the run's template and where its answers stop.
         write_json(os.path.join(tmp, "prompt_format.json"), {
-            "template": cfg.data.template, "chat_template": cfg.data.chat_template, "stop_token_ids": stop_ids,
-            "note": "data.template of the run: chat = the tokenizer's chat template; alpaca/alpaca_short/plain = "
-                    "distft.templates.alpaca_prompt (instruction, input, then the answer)"}, what="the export")
+            "template": trained_format(checkpoint, cfg), "chat_template": cfg.data.chat_template,
+            "stop_token_ids": stop_ids,
+            "note": "the format the run's training rows were rendered in: chat = the tokenizer's chat template; "
+                    "alpaca/alpaca_short/plain = distft.templates.alpaca_prompt (instruction, input, then the "
+                    "answer)"}, what="the export")
         if os.path.isdir(out_dir):
             os.rmdir(out_dir)  # empty, checked above
         os.replace(tmp, out_dir)

@@ -25,9 +25,22 @@ from distft.files import open_regular
 LM_EVAL_HINT = "pip install 'distft[lm-eval]' (or lm-eval)"
 
 
+BUILTIN_GENERAL = "builtin:general"  # eval.general_path's name for the sample distft ships
+
+
+def corpus_file(path: str) -> str:
+    """The file eval.general_path names: `builtin:general` is the general-text sample shipped in
+    the package (distft/corpora/general.txt: 40 paragraphs of encyclopedic prose, ~4,500 words,
+    written for distft); anything else is a path."""
+    if path == BUILTIN_GENERAL:
+        return os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpora", "general.txt")
+    return os.path.expanduser(path)
+
+
 def read_corpus(path: str) -> list[str]:
     """The documents of a general-text corpus; DataError naming the problem for a missing, empty or
     unreadable file."""
+    path = corpus_file(path)
     if not os.path.isfile(path):
         raise DataError(f"eval.general_path={path} does not exist; point it at a text or JSON Lines file of general "
                         "text, or set eval.general_path=null")
@@ -59,14 +72,15 @@ def read_corpus(path: str) -> list[str]:
 
 
 def general_batches(path: str, tokenizer, max_seq_len: int, batch_size: int, max_tokens: int) -> list[dict]:
-    """Padded batches of the corpus for `evaluate.held_out_loss`: each document as bos + its tokens
+    """Padded batches of the corpus for `evaluate.held_out_loss`: each document as the tokenizer encodes it (its bos where it adds one) + its tokens
     + eos, cut into windows of at most max_seq_len tokens, every real token a target, until
     `max_tokens` tokens. The same for every model with this tokenizer."""
     import torch
 
     from distft.model import IGNORE_INDEX
+    from distft.templates import bos_ids
 
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    bos = bos_ids(tokenizer)  # what the tokenizer's own call puts in front: [] for ChatML models
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     windows: list[list[int]] = []
     budget = max_tokens

@@ -58,8 +58,9 @@ def _load_error(key: str, source: str, err: Exception) -> ModelLoadError:
 
 
 def build_offline_tokenizer():
-    """A character-level LLaMA-style tokenizer (<unk>=0, <s>=1, </s>=2, <pad>=3), built in code."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    """A character-level LLaMA-style tokenizer (<unk>=0, <s>=1, </s>=2, <pad>=3), built in code;
+    like LLaMA's, it puts <s> in front of a text it encodes."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + OFFLINE_CHARS)}
@@ -67,6 +68,10 @@ def build_offline_tokenizer():
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()
     backend.add_special_tokens(list(SPECIAL_TOKENS))
+    # bos in front of every text, as LLaMA's tokenizers add it (distft trains with what the
+    # tokenizer's own call adds: templates.bos_ids).
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 1)])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
     )
@@ -153,9 +158,14 @@ def build_model(
     """The base model: from scratch (seeded, so rebuildable) or from `name_or_path`.
 
     `meta=True` builds on the meta device (no memory) for planning and for engines that
-    materialise shards themselves.
+    materialise shards themselves. Every command builds its models here: the library noise a
+    user cannot act on is silenced first (tracking.quiet_libraries).
     """
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from distft.tracking import quiet_libraries
+
+    quiet_libraries()
 
     if cfg.name_or_path is None:
         config = llama_config(cfg)

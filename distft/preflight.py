@@ -262,7 +262,13 @@ def path_problems(cfg: Config) -> list[str]:
     name = cfg.model.name_or_path
     # A hub id looks like `org/name`; only an explicit local path can be checked here.
     if name and name.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(name)):
-        errors.append(f"model.name_or_path={name!r} is not a directory (give a local model directory or a hub id)")
+        from distft.pretrained import HOW_TO_GET_IT, SMOLLM2_NAME, cache_root
+
+        if os.path.abspath(os.path.expanduser(name)) == os.path.join(cache_root(), SMOLLM2_NAME):
+            errors.append(f"model.name_or_path={name!r}: {SMOLLM2_NAME} is not prepared yet; {HOW_TO_GET_IT}")
+        else:
+            errors.append(f"model.name_or_path={name!r} is not a directory (give a local model directory, a .gguf "
+                          "file or a hub id)")
     config_json = name and os.path.join(os.path.expanduser(name), "config.json")
     if config_json and os.path.isfile(config_json):
         try:
@@ -509,8 +515,12 @@ def _typed(composed: Any) -> tuple[Optional[Config], Optional[str]]:
     """The typed Config; interpolations are resolved here, so `${nope}` is reported here."""
     from omegaconf.errors import OmegaConfBaseException
 
+    from distft.errors import ModelLoadError
+
     try:
         return to_config(composed), None
+    except ModelLoadError as err:  # model.name_or_path=<file>.gguf that cannot be converted
+        return None, str(err)
     except OverflowError:  # an integer too large for a float field, through an interpolation or a YAML file
         return None, _overflowing_float(composed)
     except OmegaConfBaseException as err:

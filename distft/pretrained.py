@@ -55,6 +55,8 @@ def convert_gguf(gguf_path: str, out_dir: str) -> str:
 
     transformers.utils.logging.disable_progress_bar()  # loading bars, not what a user can act on
     transformers.utils.logging.set_verbosity_error()
+    # The GGUF reader's own bar ("Converting and de-quantizing GGUF tensors") stays: the one slow
+    # step of a conversion (minutes at 7B), done once.
     folder, name = os.path.split(os.path.abspath(gguf_path))
     if os.path.exists(out_dir):
         raise ModelLoadError(f"{out_dir} exists already; choose a new folder for the converted model")
@@ -107,6 +109,48 @@ def prepare_smollm2(quiet: bool = False) -> str:
     if not quiet:
         print(f"converting {os.path.basename(gguf_path)} into {out}", flush=True)
     return convert_gguf(gguf_path, out)
+
+
+def local_model(name_or_path: Optional[str]) -> Optional[str]:
+    """`model.name_or_path` as the loaders take it: `~` expanded, and a `.gguf` file (what
+    llama.cpp and Ollama users hold) replaced by a Hugging Face folder made from it once, under
+    `cache_root()/gguf/` (keyed by the file's path, size and modification time; a changed file is
+    converted again). transformers dequantizes the GGUF weights (`convert_gguf`: bf16). Anything
+    else (a folder, a hub id, None) comes back as it was given."""
+    if not name_or_path:
+        return name_or_path
+    path = os.path.expanduser(name_or_path)
+    if not (path.lower().endswith(".gguf") and os.path.isfile(path)):
+        return path if name_or_path.startswith("~") else name_or_path
+    import hashlib
+
+    real = os.path.realpath(path)
+    stat = os.stat(real)
+    key = hashlib.sha256(f"{real}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    stem = os.path.splitext(os.path.basename(path))[0]  # the name the user gave (a link keeps its own)
+    out = os.path.join(cache_root(), "gguf", f"{stem}-{key}")
+    announce = os.environ.get("RANK", "0") == "0" and out not in _ANNOUNCED
+    _ANNOUNCED.add(out)
+    if os.path.isfile(os.path.join(out, "config.json")):
+        if announce:
+            print(f"distft: model.name_or_path={name_or_path} is a GGUF file; using its dequantized copy {out}",
+                  file=sys.stderr)
+        return out
+    if announce:
+        print(f"distft: model.name_or_path={name_or_path} is a GGUF file; dequantizing it (transformers, gguf) into "
+              f"{out}, once", file=sys.stderr, flush=True)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    try:
+        return convert_gguf(path, out)
+    except ModelLoadError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a file transformers cannot read as GGUF: one message
+        raise ModelLoadError(f"model.name_or_path={name_or_path}: transformers cannot read it as a GGUF model "
+                             f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}); "
+                             "give a GGUF file of a LLaMA-family model, or a Hugging Face folder") from None
+
+
+_ANNOUNCED: set = set()
 
 
 def smollm2_gguf() -> str:

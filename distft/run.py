@@ -107,25 +107,28 @@ def build_run(cfg: Config, info: DistInfo, device: torch.device) -> Run:
     if not data.eval:  # validate() refuses an empty split it can see; a dataset's own split can be empty too
         raise DataError(f"no held-out rows: {data.report.summary()}; every run scores the model on held-out rows "
                         "before and after training: set data.eval_size / data.eval_fraction above 0, or data.eval_path")
-    log.info("%s", data.report.summary())
-    if cached.path:
+    if info.is_main:  # every rank prepared the same data: its report is said once
+        log.info("%s", data.report.summary())
+    if cached.path:  # this rank's own: it built the cache, or read it (and how long that took)
         log.info("data: %s the cache %s in %.1f s", "built" if cached.built else "read", cached.path, cached.seconds)
-    for level, line in data.report.notes(cfg.data):
+    for level, line in data.report.notes(cfg.data) if info.is_main else ():
         getattr(log, level)("%s", line)
 
     dtype = weights_dtype(cfg, device)
-    if cfg.train.pure_bf16:
+    if cfg.train.pure_bf16 and info.is_main:
         log.warning("train.pure_bf16=true: weights, gradients and AdamW state in bf16, no fp32 master weights; "
                     "updates below bf16's resolution (~1/256 of a weight) are lost, so a small train.lr trains little")
     memory = MemoryMeter(device, cfg.tracking.cpu_memory_steps)  # the model, its training state, activations
     model, model_build = build_model_for_engine(cfg, dtype, tokenizer, info.world_size)
     counts = count_parameters(model, quantized_base=cfg.technique.name == "qlora")
     trainable, total = counts.trainable, counts.total
-    log.info(
-        "model %s, technique %s: %s trainable of %s parameters (%.2f%%), built %s",
-        model_label(cfg.model), cfg.technique.name, f"{trainable:,}", f"{total:,}", 100.0 * trainable / max(1, total),
-        "on the meta device, filled from rank 0" if model_build == "meta" else "on every rank",
-    )
+    if info.is_main:
+        log.info(
+            "model %s, technique %s: %s trainable of %s parameters (%.2f%%), built %s",
+            model_label(cfg.model), cfg.technique.name, f"{trainable:,}", f"{total:,}",
+            100.0 * trainable / max(1, total),
+            "on the meta device, filled from rank 0" if model_build == "meta" else "on every rank",
+        )
     engine = build_engine(cfg, model, device)
 
     pad_id = tokenizer.pad_token_id

@@ -1,6 +1,7 @@
 """Prompt templates: how a cleaned row becomes one text, and which characters of it are trained on.
 
-A row renders to a `Rendered`: the whole text of the sample (without bos: data.py adds the bos id)
+A row renders to a `Rendered`: the whole text of the sample (without the bos the tokenizer adds
+itself: `bos_ids`, which encoding.py puts in front)
 and the character spans that are targets. `distft/encoding.py` tokenizes that text in one call, as
 the tokenizer itself would, and masks by character offsets, so the training ids are exactly the
 tokenization of the full text, whatever the tokenizer merges across the prompt/response boundary.
@@ -89,12 +90,12 @@ class Rendered:
 
     @property
     def prompt(self) -> Optional[str]:
-        """The text before the last target: what a generation eval feeds the model (no bos)."""
+        """The text before the last target: what a generation eval feeds the model (no added bos)."""
         return self.text[: self.targets[-1][0]] if self.reference is not None and self.targets else None
 
 
 def alpaca_prompt(row: dict, template: str, variant: int = 0) -> str:
-    """The prompt text of an Alpaca row (everything before the response), without bos."""
+    """The prompt text of an Alpaca row (everything before the response), without the added bos."""
     instruction, context = row["instruction"], row.get("input") or ""
     if template == "plain":
         return f"{instruction}\n{context}\n" if context else f"{instruction}\n"
@@ -152,14 +153,38 @@ def special_pattern(tokenizer) -> Optional[re.Pattern]:
     return _specials(tokenizer)[1]
 
 
+def bos_ids(tokenizer) -> list[int]:
+    """The ids the tokenizer's own `__call__` puts before a text: [bos] for Llama-2 ([1]) and
+    Llama-3 ([128000]), [] for tokenizers that add none (SmolLM2, Qwen and most ChatML models, whose
+    bos_token_id exists but is never added). Every sample, evaluation prompt, chat turn and general
+    text gets exactly this in front, so a model trained here sees what `tokenizer(prompt)` +
+    `generate` gives it later. Found by encoding a probe with and without special tokens; cached
+    on the tokenizer until its vocabulary or post-processor changes."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    key = (len(tokenizer), str(getattr(backend, "post_processor", None)), getattr(tokenizer, "add_bos_token", None))
+    cached = getattr(tokenizer, "_distft_bos", None)
+    if cached is None or cached[0] != key:
+        probe = "a b"
+        plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+        full = list(tokenizer(probe)["input_ids"])
+        at = next((i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain), 0)
+        cached = (key, tuple(int(t) for t in full[:at]))
+        tokenizer._distft_bos = cached
+    return list(cached[1])
+
+
 def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as err:  # jinja raises for conversations a template rejects (e.g. roles not alternating)
         raise RejectedConversation(f"the tokenizer's chat template rejected the conversation: {err}") from err
-    # Templates that write bos as text would get a second bos: data.py adds the bos id itself.
+    # Templates that write bos as text (Llama-3's) would get a second bos where the tokenizer adds
+    # one itself (encoding.py puts `bos_ids` in front). Where it adds none (ChatML's bos is
+    # `<|im_start|>`, which every turn starts with), the text stays as the template wrote it.
     bos = getattr(tokenizer, "bos_token", None)
-    return text[len(bos) :] if bos and text.startswith(bos) else text
+    if bos and text.startswith(bos) and bos_ids(tokenizer):
+        return text[len(bos) :]
+    return text
 
 
 def _turn_end(tokenizer, text: str, start: int, end: int, content: str) -> int:
@@ -269,6 +294,31 @@ def render_row(row: dict, kind: str, template: str, tokenizer, variant: int = 0)
     prompt = alpaca_prompt(row, template, variant)
     text = prompt + row["output"]
     return Rendered(text, [(len(prompt), len(text))], literal=True, add_eos=True, reference=row["output"])
+
+
+def prompt_format(formats: list[dict], fallback: str) -> str:
+    """The format to prompt a trained model in (chat, alpaca, alpaca_short, plain): the one most of
+    its training rows were rendered in (`DataReport.formats`; text rows have no prompt), chat on a
+    tie; `fallback` (the run's data.template) when nothing is recorded. Rows with `messages`
+    train in the chat template whatever data.template says: this, not data.template, is what they
+    taught the model."""
+    totals: dict[str, int] = {}
+    for entry in formats or ():
+        if entry.get("format") not in (None, "text"):
+            totals[entry["format"]] = totals.get(entry["format"], 0) + int(entry.get("rows", 0))
+    return max(totals, key=lambda name: (totals[name], name == "chat")) if totals else fallback
+
+
+def trained_format(checkpoint: str, cfg) -> str:
+    """`prompt_format` of a checkpoint: from the formats its trainer state recorded, or, for a
+    checkpoint saved before distft recorded them, its config's data.template."""
+    from distft.checkpoint import read_trainer_state
+
+    try:
+        formats = read_trainer_state(checkpoint).get("formats")
+    except (OSError, ValueError, AttributeError):
+        formats = None
+    return prompt_format(formats if isinstance(formats, list) else [], cfg.data.template)
 
 
 def stop_tokens(tokenizer, extra: Sequence[str] = ()) -> list[str]:

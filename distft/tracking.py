@@ -42,6 +42,66 @@ def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
     root.propagate = False
 
 
+# What libraries print on every start that a user cannot act on, silenced by `quiet_libraries`.
+QUIET_BARS = ("Loading weights", "Loading checkpoint shards", "Writing model shards")  # transformers' bars
+QUIET_LOG_LINES = {  # logger -> a phrase of the one message of it that is dropped
+    # bitsandbytes tries to fetch an optional CPU kernel from the hub on CPUs with AVX512-BF16; the
+    # failure says "Set trust_remote_code=True", alarming above a run that never runs hub code.
+    "bitsandbytes.backends.cpu.ops": "gemm_4bit_forward",
+    # DeepSpeed's accelerator guess on a machine without CUDA (export and chat import it via accelerate).
+    "DeepSpeed": "Setting accelerator to CPU",
+}
+QUIET_WARNINGS = (  # (message regex, category, module regex): deprecations inside the libraries' own calls
+    (r"`is_gradient_checkpointing` is deprecated", FutureWarning, r"transformers\."),  # peft asks for it
+    # torch 2.13 renamed the collectives that DeepSpeed's ZeRO calls (once per rank, every run).
+    (r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated", FutureWarning,
+     r"torch\.distributed\."),
+)
+
+
+class _DropLine(logging.Filter):
+    def __init__(self, phrase: str):
+        super().__init__()
+        self.phrase = phrase
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.phrase not in record.getMessage()
+
+
+_DROP_LINES = {name: _DropLine(phrase) for name, phrase in QUIET_LOG_LINES.items()}
+
+
+def quiet_libraries() -> None:
+    """Silence what third-party libraries print on every start that a user cannot act on, and
+    nothing else: the few messages and bars named above (QUIET_*), each by its logger, category
+    and text. Every other warning and error, distft's own and the libraries', still shows; hub
+    download bars too. Idempotent; every entry point and model load calls it (train, plan,
+    distft.model's loaders, the evaluate command)."""
+    import warnings
+
+    for message, category, module in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    for name, drop in _DROP_LINES.items():
+        logging.getLogger(name).addFilter(drop)  # once: addFilter skips a filter it holds already
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:  # pragma: no cover - transformers is a core dependency
+        return
+    if not hasattr(transformers_logging, "set_tqdm_hook"):  # older transformers: every bar off
+        transformers_logging.disable_progress_bar()
+        return
+    previous = transformers_logging.set_tqdm_hook(_hide_loading_bars)
+    if previous not in (None, _hide_loading_bars):  # someone else's hook: theirs to decide
+        transformers_logging.set_tqdm_hook(previous)
+
+
+def _hide_loading_bars(factory, args, kwargs):
+    """transformers' tqdm hook: its weight loading and writing bars made silent, others as they were."""
+    if kwargs.get("desc") in QUIET_BARS:
+        kwargs = {**kwargs, "disable": True}
+    return factory(*args, **kwargs)
+
+
 # Secret config keys and the environment variable each is read from. A key given as a command-line
 # override is moved into its variable before anything sees the command line (distft/cli.py),
 # so rank processes and SLURM jobs inherit it and no command line or file holds it.
@@ -497,3 +557,84 @@ def _writes_to_console(handler: logging.Handler) -> bool:
 def _fmt_seconds(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+PROGRESS_EVERY_S = 10.0  # how often a slow generation logs where it is (off a terminal)
+
+
+class GenerationProgress:
+    """Where generating answers to held-out prompts is: prompts answered of the total, tokens
+    decoded per second, the time left. Generation is the slow part of an evaluation (the default
+    job's 64 prompts x 32 tokens: 31 s on one thread, 14.5 min on torch's default two threads of a
+    loaded 2-core machine; issue 35), so it is never silent for long.
+
+    As `Progress` does for training: a tqdm bar on an interactive terminal; elsewhere a log line
+    every PROGRESS_EVERY_S seconds while it runs, and one at the end when any was written (a
+    generation that ends sooner adds no line). The generator reports each decoding step
+    (`decoded`) and each batch of prompts answered (`answered`); `start` and `close` bracket one
+    generation, so one object may serve several. Off on every rank but the one that logs
+    (`enabled`; None: rank 0 of the job, from the launcher's environment); `bar=False`: log lines
+    even on a terminal (the default of a library call: a chat's answer draws no bar)."""
+
+    def __init__(self, label: str = "generation", enabled: Optional[bool] = None, every_s: Optional[float] = None,
+                 bar: bool = True):
+        if enabled is None:
+            rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
+            enabled = rank == "0"
+        self.label, self.enabled, self.draws = label, enabled, bar
+        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
+        self.bar = None
+        self.start(0)
+
+    def start(self, total: int) -> None:
+        self.close()
+        self.total, self.done, self.tokens, self.lines = total, 0, 0, 0
+        self.started = self.last = time.time()
+        if self.enabled and self.draws and total and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.label, unit="prompt", dynamic_ncols=True, leave=False)
+
+    def decoded(self, tokens: int) -> None:
+        """`tokens` more tokens decoded (one step of a batch: one per row still in it)."""
+        self.tokens += tokens
+        self._show()
+
+    def answered(self, prompts: int) -> None:
+        self.done += prompts
+        if self.bar is not None:
+            self.bar.update(prompts)
+        self._show()
+
+    def line(self, final: bool = False) -> str:
+        elapsed = time.time() - self.started
+        rate = self.tokens / max(elapsed, 1e-9)
+        if final:
+            return (f"{self.label}: {self.done}/{self.total} prompts answered in {_fmt_seconds(elapsed)}, "
+                    f"{self.tokens} tokens, {rate:.1f} tokens/s")
+        eta = f", eta {_fmt_seconds(elapsed / self.done * (self.total - self.done))}" if self.done else ""
+        return (f"{self.label}: {self.done}/{self.total} prompts answered, {self.tokens} tokens in "
+                f"{_fmt_seconds(elapsed)}, {rate:.1f} tokens/s{eta}")
+
+    def _show(self) -> None:
+        if not self.enabled:
+            return
+        now = time.time()
+        if self.bar is not None:
+            if now - self.last >= 1.0:
+                self.bar.set_postfix(tok_s=f"{self.tokens / max(now - self.started, 1e-9):.1f}")
+                self.last = now
+            return
+        if now - self.last >= self.every_s:
+            log.info("%s", self.line())
+            self.lines += 1
+            self.last = now
+
+    def close(self) -> None:
+        """The end of one generation: its last line (when any was logged) or the bar cleared."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        elif self.enabled and getattr(self, "lines", 0):
+            log.info("%s", self.line(final=True))
+        self.lines = 0

@@ -34,7 +34,17 @@ from distft.model import IGNORE_INDEX, token_loss
 from distft.preemption import StopSignal, requeue_count
 from distft.report import predictions_path
 from distft.run import Run, TrainState, build_run
-from distft.tracking import MemoryMeter, Progress, Tracker, flops_per_token, mfu, plot_losses, setup_logging
+from distft.tracking import (
+    GenerationProgress,
+    MemoryMeter,
+    Progress,
+    Tracker,
+    flops_per_token,
+    mfu,
+    plot_losses,
+    quiet_libraries,
+    setup_logging,
+)
 
 log = logging.getLogger("distft")
 
@@ -77,7 +87,9 @@ def train(cfg: Config) -> dict:
     from distft.engines.deepspeed import pin_accelerator
 
     pin_accelerator(device)
-    dist.share_cpu_threads(device)
+    threads, why = dist.share_cpu_threads(device)
+    if device.type == "cpu":  # this rank's own: every rank says it
+        log.info("torch threads: %d (%s)", threads, why)
     # A process group the caller made (a script or a test running several trainings in one group)
     # is left to the caller; the one made here (or by the engine: DeepSpeed's 1-rank group) goes with the run.
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
@@ -226,11 +238,12 @@ def _fit_and_finish(run: Run, run_dir: str, summary_path: str, stop) -> dict:
     if resumed_from is None and cfg.eval.compare_base and not stop.requested():
         try:
             with base_model_context(run.engine.unwrapped()):
-                state.eval_before = _evaluate(run, stop)
+                state.eval_before = _evaluate(run, stop, "base model")
         except EvalInterrupted:
             state.eval_before = None
         else:
-            log.info("base model: %s", _fmt_eval(state.eval_before))
+            if info.is_main:  # the same numbers on every rank: said once
+                log.info("base model: %s", _fmt_eval(state.eval_before))
             tracker.log(0, {"eval_loss": state.eval_before["loss"]})
     if resumed_from is None:
         # Each rank its own dropout stream (the model was built identically on every rank above).
@@ -432,10 +445,11 @@ def finish(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpoi
     best = _use_best(run, state, checkpointer)
     evaluated = best["path"] if best else final_checkpoint
     try:
-        eval_after = _evaluate(run, stop)
+        eval_after = _evaluate(run, stop, "tuned model")
     except EvalInterrupted:
         _stop(run, state, tracker, checkpointer, stop, when=f"during the final evaluation, after step {state.step}")
-    log.info("tuned model: %s", _fmt_eval(eval_after))
+    if info.is_main:  # the same numbers on every rank: said once
+        log.info("tuned model: %s", _fmt_eval(eval_after))
     # The best checkpoint's loss is on the curve at its own step already: not again at the last.
     tracker.log(state.step, {"result_eval_loss" if best else "eval_loss": eval_after["loss"]})
     best_step, best_loss = _best_of_run(state, best, eval_after["loss"])
@@ -648,22 +662,26 @@ def _read_run_file(path: str, read):
 
 def _quiet_libraries() -> None:
     """Library progress bars ("Loading weights", "Writing model shards") drown the run's own
-    output in logs; warnings still show."""
+    output in logs, as do the few library messages tracking.quiet_libraries names; other
+    warnings still show."""
     import transformers
 
+    quiet_libraries()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
 
 
-def _evaluate(run: Run, stop=None) -> dict:
-    """The base's or the tuned model's evaluation; with `stop`, a stop signal ends it at the next
-    batch (every rank alike) by raising EvalInterrupted."""
+def _evaluate(run: Run, stop=None, label: str = "evaluation") -> dict:
+    """The base's or the tuned model's evaluation (`label` names it in the progress lines); with
+    `stop`, a stop signal ends it at the next batch (every rank alike) by raising EvalInterrupted."""
     from distft.evaluate import evaluate_model
 
     engine = run.engine
+    progress = GenerationProgress(f"{label}: generating", enabled=run.info.is_main)
     result = evaluate_model(engine.unwrapped(), run.tokenizer, run.held_out, run.data.eval_rows, run.cfg.eval,
                             engine.device, stop_ids=run.data.stop_ids, autocast_ctx=engine.autocast,
-                            should_stop=stop.requested if stop is not None else None, general=run.general)
+                            should_stop=stop.requested if stop is not None else None, general=run.general,
+                            progress=progress)
     if run.cfg.eval.lm_eval_tasks:  # every rank alike (unsharded engines only: validation), no collectives
         from distft.forgetting import run_lm_eval
 
@@ -718,7 +736,8 @@ class Checkpointer:
         weights = run.engine.gathered_state_dict()  # collective: every rank takes part
         trainer_state = {"step": step, "loop": self.state.state_dict(), "data": run.batches.state_dict(),
                          "world_size": run.info.world_size, "parallel": run.cfg.parallel.strategy,
-                         "data_fingerprint": run.data_fingerprint}
+                         "data_fingerprint": run.data_fingerprint,
+                         "formats": run.data.report.formats}  # what chat/compare/export prompt in
         result = save_checkpoint(self.run_dir, step, run.engine, run.tokenizer, run.cfg, trainer_state, weights,
                                  background=background)
         if isinstance(result, str):

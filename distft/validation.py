@@ -79,6 +79,9 @@ def _positive(errors: list[str], key: str, value: Any, allow_zero: bool = False)
         errors.append(f"{key}={value} must be {bound}")
 
 
+PRETRAINED_PRESETS = ("pretrained_lora", "pretrained_full")  # conf/experiment: settings for a model users bring
+
+
 def validate(cfg: Config, model_max_positions: Optional[int] = None) -> list[str]:
     """Every semantic problem in `cfg`, each naming the key, what is allowed and how to fix it.
 
@@ -88,6 +91,11 @@ def validate(cfg: Config, model_max_positions: Optional[int] = None) -> list[str
     messages, so a new rule lands next to its neighbours.
     """
     errors: list[str] = []
+    if cfg.run.experiment in PRETRAINED_PRESETS and not cfg.model.name_or_path:
+        # Only this: the rest would judge the tiny preset's architecture against settings for a real one.
+        return [f"+experiment={cfg.run.experiment} fine-tunes your own pretrained model: name it with "
+                "model.name_or_path=<a local folder, a hub id or a .gguf file> (or model=smollm2, the one `make setup` "
+                "prepared)"]
     cfg = _check_numbers(cfg, errors)
     _check_choices(cfg, errors)
     _check_optimisation(cfg, errors)
@@ -736,9 +744,12 @@ def _check_eval_and_run(cfg: Config, errors: list[str]) -> None:
     _positive(errors, "eval.overfit_evals", cfg.eval.overfit_evals, allow_zero=True)  # 0: never
     _positive(errors, "eval.general_max_tokens", cfg.eval.general_max_tokens)
     _positive(errors, "eval.general_warn", cfg.eval.general_warn, allow_zero=True)
-    if cfg.eval.general_path and not os.path.isfile(os.path.expanduser(cfg.eval.general_path)):
+    from distft.forgetting import corpus_file
+
+    if cfg.eval.general_path and not os.path.isfile(corpus_file(cfg.eval.general_path)):
         errors.append(f"eval.general_path={cfg.eval.general_path} is not a file; point it at a text or JSON Lines "
-                      "file of general text (the forgetting check), or set eval.general_path=null")
+                      "file of general text (the forgetting check), or builtin:general (the sample distft ships), or set "
+                      "eval.general_path=null")
     if cfg.eval.lm_eval_tasks and cfg.technique.name in ("prefix", "prompt"):
         errors.append(f"eval.lm_eval_tasks does not run on technique={cfg.technique.name}: lm-evaluation-harness "
                       "scores logits position by position, which the virtual tokens shift; leave eval.lm_eval_tasks "

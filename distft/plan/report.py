@@ -31,6 +31,7 @@ def plan(cfg: Config, with_epoch: bool = True, argv: Optional[Sequence[str]] = N
     return {
         "model": model_label(cfg.model), "technique": cfg.technique.name, "parallel": cfg.parallel.strategy,
         "world_size": world_size(cfg), "nodes": cfg.launcher.nnodes, "cluster": cfg.cluster.name,
+        "device": "cpu" if runs_on_cpu(cfg) else "gpu",
         "architecture": architecture,
         "params_total": counts.total, "params_trainable": counts.trainable, "params_frozen": counts.frozen,
         "params_quantized": counts.quantized, "largest_layer_params": counts.largest_layer,
@@ -47,14 +48,30 @@ def plan(cfg: Config, with_epoch: bool = True, argv: Optional[Sequence[str]] = N
     }
 
 
+def runs_on_cpu(cfg: Config) -> bool:
+    """Whether the planned ranks compute on the CPU: train.device=cpu, or `auto` where the config
+    names no GPU and the job runs here (cluster=local, launched locally: this machine decides, as
+    for its host memory in memory.host_capacity_bytes) and this machine has none."""
+    if cfg.train.device == "cpu":
+        return True
+    if cfg.train.device != "auto" or cfg.cluster.gpus_per_node or cfg.cluster.gpu_memory_gb:
+        return False
+    if cfg.cluster.name != "local" or cfg.launcher.kind != "local":
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
+
+
 def format_text(result: dict) -> str:
     gib = 1024**3
-    lines = [f"{result['model']} / {result['technique']} / {result['parallel']} on {result['world_size']} GPU(s), "
-             f"{result['nodes']} node(s) of {result['cluster']}",
+    cpu = result.get("device") == "cpu"  # CPU ranks are processes, not GPUs
+    lines = [f"{result['model']} / {result['technique']} / {result['parallel']} on {result['world_size']} "
+             f"{'CPU process(es)' if cpu else 'GPU(s)'}, {result['nodes']} node(s) of {result['cluster']}",
              f"  architecture: {result['architecture']}",
              f"  parameters: {result['params_total']:,} total, {result['params_trainable']:,} trainable, "
              f"{result['params_frozen']:,} frozen ({result['params_quantized']:,} in 4 bits)",
-             "  per GPU:"]
+             "  per process:" if cpu else "  per GPU:"]
     for key, value in result["per_gpu_bytes"].items():
         if key == "paged":
             lines.append(f"    + paged   {value / gib:9.2f} GiB of optimizer state in unified memory, not in the total: "

@@ -73,9 +73,12 @@ def test_default_run_is_tiny_full_on_synthetic_data():
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_validates(experiment):
-    cfg = good(f"+experiment={experiment}")
+    # pretrained_*: your own model, which the command line names (here the prepared SmolLM2, whose
+    # folder the config names whether or not it exists: only its path is checked here)
+    cfg = good(f"+experiment={experiment}", *(["model=smollm2"] if experiment.startswith("pretrained_") else []))
     assert cfg.run.experiment == experiment
-    technique = experiment.split("_")[1] if experiment.startswith("tiny_") else experiment.split("_")[0]
+    named_first = ("tiny_", "pretrained_", "smollm2_")
+    technique = experiment.split("_")[1] if experiment.startswith(named_first) else experiment.split("_")[0]
     assert cfg.technique.name == technique
     if technique in ("prefix", "prompt"):
         assert cfg.data.packing is False
@@ -87,6 +90,12 @@ def test_every_experiment_composes_and_validates(experiment):
             assert 5e-3 <= cfg.train.lr <= 1e-2 and "lm_head" in cfg.technique.target_modules
         elif technique in ("prefix", "prompt"):
             assert 1e-2 <= cfg.train.lr <= 1e-1
+    elif experiment.startswith(("pretrained_", "smollm2_")):  # a real pretrained model: its chat template
+        assert cfg.model.name == "smollm2" and cfg.data.template == "chat"
+        assert cfg.data.max_seq_len <= cfg.model.max_position_embeddings
+        # the demo's 135M model, few steps: LoRA at 1e-3; your model: the published ranges
+        lrs = {"pretrained_full": (1e-5, 2e-5), "pretrained_lora": (1e-4, 2e-4), "smollm2_lora": (5e-4, 2e-3)}
+        assert lrs[experiment][0] <= cfg.train.lr <= lrs[experiment][1]
     else:  # realistic hyperparameters for the published models
         assert cfg.model.name_or_path and cfg.model.vocab_size == 32000
         assert cfg.data.max_seq_len <= cfg.model.max_position_embeddings
@@ -100,7 +109,7 @@ def test_experiment_picks_its_model():
     expected = {
         "qlora_13b": "llama_13b", "qlora_65b": "llama_65b", "qlora_70b": "llama2_70b",
         "lora_7b": "llama_7b", "full_7b": "llama_7b", "dora_7b": "llama_7b",
-        "prefix_7b": "llama_7b", "prompt_7b": "llama_7b",
+        "prefix_7b": "llama_7b", "prompt_7b": "llama_7b", "smollm2_lora": "smollm2",
     }  # fmt: skip
     for experiment, model in expected.items():
         assert good(f"+experiment={experiment}").model.name == model
@@ -135,7 +144,21 @@ def test_model_preset_has_the_published_architecture(preset):
 
 
 def test_every_model_preset_is_tested():
-    assert {p.stem for p in (CONF / "model").glob("*.yaml")} == set(PUBLISHED) | {"tiny"}
+    assert {p.stem for p in (CONF / "model").glob("*.yaml")} == set(PUBLISHED) | {"tiny", "smollm2"}
+
+
+def test_the_smollm2_preset_names_the_prepared_folder_and_its_architecture(smollm2, monkeypatch):
+    m = good("model=smollm2").model
+    assert m.name_or_path == smollm2
+    with open(os.path.join(smollm2, "config.json")) as f:
+        config = json.load(f)
+    assert (m.vocab_size, m.hidden_size, m.intermediate_size, m.num_hidden_layers, m.num_attention_heads,
+            m.num_key_value_heads, m.max_position_embeddings, m.tie_word_embeddings) == tuple(config[k] for k in (
+                "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings", "tie_word_embeddings"))
+    assert m.rope_theta == config["rope_parameters"]["rope_theta"]
+    monkeypatch.setenv("DISTFT_MODEL_CACHE", "/elsewhere")
+    assert check("model=smollm2")[0].model.name_or_path == "/elsewhere/SmolLM2-135M-Instruct"
 
 
 def test_large_model_experiments_leave_room_for_instruction_answers():
@@ -143,10 +166,11 @@ def test_large_model_experiments_leave_room_for_instruction_answers():
     tiny job's 32 (which cut instruction answers mid-sentence); the tiny ones keep theirs."""
     names = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
     lengths = {name: preflight([f"+experiment={name}"])[0].eval.max_new_tokens for name in names}
-    assert {n for n in names if not n.startswith("tiny_")} == {"dora_7b", "full_7b", "lora_7b", "prefix_7b",
-                                                               "prompt_7b", "qlora_13b", "qlora_65b", "qlora_70b"}
-    assert {n: v for n, v in lengths.items() if not n.startswith("tiny_")} == dict.fromkeys(
-        [n for n in names if not n.startswith("tiny_")], 256)
+    big = {"dora_7b", "full_7b", "lora_7b", "prefix_7b", "prompt_7b", "qlora_13b", "qlora_65b", "qlora_70b",
+           "pretrained_full", "pretrained_lora"}
+    assert {n for n in names if not n.startswith(("tiny_", "smollm2_"))} == big
+    assert {n: v for n, v in lengths.items() if n in big} == dict.fromkeys(big, 256)
+    assert lengths["smollm2_lora"] == 48  # the demo's answers: one JSON line of ~30 tokens
     assert {v for n, v in lengths.items() if n.startswith("tiny_")} == {EvalConfig().max_new_tokens} == {32}
 
 

@@ -261,9 +261,9 @@ def test_chat_template_and_only_assistant_turns_are_targets(tok):
 
 def test_without_bos_the_first_token_is_still_never_a_target():
     tok = build_offline_tokenizer()
-    tok.bos_token = None
+    tok.backend_tokenizer.post_processor = None  # a tokenizer that adds no bos (ChatML models: SmolLM2, Qwen)
     text = tokenize_row({"text": "hello"}, "text", DataConfig(), tok)
-    assert text["input_ids"] == tok.encode("hello", add_special_tokens=False) + [tok.eos_token_id]
+    assert text["input_ids"] == tok.encode("hello") + [tok.eos_token_id]
     assert text["labels"] == [IGNORE_INDEX] + text["input_ids"][1:]
     prompted = tokenize_row(dict(ROW), "alpaca", DataConfig(template="plain", train_on_prompt=True), tok)
     assert prompted["input_ids"][0] == tok.encode("U")[0] and prompted["labels"][0] == IGNORE_INDEX

@@ -42,3 +42,82 @@ def test_converting_into_an_existing_folder_is_refused(smollm2, tmp_path):
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == f"distft: {tmp_path} exists already; choose a new folder for the converted model"
+
+
+def test_a_gguf_file_is_a_model_path(smollm2, tmp_path, monkeypatch, capsys):
+    """model.name_or_path=<file>.gguf (what llama.cpp and Ollama users hold): dequantized once
+    into the model cache, the run then uses that folder; the same file is not converted twice."""
+    import hashlib
+
+    from distft.preflight import preflight
+
+    gguf = tmp_path / "my model.gguf"
+    os.symlink(smollm2_gguf(), gguf)
+    monkeypatch.setenv("DISTFT_MODEL_CACHE", str(tmp_path / "cache"))
+    cfg, errors = preflight([f"model.name_or_path={gguf}", "technique=lora", f"run.root={tmp_path / 'runs'}"])
+    assert errors == []
+    folder = cfg.model.name_or_path
+    assert os.path.dirname(folder) == str(tmp_path / "cache" / "gguf") and os.path.basename(folder).startswith("my model-")
+    said = capsys.readouterr().err
+    assert f"model.name_or_path={gguf} is a GGUF file; dequantizing it (transformers, gguf) into {folder}" in said
+
+    def digest(path):
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
+    # The same weights as the folder `make setup` made from that file.
+    assert digest(os.path.join(folder, "model.safetensors")) == digest(os.path.join(smollm2, "model.safetensors"))
+    again, errors = preflight([f"model.name_or_path={gguf}"])
+    assert errors == [] and again.model.name_or_path == folder
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF not really")
+    _, errors = preflight([f"model.name_or_path={broken}"])
+    assert len(errors) == 1 and errors[0].startswith(f"model.name_or_path={broken}: transformers cannot read it as a GGUF")
+
+
+def test_pretrained_presets_carry_settings_for_a_real_model(smollm2, monkeypatch):
+    """+experiment=pretrained_lora / pretrained_full: a pretrained model's settings, not the 0.9M
+    demo's; without a model they say how to name one; model=smollm2 finds the prepared folder, and
+    says how to prepare it when it is missing."""
+    from distft.preflight import preflight
+
+    cfg, errors = preflight(["+experiment=pretrained_lora", "model=smollm2"])
+    assert errors == [] and cfg.model.name_or_path == smollm2
+    assert (cfg.technique.name, cfg.train.lr, cfg.data.template, cfg.data.max_seq_len, cfg.eval.max_new_tokens) == (
+        "lora", 2e-4, "chat", 1024, 256)
+    cfg, errors = preflight(["+experiment=pretrained_full", f"model.name_or_path={smollm2}"])
+    assert errors == [] and (cfg.technique.name, cfg.train.lr) == ("full", 2e-5)
+    _, errors = preflight(["+experiment=pretrained_lora"])
+    assert errors == ["+experiment=pretrained_lora fine-tunes your own pretrained model: name it with "
+                      "model.name_or_path=<a local folder, a hub id or a .gguf file> (or model=smollm2, the one "
+                      "`make setup` prepared)"]
+    monkeypatch.setenv("DISTFT_MODEL_CACHE", "/nonexistent/models")
+    _, errors = preflight(["model=smollm2"])
+    assert errors == ["model.name_or_path='/nonexistent/models/SmolLM2-135M-Instruct': SmolLM2-135M-Instruct is not "
+                      "prepared yet; run `make setup` (or `python -m distft.pretrained smollm2`), which downloads and "
+                      "converts it once"]
+
+
+def test_one_info_line_when_the_data_leaves_the_models_chat_template_unused(smollm2_tokenizer):
+    import copy
+
+    from distft.config import DataConfig
+    from distft.data import prepare_data
+    from distft.model import build_offline_tokenizer
+    from distft.sources import RawRow
+
+    raw = [RawRow({"instruction": f"Say {w} ({i}).", "input": "", "output": w}, f"row {i}")
+           for i, w in enumerate(["yes", "no", "maybe", "never"] * 3)]
+
+    def notes(template, tokenizer):
+        data = prepare_data(DataConfig(template=template, eval_size=2, max_seq_len=256), copy.deepcopy(tokenizer),
+                            rows=(raw, None))
+        return [m for level, m in data.report.notes(DataConfig()) if "chat template" in m], data.report.formats
+
+    said, formats = notes("alpaca", smollm2_tokenizer)
+    assert formats == [{"source": "synthetic", "format": "alpaca", "rows": 10}]  # DataConfig()'s name
+    assert said == ["data: the tokenizer has a chat template, which these rows do not use (rendered as alpaca); "
+                    "data.template=chat renders instruction rows through it, as an instruction-tuned model was trained "
+                    "to be prompted"]
+    assert notes("chat", smollm2_tokenizer)[0] == []
+    assert notes("alpaca", build_offline_tokenizer())[0] == []  # the built-in tokenizer's template tuned no model

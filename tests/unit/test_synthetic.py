@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from distft.synthetic import TASKS, generate, main
+from distft.synthetic import DEFAULT_TASKS, TASKS, generate, main
 
 
 def _answer(task: str, value: str) -> str:
@@ -35,7 +35,7 @@ def test_same_seed_same_rows_other_seed_other_rows():
 def test_every_answer_is_correct_and_inputs_in_range():
     rows = generate(600, seed=3)
     assert len(rows) == 600
-    assert {r["task"] for r in rows} == set(TASKS)
+    assert {r["task"] for r in rows} == set(DEFAULT_TASKS)  # the default job's; "booking" is the real-model demo's
     assert len({(r["task"], r["input"]) for r in rows}) == 600  # distinct
     for row in rows:
         assert set(row) == {"instruction", "input", "output", "task"}
@@ -66,7 +66,7 @@ def test_cli_writes_jsonl(tmp_path):
 def test_the_report_opens_with_what_the_job_shows():
     """Issue 20: the default job's report says first what the job is, what a learned model does,
     and which tasks this run learned (held-out exact match >= 0.5)."""
-    from distft.synthetic import TASKS, what_it_shows
+    from distft.synthetic import DEFAULT_TASKS, what_it_shows
 
     after = {"exact_match": 0.55, "per_task": {"count": {"exact_match": 1.0}, "reverse": {"exact_match": 0.5},
                                                "add": {"exact_match": 0.49}}}
@@ -75,6 +75,32 @@ def test_the_report_opens_with_what_the_job_shows():
                            "tasks whose answers are exactly right or wrong (Uppercase the word. `")
     assert "the untuned base answers none. This one learned 2 of 6 (reverse, count: held-out exact match >= 0.5)" in text
     assert "overall exact match went from 0.00 to 0.55" in text
-    assert len(TASKS) == 6
+    assert len(DEFAULT_TASKS) == 6
     only = what_it_shows(["add", "count"], after, None, 10, 10**6)
     assert "on 2 synthetic tasks" in only and "learned 1 of 2 (count:" in only and "untuned" not in only
+
+
+def test_booking_rows_hold_the_fields_of_their_sentence():
+    """The real-model demo's task (+experiment=smollm2_lora): every answer is the one JSON form of
+    its sentence: name and city copied, the date as "Month D", the party size as a number."""
+    import json
+    import re
+
+    from distft.synthetic import MONTHS, NUMBER_WORDS
+
+    rows = generate(300, seed=5, tasks=["booking"])
+    assert len({r["input"] for r in rows}) == 300
+    wordings = set()
+    for row in rows:
+        fields = json.loads(row["output"])
+        assert list(fields) == ["name", "city", "date", "people"]
+        assert row["output"] == json.dumps(fields)  # one spelling of the form
+        text = row["input"]
+        assert fields["name"] in text and fields["city"] in text
+        month, day = fields["date"].split(" ")
+        assert month in MONTHS and re.search(rf"\b{day}(st|nd|rd|th)? (of )?{month}\b|\b{month} {day}\b", text), row
+        people = fields["people"]
+        assert re.search(rf"\b({people}|{NUMBER_WORDS[people - 1]}) (people|guests?|person)\b|party of ({people}|"
+                         rf"{NUMBER_WORDS[people - 1]})\b", text), row
+        wordings.add(re.sub(r"[A-Z][a-z]+ [A-Z][a-z]+", "NAME", text)[:12])
+    assert len(wordings) >= 6

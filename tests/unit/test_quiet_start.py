@@ -1,0 +1,192 @@
+"""A start that says what the user can act on and nothing else (issue 35, item 6): third-party
+noise silenced by its exact message (tracking.quiet_libraries), every rank's identical report said
+once, the over-long rows' warning naming the data.max_seq_len that keeps them, the planner not
+calling CPU processes GPUs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# What the libraries printed on every start before (bitsandbytes' kernel fetch on AVX512-BF16
+# CPUs, transformers' deprecation inside peft, DeepSpeed's accelerator guess, the loading bars).
+NOISE = ("gemm_4bit_forward", "trust_remote_code=True", "FutureWarning", "Setting accelerator",
+         "Loading checkpoint shards", "Loading weights", "Writing model shards")
+
+
+def _distft(*args: str, env_extra: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smollm2_run(smollm2, tmp_path_factory):
+    """One LoRA step on the real SmolLM2-135M-Instruct, then `distft.evaluate` of its checkpoint:
+    (the run's process, the evaluation's process, the checkpoint)."""
+    root = tmp_path_factory.mktemp("quiet")
+    run = _distft("distft", f"model.name_or_path={smollm2}", "technique=lora", "train.max_steps=1",
+                  "data.synthetic.num_examples=200", "data.max_seq_len=64", "train.global_batch_size=2",
+                  "train.micro_batch_size=2", "eval.num_samples=2", "eval.max_new_tokens=4", "tracking.plot=false",
+                  f"run.root={root}")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    checkpoint = re.search(r"python -m distft\.evaluate (\S+)", run.stdout).group(1)
+    evaluated = _distft("distft.evaluate", checkpoint, "--num-samples", "1", "--out", str(root / "eval" / "report.md"))
+    assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
+    return run, evaluated, checkpoint
+
+
+def test_a_run_on_a_real_model_prints_no_library_noise(smollm2_run):
+    """Before: every start printed transformers' `is_gradient_checkpointing` FutureWarning (with
+    its source line) on stderr, the evaluate/export commands transformers' weight-loading bars.
+    Now neither the run nor `distft.evaluate` prints any of NOISE, on either stream; what distft
+    says stays (its result lines), and the thread choice is said once, with its reason."""
+    run, evaluated, _ = smollm2_run
+    for name, proc in (("run", run), ("evaluate", evaluated)):
+        for phrase in NOISE:
+            assert phrase not in proc.stderr and phrase not in proc.stdout, (name, phrase, proc.stderr[-2000:])
+    assert run.stderr.strip() == "", run.stderr[-2000:]
+    assert "INFO tuned model: loss" in run.stdout and "report: " in evaluated.stdout
+    threads = [line for line in run.stdout.splitlines() if "torch threads:" in line]
+    assert len(threads) == 1 and threads[0].startswith("[rank0]"), threads
+    assert threads[0].endswith("INFO torch threads: 1 (OMP_NUM_THREADS=1 from the environment)"), threads
+    assert "INFO torch threads: 1 (OMP_NUM_THREADS=1 from the environment)" in evaluated.stdout
+
+
+def test_the_silencing_is_scoped_to_those_messages():
+    """quiet_libraries drops exactly the named third-party messages: the same loggers' other
+    warnings, the libraries' other warnings of the same category and distft's own still show,
+    and transformers' other bars (hub downloads) still draw."""
+    from transformers.utils import logging as transformers_logging
+
+    from distft.tracking import quiet_libraries
+
+    seen: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    loggers = [logging.getLogger(name) for name in ("bitsandbytes.backends.cpu.ops", "DeepSpeed")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    previous_hook = transformers_logging.set_tqdm_hook(None)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")  # pytest's config ignores FutureWarning: undo that here
+            quiet_libraries()
+            loggers[0].warning("Failed to load CPU gemm_4bit_forward from kernels-community: ... Set "
+                               "trust_remote_code=True ...")
+            loggers[0].warning("another bitsandbytes warning")
+            loggers[1].warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to "
+                               "detect it.")
+            loggers[1].warning("another DeepSpeed warning")
+            from transformers import LlamaConfig, LlamaForCausalLM
+
+            model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                                 num_hidden_layers=1, num_attention_heads=2))
+            assert model.is_gradient_checkpointing is False  # peft reads it: a FutureWarning before
+            warnings.warn("distft's own FutureWarning", FutureWarning, stacklevel=1)
+            loading = transformers_logging.tqdm(range(3), desc="Loading weights")
+            download = transformers_logging.tqdm(range(3), desc="model.safetensors", disable=False)
+            drawn = download.disable is False
+            download.close()
+    finally:
+        transformers_logging.set_tqdm_hook(previous_hook)
+        for logger in loggers:
+            logger.removeHandler(handler)
+    assert seen == ["another bitsandbytes warning", "another DeepSpeed warning"]
+    assert [str(w.message) for w in caught] == ["distft's own FutureWarning"]
+    assert loading.disable is True and drawn
+
+
+def test_two_ranks_say_the_report_and_the_result_once(tmp_path):
+    """Before, on 2 ranks every rank printed the whole data report, the model line and both
+    evaluations. Now rank 0 says them; each rank still says what is its own (its threads)."""
+    proc = _distft("distft", "+experiment=tiny_lora", "parallel=ddp", "launcher.nproc_per_node=2",
+                   "train.max_steps=2", "train.global_batch_size=4", "train.micro_batch_size=2",
+                   "data.synthetic.num_examples=200", "eval.num_samples=2", "tracking.plot=false",
+                   f"run.root={tmp_path}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    for said_once in ("INFO data: loaded ", "INFO model ", "INFO base model: loss", "INFO tuned model: loss"):
+        found = [line for line in lines if said_once in line]
+        assert len(found) == 1 and found[0].startswith("[rank0]"), (said_once, found)
+    threads = sorted(line.split()[0] for line in lines if "INFO torch threads:" in line)
+    assert threads == ["[rank0]", "[rank1]"], lines
+
+
+# ----------------------------------------------------------------------------- over-long rows
+
+
+def _report(tmp_path, max_seq_len: int, drop: bool):
+    from distft.data import prepare_data
+    from distft.model import build_offline_tokenizer
+    from distft.preflight import preflight
+
+    path = tmp_path / "rows.jsonl"  # 40 rows, one per length
+    path.write_text("".join(json.dumps({"instruction": "say it", "output": "x" * n}) + "\n" for n in range(1, 41)))
+    cfg, errors = preflight(["data=jsonl", f"data.path={path}", f"data.max_seq_len={max_seq_len}",
+                             f"data.drop_overlong={str(drop).lower()}", "data.eval_size=2"], run_here=False)
+    assert errors == [], errors
+    return cfg.data, prepare_data(cfg.data, build_offline_tokenizer())
+
+
+def test_the_overlong_warning_names_the_lengths_that_keep_the_rows(tmp_path):
+    """Before: "raise data.max_seq_len=48, ..." named the value already set. Now it names the
+    data.max_seq_len that keeps 90% of the rows and the one that keeps all, from their lengths."""
+    _, whole = _report(tmp_path, 512, drop=True)
+    lengths = sorted(whole.train.lengths.tolist() + whole.eval.lengths.tolist())  # every row, measured whole
+    assert len(lengths) == 40
+    p90, longest = lengths[35], lengths[-1]  # the 36th of 40 rows: 90% are no longer
+    cfg, data = _report(tmp_path, lengths[20], drop=True)  # 19 rows over: dropped
+    notes = dict((line, level) for level, line in data.report.notes(cfg))
+    warning = next(line for line, level in notes.items() if level == "warning")
+    assert "most as overlong (19)" in warning, warning
+    assert (f"raise data.max_seq_len (now {lengths[20]}): data.max_seq_len={p90} keeps 90% of the rows; "
+            f"data.max_seq_len={longest} keeps all of them, or data.drop_overlong=false") in warning, warning
+
+
+def test_a_row_encoded_in_part_is_longer_than_every_row_measured():
+    """A text far longer than data.max_seq_len is encoded only up to max_seq_len + 1 ids (and
+    more than 8 characters for each): its length is not known, so it counts as longer than every
+    row measured whole, and a length that is its is not named."""
+    from distft.data import _measured_length
+    from distft.datareport import DataReport, _longer_rows_fix, lengths_that_keep
+
+    assert _measured_length(65, chars=200, max_seq_len=64) == 65  # exactly one over, measured whole
+    assert _measured_length(65, chars=100_000, max_seq_len=64) == -1  # cut while encoding
+    assert _measured_length(70, chars=100_000, max_seq_len=64) == 70
+    assert lengths_that_keep(list(range(1, 11))) == (9, 10)
+    assert lengths_that_keep([5, 6, 7, 8, 9, 10, 11, 12, 13, -1]) == (13, 0)
+    assert lengths_that_keep([-1] * 3 + [70] * 7) == (0, 0)
+    assert lengths_that_keep([]) == (0, 0)
+    fix = _longer_rows_fix(8, DataReport(max_seq_len_p90=13, max_seq_len_all=0))
+    assert fix == ("raise data.max_seq_len (now 8): data.max_seq_len=13 keeps 90% of the rows; some rows are too "
+                   "long to be measured whole")
+    assert _longer_rows_fix(64, DataReport()) == "raise data.max_seq_len (now 64)"  # no lengths: an older cache's
+
+
+# ---------------------------------------------------------------------------------- planner
+
+
+def test_the_plan_of_a_cpu_run_says_cpu_processes_not_gpus():
+    """Before: "tiny / full / single on 1 GPU(s)" for the CPU default job. A CPU config's plan
+    names CPU processes and a per-process memory; a GPU cluster's plan still names GPUs."""
+    from distft.plan import format_text, plan
+    from distft.preflight import preflight
+
+    cpu, errors = preflight(["train.device=cpu", "launcher.nproc_per_node=2", "parallel=ddp"], run_here=False)
+    assert errors == [], errors
+    text = format_text(plan(cpu, with_epoch=False))
+    assert "GPU" not in text, text
+    assert text.startswith("tiny / full / ddp on 2 CPU process(es), 1 node(s) of local") and "  per process:" in text
+    gpu, errors = preflight(["cluster=a100_80g_8x"], run_here=False)
+    assert errors == [], errors
+    result = plan(gpu, with_epoch=False)
+    assert result["device"] == "gpu" and " on 1 GPU(s), " in format_text(result) and "  per GPU:" in format_text(result)
