@@ -571,7 +571,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from distft.tracking import quiet_libraries, setup_logging
 
-    setup_logging()  # the progress of a slow generation (tracking.GenerationProgress)
+    # The progress of a slow generation (tracking.GenerationProgress) and the threads line, on
+    # stderr: stdout is the command's result (report:, predictions:, then the metrics).
+    setup_logging(stream=sys.stderr)
     quiet_libraries()
     try:
         out, after, _ = evaluate_checkpoint(args.checkpoint, args.out, args.num_samples, not args.no_base,

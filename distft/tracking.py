@@ -31,11 +31,12 @@ from distft.files import append_line, make_dirs, read_json_lines, write_bytes, w
 log = logging.getLogger("distft")
 
 
-def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
-    """Every line says its rank, so interleaved multi-rank output stays readable."""
+def setup_logging(rank: int = 0, level: int = logging.INFO, stream=None) -> None:
+    """Every line says its rank, so interleaved multi-rank output stays readable. On stdout (a
+    run's log), or `stream` (a command whose stdout is its result: distft.evaluate)."""
     root = logging.getLogger("distft")
     root.handlers.clear()
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(logging.Formatter(f"[rank{rank}] %(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(level)

@@ -136,14 +136,13 @@ def refusal(cfg: Config, action: str, where: Optional[str] = None, verb: str = "
 
 
 def _quiet_meta_build() -> None:
-    """Nothing runs on the meta device, so libraries' hints about kernels and deprecations in
-    the build (bitsandbytes' missing CPU 4-bit kernel, transformers' `is_gradient_checkpointing`)
-    are noise above the plan; a real run still shows them."""
-    import logging
-    import warnings
+    """Libraries' hints about kernels and deprecations in the meta build (bitsandbytes' missing
+    CPU 4-bit kernel, transformers' `is_gradient_checkpointing`) are noise above the plan: the
+    same named messages every entry point drops (tracking.quiet_libraries), and only those (a
+    logger's level set here would hide its other warnings in the rest of the process)."""
+    from distft.tracking import quiet_libraries
 
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    quiet_libraries()
 
 
 HELP = """usage: python -m distft.plan [OVERRIDE ...]
