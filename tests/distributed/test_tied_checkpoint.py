@@ -3,9 +3,14 @@ SmolLM2-135M-Instruct (its `lm_head.weight` is `model.embed_tokens.weight`, 28M 
 
 ZeRO-3 and FSDP gather the full weights for the checkpoint's model/ as copies, one per name, and
 FSDP's DCP state lists the head under its own key: each stored the 113 MB embedding matrix twice
-(engines/tied.py). Here each engine's checkpoint holds it once, resumes exactly (run B: run A
-stopped after its step-1 checkpoint and started again), and exports a model whose held-out loss
-is the one the run measured on its live sharded model.
+(engines/tied.py). Here each engine's checkpoint holds it once and exports a model whose held-out
+loss is the one the run measured on its live sharded model; FSDP's resumes exactly (run B: run A
+stopped after its step-1 checkpoint and started again).
+
+Resume is checked on FSDP only: its training state is the DCP state that tied.py now writes
+without the head's name. ZeRO-3 resumes from DeepSpeed's own state files, which tied.py does not
+touch (they hold each parameter once already); its exact resume is tests/distributed/test_resume.py's,
+and a third real-model launch here cost ~70 s of the suite's 40-minute budget.
 
 One 2-rank launch for both engines (helpers.declare_run, share "tied"): run A trains 2 steps on
 64-token rows with a checkpoint after each, run B the second step again.
@@ -26,6 +31,7 @@ from tests.distributed.helpers import declare_run, final_weights, step_metrics, 
 
 SHARED_RUNS = "tied"
 ENGINES = ("zero3", "fsdp")
+RESUMED = ("fsdp",)
 PARAMETERS = 134_515_008  # SmolLM2-135M's weights, the tied matrix counted once
 FP32_BYTES = 4 * PARAMETERS
 ARGS = [
@@ -38,7 +44,8 @@ ARGS = [
 ]
 for _parallel in ENGINES:
     _a = declare_run(f"tied-a-{_parallel}", [*ARGS, f"parallel={_parallel}"], share=SHARED_RUNS)
-    declare_run(f"tied-b-{_parallel}", [*ARGS, f"parallel={_parallel}"], resume_from=(_a, 1), share=SHARED_RUNS)
+    if _parallel in RESUMED:
+        declare_run(f"tied-b-{_parallel}", [*ARGS, f"parallel={_parallel}"], resume_from=(_a, 1), share=SHARED_RUNS)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +78,7 @@ def test_the_tied_weight_is_stored_once(runs, parallel):
         assert "model.model.embed_tokens.weight" in saved and not [k for k in saved if "lm_head" in k]
 
 
-@pytest.mark.parametrize("parallel", ENGINES)
+@pytest.mark.parametrize("parallel", RESUMED)
 def test_a_run_resumes_exactly_from_it(runs, parallel):
     a, _ = runs.finished(f"tied-a-{parallel}")
     b, log = runs.finished(f"tied-b-{parallel}")

@@ -78,6 +78,10 @@ def test_the_silencing_is_scoped_to_those_messages():
     for logger in loggers:
         logger.addHandler(handler)
     previous_hook = transformers_logging.set_tqdm_hook(None)
+    # A training run in this process (train._quiet_libraries) turns every transformers bar off:
+    # turn them on here, so what is measured is quiet_libraries' hook alone.
+    bars_were_on = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.enable_progress_bar()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("default")  # pytest's config ignores FutureWarning: undo that here
@@ -100,6 +104,8 @@ def test_the_silencing_is_scoped_to_those_messages():
             download.close()
     finally:
         transformers_logging.set_tqdm_hook(previous_hook)
+        if not bars_were_on:
+            transformers_logging.disable_progress_bar()
         for logger in loggers:
             logger.removeHandler(handler)
     assert seen == ["another bitsandbytes warning", "another DeepSpeed warning"]
