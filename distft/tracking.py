@@ -408,6 +408,11 @@ class MemoryMeter:
         if self.cpu_steps > 0:
             from torch.profiler import ProfilerActivity, profile
 
+            # The profiler sees the allocations of the threads it runs on: transformers 5 loads
+            # checkpoint weights on a thread pool, whose copies it would miss (SmolLM2's 0.5 GiB
+            # of fp32 weights were not counted). Loading on this thread is the same allocation.
+            os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
+
             self.kind, self.baseline = "cpu_tensors", 0
             self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
             self._profiler.__enter__()

@@ -212,6 +212,26 @@ def test_cpu_tensor_memory_of_a_second_run_in_one_process_is_its_own():
     assert 40e6 <= second.training() < 41e6
 
 
+def test_cpu_tensor_memory_counts_weights_a_checkpoint_load_allocates(tmp_path):
+    """transformers 5 loads checkpoint weights on a thread pool, where the profiler does not see
+    their allocations: SmolLM2's 0.5 GiB of fp32 weights were missing from every real-model
+    measurement. Under the meter they load on the profiled thread: a bf16 checkpoint loaded as
+    fp32 (a copy it must allocate) counts its fp32 size."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distft.tracking import MemoryMeter
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    meter = MemoryMeter(torch.device("cpu"), cpu_steps=1)
+    model = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    meter.step(1)
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    assert weights > 60e6 and meter.training() >= weights
+
+
 # A child that fills a real disk for the metrics writer: a file-size limit (RLIMIT_FSIZE, with
 # SIGXFSZ ignored, as Python does) gives the short write and EFBIG a full disk gives; a real
 # tmpfs of 8 kB, mounted in a mount namespace of its own (`unshare`), gives ENOSPC. A link to
