@@ -31,11 +31,15 @@ Choices worth knowing:
   row of zeros.
 - Perplexity is exp(loss) with the loss capped at `MAX_LOSS_FOR_PERPLEXITY` so a diverged model
   reports a huge finite number (JSON has no inf) instead of overflowing.
-- Prompt-learning PEFT models (prompt/prefix tuning) are decoded by a plain greedy loop over the
-  training-time forward, not `model.generate`: peft 0.21's generation hooks look up
-  `past_key_values`, which transformers 5 renamed to `cache`, so they re-inject the virtual
-  tokens at every step (prompt tuning) or drop the prefix (prefix tuning), and the answers come
-  out wrong. Other models use `model.generate` with its KV cache.
+- Prompt-learning PEFT models (prompt/prefix tuning) are not decoded by `model.generate`: peft
+  0.21's generation hooks look up `past_key_values`, which transformers 5 renamed to `cache`, so
+  they re-inject the virtual tokens at every step (prompt tuning) or drop the prefix (prefix
+  tuning), and the answers come out wrong. `_generate_virtual_cached` decodes them greedily with
+  a KV cache of its own, calling the base model directly (the virtual tokens' keys and values
+  first, then the prompt, then one token a step): the tokens of the training-time forward re-run
+  for every token (`_generate_full_forward`, kept as the reference it is tested against), at
+  `model.generate`'s speed per token (bench/generation.py). Other models, and a prompt-learning
+  model inside `disable_adapter()` (its base), use `model.generate` with its KV cache.
 
 Nothing here imports torch.distributed: `held_out_loss` takes an optional `reduce_sum` (for
 example the engine's all-reduce) to sum its counts over ranks.
@@ -271,7 +275,9 @@ def _generate_full_forward(
 
     No KV cache and right padding: exactly the layout the model was trained on (virtual tokens,
     then the sample from position 0), so it is correct for prompt and prefix tuning, where
-    `model.generate` is not (module docstring). Costs one full forward per new token.
+    `model.generate` is not (module docstring). Costs one full forward per new token, so
+    generation uses `_generate_virtual_cached`; this is the reference it is tested against
+    (tests/unit/test_generation_cache.py) and the bench's old decoder.
     """
     lengths = [len(r) for r in rows]
     width = max(lengths) + max_new_tokens
@@ -301,6 +307,89 @@ def _generate_full_forward(
         if all(done):
             break
     return new_tokens
+
+
+def _generate_virtual_cached(
+    model, rows: list[list[int]], max_new_tokens: int, eos_ids, pad_id, device, progress=None
+) -> list[list[int]]:
+    """Greedy decoding of a prompt- or prefix-tuned PeftModel with a KV cache: the tokens of
+    `_generate_full_forward` (its layout, the reference: tests/unit/test_generation_cache.py), at
+    one token's forward per step instead of the whole sequence's.
+
+    The base model is called directly, so PEFT's generation hooks (module docstring) never run.
+    The virtual tokens' keys and values go into the cache first: prefix tuning's are PEFT's own
+    `get_prompt` (the prefix encoder's output, through its projection MLP where there is one, as
+    a DynamicCache: exactly what the training forward hands the base); prompt tuning's come from
+    one forward of its P virtual-token embeddings at positions 0..P-1, for one row, repeated over
+    the batch (they come first and attend only to each other, so they are the same in every row,
+    and the prompt's forward then costs what the base's does). Rows are left-padded, so that every
+    row continues at the same cache index; explicit position_ids give each real token the
+    position the training forward gives it (P + its index in the sample), and the attention mask
+    hides the pads between the virtual tokens and a shorter prompt. Same inputs, same positions,
+    same visible keys: the logits differ from the full forward's by float rounding only (another
+    order of summation), as batching already does. In fp32 that left every token the same (all
+    three variants, SmolLM2 and the tiny model); under bf16 autocast a choice between two tokens
+    a rounding step apart can go either way, in either decoder. So no variant keeps the full forward.
+    """
+    from peft import PeftType
+    from transformers import DynamicCache
+
+    if max_new_tokens <= 0:
+        return [[] for _ in rows]
+    peft_config = model.active_peft_config
+    virtual = peft_config.num_virtual_tokens
+    base = model.get_base_model()
+    batch, width = len(rows), max(len(r) for r in rows)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    sample_mask = torch.zeros((batch, width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row) :] = torch.tensor(row)
+        sample_mask[i, width - len(row) :] = 1
+    input_ids, sample_mask = input_ids.to(device), sample_mask.to(device)
+    # A real token's position: virtual + its index in its sample; a pad's is never attended to.
+    positions = (virtual + sample_mask.cumsum(-1) - 1).clamp(min=virtual)
+    attention_mask = torch.cat([torch.ones((batch, virtual), dtype=torch.long, device=device), sample_mask], dim=1)
+    if peft_config.peft_type == PeftType.PREFIX_TUNING:
+        cache = model.get_prompt(batch)  # a DynamicCache holding the prefix, `virtual` positions per layer
+    else:
+        prompts = model.get_prompt(batch_size=1).to(model.word_embeddings.weight.dtype)  # as PEFT's forward casts
+        cache = DynamicCache(config=base.config)
+        base(inputs_embeds=prompts, position_ids=torch.arange(virtual, device=device)[None], cache=cache,
+             use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(batch)
+    logits = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
+                  use_cache=True, logits_to_keep=1).logits
+    next_position = positions[:, -1:] + 1  # every row's last column is a real token (left padding)
+    new_tokens: list[list[int]] = [[] for _ in rows]
+    done = [False] * batch
+    for step in range(max_new_tokens):
+        next_tokens = logits[:, -1].argmax(-1)
+        if progress is not None:
+            progress.decoded(batch)
+        for i, token in enumerate(next_tokens.tolist()):
+            if not done[i]:
+                new_tokens[i].append(token)
+                done[i] = token in eos_ids
+        if all(done) or step == max_new_tokens - 1:
+            break
+        # A finished row goes on with its own tokens, which nothing reads: rows never see each other.
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=1)
+        logits = base(input_ids=next_tokens[:, None], attention_mask=attention_mask, position_ids=next_position,
+                      cache=cache, use_cache=True).logits
+        next_position = next_position + 1
+    return new_tokens
+
+
+def _decoder(model: torch.nn.Module) -> tuple[Callable, torch.nn.Module]:
+    """The function that decodes a batch for `model`, and the module it runs on.
+
+    A prompt-learning PeftModel inside PEFT's `disable_adapter()` (the base's scores during
+    training, techniques.base_model_context) is its base: that base's own `generate` then."""
+    if not _is_prompt_learning(model):
+        return _generate_cached, model
+    if getattr(model, "_adapters_disabled", False):
+        return _generate_cached, model.get_base_model()
+    return _generate_virtual_cached, model
 
 
 class EvalInterrupted(Exception):
@@ -358,7 +447,7 @@ def generate_outputs(
                for p in prompts]
     if any(not row for row in encoded):
         raise ValueError("cannot generate from an empty prompt with a tokenizer that adds no bos token")
-    decode_batch = _generate_full_forward if _is_prompt_learning(model) else _generate_cached
+    decode_batch, decoded_model = _decoder(model)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # stable: deterministic
     answers: list[tuple[str, bool]] = [("", False)] * len(encoded)
     if progress is None:
@@ -372,7 +461,7 @@ def generate_outputs(
                 _check_stop(should_stop)
                 indices = order[start : start + batch_size]
                 # Only where it shows: counting steps costs a device-to-host copy each (a GPU sync).
-                outputs = decode_batch(model, [encoded[i] for i in indices], max_new_tokens, eos_ids, pad_id, device,
+                outputs = decode_batch(decoded_model, [encoded[i] for i in indices], max_new_tokens, eos_ids, pad_id, device,
                                        progress=progress if progress.enabled else None)
                 for i, tokens in zip(indices, outputs):
                     stop = next((k for k, t in enumerate(tokens) if t in eos_ids), None)
