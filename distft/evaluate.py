@@ -2,8 +2,9 @@
 
 What it owns, in the order a run uses it:
 - metrics on strings (`exact_match`, `token_f1`, `rouge_l`, `generation_metrics`): pure Python;
-- `held_out_loss`: the token-weighted loss over eval batches, the same `token_loss` the trainer
-  minimises, so the eval loss and the train loss are the same quantity;
+- `held_out_loss`: the token-weighted loss over eval batches, computed as the trainer computes the
+  loss it minimises (distft.loss: the head and the cross-entropy in chunks, never the full
+  logits), so the eval loss and the train loss are the same quantity at the same memory;
 - `generate_outputs` / `generate_answers`: greedy, deterministic answers to held-out prompts,
   each flagged when it was cut at max_new_tokens;
 - `evaluate_model`: both of the above for one model, in one dict, every answer with its scores;
@@ -61,7 +62,8 @@ from typing import Any, Optional
 import torch
 
 from distft.config import EvalConfig, model_label
-from distft.model import MAX_LOSS_FOR_PERPLEXITY, model_inputs, token_loss
+from distft.loss import computing_loss
+from distft.model import MAX_LOSS_FOR_PERPLEXITY, model_inputs
 from distft.templates import bos_ids
 
 GENERATION_METRICS = ("exact_match", "exact_match_strict", "f1", "rouge_l")
@@ -195,8 +197,8 @@ def held_out_loss(
             labels = batch["labels"].to(device)
             # use_cache=False: with a cache, transformers 5 ignores packed position_ids when it
             # builds the attention mask, and packed samples would attend to each other.
-            logits = model(**inputs, use_cache=False).logits
-            batch_sum, batch_tokens = token_loss(logits, labels)  # drops prompt tuning's virtual positions
+            with computing_loss(model, labels) as armed:  # as the trainer's loss: no full logits
+                batch_sum, batch_tokens = armed.result(model(**inputs, use_cache=False).logits)
             loss_sum += float(batch_sum)
             tokens += int(batch_tokens)
     if reduce_sum is not None:

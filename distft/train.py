@@ -30,7 +30,8 @@ from distft.engines import autocast_dtype
 from distft.errors import CheckpointError, NonFiniteError
 from distft.evaluate import EvalInterrupted
 from distft.files import make_dirs, read_json, read_text, write_json, write_text
-from distft.model import IGNORE_INDEX, token_loss
+from distft.loss import computing_loss
+from distft.model import IGNORE_INDEX
 from distft.preemption import StopSignal, requeue_count
 from distft.report import predictions_path
 from distft.run import Run, TrainState, build_run
@@ -560,8 +561,9 @@ def optimizer_step(engine, micro_batches: list[dict], step: int = 0) -> tuple[fl
     loss_total = torch.zeros((), device=device)
     for i, batch in enumerate(micro_batches):
         with engine.accumulating(last_micro_step=i == len(micro_batches) - 1):
-            logits = engine.forward(batch)
-            loss_sum, _ = token_loss(logits, batch["labels"].to(device))
+            # The head and the loss together, chunk by chunk: no full logits (distft.loss).
+            with computing_loss(engine.unwrapped(), batch["labels"].to(device)) as armed:
+                loss_sum, _ = armed.result(engine.forward(batch))
             if i == 0 and faults.corrupt_loss(step):
                 loss_sum = loss_sum * float("nan")  # as an overflow would: the gradients turn NaN too
             engine.backward(loss_sum / step_targets.clamp(min=1))

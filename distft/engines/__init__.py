@@ -4,7 +4,7 @@ The trainer talks to an Engine and never asks which one it has. An engine owns t
 model, the optimizer, the LR schedule, mixed precision and gradient clipping, because each
 strategy does those differently (DeepSpeed does all of them itself, FSDP clips sharded grads,
 DDP must skip the gradient all-reduce on accumulation micro-steps). What stays out: the loss
-(shared `distft.model.token_loss`), data order and checkpoint layout.
+(shared: `distft.loss.computing_loss` around `forward`), data order and checkpoint layout.
 
 `ENGINES` (kinds.py) says what each `parallel.strategy` is for the code outside its module:
 validation, the planner, the precision policy, checkpoints and the model build read its
@@ -54,7 +54,8 @@ class Engine(Protocol):
     device: torch.device
 
     def forward(self, batch: dict) -> torch.Tensor:
-        """Logits for a micro-batch (under the configured autocast)."""
+        """The model's `.logits` for a micro-batch (under the configured autocast); inside
+        `distft.loss.computing_loss` that is the micro-batch's summed loss."""
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
