@@ -53,9 +53,10 @@ def assert_same(model, rows):
     assert tokens_a == tokens_b > 0
     assert float(loss_b) == pytest.approx(float(loss_a), rel=EXACT)
     assert set(grads_a) == set(grads_b) and grads_a
-    rounding = difference(grads_a, gradients(model, rows, chunked=False, scale=1 / tokens_a)[2])
     error = difference(grads_a, grads_b)
-    assert error <= max(EXACT, 2 * rounding), (error, rounding)
+    if error > EXACT:  # measured only where needed: one more forward and backward
+        rounding = difference(grads_a, gradients(model, rows, chunked=False, scale=1 / tokens_a)[2])
+        assert error <= 2 * rounding, (error, rounding)
     norms = [torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()])) for grads in (grads_a, grads_b)]
     assert float(norms[1]) == pytest.approx(float(norms[0]), rel=EXACT)  # the grad norm a run logs and clips
     return grads_b
@@ -95,8 +96,8 @@ def llama3_vocab_model(tokens: int, vocab: int = LLAMA3_VOCAB):
 
 
 def test_a_128k_vocabulary_gives_the_same_loss_and_gradients():
-    model, rows = llama3_vocab_model(512)  # 3 chunks of 130 target tokens
-    assert chunk_tokens(LLAMA3_VOCAB, 383) == 130
+    model, rows = llama3_vocab_model(384)  # 3 chunks of at most 130 target tokens
+    assert chunk_tokens(LLAMA3_VOCAB, 287) == 130
     assert_same(model, rows)
 
 

@@ -76,8 +76,9 @@ def test_a_fast_generation_or_another_rank_adds_no_line(tiny, info_lines):
 
 
 def test_the_full_forward_decoder_reports_its_steps_too(tiny):
-    """Prompt and prefix tuning decode by re-running the forward (evaluate._generate_full_forward):
-    each step reports the rows it decoded."""
+    """The full-forward decoder (evaluate._generate_full_forward, the reference the cached
+    prompt/prefix decoder is tested against) reports the rows of each step too; the cached one's
+    steps are counted in tests/unit/test_generation_cache.py."""
     model, _ = tiny
     progress = GenerationProgress("answering", enabled=True, every_s=3600)
     progress.start(2)
