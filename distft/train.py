@@ -843,16 +843,19 @@ MEASURED = {  # what each MemoryMeter kind measures, for people
 
 
 def memory_line(kind: str, measured: int, baseline: int, planned: dict) -> str:
-    """The one line comparing what training took with the planner's estimate of the same terms:
-    the largest rank's measured peak above what the process held before (so: weights, gradients,
-    optimizer state, activations), against the plan's sum of exactly those terms (its fixed
-    overhead, the CUDA context and allocator slack, left out)."""
+    """The one sentence comparing what training took with the planner's estimate of the same
+    terms: the largest rank's measured peak above what the process held before (so: weights,
+    gradients, optimizer state, activations), the plan's sum of exactly those terms (its fixed
+    overhead, the CUDA context and allocator slack, left out), and how far off the plan is."""
     gib = 2**30
+    plan = sum(planned.values())
     start = f", above the {baseline / gib:.3f} GiB held before the model was built" if baseline else ""
     terms = " + ".join(f"{name} {value:.3f}" for name, value in planned.items() if value)
-    line = (f"memory per rank: training took {measured / gib:.3f} GiB on the busiest rank ({MEASURED.get(kind, kind)}"
-            f"{start}); the plan estimates {sum(planned.values()):.3f} GiB for the same terms ({terms} GiB; "
-            "its fixed overhead left out)")
+    off = (plan * gib / measured - 1) if measured else 0.0
+    verdict = f"{abs(off):.1%} {'over' if off > 0 else 'under'}" if round(abs(off), 3) else "exact"
+    line = (f"memory per rank: measured {measured / gib:.3f} GiB on the busiest rank ({MEASURED.get(kind, kind)}"
+            f"{start}), planned {plan:.3f} GiB for the same terms (plan {verdict}; {terms} GiB, its fixed "
+            "overhead left out)")
     if kind == "host_rss":  # it also grows with the code the first steps import: not comparable to a plan
         line += "; tracking.cpu_memory_steps=2 measures tensors only, as the plan counts"
     return line

@@ -111,7 +111,47 @@ def autocast_copy_bytes(cfg: Config, counts: ParameterCounts) -> int:
     embeddings = model.vocab_size * model.hidden_size
     norms = (2 * model.num_hidden_layers + 1) * model.hidden_size
     linear = counts.total - norms - (0 if model.tie_word_embeddings else embeddings)
+    if chunked_loss(cfg):  # the head's copy is made and dropped inside the loss (loss_bytes)
+        linear -= embeddings
     return 2 * linear
+
+
+def chunked_loss(cfg: Config) -> bool:
+    """Whether the loss runs through distft.loss's chunks: the head is a plain linear layer,
+    unless a LoRA/DoRA/QLoRA adapts the head itself."""
+    return not (cfg.technique.name in ("lora", "qlora", "dora") and "lm_head" in cfg.technique.target_modules)
+
+
+def loss_bytes(cfg: Config, tokens: int, vocab: int, hidden: int, stream: int) -> tuple[int, int]:
+    """(kept, transient) bytes of the loss of one micro-batch of `tokens` positions
+    (distft/loss.py), every position counted as a target (the worst case).
+
+    Kept until backward: the gradient with respect to the hidden states, computed in forward,
+    in the final norm's output dtype (`stream`), and the targets' mask and indices (9 bytes a
+    token); when the head trains and the step accumulates micro-batches, its fp32 gradient
+    [V, h] beside the one accumulated already.
+    Transient, at the end of forward: one chunk's logits in fp32 and their log-softmax (8 bytes
+    per logit; the compute dtype's logits and gradient fit beside them), the head's weight in
+    the compute dtype where the weights are fp32 under 16-bit autocast, and when the head
+    trains in 16 bits, each chunk's [V, h] gradient product before its fp32 sum.
+    The plain path (a LoRA on the head) keeps the logits in the model dtype, their fp32 copy and
+    the log-softmax (tokens·V·(b + 8)), then the logits' gradient (tokens·V·(4 + b))."""
+    from distft.config import grad_accum_steps
+    from distft.loss import chunk_tokens
+
+    b = compute_bytes(cfg)
+    if not chunked_loss(cfg):
+        return tokens * vocab * (b + 8 if b != 4 else 8), tokens * vocab * (4 + b if b != 4 else 4)
+    head_trains = cfg.technique.name == "full"
+    kept = tokens * (hidden * stream + 9)
+    if head_trains and grad_accum_steps(cfg) > 1:
+        kept += vocab * hidden * 4
+    transient = chunk_tokens(vocab, tokens) * vocab * 8
+    if fp32_masters(cfg) and amp16(cfg):
+        transient += vocab * hidden * b
+    if head_trains and b != 4:
+        transient += vocab * hidden * b
+    return kept, transient
 
 
 def frozen_bytes(cfg: Config) -> int:
@@ -285,12 +325,16 @@ def activation_bytes(cfg: Config, counts: ParameterCounts) -> int:
       output and the MLP product, (3h + i)b. Frozen weights do not keep their inputs;
     - LoRA/DoRA/QLoRA with dropout: the dropped-out copy of each adapted input and its mask,
       (6h + i)(b + d): d = 1 on GPUs (a bool mask), b on the CPU (torch keeps a float mask).
+    - DoRA (PEFT) on top of LoRA's: each adapted layer's output twice, the base's and the
+      adapter's, which the magnitude's gradient reads (2·out·b for each adapted projection), and
+      per layer and micro-batch a matrix the size of its adapted weights (the combined weight whose
+      norm it takes), fixed in tokens. Measured on SmolLM2 in fp32 with saved_tensors_hooks: 1.57
+      outputs a token and 1.53 weights a layer; planned 2 and 1: +8% on DoRA's part at 4 x 256.
     Gradient checkpointing keeps each layer's input (h·b) and recomputes one layer at a time.
-    Outside the layers: the final norm, and the logits in the model dtype with their fp32 copy
-    and the log-softmax for the loss (m·s·V·(b + 8); 8 in fp32, where the copy is the logits).
-    The backward working set is the larger of the logits' gradient (fp32 and model dtype,
-    m·s·V·(4 + b)) and one MLP's gradients (3·m·s·i·b). Kernels' workspaces are in
-    plan.overhead_gb.
+    Outside the layers: the final norm, and the loss (loss_bytes: no [m·s, V] logits, only the
+    hidden states' gradient, computed in forward). The working set on top is the larger of the
+    loss's transient (one chunk of logits at the end of forward) and one MLP's gradients in
+    backward (3·m·s·i·b). Kernels' workspaces are in plan.overhead_gb.
 
     QLoRA on one process or DDP with a 16-bit model: the preparation's fp32 embeddings make the
     residual stream fp32, and bitsandbytes returns each 4-bit layer's output in its input's
@@ -323,11 +367,19 @@ def activation_bytes(cfg: Config, counts: ParameterCounts) -> int:
     if dropout:
         per_layer += (6 * h + i) * (b + (1 if cfg.cluster.gpus_per_node > 0 else b))
     layers = model.num_hidden_layers
+    dora_fixed = 0
+    if technique == "dora":
+        shapes = {"q_proj": (h, h), "k_proj": (h, k), "v_proj": (h, k), "o_proj": (h, h), "gate_proj": (h, i),
+                  "up_proj": (h, i), "down_proj": (i, h)}
+        adapted = [shapes[name] for name in cfg.technique.target_modules if name in shapes]
+        per_layer += 2 * sum(out for _, out in adapted) * b
+        checkpointed = 1 if cfg.train.gradient_checkpointing else layers  # recomputed one layer at a time
+        dora_fixed = checkpointed * sum(fan_in * out for fan_in, out in adapted) * b
     kept = layers * (h * b) + per_layer if cfg.train.gradient_checkpointing else layers * per_layer
     final_norm = norm + (h * b if inputs_kept else 0)
-    logits = v * (b + 8 if b != 4 else 8)
-    working = max(v * (4 + b if b != 4 else 4), mlp)
-    return int(m * s * (kept + final_norm + logits + working)) + autocast_copy_bytes(cfg, counts)
+    loss_kept, loss_transient = loss_bytes(cfg, m * cfg.data.max_seq_len, v, h, stream)
+    working = max(loss_transient, m * s * mlp)
+    return int(m * s * (kept + final_norm) + loss_kept + working + dora_fixed) + autocast_copy_bytes(cfg, counts)
 
 
 def per_gpu_bytes(cfg: Config, counts: ParameterCounts) -> dict[str, int]:
