@@ -386,12 +386,27 @@ def _decoder(model: torch.nn.Module) -> tuple[Callable, torch.nn.Module]:
     """The function that decodes a batch for `model`, and the module it runs on.
 
     A prompt-learning PeftModel inside PEFT's `disable_adapter()` (the base's scores during
-    training, techniques.base_model_context) is its base: that base's own `generate` then."""
+    training, techniques.base_model_context) is its base: that base's own `generate` then.
+    Under FSDP2 both would call the base past the sharded root, whose embeddings and head stay
+    shards (`_fsdp_sharded`): prompt-learning models there decode with the full forward, which
+    calls the root (tests/distributed/test_fsdp.py's prefix/prompt cells)."""
     if not _is_prompt_learning(model):
         return _generate_cached, model
+    if _fsdp_sharded(model):  # the base called directly would skip FSDP2's unsharding of the root
+        return _generate_full_forward, model
     if getattr(model, "_adapters_disabled", False):
         return _generate_cached, model.get_base_model()
     return _generate_virtual_cached, model
+
+
+def _fsdp_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 shards `model` (its parameters are DTensors). Its root module gathers the
+    root's own parameters (embeddings, head) only around a call of the root itself, so a decoder
+    that calls the base model directly (`_generate_virtual_cached`) would read shards: there,
+    prompt-learning models keep the full-forward decoder, which calls the root."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(param, DTensor) for param in model.parameters())
 
 
 class EvalInterrupted(Exception):
