@@ -150,8 +150,6 @@ class ArmedLoss:
         keep = targets != IGNORE_INDEX
         self.used = True
         dtype = _autocast_dtype(hidden.device) or hidden.dtype
-        if not torch.is_floating_point(head.weight):  # pragma: no cover - quantised heads are not armed
-            raise TypeError("the loss head needs a floating-point weight")
         return linear_cross_entropy(hidden[keep], head.weight, head.bias, targets[keep], dtype)
 
     def result(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
