@@ -853,8 +853,10 @@ def memory_line(kind: str, measured: int, baseline: int, planned: dict) -> str:
     terms = " + ".join(f"{name} {value:.3f}" for name, value in planned.items() if value)
     off = (plan * gib / measured - 1) if measured else 0.0
     verdict = f"{abs(off):.1%} {'over' if off > 0 else 'under'}" if round(abs(off), 3) else "exact"
+    # The resident set also holds the code the first steps import: no verdict on it (said below).
+    judged = f"plan {verdict}; " if kind != "host_rss" else ""
     line = (f"memory per rank: measured {measured / gib:.3f} GiB on the busiest rank ({MEASURED.get(kind, kind)}"
-            f"{start}), planned {plan:.3f} GiB for the same terms (plan {verdict}; {terms} GiB, its fixed "
+            f"{start}), planned {plan:.3f} GiB for the same terms ({judged}{terms} GiB, its fixed "
             "overhead left out)")
     if kind == "host_rss":  # it also grows with the code the first steps import: not comparable to a plan
         line += "; tracking.cpu_memory_steps=2 measures tensors only, as the plan counts"
