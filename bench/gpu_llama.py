@@ -55,6 +55,10 @@ CONFIGS = {
     "LLaMA-7B full FSDP bf16 compute, fp32 masters": ["model=llama_7b", "technique=full", "parallel=fsdp",
                                                      "launcher.nproc_per_node=1", "train.precision=bf16",
                                                      "train.gradient_checkpointing=true"],
+    # The same two runs with compiled decoder layers (train.compile=true), so one bench run shows
+    # before and after: steady-state tokens/s exclude the first steps, which pay for the compile.
+    "LLaMA-7B LoRA compiled": ["model=llama_7b", "technique=lora", "train.compile=true"],
+    "LLaMA-7B QLoRA compiled": ["model=llama_7b", "technique=qlora", "train.compile=true"],
 }
 
 

@@ -333,6 +333,11 @@ class TrainConfig:
     # learning rates train little. Warned about at start; the planner counts it.
     pure_bf16: bool = False
     gradient_checkpointing: bool = False
+    # torch.compile each decoder layer (engines.compile.compile_layers): one graph, shared by all the
+    # layers, built on the first step (seconds to a minute); the loss equals the eager one to float
+    # rounding, the checkpoint and export are the same. Generation stays eager. Needs Triton on a
+    # GPU, a C++ compiler on the CPU.
+    compile: bool = False
     eval_every: int = 100  # 0: only before and after training
     eval_max_batches: int = 0  # 0: the whole eval split
     early_stopping_patience: int = 0  # evals without improvement before stopping; 0: off

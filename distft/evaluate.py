@@ -472,7 +472,9 @@ def generate_outputs(
 
         progress = GenerationProgress(bar=False)
     progress.start(len(encoded))
-    with _eval_mode(model), _autocast(autocast_ctx):
+    from distft.engines.compile import eager
+
+    with _eval_mode(model), _autocast(autocast_ctx), eager():  # compiled layers (train.compile) decode eagerly
         try:
             for start in range(0, len(order), batch_size):
                 _check_stop(should_stop)

@@ -129,6 +129,12 @@ def build_run(cfg: Config, info: DistInfo, device: torch.device) -> Run:
             100.0 * trainable / max(1, total),
             "on the meta device, filled from rank 0" if model_build == "meta" else "on every rank",
         )
+    if cfg.train.compile:  # before any engine wraps the layers (engines/compile.py)
+        from distft.engines.compile import compile_layers
+
+        compiled = compile_layers(model)
+        if info.is_main:
+            log.info("train.compile=true: %d decoder layers compiled; the first step builds their graph", compiled)
     engine = build_engine(cfg, model, device)
 
     pad_id = tokenizer.pad_token_id

@@ -321,6 +321,11 @@ def fit(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpointe
         step_time = time.time() - started
         steps_here += 1
         run.memory.step(steps_here)
+        if steps_here == 1 and cfg.train.compile and info.is_main:
+            from distft.engines.compile import compiled_summary
+
+            line, broke = compiled_summary(time.time() - started)
+            (log.warning if broke else log.info)("%s", line)
         step_tokens = sum(b["input_ids"].numel() for b in micro_batches) * info.world_size
         state.train_tokens += step_tokens
         state.train_target_tokens += int(step_targets)

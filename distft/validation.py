@@ -15,6 +15,7 @@ import inspect
 import math
 import os
 import re
+import shutil
 import signal
 from typing import Any, Optional
 
@@ -190,7 +191,10 @@ def machine_problems(cfg: Config, ranks_here: Optional[bool] = None) -> list[str
                    "kernels": "pip install kernels"}[needed]
         errors.append(f"model.attn_implementation={attn} needs the Python module {needed!r}, which is not installed "
                       f"here ({install}); or use model.attn_implementation=sdpa")
-    if not (launcher.kind == "local" if ranks_here is None else ranks_here) or tr.device == "cpu":
+    here = launcher.kind == "local" if ranks_here is None else ranks_here
+    if tr.compile and here:
+        errors.extend(filter(None, [compile_problem("cpu" if tr.device == "cpu" else tr.device)]))
+    if not here or tr.device == "cpu":
         return errors
     wants_gpu = tr.device.startswith("cuda") or p.backend == "nccl" or attn in CUDA_ATTN_IMPLEMENTATIONS
     if not wants_gpu or not re.fullmatch(r"auto|cuda(:\d+)?", tr.device):
@@ -213,7 +217,32 @@ def machine_problems(cfg: Config, ranks_here: Optional[bool] = None) -> list[str
         if attn in CUDA_ATTN_IMPLEMENTATIONS:
             errors.append(f"model.attn_implementation={attn} needs CUDA GPUs, {where}; use "
                           "model.attn_implementation=sdpa, or run on a GPU node")
+        if attn == "flex_attention":
+            errors.append(f"model.attn_implementation=flex_attention trains on CUDA GPUs only (torch's "
+                          f"FlexAttention has no backward on the CPU), {where}; use model.attn_implementation=sdpa")
     return errors
+
+
+def compile_problem(device: str) -> Optional[str]:
+    """Why train.compile=true cannot build kernels for `device` ("cpu", "cuda", or "auto": a GPU
+    where torch sees one) on this machine; None where it can. Inductor writes Triton kernels for a
+    GPU and C++ for the CPU, and without them fails only at the first step, deep in a traceback."""
+    import importlib.util
+
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if importlib.util.find_spec("triton") is None:
+            return ("train.compile=true needs Triton for the GPU kernels, and it is not installed here (pip install "
+                    "triton, the version your torch was built with); or set train.compile=false")
+        return None
+    compilers = [c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c]
+    if not any(shutil.which(c) for c in compilers):
+        return (f"train.compile=true on the CPU needs a C++ compiler, and none of {', '.join(compilers)} is on "
+                "PATH (Debian: apt-get install g++); or set train.compile=false")
+    return None
 
 
 def _check_choices(cfg: Config, errors: list[str]) -> None:
@@ -265,6 +294,9 @@ def _check_choices(cfg: Config, errors: list[str]) -> None:
         if m.attn_implementation in CUDA_ATTN_IMPLEMENTATIONS:
             errors.append(f"model.attn_implementation={m.attn_implementation} runs on CUDA GPUs only, but "
                           "train.device=cpu; use model.attn_implementation=sdpa (or eager)")
+        if m.attn_implementation == "flex_attention":
+            errors.append("model.attn_implementation=flex_attention trains on CUDA GPUs only (torch's FlexAttention "
+                          "has no backward on the CPU), but train.device=cpu; use model.attn_implementation=sdpa")
     _positive(errors, "launcher.monitor_interval_s", cfg.launcher.monitor_interval_s)
     _positive(errors, "tracking.cpu_memory_steps", cfg.tracking.cpu_memory_steps, allow_zero=True)
     _positive(errors, "plan.epoch_sample_rows", cfg.plan.epoch_sample_rows, allow_zero=True)
@@ -559,6 +591,14 @@ def _check_technique(cfg: Config, errors: list[str]) -> None:
                 f"technique.target_modules: {', '.join(map(repr, unknown))} is not a linear layer of a LLaMA model; "
                 f"choose from {', '.join(LLAMA_LINEAR_MODULES)}"
             )
+    if tr.compile and _kind(cfg).compile_refusal:
+        errors.append(f"train.compile=true does not work with parallel={p.strategy} ({_kind(cfg).compile_refusal}); "
+                      f"use parallel={_strategies(lambda k: not k.compile_refusal and k.multi_rank, ', ', ' or ')}, "
+                      "or set train.compile=false")
+    if tr.compile and t.name == "prefix":
+        errors.append("train.compile=true does not work with technique=prefix: every layer reads its own entry of "
+                      "the prefix's key/value cache, so torch.compile builds a graph per layer and stops at its "
+                      "recompile limit (8), running the rest eagerly; set train.compile=false (prompt tuning compiles)")
     if t.name in PROMPT_LEARNING_TECHNIQUES:
         _positive(errors, "technique.num_virtual_tokens", t.num_virtual_tokens)
         if d.packing:

@@ -32,6 +32,8 @@ class EngineKind:
     # Why bitsandbytes' optimizers cannot run on it (None: they can). Both measured.
     bnb_refusal: Optional[str]
     options: str  # the parallel.<options> section it reads ("" none)
+    # Why train.compile=true is refused on it (None: its layers compile whole). Measured.
+    compile_refusal: Optional[str] = None
 
     @property
     def deepspeed(self) -> bool:
@@ -45,13 +47,16 @@ class EngineKind:
 
 
 _ZERO_BNB = "DeepSpeed ZeRO steps the optimizer on its own flat partitions and reshards only AdamW's state"
+_ZERO3_COMPILE = ("DeepSpeed ZeRO-3 gathers each linear layer's weights in module hooks that torch.compile cannot "
+                  "trace (the tiny model: 53 graph breaks and the recompile limit hit in one step)")
 ENGINES: dict[str, EngineKind] = {kind.strategy: kind for kind in (
     EngineKind("single", "ddp", "DDPEngine", None, multi_rank=False, shards_weights=False, meta_build=False,
                state_format="dcp", bnb_refusal=None, options=""),
     EngineKind("ddp", "ddp", "DDPEngine", None, multi_rank=True, shards_weights=False, meta_build=False,
                state_format="dcp", bnb_refusal=None, options=""),
     *(EngineKind(f"zero{stage}", "deepspeed", "DeepSpeedEngine", stage, multi_rank=True, shards_weights=stage == 3,
-                 meta_build=False, state_format=f"deepspeed-zero{stage}", bnb_refusal=_ZERO_BNB, options="deepspeed")
+                 meta_build=False, state_format=f"deepspeed-zero{stage}", bnb_refusal=_ZERO_BNB, options="deepspeed",
+                 compile_refusal=_ZERO3_COMPILE if stage == 3 else None)
       for stage in (1, 2, 3)),
     EngineKind("fsdp", "fsdp", "FSDPEngine", None, multi_rank=True, shards_weights=True, meta_build=True,
                state_format="dcp", options="fsdp",
