@@ -519,6 +519,7 @@ class Progress:
         self.total = total
         self.start = time.time()
         self.start_step = initial
+        self.first_step_end: float | None = None
         self.bar = None
         self.enabled = enabled
         self._redirect = None
@@ -539,10 +540,17 @@ class Progress:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
             return
+        if self.first_step_end is None:
+            self.first_step_end = time.time()
         if step % self.log_every == 0 or step == self.total:
             done = step - self.start_step
-            elapsed = time.time() - self.start
-            eta = elapsed / done * (self.total - step) if done else 0.0
+            # From the second step on, the first one (which may compile the layers, warm up CUDA's
+            # kernels, or read the data cache) is left out of the rate: one slow start no longer
+            # inflates every ETA of the run.
+            if done > 1:
+                eta = (time.time() - self.first_step_end) / (done - 1) * (self.total - step)
+            else:
+                eta = (time.time() - self.start) * (self.total - step)
             log.info(
                 "step %d/%d loss %.4f lr %.2e tokens/s %.0f eta %s",
                 step, self.total, loss, lr, tokens_per_s, _fmt_seconds(eta),

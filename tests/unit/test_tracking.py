@@ -474,3 +474,21 @@ def test_the_loss_plot_marks_the_best_eval(tmp_path):
     marked_at_30 = green_columns(30)
     # The mark moves with the best step: its vertical line sits further right for step 30.
     assert max(marked_at_30) > max(marked) or min(marked_at_30) > min(marked)
+
+
+def test_the_eta_leaves_out_a_slow_first_step(monkeypatch, caplog):
+    """A first step that compiles the layers (train.compile) or warms up CUDA took 100 s, the next
+    ones 1 s each: after step 11 of 111 the ETA is 100 steps x 1 s, not 100 x 110 s / 11."""
+    import types
+
+    from distft import tracking
+
+    clock = iter([0.0, 100.0, 110.0])  # the start, the first step's end, step 11's log line
+    monkeypatch.setattr(tracking, "time", types.SimpleNamespace(time=lambda: next(clock)))  # its clock only
+    progress = tracking.Progress(total=111, initial=0, enabled=True, log_every=11)
+    with caplog.at_level(logging.INFO, logger="distft"):
+        for step in range(1, 12):
+            progress.update(step, 1.0, 1e-3, 1000.0)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(lines) == 1 and lines[0].startswith("step 11/111 "), lines
+    assert lines[0].endswith("eta 0:01:40"), lines  # with the first step in the rate: 0:16:40
