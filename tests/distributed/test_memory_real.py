@@ -6,14 +6,14 @@ and weights the profiler did not see being loaded on transformers' thread pool) 
 3.2 GB loss at 128k against 4.15 GB measured.
 
 Cells: LoRA on one process, LoRA on ZeRO-2 over 2 ranks (DeepSpeed's reduce bucket, allocated at
-full size whatever the model), and one 2048-token row at 128,256 tokens of vocabulary under tiny
+full size whatever the model), full fine-tuning on DDP and on FSDP over 2 ranks, and one 2048-token row at 128,256 tokens of vocabulary under tiny
 layers (the loss is the step). bench/plan_accuracy.py measures these and more (DDP, FSDP, full
 fine-tuning on one process and ZeRO-2, DoRA, ZeRO-3) at 4 x 256 tokens. Not yet within: FSDP full
 fine-tuning when activations are small (2 x 64 tokens: rank 1 measured 1.91 GiB against 1.43
 planned, rank 0 1.52, likely the meta build's fill from rank 0) and ZeRO-3 LoRA (5.48 against
 4.48 at 4 x 256): issue 36 stays open on them.
 
-Stated tolerance: 15% of the measured peak, every rank (measured: -3.0% to +0.8%, bench/RESULTS.md).
+Stated tolerance: 15% of the measured peak, every rank (measured: -7% to +9.4%, bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -34,6 +34,12 @@ CASES = {
     "smollm2-lora-single": ([*SMOLLM2, "technique=lora", "train.global_batch_size=4"], 1),
     "smollm2-lora-zero2": ([*SMOLLM2, "technique=lora", "parallel=zero2", "launcher.nproc_per_node=2",
                             "train.global_batch_size=8"], 2),
+    # Full fine-tuning (fp32 master weights, the tied head's gradient made in forward) on 2 ranks:
+    # DDP's buckets beside the replicas, and FSDP2's shards filled from rank 0's copy.
+    "smollm2-full-ddp": ([*SMOLLM2, "technique=full", "parallel=ddp", "launcher.nproc_per_node=2",
+                          "train.global_batch_size=8"], 2),
+    "smollm2-full-fsdp": ([*SMOLLM2, "technique=full", "parallel=fsdp", "launcher.nproc_per_node=2",
+                           "train.global_batch_size=8"], 2),
     "vocab128k-full-single": (["+experiment=tiny_full", "model.vocab_size=128256", "data.max_seq_len=2048",
                                "model.max_position_embeddings=2048", "train.micro_batch_size=1",
                                "train.global_batch_size=1"], 1),
@@ -63,10 +69,26 @@ def test_the_plan_is_within_15_percent_of_the_measured_peak(runs, case):
     within_plan(memory, CASES[case][1])
     assert f"planned {memory['planned_gb']:.3f} GiB for the same terms (plan " in log  # the run's one sentence
     if case.startswith("smollm2"):
-        assert memory["planned"]["weights"] > 0.4  # SmolLM2's 135M weights, counted (fp32)
+        # SmolLM2's 135M weights, counted (fp32; FSDP: half of them and the gathered embedding)
+        assert memory["planned"]["weights"] > (0.3 if case.endswith("fsdp") else 0.4)
         assert min(memory["training_gb_per_rank"]) > memory["planned"]["weights"]  # ... and measured
     if case == "smollm2-lora-zero2":
         assert memory["planned"]["comm"] > 1.8  # DeepSpeed's reduce bucket: 5e8 fp32 elements
+    if case == "smollm2-full-ddp":
+        # Fully replicated: fp32 weights and AdamW's two moments of 134.5M parameters, and the
+        # buckets; the gradients are made as backward frees the activations (plan.memory's
+        # step_gradient_bytes): only the tied head's, made in forward, is counted beside them.
+        planned = memory["planned"]
+        assert planned["optimizer"] == pytest.approx(2 * planned["weights"], rel=0.01)
+        assert planned["comm"] == pytest.approx(planned["weights"], rel=0.01)
+        assert planned["grads"] == pytest.approx(49152 * 576 * 4 / 2**30, rel=0.01)
+    if case == "smollm2-full-fsdp":
+        # Each rank holds half of the fp32 weights, gradients and moments, and the largest gathered
+        # layer (the tied embedding: 49152 x 576 fp32); rank 0's full copy for the fill is gone.
+        planned = memory["planned"]
+        assert planned["weights"] == pytest.approx(0.25 + 49152 * 576 * 4 / 2**30, rel=0.02)
+        assert planned["optimizer"] == pytest.approx(0.5, rel=0.02)
+        assert summary_of(run_dir)["model_build"] == "meta"
     if case == "vocab128k-full-single":
         # 4.15 GB before (the plan said 3.20); a 2048 x 128256 fp32 logits tensor alone is 0.98 GiB
         assert memory["training_gb_per_rank"][0] <= 1.0
