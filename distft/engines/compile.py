@@ -10,7 +10,7 @@ default), so one graph serves every layer: built on the first step, built again 
 The output head, the chunked loss (distft/loss.py) and the embedding stay eager; generation runs
 eager (`eager`): its one-token steps would each want graphs of their own. Dropout inside the
 layers draws from Inductor's generator, so with dropout > 0 a compiled run is not the eager run's
-twin (without dropout its losses equal the eager ones: tests/unit/test_compile.py). Whether kernels
+twin (without dropout its losses equal the eager ones: tests/distributed/test_compile.py). Whether kernels
 can be built here (Triton, a C++ compiler) is checked before the run (validation.compile_problem).
 """
 
@@ -42,6 +42,7 @@ _LIMITS = _RecompileLimits()
 def compile_layers(model: torch.nn.Module) -> int:
     """Compile every decoder layer of `model` in place; returns how many."""
     import torch._dynamo
+    from torch._dynamo.utils import counters
 
     from distft.engines.fsdp import decoder_layers
 
@@ -50,8 +51,6 @@ def compile_layers(model: torch.nn.Module) -> int:
     # which dynamo refuses to trace (a graph break in every layer). The recording is not wanted
     # twice: skip it in the recomputation.
     torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
-    from torch._dynamo.utils import counters
-
     counters.clear()  # compiled_summary counts this run's graphs (a process can train several runs)
     _LIMITS.hits.clear()
     logger = logging.getLogger("torch._dynamo.convert_frame")
