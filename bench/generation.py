@@ -69,7 +69,7 @@ def build(smollm2: str, technique: list[str], tokenizer, never: int):
     import torch
 
     from distft.preflight import preflight
-    from distft.techniques import build_trainable_model
+    from distft.techniques.build import build_trainable_model
 
     cfg, errors = preflight([f"model.name_or_path={smollm2}", "data.packing=false", "technique.num_virtual_tokens=20",
                              *technique], run_here=False)
@@ -103,7 +103,7 @@ def hf_generate(model, rows: list[list[int]], new_tokens: int, pad_id: int, neve
 
 def distft_generate(model, tokenizer, rows, new_tokens: int) -> list[str]:
     """What an evaluation runs (one batch: batch_size = the prompts)."""
-    from distft.evaluate import generate_outputs
+    from distft.evaluation.evaluate import generate_outputs
     from distft.tracking import GenerationProgress
 
     outputs = generate_outputs(model, tokenizer, rows, new_tokens, len(rows), "cpu",
@@ -116,7 +116,7 @@ def full_forward(model, tokenizer, rows, new_tokens: int, never: int) -> list[st
     """The decoder prompt and prefix tuning had before (kept as the reference)."""
     import torch
 
-    from distft.evaluate import _generate_full_forward
+    from distft.evaluation.evaluate import _generate_full_forward
 
     with torch.no_grad():
         tokens = _generate_full_forward(model, rows, new_tokens, [never], tokenizer.pad_token_id, "cpu")
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from distft.pretrained import HOW_TO_GET_IT, smollm2_dir
+    from distft.model.pretrained import HOW_TO_GET_IT, smollm2_dir
 
     smollm2 = smollm2_dir()
     if smollm2 is None:

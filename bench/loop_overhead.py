@@ -61,10 +61,10 @@ def config(args, root: str):
 
 def batches(cfg, steps: int) -> list[list[dict]]:
     """The micro-batches of `steps` optimizer steps, exactly as distft's trainer draws them."""
-    from distft.batching import TrainBatches
     from distft.config import grad_accum_steps
-    from distft.data import prepare_data
-    from distft.model import load_tokenizer
+    from distft.data.batching import TrainBatches
+    from distft.data.pipeline import prepare_data
+    from distft.model.build import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tokenizer, seed=cfg.data.seed)
@@ -87,7 +87,7 @@ def run_distft(args) -> list[float]:
 def _model_and_optimizer(cfg):
     import torch
 
-    from distft.model import build_model
+    from distft.model.build import build_model
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model).train()

@@ -1,5 +1,5 @@
 """The loss path: a training step's tensor peak and tokens/s with distft's chunked loss
-(distft/loss.py: the head and the cross-entropy together, chunk by chunk) against the plain path
+(distft/model/loss.py: the head and the cross-entropy together, chunk by chunk) against the plain path
 it replaced (the head's full [tokens, V] logits, then `token_loss`), at Llama-2's (32,000),
 SmolLM2's (49,152) and Llama-3's (128,256) vocabularies x 2048 and 8192 tokens.
 
@@ -50,8 +50,8 @@ def build(vocab: int, tokens: int, layers: int = 2):
 
 
 def step(model, inputs, labels, mode: str) -> None:
-    from distft.loss import computing_loss
-    from distft.model import token_loss
+    from distft.model.build import token_loss
+    from distft.model.loss import computing_loss
 
     model.zero_grad(set_to_none=True)
     if mode == "chunked":

@@ -30,7 +30,7 @@ PROFILED = ["train.max_steps=2", "eval.num_samples=1", "eval.max_new_tokens=1", 
 
 
 def smollm2(technique: str, parallel: str, ranks: int) -> list[str]:
-    from distft.pretrained import smollm2_dir
+    from distft.model.pretrained import smollm2_dir
 
     return [f"model.name_or_path={smollm2_dir()}", f"technique={technique}", f"parallel={parallel}",
             f"launcher.nproc_per_node={ranks}", "data.max_seq_len=256", "train.micro_batch_size=4",

@@ -1,7 +1,7 @@
 """The real-model demo keeps its promise: `python -m distft +experiment=smollm2_lora`, thresholds checked.
 
 LoRA on the real SmolLM2-135M-Instruct (the folder `make setup` prepares) must, within 10 minutes
-of training on 2 cores, take the booking task (distft/synthetic.py "booking": a sentence -> one
+of training on 2 cores, take the booking task (distft/data/synthetic.py "booking": a sentence -> one
 fixed JSON form) from a base that scores <= 0.3 held-out exact match to a tuned model that scores
 >= 0.8, while keeping its general ability: the forgetting check's perplexity on the shipped
 general-text sample (eval.general_path=builtin:general) rises by <= 10%. This runs the preset

@@ -1,7 +1,7 @@
 """Token exactness: distft's training ids against the tokenizer's own encoding of the whole text.
 
 With a LLaMA-2-style SentencePiece tokenizer of `--vocab` tokens (32,000 by default, LLaMA-2's size;
-built by `distft.tokenizer_families`, no download) on `--rows` Alpaca rows (the shipped synthetic
+built by `distft.data.tokenizers`, no download) on `--rows` Alpaca rows (the shipped synthetic
 tasks, every `--special-every`-th row with literal `<s>`, `</s>`, `<unk>` text in its input and
 output), it counts:
 
@@ -44,12 +44,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--record", action="store_true", help="append the results to bench/RESULTS.md")
     args = parser.parse_args(argv)
 
-    from distft import synthetic
     from distft.config import DataConfig
-    from distft.data import prepare_data
-    from distft.model import IGNORE_INDEX
-    from distft.templates import alpaca_prompt, use_chat_template
-    from distft.tokenizer_families import build_tokenizer
+    from distft.data import synthetic
+    from distft.data.pipeline import prepare_data
+    from distft.data.templates import alpaca_prompt, use_chat_template
+    from distft.data.tokenizers import build_tokenizer
+    from distft.model.build import IGNORE_INDEX
 
     started = time.perf_counter()
     tok = build_tokenizer("llama2", args.vocab)

@@ -7,6 +7,11 @@ Layout: the repository keeps `conf/` (Hydra configs) and `launchers/` at its top
 or `pip install .` ships them inside the package as `distft/conf` and `distft/launchers`
 (pyproject.toml, `package-dir`). In a source checkout `distft.launchers` is the top-level folder,
 bound below, and `distft.config.conf_dir()` finds `conf/` the same way.
+
+Commands: `distft <command>` (distft/commands/). The package's search path includes that folder,
+so the documented `python -m distft.<command>` forms (chat, compare, evaluate, export, ...) run
+the same command modules without a file per command at this level; a name this folder has
+(`distft.data`, `distft.plan`: packages with a `__main__`) is found here first.
 """
 
 import os as _os
@@ -32,3 +37,4 @@ def _bind_checkout_launchers() -> None:
 
 
 _bind_checkout_launchers()
+__path__.append(_os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "commands"))

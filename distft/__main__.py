@@ -1,9 +1,9 @@
-"""`python -m distft [overrides]`: the command line, distft/cli.py."""
+"""`python -m distft [overrides]`: the command line, distft/commands/train.py."""
 
 if __name__ == "__main__":
     from distft import preemption
 
     preemption.install()  # first thing: a stop signal or Ctrl-C while the rest imports is handled
-    from distft.cli import run_command_line
+    from distft.commands.train import main
 
-    run_command_line()
+    main()

@@ -232,7 +232,7 @@ class SyntheticDataConfig:
     tasks: list[str] = field(default_factory=lambda: ["uppercase", "reverse", "add", "repeat", "sort_letters", "count"])
 
 
-# How data.augment.functions are called on each training row (distft/data.py augment()); the
+# How data.augment.functions are called on each training row (distft/data/pipeline.py augment()); the
 # validation checks that each target can be called so before anything starts.
 AUGMENT_CALL = "fn(row, rng, **kwargs) -> row | list[row] | None"
 
@@ -245,7 +245,7 @@ class AugmentConfig:
     functions: list[Any] = field(default_factory=list)  # Hydra `_target_` callables: row -> row | list[row] | None
 
 
-PACK_STRATEGIES = ("best_fit", "in_order")  # distft/batching.py pack()
+PACK_STRATEGIES = ("best_fit", "in_order")  # distft/data/batching.py pack()
 
 
 @dataclass
@@ -264,7 +264,7 @@ class DataConfig:
     # "### assistant:", answers ended by eos; any tokenizer); or a Jinja template string.
     chat_template: Optional[str] = None
     # Tokens that end an answer, besides eos and the chat template's end-of-turn token: generation
-    # stops at them, and the exported generation_config lists them (distft/templates.py stop_token_ids).
+    # stops at them, and the exported generation_config lists them (distft/data/templates.py stop_token_ids).
     stop_tokens: list[str] = field(default_factory=list)
     train_on_prompt: bool = False
     max_seq_len: int = 256
@@ -283,12 +283,12 @@ class DataConfig:
     text_field: str = "text"
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    # The tokenized-data cache (distft/datacache.py): rank 0 builds the samples once per content,
+    # The tokenized-data cache (distft/data/cache.py): rank 0 builds the samples once per content,
     # tokenizer and settings; every rank memory-maps them. cache_dir null: <run.root>/data-cache;
     # it must be on a filesystem every rank sees. cache_wait_s: how long the other ranks wait for it.
     # Several data sets mixed: [{path, weight, source, template, format, *_field, name}, ...]
-    # (distft/sources.py SOURCE_KEYS); data.path unset then. Each epoch draws weight / sum(weights)
-    # of its samples from each source (distft/batching.py mixed_order).
+    # (distft/data/sources.py SOURCE_KEYS); data.path unset then. Each epoch draws weight / sum(weights)
+    # of its samples from each source (distft/data/batching.py mixed_order).
     sources: list = field(default_factory=list)
     cache: bool = True
     cache_dir: Optional[str] = None
@@ -360,7 +360,7 @@ class EvalConfig:
     # The report calls out overfitting when the eval loss rose this many periodic evals in a row
     # while the train loss fell; 0: never.
     overfit_evals: int = 2
-    # The forgetting check (distft/forgetting.py): general text scored as perplexity before and
+    # The forgetting check (distft/evaluation/forgetting.py): general text scored as perplexity before and
     # after, a warning when the tuned model's is more than general_warn (relative) above the base's.
     general_path: Optional[str] = None
     general_max_tokens: int = 100_000
@@ -483,7 +483,7 @@ def to_config(cfg: Any) -> Config:
     merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
     config = OmegaConf.to_object(merged)
     _size_slurm_job(config.launcher)
-    from distft.pretrained import local_model  # a .gguf file: its Hugging Face copy (made once); ~ expanded
+    from distft.model.pretrained import local_model  # a .gguf file: its Hugging Face copy (made once); ~ expanded
 
     config.model.name_or_path = local_model(config.model.name_or_path)
     return config

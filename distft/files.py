@@ -4,7 +4,7 @@ new one, never half of it: a temporary file beside it, flushed to disk, then ren
 The one writer of the small files a run keeps (summary.json, a checkpoint's manifest and
 trainer state, `latest`, reports, the tracker's id and metrics after a resume). Large payloads
 (weights, optimizer shards) are written by their libraries and made durable by the checkpoint's
-own commit (distft.checkpoint).
+own commit (distft.checkpoint.store).
 
 Also what a failed write says (`output_error`): the file, the cause and, for a full disk or quota
 (ENOSPC, EDQUOT, and EFBIG: a file-size limit), to free space and rerun the same command, which

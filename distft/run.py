@@ -64,7 +64,7 @@ class Run:
     info: DistInfo
     device: torch.device
     tokenizer: Any
-    data: Any  # distft.data.PreparedData
+    data: Any  # distft.data.pipeline.PreparedData
     dtype: torch.dtype  # what the model was built in (engines.weights_dtype)
     memory: Any  # distft.tracking.MemoryMeter, counting from just before the model build
     model: torch.nn.Module
@@ -72,9 +72,9 @@ class Run:
     trainable: int
     total: int
     engine: Any
-    batches: Any  # distft.batching.TrainBatches: this rank's micro-batches, resumable
+    batches: Any  # distft.data.batching.TrainBatches: this rank's micro-batches, resumable
     held_out: list  # the eval split's batches (train.eval_max_batches of them when set)
-    general: Optional[list] = None  # eval.general_path's batches: the forgetting check (distft.forgetting)
+    general: Optional[list] = None  # eval.general_path's batches: the forgetting check (distft.evaluation.forgetting)
     data_fingerprint: dict = field(default_factory=dict)  # the data files by content (sources.data_fingerprint)
 
 
@@ -82,7 +82,7 @@ def check_vocab(cfg: Config, tokenizer) -> None:
     """A tokenizer longer than the model's embedding stops the run here, before the data and the
     model load (`vocab.vocab_problem`); a full fine-tuning that can resize goes on, and the base
     build resizes (`vocab.fit_embeddings`)."""
-    from distft.vocab import embedding_rows, vocab_problem
+    from distft.model.vocab import embedding_rows, vocab_problem
 
     rows = embedding_rows(cfg.model)
     problem = vocab_problem(cfg, len(tokenizer), rows) if rows is not None else None
@@ -93,11 +93,11 @@ def check_vocab(cfg: Config, tokenizer) -> None:
 def build_run(cfg: Config, info: DistInfo, device: torch.device) -> Run:
     """Everything a run trains with, built in the order the trainer always used (the RNG draws of
     the model's initialisation depend on it)."""
-    from distft.batching import TrainBatches, eval_batches
-    from distft.data import prepare_data
-    from distft.datacache import prepared
+    from distft.data.batching import TrainBatches, eval_batches
+    from distft.data.cache import prepared
+    from distft.data.pipeline import prepare_data
     from distft.engines import build_engine, build_model_for_engine, weights_dtype
-    from distft.model import count_parameters, load_tokenizer
+    from distft.model.build import count_parameters, load_tokenizer
     from distft.tracking import MemoryMeter
 
     tokenizer = load_tokenizer(cfg.model)
@@ -150,7 +150,7 @@ def build_run(cfg: Config, info: DistInfo, device: torch.device) -> Run:
         held_out = held_out[: cfg.train.eval_max_batches]
     general = None
     if cfg.eval.general_path:
-        from distft.forgetting import general_batches
+        from distft.evaluation.forgetting import general_batches
 
         general = general_batches(cfg.eval.general_path, tokenizer, cfg.data.max_seq_len, cfg.eval.batch_size,
                                   cfg.eval.general_max_tokens)

@@ -246,7 +246,7 @@ def acquire(run_dir: str, unreadable_grace_s: float = 10.0) -> RunLock:
 
 def try_take(path: str, what: str, unreadable_grace_s: float = 10.0) -> tuple[Optional[RunLock], Optional[Holder]]:
     """(the lock at `path`, None) once taken, a stale one taken over with a warning naming `what`;
-    (None, the holder) while a live holder has it. Also the data cache's build lock (distft/datacache.py)."""
+    (None, the holder) while a live holder has it. Also the data cache's build lock (distft/data/cache.py)."""
     mine = me()
     for _ in range(20):
         try:

@@ -33,7 +33,7 @@ log = logging.getLogger("distft")
 
 def setup_logging(rank: int = 0, level: int = logging.INFO, stream=None) -> None:
     """Every line says its rank, so interleaved multi-rank output stays readable. On stdout (a
-    run's log), or `stream` (a command whose stdout is its result: distft.evaluate)."""
+    run's log), or `stream` (a command whose stdout is its result: distft.evaluation.evaluate)."""
     root = logging.getLogger("distft")
     root.handlers.clear()
     handler = logging.StreamHandler(stream or sys.stdout)
@@ -77,7 +77,7 @@ def quiet_libraries() -> None:
     nothing else: the few messages and bars named above (QUIET_*), each by its logger, category
     and text. Every other warning and error, distft's own and the libraries', still shows; hub
     download bars too. Idempotent; every entry point and model load calls it (train, plan,
-    distft.model's loaders, the evaluate command)."""
+    distft.model.build's loaders, the evaluate command)."""
     import warnings
 
     for message, category, module in QUIET_WARNINGS:
@@ -104,7 +104,7 @@ def _hide_loading_bars(factory, args, kwargs):
 
 
 # Secret config keys and the environment variable each is read from. A key given as a command-line
-# override is moved into its variable before anything sees the command line (distft/cli.py),
+# override is moved into its variable before anything sees the command line (distft/commands/train.py),
 # so rank processes and SLURM jobs inherit it and no command line or file holds it.
 SECRET_ENVIRONMENT = {"tracking.wandb.api_key": "WANDB_API_KEY"}
 

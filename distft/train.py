@@ -28,12 +28,12 @@ from distft.config import Config, config_hash, grad_accum_steps, model_label, to
 from distft.config import run_dir as config_run_dir
 from distft.engines import autocast_dtype
 from distft.errors import CheckpointError, NonFiniteError
-from distft.evaluate import EvalInterrupted
+from distft.evaluation.evaluate import EvalInterrupted
+from distft.evaluation.report import predictions_path
 from distft.files import make_dirs, read_json, read_text, write_json, write_text
-from distft.loss import computing_loss
-from distft.model import IGNORE_INDEX
+from distft.model.build import IGNORE_INDEX
+from distft.model.loss import computing_loss
 from distft.preemption import StopSignal, requeue_count
-from distft.report import predictions_path
 from distft.run import Run, TrainState, build_run
 from distft.tracking import (
     GenerationProgress,
@@ -137,7 +137,7 @@ def _own_run_dir(run_dir: str, info):
 
 def _start(cfg: Config, info, run_dir: str, device: torch.device, stop) -> dict:
     """Resume, start over (resume=false, old run set aside) or report a finished run."""
-    from distft.checkpoint import data_changes, resume_conflicts, set_run_aside
+    from distft.checkpoint.store import data_changes, resume_conflicts, set_run_aside
     from distft.runlock import LOCK
 
     if not cfg.resume:
@@ -182,11 +182,11 @@ def _start(cfg: Config, info, run_dir: str, device: torch.device, stop) -> dict:
 
 
 def _data_fingerprint(cfg: Config, info) -> Optional[dict]:
-    """Rank 0's fingerprint of the data files (distft.sources.data_fingerprint), on every rank;
+    """Rank 0's fingerprint of the data files (distft.data.sources.data_fingerprint), on every rank;
     None when a file cannot be read: the data loader reports that later in its own words (after
     the tokenizer and vocabulary checks, which come first), and nothing is compared."""
+    from distft.data.sources import data_fingerprint
     from distft.errors import DataError
-    from distft.sources import data_fingerprint
 
     found = None
     if info.is_main:
@@ -200,7 +200,7 @@ def _data_fingerprint(cfg: Config, info) -> Optional[dict]:
 def _newest_trainer_state(run_dir: str) -> Optional[tuple[str, dict]]:
     """(the newest committed checkpoint, its trainer state), or None (none, or it cannot be read:
     find_resumable then reports it and falls back)."""
-    from distft.checkpoint import committed_checkpoints, read_trainer_state
+    from distft.checkpoint.store import committed_checkpoints, read_trainer_state
 
     for checkpoint in reversed(committed_checkpoints(run_dir)):
         try:
@@ -222,8 +222,8 @@ def _train(cfg: Config, info, run_dir: str, summary_path: str, device: torch.dev
 
 def _fit_and_finish(run: Run, run_dir: str, summary_path: str, stop) -> dict:
     from distft import preemption
-    from distft.checkpoint import find_resumable
-    from distft.techniques import base_model_context
+    from distft.checkpoint.store import find_resumable
+    from distft.techniques.build import base_model_context
 
     cfg, info = run.cfg, run.info
     checkpoint = find_resumable(run_dir)  # verified against its manifest, pickles scanned
@@ -373,7 +373,7 @@ def _best_note(state: TrainState, best: Optional[dict], last: str, final_loss: O
     if best:
         return (f"**Best checkpoint**: this report scores {os.path.basename(best['path'])}, the best periodic eval "
                 f"loss ({best['eval_loss']:.4f} at step {best['step']}), because {best['why']}; the last checkpoint "
-                f"is {os.path.basename(last)} (step {state.step}). `python -m distft.evaluate` and `distft.export` "
+                f"is {os.path.basename(last)} (step {state.step}). `python -m distft.evaluate` and `distft.checkpoint.export` "
                 "use the best one for this run directory too.")
     return (f"Best periodic eval loss: {state.best_eval_loss:.4f} at step {state.best_step}; this report scores the "
             f"last model (step {state.step}). checkpoint.keep_best=true (or early stopping) keeps and scores the best.")
@@ -403,8 +403,8 @@ def _use_best(run: Run, state: TrainState, checkpointer: Checkpointer) -> Option
     are loaded into the engine for the final evaluation, and best.json is made the run
     directory's default for evaluate and export. With keep_best the last model is first scored
     on held-out loss, and stays the result when it is at least as good."""
-    from distft.checkpoint import read_best, write_best
-    from distft.evaluate import held_out_loss
+    from distft.checkpoint.store import read_best, write_best
+    from distft.evaluation.evaluate import held_out_loss
 
     cfg, info = run.cfg, run.info
     if not (state.stopped_early or cfg.checkpoint.keep_best) or state.best_step is None:
@@ -441,8 +441,8 @@ def finish(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpoi
     the run requeues (or exits 4 / 130) and its rerun resumes from the final checkpoint, takes no
     step, and only evaluates and reports."""
     from distft import preemption
-    from distft.evaluate import metrics_only
-    from distft.report import overfitting, write_predictions, write_report
+    from distft.evaluation.evaluate import metrics_only
+    from distft.evaluation.report import overfitting, write_predictions, write_report
     from distft.tracking import read_metrics
 
     cfg, info, run_dir = run.cfg, run.info, checkpointer.run_dir
@@ -521,7 +521,7 @@ def finish(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpoi
                                    overfitting(read_metrics(tracker.metrics_path), cfg.eval.overfit_evals)] if note]
         intro = ""
         if cfg.data.source == "synthetic" and not cfg.data.sources:
-            from distft.synthetic import what_it_shows
+            from distft.data.synthetic import what_it_shows
 
             intro = what_it_shows(list(cfg.data.synthetic.tasks), eval_after, eval_before, state.step, run.total)
         write_report(report, eval_before, eval_after, meta, num_samples=cfg.eval.report_samples,
@@ -566,7 +566,7 @@ def optimizer_step(engine, micro_batches: list[dict], step: int = 0) -> tuple[fl
     loss_total = torch.zeros((), device=device)
     for i, batch in enumerate(micro_batches):
         with engine.accumulating(last_micro_step=i == len(micro_batches) - 1):
-            # The head and the loss together, chunk by chunk: no full logits (distft.loss).
+            # The head and the loss together, chunk by chunk: no full logits (distft.model.loss).
             with computing_loss(engine.unwrapped(), batch["labels"].to(device)) as armed:
                 loss_sum, _ = armed.result(engine.forward(batch))
             if i == 0 and faults.corrupt_loss(step):
@@ -681,7 +681,7 @@ def _quiet_libraries() -> None:
 def _evaluate(run: Run, stop=None, label: str = "evaluation") -> dict:
     """The base's or the tuned model's evaluation (`label` names it in the progress lines); with
     `stop`, a stop signal ends it at the next batch (every rank alike) by raising EvalInterrupted."""
-    from distft.evaluate import evaluate_model
+    from distft.evaluation.evaluate import evaluate_model
 
     engine = run.engine
     progress = GenerationProgress(f"{label}: generating", enabled=run.info.is_main)
@@ -690,7 +690,7 @@ def _evaluate(run: Run, stop=None, label: str = "evaluation") -> dict:
                             should_stop=stop.requested if stop is not None else None, general=run.general,
                             progress=progress)
     if run.cfg.eval.lm_eval_tasks:  # every rank alike (unsharded engines only: validation), no collectives
-        from distft.forgetting import run_lm_eval
+        from distft.evaluation.forgetting import run_lm_eval
 
         result["lm_eval"] = run_lm_eval(engine.unwrapped(), run.tokenizer, list(run.cfg.eval.lm_eval_tasks),
                                         run.cfg.eval.lm_eval_include_path, run.cfg.eval.lm_eval_limit,
@@ -701,7 +701,7 @@ def _evaluate(run: Run, stop=None, label: str = "evaluation") -> dict:
 
 def _periodic_eval(run: Run, state: TrainState, tracker: Tracker) -> bool:
     """Held-out loss during training; True when early stopping says stop."""
-    from distft.evaluate import held_out_loss
+    from distft.evaluation.evaluate import held_out_loss
 
     engine, cfg = run.engine, run.cfg
     result = held_out_loss(engine.unwrapped(), run.held_out, engine.device, autocast_ctx=engine.autocast)
@@ -720,7 +720,7 @@ def _periodic_eval(run: Run, state: TrainState, tracker: Tracker) -> bool:
 class Checkpointer:
     """Every stateful part of a run, saved and restored in one place: the engine's state (weights,
     optimizer, schedule, scaler), the data position, the loop's TrainState and every rank's RNG
-    (distft/checkpoint.py writes and verifies them). Saves are synchronous, or with
+    (distft/checkpoint/store.py writes and verifies them). Saves are synchronous, or with
     `checkpoint.async_save` written in the background and committed at the first step boundary
     where every rank's write is done."""
 
@@ -732,7 +732,7 @@ class Checkpointer:
 
     def save(self, step: int, background: bool = False) -> Optional[str]:
         """Every rank. Returns the committed directory, or None while it is written in the background."""
-        from distft.checkpoint import save_checkpoint
+        from distft.checkpoint.store import save_checkpoint
 
         run = self.run
         self.finish()  # one write at a time, in step order
@@ -761,7 +761,7 @@ class Checkpointer:
 
     def finish(self) -> Optional[str]:
         """Every rank: wait for a background write and commit it."""
-        from distft.checkpoint import commit_checkpoint
+        from distft.checkpoint.store import commit_checkpoint
 
         if self.pending is None:
             return None
@@ -773,8 +773,8 @@ class Checkpointer:
         """Every rank: the engine's training state (weights, optimizer, schedule) from `checkpoint`,
         a verified one of this run, every torch.load through the safe-load allow-list; the loop's
         own state is left as it is (`resume` restores that too)."""
-        from distft.checkpoint import STATE_DIR
-        from distft.safe_load import refusal, weights_only_loads
+        from distft.checkpoint.safe_load import refusal, weights_only_loads
+        from distft.checkpoint.store import STATE_DIR
 
         try:
             with weights_only_loads():  # and every torch.load of the engine's loader through the allow-list
@@ -792,7 +792,7 @@ class Checkpointer:
         rest of the run is the one an uninterrupted run would have had. Metrics logged after that
         step are dropped. On another number of ranks the state is resharded; the dropout streams
         (per-rank RNG) are then reseeded, so the run continues validly but not bit for bit."""
-        from distft.checkpoint import load_rng, read_trainer_state
+        from distft.checkpoint.store import load_rng, read_trainer_state
 
         run, state = self.run, self.state
         trainer_state = read_trainer_state(checkpoint)

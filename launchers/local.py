@@ -41,7 +41,7 @@ log = logging.getLogger("distft")
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 SI_KERNEL = 0x80  # siginfo.si_code of a signal the kernel sent: the terminal's Ctrl-C to the whole group
-ORDERLY_EXITS = (0, 2, 3, 4, 130)  # what a rank returns on its own (distft/cli.py), failures aside
+ORDERLY_EXITS = (0, 2, 3, 4, 130)  # what a rank returns on its own (distft/commands/train.py), failures aside
 STOP_GRACE_S = 10.0  # after SIGTERM, how long the survivors of a failed rank get before SIGKILL
 
 
@@ -177,7 +177,7 @@ def _launch_elastic(cfg: Config, argv: list[str]) -> int:
     os.environ[LAUNCHER_PID] = str(os.getpid())
     try:
         # Ranks inherit this process's environment, which is where the entry point put any secret
-        # given on the command line (distft.cli.secrets_to_environment): `argv` has none, so
+        # given on the command line (distft.commands.train.secrets_to_environment): `argv` has none, so
         # no rank's command line (visible to every user in `ps`) carries one.
         elastic_launch(config, entrypoint=sys.executable)("-m", "distft", *argv)
     except ChildFailedError as err:
@@ -232,7 +232,7 @@ def plan_refusal(cfg: Config, gpus: Optional[LocalGPUs] = None, argv: Optional[l
 
         def on_these_gpus(cfg: Config) -> Config:
             model = cfg.model
-            if model.dtype == "auto":  # as distft.model.resolve_dtype will on these GPUs
+            if model.dtype == "auto":  # as distft.model.build.resolve_dtype will on these GPUs
                 model = dataclasses.replace(model, dtype="bfloat16" if gpus.bf16 else "float32")
             train = cfg.train
             if train.precision == "auto":  # as distft.engines.autocast_dtype will on these GPUs

@@ -9,7 +9,7 @@
    refusal (account, QOS, constraint, memory) ends here with one message and nothing queued.
 2. submitit writes the batch script (`#SBATCH --signal=USR2@<signal_delay_s>`, `--requeue`)
    and submits it; each of the `nodes x tasks_per_node` tasks (`srun --kill-on-bad-exit=1`: one
-   failing rank ends the whole step) runs `distft.cli.RankTask`, which sets up the rendezvous from the SLURM
+   failing rank ends the whole step) runs `distft.commands.train.RankTask`, which sets up the rendezvous from the SLURM
    environment (`rank_environment()`, shared with slurm/train.sbatch) and runs the same
    `python -m distft` command line in-process as one rank.
 3. The command prints the job id, the log paths and the run directory and returns (exit 0);
@@ -211,7 +211,7 @@ def executor(cfg: Config, folder: str, partition: str):
 
 
 def submit(cfg: Config, argv: list[str], task) -> int:
-    """Plan, check, submit `task` (picklable; what every rank runs: distft.cli.RankTask), print
+    """Plan, check, submit `task` (picklable; what every rank runs: distft.commands.train.RankTask), print
     where everything is; follow the job with launcher.wait=true."""
     from distft.plan import refusal as plan_refusal
 

@@ -13,7 +13,7 @@ shares (`SlurmJob.watcher`):
    otherwise; a job that neither lists for `forget_after_s` (120 s) has ended (the controller
    forgot it, or it never reached the queue). Polls back off from 2 s to 15 s (submitit's sacct: to 600 s).
 2. A failed point is reported once every point ended. Its ranks record their first error beside
-   point.json and exit non-zero (distft/cli.py), so SLURM records FAILED and submitit has no
+   point.json and exit non-zero (distft/commands/train.py), so SLURM records FAILED and submitit has no
    result. Hydra's launcher waits for the jobs in order and raises at the first without a
    result, and its sweeper then skips on_multirun_end (no summary). So the watcher holds such a
    job "not done" until every job of the sweep ended; then `SweepWatch.report` leaves
@@ -154,7 +154,7 @@ class SweepWatch(Callback):
         return True
 
     def report(self, watcher: SchedulerWatcher) -> None:
-        from distft.sweep import collect, summarize
+        from distft.evaluation.sweep import collect, summarize
 
         failed = [self.record_point(job_num, job_id) for job_num, job_id in enumerate(self.jobs(watcher))
                   if not self.has_result(job_id)]
@@ -171,9 +171,9 @@ class SweepWatch(Callback):
     def record_point(self, job_num: int, job_id: str) -> tuple[int, str, dict]:
         """A job that ended without a result: its point's first error, recorded by a rank or,
         failing that, here from the scheduler's state and the job's log."""
+        from distft.evaluation.sweep import POINT, first_failure, record_failure, sweep_id
         from distft.files import write_json
         from distft.launchers.slurm import failing_ranks, job_state, last_error
-        from distft.sweep import POINT, first_failure, record_failure, sweep_id
 
         point_dir = os.path.join(self.sweep_dir, str(job_num))  # hydra.sweep.subdir: the job number
         point_path = os.path.join(point_dir, POINT)

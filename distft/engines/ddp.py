@@ -37,7 +37,7 @@ class DDPEngine:
         return autocast_context(self.amp_dtype, self.device)
 
     def forward(self, batch: dict) -> torch.Tensor:
-        from distft.model import model_inputs
+        from distft.model.build import model_inputs
 
         inputs = {k: v.to(self.device) for k, v in model_inputs(batch).items()}
         with self.autocast():

@@ -29,7 +29,7 @@ lockstep: under ZeRO-3 DeepSpeed's forward hooks on that module gather each laye
 runs, so every rank must run the same forwards (the trainer gives all ranks the same prompts).
 
 Checkpoints: DeepSpeed's own `save_checkpoint` (every rank writes its partitions) and
-`load_checkpoint`; `distft.checkpoint` puts them inside its atomic, verified checkpoint directory
+`load_checkpoint`; `distft.checkpoint.store` puts them inside its atomic, verified checkpoint directory
 and scans their pickles before DeepSpeed unpickles them. On another number of ranks the state goes
 through DeepSpeed's universal checkpoint (`universal_state`), and two DeepSpeed 0.19.8 slips of
 ZeRO-3's universal load are put right after it (see `_load`).
@@ -52,7 +52,7 @@ from distft.config import Config, grad_accum_steps
 from distft.engines.optim import build_optimizer
 from distft.engines.precision import autocast_context, autocast_dtype
 from distft.errors import CheckpointError
-from distft.techniques import keep_4bit_training_layout
+from distft.techniques.build import keep_4bit_training_layout
 
 log = logging.getLogger("distft")
 
@@ -187,7 +187,7 @@ class DeepSpeedEngine:
         return autocast_context(self.amp_dtype, self.device)
 
     def forward(self, batch: dict) -> torch.Tensor:
-        from distft.model import model_inputs
+        from distft.model.build import model_inputs
 
         inputs = {k: v.to(self.ds.device) for k, v in model_inputs(batch).items()}
         with self.autocast():

@@ -43,7 +43,7 @@ import torch
 from distft.config import Config
 from distft.engines.optim import apply_update, build_optimizer
 from distft.engines.precision import autocast_context, autocast_dtype
-from distft.techniques import keep_4bit_training_layout
+from distft.techniques.build import keep_4bit_training_layout
 
 log = logging.getLogger("distft")
 
@@ -72,7 +72,7 @@ class FSDPEngine:
         return autocast_context(self.amp_dtype, self.device)
 
     def forward(self, batch: dict) -> torch.Tensor:
-        from distft.model import model_inputs
+        from distft.model.build import model_inputs
 
         inputs = {k: v.to(self.device) for k, v in model_inputs(batch).items()}
         with self.autocast():
@@ -272,8 +272,8 @@ def materialize_from_rank0(model: torch.nn.Module, cfg: Config, device: torch.de
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     from distft.engines.precision import weights_dtype
-    from distft.model import load_tokenizer
-    from distft.techniques import build_trainable_model
+    from distft.model.build import load_tokenizer
+    from distft.techniques.build import build_trainable_model
 
     rank = torch.distributed.get_rank()
     keys = _unaliased_state_keys(model)

@@ -22,7 +22,7 @@ def weights_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     - ZeRO: model.dtype; DeepSpeed keeps fp32 masters and optimizer state itself.
     - adapters and virtual tokens: model.dtype for the frozen base; PEFT keeps what trains in fp32.
     """
-    from distft.model import resolve_dtype
+    from distft.model.build import resolve_dtype
 
     if cfg.technique.name == "full" and engine_kind(cfg.parallel.strategy).fp32_master_weights:
         return torch.bfloat16 if cfg.train.pure_bf16 else torch.float32

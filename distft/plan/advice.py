@@ -7,7 +7,7 @@ from typing import Optional
 
 from distft.config import Config, to_dict
 from distft.engines.kinds import engine_kind
-from distft.model import ParameterCounts
+from distft.model.build import ParameterCounts
 from distft.plan.architecture import count_parameters
 from distft.plan.memory import verdict
 from distft.preflight import Composer

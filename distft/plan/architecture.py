@@ -14,8 +14,8 @@ import dataclasses
 from typing import Optional
 
 from distft.config import Config
-from distft.model import ParameterCounts
-from distft.model import count_parameters as count_model_parameters
+from distft.model.build import ParameterCounts
+from distft.model.build import count_parameters as count_model_parameters
 
 ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                        "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings")
@@ -104,7 +104,7 @@ def count_parameters(cfg: Config) -> ParameterCounts:
 
 
 def _count_built(cfg: Config) -> ParameterCounts:
-    from distft.techniques import build_meta_model
+    from distft.techniques.build import build_meta_model
 
     model = build_meta_model(from_fields(cfg))
     return count_model_parameters(model, quantized_base=cfg.technique.name == "qlora")

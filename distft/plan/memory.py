@@ -46,7 +46,7 @@ from typing import Optional
 
 from distft.config import Config, world_size
 from distft.engines.kinds import engine_kind
-from distft.model import ParameterCounts
+from distft.model.build import ParameterCounts
 
 # bitsandbytes 4-bit: half a byte per weight plus the block scales (blocksize 64): one fp32 absmax
 # per block, or with double quantisation one byte per block plus one fp32 per 256 blocks.
@@ -107,7 +107,7 @@ def autocast_copy_bytes(cfg: Config, counts: ParameterCounts) -> int:
     16-bit parameters itself (MixedPrecisionPolicy), so autocast has nothing to cast there."""
     if not (fp32_masters(cfg) and amp16(cfg) and cfg.parallel.strategy in ("single", "ddp")):
         return 0
-    from distft.model import llama_config
+    from distft.model.build import llama_config
 
     model = llama_config(cfg.model)
     embeddings = model.vocab_size * model.hidden_size
@@ -119,14 +119,14 @@ def autocast_copy_bytes(cfg: Config, counts: ParameterCounts) -> int:
 
 
 def chunked_loss(cfg: Config) -> bool:
-    """Whether the loss runs through distft.loss's chunks: the head is a plain linear layer,
+    """Whether the loss runs through distft.model.loss's chunks: the head is a plain linear layer,
     unless a LoRA/DoRA/QLoRA adapts the head itself."""
     return not (cfg.technique.name in ("lora", "qlora", "dora") and "lm_head" in cfg.technique.target_modules)
 
 
 def loss_bytes(cfg: Config, tokens: int, vocab: int, hidden: int, stream: int) -> tuple[int, int]:
     """(kept, transient) bytes of the loss of one micro-batch of `tokens` positions
-    (distft/loss.py), every position counted as a target (the worst case).
+    (distft/model/loss.py), every position counted as a target (the worst case).
 
     Kept until backward: the gradient with respect to the hidden states, computed in forward,
     in the final norm's output dtype (`stream`), and the targets' mask and indices (9 bytes a
@@ -139,7 +139,7 @@ def loss_bytes(cfg: Config, tokens: int, vocab: int, hidden: int, stream: int) -
     The plain path (a LoRA on the head) keeps the logits in the model dtype, their fp32 copy and
     the log-softmax (tokens·V·(b + 8)), then the logits' gradient (tokens·V·(4 + b))."""
     from distft.config import grad_accum_steps
-    from distft.loss import chunk_tokens
+    from distft.model.loss import chunk_tokens
 
     b = compute_bytes(cfg)
     if not chunked_loss(cfg):
@@ -345,7 +345,7 @@ def activation_bytes(cfg: Config, counts: ParameterCounts, layers_only: bool = F
     this term and the fp32 storage of model_state_bytes, bench/RESULTS.md). FSDP gathers in the
     16-bit dtype and DeepSpeed casts the model, so neither does this.
     """
-    from distft.model import llama_config
+    from distft.model.build import llama_config
 
     model = llama_config(cfg.model)  # the preset's architecture, defaults filled in
     m, s, b = cfg.train.micro_batch_size, cfg.data.max_seq_len, compute_bytes(cfg)
@@ -399,7 +399,7 @@ def step_gradient_bytes(cfg: Config, counts: ParameterCounts, grads: int) -> int
     counted whole. With accumulation, the first micro-batch's gradients live through the next
     forward: counted whole, as on the sharding engines (whose gradient buffers persist)."""
     from distft.config import grad_accum_steps
-    from distft.model import llama_config
+    from distft.model.build import llama_config
 
     if cfg.parallel.strategy not in ("single", "ddp") or grad_accum_steps(cfg) > 1:
         return grads

@@ -15,7 +15,7 @@ import math
 from typing import Optional
 
 from distft.config import Config, world_size
-from distft.model import ParameterCounts
+from distft.model.build import ParameterCounts
 from distft.plan.memory import param_bytes
 
 
@@ -76,8 +76,8 @@ def epoch(cfg: Config, step_time_s: Optional[float]) -> dict:
     on local disk (never downloaded here); without it: {"unknown": why}."""
     import random
 
-    from distft.data import DataError, load_rows, prepare_data
-    from distft.model import ModelLoadError, load_tokenizer
+    from distft.data.pipeline import DataError, load_rows, prepare_data
+    from distft.model.build import ModelLoadError, load_tokenizer
 
     try:
         tokenizer = load_tokenizer(cfg.model, local_files_only=True)
@@ -85,7 +85,7 @@ def epoch(cfg: Config, step_time_s: Optional[float]) -> dict:
         where = cfg.model.tokenizer or cfg.model.name_or_path
         return {"unknown": f"the tokenizer {where!r} is not on local disk; set model.tokenizer=<local directory> "
                            "for a time per epoch"}
-    from distft.datacache import find
+    from distft.data.cache import find
 
     try:
         cached = find(cfg.data, tokenizer, cfg.data.seed, cfg.run.root)

@@ -30,14 +30,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, REPO)
 
 from distft import dist  # noqa: E402
-from distft.batching import TrainBatches, eval_batches  # noqa: E402
 from distft.config import grad_accum_steps  # noqa: E402
-from distft.data import prepare_data  # noqa: E402
+from distft.data.batching import TrainBatches, eval_batches  # noqa: E402
+from distft.data.pipeline import prepare_data  # noqa: E402
 from distft.engines import autocast_context, autocast_dtype, build_engine  # noqa: E402
-from distft.evaluate import generate_answers, held_out_loss  # noqa: E402
-from distft.model import load_tokenizer, resolve_dtype  # noqa: E402
+from distft.evaluation.evaluate import generate_answers, held_out_loss  # noqa: E402
+from distft.model.build import load_tokenizer, resolve_dtype  # noqa: E402
 from distft.preflight import preflight  # noqa: E402
-from distft.techniques import build_trainable_model, keep_4bit_training_layout  # noqa: E402
+from distft.techniques.build import build_trainable_model, keep_4bit_training_layout  # noqa: E402
 from distft.tracking import _proc_status_bytes, _reset_peak_rss  # noqa: E402
 from distft.train import optimizer_step, seed_everything  # noqa: E402
 
@@ -162,8 +162,8 @@ def run_cell(name: str, technique: str, parallel: str, overrides: list[str], pre
         }
     # The trainer's own checkpoint save, on every rank: each writes its shards of the training
     # state (DCP), rank 0 the gathered weights; the checkpoint must score what the sharded model scored.
-    from distft.checkpoint import save_checkpoint
-    from distft.export import load_model
+    from distft.checkpoint.export import load_model
+    from distft.checkpoint.store import save_checkpoint
 
     path = save_checkpoint(os.path.join(out_dir, parallel, "runs", name), cfg.train.max_steps, engine, tokenizer, cfg,
                            {"step": cfg.train.max_steps}, gathered)
@@ -189,7 +189,7 @@ def rss_peak_reset() -> int:
 def meta_checks(out: dict, rank: int, out_dir: str) -> None:
     """Meta-device loading: host memory on a 57M-param model, correctness on tiny ones."""
     from distft.engines.fsdp import FSDPEngine
-    from distft.techniques import build_meta_model
+    from distft.techniques.build import build_meta_model
 
     # Each path's peak resident set above the process's size when it starts (the kernel's
     # high-water mark reset first, as tracking.MemoryMeter does).
@@ -219,7 +219,7 @@ def meta_checks(out: dict, rank: int, out_dir: str) -> None:
     # tuning), tied embeddings, and a local model directory (rank 0 loads it with from_pretrained).
     local_dir = os.path.join(out_dir, "local_model")
     if rank == 0:
-        from distft.model import build_model, build_offline_tokenizer
+        from distft.model.build import build_model, build_offline_tokenizer
 
         build_model(config("full", "fsdp", [])[0].model).save_pretrained(local_dir)
         build_offline_tokenizer().save_pretrained(local_dir)
@@ -277,7 +277,7 @@ def main() -> None:
     info = dist.from_env()
     prebuilt: dict = {}
     # Known problem outside the engine: under an initialised process group, transformers 5's
-    # save_pretrained writes only on rank 0, so distft.model._quantized_from_scratch (a temporary
+    # save_pretrained writes only on rank 0, so distft.model.build._quantized_from_scratch (a temporary
     # save + reload) finds nothing on the other ranks. Build the QLoRA models before joining.
     for layout in layouts:
         cells, overrides, _ = layout_cells(layout)
@@ -308,7 +308,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from distft.cli import exit_now
+    from distft.commands.train import exit_now
 
     main()
     exit_now(0)  # no interpreter teardown: ~1 s per rank

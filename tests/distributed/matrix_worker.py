@@ -41,7 +41,7 @@ NEW_TOKENS = 4  # greedy tokens generated per prompt
 
 def run_cell(preset: str, technique: str, overrides: list[str], info) -> dict:
     from distft.config import grad_accum_steps
-    from distft.evaluate import held_out_loss
+    from distft.evaluation.evaluate import held_out_loss
     from distft.preflight import preflight
     from distft.run import build_run
     from distft.train import optimizer_step, seed_everything
@@ -96,9 +96,9 @@ def _reload_on_one_process(cfg, tokenizer, model, weights: dict, held_out, promp
     """A fresh model of the same technique, loaded the way a checkpoint save extracts the weights
     (PEFT: `get_peft_model_state_dict` of the trained model, on rank 0 only, as save_checkpoint
     does), then scored on rank 0 alone."""
-    from distft.evaluate import held_out_loss
-    from distft.model import resolve_dtype
-    from distft.techniques import build_trainable_model, is_peft
+    from distft.evaluation.evaluate import held_out_loss
+    from distft.model.build import resolve_dtype
+    from distft.techniques.build import build_trainable_model, is_peft
 
     fresh = build_trainable_model(cfg, resolve_dtype(cfg.model.dtype, device), tokenizer)
     for module in fresh.modules():
@@ -125,7 +125,7 @@ def _reload_on_one_process(cfg, tokenizer, model, weights: dict, held_out, promp
 def _forced_tokens(model, tokenizer, prompts, device) -> list[list[int]]:
     """Exactly NEW_TOKENS greedy tokens per prompt (no eos stop), by the decoders generate_answers
     uses: a barely trained model often answers eos first, which would leave one forward to check."""
-    from distft.evaluate import _generate_cached, _generate_full_forward, _is_prompt_learning
+    from distft.evaluation.evaluate import _generate_cached, _generate_full_forward, _is_prompt_learning
 
     decode = _generate_full_forward if _is_prompt_learning(model) else _generate_cached
     rows = [[tokenizer.bos_token_id, *tokenizer(p, add_special_tokens=False)["input_ids"]] for p in prompts]
@@ -169,7 +169,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from distft.cli import exit_now
+    from distft.commands.train import exit_now
 
     main()
     exit_now(0)  # no interpreter teardown: ~1 s per rank

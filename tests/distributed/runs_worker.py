@@ -231,7 +231,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from distft.cli import exit_now
+    from distft.commands.train import exit_now
 
     main()
     exit_now(0)  # no interpreter teardown: ~1 s per rank

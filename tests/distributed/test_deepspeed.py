@@ -182,11 +182,11 @@ def test_checkpoint_saved_from_zero3_reloads_on_one_process(trainings, technique
     import torch
     from safetensors.torch import load_file
 
-    from distft.batching import eval_batches
-    from distft.checkpoint import resolve_checkpoint
-    from distft.data import pad_token_id, prepare_data
-    from distft.evaluate import held_out_loss
-    from distft.export import load_model
+    from distft.checkpoint.export import load_model
+    from distft.checkpoint.store import resolve_checkpoint
+    from distft.data.batching import eval_batches
+    from distft.data.pipeline import pad_token_id, prepare_data
+    from distft.evaluation.evaluate import held_out_loss
 
     run_dir = _run(trainings, technique, "zero3")
     cfg, model, tokenizer = load_model(run_dir)

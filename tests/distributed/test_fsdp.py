@@ -86,11 +86,11 @@ def test_adapters_saved_by_fsdp_reload_on_one_process(trainings):
     import torch
     from safetensors.torch import load_file
 
-    from distft.batching import eval_batches
-    from distft.checkpoint import resolve_checkpoint
-    from distft.data import prepare_data
-    from distft.evaluate import held_out_loss
-    from distft.export import load_model
+    from distft.checkpoint.export import load_model
+    from distft.checkpoint.store import resolve_checkpoint
+    from distft.data.batching import eval_batches
+    from distft.data.pipeline import prepare_data
+    from distft.evaluation.evaluate import held_out_loss
 
     fsdp_dir, _ = trainings.finished(engine_run("lora", "fsdp"))
     single_dir, _ = trainings.finished(engine_run("lora", "single"))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import pytest
 
-from distft.pretrained import smollm2_dir
+from distft.model.pretrained import smollm2_dir
 from tests.distributed.helpers import declare_run, summary_of
 
 SHARED_RUNS = "real-memory"

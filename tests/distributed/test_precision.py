@@ -35,7 +35,7 @@ def changed_share(run_dir: str) -> float:
     """Share of the weights that differ from the seeded base (the final checkpoint's model/)."""
     from safetensors.torch import load_file
 
-    from distft.model import build_model
+    from distft.model.build import build_model
     from distft.preflight import preflight
 
     cfg, errors = preflight(RUN)

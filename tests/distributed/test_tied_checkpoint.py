@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from distft.pretrained import smollm2_dir
+from distft.model.pretrained import smollm2_dir
 from tests.distributed.helpers import declare_run, final_weights, step_metrics, summary_of
 
 SHARED_RUNS = "tied"
@@ -99,10 +99,10 @@ def test_its_export_scores_the_loss_the_run_measured(runs, parallel, tmp_path, c
     its live sharded model."""
     from transformers import AutoModelForCausalLM
 
-    from distft.data import prepare_data
-    from distft.datacache import prepared
-    from distft.evaluate import held_out_loss
-    from distft.export import checkpoint_config, load_tokenizer_from, main
+    from distft.checkpoint.export import checkpoint_config, load_tokenizer_from, main
+    from distft.data.cache import prepared
+    from distft.data.pipeline import prepare_data
+    from distft.evaluation.evaluate import held_out_loss
 
     run_dir, _ = runs.finished(f"tied-a-{parallel}")
     summary = summary_of(run_dir)
@@ -116,7 +116,7 @@ def test_its_export_scores_the_loss_the_run_measured(runs, parallel, tmp_path, c
     cfg = checkpoint_config(checkpoint)
     tokenizer = load_tokenizer_from(checkpoint)
     data = prepared(cfg.data, tokenizer, cfg.data.seed, str(tmp_path / "data"), prepare_data).data
-    from distft.batching import eval_batches
+    from distft.data.batching import eval_batches
 
     batches = eval_batches(data.eval, cfg.eval.batch_size, cfg.data.max_seq_len, cfg.data.packing,
                            tokenizer.pad_token_id, cfg.data.pack_strategy)

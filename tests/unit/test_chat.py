@@ -62,7 +62,7 @@ def test_typed_held_out_prompts_get_the_evaluations_answers(runs, technique):
 
 
 def test_an_export_chats_as_its_run(runs, tmp_path):
-    from distft.export import export
+    from distft.checkpoint.export import export
 
     rows = held_out(runs["lora"])
     out = export(runs["lora"]["run_dir"], str(tmp_path / "merged"))
@@ -77,9 +77,9 @@ def test_an_export_chats_as_its_run(runs, tmp_path):
 def test_a_chat_model_keeps_the_conversation_and_reset_forgets_it(runs, tmp_path):
     """template=chat: each turn is rendered after the earlier ones (the prompt grows), /reset
     starts over (the first answer comes again)."""
-    from distft.chat import Chat
-    from distft.export import load_model
-    from distft.templates import stop_token_ids, use_chat_template
+    from distft.checkpoint.export import load_model
+    from distft.data.templates import stop_token_ids, use_chat_template
+    from distft.evaluation.chat import Chat
 
     cfg, model, tokenizer = load_model(runs["lora"]["run_dir"])
     use_chat_template(tokenizer, "headers")

@@ -22,7 +22,8 @@ import time
 import pytest
 import torch
 
-from distft.checkpoint import (
+from distft.checkpoint.safe_load import scan_file
+from distft.checkpoint.store import (
     MANIFEST,
     CheckpointError,
     committed_checkpoints,
@@ -30,7 +31,6 @@ from distft.checkpoint import (
     verify,
 )
 from distft.preflight import preflight
-from distft.safe_load import scan_file
 from distft.tracking import read_metrics
 from tests.full_disk import in_child_with_file_limit
 
@@ -138,7 +138,7 @@ def test_a_harmless_file_added_after_the_commit_is_ignored_with_a_warning(interr
     """A report, an editor backup and a notes folder added to the newest checkpoint after its
     commit: no loader reads them, so the checkpoint stays sound (not set aside as damaged); each
     is named in one warning on the "distft" logger, and on stderr by the commands that announce."""
-    from distft.checkpoint import resolve_checkpoint
+    from distft.checkpoint.store import resolve_checkpoint
 
     newest = os.path.join(interrupted, "checkpoints", "step_000008")
     for name in HARMLESS:
@@ -189,7 +189,8 @@ def test_evaluate_then_export_leave_the_checkpoint_sound_and_resumable(interrupt
     `evals/`, never into the checkpoint, so `python -m distft.export RUN` afterwards finds the same
     checkpoint sound, and so does a resume. A report path inside the checkpoint is one clear
     refusal; a checkpoint outside a run directory reports under ./evals/ of the current directory."""
-    from distft import evaluate, export
+    from distft.checkpoint import export
+    from distft.evaluation import evaluate
 
     newest = os.path.join(interrupted, "checkpoints", "step_000008")
     listing = sorted(os.listdir(newest))
@@ -308,7 +309,7 @@ def test_each_way_past_the_old_pickle_scan_is_refused_and_the_previous_checkpoin
     cfg, engine, _, _ = engine_to_save(str(tmp_path / "run"))
     with pytest.raises(Exception) as refused:
         engine.load_state(os.path.join(poisoned, "state"))
-    from distft.safe_load import refusal
+    from distft.checkpoint.safe_load import refusal
 
     assert refusal(refused.value), refused.value
     assert os.listdir(markers) == []
@@ -345,8 +346,8 @@ def test_settings_that_run_code_never_come_from_a_checkpoint(interrupted, tmp_pa
     kernel, and an augmentation callable from an importable module: evaluate and export run none
     of it; the remote-code base is one clear message naming --trust-remote-code. With that flag
     (the user's own command line), the base's code does run: the payload was live."""
-    from distft.evaluate import evaluate_checkpoint
-    from distft.export import checkpoint_config, export, load_model
+    from distft.checkpoint.export import checkpoint_config, export, load_model
+    from distft.evaluation.evaluate import evaluate_checkpoint
 
     evil, model_marker, module_marker = _code_running_folders(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))  # `python -m` from that folder would import from it
@@ -414,7 +415,7 @@ def engine_to_save(run_dir: str):
     """The tiny LoRA run's config, a built single-process engine, its tokenizer and a trainer
     state: what save_checkpoint takes, for saving (and killing) outside a run."""
     from distft.engines import build_engine, build_model_for_engine
-    from distft.model import load_tokenizer
+    from distft.model.build import load_tokenizer
 
     cfg = compose(*RUN, f"run.dir={run_dir}")
     tokenizer = load_tokenizer(cfg.model)
@@ -427,7 +428,7 @@ def test_killing_a_save_at_any_instant_never_loses_the_previous_checkpoint(tmp_p
     """20 saves, each SIGKILLed at a random instant (a forked child does the save; the parent
     waits for the kill, then checks): the newest committed checkpoint always verifies and loads, a
     killed save never becomes visible, and the next save replaces its leftovers."""
-    from distft.checkpoint import STATE_DIR, save_checkpoint
+    from distft.checkpoint.store import STATE_DIR, save_checkpoint
 
     run_dir = str(tmp_path / "run")
     cfg, engine, tokenizer, state = engine_to_save(run_dir)
@@ -473,7 +474,7 @@ def test_killing_a_save_between_its_shards_and_its_commit_20_times_loses_nothing
     manifest) or after the manifest (before the commit marker), alternately, in forked children.
     Each time the killed step stays an uncommitted `.tmp`, the previous checkpoint is the one found
     and it loads with the trained weights; the next save goes over the leftovers."""
-    from distft.checkpoint import STATE_DIR, save_checkpoint
+    from distft.checkpoint.store import STATE_DIR, save_checkpoint
 
     run_dir = str(tmp_path / "run")
     cfg, engine, tokenizer, state = engine_to_save(run_dir)
@@ -580,7 +581,7 @@ def test_a_resumed_run_keeps_its_wandb_run(interrupted, finished):
 def test_planner_settings_do_not_stop_a_resume(interrupted):
     """plan.* only says how a run is checked before it starts (and did not exist in older runs'
     dumps): changing it resumes the run."""
-    from distft.checkpoint import resume_conflicts
+    from distft.checkpoint.store import resume_conflicts
 
     assert resume_conflicts(compose(*RUN, f"run.dir={interrupted}", "plan.margin=0.3", "plan.override=true"),
                             interrupted) == []
@@ -594,7 +595,7 @@ def test_a_setting_newer_than_the_checkpoint_resumes_at_its_default(interrupted,
     import json
     import shutil
 
-    from distft.checkpoint import committed_checkpoints, resume_conflicts
+    from distft.checkpoint.store import committed_checkpoints, resume_conflicts
 
     older = str(tmp_path / "older")
     shutil.copytree(interrupted, older)
@@ -629,7 +630,7 @@ def test_ctrl_c_during_a_save_stays_an_interrupt_and_says_nothing_was_committed(
     command line exits 130) saying that step N was not committed and the earlier checkpoints are
     untouched; they are, and they load. Before: a CheckpointError "saving ... failed
     (KeyboardInterrupt: ) ... Free disk space"."""
-    from distft.checkpoint import save_checkpoint
+    from distft.checkpoint.store import save_checkpoint
 
     cfg, engine, tokenizer, state = saver
     run_dir = str(tmp_path / "run")
@@ -712,7 +713,7 @@ def test_a_second_copy_of_the_run_is_named_as_the_cause_not_the_disk(saver, tmp_
     says another process is writing this run directory, not that the disk is full; nothing is
     committed (before: the manifest listed what was left and a checkpoint without its engine
     state could be committed), and the other process's directory is left alone."""
-    from distft.checkpoint import save_checkpoint
+    from distft.checkpoint.store import save_checkpoint
 
     cfg, engine, tokenizer, state = saver
     run_dir = str(tmp_path / "run")
@@ -745,7 +746,7 @@ def test_a_full_disk_and_other_write_errors_each_name_their_own_cause(saver, tmp
     """A real file-size limit (64 kB, in a forked child: a short write, then EFBIG) ends a save in
     the disk-full advice, with its unfinished directory removed; a path problem (`checkpoints` is
     a file) ends in its own error text, with no word about disk space or a second copy."""
-    from distft.checkpoint import save_checkpoint
+    from distft.checkpoint.store import save_checkpoint
 
     cfg, engine, tokenizer, state = saver
     run_dir = str(tmp_path / "run")
@@ -780,8 +781,8 @@ def test_a_full_disk_during_an_export_is_one_message_and_leaves_no_partial_copy(
     exported; `<out>.tmp` is gone, the checkpoint still verifies, and without the limit the same
     export succeeds. Before: a traceback, and the partial `<out>.tmp` stayed. (A process of its
     own, not a fork: the merge's OpenMP threads hang in a child forked after the parent used them.)"""
-    from distft.checkpoint import save_checkpoint
-    from distft.export import main as export_main
+    from distft.checkpoint.export import main as export_main
+    from distft.checkpoint.store import save_checkpoint
 
     cfg, engine, tokenizer, state = saver
     run_dir = str(tmp_path / "run")
@@ -845,7 +846,7 @@ def test_a_fifo_or_a_link_to_dev_zero_in_a_checkpoint_is_refused_without_hanging
     a link to /dev/zero (a read that never ends) is found before anything is opened: verify
     names it, evaluate uses the previous checkpoint, and resume sets it aside and ends as the
     undamaged run did. Before: resume and evaluate hung silently."""
-    from distft.checkpoint import resolve_checkpoint
+    from distft.checkpoint.store import resolve_checkpoint
 
     name, how = planted
     newest = os.path.join(interrupted, "checkpoints", "step_000008")
@@ -867,7 +868,7 @@ def test_a_fifo_or_a_link_to_dev_zero_in_a_checkpoint_is_refused_without_hanging
 def test_a_fifo_as_latest_or_best_json_is_reported_not_waited_for(interrupted, name, within_60s, capsys):
     """`checkpoints/latest` and `checkpoints/best.json` are conveniences, read with O_NONBLOCK: a
     FIFO there is reported (latest) or ignored (best.json), and the newest checkpoint resumes."""
-    from distft.checkpoint import read_best
+    from distft.checkpoint.store import read_best
 
     path = os.path.join(interrupted, "checkpoints", name)
     if os.path.exists(path):
@@ -934,7 +935,7 @@ def test_evaluate_writes_nothing_through_planted_links(interrupted, tmp_path, wi
     used (`eval_report.md.tmp-<pid>`, the name before issue 34) leave their targets untouched.
     Before: the report overwrote the file a link pointed at."""
     from distft.errors import OutputError, UnsafePathError
-    from distft.evaluate import evaluate_checkpoint
+    from distft.evaluation.evaluate import evaluate_checkpoint
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -2,7 +2,7 @@
 published architectures, every kind of user error is reported (all at once, naming the key and
 what is allowed), secrets never reach a dump, and run directories are deterministic.
 
-No torch here (one test imports distft.model on purpose, to pin a shared constant)."""
+No torch here (one test imports distft.model.build on purpose, to pin a shared constant)."""
 
 from __future__ import annotations
 
@@ -345,7 +345,7 @@ def test_init_device_is_checked_before_anything_is_built():
 def test_a_gpu_drawn_base_without_a_gpu_is_one_clear_error(monkeypatch):
     import torch
 
-    from distft.model import ModelLoadError, build_model
+    from distft.model.build import ModelLoadError, build_model
 
     cfg = good("model.init_device=cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # already so in CI; also on a GPU machine
@@ -613,7 +613,8 @@ def test_every_strategy_has_an_engine_and_multi_node_needs_a_rendezvous():
 
 
 def test_offline_tokenizer_size_matches_the_model_module():
-    from distft import config, model  # model imports torch: the one test here that does
+    from distft import config
+    from distft.model import build as model  # model imports torch: the one test here that does
 
     assert config.OFFLINE_TOKENIZER_VOCAB == len(model.SPECIAL_TOKENS) + len(model.OFFLINE_CHARS)
     assert ModelConfig().vocab_size >= config.OFFLINE_TOKENIZER_VOCAB

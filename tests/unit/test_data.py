@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from distft.config import AugmentConfig, DataConfig, ModelConfig, SyntheticDataConfig
-from distft.data import (
+from distft.data.pipeline import (
     DataError,
     TrainBatches,
     eval_batches,
@@ -19,8 +19,8 @@ from distft.data import (
     prepare_data,
     tokenize_row,
 )
-from distft.model import IGNORE_INDEX, build_model, build_offline_tokenizer, token_loss
-from distft.templates import alpaca_prompt, render_chat
+from distft.data.templates import alpaca_prompt, render_chat
+from distft.model.build import IGNORE_INDEX, build_model, build_offline_tokenizer, token_loss
 
 ROW = {"instruction": "Uppercase the word.", "input": "abc", "output": "ABC"}
 
@@ -616,7 +616,7 @@ def test_best_fit_fills_each_row_as_fully_as_any_subset_of_the_samples_left_coul
     import itertools
     import random
 
-    from distft.batching import _best_subset
+    from distft.data.batching import _best_subset
 
     rng = random.Random(7)
     for _ in range(200):

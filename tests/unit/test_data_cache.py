@@ -1,4 +1,4 @@
-"""The tokenized-data cache (issue 18, scope 1 and 2; distft/datacache.py): one byte of data, the
+"""The tokenized-data cache (issue 18, scope 1 and 2; distft/data/cache.py): one byte of data, the
 tokenizer or a token-changing setting is a new key; the cached samples are exactly the ones
 prepare_data builds; one rank builds while another waits (real processes); a killed build leaves
 no half cache and the next build recovers; a damaged cache is set aside and rebuilt."""
@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from distft.config import DataConfig
-from distft.data import DataError, prepare_data
-from distft.datacache import prepared
-from distft.model import build_offline_tokenizer
-from distft.samples import TokenSamples
+from distft.data.cache import prepared
+from distft.data.pipeline import DataError, prepare_data
+from distft.data.samples import TokenSamples
+from distft.model.build import build_offline_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -62,8 +62,8 @@ def test_the_cache_holds_exactly_what_prepare_data_builds_and_is_found_again(tmp
 
 def test_one_changed_byte_a_setting_or_another_tokenizer_is_a_new_cache(tmp_path):
     from distft.config import ModelConfig
-    from distft.model import load_tokenizer
-    from distft.tokenizer_families import save_tokenizer
+    from distft.data.tokenizers import save_tokenizer
+    from distft.model.build import load_tokenizer
 
     tok = build_offline_tokenizer()
     path = tmp_path / "train.jsonl"
@@ -90,9 +90,9 @@ def test_a_rank_waits_for_rank_0s_build_and_reads_the_same_cache(tmp_path):
     script = """
 import json, sys, time, hashlib
 from distft.config import DataConfig
-from distft.data import prepare_data
-from distft.datacache import prepared
-from distft.model import build_offline_tokenizer
+from distft.data.pipeline import prepare_data
+from distft.data.cache import prepared
+from distft.model.build import build_offline_tokenizer
 rank, cfg = int(sys.argv[1]), json.loads(sys.argv[2])
 def slow_build(c, tok, seed):  # rank 0's build takes >= 3 s, so rank 1 is seen waiting
     time.sleep(3)
@@ -118,7 +118,7 @@ print(json.dumps({"built": result.built, "path": result.path, "seconds": result.
 
 @pytest.mark.parametrize("fault", ["kill_cache_write:0", "kill_cache_publish:0"])
 def test_a_killed_build_leaves_no_half_cache_and_the_next_build_recovers(tmp_path, fault):
-    from distft.model import load_tokenizer
+    from distft.model.build import load_tokenizer
     from distft.preflight import preflight
 
     path = write_jsonl(tmp_path / "train.jsonl", rows(300))
@@ -159,7 +159,7 @@ def test_a_damaged_cache_is_set_aside_and_rebuilt(tmp_path, caplog):
 
 
 def test_a_waiting_rank_gives_up_with_a_message(tmp_path, monkeypatch):
-    import distft.datacache as datacache
+    import distft.data.cache as datacache
     from distft.runlock import try_take
 
     tok = build_offline_tokenizer()
@@ -256,7 +256,7 @@ def test_changed_content_of_the_right_size_is_caught_by_its_checksum_and_rebuilt
 def forge(path, file, change) -> None:
     """Change `file`'s array in place and write its new checksum into the manifest, as whoever can
     write the cache can: only the content checks can tell."""
-    from distft.samples import CHECKSUM, checksum
+    from distft.data.samples import CHECKSUM, checksum
 
     array = np.load(os.path.join(path, file), mmap_mode="r+")
     change(array)
@@ -411,7 +411,7 @@ def test_a_build_lock_naming_a_live_process_that_holds_nothing_does_not_block(tm
     import socket
 
     from distft import runlock
-    from distft.datacache import _locate
+    from distft.data.cache import _locate
 
     tok = build_offline_tokenizer()
     cfg = cfg_for(write_jsonl(tmp_path / "train.jsonl", rows(60)), tmp_path / "cache", cache_wait_s=30)
@@ -439,7 +439,7 @@ def test_a_link_planted_where_the_build_writes_is_removed_not_written_through(tm
     its own; nothing lands in the target."""
     import socket
 
-    from distft.datacache import _locate
+    from distft.data.cache import _locate
 
     tok = build_offline_tokenizer()
     cfg = cfg_for(write_jsonl(tmp_path / "train.jsonl", rows(60)), tmp_path / "cache")

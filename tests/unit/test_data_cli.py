@@ -20,8 +20,8 @@ def _data(*args: str, cwd) -> subprocess.CompletedProcess:
 
 
 def test_prepares_and_reports_the_data_as_a_run_would(tmp_path):
-    from distft.data import prepare_data
-    from distft.model import load_tokenizer
+    from distft.data.pipeline import prepare_data
+    from distft.model.build import load_tokenizer
     from distft.preflight import preflight
 
     rows = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(300)]

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 
 from distft.config import Config, DataConfig
-from distft.data import DataError, load_rows, prepare_data, tokenize_row
-from distft.model import build_offline_tokenizer
+from distft.data.pipeline import DataError, load_rows, prepare_data, tokenize_row
+from distft.data.sources import Unparsable
+from distft.model.build import build_offline_tokenizer
 from distft.preflight import path_problems
-from distft.sources import Unparsable
 
 REPO = Path(__file__).resolve().parents[2]
 BOM = b"\xef\xbb\xbf"
@@ -498,7 +498,7 @@ PIPES = {  # case: (overrides, the file named), for tmp_path
 
 
 @pytest.mark.parametrize("case", list(PIPES))
-@pytest.mark.parametrize("command", ["distft", "distft.data"])
+@pytest.mark.parametrize("command", ["distft", "distft.data.pipeline"])
 def test_a_named_pipe_is_refused_by_both_commands_without_blocking(tmp_path, command, case):
     """Issue 34: a FIFO given as data.path or data.eval_path, or one inside a save_to_disk
     directory, hung both commands (preflight's peek at the first JSON Lines record and the data
@@ -517,7 +517,7 @@ def test_the_loader_and_the_fingerprint_refuse_a_pipe_in_a_dataset_directory(tmp
     """What ranks ask of an hf_disk directory (load_rows) and what the cache key and checkpoints
     record of it (data_fingerprint) refuse a planted FIFO without opening it; a link to a regular
     file is followed, as the user's own data path may be one."""
-    from distft.sources import data_fingerprint
+    from distft.data.sources import data_fingerprint
 
     directory, pipe = dataset_with_a_pipe(tmp_path)
     cfg = cfg_for(directory, "hf_disk")

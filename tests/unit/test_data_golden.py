@@ -10,11 +10,11 @@ import hashlib
 
 import pytest
 
-from distft.batching import TrainBatches, eval_batches
 from distft.config import DataConfig
-from distft.data import prepare_data
-from distft.datacache import prepared
-from distft.model import build_offline_tokenizer
+from distft.data.batching import TrainBatches, eval_batches
+from distft.data.cache import prepared
+from distft.data.pipeline import prepare_data
+from distft.model.build import build_offline_tokenizer
 
 GOLDEN = {
     "default": {

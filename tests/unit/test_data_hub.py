@@ -66,7 +66,7 @@ def test_a_named_pipe_in_a_dataset_directory_is_refused_without_blocking(tmp_pat
                       "regular file: datasets reads every file of a dataset directory; remove it from there"], errors
     # What each rank asks (training takes the fingerprint's refusal for "unknown", then loads).
     from distft.config import DataConfig
-    from distft.data import DataError, load_rows
+    from distft.data.pipeline import DataError, load_rows
 
     def expire(*_):
         raise TimeoutError("load_rows still blocked after 60 s")

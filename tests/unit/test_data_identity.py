@@ -10,9 +10,9 @@ import shutil
 
 import pytest
 
-from distft.checkpoint import CheckpointError, data_changes
+from distft.checkpoint.store import CheckpointError, data_changes
+from distft.data.sources import data_fingerprint
 from distft.preflight import preflight
-from distft.sources import data_fingerprint
 
 RUN = ["+experiment=tiny_lora", "train.max_steps=4", "checkpoint.save_every=2", "checkpoint.keep_last=0",
        "eval.num_samples=2", "eval.max_new_tokens=2", "train.eval_max_batches=1", "data.max_seq_len=128",

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 
-from distft import data as pipeline
 from distft.config import DataConfig
-from distft.data import DataReport, prepare_data
-from distft.sources import RawRow
-from distft.tokenizer_families import FAMILIES
+from distft.data import pipeline
+from distft.data.pipeline import DataReport, prepare_data
+from distft.data.sources import RawRow
+from distft.data.tokenizers import FAMILIES
 from tests.families import family_tokenizer
 
 SPECIALS = "<s> </s> <|eot_id|> <|begin_of_text|>"
@@ -21,7 +21,7 @@ SPECIALS = "<s> </s> <|eot_id|> <|begin_of_text|>"
 
 
 def raw_rows() -> list[RawRow]:
-    from distft import synthetic
+    from distft.data import synthetic
 
     values = list(synthetic.generate(120, seed=5))
     values += [values[3], {"instruction": "  ", "output": "x"}, "not an object", {"unrelated": 1}]
@@ -85,8 +85,8 @@ def test_chunked_tokenization_is_row_for_row_the_single_row_encoding(family, set
 def test_several_processes_prepare_exactly_the_same_data(tmp_path):
     """data.num_proc=2: real spawned processes, the same samples, eval rows and report."""
     from distft.config import ModelConfig, SyntheticDataConfig
-    from distft.model import load_tokenizer
-    from distft.tokenizer_families import save_tokenizer
+    from distft.data.tokenizers import save_tokenizer
+    from distft.model.build import load_tokenizer
 
     tok = load_tokenizer(ModelConfig(tokenizer=str(save_tokenizer("llama3", tmp_path / "tok"))))
     cfg = DataConfig(synthetic=SyntheticDataConfig(num_examples=3000), max_seq_len=128)
@@ -107,8 +107,8 @@ def test_a_script_without_a_main_guard_gets_one_message_instead_of_a_hang(tmp_pa
     import sys
 
     body = ("from distft.config import DataConfig, ModelConfig, SyntheticDataConfig\n"
-            "from distft.data import prepare_data\n"
-            "from distft.model import load_tokenizer\n"
+            "from distft.data.pipeline import prepare_data\n"
+            "from distft.model.build import load_tokenizer\n"
             "cfg = DataConfig(synthetic=SyntheticDataConfig(num_examples=600), template='plain', num_proc=2)\n")
     call = "data = prepare_data(cfg, load_tokenizer(ModelConfig()))\nprint('train', data.report.train)\n"
     unguarded, guarded = tmp_path / "unguarded.py", tmp_path / "guarded.py"

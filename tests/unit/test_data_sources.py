@@ -9,12 +9,12 @@ from collections import Counter
 
 import pytest
 
-from distft.batching import TrainBatches, mix_counts, mixed_order
 from distft.config import DataConfig
-from distft.data import DataError, prepare_data
-from distft.datacache import prepared
-from distft.model import build_offline_tokenizer
-from distft.sources import source_problems
+from distft.data.batching import TrainBatches, mix_counts, mixed_order
+from distft.data.cache import prepared
+from distft.data.pipeline import DataError, prepare_data
+from distft.data.sources import source_problems
+from distft.model.build import build_offline_tokenizer
 
 
 def write(path, rows) -> str:

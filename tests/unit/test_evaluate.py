@@ -1,4 +1,4 @@
-"""distft.evaluate: metric values by hand, token-weighted held-out loss, greedy generation for plain
+"""distft.evaluation.evaluate: metric values by hand, token-weighted held-out loss, greedy generation for plain
 and PEFT models (batched == one at a time == a naive reference loop, stops at eos), the report."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from distft.config import EvalConfig, ModelConfig
-from distft.evaluate import (
+from distft.evaluation.evaluate import (
     evaluate_model,
     exact_match,
     exact_match_strict,
@@ -23,8 +23,8 @@ from distft.evaluate import (
     rouge_l,
     token_f1,
 )
-from distft.model import IGNORE_INDEX, build_model, build_offline_tokenizer
-from distft.report import write_report
+from distft.evaluation.report import write_report
+from distft.model.build import IGNORE_INDEX, build_model, build_offline_tokenizer
 
 BOS, EOS, PAD = 1, 2, 3
 # Prompts of different lengths (so a batch needs padding) and their memorised answers.
@@ -340,7 +340,7 @@ def prompt_learning_model(base, kind):
 
 @pytest.mark.parametrize("kind", ["prompt", "prefix"])
 def test_generate_answers_prompt_learning(random_model, trained_model, tokenizer, kind):
-    # peft's own generate gets these wrong under transformers 5 (see distft.evaluate's docstring).
+    # peft's own generate gets these wrong under transformers 5 (see distft.evaluation.evaluate's docstring).
     model = prompt_learning_model(random_model, kind)
     prompts = ["x", "a longer prompt of several words", "mid length"]
     answers = generate_answers(model, tokenizer, prompts, max_new_tokens=10, batch_size=3, device="cpu")
@@ -389,8 +389,8 @@ def test_answers_cut_at_max_new_tokens_are_flagged_kept_and_marked(trained_model
     token within eval.max_new_tokens); the report counts and marks the cut ones and names the file."""
     import json
 
-    from distft.evaluate import generate_outputs
-    from distft.report import predictions_path, write_predictions
+    from distft.evaluation.evaluate import generate_outputs
+    from distft.evaluation.report import predictions_path, write_predictions
 
     prompts = [p for p, _ in PAIRS]
     # Character tokens: "ba" and "68" fit in 3 new tokens with their eos; "HELLO" and "ok go" do not.
@@ -471,7 +471,7 @@ def test_write_report(tmp_path):
 
 
 def test_overfitting_is_called_out_when_eval_rises_while_train_falls():
-    from distft.report import overfitting
+    from distft.evaluation.report import overfitting
 
     def history(evals, train):
         return ([{"step": 0, "eval_loss": 5.0}] + [{"step": s, "eval_loss": v} for s, v in evals]

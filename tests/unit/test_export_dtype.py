@@ -55,7 +55,7 @@ def test_export_defaults_to_the_base_models_dtype_and_warns_when_updates_round_a
                                                                                      capsys):
     from transformers import AutoModelForCausalLM
 
-    from distft.export import main
+    from distft.checkpoint.export import main
 
     out = tmp_path / "bf16"
     assert main([checkpoint, "--out", str(out)]) == 0
@@ -83,7 +83,7 @@ def test_export_defaults_to_the_base_models_dtype_and_warns_when_updates_round_a
 
 
 def test_a_float32_export_keeps_every_update_and_says_so(checkpoint, tmp_path, capsys):
-    from distft.export import main
+    from distft.checkpoint.export import main
 
     out = tmp_path / "fp32"
     assert main([checkpoint, "--out", str(out), "--dtype", "float32"]) == 0
@@ -95,7 +95,7 @@ def test_a_float32_export_keeps_every_update_and_says_so(checkpoint, tmp_path, c
 
 
 def test_the_export_dtype_follows_the_base(smollm2):
-    from distft.export import export_dtype
+    from distft.checkpoint.export import export_dtype
 
     assert export_dtype(compose("+experiment=tiny_full")) == (
         torch.float32, "weights in float32, as trained (a from-scratch model has no distributed dtype); "

@@ -3,7 +3,7 @@
 For each family (LLaMA-2-style SentencePiece, Llama-3-style byte-level BPE with its chat template,
 and the built-in character-level tokenizer): `python -m distft` trains a tiny model with that
 vocabulary on conversations, `python -m distft.evaluate RUN` writes its report, `python -m
-distft.export RUN --out merged` writes a Hugging Face model, in that order; the checkpoint still
+distft.checkpoint.export RUN --out merged` writes a Hugging Face model, in that order; the checkpoint still
 verifies; and the export, loaded with plain transformers, generates the answer and stops at the
 family's end-of-turn token by its own generation_config. The llama2 tokenizer ships no chat
 template: the run uses `data.chat_template=headers`, the fallback the preflight message advises.
@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from distft.tokenizer_families import save_tokenizer
+from distft.data.tokenizers import save_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ANSWER = "ok"
@@ -35,9 +35,9 @@ def conversations(n: int) -> list[dict]:
 def test_train_evaluate_export_and_generate_until_the_stop_token(family, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distft.checkpoint import verify
-    from distft.evaluate import main as evaluate_main
-    from distft.export import main as export_main
+    from distft.checkpoint.export import main as export_main
+    from distft.checkpoint.store import verify
+    from distft.evaluation.evaluate import main as evaluate_main
 
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in conversations(96)))

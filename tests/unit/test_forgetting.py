@@ -25,8 +25,8 @@ def corpus(path, docs: int = 12, seed: int = 0) -> str:
 
 
 def test_general_batches_are_every_token_of_the_corpus_in_windows(tmp_path):
-    from distft.forgetting import general_batches, read_corpus
-    from distft.model import IGNORE_INDEX, build_offline_tokenizer
+    from distft.evaluation.forgetting import general_batches, read_corpus
+    from distft.model.build import IGNORE_INDEX, build_offline_tokenizer
 
     tokenizer = build_offline_tokenizer()
     path = corpus(tmp_path / "general.txt")
@@ -59,7 +59,7 @@ def test_general_batches_are_every_token_of_the_corpus_in_windows(tmp_path):
 
 
 def test_the_warning_fires_above_the_threshold_only():
-    from distft.forgetting import forgetting_line
+    from distft.evaluation.forgetting import forgetting_line
 
     base = {"general_perplexity": 10.0, "general_tokens": 500}
     assert forgetting_line(base, {"general_perplexity": 10.5, "general_tokens": 500}, 0.1).startswith(
@@ -76,9 +76,9 @@ def test_the_warning_fires_above_the_threshold_only():
 def test_a_run_scores_general_text_before_and_after(tmp_path):
     """The run's base and tuned general perplexity are held_out_loss over the corpus, computed
     here again independently from the base weights and the final checkpoint."""
-    from distft.evaluate import held_out_loss
-    from distft.export import load_base, load_model
-    from distft.forgetting import general_batches
+    from distft.checkpoint.export import load_base, load_model
+    from distft.evaluation.evaluate import held_out_loss
+    from distft.evaluation.forgetting import general_batches
     from distft.train import train
 
     path = corpus(tmp_path / "general.txt")
@@ -127,8 +127,8 @@ def lm_eval_task(tmp_path) -> str:
 def test_lm_eval_tasks_run_on_the_tuned_model_and_its_base(tmp_path):
     """eval.lm_eval_tasks: lm-evaluation-harness's own numbers, the same as a direct run of it on
     the final checkpoint and on the base, in summary.json and the report."""
-    from distft.export import load_base, load_model
-    from distft.forgetting import run_lm_eval
+    from distft.checkpoint.export import load_base, load_model
+    from distft.evaluation.forgetting import run_lm_eval
     from distft.train import train
 
     include = lm_eval_task(tmp_path)

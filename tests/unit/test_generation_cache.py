@@ -15,7 +15,7 @@ import contextlib
 import pytest
 import torch
 
-from distft.evaluate import _eos_ids, _generate_full_forward, _generate_virtual_cached, generate_outputs
+from distft.evaluation.evaluate import _eos_ids, _generate_full_forward, _generate_virtual_cached, generate_outputs
 from distft.tracking import GenerationProgress
 
 VARIANTS = {
@@ -30,9 +30,9 @@ NEW_TOKENS = 10
 
 
 def build(overrides: list[str]):
-    from distft.model import load_tokenizer
+    from distft.model.build import load_tokenizer
     from distft.preflight import preflight
-    from distft.techniques import build_trainable_model
+    from distft.techniques.build import build_trainable_model
 
     cfg, errors = preflight(["data.packing=false", *overrides], run_here=False)
     assert not errors, errors
@@ -86,7 +86,7 @@ def check_cached_decoding(model, tokenizer, rows: list[list[int]], stop_ids: lis
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_smollm2_answers_the_same_with_the_cache(smollm2, variant):
-    from distft.techniques import DEFAULT_INIT_TEXT, init_text
+    from distft.techniques.build import DEFAULT_INIT_TEXT, init_text
 
     model, tokenizer, cfg = build([f"model.name_or_path={smollm2}", "technique.num_virtual_tokens=20",
                                    *VARIANTS[variant]])

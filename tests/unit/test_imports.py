@@ -91,7 +91,7 @@ def test_the_checker_sees_a_cycle_through_a_function_local_import():
     assert cycles(graph) == [["a", "b", "c"]]
     real = import_graph()
     assert "distft.engines.ddp" in real["distft.engines"]  # imported inside build_engine()
-    assert "distft.launchers.slurm" in real["distft.cli"]
+    assert "distft.launchers.slurm" in real["distft.commands.train"]
 
 
 def test_distft_has_no_import_cycles():

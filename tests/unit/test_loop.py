@@ -31,9 +31,9 @@ def test_warmup_then_cosine_and_linear_schedules():
 
 
 def _step_batch(cfg):
-    from distft.batching import eval_batches
-    from distft.data import prepare_data
-    from distft.model import load_tokenizer
+    from distft.data.batching import eval_batches
+    from distft.data.pipeline import prepare_data
+    from distft.model.build import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tokenizer, seed=0)
@@ -41,7 +41,7 @@ def _step_batch(cfg):
 
 
 def _engine(cfg):
-    from distft.techniques import build_trainable_model
+    from distft.techniques.build import build_trainable_model
 
     torch.manual_seed(0)
     return build_engine(cfg, build_trainable_model(cfg, torch.float32), torch.device("cpu"))
@@ -70,7 +70,7 @@ def test_gradient_checkpointing_gives_the_same_step(technique):
 
 
 def test_clipping_bounds_the_update_and_reports_the_raw_norm():
-    from distft.model import token_loss
+    from distft.model.build import token_loss
 
     cfg = compose("data.synthetic.num_examples=100", "train.grad_clip=0.01", "train.lr=100.0",
                   "train.adam_beta1=0.0", "train.adam_eps=100.0", "train.weight_decay=0.0", "train.warmup_steps=0")
@@ -117,12 +117,12 @@ def test_early_stopping_stops_when_eval_loss_stops_improving(tmp_path):
 
 def test_early_stopping_keeps_scores_and_hands_on_the_best_checkpoint(tmp_path, capsys):
     """Issue 19, item 2: the best eval's checkpoint is saved when it happens, survives keep_last,
-    and is what the final report, summary, `distft.evaluate` and `distft.export` use; resuming
+    and is what the final report, summary, `distft.evaluation.evaluate` and `distft.checkpoint.export` use; resuming
     still continues from the newest; loss.png is drawn with the best marked."""
     import json
 
-    from distft.checkpoint import find_resumable, read_best, resolve_checkpoint
-    from distft.evaluate import main as evaluate_main
+    from distft.checkpoint.store import find_resumable, read_best, resolve_checkpoint
+    from distft.evaluation.evaluate import main as evaluate_main
     from distft.tracking import read_metrics
     from distft.train import train
 
@@ -165,7 +165,7 @@ def test_early_stopping_keeps_scores_and_hands_on_the_best_checkpoint(tmp_path, 
 def test_keep_best_without_early_stopping_keeps_the_last_when_it_is_best(tmp_path):
     """checkpoint.keep_best saves each new best eval's checkpoint; when the last model scores at
     least as well (a loss still falling), the last is the result and best.json points at it."""
-    from distft.checkpoint import read_best, resolve_checkpoint
+    from distft.checkpoint.store import read_best, resolve_checkpoint
     from distft.train import train
 
     cfg = compose("+experiment=tiny_lora", f"run.root={tmp_path}", "train.max_steps=6", "train.eval_every=2",
@@ -237,7 +237,7 @@ def test_a_step_that_leaves_weights_non_finite_stops_the_run_before_anything_is_
     intact, nothing of step 3 or later is saved, no summary is written."""
     import os
 
-    from distft.checkpoint import verify
+    from distft.checkpoint.store import verify
     from distft.train import NonFiniteError, train
 
     monkeypatch.setenv("DISTFT_FAULTS", "nan_weights:3")
@@ -257,9 +257,9 @@ def test_no_checkpoint_and_no_export_is_ever_written_from_non_finite_weights(tmp
     by save_checkpoint directly): both refuse with one message and leave nothing behind."""
     import os
 
-    from distft.checkpoint import CheckpointError, save_checkpoint
+    from distft.checkpoint.export import export
+    from distft.checkpoint.store import CheckpointError, save_checkpoint
     from distft.dist import DistInfo
-    from distft.export import export
     from distft.run import TrainState, build_run
     from distft.train import Checkpointer, NonFiniteError, nonfinite_parameters
 
@@ -316,7 +316,7 @@ def test_each_optimizer_is_the_implementation_it_names(caplog):
         cfg = compose("+experiment=tiny_full", f"train.optimizer={name}", "train.weight_decay=0.1",
                       "train.adam_beta2=0.99")
         from distft.engines import build_optimizer
-        from distft.techniques import build_trainable_model
+        from distft.techniques.build import build_trainable_model
 
         model = build_trainable_model(cfg, torch.float32)
         caplog.clear()

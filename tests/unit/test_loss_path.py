@@ -1,4 +1,4 @@
-"""The loss without the full logits (issue 36, section 1; distft/loss.py): the output head and the
+"""The loss without the full logits (issue 36, section 1; distft/model/loss.py): the output head and the
 cross-entropy computed together, chunk by chunk, give the loss and every gradient of the plain
 path (the head's [tokens, V] logits, then `token_loss`), on the real SmolLM2-135M-Instruct (tied
 embeddings: the head's weight is the input embedding matrix) and on a Llama-3-size vocabulary,
@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distft.loss import chunk_tokens, computing_loss, output_head
-from distft.model import model_inputs, token_loss
+from distft.model.build import model_inputs, token_loss
+from distft.model.loss import chunk_tokens, computing_loss, output_head
 from distft.tracking import MemoryMeter
 from tests.unit.test_prefix_init import batch, config
 
@@ -67,7 +67,7 @@ def test_the_loss_and_its_gradients_equal_the_full_logits_on_smollm2(smollm2, sm
     """Full fine-tuning trains the tied head/embedding matrix (both its gradients meet in one
     parameter), LoRA only adapters below a frozen head, prompt tuning puts 20 virtual positions
     in front of the labels."""
-    from distft.techniques import build_trainable_model
+    from distft.techniques.build import build_trainable_model
 
     torch.manual_seed(0)
     cfg = config(smollm2, f"technique={technique}")
@@ -129,7 +129,7 @@ def test_a_2048_token_step_at_128k_holds_no_full_logits():
 
 def test_evaluation_scores_through_the_same_path():
     """held_out_loss arms the head too: the same number as the plain path, without the full logits."""
-    from distft.evaluate import held_out_loss
+    from distft.evaluation.evaluate import held_out_loss
 
     model, rows = llama3_vocab_model(2048)
     with torch.no_grad():

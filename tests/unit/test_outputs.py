@@ -14,8 +14,8 @@ def test_a_full_disk_while_writing_the_report_the_plot_or_the_summary_is_one_mes
     """Files limited to 2 kB: the report (~3 kB), the loss plot (a PNG of tens of kB) and the
     summary each fail with an OutputError (a CheckpointError: exit 2 on the command line) naming
     the file, the full disk and what to do; none leaves a file or a temporary one behind."""
+    from distft.evaluation.report import write_report
     from distft.files import write_json
-    from distft.report import write_report
     from distft.tracking import plot_losses
 
     run_dir = tmp_path / "run"

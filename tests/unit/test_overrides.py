@@ -205,8 +205,8 @@ def test_what_stays_accepted():
 
 def test_an_augmentation_function_that_raises_is_one_data_error_naming_it_and_the_row():
     from distft.config import AugmentConfig, DataConfig, SyntheticDataConfig
-    from distft.data import DataError, prepare_data
-    from distft.model import build_offline_tokenizer
+    from distft.data.pipeline import DataError, prepare_data
+    from distft.model.build import build_offline_tokenizer
 
     _CALLS["n"] = 0
     cfg = DataConfig(synthetic=SyntheticDataConfig(num_examples=40, seed=5), eval_size=4,

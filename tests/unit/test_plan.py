@@ -86,7 +86,7 @@ def test_full_finetuning_model_states_agree_with_deepspeeds_estimator(model, nod
         from deepspeed.runtime.zero.stage3 import model_to_params
 
         from distft.plan import count_parameters, from_fields
-        from distft.techniques import build_meta_model
+        from distft.techniques.build import build_meta_model
 
         counts = count_parameters(cfg)
         # DeepSpeed's own largest layer of the same model (its total dedups by data_ptr, all 0 on meta).
@@ -275,7 +275,7 @@ def test_each_change_is_planned_as_the_command_line_with_it():
 
 def test_the_slurm_launcher_refuses_a_job_that_cannot_fit_before_asking_the_cluster(capsys):
     """No SLURM command runs: the plan alone refuses (this machine may have no SLURM at all)."""
-    from distft.cli import RankTask
+    from distft.commands.train import RankTask
     from distft.launchers.slurm import submit
 
     argv = ["model=llama_65b", "launcher=slurm", "launcher.nodes=1", "launcher.gpus_per_node=8", "launcher.time_min=60",
@@ -335,8 +335,8 @@ def test_a_local_job_that_cannot_fit_the_gpus_here_is_not_started():
 def test_time_per_epoch_counts_the_sequences_the_run_trains_on(tmp_path):
     """tiny_lora's 400 synthetic rows: the run's data report says 50 packed training sequences
     of 256 tokens (tests/unit/test_train.py runs it); the plan reads the same pipeline."""
-    from distft.data import prepare_data
-    from distft.model import load_tokenizer
+    from distft.data.pipeline import prepare_data
+    from distft.model.build import load_tokenizer
 
     args = ["+experiment=tiny_lora", "train.global_batch_size=8", "cluster.peak_tflops=100"]
     cfg, errors = preflight(args)
@@ -354,9 +354,9 @@ def test_time_per_epoch_counts_the_sequences_the_run_trains_on(tmp_path):
 
 
 def test_time_per_epoch_is_read_from_the_data_cache_once_prepared(tmp_path):
-    from distft.data import prepare_data
-    from distft.datacache import prepared
-    from distft.model import load_tokenizer
+    from distft.data.cache import prepared
+    from distft.data.pipeline import prepare_data
+    from distft.model.build import load_tokenizer
 
     args = ["+experiment=tiny_lora", "train.global_batch_size=8", "cluster.peak_tflops=100",
             f"data.cache_dir={tmp_path}", "plan.epoch_sample_rows=200"]
@@ -419,9 +419,9 @@ def test_planned_weights_and_gradients_are_the_bytes_the_built_model_holds(techn
     import torch
 
     from distft.engines import weights_dtype
-    from distft.model import count_parameters as count_built
+    from distft.model.build import count_parameters as count_built
     from distft.plan import count_parameters
-    from distft.techniques import build_trainable_model
+    from distft.techniques.build import build_trainable_model
 
     cfg, errors = preflight([f"+experiment=tiny_{technique}", "model.dtype=bfloat16"])
     assert errors == []
@@ -455,7 +455,7 @@ def test_pure_bf16_is_planned_as_it_is_built():
 
     from distft.engines import weights_dtype
     from distft.plan import count_parameters
-    from distft.techniques import build_trainable_model
+    from distft.techniques.build import build_trainable_model
 
     cfg, errors = preflight(["+experiment=tiny_full", "train.pure_bf16=true"])
     assert errors == []
@@ -486,7 +486,7 @@ def test_planned_optimizer_state_is_the_bytes_each_optimizer_allocates(optimizer
 
     from distft.engines import build_engine, weights_dtype
     from distft.plan import count_parameters
-    from distft.techniques import build_trainable_model
+    from distft.techniques.build import build_trainable_model
 
     cfg, errors = preflight([*shape, f"train.optimizer={optimizer}"])
     assert errors == []

@@ -50,8 +50,8 @@ def batch(tokenizer) -> dict:
 
 def losses(model, rows: dict) -> tuple[float, float]:
     """(the model's loss, its base's loss) on `rows`, as evaluation scores them."""
-    from distft.evaluate import held_out_loss
-    from distft.techniques import base_model_context
+    from distft.evaluation.evaluate import held_out_loss
+    from distft.techniques.build import base_model_context
 
     with base_model_context(model):
         base = held_out_loss(model, [rows], "cpu")["loss"]
@@ -60,7 +60,7 @@ def losses(model, rows: dict) -> tuple[float, float]:
 
 def loss_after_text(model, rows: dict, text_ids: list[int]) -> float:
     """The base's loss on the rows' own tokens when `text_ids` are written before each row."""
-    from distft.model import token_loss
+    from distft.model.build import token_loss
 
     count, size = len(text_ids), rows["input_ids"].shape[0]
     input_ids = torch.cat([torch.tensor([text_ids]).expand(size, -1), rows["input_ids"]], dim=1)
@@ -73,7 +73,7 @@ def loss_after_text(model, rows: dict, text_ids: list[int]) -> float:
 
 @pytest.mark.parametrize("technique", ["prefix", "prefix_projection", "prompt"])
 def test_untrained_virtual_tokens_score_like_the_base(smollm2, smollm2_tokenizer, technique):
-    from distft.techniques import DEFAULT_INIT_TEXT, build_trainable_model
+    from distft.techniques.build import DEFAULT_INIT_TEXT, build_trainable_model
 
     overrides = ["technique=prefix", "technique.prefix_projection=true"] if technique == "prefix_projection" else [
         f"technique={technique}"]
@@ -91,7 +91,7 @@ def test_untrained_virtual_tokens_score_like_the_base(smollm2, smollm2_tokenizer
 
 
 def test_a_chosen_text_an_empty_text_and_a_model_built_from_scratch(smollm2, smollm2_tokenizer):
-    from distft.techniques import build_meta_model, build_trainable_model, init_text
+    from distft.techniques.build import build_meta_model, build_trainable_model, init_text
 
     rows = batch(smollm2_tokenizer)
     chosen = config(smollm2, "technique=prefix", "technique.prompt_init_text=Answer the question briefly.")

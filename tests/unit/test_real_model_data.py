@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 
 from distft.config import DataConfig
-from distft.data import encode
-from distft.encoding import encode_rows
-from distft.samples import IGNORE_INDEX
-from distft.templates import bos_ids, render_row
+from distft.data.encoding import encode_rows
+from distft.data.pipeline import encode
+from distft.data.samples import IGNORE_INDEX
+from distft.data.templates import bos_ids, render_row
 
 ROWS = [
     {"instruction": "Name the capital of France.", "input": "", "output": "Paris"},
@@ -78,7 +78,7 @@ def test_batch_encoding_follows_the_same_rule(smollm2_tokenizer):
 
 @pytest.mark.parametrize("family", ["llama2", "llama3"])
 def test_tokenizers_that_add_bos_get_it_once(family):
-    from distft.tokenizer_families import build_tokenizer
+    from distft.data.tokenizers import build_tokenizer
 
     tok = build_tokenizer(family)
     assert bos_ids(tok) == [tok.bos_token_id]
@@ -97,8 +97,8 @@ def test_generation_prompts_and_general_text_carry_no_bos_smollm2_never_adds(smo
     import torch
     from transformers import AutoModelForCausalLM
 
-    from distft.evaluate import generate_outputs
-    from distft.forgetting import general_batches
+    from distft.evaluation.evaluate import generate_outputs
+    from distft.evaluation.forgetting import general_batches
 
     tok = smollm2_tokenizer
     corpus = tmp_path / "general.txt"

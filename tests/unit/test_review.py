@@ -22,8 +22,7 @@ import types
 
 import pytest
 
-from distft.preflight import preflight
-from distft.review import (
+from distft.evaluation.review import (
     SCRIPT,
     Review,
     ReviewError,
@@ -33,6 +32,7 @@ from distft.review import (
     summarise,
     wilson,
 )
+from distft.preflight import preflight
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -539,10 +539,10 @@ def test_a_rating_waits_for_another_server_holding_the_review_folder(tmp_path, m
     folder = os.open(tmp_path / "review", os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(folder, fcntl.LOCK_EX)  # what the other server holds while it checks and appends
-        monkeypatch.setattr("distft.review.LOCK_WAIT_SECONDS", 0.3)
+        monkeypatch.setattr("distft.evaluation.review.LOCK_WAIT_SECONDS", 0.3)
         with pytest.raises(ReviewError, match="locked by another process"):
             review.rate(first["reservation"], "left")
-        monkeypatch.setattr("distft.review.LOCK_WAIT_SECONDS", 60)
+        monkeypatch.setattr("distft.evaluation.review.LOCK_WAIT_SECONDS", 60)
         rating = threading.Thread(target=review.rate, args=(second["reservation"], "left"))
         rating.start()
         rating.join(timeout=0.5)
@@ -556,7 +556,7 @@ def test_a_rating_waits_for_another_server_holding_the_review_folder(tmp_path, m
 def test_a_reserved_prompt_waits_for_its_tab_until_it_expires(tmp_path, monkeypatch):
     write_predictions(tmp_path, n=3, identical=(0,))  # prompts 1 and 2 asked
     clock = [1000.0]
-    monkeypatch.setattr("distft.review.time", types.SimpleNamespace(monotonic=lambda: clock[0], time=time.time,
+    monkeypatch.setattr("distft.evaluation.review.time", types.SimpleNamespace(monotonic=lambda: clock[0], time=time.time,
                                                                    sleep=time.sleep))
     review = Review(str(tmp_path))
     one, two = review.next_pair("base", "tuned"), review.next_pair("base", "tuned")

@@ -20,7 +20,7 @@ import pickle
 import pytest
 import torch
 
-from distft.safe_load import (
+from distft.checkpoint.safe_load import (
     UnsafePickleError,
     is_allowed,
     restricted_load,

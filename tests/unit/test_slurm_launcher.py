@@ -13,9 +13,9 @@ import time
 
 import pytest
 
+from distft.evaluation.sweep import summarize, write_point
 from distft.launchers.slurm import failing_ranks, parse_time_min, sweep_launcher_overrides
 from distft.preflight import preflight
-from distft.sweep import summarize, write_point
 from tests.distributed.helpers import REPO, run_dir_of, step_metrics, summary_of
 
 

@@ -12,8 +12,7 @@ import subprocess
 import sys
 import time
 
-from distft.preflight import preflight
-from distft.sweep import (
+from distft.evaluation.sweep import (
     collect,
     error_line,
     first_failure,
@@ -25,6 +24,7 @@ from distft.sweep import (
     sweep_id,
     write_point,
 )
+from distft.preflight import preflight
 from tests.distributed.helpers import REPO
 
 

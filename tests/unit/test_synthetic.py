@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from distft.synthetic import DEFAULT_TASKS, TASKS, generate, main
+from distft.data.synthetic import DEFAULT_TASKS, TASKS, generate, main
 
 
 def _answer(task: str, value: str) -> str:
@@ -66,7 +66,7 @@ def test_cli_writes_jsonl(tmp_path):
 def test_the_report_opens_with_what_the_job_shows():
     """Issue 20: the default job's report says first what the job is, what a learned model does,
     and which tasks this run learned (held-out exact match >= 0.5)."""
-    from distft.synthetic import DEFAULT_TASKS, what_it_shows
+    from distft.data.synthetic import DEFAULT_TASKS, what_it_shows
 
     after = {"exact_match": 0.55, "per_task": {"count": {"exact_match": 1.0}, "reverse": {"exact_match": 0.5},
                                                "add": {"exact_match": 0.49}}}
@@ -86,7 +86,7 @@ def test_booking_rows_hold_the_fields_of_their_sentence():
     import json
     import re
 
-    from distft.synthetic import MONTHS, NUMBER_WORDS
+    from distft.data.synthetic import MONTHS, NUMBER_WORDS
 
     rows = generate(300, seed=5, tasks=["booking"])
     assert len({r["input"] for r in rows}) == 300

@@ -1,6 +1,6 @@
 """The data path, token for token, with every tokenizer family users really run (issue 14).
 
-Families (distft/tokenizer_families.py): `llama2` (SentencePiece-style BPE: `▁` word marker on every
+Families (distft/data/tokenizers.py): `llama2` (SentencePiece-style BPE: `▁` word marker on every
 encode call, byte fallback, `<s>`/`</s>`, no pad), `llama3` (byte-level BPE, `<|begin_of_text|>`,
 `<|eot_id|>`, the published Llama-3 chat template) and the character-level `char`. Every check
 would fail with the old piecewise encoding on `llama2` (its first response token differs in every
@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from distft.config import DataConfig, EvalConfig, SyntheticDataConfig
-from distft.data import encode, pack, prepare_data, tokenize_row
-from distft.evaluate import evaluate_model, generate_answers
-from distft.model import IGNORE_INDEX
-from distft.templates import end_of_turn_tokens, render_row, stop_token_ids
-from distft.tokenizer_families import FAMILIES, build_tokenizer
+from distft.data.pipeline import encode, pack, prepare_data, tokenize_row
+from distft.data.templates import end_of_turn_tokens, render_row, stop_token_ids
+from distft.data.tokenizers import FAMILIES, build_tokenizer
+from distft.evaluation.evaluate import evaluate_model, generate_answers
+from distft.model.build import IGNORE_INDEX
 from tests.families import family_tokenizer
 
 TEMPLATES = ("alpaca", "alpaca_short", "plain", "chat")
@@ -33,7 +33,7 @@ def tok(request):
 
 
 def synthetic_rows(n: int = 40) -> list[dict]:
-    from distft import synthetic
+    from distft.data import synthetic
 
     return synthetic.generate(n, seed=3)
 
@@ -183,7 +183,7 @@ def tok_str(tok, ids):
 
 
 def test_a_bad_stop_token_is_one_data_error(tmp_path):
-    from distft.data import DataError
+    from distft.data.pipeline import DataError
 
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows(10)))
@@ -246,8 +246,8 @@ def test_rows_of_synthetic_data_are_exact_with_every_family(tok):
 
 
 def test_preflight_checks_the_chat_template_before_anything_runs(tmp_path):
+    from distft.data.tokenizers import save_tokenizer
     from distft.preflight import preflight
-    from distft.tokenizer_families import save_tokenizer
 
     base = save_tokenizer("llama2", tmp_path / "llama2")  # a base tokenizer: no chat template
     chat = tmp_path / "chat.jsonl"
@@ -270,7 +270,7 @@ def test_preflight_checks_the_chat_template_before_anything_runs(tmp_path):
 def test_a_from_scratch_model_generates_with_its_tokenizers_special_ids():
     """LLaMA's ids (bos 1, eos 2) are a byte token of the llama3 family: generation would stop at it."""
     from distft.config import Config, ModelConfig
-    from distft.techniques import build_base
+    from distft.techniques.build import build_base
 
     tok = build_tokenizer("llama3")
     model = build_base(Config(model=ModelConfig(vocab_size=len(tok), num_hidden_layers=1)), torch.float32, tok)

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from distft import tokenizer_families
-from distft.tokenizer_families import build_tokenizer, save_tokenizer
+from distft.data import tokenizers as tokenizer_families
+from distft.data.tokenizers import build_tokenizer, save_tokenizer
 
 ALPACA_PROMPT = "### Instruction:\nAdd the numbers.\n\n### Response:\n"
 
@@ -111,7 +111,7 @@ def test_training_is_deterministic_within_and_across_processes():
     assert {f: tokenizer_families.trained_backend(f, 1000) for f in before} == before
     # Rust hash maps are seeded per process: train again in a fresh one and compare digests.
     code = (
-        "import hashlib; from distft.tokenizer_families import trained_backend as t; "
+        "import hashlib; from distft.data.tokenizers import trained_backend as t; "
         "print(*(hashlib.sha256(t(f, 1000).encode()).hexdigest() for f in ('llama2', 'llama3')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
@@ -138,7 +138,7 @@ def test_builds_are_independent_objects():
 @pytest.mark.parametrize("family", ["llama2", "llama3"])
 def test_saved_tokenizer_loads_through_model_tokenizer(family, tmp_path):
     from distft.config import ModelConfig
-    from distft.model import load_tokenizer
+    from distft.model.build import load_tokenizer
 
     built = build_tokenizer(family)
     loaded = load_tokenizer(ModelConfig(tokenizer=str(save_tokenizer(family, tmp_path / "tok"))))

@@ -422,7 +422,7 @@ def test_log_lines_go_through_the_progress_bar_on_a_terminal():
 def test_the_predictions_reach_wandb_as_a_table(request, monkeypatch, tmp_path):
     """Issue 19, item 1: with W&B on, the final evaluation's predictions file is logged as the
     table eval/predictions, one row per prompt (W&B writes logged tables as JSON under files/media)."""
-    from distft.report import write_predictions
+    from distft.evaluation.report import write_predictions
 
     sandbox_wandb(request, monkeypatch, tmp_path)
     cfg = Config()

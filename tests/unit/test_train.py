@@ -139,7 +139,7 @@ def test_base_and_tuned_are_scored_on_the_same_prompts(tiny_runs):
 def test_export_round_trip_generates_the_same_tokens(tiny_runs, technique, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from distft.export import export, load_base, load_model
+    from distft.checkpoint.export import export, load_base, load_model
 
     ckpt = tiny_runs[technique]["final_checkpoint"]
     out = export(ckpt, str(tmp_path / "merged"))
@@ -202,8 +202,8 @@ def _greedy_ids(model, tokenizer, prompts, new_tokens=12):
 
 
 def test_export_refuses_a_non_empty_directory(tiny_runs, tmp_path):
-    from distft.checkpoint import CheckpointError
-    from distft.export import export
+    from distft.checkpoint.export import export
+    from distft.checkpoint.store import CheckpointError
 
     target = tmp_path / "taken"
     target.mkdir()
@@ -217,7 +217,7 @@ def test_export_prompt_learning_writes_base_and_adapter(tiny_runs, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from distft.export import export, load_model
+    from distft.checkpoint.export import export, load_model
 
     ckpt = tiny_runs["prefix"]["final_checkpoint"]
     out = export(ckpt, str(tmp_path / "prefix"))
@@ -243,10 +243,10 @@ def test_evaluate_command_reproduces_the_run_report(tiny_runs, tmp_path):
 
 def test_gradient_accumulation_matches_one_big_micro_batch():
     """micro-batch 4 x 1 accumulation == micro-batch 1 x 4 accumulations, exactly (token-weighted)."""
-    from distft.data import eval_batches, prepare_data
+    from distft.data.pipeline import eval_batches, prepare_data
     from distft.engines import build_engine
-    from distft.model import load_tokenizer
-    from distft.techniques import build_trainable_model
+    from distft.model.build import load_tokenizer
+    from distft.techniques.build import build_trainable_model
     from distft.train import optimizer_step
 
     cfg = compose("data.synthetic.num_examples=200", "data.packing=false", "train.grad_clip=0",
@@ -280,7 +280,7 @@ def test_gradient_accumulation_matches_one_big_micro_batch():
     torch.manual_seed(0)
     model = build_trainable_model(cfg, torch.float32)
     engine = build_engine(cfg, model, torch.device("cpu"))
-    from distft.model import model_inputs, token_loss
+    from distft.model.build import model_inputs, token_loss
 
     for batch in eval_batches(samples, 1, cfg.data.max_seq_len, False, pad):
         s, n = token_loss(model(**model_inputs(batch)).logits, batch["labels"])
@@ -329,7 +329,7 @@ def test_secrets_never_reach_dumps_checkpoints_or_wandb(request, monkeypatch, tm
 
 
 def test_secret_overrides_leave_the_command_line_for_the_environment():
-    from distft.cli import secrets_to_environment
+    from distft.commands.train import secrets_to_environment
 
     argv, env, problems = secrets_to_environment([
         f"tracking.wandb.api_key={SECRET}", "train.lr=1e-3", "+launcher.env.HF_TOKEN=hf_abc",

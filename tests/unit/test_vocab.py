@@ -29,7 +29,7 @@ TOKENS = ROWS + len(ADDED)
 
 
 def added_token_tokenizer(family: str = "llama2"):
-    from distft.tokenizer_families import build_tokenizer
+    from distft.data.tokenizers import build_tokenizer
 
     tokenizer = build_tokenizer(family)
     assert len(tokenizer) == ROWS
@@ -41,7 +41,7 @@ def added_token_tokenizer(family: str = "llama2"):
 @pytest.fixture(scope="module")
 def path_model(tmp_path_factory) -> str:
     """A directory with a tiny LLaMA of 1000 embedding rows and a tokenizer of 1002 tokens."""
-    from distft.model import build_model
+    from distft.model.build import build_model
 
     directory = tmp_path_factory.mktemp("added_tokens") / "model"
     build_model(ModelConfig(vocab_size=ROWS)).save_pretrained(directory)
@@ -70,10 +70,10 @@ def configured(*overrides: str):
 def test_full_fine_tuning_resizes_the_embeddings_and_trains_the_new_tokens(path_model, chat_data, tmp_path, capsys):
     from safetensors import safe_open
 
-    from distft.data import prepare_data
-    from distft.export import load_base, load_model
-    from distft.model import load_tokenizer, token_loss
-    from distft.techniques import build_meta_model
+    from distft.checkpoint.export import load_base, load_model
+    from distft.data.pipeline import prepare_data
+    from distft.model.build import load_tokenizer, token_loss
+    from distft.techniques.build import build_meta_model
     from distft.train import train
 
     cfg, problems = configured(
@@ -167,7 +167,7 @@ def test_the_command_line_refuses_in_one_line_without_a_traceback(path_model, tm
 def test_the_trainer_refuses_before_the_data_and_the_model_load(path_model, tmp_path):
     """What the preflight cannot count (a hub tokenizer, a SentencePiece-only one) the trainer
     checks right after loading the tokenizer: a missing data file is never reached."""
-    from distft.model import ModelLoadError
+    from distft.model.build import ModelLoadError
     from distft.train import train
 
     cfg, problems = configured("+experiment=tiny_lora", f"model.name_or_path={path_model}", f"run.root={tmp_path}")
@@ -179,8 +179,8 @@ def test_the_trainer_refuses_before_the_data_and_the_model_load(path_model, tmp_
 
 
 def test_building_the_base_refuses_where_it_cannot_resize(path_model):
-    from distft.model import ModelLoadError
-    from distft.techniques import build_trainable_model
+    from distft.model.build import ModelLoadError
+    from distft.techniques.build import build_trainable_model
 
     tokenizer = added_token_tokenizer()
     scratch, _ = configured("+experiment=tiny_full")
@@ -192,9 +192,9 @@ def test_building_the_base_refuses_where_it_cannot_resize(path_model):
 
 
 def test_a_shorter_tokenizer_changes_nothing_and_tied_embeddings_stay_tied(path_model):
-    from distft.model import build_model, build_offline_tokenizer
-    from distft.techniques import build_base
-    from distft.vocab import fit_embeddings, vocab_problem
+    from distft.model.build import build_model, build_offline_tokenizer
+    from distft.model.vocab import fit_embeddings, vocab_problem
+    from distft.techniques.build import build_base
 
     full, _ = configured("+experiment=tiny_full", f"model.name_or_path={path_model}")
     offline = build_offline_tokenizer()  # 101 tokens: LLaMA-style padded embeddings are normal
@@ -216,7 +216,7 @@ def test_a_shorter_tokenizer_changes_nothing_and_tied_embeddings_stay_tied(path_
 def test_the_preflight_count_is_the_tokenizers_length(tmp_path, family):
     from transformers import AutoTokenizer
 
-    from distft.vocab import local_tokenizer_len
+    from distft.model.vocab import local_tokenizer_len
 
     tokenizer = added_token_tokenizer(family)
     tokenizer.add_tokens(["<tool>", "overfitting"])  # ordinary added tokens count too

@@ -1,0 +1,1 @@
+"""checkpoint (see README.md beside this file)."""

@@ -1,0 +1,1 @@
+"""data (see README.md beside this file)."""

@@ -1,0 +1,1 @@
+"""evaluation (see README.md beside this file)."""

@@ -1,0 +1,1 @@
+"""model (see README.md beside this file)."""

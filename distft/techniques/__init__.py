@@ -1,0 +1,1 @@
+"""techniques (see README.md beside this file)."""
