@@ -21,9 +21,8 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-TECHNIQUES = ("full", "lora", "qlora", "dora", "prefix", "prompt")
-ADAPTER_TECHNIQUES = ("lora", "qlora", "dora")  # adapters that live inside the linear layers
-PROMPT_LEARNING_TECHNIQUES = ("prefix", "prompt")  # virtual tokens in front of the sequence
+# technique.name's choices and what each is: distft/techniques/kinds.py (TECHNIQUES); parallel.strategy's:
+# distft/engines/kinds.py (ENGINES).
 DATA_SOURCES = ("synthetic", "jsonl", "json", "csv", "parquet", "hf_disk", "hub")
 DATA_FORMATS = ("auto", "alpaca", "chat", "text")
 TEMPLATES = ("alpaca", "alpaca_short", "chat", "plain")

@@ -42,13 +42,13 @@ import sys
 import time
 from typing import TYPE_CHECKING, Optional
 
+# The exit codes and the exception the trainer raises live with the others (distft/errors.py).
+from distft.errors import EXIT_INTERRUPTED, EXIT_STOPPED, Preempted  # noqa: F401  (re-exported)
+
 if TYPE_CHECKING:  # importing this module must stay cheap: it is the first thing a process does
     from distft.config import Config
 
 log = logging.getLogger("distft")
-
-EXIT_STOPPED = 4  # stopped by the signal, checkpoint saved, not requeued: rerun to resume
-EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as shells report it: checkpoint saved when training had started
 
 # Signals recorded from the start of the process; the configured stop signal is one of these
 # unless it is TERM (installed by StopSignal when the config is known).
@@ -61,20 +61,6 @@ PHASES = ("start-up", "loading", "training", "final", "finished")
 LAUNCHER_PID = "DISTFT_LAUNCHER_PID"  # in every rank the local launcher starts: the process it dies with
 _received: dict[int, float] = {}  # signal number -> when it first arrived (this run)
 _phase = ["start-up"]
-
-
-class Preempted(Exception):
-    """Raised out of the training loop after the stop checkpoint; `requeued` says whether SLURM
-    will run the job again, `interrupted` that Ctrl-C stopped it (exit 130)."""
-
-    def __init__(self, message: str, requeued: bool, interrupted: bool = False):
-        super().__init__(message)
-        self.requeued = requeued
-        self.interrupted = interrupted
-
-    @property
-    def exit_code(self) -> int:
-        return 0 if self.requeued else EXIT_INTERRUPTED if self.interrupted else EXIT_STOPPED
 
 
 def install() -> None:

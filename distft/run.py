@@ -24,6 +24,7 @@ import torch
 from distft.config import Config, grad_accum_steps, model_label
 from distft.dist import DistInfo
 from distft.errors import DataError, ModelLoadError
+from distft.techniques.kinds import technique_kind
 
 log = logging.getLogger("distft")
 
@@ -120,7 +121,7 @@ def build_run(cfg: Config, info: DistInfo, device: torch.device) -> Run:
                     "updates below bf16's resolution (~1/256 of a weight) are lost, so a small train.lr trains little")
     memory = MemoryMeter(device, cfg.tracking.cpu_memory_steps)  # the model, its training state, activations
     model, model_build = build_model_for_engine(cfg, dtype, tokenizer, info.world_size)
-    counts = count_parameters(model, quantized_base=cfg.technique.name == "qlora")
+    counts = count_parameters(model, quantized_base=technique_kind(cfg.technique.name).quantized_base)
     trainable, total = counts.trainable, counts.total
     if info.is_main:
         log.info(

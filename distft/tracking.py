@@ -72,13 +72,21 @@ class _DropLine(logging.Filter):
 _DROP_LINES = {name: _DropLine(phrase) for name, phrase in QUIET_LOG_LINES.items()}
 
 
-def quiet_libraries() -> None:
+def quiet_libraries(every_bar: bool = False) -> None:
     """Silence what third-party libraries print on every start that a user cannot act on, and
     nothing else: the few messages and bars named above (QUIET_*), each by its logger, category
     and text. Every other warning and error, distft's own and the libraries', still shows; hub
     download bars too. Idempotent; every entry point and model load calls it (train, plan,
-    distft.model.build's loaders, the evaluate command)."""
+    distft.model.build's loaders, the evaluate command). `every_bar` (a training run): every
+    transformers progress bar ("Loading weights", "Writing model shards") and its info lines
+    too, which would drown the run's own output in logs."""
     import warnings
+
+    if every_bar:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
 
     for message, category, module in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)

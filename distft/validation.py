@@ -20,7 +20,6 @@ import signal
 from typing import Any, Optional
 
 from distft.config import (
-    ADAPTER_TECHNIQUES,
     ATTN_IMPLEMENTATIONS,
     AUGMENT_CALL,
     BACKENDS,
@@ -36,12 +35,10 @@ from distft.config import (
     OPTIMIZERS,
     PACK_STRATEGIES,
     PRECISIONS,
-    PROMPT_LEARNING_TECHNIQUES,
     QUANT_DTYPES,
     QUANT_STORAGES,
     QUANT_TYPES,
     SCHEDULES,
-    TECHNIQUES,
     TEMPLATES,
     WANDB_MODES,
     Config,
@@ -49,14 +46,21 @@ from distft.config import (
     world_size,
 )
 from distft.engines.kinds import ENGINES, EngineKind
+from distft.techniques.kinds import TECHNIQUES, TechniqueKind
 
 # An unknown parallel.strategy (refused by name) is checked as an engine with no particular traits.
 _UNKNOWN_ENGINE = EngineKind("unknown", "", "", None, multi_rank=True, shards_weights=False, meta_build=False,
                              state_format="dcp", bnb_refusal=None, options="")
+# An unknown technique.name (refused by name) likewise: of no family, reading no option.
+_UNKNOWN_TECHNIQUE = TechniqueKind("unknown", "")
 
 
 def _kind(cfg: Config) -> EngineKind:
     return ENGINES.get(cfg.parallel.strategy, _UNKNOWN_ENGINE)
+
+
+def _technique(cfg: Config) -> TechniqueKind:
+    return TECHNIQUES.get(cfg.technique.name, _UNKNOWN_TECHNIQUE)
 
 
 def _strategies(having, sep: str = "|", last: Optional[str] = None) -> str:
@@ -65,6 +69,15 @@ def _strategies(having, sep: str = "|", last: Optional[str] = None) -> str:
     if last is None or len(names) < 2:
         return sep.join(names)
     return sep.join(names[:-1]) + last + names[-1]
+
+
+def _has_key(mapping: Any, dotted: str) -> bool:
+    """Whether `mapping` (a config section) holds the key `dotted` ("a.b": key b of its mapping a)."""
+    for key in dotted.split("."):
+        if not isinstance(mapping, dict) or key not in mapping:
+            return False
+        mapping = mapping[key]
+    return True
 
 
 def _choice(errors: list[str], key: str, value: Any, allowed: tuple) -> None:
@@ -247,7 +260,7 @@ def compile_problem(device: str) -> Optional[str]:
 
 def _check_choices(cfg: Config, errors: list[str]) -> None:
     m, t, d, tr, p = cfg.model, cfg.technique, cfg.data, cfg.train, cfg.parallel
-    _choice(errors, "technique.name", t.name, TECHNIQUES)
+    _choice(errors, "technique.name", t.name, tuple(TECHNIQUES))
     _choice(errors, "parallel.strategy", p.strategy, tuple(ENGINES))
     _choice(errors, "parallel.backend", p.backend, BACKENDS)
     _choice(errors, "data.source", d.source, DATA_SOURCES)
@@ -374,7 +387,7 @@ def _check_sequence_length(cfg: Config, errors: list[str], max_positions: int) -
     if d.pack_strategy not in PACK_STRATEGIES:
         errors.append(f"data.pack_strategy={d.pack_strategy!r} is not one of {', '.join(PACK_STRATEGIES)}")
     # Prefix and prompt tuning put their virtual tokens at the first positions of every sequence.
-    extra = t.num_virtual_tokens if t.name in PROMPT_LEARNING_TECHNIQUES else 0
+    extra = t.num_virtual_tokens if _technique(cfg).virtual_tokens else 0
     if d.max_seq_len and max_positions > 0 and d.max_seq_len + extra > max_positions:
         what = f"data.max_seq_len={d.max_seq_len}" + (f" + technique.num_virtual_tokens={extra}" if extra else "")
         errors.append(
@@ -506,7 +519,7 @@ def _check_model(cfg: Config, errors: list[str]) -> None:
         )
     if cfg.train.pure_bf16:
         where = []
-        if cfg.technique.name != "full":
+        if not _technique(cfg).trains_all_weights:
             where.append(f"technique={cfg.technique.name} (its trained parameters are fp32 adapters; use technique=full)")
         if not _kind(cfg).fp32_master_weights:
             where.append(f"parallel={cfg.parallel.strategy} (DeepSpeed keeps fp32 master weights itself; use "
@@ -549,14 +562,14 @@ def _check_fp16_weights(cfg: Config, errors: list[str]) -> None:
     m, t, precision = cfg.model, cfg.technique.name, cfg.train.precision
     if m.dtype != "float16":
         return
-    if t == "full":
+    if _technique(cfg).trains_all_weights:
         errors.append(
             "model.dtype=float16 with technique=full: fp16 cannot hold AdamW's state (its eps 1e-8 is 0 in fp16, so "
             "an update turns weights into inf/NaN); leave model.dtype=auto (full fine-tuning keeps fp32 master "
             "weights) with train.precision=fp16 for fp16 compute, or use model.dtype=bfloat16"
         )
         return
-    if t == "qlora" or precision == "fp16":
+    if _technique(cfg).quantized_base or precision == "fp16":
         return
     why = {
         "fp32": "no autocast and no loss scaler, so the fp16 base computes and back-propagates in unscaled fp16 and "
@@ -578,7 +591,8 @@ def _check_fp16_weights(cfg: Config, errors: list[str]) -> None:
 
 def _check_technique(cfg: Config, errors: list[str]) -> None:
     t, d, tr, p = cfg.technique, cfg.data, cfg.train, cfg.parallel
-    if t.name in ADAPTER_TECHNIQUES:
+    trained = _technique(cfg)
+    if trained.adapter:
         _positive(errors, "technique.r", t.r)
         _positive(errors, "technique.alpha", t.alpha)
         if not 0 <= t.dropout < 1:
@@ -595,11 +609,11 @@ def _check_technique(cfg: Config, errors: list[str]) -> None:
         errors.append(f"train.compile=true does not work with parallel={p.strategy} ({_kind(cfg).compile_refusal}); "
                       f"use parallel={_strategies(lambda k: not k.compile_refusal and k.multi_rank, ', ', ' or ')}, "
                       "or set train.compile=false")
-    if tr.compile and t.name == "prefix":
-        errors.append("train.compile=true does not work with technique=prefix: every layer reads its own entry of "
-                      "the prefix's key/value cache, so torch.compile builds a graph per layer and stops at its "
-                      "recompile limit (8), running the rest eagerly; set train.compile=false (prompt tuning compiles)")
-    if t.name in PROMPT_LEARNING_TECHNIQUES:
+    if tr.compile and trained.compile_refusal:
+        compiling = [k.name for k in TECHNIQUES.values() if k.family == trained.family and not k.compile_refusal]
+        errors.append(f"train.compile=true does not work with technique={t.name}: {trained.compile_refusal}; set "
+                      "train.compile=false" + (f" ({' or '.join(compiling)} tuning compiles)" if compiling else ""))
+    if trained.virtual_tokens:
         _positive(errors, "technique.num_virtual_tokens", t.num_virtual_tokens)
         if d.packing:
             errors.append(
@@ -611,11 +625,11 @@ def _check_technique(cfg: Config, errors: list[str]) -> None:
                 f"train.gradient_checkpointing=true is not supported with technique={t.name}; set it to false"
             )
     # Settings that only one technique reads: set elsewhere they would be silently ignored.
-    if t.prompt_init_text is not None and t.name not in PROMPT_LEARNING_TECHNIQUES:
+    if t.prompt_init_text is not None and "prompt_init_text" not in trained.options:
         errors.append(f"technique.prompt_init_text is only used by technique=prompt or prefix (got {t.name}); remove it")
-    if t.prefix_projection and t.name != "prefix":
+    if t.prefix_projection and "prefix_projection" not in trained.options:
         errors.append(f"technique.prefix_projection=true is only used by technique=prefix (got {t.name}); remove it")
-    if t.name == "qlora":
+    if trained.quantized_base:
         _choice(errors, "technique.quant_type", t.quant_type, QUANT_TYPES)
         _choice(errors, "technique.quant_storage", t.quant_storage, QUANT_STORAGES)
         _choice(errors, "technique.compute_dtype", t.compute_dtype, QUANT_DTYPES)
@@ -653,10 +667,10 @@ def _check_parallel(cfg: Config, errors: list[str]) -> None:
         )
     # Engine options set for another engine would be silently ignored.
     deepspeed = _strategies(lambda k: k.deepspeed)
-    if p.deepspeed.offload_optimizer and not kind.deepspeed:
-        errors.append(f"parallel.deepspeed.offload_optimizer=true needs parallel={deepspeed} (got {p.strategy})")
-    if p.deepspeed.offload_param and kind.zero_stage != 3:
-        errors.append(f"parallel.deepspeed.offload_param=true needs parallel=zero3 (got {p.strategy})")
+    for switch in ("deepspeed.offload_optimizer", "deepspeed.offload_param"):
+        if getattr(p.deepspeed, switch.split(".")[1]) and switch not in kind.offload_switches:
+            errors.append(f"parallel.{switch}=true needs parallel="
+                          f"{_strategies(lambda k, switch=switch: switch in k.offload_switches)} (got {p.strategy})")
     if p.deepspeed.overrides and not kind.deepspeed:
         errors.append(f"parallel.deepspeed.overrides is only read by parallel={deepspeed} (got {p.strategy})")
     if kind.deepspeed:
@@ -666,23 +680,10 @@ def _check_parallel(cfg: Config, errors: list[str]) -> None:
                 f"train.precision=fp16 with parallel={p.strategy} on train.device=cpu: DeepSpeed's CPU accelerator "
                 "has no fp16; use train.precision=bf16 or fp32"
             )
-        # Keys engines/deepspeed.py derives from ours, and the keys that set them.
-        derived_from = {
-            "train_batch_size": "train.global_batch_size",
-            "train_micro_batch_size_per_gpu": "train.micro_batch_size",
-            "gradient_accumulation_steps": "train.global_batch_size / (train.micro_batch_size x ranks)",
-            "gradient_clipping": "train.grad_clip",
-            "bf16": "train.precision",
-            "fp16": "train.precision",
-            "optimizer": "train.lr, train.adam_* and train.weight_decay (distft builds the optimizer)",
-            "scheduler": "train.schedule, train.warmup_steps and train.min_lr_ratio (distft builds the schedule)",
-            "managed_gradient_accumulation": "nothing: the engine marks the accumulation boundary itself",
-        }
+        # Keys engines/deepspeed.py derives from ours, and the keys that set them (EngineKind.derived_keys).
         overrides = p.deepspeed.overrides or {}
         zero = overrides.get("zero_optimization") if isinstance(overrides.get("zero_optimization"), dict) else {}
-        derived = {key: where for key, where in derived_from.items() if key in overrides}
-        if "stage" in zero:
-            derived["zero_optimization.stage"] = f"parallel={deepspeed}"
+        derived = {key: where for key, where in kind.derived_keys if _has_key(overrides, key)}
         for key, where in derived.items():
             errors.append(
                 f"parallel.deepspeed.overrides.{key} is derived from the config; set {where} instead "
@@ -694,16 +695,19 @@ def _check_parallel(cfg: Config, errors: list[str]) -> None:
                     f"parallel.deepspeed.overrides.zero_optimization.{key} needs parallel.deepspeed.{key}=true "
                     "(the override then refines it, e.g. pin_memory or an nvme device)"
                 )
-    for key in ("cpu_offload", "hybrid_shard"):
-        if getattr(p.fsdp, key) and kind.options != "fsdp":
-            errors.append(f"parallel.fsdp.{key}=true needs parallel=fsdp (got {p.strategy})")
+    if p.fsdp.cpu_offload and "fsdp.cpu_offload" not in kind.offload_switches:
+        errors.append(f"parallel.fsdp.cpu_offload=true needs parallel="
+                      f"{_strategies(lambda k: 'fsdp.cpu_offload' in k.offload_switches)} (got {p.strategy})")
+    if p.fsdp.hybrid_shard and not kind.hybrid_shard:
+        errors.append(f"parallel.fsdp.hybrid_shard=true needs parallel={_strategies(lambda k: k.hybrid_shard)} "
+                      f"(got {p.strategy})")
     _positive(errors, "parallel.fsdp.shard_size", p.fsdp.shard_size, allow_zero=True)
     if p.fsdp.shard_size and not p.fsdp.hybrid_shard:
         errors.append(
             f"parallel.fsdp.shard_size={p.fsdp.shard_size} is only read with parallel.fsdp.hybrid_shard=true "
             "(full sharding spreads over all ranks); remove it or use parallel=fsdp_hybrid"
         )
-    if kind.options == "fsdp" and p.fsdp.hybrid_shard and p.fsdp.shard_size >= 0:
+    if kind.hybrid_shard and p.fsdp.hybrid_shard and p.fsdp.shard_size >= 0:
         # Hybrid sharding is a (replicate x shard) grid over all ranks: the shard groups must tile it.
         shard = p.fsdp.shard_size or launcher.nproc_per_node
         if shard > 0 and ws % shard:
@@ -790,11 +794,11 @@ def _check_eval_and_run(cfg: Config, errors: list[str]) -> None:
         errors.append(f"eval.general_path={cfg.eval.general_path} is not a file; point it at a text or JSON Lines "
                       "file of general text (the forgetting check), or builtin:general (the sample distft ships), or set "
                       "eval.general_path=null")
-    if cfg.eval.lm_eval_tasks and cfg.technique.name in ("prefix", "prompt"):
+    if cfg.eval.lm_eval_tasks and _technique(cfg).virtual_tokens:
         errors.append(f"eval.lm_eval_tasks does not run on technique={cfg.technique.name}: lm-evaluation-harness "
                       "scores logits position by position, which the virtual tokens shift; leave eval.lm_eval_tasks "
                       "empty for it")
-    if cfg.eval.lm_eval_tasks and cfg.parallel.strategy in ("fsdp", "zero3"):
+    if cfg.eval.lm_eval_tasks and _kind(cfg).shards_weights:
         errors.append(f"eval.lm_eval_tasks needs the whole model in one process, which parallel.strategy="
                       f"{cfg.parallel.strategy} shards: run the tasks after training with `python -m distft.evaluate "
                       "<run_dir>` (which loads it whole), and leave eval.lm_eval_tasks empty here")

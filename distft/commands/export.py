@@ -1,8 +1,44 @@
-"""`distft export` / `python -m distft.export`: write a checkpoint as a standalone Hugging Face model (adapter or merged)."""
+"""`distft export` / `python -m distft.export CHECKPOINT --out DIR`: write a checkpoint as a
+standalone Hugging Face model, adapter or merged (the library: distft/checkpoint/export.py, which
+imports torch, so it is imported after the arguments are parsed; `DTYPE_CHOICES` are the names of
+its `DTYPES`)."""
 
+from __future__ import annotations
+
+import argparse
 import sys
+from typing import Optional
 
-from distft.checkpoint.export import main
+from distft.commands import run_command
+
+DESCRIPTION = "`python -m distft.export CHECKPOINT --out DIR`: a standalone Hugging Face model from a run."
+DTYPE_CHOICES = ("bfloat16", "float16", "float32")  # sorted(distft.checkpoint.export.DTYPES)
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m distft.export", description=DESCRIPTION)
+    parser.add_argument("checkpoint", help="checkpoint directory, or a run directory (uses its latest checkpoint)")
+    parser.add_argument("--out", required=True, help="new or empty directory for the exported model")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                        help="dtype of the exported weights (default: the base model's, as it was distributed; "
+                             "float32 for a from-scratch model)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let the base model run its own Python code (never taken from the checkpoint)")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return run_command(_export, argv)
+
+
+def _export(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    from distft.checkpoint.export import DTYPES, export
+
+    out = export(args.checkpoint, args.out, dtype=DTYPES.get(args.dtype), trust_remote_code=args.trust_remote_code)
+    print(f"exported: {out}")
+    return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

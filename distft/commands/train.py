@@ -6,6 +6,10 @@ reaches Hydra's own entry point, which later hands multirun sweeps to their laun
 told (conf/config.yaml) to write nothing and stay in the current directory: the run directory
 is ours, deterministic, and holds a secret-free config dump. Before all of that, secrets given
 as overrides leave the command line for the environment (`secrets_to_environment`).
+
+Exit codes (0; 2 a config or user error; 3 a non-finite loss; 4 stopped by the signal; 130 Ctrl-C:
+what launchers/local.py ORDERLY_EXITS reads from every rank) come from distft/errors.py
+`exit_code`, the one mapping every command uses.
 """
 
 from __future__ import annotations
@@ -18,14 +22,6 @@ import hydra
 
 from distft.config import conf_dir, is_secret_key, redact_secrets, register_configs, to_config
 from distft.preflight import format_errors, preflight
-
-
-def _user_error_types() -> tuple:
-    # Imported lazily: `--help` and config errors should not pay for torch and transformers.
-    from distft.errors import CheckpointError, DataError, ModelLoadError, RunInUse
-
-    return (DataError, CheckpointError, ModelLoadError, RunInUse)
-
 
 _ARGV: list[str] = []  # the command line, for launchers that re-run it as rank processes
 
@@ -80,28 +76,25 @@ def _run_job(dict_cfg) -> None:
             file=sys.stderr,
         )
         sys.exit(2)
-    from distft.errors import NonFiniteError
-    from distft.preemption import EXIT_INTERRUPTED, Preempted
+    from distft.errors import EXIT_FAILED, Preempted, exit_code
     from distft.train import train
 
     _record_sweep_point(cfg, env)
     try:
         train(cfg)
-    except Preempted as err:  # a stop signal or Ctrl-C: checkpoint saved; requeued, exit 4 or 130
-        print(f"distft: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
-    except KeyboardInterrupt:  # Ctrl-C before training started (preemption._interrupt): nothing to save
+    except KeyboardInterrupt as err:  # Ctrl-C before training started (preemption._interrupt): nothing to save
         print("distft: interrupted (Ctrl-C) before training started; nothing was trained or saved", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
-    except NonFiniteError as err:  # the run itself went wrong, not its input: exit 3
-        print(f"distft: {err}", file=sys.stderr)
-        _sweep_point_failed(err, env)
-        sys.exit(3)
-    except _user_error_types() as err:
-        print(f"distft: {err}", file=sys.stderr)
-        _sweep_point_failed(err, env)
-        sys.exit(2)
+        sys.exit(exit_code(err))  # 130
     except Exception as err:
+        # The orderly ends, one line each (distft/errors.py exit_code): Preempted (a stop signal or
+        # Ctrl-C, checkpoint saved: requeued 0, else 4 or 130), NonFiniteError (the run itself went
+        # wrong: 3), a UserError (its input: 2). Anything else is a bug: below.
+        code = exit_code(err)
+        if code != EXIT_FAILED:
+            print(f"distft: {err}", file=sys.stderr)
+            if not isinstance(err, Preempted):
+                _sweep_point_failed(err, env)
+            sys.exit(code)
         if env.world_size > 1:  # name the rank: its peers are about to be stopped by the launcher
             import socket
 
@@ -274,17 +267,17 @@ def exit_now(code: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`distft train` / `python -m distft`: run() on argv, then a fast exit (exit_now) with its code."""
+    from distft.errors import exit_code
+
     try:
         run(argv)
-    except KeyboardInterrupt:  # Ctrl-C while composing or checking the config: nothing started
+    except KeyboardInterrupt as interrupted:  # Ctrl-C while composing or checking the config: nothing started
         print("distft: interrupted (Ctrl-C); nothing was started", file=sys.stderr)
-        exit_now(130)
+        exit_now(exit_code(interrupted))  # 130
     except SystemExit as done:
-        code = done.code
-        if code is not None and not isinstance(code, int):
-            print(code, file=sys.stderr)  # what SystemExit("message") prints
-            code = 1
-        exit_now(code or 0)
+        if done.code is not None and not isinstance(done.code, int):
+            print(done.code, file=sys.stderr)  # what SystemExit("message") prints; exit 1
+        exit_now(exit_code(done))
     exit_now(0)
 
 

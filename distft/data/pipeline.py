@@ -45,12 +45,11 @@ from distft.data.templates import (
     HEADERS,
     HEADERS_CHAT_TEMPLATE,
     RejectedConversation,
-    TemplateError,
     render_row,
     stop_token_ids,
     use_chat_template,
 )
-from distft.errors import DataError  # noqa: F401  (re-exported: callers catch distft.data.pipeline.DataError)
+from distft.errors import DataError, TemplateError  # DataError also re-exported (tests import it here)
 
 # ---------------------------------------------------------------------------------------------
 # Cleaning: detect the format, check types, drop empty / duplicate / over-long rows, counted.
@@ -659,65 +658,3 @@ def eval_row(example: Example, cfg: DataConfig, tokenizer) -> Optional[dict]:
 
 def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-# ------------------------------------------------------------------------------------------- CLI
-
-USAGE = """usage: python -m distft.data [OVERRIDE ...]
-
-Prepare a run's data without training, with the same overrides as the run (`python -m distft
-OVERRIDE ...`): load, clean, template, tokenize and pack it exactly as every rank will, write it to
-the tokenized-data cache (data.cache_dir, by default <run.root>/data-cache) or find it there, and
-print the data report (rows loaded, dropped by kind with the first of each, kept, sequences,
-tokens, packing), where the cache is, and the data files' fingerprint that checkpoints record.
-What to run on a login node before submitting: a data problem ends here, in one message, not in
-a queued job, and the job's ranks start from the cache instead of tokenizing.
-
-Exit status: 0 with the report, 2 for a config, tokenizer or data error.
-"""
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """`python -m distft.data [overrides]` (USAGE)."""
-    import sys
-
-    from distft.data.sources import data_fingerprint
-    from distft.errors import ModelLoadError
-    from distft.model.build import load_tokenizer
-    from distft.preflight import format_errors, preflight
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        print(USAGE, end="")
-        return 0
-    cfg, errors = preflight(argv, run_here=False)
-    if errors:
-        print(format_errors(errors), file=sys.stderr)
-        return 2
-    from distft.data.cache import prepared
-    from distft.errors import OutputError
-
-    try:
-        tokenizer = load_tokenizer(cfg.model)
-        cached = prepared(cfg.data, tokenizer, cfg.data.seed, cfg.run.root, prepare_data)
-        fingerprint = data_fingerprint(cfg.data)
-    except (DataError, ModelLoadError, OutputError) as err:
-        print(f"distft: {err}", file=sys.stderr)
-        return 2
-    data = cached.data
-    print(data.report.summary())
-    if cached.path:
-        print(f"cache: {'built' if cached.built else 'found'} {cached.path} ({cached.seconds:.1f} s)")
-    else:
-        print("cache: none (data.cache=false: every rank prepares the data itself)")
-    for level, line in data.report.notes(cfg.data):
-        print(f"{'warning: ' if level == 'warning' else ''}{line}")
-    for key, found in fingerprint.items():
-        print(f"{key}: {found['path']} ({found['bytes']} bytes, sha256 {found['sha256']})")
-    if not fingerprint:
-        print("data files: none (data.source=synthetic: the config defines the rows)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

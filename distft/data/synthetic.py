@@ -7,16 +7,15 @@ small arithmetic transformation with one correct short answer, and the rows are 
 from a seed (no data files in the repository, identical on every machine).
 
 Rows are Alpaca-style dicts `{"instruction", "input", "output", "task"}`; run
-`python -m distft.synthetic OUT.jsonl` to see them as a JSON Lines file in the format users supply.
+`python -m distft.synthetic OUT.jsonl` (distft/commands/synthetic.py) to see them as a JSON Lines
+file in the format users supply.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import string
-import sys
 from collections.abc import Callable
 from typing import Optional
 
@@ -171,31 +170,3 @@ def generate(num_examples: int, seed: int, tasks: Optional[list[str]] = None) ->
         else:
             exhausted.add(task)
     return rows
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m distft.synthetic", description="Write the embedded synthetic dataset as JSON Lines."
-    )
-    parser.add_argument("out", help="output .jsonl path ('-' for stdout)")
-    parser.add_argument("--num", type=int, default=3000, help="number of rows (default 3000)")
-    parser.add_argument("--seed", type=int, default=1234, help="generator seed (default 1234)")
-    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
-                        help=f"comma-separated subset of: {', '.join(TASKS)} (default: {', '.join(DEFAULT_TASKS)})")
-    args = parser.parse_args(argv)
-    try:
-        rows = generate(args.num, args.seed, [t for t in args.tasks.split(",") if t])
-    except ValueError as err:
-        parser.error(str(err))
-    lines = "".join(json.dumps(row) + "\n" for row in rows)
-    if args.out == "-":
-        sys.stdout.write(lines)
-    else:
-        with open(args.out, "w") as f:
-            f.write(lines)
-        print(f"wrote {len(rows)} rows to {args.out}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

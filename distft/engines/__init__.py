@@ -8,8 +8,8 @@ DDP must skip the gradient all-reduce on accumulation micro-steps). What stays o
 
 `ENGINES` (kinds.py) says what each `parallel.strategy` is for the code outside its module:
 validation, the planner, the precision policy, checkpoints and the model build read its
-`EngineKind`, never the strategy's name. Adding an engine is a module here, a row in ENGINES,
-its branch in build_engine and a conf/parallel/<strategy>.yaml (tests/unit/test_config.py
+`EngineKind`, never the strategy's name. Adding an engine is a module here, a row in ENGINES
+(naming the module and class build_engine imports) and a conf/parallel/<strategy>.yaml (tests/unit/test_config.py
 checks that they agree).
 
 `single` (one process) and `ddp` live in ddp.py, `zero1/2/3` in deepspeed.py, `fsdp` in fsdp.py;
@@ -22,10 +22,13 @@ imports no torch (validation runs without it).
 
 from __future__ import annotations
 
+import importlib
+import os
 from typing import TYPE_CHECKING, Any, Protocol
 
 from distft.config import Config
 from distft.engines.kinds import ENGINES, EngineKind, engine_kind  # noqa: F401  (re-exported)
+from distft.techniques.kinds import technique_kind
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager as ContextManager
@@ -74,6 +77,13 @@ class Engine(Protocol):
     def unwrapped(self) -> torch.nn.Module:
         """The plain (PEFT or transformers) model, for generation, evaluation and saving."""
 
+    weights_offloaded: bool
+    """The weights live in host memory (FSDP cpu_offload, ZeRO-3 offload_param): a per-step norm
+    of every shard on the CPU would cost seconds, so the trainer checks them before saves only."""
+
+    def local_shard(self, param: torch.Tensor) -> torch.Tensor:
+        """The part of `param` this rank holds (FSDP2's DTensor shard, ZeRO-3's partition)."""
+
     def autocast(self) -> ContextManager: ...
 
     def gathered_state_dict(self) -> dict | None:
@@ -106,7 +116,8 @@ def build_model_for_engine(cfg: Config, dtype: torch.dtype, tokenizer, world_siz
     quantises while the weights load) and every other engine needs the whole model on every
     rank before it partitions it ("eager"; ZeRO-3 partitions after `deepspeed.initialize`).
     """
-    if engine_kind(cfg.parallel.strategy).meta_build and world_size > 1 and cfg.technique.name != "qlora":
+    if (engine_kind(cfg.parallel.strategy).meta_build and world_size > 1
+            and not technique_kind(cfg.technique.name).quantized_base):
         from distft.techniques.build import build_meta_model
 
         return build_meta_model(cfg, dtype, tokenizer), "meta"
@@ -120,14 +131,17 @@ def state_format(strategy: str) -> str:
     return engine_kind(strategy).state_format
 
 
+def prepare_device(device: torch.device) -> None:
+    """Before anything imports an engine's library: DeepSpeed picks its accelerator once, on first
+    import, whoever imports it (accelerate does, when any engine saves a model), so a CPU run pins
+    the CPU one (train.device=cpu on a GPU machine; on a CPU machine it spares the "unable to
+    detect" warning in the middle of a run's log)."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def build_engine(cfg: Config, model: torch.nn.Module, device: torch.device) -> Engine:
+    """The engine of `parallel.strategy`: its row names the module and class (EngineKind)."""
     kind = engine_kind(cfg.parallel.strategy)
-    if kind.module == "ddp":
-        from distft.engines import ddp as module
-    elif kind.module == "deepspeed":
-        from distft.engines import deepspeed as module
-    elif kind.module == "fsdp":
-        from distft.engines import fsdp as module
-    else:
-        raise NotImplementedError(f"distft.engines.{kind.module} (parallel.strategy={kind.strategy}) is not imported here")
+    module = importlib.import_module(f"distft.engines.{kind.module}")
     return getattr(module, kind.engine_class)(cfg, model, device)

@@ -75,6 +75,11 @@ class DDPEngine:
     def eval(self) -> None:
         self._model.eval()
 
+    weights_offloaded = False
+
+    def local_shard(self, param: torch.Tensor) -> torch.Tensor:
+        return param  # every rank holds every weight
+
     def unwrapped(self) -> torch.nn.Module:
         return self._model
 

@@ -49,6 +49,8 @@ from typing import Any
 import torch
 
 from distft.config import Config, grad_accum_steps
+from distft.engines import prepare_device
+from distft.engines.kinds import engine_kind
 from distft.engines.optim import build_optimizer
 from distft.engines.precision import autocast_context, autocast_dtype
 from distft.errors import CheckpointError
@@ -56,7 +58,6 @@ from distft.techniques.build import keep_4bit_training_layout
 
 log = logging.getLogger("distft")
 
-ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
 _OPTIM_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 
 
@@ -67,9 +68,12 @@ def deepspeed_config(cfg: Config, device: torch.device) -> dict:
     """DeepSpeed's JSON config for `cfg` on `device` (precision `auto` depends on the device).
 
     A pure function: no DeepSpeed import, no process group, so it is unit-tested on its own and
-    a user can print exactly what DeepSpeed will get."""
+    a user can print exactly what DeepSpeed will get. Its torch-free facts live beside it in
+    kinds.py, where validation reads them: the ZeRO stage and offload switches of each strategy's
+    EngineKind, and DEEPSPEED_DERIVED_KEYS, the keys derived here (parallel.deepspeed.overrides
+    may not set them)."""
     t, ds = cfg.train, cfg.parallel.deepspeed
-    stage = ZERO_STAGES[cfg.parallel.strategy]
+    stage = engine_kind(cfg.parallel.strategy).zero_stage
     zero: dict[str, Any] = {"stage": stage}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -111,16 +115,8 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def pin_accelerator(device: torch.device) -> None:
-    """DeepSpeed picks its accelerator once, on first import, whoever imports it (accelerate does,
-    when any engine saves a model): train.device=cpu on a GPU machine must not get the CUDA one, and
-    on a CPU machine this spares the "unable to detect" warning in the middle of a run's log."""
-    if device.type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
 def _import_deepspeed(device: torch.device):
-    pin_accelerator(device)
+    prepare_device(device)
     try:
         import deepspeed
     except ImportError as err:  # pragma: no cover - depends on the install
@@ -169,7 +165,7 @@ class DeepSpeedEngine:
         deepspeed = _import_deepspeed(device)
         self.cfg = cfg
         self.device = device
-        self.stage = ZERO_STAGES[cfg.parallel.strategy]
+        self.stage = engine_kind(cfg.parallel.strategy).zero_stage
         self.amp_dtype = autocast_dtype(cfg.train.precision, device)
         _ensure_process_group(cfg, device)
         self.world_size = torch.distributed.get_world_size()
@@ -224,6 +220,13 @@ class DeepSpeedEngine:
 
     def eval(self) -> None:
         self.ds.module.eval()
+
+    @property
+    def weights_offloaded(self) -> bool:
+        return self.stage == 3 and self.cfg.parallel.deepspeed.offload_param
+
+    def local_shard(self, param: torch.Tensor) -> torch.Tensor:
+        return param.ds_tensor if getattr(param, "ds_tensor", None) is not None else param  # ZeRO-3's partition
 
     def unwrapped(self) -> torch.nn.Module:
         return self.ds.module

@@ -44,6 +44,7 @@ from distft.config import Config
 from distft.engines.optim import apply_update, build_optimizer
 from distft.engines.precision import autocast_context, autocast_dtype
 from distft.techniques.build import keep_4bit_training_layout
+from distft.techniques.kinds import technique_kind
 
 log = logging.getLogger("distft")
 
@@ -60,7 +61,7 @@ class FSDPEngine:
             materialize_from_rank0(self._model, cfg, device)
         self.replicated = replicated_parameters(self._model)
         # Small trainable sets (adapters, virtual tokens) accumulate unsharded gradients locally.
-        self.defer_grad_sync = cfg.technique.name != "full"
+        self.defer_grad_sync = not technique_kind(cfg.technique.name).trains_all_weights
         self.optimizer, self.scheduler = build_optimizer(cfg, self._model)
         self.scaler = None
         if self.amp_dtype == torch.float16:
@@ -122,6 +123,13 @@ class FSDPEngine:
 
     def eval(self) -> None:
         self._model.eval()
+
+    @property
+    def weights_offloaded(self) -> bool:
+        return self.cfg.parallel.fsdp.cpu_offload
+
+    def local_shard(self, param: torch.Tensor) -> torch.Tensor:
+        return param.to_local() if hasattr(param, "to_local") else param  # a DTensor's shard on this rank
 
     def unwrapped(self) -> torch.nn.Module:
         return self._model

@@ -10,6 +10,7 @@ import torch
 
 from distft.config import Config
 from distft.engines.kinds import engine_kind
+from distft.techniques.kinds import technique_kind
 
 
 def weights_dtype(cfg: Config, device: torch.device) -> torch.dtype:
@@ -24,7 +25,7 @@ def weights_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     """
     from distft.model.build import resolve_dtype
 
-    if cfg.technique.name == "full" and engine_kind(cfg.parallel.strategy).fp32_master_weights:
+    if technique_kind(cfg.technique.name).trains_all_weights and engine_kind(cfg.parallel.strategy).fp32_master_weights:
         return torch.bfloat16 if cfg.train.pure_bf16 else torch.float32
     return resolve_dtype(cfg.model.dtype, device)
 

@@ -1,1 +1,3 @@
-"""evaluation (see README.md beside this file)."""
+"""Evaluation: held-out loss, generation metrics and the report of a run or checkpoint, and the tools
+around them (compare, review, chat, the forgetting check, sweep summaries).
+README.md here: its modules, public names and data flow."""

@@ -1,4 +1,5 @@
-"""`python -m distft.chat RUN_CHECKPOINT_OR_EXPORT [--base]`: talk to a model in the terminal.
+"""Talk to a model in the terminal: what `distft chat` / `python -m distft.chat RUN_CHECKPOINT_OR_EXPORT
+[--base]` loads and asks (the terminal itself: distft/commands/chat.py).
 
 For a person probing a model by hand: each message is rendered exactly as the model saw its
 training rows, answered greedily (as the evaluation answers, `evaluate.generate_outputs`, so a
@@ -22,17 +23,15 @@ starts the conversation over, `/exit` (or end of input) leaves.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
-import sys
 from typing import Any, Optional
 
-from distft.errors import CheckpointError, DataError
+from distft.errors import CheckpointError, DataError, TemplateError
 from distft.evaluation.compare import PLACEHOLDER  # an answer whose start marks where the prompt ends; never fed
 from distft.files import read_json
 
-PROMPT_FORMAT = "prompt_format.json"  # written by distft.checkpoint.export: how to prompt the exported model
+PROMPT_FORMAT = "prompt_format.json"  # written by distft.export: how to prompt the exported model
 INSTRUCTION_TEMPLATES = ("alpaca", "alpaca_short", "plain")
 
 
@@ -107,7 +106,7 @@ def _load_export(path: str, base: bool, trust_remote_code: bool):
             raise CheckpointError(f"{fmt_path} cannot be read ({err}); export the checkpoint again") from None
         return model, tokenizer, fmt["template"], [int(i) for i in fmt["stop_token_ids"]]
     if not getattr(tokenizer, "chat_template", None):
-        raise CheckpointError(f"{path} has no {PROMPT_FORMAT} (written by distft.checkpoint.export) and its tokenizer no chat "
+        raise CheckpointError(f"{path} has no {PROMPT_FORMAT} (written by distft.export) and its tokenizer no chat "
                               "template, so how to prompt it is unknown: chat with the run directory or checkpoint "
                               "instead")
     return model, tokenizer, "chat", stop_token_ids(tokenizer)
@@ -117,8 +116,8 @@ def load(path: str, base: bool = False, max_new_tokens: Optional[int] = None, sy
          trust_remote_code: bool = False) -> Chat:
     import torch
 
-    from distft.checkpoint.store import resolve_checkpoint
-    from distft.data.templates import TemplateError, stop_token_ids, trained_format
+    from distft.checkpoint.verify import resolve_checkpoint
+    from distft.data.templates import stop_token_ids, trained_format
 
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
@@ -145,76 +144,3 @@ def load(path: str, base: bool = False, max_new_tokens: Optional[int] = None, sy
     if not getattr(model, "is_loaded_in_4bit", False):
         model = model.to(device)
     return Chat(model.eval(), tokenizer, template, stop_ids, new_tokens, device, system)
-
-
-def _messages(stream):
-    """Messages from `stream`: one per line; a line ending in a backslash continues on the next."""
-    pending: list[str] = []
-    for line in stream:
-        line = line.rstrip("\n")
-        if line.endswith("\\"):
-            pending.append(line[:-1])
-            continue
-        yield "\n".join([*pending, line])
-        pending = []
-    if pending:
-        yield "\n".join(pending)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    from distft.model.build import ModelLoadError
-
-    parser = argparse.ArgumentParser(prog="python -m distft.chat", description="Talk to a tuned model (or its base)")
-    parser.add_argument("model", metavar="RUN_CHECKPOINT_OR_EXPORT")
-    parser.add_argument("--base", action="store_true", help="talk to the untuned base instead")
-    parser.add_argument("--max-new-tokens", type=int, help="answer length (default: the run's eval.max_new_tokens)")
-    parser.add_argument("--system", help="a system turn (chat models)")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="let the model run its own Python code (never taken from a checkpoint)")
-    args = parser.parse_args(argv)
-    try:
-        chat = load(args.model, args.base, args.max_new_tokens, args.system, args.trust_remote_code)
-    except (CheckpointError, DataError, ModelLoadError) as err:
-        print(f"distft: {err}", file=sys.stderr)
-        return 2
-    tty = sys.stdin.isatty()
-    how = ("a conversation: every turn is kept (/reset starts over)" if chat.template == "chat" else
-           f"single instructions (template {chat.template}): each message is answered on its own; its first line "
-           "is the instruction, the rest its input (end a line with \\ to go on)")
-    print(f"distft chat with {'the base of ' if args.base else ''}{args.model}: {how}; /exit to leave", file=sys.stderr)
-    while True:
-        if tty:
-            print("you> ", end="", flush=True, file=sys.stderr)
-        message = next(_messages(_lines(sys.stdin, tty)), None)
-        if message is None or message.strip() in ("/exit", "/quit"):
-            return 0
-        if message.strip() == "/reset":
-            chat.history.clear()
-            print("(conversation reset)", file=sys.stderr)
-            continue
-        if not message.strip():
-            continue
-        try:
-            answer, cut = chat.reply(message)
-        except DataError as err:
-            print(f"distft: {err}", file=sys.stderr)
-            continue
-        print(f"model> {answer}" + (f"  [cut at {chat.max_new_tokens} tokens: --max-new-tokens]" if cut else ""),
-              flush=True)
-
-
-def _lines(stream, tty: bool):
-    """The lines of one message: up to a line that does not end in a backslash."""
-    while True:
-        line = stream.readline()
-        if not line:
-            return
-        yield line
-        if not line.rstrip("\n").endswith("\\"):
-            return
-        if tty:
-            print("...> ", end="", flush=True, file=sys.stderr)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,5 @@
-"""`python -m distft.compare RUN_OR_CHECKPOINT ...`: several models scored on the same prompts, one report.
+"""Several models scored on the same prompts, one report: `distft compare` / `python -m distft.compare
+RUN_OR_CHECKPOINT ...` (the command line: distft/commands/compare.py).
 
 The models are checkpoints or run directories (a run's best checkpoint when it made that its
 result, else its newest: `checkpoint.resolve_checkpoint`), and the untuned base of the first one
@@ -25,7 +26,6 @@ checkpoints, metrics). Nothing is written into a checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import os
@@ -33,7 +33,7 @@ import sys
 import time
 from typing import Any, Optional
 
-from distft.errors import CheckpointError, DataError, OutputError
+from distft.errors import CheckpointError, DataError, TemplateError
 
 REPORT = "compare_report.md"
 SUMMARY = "compare.json"
@@ -147,11 +147,12 @@ def compare(checkpoints: list[str], out: str, prompts: Optional[str] = None, bas
             trust_remote_code: bool = False) -> dict:
     """Score the models and write the report; returns compare.json's content."""
     from distft.checkpoint.export import checkpoint_config, load_base, load_model, load_tokenizer_from
-    from distft.checkpoint.store import read_meta, resolve_checkpoint
+    from distft.checkpoint.store import read_meta
+    from distft.checkpoint.verify import resolve_checkpoint
     from distft.config import model_label
     from distft.data.cache import prepared, tokenizer_fingerprint
     from distft.data.pipeline import eval_batches, prepare_data
-    from distft.data.templates import TemplateError, stop_token_ids, trained_format
+    from distft.data.templates import stop_token_ids, trained_format
     from distft.evaluation.evaluate import metrics_only
     from distft.evaluation.report import predictions_path, write_comparison, write_predictions
 
@@ -236,41 +237,3 @@ def compare(checkpoints: list[str], out: str, prompts: Optional[str] = None, bas
 
     write_json(os.path.join(out, SUMMARY), summary, what="the comparison's summary")
     return summary
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    from distft.model.build import ModelLoadError
-
-    parser = argparse.ArgumentParser(prog="python -m distft.compare",
-                                     description="Score several models on the same prompts and write one report")
-    parser.add_argument("models", nargs="+", metavar="RUN_OR_CHECKPOINT",
-                        help="run directories (their best or newest checkpoint) or checkpoint directories")
-    parser.add_argument("--prompts", help="a file of held-out rows (alpaca/chat/ShareGPT, or {prompt, reference}); "
-                                          "default: the first model's held-out split")
-    parser.add_argument("--out", help="output directory (default: ./compare-<time>)")
-    parser.add_argument("--no-base", action="store_true", help="leave out the first model's untuned base")
-    parser.add_argument("--num-samples", type=int, help="prompts to score (default: the first run's eval.num_samples; "
-                                                        "with --prompts, all)")
-    parser.add_argument("--max-new-tokens", type=int, help="answer length (default: the first run's)")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="let base models run their own Python code (never taken from a checkpoint)")
-    args = parser.parse_args(argv)
-    out = args.out or os.path.join(os.getcwd(), time.strftime("compare-%Y%m%d-%H%M%S"))
-    try:
-        summary = compare(args.models, out, args.prompts, not args.no_base, args.num_samples, args.max_new_tokens,
-                          args.trust_remote_code)
-    except (CheckpointError, DataError, ModelLoadError, OutputError) as err:
-        print(f"distft: {err}", file=sys.stderr)
-        return 2
-    print(f"report: {summary['report']}")
-    print(f"predictions: {summary['predictions']}")
-    for model in summary["models"]:
-        metrics = model["metrics"]
-        shown = " ".join(f"{k}={metrics[k]:.4f}" for k in ("loss", "exact_match", "f1", "rouge_l")
-                         if metrics.get(k) is not None)
-        print(f"{model['label']}: {shown or 'answers only'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

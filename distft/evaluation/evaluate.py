@@ -8,8 +8,9 @@ What it owns, in the order a run uses it:
 - `generate_outputs` / `generate_answers`: greedy, deterministic answers to held-out prompts,
   each flagged when it was cut at max_new_tokens;
 - `evaluate_model`: both of the above for one model, in one dict, every answer with its scores;
-- `metrics_only`: the numbers for summary.json; `python -m distft.evaluate`: a checkpoint scored
-  against its base. The report and the predictions file are distft.evaluation.report's.
+- `metrics_only`: the numbers for summary.json; `evaluate_checkpoint`: a checkpoint scored against
+  its base (the `distft evaluate` command, distft/commands/evaluate.py). The report and the
+  predictions file are distft.evaluation.report's.
 
 Choices worth knowing:
 - exact_match and f1 are SQuAD v1.1's: both strings are normalised (lowercase, drop ASCII
@@ -593,10 +594,12 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, num_samples: in
     import torch
 
     from distft.checkpoint.export import load_base, load_model
-    from distft.checkpoint.store import CheckpointError, read_meta, resolve_checkpoint
+    from distft.checkpoint.store import read_meta
+    from distft.checkpoint.verify import resolve_checkpoint
     from distft.data.cache import prepared
     from distft.data.pipeline import eval_batches, prepare_data
     from distft.engines import autocast_context, autocast_dtype
+    from distft.errors import CheckpointError
     from distft.evaluation.report import predictions_path, write_predictions, write_report
 
     checkpoint = resolve_checkpoint(checkpoint, announce=True)
@@ -657,47 +660,3 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, num_samples: in
     predictions = write_predictions(predictions_path(out), {"base": before, "tuned": after}, root)
     write_report(out, before, after, meta, num_samples=cfg.eval.report_samples, predictions=predictions, root=root)
     return out, after, before
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import sys
-
-    from distft.checkpoint.store import CheckpointError
-    from distft.data.pipeline import DataError
-    from distft.model.build import ModelLoadError
-
-    parser = argparse.ArgumentParser(prog="python -m distft.evaluate",
-                                     description="Score a checkpoint against its base and write eval_report.md")
-    parser.add_argument("checkpoint", help="checkpoint directory, or a run directory (uses its latest checkpoint)")
-    parser.add_argument("--out", help="report path, outside the checkpoint (default: <run_dir>/evals/<checkpoint>/"
-                                      "eval_report.md; for a checkpoint outside a run: ./evals/<checkpoint>/...)")
-    parser.add_argument("--num-samples", type=int, help="held-out prompts to generate for (default: the run's)")
-    parser.add_argument("--no-base", action="store_true", help="score the tuned model only")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="let the base model run its own Python code (never taken from the checkpoint)")
-    args = parser.parse_args(argv)
-    from distft.tracking import quiet_libraries, setup_logging
-
-    # The progress of a slow generation (tracking.GenerationProgress) and the threads line, on
-    # stderr: stdout is the command's result (report:, predictions:, then the metrics).
-    setup_logging(stream=sys.stderr)
-    quiet_libraries()
-    try:
-        out, after, _ = evaluate_checkpoint(args.checkpoint, args.out, args.num_samples, not args.no_base,
-                                            trust_remote_code=args.trust_remote_code)
-    except (CheckpointError, DataError, ModelLoadError) as err:
-        print(f"distft: {err}", file=sys.stderr)
-        return 2
-    from distft.evaluation.report import predictions_path
-
-    print(f"report: {out}")
-    print(f"predictions: {predictions_path(out)}")
-    print(" ".join(f"{k}={after[k]:.4f}" for k in ("loss", "perplexity", "exact_match", "f1", "rouge_l")))
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

@@ -1,4 +1,5 @@
-"""`python -m distft.review RUN_OR_COMPARE_DIR`: read every prediction side by side, and rate them blind.
+"""Read every prediction side by side, and rate them blind: `distft review` / `python -m distft.review
+RUN_OR_COMPARE_DIR` (the command line: distft/commands/review.py).
 
 A local web page for the manual review of model outputs, on the standard library's HTTP server
 (no framework, no build step, nothing fetched: it works offline); it prints its address and
@@ -28,7 +29,6 @@ file, ratings (`<dir>/review/ratings.jsonl`, JSON lines) are appended by `distft
 
 from __future__ import annotations
 
-import argparse
 import base64
 import contextlib
 import dataclasses
@@ -44,14 +44,13 @@ import math
 import os
 import random
 import secrets
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any, Optional
 from urllib.parse import parse_qs, urlparse
 
-from distft.errors import OutputError
+from distft.errors import OutputError, ReviewError
 from distft.files import NotAFile, append_line, describe, directory_fd, open_regular, read_json_lines, writing
 
 log = logging.getLogger("distft")
@@ -63,11 +62,6 @@ RESERVE_SECONDS = 600.0  # a pair handed to a tab is kept from the others this l
 LOCK_WAIT_SECONDS = 10.0  # how long a rating waits for another server appending to the same file
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 MAX_BODY = 1 << 16
-
-
-class ReviewError(Exception):
-    """A directory without predictions, a damaged or unsafe predictions or ratings file, a request
-    the page cannot answer (an unknown model, a pair already rated)."""
 
 
 # ------------------------------------------------------------------------------ the files
@@ -665,47 +659,3 @@ def make_server(review: Review, host: str = "127.0.0.1", port: int = 0,
 def review_url(server: http.server.ThreadingHTTPServer, host: str) -> str:
     """The page's address with its token: printed once, the only place the token is shown."""
     return f"http://{url_host(host)}:{server.server_address[1]}/?token={server.token}"
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m distft.review",
-                                     description="Read predictions side by side and rate them blind, in a local page "
-                                                 "for you only: its printed URL carries a token every request needs")
-    parser.add_argument("directory", metavar="RUN_OR_COMPARE_DIR")
-    parser.add_argument("--predictions", help="a predictions file (default: the directory's)")
-    parser.add_argument("--port", type=int, default=0, help="port (default: a random free one)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind (default 127.0.0.1: this machine only); another one serves the page to "
-                             "whoever can reach it and has the printed URL (the token is always required)")
-    parser.add_argument("--summary", action="store_true", help="print the ratings' summary and exit")
-    args = parser.parse_args(argv)
-    directory = os.path.abspath(os.path.expanduser(args.directory))
-    predictions = os.path.abspath(os.path.expanduser(args.predictions)) if args.predictions else None
-    try:
-        if args.summary:
-            print(summary_text(read_ratings(os.path.join(directory, RATINGS))))
-            return 0
-        review = Review(directory, predictions)
-        server = make_server(review, args.host, args.port)
-    except ReviewError as err:
-        print(f"distft: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # the port is taken, the address is not this machine's
-        print(f"distft: cannot serve on {args.host}:{args.port}: {describe(err)}", file=sys.stderr)
-        return 2
-    warning = exposure_warning(args.host)
-    if warning:
-        print(f"distft: warning: {warning}", file=sys.stderr)
-    print(f"review: {review_url(server, args.host)} ({len(review.records)} prompts, models "
-          f"{', '.join(review.labels)}; ratings go to {review.ratings_path}); Ctrl-C to stop", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

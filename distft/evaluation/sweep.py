@@ -2,7 +2,8 @@
 
     python -m distft -m +experiment=tiny_lora technique.lora.r=4,8 train.lr=1e-3,3e-3 \\
         hydra/launcher=submitit_slurm        # writes the summary when the sweep ends
-    python -m distft.sweep outputs/multirun  # writes it again, from what is on disk (the newest sweep)
+    python -m distft.sweep outputs/multirun  # writes it again, from what is on disk (the newest sweep):
+                                             # distft/commands/sweep.py
 
 Each sweep has its own directory, `${run.root}/multirun/<date>_<time>` (conf/config.yaml
 hydra.sweep.dir), holding `sweep.json` (the sweep's id, written when it starts), Hydra's
@@ -28,7 +29,6 @@ line>` (the earliest failure of a rank that was not just a peer's lost connectio
 
 from __future__ import annotations
 
-import argparse
 import csv
 import glob
 import io
@@ -41,7 +41,7 @@ import uuid
 import warnings
 from typing import Any, Optional
 
-from distft.files import read_json, read_text, write_bytes, write_json, write_text
+from distft.files import read_json, write_bytes, write_json, write_text
 
 log = logging.getLogger("distft")
 
@@ -313,7 +313,7 @@ def point_exit(code: Any) -> Optional[PointFailed]:
     success, and for a stop signal or Ctrl-C (4, 130), which stop the sweep, not one point."""
     from hydra.core.hydra_config import HydraConfig
 
-    from distft.preemption import EXIT_INTERRUPTED, EXIT_STOPPED
+    from distft.errors import EXIT_INTERRUPTED, EXIT_STOPPED
 
     hydra_cfg = HydraConfig.get()
     if code in (None, 0, EXIT_STOPPED, EXIT_INTERRUPTED) or not runs_points_here(hydra_cfg):
@@ -351,29 +351,3 @@ def _write_summary(sweep_dir: str, announce: bool) -> None:
         return
     if paths and announce:
         print(f"sweep summary: {paths['md']} (also summary.csv, summary.png)", flush=True)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m distft.sweep", description=__doc__.split("\n\n")[0])
-    parser.add_argument("sweep_dir", help="a sweep directory (hydra.sweep.dir), or the multirun directory above it: its newest sweep")
-    args = parser.parse_args(argv)
-    if not os.path.isdir(args.sweep_dir):
-        print(f"distft.evaluation.sweep: {args.sweep_dir} is not a directory; give the sweep's directory "
-              "(hydra.sweep.dir, default outputs/multirun/<date>_<time>)", file=sys.stderr)
-        return 2
-    sweep_dir = args.sweep_dir
-    if not glob.glob(os.path.join(sweep_dir, "*", POINT)) and latest_sweep(sweep_dir):
-        sweep_dir = latest_sweep(sweep_dir)  # outputs/multirun: the newest sweep in it
-        print(f"distft.evaluation.sweep: the newest sweep in {args.sweep_dir}: {sweep_dir}", file=sys.stderr)
-    paths = summarize(sweep_dir)
-    if paths is None:
-        print(f"distft.evaluation.sweep: no sweep point in {sweep_dir} (no */{POINT}); was it written by "
-              "`python -m distft -m ...`?", file=sys.stderr)
-        return 2
-    print(read_text(paths["md"]), end="")
-    print(f"written: {', '.join(paths.values())}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

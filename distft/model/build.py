@@ -46,7 +46,7 @@ def _load_error(key: str, source: str, err: Exception) -> ModelLoadError:
         return ModelLoadError(
             f"cannot load {key}={source!r}: it runs its own Python code, and trust_remote_code is off. Turn it on "
             "only for code you have read and trust: model.trust_remote_code=true for python -m distft, "
-            "--trust-remote-code for python -m distft.evaluate / distft.checkpoint.export"
+            "--trust-remote-code for python -m distft.evaluate / distft.export"
         )
     if os.path.isdir(source):
         found = sorted(os.listdir(source))

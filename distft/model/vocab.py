@@ -37,6 +37,7 @@ from typing import Any, Optional
 
 from distft.config import Config, ModelConfig
 from distft.files import read_json
+from distft.techniques.kinds import TECHNIQUES, technique_kind
 
 log = logging.getLogger("distft")
 
@@ -63,7 +64,8 @@ def vocab_problem(cfg: Config, tokenizer_len: int, embedding_rows: int) -> Optio
         return (f"{where} has {tokenizer_len} tokens, more than the model.vocab_size={embedding_rows} embedding rows "
                 f"of model={model.name} (built from scratch): token ids {embedding_rows}..{tokenizer_len - 1} would index "
                 f"past the embedding; set model.vocab_size={tokenizer_len} (or more)")
-    if technique == "full":
+    kind = TECHNIQUES.get(technique)  # None: an unknown name, which validation reports (this runs beside it)
+    if kind is not None and kind.trains_embeddings:
         return None
     return (f"{where} has {tokenizer_len} tokens, more than the {embedding_rows} embedding rows of "
             f"model.name_or_path={model.name_or_path!r}; technique={technique} keeps the embeddings frozen, so the "
@@ -151,10 +153,11 @@ def fit_embeddings(model: Any, cfg: Config, tokenizer: Any = None) -> Any:
     shapes change (the engine fills the weights from rank 0's real, resized model)."""
     import torch
 
-    from distft.model.build import ModelLoadError, load_tokenizer
+    from distft.errors import ModelLoadError
+    from distft.model.build import load_tokenizer
 
     if tokenizer is None:
-        if cfg.technique.name != "full" or cfg.model.name_or_path is None:
+        if not technique_kind(cfg.technique.name).trains_embeddings or cfg.model.name_or_path is None:
             return model
         tokenizer = load_tokenizer(cfg.model)
     tokenizer_len = len(tokenizer)

@@ -16,22 +16,45 @@ ZeRO-3). bf16 on GPUs is derived from the same saved-tensor accounting, not yet 
 By concern: architecture.py (the model a run will build, its exact parameter counts), memory.py
 (per-GPU and per-node bytes, term by term, and whether they fit), timing.py (tokens/s, step and
 epoch time), advice.py (the changes that make a plan fit), report.py (the whole plan as text or
-JSON, the command line, the launchers' refusal). The names below are the planner's API.
+JSON, the launchers' refusal); the command line is distft/commands/plan.py. The names below are
+the planner's API, imported on first use.
 """
 
-from distft.plan.architecture import PlanInputError, count_parameters, from_fields, with_architecture
-from distft.plan.memory import (
-    ADAMW_8BIT_BYTES,
-    NF4_BYTES,
-    NF4_DOUBLE_QUANT_BYTES,
-    host_bytes,
-    model_state_bytes,
-    optimizer_bytes,
-    per_gpu_bytes,
-    verdict,
-)
-from distft.plan.report import format_text, main, plan, refusal
+import importlib
+from typing import TYPE_CHECKING
 
-__all__ = ["ADAMW_8BIT_BYTES", "NF4_BYTES", "NF4_DOUBLE_QUANT_BYTES", "PlanInputError", "count_parameters",
-           "format_text", "from_fields", "host_bytes", "main", "model_state_bytes", "optimizer_bytes",
-           "per_gpu_bytes", "plan", "refusal", "verdict", "with_architecture"]
+if TYPE_CHECKING:
+    from distft.plan.architecture import count_parameters, from_fields, with_architecture
+    from distft.plan.memory import (
+        ADAMW_8BIT_BYTES,
+        NF4_BYTES,
+        NF4_DOUBLE_QUANT_BYTES,
+        host_bytes,
+        model_state_bytes,
+        optimizer_bytes,
+        per_gpu_bytes,
+        verdict,
+    )
+    from distft.plan.report import format_text, plan, refusal
+
+# name -> the module defining it, imported when first asked for (PEP 562): `python -m distft.plan
+# --help` runs this package's __main__ without importing torch (the meta build's modules).
+_API = {
+    **dict.fromkeys(("count_parameters", "from_fields", "with_architecture"), "distft.plan.architecture"),
+    **dict.fromkeys(("ADAMW_8BIT_BYTES", "NF4_BYTES", "NF4_DOUBLE_QUANT_BYTES", "host_bytes", "model_state_bytes",
+                     "optimizer_bytes", "per_gpu_bytes", "verdict"), "distft.plan.memory"),
+    **dict.fromkeys(("format_text", "plan", "refusal"), "distft.plan.report"),
+}
+
+__all__ = ["ADAMW_8BIT_BYTES", "NF4_BYTES", "NF4_DOUBLE_QUANT_BYTES", "count_parameters", "format_text", "from_fields",
+           "host_bytes", "model_state_bytes", "optimizer_bytes", "per_gpu_bytes", "plan", "refusal", "verdict",
+           "with_architecture"]
+assert sorted(__all__) == sorted(_API)
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_API[name]), name)
+    globals()[name] = value
+    return value

@@ -1,7 +1,7 @@
-"""`python -m distft.plan [overrides]` (distft/plan/report.py, main)."""
+"""`python -m distft.plan [overrides]`: the `distft plan` command (distft/commands/plan.py)."""
 
 import sys
 
-from distft.plan.report import main
+from distft.commands.plan import main
 
 sys.exit(main())

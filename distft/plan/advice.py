@@ -6,11 +6,12 @@ from collections.abc import Callable, Sequence
 from typing import Optional
 
 from distft.config import Config, to_dict
-from distft.engines.kinds import engine_kind
+from distft.engines.kinds import ENGINES, engine_kind
 from distft.model.build import ParameterCounts
 from distft.plan.architecture import count_parameters
 from distft.plan.memory import verdict
 from distft.preflight import Composer
+from distft.techniques.kinds import technique_kind
 
 
 def advice(cfg: Config, counts: ParameterCounts, argv: Sequence[str],
@@ -27,20 +28,25 @@ def advice(cfg: Config, counts: ParameterCounts, argv: Sequence[str],
     for mb in (cfg.train.micro_batch_size // 2, 1):
         if 0 < mb < cfg.train.micro_batch_size:
             candidates.append((f"micro-batch {mb} (more accumulation, same global batch)", [f"train.micro_batch_size={mb}"]))
-    if cfg.train.optimizer == "adamw" and engine_kind(cfg.parallel.strategy).bnb_refusal is None:
+    kind = engine_kind(cfg.parallel.strategy)
+    if cfg.train.optimizer == "adamw" and kind.bnb_refusal is None:
         candidates.append(("8-bit AdamW state (bitsandbytes)", ["train.optimizer=adamw_8bit"]))
         candidates.append(("8-bit AdamW state, paged to host memory when the GPU runs short (QLoRA's optimizer)",
                            ["train.optimizer=paged_adamw_8bit"]))
-    ladder = ["ddp", "zero1", "zero2", "fsdp", "zero3"]
-    strategy = cfg.parallel.strategy if cfg.parallel.strategy in ladder else "ddp"
-    for stronger in ladder[ladder.index(strategy) + 1:]:
-        candidates.append((f"shard more state ({stronger})", [f"parallel={stronger}"]))
-    if strategy == "zero3":
-        candidates.append(("one copy of the base per node while loading (fsdp)", ["parallel=fsdp"]))
+    # The engines that shard more state (EngineKind.advice_rank), each a parallel=<strategy> preset.
+    for stronger in sorted(ENGINES.values(), key=lambda k: k.advice_rank):
+        if stronger.advice_rank > kind.advice_rank:
+            candidates.append((f"shard more state ({stronger.strategy})", [f"parallel={stronger.strategy}"]))
+    if kind.shards_weights and not kind.meta_build:  # every rank loads the whole base before partitioning it
+        for loader in ENGINES.values():
+            if loader.meta_build and loader.multi_rank:
+                candidates.append((f"one copy of the base per node while loading ({loader.strategy})",
+                                   [f"parallel={loader.strategy}"]))
     candidates.append(("optimizer state in host memory", ["parallel=zero3", "parallel.deepspeed.offload_optimizer=true"]))
     candidates.append(("weights and optimizer in host memory", ["parallel=zero3", "parallel.deepspeed.offload_optimizer=true",
                                                                 "parallel.deepspeed.offload_param=true"]))
-    if cfg.technique.name in ("full", "lora", "dora"):
+    trained = technique_kind(cfg.technique.name)
+    if not trained.quantized_base and not trained.virtual_tokens:  # full fine-tuning, a 16-bit base's adapter
         candidates.append(("4-bit base with LoRA (QLoRA)", ["technique=qlora"]))
     nodes, per_node = cfg.launcher.nnodes, cfg.launcher.nproc_per_node
     worlds = [(f"all {cfg.cluster.gpus_per_node} GPUs of each node", nodes, cfg.cluster.gpus_per_node)]

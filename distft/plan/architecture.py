@@ -14,8 +14,10 @@ import dataclasses
 from typing import Optional
 
 from distft.config import Config
+from distft.errors import PlanInputError
 from distft.model.build import ParameterCounts
 from distft.model.build import count_parameters as count_model_parameters
+from distft.techniques.kinds import technique_kind
 
 ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                        "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings")
@@ -36,10 +38,6 @@ def model_config_file(name_or_path: Optional[str]) -> Optional[str]:
     except Exception:  # noqa: BLE001 - not a valid repo id: there is nothing cached under it
         return None
     return found if isinstance(found, str) else None
-
-
-class PlanInputError(ValueError):
-    """Something the plan reads besides the config is unusable (a model's config.json)."""
 
 
 def with_architecture(cfg: Config) -> tuple[Config, str]:
@@ -107,7 +105,7 @@ def _count_built(cfg: Config) -> ParameterCounts:
     from distft.techniques.build import build_meta_model
 
     model = build_meta_model(from_fields(cfg))
-    return count_model_parameters(model, quantized_base=cfg.technique.name == "qlora")
+    return count_model_parameters(model, quantized_base=technique_kind(cfg.technique.name).quantized_base)
 
 
 def from_fields(cfg: Config) -> Config:

@@ -47,6 +47,7 @@ from typing import Optional
 from distft.config import Config, world_size
 from distft.engines.kinds import engine_kind
 from distft.model.build import ParameterCounts
+from distft.techniques.kinds import technique_kind
 
 # bitsandbytes 4-bit: half a byte per weight plus the block scales (blocksize 64): one fp32 absmax
 # per block, or with double quantisation one byte per block plus one fp32 per 256 blocks.
@@ -67,8 +68,8 @@ def param_bytes(cfg: Config) -> int:
 def fp32_masters(cfg: Config) -> bool:
     """Full fine-tuning on single/ddp/fsdp keeps its weights in fp32 (engines.weights_dtype),
     unless train.pure_bf16. (ZeRO keeps its own fp32 masters: its formulas below.)"""
-    return (cfg.technique.name == "full" and engine_kind(cfg.parallel.strategy).fp32_master_weights
-            and not cfg.train.pure_bf16)
+    return (technique_kind(cfg.technique.name).trains_all_weights
+            and engine_kind(cfg.parallel.strategy).fp32_master_weights and not cfg.train.pure_bf16)
 
 
 def amp16(cfg: Config) -> bool:
@@ -82,7 +83,7 @@ def compute_bytes(cfg: Config) -> int:
     else the dtype the weights are stored in."""
     if amp16(cfg):
         return 2
-    if cfg.technique.name == "full" and engine_kind(cfg.parallel.strategy).fp32_master_weights:
+    if technique_kind(cfg.technique.name).trains_all_weights and engine_kind(cfg.parallel.strategy).fp32_master_weights:
         return 2 if cfg.train.pure_bf16 else 4
     return param_bytes(cfg)
 
@@ -95,7 +96,7 @@ def trainable_bytes(cfg: Config) -> int:
     fp32 masters apart: model_state_bytes)."""
     if engine_kind(cfg.parallel.strategy).deepspeed:
         return param_bytes(cfg)
-    if cfg.technique.name == "full":
+    if technique_kind(cfg.technique.name).trains_all_weights:
         return 4 if fp32_masters(cfg) else 2
     return 4
 
@@ -105,7 +106,7 @@ def autocast_copy_bytes(cfg: Config, counts: ParameterCounts) -> int:
     backward (single/DDP full fine-tuning with fp32 masters under 16-bit autocast): every linear
     layer's weight, the output head included (the embeddings and norms run in fp32). FSDP gathers
     16-bit parameters itself (MixedPrecisionPolicy), so autocast has nothing to cast there."""
-    if not (fp32_masters(cfg) and amp16(cfg) and cfg.parallel.strategy in ("single", "ddp")):
+    if not (fp32_masters(cfg) and amp16(cfg) and engine_kind(cfg.parallel.strategy).keeps_model_dtype):
         return 0
     from distft.model.build import llama_config
 
@@ -121,7 +122,7 @@ def autocast_copy_bytes(cfg: Config, counts: ParameterCounts) -> int:
 def chunked_loss(cfg: Config) -> bool:
     """Whether the loss runs through distft.model.loss's chunks: the head is a plain linear layer,
     unless a LoRA/DoRA/QLoRA adapts the head itself."""
-    return not (cfg.technique.name in ("lora", "qlora", "dora") and "lm_head" in cfg.technique.target_modules)
+    return not (technique_kind(cfg.technique.name).adapter and "lm_head" in cfg.technique.target_modules)
 
 
 def loss_bytes(cfg: Config, tokens: int, vocab: int, hidden: int, stream: int) -> tuple[int, int]:
@@ -144,7 +145,7 @@ def loss_bytes(cfg: Config, tokens: int, vocab: int, hidden: int, stream: int) -
     b = compute_bytes(cfg)
     if not chunked_loss(cfg):
         return tokens * vocab * (b + 8 if b != 4 else 8), tokens * vocab * (4 + b if b != 4 else 4)
-    head_trains = cfg.technique.name == "full"
+    head_trains = technique_kind(cfg.technique.name).trains_embeddings
     kept = tokens * (hidden * stream + 9)
     if head_trains and grad_accum_steps(cfg) > 1:
         kept += vocab * hidden * 4
@@ -160,43 +161,48 @@ def frozen_bytes(cfg: Config) -> int:
     """Bytes per frozen, unquantised parameter as stored: QLoRA's preparation
     (peft.prepare_model_for_kbit_training) casts everything not in 4 bits to fp32 (embeddings,
     norms, head); DeepSpeed casts it back."""
-    if cfg.technique.name == "qlora" and not engine_kind(cfg.parallel.strategy).deepspeed:
+    if technique_kind(cfg.technique.name).quantized_base and not engine_kind(cfg.parallel.strategy).deepspeed:
         return 4
     return param_bytes(cfg)
 
 
 def model_state_bytes(cfg: Config, counts: ParameterCounts) -> dict[str, int]:
     """Per-GPU bytes of weights, gradients and optimizer state (see the module docstring)."""
-    strategy, ws = cfg.parallel.strategy, world_size(cfg)
+    kind, ws = engine_kind(cfg.parallel.strategy), world_size(cfg)
+    offloaded = kind.offloaded(cfg.parallel)
     p, t, q = counts.total, counts.trainable, counts.quantized
     b, a = param_bytes(cfg), trainable_bytes(cfg)
     quant = NF4_DOUBLE_QUANT_BYTES if cfg.technique.double_quant else NF4_BYTES
     unquantized = p - q
     held = (unquantized - t) * frozen_bytes(cfg) + t * a + q * quant  # the model as the engine receives it
-    if strategy in ("single", "ddp"):
+    if kind.replicated:
         weights, grads, optimizer = held, t * a, optimizer_bytes(cfg, counts)["resident"]
-    elif strategy == "fsdp":
-        shard = ws if not cfg.parallel.fsdp.hybrid_shard else (cfg.parallel.fsdp.shard_size or cfg.launcher.nproc_per_node)
+    elif not kind.deepspeed:  # FSDP: weights, gradients and optimizer state sharded as the model holds them
+        hybrid = kind.hybrid_shard and cfg.parallel.fsdp.hybrid_shard
+        shard = ws if not hybrid else (cfg.parallel.fsdp.shard_size or cfg.launcher.nproc_per_node)
         gathered = counts.largest_layer * compute_bytes(cfg)  # MixedPrecisionPolicy gathers in the compute dtype
         weights = held / shard + gathered
         grads, optimizer = t * a / shard, 2 * t * a / shard
-        if cfg.parallel.fsdp.cpu_offload:
-            weights, grads, optimizer = gathered, 0, 0
+        if "weights" in offloaded:
+            weights = gathered
+        if "grads" in offloaded:
+            grads = 0
+        if "optimizer" in offloaded:
+            optimizer = 0
     else:  # DeepSpeed ZeRO, bf16 params with fp32 masters and optimizer state
-        ds = cfg.parallel.deepspeed
         stored = unquantized * b + q * quant
-        if strategy == "zero1":
-            weights, grads, optimizer = stored, b * t + 4 * t / ws, 12 * t / ws
-        elif strategy == "zero2":
-            weights, grads, optimizer = stored, (b + 4) * t / ws, 12 * t / ws
-        else:
+        if kind.shards_weights:  # ZeRO-3
             working = 2 * b * counts.largest_module  # the module being computed: its params and grads
             weights, grads, optimizer = stored / ws + working, 4 * t / ws, 12 * t / ws
-            if ds.offload_param:
+            if "weights" in offloaded:
                 weights = working
-        if ds.offload_optimizer:
+        elif kind.shards_grads:  # ZeRO-2
+            weights, grads, optimizer = stored, (b + 4) * t / ws, 12 * t / ws
+        else:  # ZeRO-1
+            weights, grads, optimizer = stored, b * t + 4 * t / ws, 12 * t / ws
+        if "optimizer" in offloaded:
             optimizer = 0
-            grads = 0 if strategy != "zero1" else 2 * t
+            grads = 0 if kind.shards_grads else 2 * t
     return {"weights": int(weights), "grads": int(grads), "optimizer": int(optimizer)}
 
 
@@ -239,33 +245,33 @@ def host_bytes(cfg: Config, counts: ParameterCounts) -> dict[str, int]:
       `estimate_zero3_model_states_mem_needs(..., zero_init=True)` (tested). FSDP's cpu_offload
       keeps each rank's shards of weights, gradients and optimizer state there.
     """
-    n, nodes, technique = cfg.launcher.nproc_per_node, cfg.launcher.nnodes, cfg.technique.name
+    n, nodes = cfg.launcher.nproc_per_node, cfg.launcher.nnodes
+    kind, quantized_base = engine_kind(cfg.parallel.strategy), technique_kind(cfg.technique.name).quantized_base
     p, t, b = counts.total, counts.trainable, param_bytes(cfg)
     if fp32_masters(cfg):
         b = 4  # loaded in fp32 (engines.weights_dtype)
     if cfg.model.name_or_path is None:
         copy = 0 if cfg.model.init_device == "cuda" else p * 4
-    elif technique == "qlora":
+    elif quantized_base:
         copy = counts.largest_layer * b
     else:
         copy = p * b
-    meta = engine_kind(cfg.parallel.strategy).meta_build and world_size(cfg) > 1 and technique != "qlora"  # build_model_for_engine
+    meta = kind.meta_build and world_size(cfg) > 1 and not quantized_base  # build_model_for_engine
     load = copy if meta else n * copy
     offload = 0
-    ds = cfg.parallel.deepspeed
-    if engine_kind(cfg.parallel.strategy).deepspeed:
-        if ds.offload_optimizer:
+    offloaded = kind.offloaded(cfg.parallel)
+    if kind.deepspeed:
+        if "optimizer" in offloaded:
             offload += 16 * t / nodes
-        if cfg.parallel.strategy == "zero3" and ds.offload_param:  # the weights as stored (QLoRA: 4-bit)
+        if "weights" in offloaded:  # the weights as stored (QLoRA: 4-bit)
             quant = NF4_DOUBLE_QUANT_BYTES if cfg.technique.double_quant else NF4_BYTES
             offload += ((p - counts.quantized) * b + counts.quantized * quant) / nodes
-    elif cfg.parallel.strategy == "fsdp" and cfg.parallel.fsdp.cpu_offload:
+    elif offloaded:  # FSDP's cpu_offload
         # What each rank would keep on its GPU without the offload, less the unit gathered for compute.
-        on_gpu = model_state_bytes(dataclasses.replace(cfg, parallel=dataclasses.replace(
-            cfg.parallel, fsdp=dataclasses.replace(cfg.parallel.fsdp, cpu_offload=False))), counts)
+        on_gpu = model_state_bytes(dataclasses.replace(cfg, parallel=kind.without_offload(cfg.parallel)), counts)
         gathered = counts.largest_layer * compute_bytes(cfg)
         offload = n * (on_gpu["weights"] - gathered + on_gpu["grads"] + on_gpu["optimizer"])
-    if cfg.parallel.strategy in ("single", "ddp"):
+    if kind.replicated:  # bitsandbytes' paged optimizers run there only
         offload += n * optimizer_bytes(cfg, counts)["paged"]  # at worst all of it paged out
     out = {"load": int(load), "offload": int(offload), "overhead": int(n * cfg.plan.host_overhead_gb * 1024**3)}
     out["total"] = max(out["load"], out["offload"]) + out["overhead"]
@@ -294,21 +300,21 @@ def host_capacity_bytes(cfg: Config) -> Optional[int]:
 
 def comm_bytes(cfg: Config, counts: ParameterCounts) -> int:
     """Per-GPU communication buffers (see the module docstring)."""
-    strategy, t = cfg.parallel.strategy, counts.trainable
-    if strategy == "single" or (strategy == "ddp" and world_size(cfg) == 1):
+    kind, t = engine_kind(cfg.parallel.strategy), counts.trainable
+    if kind.deepspeed:
+        zero = dict((cfg.parallel.deepspeed.overrides or {}).get("zero_optimization") or {})
+        if not zero.get("contiguous_gradients", True):
+            return 0
+        bucket = int(float(zero.get("reduce_bucket_size", 5e8)))  # allocated at full size, whatever the model's
+        if kind.shards_weights:  # ZeRO-3
+            return bucket * param_bytes(cfg)
+        width = 4 if not kind.shards_grads else param_bytes(cfg)  # ZeRO-1 accumulates 16-bit gradients in fp32
+        return bucket * width * (2 if zero.get("overlap_comm", False) else 1)
+    if kind.shards_weights:  # FSDP: one unit's unsharded gradients
+        return 0 if kind.offloaded(cfg.parallel) else min(counts.largest_layer, t) * param_bytes(cfg)
+    if not kind.multi_rank or world_size(cfg) == 1:
         return 0
-    if strategy == "ddp":
-        return t * trainable_bytes(cfg)  # buckets hold gradients in their parameters' dtype
-    if strategy == "fsdp":
-        return 0 if cfg.parallel.fsdp.cpu_offload else min(counts.largest_layer, t) * param_bytes(cfg)
-    zero = dict((cfg.parallel.deepspeed.overrides or {}).get("zero_optimization") or {})
-    if not zero.get("contiguous_gradients", True):
-        return 0
-    bucket = int(float(zero.get("reduce_bucket_size", 5e8)))  # allocated at full size, whatever the model's
-    if strategy == "zero3":
-        return bucket * param_bytes(cfg)
-    width = 4 if strategy == "zero1" else param_bytes(cfg)  # ZeRO-1 accumulates 16-bit gradients in fp32
-    return bucket * width * (2 if zero.get("overlap_comm", False) else 1)
+    return t * trainable_bytes(cfg)  # DDP's buckets hold gradients in their parameters' dtype
 
 
 def activation_bytes(cfg: Config, counts: ParameterCounts, layers_only: bool = False) -> int:
@@ -349,19 +355,19 @@ def activation_bytes(cfg: Config, counts: ParameterCounts, layers_only: bool = F
 
     model = llama_config(cfg.model)  # the preset's architecture, defaults filled in
     m, s, b = cfg.train.micro_batch_size, cfg.data.max_seq_len, compute_bytes(cfg)
-    technique = cfg.technique.name
-    if technique in ("prefix", "prompt"):
+    technique, same_dtype = technique_kind(cfg.technique.name), engine_kind(cfg.parallel.strategy).keeps_model_dtype
+    if technique.virtual_tokens:
         s += cfg.technique.num_virtual_tokens
     h, i, v = model.hidden_size, model.intermediate_size, model.vocab_size
     k = h * model.num_key_value_heads // model.num_attention_heads
-    adapters = technique in ("lora", "qlora", "dora")
+    adapters = technique.adapter
     dropout = adapters and cfg.technique.dropout > 0
-    inputs_kept = technique == "full" or (adapters and not dropout)
+    inputs_kept = technique.trains_all_weights or (adapters and not dropout)
     # The normalised output is in the weights' dtype: fp32 over fp32 masters on single/DDP (the
     # residual stream is fp32 there; autocast only lowers the linear layers), else the compute dtype.
-    stream = 4 if fp32_masters(cfg) and cfg.parallel.strategy in ("single", "ddp") else b
-    norm = 4 * h + (stream * h if technique == "full" else 0)
-    fp32_stream = technique == "qlora" and cfg.parallel.strategy in ("single", "ddp")
+    stream = 4 if fp32_masters(cfg) and same_dtype else b
+    norm = 4 * h + (stream * h if technique.trains_all_weights else 0)
+    fp32_stream = technique.quantized_base and same_dtype
     mlp = 3 * i * (4 if fp32_stream else b)
     per_layer = 2 * norm + (2 * h + 2 * k) * b + mlp
     if inputs_kept:
@@ -370,7 +376,7 @@ def activation_bytes(cfg: Config, counts: ParameterCounts, layers_only: bool = F
         per_layer += (6 * h + i) * (b + (1 if cfg.cluster.gpus_per_node > 0 else b))
     layers = model.num_hidden_layers
     dora_fixed = 0
-    if technique == "dora":
+    if technique.decomposes_weights:
         shapes = {"q_proj": (h, h), "k_proj": (h, k), "v_proj": (h, k), "o_proj": (h, h), "gate_proj": (h, i),
                   "up_proj": (h, i), "down_proj": (i, h)}
         adapted = [shapes[name] for name in cfg.technique.target_modules if name in shapes]
@@ -401,11 +407,11 @@ def step_gradient_bytes(cfg: Config, counts: ParameterCounts, grads: int) -> int
     from distft.config import grad_accum_steps
     from distft.model.build import llama_config
 
-    if cfg.parallel.strategy not in ("single", "ddp") or grad_accum_steps(cfg) > 1:
+    if not engine_kind(cfg.parallel.strategy).replicated or grad_accum_steps(cfg) > 1:
         return grads
     arch = llama_config(cfg.model)
     head = arch.vocab_size * arch.hidden_size * trainable_bytes(cfg) if (
-        cfg.technique.name == "full" and chunked_loss(cfg)) else 0
+        technique_kind(cfg.technique.name).trains_embeddings and chunked_loss(cfg)) else 0
     return min(grads, head) if activation_bytes(cfg, counts, layers_only=True) >= grads else grads
 
 
@@ -415,7 +421,7 @@ def per_gpu_bytes(cfg: Config, counts: ParameterCounts) -> dict[str, int]:
     out = {**states, "comm": comm_bytes(cfg, counts), "activations": activation_bytes(cfg, counts),
            "overhead": int(cfg.plan.overhead_gb * 1024**3)}
     out["total"] = sum(out.values())
-    if cfg.parallel.strategy in ("single", "ddp"):
+    if engine_kind(cfg.parallel.strategy).replicated:
         paged = optimizer_bytes(cfg, counts)["paged"]
         if paged:
             out["paged"] = paged  # not in the total: unified memory gives way to the GPU's own allocations

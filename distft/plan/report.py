@@ -1,5 +1,5 @@
-"""The whole plan of a config, as text or JSON: `python -m distft.plan`, and the launchers' refusal
-of a job that cannot fit."""
+"""The whole plan of a config, as text or JSON (the `distft plan` command, distft/commands/plan.py,
+prints it), and the launchers' refusal of a job that cannot fit."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Optional
 
 from distft.config import Config, model_label, world_size
 from distft.plan.advice import advice
-from distft.plan.architecture import PlanInputError, count_parameters, with_architecture
+from distft.plan.architecture import count_parameters, with_architecture
 from distft.plan.memory import verdict
 from distft.plan.timing import epoch, throughput
 
@@ -126,7 +126,7 @@ def refusal(cfg: Config, action: str, where: Optional[str] = None, verb: str = "
     libraries are imported); the whole plan, time per epoch aside, only for a refusal."""
     if not cfg.cluster.gpu_memory_gb or cfg.plan.override:
         return None
-    _quiet_meta_build()
+    quiet_meta_build()
     architecture_cfg, _ = with_architecture(cfg)
     if verdict(architecture_cfg, count_parameters(architecture_cfg))["fits"] is not False:
         return None
@@ -135,7 +135,7 @@ def refusal(cfg: Config, action: str, where: Optional[str] = None, verb: str = "
             f"(pass plan.override=true to {verb} it anyway):\n{format_text(result)}")
 
 
-def _quiet_meta_build() -> None:
+def quiet_meta_build() -> None:
     """Libraries' hints about kernels and deprecations in the meta build (bitsandbytes' missing
     CPU 4-bit kernel, transformers' `is_gradient_checkpointing`) are noise above the plan: the
     same named messages every entry point drops (tracking.quiet_libraries), and only those (a
@@ -143,66 +143,4 @@ def _quiet_meta_build() -> None:
     from distft.tracking import quiet_libraries
 
     quiet_libraries()
-
-
-HELP = """usage: python -m distft.plan [OVERRIDE ...]
-
-Plan a run without starting it: exact parameter counts, per-GPU (and per-node) memory term by term
-(weights, gradients, optimizer state, activations, overhead), whether it fits the cluster's GPUs
-with plan.margin headroom and, when it does not, the single changes that make it fit; tokens/s and
-time per epoch at an assumed plan.mfu. Nothing is allocated, downloaded or submitted.
-
-It takes the overrides of a run (`python -m distft OVERRIDE ...`), the same Hydra syntax:
-{groups}
-  key=value             any setting, e.g. launcher.nnodes=2 launcher.nproc_per_node=8
-                        train.micro_batch_size=4 data.max_seq_len=2048 train.gradient_checkpointing=true
-  plan.format=json      the plan as JSON, for scripts (default: text)
-  plan.margin=0.10      the share of a GPU's memory kept free (plan.mfu, plan.overhead_gb: the assumptions)
-
-examples:
-  python -m distft.plan +experiment=qlora_13b cluster=a100_40g_8x launcher.nproc_per_node=4
-  python -m distft.plan model=llama_65b parallel=zero3 launcher.nnodes=2 launcher.nproc_per_node=8 plan.format=json
-
-Exit status: 0 with the plan (fitting or not), 2 for a config error.
-"""
-
-
-def usage() -> str:
-    """The help text, with each config group's choices read from conf/ (what the overrides may name)."""
-    from distft.config import conf_dir
-
-    root = conf_dir()
-    rows = []
-    for group in ("experiment", "model", "technique", "parallel", "cluster", "data", "launcher"):
-        names = sorted(p.stem for p in (root / group).glob("*.yaml"))
-        key = f"+{group}=NAME" if group == "experiment" else f"{group}=NAME"
-        rows.append(f"  {key:<21} {', '.join(names)}")
-    return HELP.format(groups="\n".join(rows))
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """`python -m distft.plan [overrides]`: the same command line as a run, nothing started;
-    `-h`/`--help`: what it takes (`usage`)."""
-    import json
-    import sys
-
-    from distft.preflight import format_errors, preflight
-
-    # run_here=False: a plan is for the machines the config names, not for this one (a login node).
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        print(usage(), end="")
-        return 0
-    cfg, errors = preflight(argv, run_here=False)
-    if errors:
-        print(format_errors(errors), file=sys.stderr)
-        return 2
-    _quiet_meta_build()
-    try:
-        result = plan(cfg, argv=argv)
-    except PlanInputError as err:
-        print(f"distft.plan: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=2) if cfg.plan.format == "json" else format_text(result))
-    return 0
 

@@ -15,8 +15,10 @@ import math
 from typing import Optional
 
 from distft.config import Config, world_size
+from distft.engines.kinds import engine_kind
 from distft.model.build import ParameterCounts
 from distft.plan.memory import param_bytes
+from distft.techniques.kinds import technique_kind
 
 
 def comm_traffic_bytes(cfg: Config, counts: ParameterCounts) -> int:
@@ -27,17 +29,15 @@ def comm_traffic_bytes(cfg: Config, counts: ParameterCounts) -> int:
     on every micro-batch."""
     from distft.config import grad_accum_steps
 
-    ws, strategy = world_size(cfg), cfg.parallel.strategy
-    if ws == 1 or strategy == "single":
+    ws, kind = world_size(cfg), engine_kind(cfg.parallel.strategy)
+    if ws == 1 or kind.collectives == "none":
         return 0
     share = (ws - 1) / ws
     t, p, b = counts.trainable, counts.total - counts.quantized, param_bytes(cfg)
-    if strategy == "ddp":
-        return int(2 * share * t * b)
-    if strategy in ("zero1", "zero2"):
-        return int(2 * share * t * 2)
-    gathers = 2 if strategy == "zero3" or cfg.parallel.fsdp.reshard_after_forward else 1
-    width = 2 if strategy == "zero3" else b
+    width = 2 if kind.deepspeed else b  # DeepSpeed communicates its 16-bit copies
+    if kind.collectives == "per_step":
+        return int(2 * share * t * width)
+    gathers = kind.gathers_per_micro_batch(cfg.parallel)
     return int(share * (gathers * p + t) * width * grad_accum_steps(cfg))
 
 
@@ -47,7 +47,7 @@ def throughput(cfg: Config, counts: ParameterCounts) -> dict:
     from distft.tracking import flops_per_token
 
     flops = flops_per_token(counts.total, cfg.model.num_hidden_layers, cfg.model.hidden_size, cfg.data.max_seq_len,
-                            full=cfg.technique.name == "full")
+                            full=technique_kind(cfg.technique.name).trains_all_weights)
     out = {"flops_per_token": flops, "assumed_mfu": cfg.plan.mfu, "tokens_per_s": None, "compute_time_s": None,
            "comm_bytes_per_step": comm_traffic_bytes(cfg, counts), "comm_time_s": None, "step_time_s": None,
            "time_for_max_steps_s": None}

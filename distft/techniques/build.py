@@ -20,9 +20,10 @@ from typing import Any, Optional
 
 import torch
 
-from distft.config import ADAPTER_TECHNIQUES, PROMPT_LEARNING_TECHNIQUES, Config, TechniqueConfig
+from distft.config import Config, TechniqueConfig
 from distft.errors import ModelLoadError
 from distft.model.build import build_model, load_tokenizer
+from distft.techniques.kinds import technique_kind
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def quantization_config(technique: TechniqueConfig) -> Optional[Any]:
     `bnb_4bit_quant_storage` is a float dtype (not uint8) so that FSDP and ZeRO-3 can flatten and
     shard the packed weights together with the unquantised ones.
     """
-    if technique.name != "qlora":
+    if not technique_kind(technique.name).quantized_base:
         return None
     try:
         import bitsandbytes  # noqa: F401
@@ -53,18 +54,19 @@ def quantization_config(technique: TechniqueConfig) -> Optional[Any]:
 
 def peft_config(technique: TechniqueConfig) -> Optional[Any]:
     """The PEFT config of a technique; None for full fine-tuning."""
-    if technique.name == "full":
+    if not technique_kind(technique.name).peft:
         return None  # before importing peft (and, through it, bitsandbytes): ~3 s a process
     from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
 
-    if technique.name in ADAPTER_TECHNIQUES:
+    kind = technique_kind(technique.name)
+    if kind.adapter:
         return LoraConfig(
             task_type=TaskType.CAUSAL_LM,
             r=technique.r,
             lora_alpha=technique.alpha,
             lora_dropout=technique.dropout,
             target_modules=list(technique.target_modules),
-            use_dora=technique.name == "dora",
+            use_dora=kind.decomposes_weights,
             bias="none",
         )
     if technique.name == "prefix":
@@ -106,7 +108,8 @@ def apply_technique(model, cfg: Config, tokenizer=None):
     """
     technique = cfg.technique
     gradient_checkpointing = cfg.train.gradient_checkpointing
-    if technique.name == "full":
+    kind = technique_kind(technique.name)
+    if not kind.peft:
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -114,7 +117,7 @@ def apply_technique(model, cfg: Config, tokenizer=None):
 
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if technique.name == "qlora":
+    if kind.quantized_base:
         keep_4bit_training_layout(model)
         model = prepare_model_for_kbit_training(
             model,
@@ -176,7 +179,7 @@ def init_text(cfg: Config) -> Optional[str]:
     (`model.name_or_path`), whose loss a random prefix ruins, and PEFT's random init for a model
     built from scratch, which has no behaviour to keep; "" asks for the random init everywhere.
     """
-    if cfg.technique.name not in PROMPT_LEARNING_TECHNIQUES:
+    if not technique_kind(cfg.technique.name).virtual_tokens:
         return None
     text = cfg.technique.prompt_init_text
     if text is None:
@@ -283,7 +286,7 @@ def base_model_context(model):
 
 
 def uses_prompt_learning(cfg: Config) -> bool:
-    return cfg.technique.name in PROMPT_LEARNING_TECHNIQUES
+    return technique_kind(cfg.technique.name).virtual_tokens
 
 
 def dequantize_base(model):

@@ -178,7 +178,7 @@ class Tee(io.TextIOBase):
 def train_job(job: dict, info) -> dict:
     from distft import faults
     from distft.config import run_dir as config_run_dir
-    from distft.errors import CheckpointError, DataError, ModelLoadError, NonFiniteError
+    from distft.errors import NonFiniteError, UserError
     from distft.train import train
 
     cfg, errors = preflight(job["argv"])
@@ -197,7 +197,7 @@ def train_job(job: dict, info) -> dict:
     stdout, sys.stdout = sys.stdout, Tee(sys.stdout)
     try:
         train(cfg)
-    except (NonFiniteError, CheckpointError, DataError, ModelLoadError) as err:  # the CLI's clean exits
+    except (NonFiniteError, UserError) as err:  # the CLI's clean exits (distft/errors.py exit_code 3, 2)
         result["error"] = f"{type(err).__name__}: {err}"
     finally:
         result["log"] = sys.stdout.copy.getvalue()

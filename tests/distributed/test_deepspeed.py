@@ -183,7 +183,7 @@ def test_checkpoint_saved_from_zero3_reloads_on_one_process(trainings, technique
     from safetensors.torch import load_file
 
     from distft.checkpoint.export import load_model
-    from distft.checkpoint.store import resolve_checkpoint
+    from distft.checkpoint.verify import resolve_checkpoint
     from distft.data.batching import eval_batches
     from distft.data.pipeline import pad_token_id, prepare_data
     from distft.evaluation.evaluate import held_out_loss

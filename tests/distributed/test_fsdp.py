@@ -87,7 +87,7 @@ def test_adapters_saved_by_fsdp_reload_on_one_process(trainings):
     from safetensors.torch import load_file
 
     from distft.checkpoint.export import load_model
-    from distft.checkpoint.store import resolve_checkpoint
+    from distft.checkpoint.verify import resolve_checkpoint
     from distft.data.batching import eval_batches
     from distft.data.pipeline import prepare_data
     from distft.evaluation.evaluate import held_out_loss

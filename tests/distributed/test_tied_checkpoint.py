@@ -99,7 +99,8 @@ def test_its_export_scores_the_loss_the_run_measured(runs, parallel, tmp_path, c
     its live sharded model."""
     from transformers import AutoModelForCausalLM
 
-    from distft.checkpoint.export import checkpoint_config, load_tokenizer_from, main
+    from distft.checkpoint.export import checkpoint_config, load_tokenizer_from
+    from distft.commands.export import main
     from distft.data.cache import prepared
     from distft.data.pipeline import prepare_data
     from distft.evaluation.evaluate import held_out_loss

@@ -23,13 +23,9 @@ import pytest
 import torch
 
 from distft.checkpoint.safe_load import scan_file
-from distft.checkpoint.store import (
-    MANIFEST,
-    CheckpointError,
-    committed_checkpoints,
-    find_resumable,
-    verify,
-)
+from distft.checkpoint.store import MANIFEST, committed_checkpoints
+from distft.checkpoint.verify import find_resumable, verify
+from distft.errors import CheckpointError
 from distft.preflight import preflight
 from distft.tracking import read_metrics
 from tests.full_disk import in_child_with_file_limit
@@ -138,7 +134,7 @@ def test_a_harmless_file_added_after_the_commit_is_ignored_with_a_warning(interr
     """A report, an editor backup and a notes folder added to the newest checkpoint after its
     commit: no loader reads them, so the checkpoint stays sound (not set aside as damaged); each
     is named in one warning on the "distft" logger, and on stderr by the commands that announce."""
-    from distft.checkpoint.store import resolve_checkpoint
+    from distft.checkpoint.verify import resolve_checkpoint
 
     newest = os.path.join(interrupted, "checkpoints", "step_000008")
     for name in HARMLESS:
@@ -189,8 +185,8 @@ def test_evaluate_then_export_leave_the_checkpoint_sound_and_resumable(interrupt
     `evals/`, never into the checkpoint, so `python -m distft.export RUN` afterwards finds the same
     checkpoint sound, and so does a resume. A report path inside the checkpoint is one clear
     refusal; a checkpoint outside a run directory reports under ./evals/ of the current directory."""
-    from distft.checkpoint import export
-    from distft.evaluation import evaluate
+    from distft.commands import evaluate, export
+    from distft.evaluation.evaluate import default_report_path
 
     newest = os.path.join(interrupted, "checkpoints", "step_000008")
     listing = sorted(os.listdir(newest))
@@ -210,7 +206,7 @@ def test_evaluate_then_export_leave_the_checkpoint_sound_and_resumable(interrupt
     assert find_resumable(interrupted) == newest and not os.path.exists(newest + ".damaged")
     elsewhere = tmp_path / "downloads" / "my_checkpoint"
     monkeypatch.chdir(tmp_path)
-    assert evaluate.default_report_path(str(elsewhere)) == str(tmp_path / "evals" / "my_checkpoint" / "eval_report.md")
+    assert default_report_path(str(elsewhere)) == str(tmp_path / "evals" / "my_checkpoint" / "eval_report.md")
 
 
 def test_retention_keeps_the_newest_complete_checkpoints_and_what_was_set_aside(interrupted, finished):
@@ -581,7 +577,7 @@ def test_a_resumed_run_keeps_its_wandb_run(interrupted, finished):
 def test_planner_settings_do_not_stop_a_resume(interrupted):
     """plan.* only says how a run is checked before it starts (and did not exist in older runs'
     dumps): changing it resumes the run."""
-    from distft.checkpoint.store import resume_conflicts
+    from distft.checkpoint.resume import resume_conflicts
 
     assert resume_conflicts(compose(*RUN, f"run.dir={interrupted}", "plan.margin=0.3", "plan.override=true"),
                             interrupted) == []
@@ -595,7 +591,8 @@ def test_a_setting_newer_than_the_checkpoint_resumes_at_its_default(interrupted,
     import json
     import shutil
 
-    from distft.checkpoint.store import committed_checkpoints, resume_conflicts
+    from distft.checkpoint.resume import resume_conflicts
+    from distft.checkpoint.store import committed_checkpoints
 
     older = str(tmp_path / "older")
     shutil.copytree(interrupted, older)
@@ -781,8 +778,8 @@ def test_a_full_disk_during_an_export_is_one_message_and_leaves_no_partial_copy(
     exported; `<out>.tmp` is gone, the checkpoint still verifies, and without the limit the same
     export succeeds. Before: a traceback, and the partial `<out>.tmp` stayed. (A process of its
     own, not a fork: the merge's OpenMP threads hang in a child forked after the parent used them.)"""
-    from distft.checkpoint.export import main as export_main
     from distft.checkpoint.store import save_checkpoint
+    from distft.commands.export import main as export_main
 
     cfg, engine, tokenizer, state = saver
     run_dir = str(tmp_path / "run")
@@ -846,7 +843,7 @@ def test_a_fifo_or_a_link_to_dev_zero_in_a_checkpoint_is_refused_without_hanging
     a link to /dev/zero (a read that never ends) is found before anything is opened: verify
     names it, evaluate uses the previous checkpoint, and resume sets it aside and ends as the
     undamaged run did. Before: resume and evaluate hung silently."""
-    from distft.checkpoint.store import resolve_checkpoint
+    from distft.checkpoint.verify import resolve_checkpoint
 
     name, how = planted
     newest = os.path.join(interrupted, "checkpoints", "step_000008")

@@ -26,7 +26,7 @@ def two_runs(tmp_path_factory):
 
 
 def test_runs_and_their_base_are_scored_as_their_own_reports_scored_them(two_runs, tmp_path, capsys):
-    from distft.evaluation.compare import main
+    from distft.commands.compare import main
 
     short, long = two_runs
     out = tmp_path / "cmp"
@@ -85,7 +85,7 @@ def test_a_prompts_file_with_and_without_references(two_runs, tmp_path):
 
 
 def test_bad_input_is_one_message(two_runs, tmp_path, capsys):
-    from distft.evaluation.compare import main
+    from distft.commands.compare import main
 
     _, long = two_runs
     assert main([long["run_dir"], "--no-base", "--out", str(tmp_path / "x")]) == 2

@@ -498,7 +498,7 @@ PIPES = {  # case: (overrides, the file named), for tmp_path
 
 
 @pytest.mark.parametrize("case", list(PIPES))
-@pytest.mark.parametrize("command", ["distft", "distft.data.pipeline"])
+@pytest.mark.parametrize("command", ["distft", "distft.data"])
 def test_a_named_pipe_is_refused_by_both_commands_without_blocking(tmp_path, command, case):
     """Issue 34: a FIFO given as data.path or data.eval_path, or one inside a save_to_disk
     directory, hung both commands (preflight's peek at the first JSON Lines record and the data

@@ -10,8 +10,9 @@ import shutil
 
 import pytest
 
-from distft.checkpoint.store import CheckpointError, data_changes
+from distft.checkpoint.resume import data_changes
 from distft.data.sources import data_fingerprint
+from distft.errors import CheckpointError
 from distft.preflight import preflight
 
 RUN = ["+experiment=tiny_lora", "train.max_steps=4", "checkpoint.save_every=2", "checkpoint.keep_last=0",

@@ -55,7 +55,7 @@ def test_export_defaults_to_the_base_models_dtype_and_warns_when_updates_round_a
                                                                                      capsys):
     from transformers import AutoModelForCausalLM
 
-    from distft.checkpoint.export import main
+    from distft.commands.export import main
 
     out = tmp_path / "bf16"
     assert main([checkpoint, "--out", str(out)]) == 0
@@ -83,7 +83,7 @@ def test_export_defaults_to_the_base_models_dtype_and_warns_when_updates_round_a
 
 
 def test_a_float32_export_keeps_every_update_and_says_so(checkpoint, tmp_path, capsys):
-    from distft.checkpoint.export import main
+    from distft.commands.export import main
 
     out = tmp_path / "fp32"
     assert main([checkpoint, "--out", str(out), "--dtype", "float32"]) == 0

@@ -35,9 +35,9 @@ def conversations(n: int) -> list[dict]:
 def test_train_evaluate_export_and_generate_until_the_stop_token(family, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distft.checkpoint.export import main as export_main
-    from distft.checkpoint.store import verify
-    from distft.evaluation.evaluate import main as evaluate_main
+    from distft.checkpoint.verify import verify
+    from distft.commands.evaluate import main as evaluate_main
+    from distft.commands.export import main as export_main
 
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in conversations(96)))

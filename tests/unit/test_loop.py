@@ -121,8 +121,9 @@ def test_early_stopping_keeps_scores_and_hands_on_the_best_checkpoint(tmp_path, 
     still continues from the newest; loss.png is drawn with the best marked."""
     import json
 
-    from distft.checkpoint.store import find_resumable, read_best, resolve_checkpoint
-    from distft.evaluation.evaluate import main as evaluate_main
+    from distft.checkpoint.store import read_best
+    from distft.checkpoint.verify import find_resumable, resolve_checkpoint
+    from distft.commands.evaluate import main as evaluate_main
     from distft.tracking import read_metrics
     from distft.train import train
 
@@ -165,7 +166,8 @@ def test_early_stopping_keeps_scores_and_hands_on_the_best_checkpoint(tmp_path, 
 def test_keep_best_without_early_stopping_keeps_the_last_when_it_is_best(tmp_path):
     """checkpoint.keep_best saves each new best eval's checkpoint; when the last model scores at
     least as well (a loss still falling), the last is the result and best.json points at it."""
-    from distft.checkpoint.store import read_best, resolve_checkpoint
+    from distft.checkpoint.store import read_best
+    from distft.checkpoint.verify import resolve_checkpoint
     from distft.train import train
 
     cfg = compose("+experiment=tiny_lora", f"run.root={tmp_path}", "train.max_steps=6", "train.eval_every=2",
@@ -237,7 +239,7 @@ def test_a_step_that_leaves_weights_non_finite_stops_the_run_before_anything_is_
     intact, nothing of step 3 or later is saved, no summary is written."""
     import os
 
-    from distft.checkpoint.store import verify
+    from distft.checkpoint.verify import verify
     from distft.train import NonFiniteError, train
 
     monkeypatch.setenv("DISTFT_FAULTS", "nan_weights:3")
@@ -257,19 +259,20 @@ def test_no_checkpoint_and_no_export_is_ever_written_from_non_finite_weights(tmp
     by save_checkpoint directly): both refuse with one message and leave nothing behind."""
     import os
 
+    from distft.checkpoint.checkpointer import Checkpointer, nonfinite_parameters
     from distft.checkpoint.export import export
-    from distft.checkpoint.store import CheckpointError, save_checkpoint
+    from distft.checkpoint.store import save_checkpoint
     from distft.dist import DistInfo
+    from distft.errors import CheckpointError, NonFiniteError
     from distft.run import TrainState, build_run
-    from distft.train import Checkpointer, NonFiniteError, nonfinite_parameters
 
     cfg = compose("+experiment=tiny_full", f"run.dir={tmp_path / 'run'}")
     run = build_run(cfg, DistInfo(), torch.device("cpu"))
     engine, tokenizer, batches = run.engine, run.tokenizer, run.batches
-    assert nonfinite_parameters(engine.unwrapped()) == []
+    assert nonfinite_parameters(engine) == []
     with torch.no_grad():
         engine.unwrapped().model.layers[1].mlp.up_proj.weight[3, 5] = float("inf")
-    assert nonfinite_parameters(engine.unwrapped()) == ["model.layers.1.mlp.up_proj.weight"]
+    assert nonfinite_parameters(engine) == ["model.layers.1.mlp.up_proj.weight"]
     checkpointer = Checkpointer(run, str(tmp_path / "run"), TrainState(step=4))
     with pytest.raises(NonFiniteError, match=r"refusing to save step 4: .*model\.layers\.1\.mlp\.up_proj\.weight"):
         checkpointer.save(4)

@@ -24,7 +24,7 @@ def test_plan_help_prints_usage_and_exits_0_without_planning(capsys):
     models = sorted(name[:-5] for name in os.listdir(os.path.join(REPO, "conf", "model")) if name.endswith(".yaml"))
     assert model_row.split(None, 1)[1] == ", ".join(models)
     assert "plan.format=json" in out and "parameters:" not in out and "per GPU" not in out
-    from distft.plan.report import main, usage
+    from distft.commands.plan import main, usage
 
     assert main(["-h"]) == 0
     assert capsys.readouterr().out == out == usage()

@@ -39,7 +39,7 @@ def smollm2_run(smollm2, tmp_path_factory):
                   f"run.root={root}")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     checkpoint = re.search(r"python -m distft\.evaluate (\S+)", run.stdout).group(1)
-    evaluated = _distft("distft.evaluation.evaluate", checkpoint, "--num-samples", "1", "--out", str(root / "eval" / "report.md"))
+    evaluated = _distft("distft.evaluate", checkpoint, "--num-samples", "1", "--out", str(root / "eval" / "report.md"))
     assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
     return run, evaluated, checkpoint
 

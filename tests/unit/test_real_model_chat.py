@@ -37,7 +37,8 @@ def run(smollm2, tmp_path_factory):
 
 def test_the_checkpoint_records_the_chat_format_the_rows_were_rendered_in(run):
     from distft.checkpoint.export import checkpoint_config
-    from distft.checkpoint.store import read_trainer_state, resolve_checkpoint
+    from distft.checkpoint.store import read_trainer_state
+    from distft.checkpoint.verify import resolve_checkpoint
     from distft.data.templates import trained_format
 
     checkpoint = resolve_checkpoint(run["run_dir"])
@@ -78,7 +79,7 @@ def test_the_export_says_chat_and_answers_tok_prompt_generate_as_trained(run, tm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from distft.checkpoint.export import checkpoint_config, export
-    from distft.checkpoint.store import resolve_checkpoint
+    from distft.checkpoint.verify import resolve_checkpoint
     from distft.data.pipeline import encode
 
     out = export(run["run_dir"], str(tmp_path / "merged"))

@@ -22,10 +22,10 @@ import types
 
 import pytest
 
+from distft.errors import ReviewError
 from distft.evaluation.review import (
     SCRIPT,
     Review,
-    ReviewError,
     exposure_warning,
     make_server,
     read_predictions,

@@ -21,7 +21,7 @@ import sys
 
 import pytest
 
-from distft.preemption import Preempted
+from distft.errors import Preempted
 from distft.preflight import preflight
 from tests.distributed.helpers import REPO, step_metrics
 

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from distft.data.synthetic import DEFAULT_TASKS, TASKS, generate, main
+from distft.commands.synthetic import main
+from distft.data.synthetic import DEFAULT_TASKS, TASKS, generate
 
 
 def _answer(task: str, value: str) -> str:

@@ -183,7 +183,7 @@ def tok_str(tok, ids):
 
 
 def test_a_bad_stop_token_is_one_data_error(tmp_path):
-    from distft.data.pipeline import DataError
+    from distft.errors import DataError
 
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows(10)))

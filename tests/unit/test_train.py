@@ -203,7 +203,7 @@ def _greedy_ids(model, tokenizer, prompts, new_tokens=12):
 
 def test_export_refuses_a_non_empty_directory(tiny_runs, tmp_path):
     from distft.checkpoint.export import export
-    from distft.checkpoint.store import CheckpointError
+    from distft.errors import CheckpointError
 
     target = tmp_path / "taken"
     target.mkdir()
@@ -530,7 +530,7 @@ def test_the_memory_line_says_what_is_measured_against_which_estimate():
     """One sentence compares like with like and says so: the busiest rank's measured peak (and of
     what: CUDA tensors, live tensors, or the process's resident set, with its starting level), the
     plan's sum of the same terms, each named, its fixed overhead left out, and how far off it is."""
-    from distft.train import memory_line
+    from distft.summary import memory_line
 
     planned = {"weights": 0.5, "gradients": 0.25, "optimizer": 1.0, "comm": 0.0, "activations": 0.125}
     assert memory_line("cuda_allocated", 2 * 2**30, 2**29, planned) == (

@@ -167,7 +167,7 @@ def test_the_command_line_refuses_in_one_line_without_a_traceback(path_model, tm
 def test_the_trainer_refuses_before_the_data_and_the_model_load(path_model, tmp_path):
     """What the preflight cannot count (a hub tokenizer, a SentencePiece-only one) the trainer
     checks right after loading the tokenizer: a missing data file is never reached."""
-    from distft.model.build import ModelLoadError
+    from distft.errors import ModelLoadError
     from distft.train import train
 
     cfg, problems = configured("+experiment=tiny_lora", f"model.name_or_path={path_model}", f"run.root={tmp_path}")
@@ -179,7 +179,7 @@ def test_the_trainer_refuses_before_the_data_and_the_model_load(path_model, tmp_
 
 
 def test_building_the_base_refuses_where_it_cannot_resize(path_model):
-    from distft.model.build import ModelLoadError
+    from distft.errors import ModelLoadError
     from distft.techniques.build import build_trainable_model
 
     tokenizer = added_token_tokenizer()
