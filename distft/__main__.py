@@ -4,6 +4,7 @@ if __name__ == "__main__":
     from distft import preemption
 
     preemption.install()  # first thing: a stop signal or Ctrl-C while the rest imports is handled
+    from distft.commands import exit_now
     from distft.commands.train import main
 
-    main()
+    exit_now(main())

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import hydra
 
+from distft.commands import exit_now
 from distft.config import conf_dir, is_secret_key, redact_secrets, register_configs, to_config
 from distft.preflight import format_errors, preflight
 
@@ -28,8 +29,41 @@ _ARGV: list[str] = []  # the command line, for launchers that re-run it as rank 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def hydra_entry(dict_cfg) -> None:
+    """One run, or one point of a sweep: the command line's job (see the module docstring)."""
     try:
-        _run_job(dict_cfg)
+        cfg = to_config(dict_cfg)
+        env = _place_job(cfg)  # submits, launches or refuses (and exits) unless this process trains
+        from distft.errors import EXIT_FAILED, Preempted, exit_code
+        from distft.train import train
+
+        _record_sweep_point(cfg, env)
+        try:
+            train(cfg)
+        except KeyboardInterrupt as err:  # Ctrl-C before training started (preemption._interrupt): nothing to save
+            print("distft: interrupted (Ctrl-C) before training started; nothing was trained or saved",
+                  file=sys.stderr)
+            sys.exit(exit_code(err))  # 130
+        except Exception as err:
+            # The orderly ends, one line each (distft/errors.py exit_code): Preempted (a stop signal or
+            # Ctrl-C, checkpoint saved: requeued 0, else 4 or 130), NonFiniteError (the run itself went
+            # wrong: 3), a UserError (its input: 2). Anything else is a bug: below.
+            code = exit_code(err)
+            if code != EXIT_FAILED:
+                print(f"distft: {err}", file=sys.stderr)
+                if not isinstance(err, Preempted):
+                    _sweep_point_failed(err, env)
+                sys.exit(code)
+            if env.world_size > 1:  # name the rank: its peers are about to be stopped by the launcher
+                import socket
+
+                print(f"distft: rank {env.rank} of {env.world_size} on {socket.gethostname()} failed:",
+                      file=sys.stderr)
+            if _sweep_point_failed(err, env):  # a submitit job: Hydra would catch it and SLURM record COMPLETED
+                import traceback
+
+                traceback.print_exc()
+                sys.exit(1)
+            raise
     except SystemExit as done:
         # Hydra's basic launcher runs every point of a -m sweep in this process: an exit would end
         # the sweep there, an exception fails this point alone (distft/evaluation/sweep.py point_exit).
@@ -41,9 +75,9 @@ def hydra_entry(dict_cfg) -> None:
         raise
 
 
-def _run_job(dict_cfg) -> None:
-    """One run, or one point of a sweep: the command line's job (see the module docstring)."""
-    cfg = to_config(dict_cfg)
+def _place_job(cfg):
+    """Where this job runs: submitted to SLURM from the login node, launched as local ranks, or
+    refused by the planner (each exits here); otherwise this process's rank, which trains."""
     from distft import dist
     from distft.config import world_size
     from distft.launchers.slurm import is_rank_process, rank_environment
@@ -76,35 +110,7 @@ def _run_job(dict_cfg) -> None:
             file=sys.stderr,
         )
         sys.exit(2)
-    from distft.errors import EXIT_FAILED, Preempted, exit_code
-    from distft.train import train
-
-    _record_sweep_point(cfg, env)
-    try:
-        train(cfg)
-    except KeyboardInterrupt as err:  # Ctrl-C before training started (preemption._interrupt): nothing to save
-        print("distft: interrupted (Ctrl-C) before training started; nothing was trained or saved", file=sys.stderr)
-        sys.exit(exit_code(err))  # 130
-    except Exception as err:
-        # The orderly ends, one line each (distft/errors.py exit_code): Preempted (a stop signal or
-        # Ctrl-C, checkpoint saved: requeued 0, else 4 or 130), NonFiniteError (the run itself went
-        # wrong: 3), a UserError (its input: 2). Anything else is a bug: below.
-        code = exit_code(err)
-        if code != EXIT_FAILED:
-            print(f"distft: {err}", file=sys.stderr)
-            if not isinstance(err, Preempted):
-                _sweep_point_failed(err, env)
-            sys.exit(code)
-        if env.world_size > 1:  # name the rank: its peers are about to be stopped by the launcher
-            import socket
-
-            print(f"distft: rank {env.rank} of {env.world_size} on {socket.gethostname()} failed:", file=sys.stderr)
-        if _sweep_point_failed(err, env):  # a submitit job: Hydra would catch it and SLURM record COMPLETED
-            import traceback
-
-            traceback.print_exc()
-            sys.exit(1)
-        raise
+    return env
 
 
 def _job_argv() -> list[str]:
@@ -221,64 +227,42 @@ def _secret_variable(key: str) -> str | None:
     return SECRET_ENVIRONMENT.get(key)
 
 
-def run(argv: list[str] | None = None) -> None:
-    """The train command itself: check the whole command line, then train, launch or submit."""
-    from distft import preemption
-
-    preemption.install()  # before anything slow: a signal during start-up is handled too
-    argv = list(sys.argv[1:] if argv is None else argv)
-    argv, secret_env, errors = secrets_to_environment(argv)  # first: nothing else sees a secret
-    flags = [a for a in argv if a.startswith("-")]
-    informational = {"--help", "-h", "--hydra-help", "--info", "--cfg", "-c", "--resolve", "--shell-completion"}
-    runs = not informational.intersection(a.split("=")[0] for a in flags)
-    if runs:
-        cfg, config_errors = preflight(argv)
-        errors += config_errors
-    if errors:
-        print(format_errors(errors), file=sys.stderr)
-        sys.exit(2)
-    os.environ.update(secret_env)  # before Hydra, W&B or a launcher: ranks and jobs inherit it
-    if runs:
-        from distft.launchers.slurm import sweep_launcher_overrides
-
-        argv = argv + sweep_launcher_overrides(cfg, argv)  # submitit sweeps: each point sized like a run
-    register_configs()
-    _ARGV[:] = argv
-    sys.argv = [sys.argv[0], *argv]
-    hydra_entry()
-
-
-def exit_now(code: int) -> None:
-    """Leave without tearing the interpreter down: atexit handlers run (W&B, logging), but not
-    the collection of thousands of modules and the C++ static destructors of torch, gloo and
-    bitsandbytes, which take ~1 s per process (every rank of every launch; measured 1.85 s ->
-    0.31 s from the last log line to the exit of a 2-rank launch). Nothing is lost: train()
-    joins its checkpoint writers, finishes the tracker and leaves the process group first."""
-    import atexit
-
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
-
-
 def main(argv: list[str] | None = None) -> int:
-    """`distft train` / `python -m distft`: run() on argv, then a fast exit (exit_now) with its code."""
+    """`distft train` / `python -m distft`: check the whole command line, then train, launch or
+    submit; returns the exit code (the entry points leave with it through `exit_now`)."""
+    from distft import preemption
     from distft.errors import exit_code
 
     try:
-        run(argv)
+        preemption.install()  # before anything slow: a signal during start-up is handled too
+        argv = list(sys.argv[1:] if argv is None else argv)
+        argv, secret_env, errors = secrets_to_environment(argv)  # first: nothing else sees a secret
+        flags = [a for a in argv if a.startswith("-")]
+        informational = {"--help", "-h", "--hydra-help", "--info", "--cfg", "-c", "--resolve", "--shell-completion"}
+        runs = not informational.intersection(a.split("=")[0] for a in flags)
+        if runs:
+            cfg, config_errors = preflight(argv)
+            errors += config_errors
+        if errors:
+            print(format_errors(errors), file=sys.stderr)
+            return 2
+        os.environ.update(secret_env)  # before Hydra, W&B or a launcher: ranks and jobs inherit it
+        if runs:
+            from distft.launchers.slurm import sweep_launcher_overrides
+
+            argv = argv + sweep_launcher_overrides(cfg, argv)  # submitit sweeps: each point sized like a run
+        register_configs()
+        _ARGV[:] = argv
+        sys.argv = [sys.argv[0], *argv]
+        hydra_entry()
     except KeyboardInterrupt as interrupted:  # Ctrl-C while composing or checking the config: nothing started
         print("distft: interrupted (Ctrl-C); nothing was started", file=sys.stderr)
-        exit_now(exit_code(interrupted))  # 130
+        return exit_code(interrupted)  # 130
     except SystemExit as done:
         if done.code is not None and not isinstance(done.code, int):
             print(done.code, file=sys.stderr)  # what SystemExit("message") prints; exit 1
-        exit_now(exit_code(done))
-    exit_now(0)
+        return exit_code(done)
+    return 0
 
 
 @dataclass
@@ -300,8 +284,10 @@ class RankTask:
 
         os.environ[RANK_MARKER] = "1"
         rank_environment()
-        run(list(self.argv))
+        code = main(list(self.argv))
+        if code:
+            sys.exit(code)  # as the job's exit status
 
 
 if __name__ == "__main__":
-    main()
+    exit_now(main())
