@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from distft.model.pretrained import local_model
+
 # technique.name's choices and what each is: distft/techniques/kinds.py (TECHNIQUES); parallel.strategy's:
 # distft/engines/kinds.py (ENGINES).
 DATA_SOURCES = ("synthetic", "jsonl", "json", "csv", "parquet", "hf_disk", "hub")
@@ -482,8 +484,7 @@ def to_config(cfg: Any) -> Config:
     merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
     config = OmegaConf.to_object(merged)
     _size_slurm_job(config.launcher)
-    from distft.model.pretrained import local_model  # a .gguf file: its Hugging Face copy (made once); ~ expanded
-
+    # a .gguf file: its Hugging Face copy (made once); ~ expanded
     config.model.name_or_path = local_model(config.model.name_or_path)
     return config
 

@@ -42,6 +42,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Optional
 
+from distft import faults
+
 # The exit codes and the exception the trainer raises live with the others (distft/errors.py).
 from distft.errors import EXIT_INTERRUPTED, EXIT_STOPPED, Preempted  # noqa: F401  (re-exported)
 
@@ -77,8 +79,6 @@ def install() -> None:
                            (*EARLY_STOP_SIGNALS, signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD))
     die_with_launcher()
     if os.environ.get("DISTFT_FAULTS"):
-        from distft import faults
-
         faults.signal_at("start-up")
 
 
@@ -100,8 +100,6 @@ def die_with_launcher() -> None:
 
 
 def set_phase(phase: str) -> None:
-    from distft import faults
-
     assert phase in PHASES, phase
     _phase[0] = phase
     faults.signal_at(phase)
@@ -186,6 +184,8 @@ class StopSignal:
     themselves stay installed for the whole process (`install`)."""
 
     def __init__(self, cfg: Config, device):
+        # lazy, here and in requested(): distft.dist imports torch, and this module is the first thing
+        # every process imports (torch-free: distft --help, preflight, the launchers)
         from distft import dist
 
         self.cfg, self.device = cfg, device

@@ -36,10 +36,15 @@ from distft.config import (
     conf_dir,
     is_secret_key,
     register_configs,
+    run_dir,
     to_config,
     to_dict,
 )
-from distft.data.sources import data_file_problem
+from distft.data.sources import data_file_problem, eval_reader, parts, source_problems
+from distft.data.templates import chat_template_problems
+from distft.errors import ModelLoadError
+from distft.model.pretrained import HOW_TO_GET_IT, SMOLLM2_NAME, cache_root
+from distft.model.vocab import preflight_problems  # torch-free: tokenizer.json counted by `tokenizers`
 from distft.validation import machine_problems, validate
 
 HINT = "see the YAML files under conf/, or run `python -m distft --help` for the groups and their options"
@@ -246,8 +251,6 @@ def path_problems(cfg: Config) -> list[str]:
     """Local files a run will read, checked on the launching machine before anything starts."""
     errors = []
     d = cfg.data
-    from distft.data.sources import eval_reader, parts, source_problems
-
     files = [] if source_problems(d) else [(p.key, p.cfg.path, p.cfg.source) for p in parts(d)
                                            if p.cfg.source != "synthetic"]
     files.append(("data.eval_path", d.eval_path, eval_reader(d)))
@@ -262,8 +265,6 @@ def path_problems(cfg: Config) -> list[str]:
     name = cfg.model.name_or_path
     # A hub id looks like `org/name`; only an explicit local path can be checked here.
     if name and name.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(name)):
-        from distft.model.pretrained import HOW_TO_GET_IT, SMOLLM2_NAME, cache_root
-
         if os.path.abspath(os.path.expanduser(name)) == os.path.join(cache_root(), SMOLLM2_NAME):
             errors.append(f"model.name_or_path={name!r}: {SMOLLM2_NAME} is not prepared yet; {HOW_TO_GET_IT}")
         else:
@@ -278,15 +279,9 @@ def path_problems(cfg: Config) -> list[str]:
         except (OSError, ValueError) as err:
             errors.append(f"model.name_or_path={name!r}: its config.json is unreadable ({err}); restore the "
                           "model's config.json (save_pretrained writes it)")
-    from distft.model.vocab import preflight_problems  # torch-free: tokenizer.json counted by `tokenizers`
-
     errors += preflight_problems(cfg)
-    from distft.data.templates import chat_template_problems
-
     errors += chat_template_problems(cfg)
     # The run directory (and the SLURM log folder) must be creatable: no file where a folder goes.
-    from distft.config import run_dir
-
     for key, path in (("run.dir" if cfg.run.dir else "run.root", run_dir(cfg)), ("launcher.log_dir", cfg.launcher.log_dir)):
         blocker = _file_in_the_way(path)
         if blocker:
@@ -514,8 +509,6 @@ def _compose(config_name: str, overrides: list[str]) -> tuple[Any, Optional[str]
 def _typed(composed: Any) -> tuple[Optional[Config], Optional[str]]:
     """The typed Config; interpolations are resolved here, so `${nope}` is reported here."""
     from omegaconf.errors import OmegaConfBaseException
-
-    from distft.errors import ModelLoadError
 
     try:
         return to_config(composed), None

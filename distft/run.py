@@ -22,9 +22,18 @@ from typing import Any, Optional
 import torch
 
 from distft.config import Config, grad_accum_steps, model_label
+from distft.data.batching import TrainBatches, eval_batches
+from distft.data.cache import prepared
+from distft.data.pipeline import prepare_data
 from distft.dist import DistInfo
+from distft.engines import build_engine, build_model_for_engine, weights_dtype
+from distft.engines.compile import compile_layers
 from distft.errors import DataError, ModelLoadError
+from distft.evaluation.forgetting import general_batches
+from distft.model.build import count_parameters, load_tokenizer
+from distft.model.vocab import embedding_rows, vocab_problem
 from distft.techniques.kinds import technique_kind
+from distft.tracking import MemoryMeter
 
 log = logging.getLogger("distft")
 
@@ -83,8 +92,6 @@ def check_vocab(cfg: Config, tokenizer) -> None:
     """A tokenizer longer than the model's embedding stops the run here, before the data and the
     model load (`vocab.vocab_problem`); a full fine-tuning that can resize goes on, and the base
     build resizes (`vocab.fit_embeddings`)."""
-    from distft.model.vocab import embedding_rows, vocab_problem
-
     rows = embedding_rows(cfg.model)
     problem = vocab_problem(cfg, len(tokenizer), rows) if rows is not None else None
     if problem:
@@ -94,13 +101,6 @@ def check_vocab(cfg: Config, tokenizer) -> None:
 def build_run(cfg: Config, info: DistInfo, device: torch.device) -> Run:
     """Everything a run trains with, built in the order the trainer always used (the RNG draws of
     the model's initialisation depend on it)."""
-    from distft.data.batching import TrainBatches, eval_batches
-    from distft.data.cache import prepared
-    from distft.data.pipeline import prepare_data
-    from distft.engines import build_engine, build_model_for_engine, weights_dtype
-    from distft.model.build import count_parameters, load_tokenizer
-    from distft.tracking import MemoryMeter
-
     tokenizer = load_tokenizer(cfg.model)
     check_vocab(cfg, tokenizer)
     cached = prepared(cfg.data, tokenizer, cfg.data.seed, cfg.run.root, prepare_data, info.rank)
@@ -131,8 +131,6 @@ def build_run(cfg: Config, info: DistInfo, device: torch.device) -> Run:
             "on the meta device, filled from rank 0" if model_build == "meta" else "on every rank",
         )
     if cfg.train.compile:  # before any engine wraps the layers (engines/compile.py)
-        from distft.engines.compile import compile_layers
-
         compiled = compile_layers(model)
         if info.is_main:
             log.info("train.compile=true: %d decoder layers compiled; the first step builds their graph", compiled)
@@ -151,8 +149,6 @@ def build_run(cfg: Config, info: DistInfo, device: torch.device) -> Run:
         held_out = held_out[: cfg.train.eval_max_batches]
     general = None
     if cfg.eval.general_path:
-        from distft.evaluation.forgetting import general_batches
-
         general = general_batches(cfg.eval.general_path, tokenizer, cfg.data.max_seq_len, cfg.eval.batch_size,
                                   cfg.eval.general_max_tokens)
     return Run(cfg, info, device, tokenizer, data, dtype, memory, model, model_build, trainable, total, engine,

@@ -16,9 +16,11 @@ from typing import Optional
 
 from distft import dist
 from distft.config import Config, grad_accum_steps, model_label
+from distft.data.synthetic import what_it_shows
 from distft.evaluation.evaluate import metrics_only
 from distft.evaluation.report import overfitting, predictions_path, write_predictions, write_report
 from distft.files import write_json
+from distft.plan import count_parameters, per_gpu_bytes, with_architecture
 from distft.preemption import requeue_count
 from distft.techniques.kinds import technique_kind
 from distft.tracking import flops_per_token, mfu, plot_losses, read_metrics
@@ -99,8 +101,6 @@ def write_results(run, state, tracker, summary: dict, eval_after: dict, best: Op
     notes = [*notes, overfitting(read_metrics(tracker.metrics_path), cfg.eval.overfit_evals)]
     intro = ""
     if cfg.data.source == "synthetic" and not cfg.data.sources:
-        from distft.data.synthetic import what_it_shows
-
         intro = what_it_shows(list(cfg.data.synthetic.tasks), eval_after, eval_before, state.step, run.total)
     write_report(report, eval_before, eval_after, meta, num_samples=cfg.eval.report_samples,
                  predictions=predictions, notes=[note for note in notes if note], intro=intro)
@@ -128,8 +128,6 @@ def memory_report(cfg: Config, memory, trained_bytes: int, dtype, info) -> dict:
     if not info.is_main:  # the summary is rank 0's
         return report
     try:
-        from distft.plan import count_parameters, per_gpu_bytes, with_architecture
-
         dtype_name = str(dtype).removeprefix("torch.")
         as_trained, _ = with_architecture(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype_name)))
         planned = per_gpu_bytes(as_trained, count_parameters(as_trained))

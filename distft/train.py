@@ -33,8 +33,10 @@ from distft.checkpoint.verify import find_resumable
 from distft.config import Config, grad_accum_steps
 from distft.config import run_dir as config_run_dir
 from distft.engines import autocast_dtype, prepare_device
+from distft.engines.compile import compiled_summary
 from distft.errors import NonFiniteError
 from distft.evaluation.evaluate import EvalInterrupted, evaluate_model, held_out_loss
+from distft.evaluation.forgetting import run_lm_eval
 from distft.model.build import IGNORE_INDEX
 from distft.model.loss import computing_loss
 from distft.preemption import StopSignal
@@ -129,8 +131,6 @@ def fit(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpointe
         steps_here += 1
         run.memory.step(steps_here)
         if steps_here == 1 and cfg.train.compile and info.is_main:
-            from distft.engines.compile import compiled_summary
-
             line, broke = compiled_summary(time.time() - started)
             (log.warning if broke else log.info)("%s", line)
         step_tokens = sum(b["input_ids"].numel() for b in micro_batches) * info.world_size
@@ -318,8 +318,6 @@ def _evaluate(run: Run, stop=None, label: str = "evaluation") -> dict:
                             should_stop=stop.requested if stop is not None else None, general=run.general,
                             progress=progress)
     if run.cfg.eval.lm_eval_tasks:  # every rank alike (unsharded engines only: validation), no collectives
-        from distft.evaluation.forgetting import run_lm_eval
-
         result["lm_eval"] = run_lm_eval(engine.unwrapped(), run.tokenizer, list(run.cfg.eval.lm_eval_tasks),
                                         run.cfg.eval.lm_eval_include_path, run.cfg.eval.lm_eval_limit,
                                         run.cfg.eval.batch_size, engine.device)

@@ -45,7 +45,9 @@ from distft.config import (
     model_label,
     world_size,
 )
+from distft.data.sources import SOURCE_KEYS, reader_for, source_problems
 from distft.engines.kinds import ENGINES, EngineKind
+from distft.evaluation.forgetting import corpus_file
 from distft.techniques.kinds import TECHNIQUES, TechniqueKind
 
 # An unknown parallel.strategy (refused by name) is checked as an engine with no particular traits.
@@ -397,8 +399,6 @@ def _check_sequence_length(cfg: Config, errors: list[str], max_positions: int) -
 
 
 def _check_data(cfg: Config, errors: list[str]) -> None:
-    from distft.data.sources import SOURCE_KEYS, reader_for, source_problems
-
     d = cfg.data
     errors += source_problems(d)
     if d.name == "mix" and not d.sources:  # else data=mix would train on the synthetic set without a word
@@ -788,8 +788,6 @@ def _check_eval_and_run(cfg: Config, errors: list[str]) -> None:
     _positive(errors, "eval.overfit_evals", cfg.eval.overfit_evals, allow_zero=True)  # 0: never
     _positive(errors, "eval.general_max_tokens", cfg.eval.general_max_tokens)
     _positive(errors, "eval.general_warn", cfg.eval.general_warn, allow_zero=True)
-    from distft.evaluation.forgetting import corpus_file
-
     if cfg.eval.general_path and not os.path.isfile(corpus_file(cfg.eval.general_path)):
         errors.append(f"eval.general_path={cfg.eval.general_path} is not a file; point it at a text or JSON Lines "
                       "file of general text (the forgetting check), or builtin:general (the sample distft ships), or set "

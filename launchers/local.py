@@ -35,7 +35,7 @@ import uuid
 from typing import Optional
 
 from distft.config import Config, config_hash
-from distft.preemption import LAUNCHER_PID
+from distft.preemption import LAUNCHER_PID, signal_number
 
 log = logging.getLogger("distft")
 
@@ -155,8 +155,6 @@ def _launch_elastic(cfg: Config, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from distft.preemption import signal_number
-
     launcher = cfg.launcher
     config = LaunchConfig(
         min_nodes=launcher.nnodes,
@@ -223,7 +221,7 @@ def plan_refusal(cfg: Config, gpus: Optional[LocalGPUs] = None, argv: Optional[l
     (unless plan.override=true) rather than failing with out-of-memory after the model has
     loaded. Nothing is checked on the CPU, and a planner that fails warns and lets the run start
     (it would then fail with the run's own message, if at all)."""
-    from distft.plan import refusal
+    from distft.plan import refusal  # lazy: torch (the planner's meta build); this module stays torch-free
 
     try:
         gpus = gpus or local_gpus(cfg.train.device, cfg.launcher.nproc_per_node)

@@ -33,6 +33,7 @@ from distft.config import Config
 from distft.config import run_dir as config_run_dir
 from distft.errors import SubmissionError
 from distft.files import open_regular
+from distft.runlock import check as run_dir_in_use
 
 RANK_MARKER = "DISTFT_RANK_PROCESS"  # set in every rank: never submit again from inside the job
 TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
@@ -210,6 +211,7 @@ def executor(cfg: Config, folder: str, partition: str):
 def submit(cfg: Config, argv: list[str], task) -> int:
     """Plan, check, submit `task` (picklable; what every rank runs: distft.commands.train.RankTask), print
     where everything is; follow the job with launcher.wait=true."""
+    # lazy: torch (the planner's meta build); this module stays torch-free
     from distft.plan import refusal as plan_refusal
 
     try:
@@ -229,8 +231,6 @@ def submit(cfg: Config, argv: list[str], task) -> int:
         print("distft: not submitted, nothing queued:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
         return 2
     run_dir = config_run_dir(cfg)
-    from distft.runlock import check as run_dir_in_use
-
     busy = run_dir_in_use(run_dir)  # the same run already running (or requeued, waiting): not twice
     if busy:
         print(f"distft: not submitted, nothing queued: {busy}", file=sys.stderr)

@@ -34,6 +34,10 @@ from typing import Optional
 from submitit.core.utils import JobPaths
 from submitit.slurm.slurm import SlurmInfoWatcher, SlurmJob
 
+from distft.evaluation.sweep import POINT, collect, first_failure, record_failure, summarize, sweep_id
+from distft.files import write_json
+from distft.launchers.slurm import failing_ranks, job_state, last_error
+
 try:
     from hydra.experimental.callback import Callback
 except ImportError:  # pragma: no cover - hydra is a dependency
@@ -154,8 +158,6 @@ class SweepWatch(Callback):
         return True
 
     def report(self, watcher: SchedulerWatcher) -> None:
-        from distft.evaluation.sweep import collect, summarize
-
         failed = [self.record_point(job_num, job_id) for job_num, job_id in enumerate(self.jobs(watcher))
                   if not self.has_result(job_id)]
         swept, rows = collect(self.sweep_dir)
@@ -171,10 +173,6 @@ class SweepWatch(Callback):
     def record_point(self, job_num: int, job_id: str) -> tuple[int, str, dict]:
         """A job that ended without a result: its point's first error, recorded by a rank or,
         failing that, here from the scheduler's state and the job's log."""
-        from distft.evaluation.sweep import POINT, first_failure, record_failure, sweep_id
-        from distft.files import write_json
-        from distft.launchers.slurm import failing_ranks, job_state, last_error
-
         point_dir = os.path.join(self.sweep_dir, str(job_num))  # hydra.sweep.subdir: the job number
         point_path = os.path.join(point_dir, POINT)
         if not os.path.exists(point_path):  # it failed before its rank 0 wrote point.json

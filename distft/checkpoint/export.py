@@ -25,9 +25,11 @@ import torch
 from distft.checkpoint.store import read_meta
 from distft.checkpoint.verify import resolve_checkpoint
 from distft.config import Config, to_config
-from distft.data.templates import trained_format
-from distft.errors import CheckpointError
-from distft.files import remove_tree, write_json, write_text
+from distft.data.templates import stop_token_ids, trained_format
+from distft.errors import CheckpointError, ModelLoadError, OutputError, TemplateError
+from distft.files import describe, is_disk_full, remove_tree, write_json, write_text
+from distft.model.build import _load_error
+from distft.techniques.build import build_base, dequantize_base
 from distft.techniques.kinds import technique_kind
 
 
@@ -65,8 +67,6 @@ def checkpoint_config(checkpoint: str, trust_remote_code: bool = False) -> Confi
 def load_tokenizer_from(checkpoint: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    from distft.model.build import _load_error
-
     path = os.path.join(checkpoint, "tokenizer")
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -90,10 +90,6 @@ def load_model(checkpoint: str, dtype: torch.dtype = torch.float32, quantized: b
 
 def _load_tuned(checkpoint: str, cfg: Config, dtype: torch.dtype, quantized: bool, trust_remote_code: bool):
     """(tuned model, tokenizer) of a verified checkpoint whose config is `cfg` (`load_model`)."""
-    from distft.errors import ModelLoadError
-    from distft.model.build import _load_error
-    from distft.techniques.build import build_base, dequantize_base
-
     tokenizer = load_tokenizer_from(checkpoint, trust_remote_code)
     model_dir = os.path.join(checkpoint, "model")
     try:
@@ -119,8 +115,6 @@ def load_base(cfg: Config, dtype: torch.dtype = torch.float32, tokenizer=None):
     """The untuned base of a run (for base-vs-tuned reports), quantised as in training, with its
     embeddings resized as training resized them (`vocab.fit_embeddings`; `tokenizer` None: the
     run's own, from `cfg.model`), so the held-out batches' added tokens index real rows."""
-    from distft.techniques.build import build_base
-
     return build_base(cfg, dtype, tokenizer)
 
 
@@ -205,9 +199,6 @@ def export_error(out_dir: str, tmp: str, err: BaseException) -> CheckpointError:
     """The one message of an export that failed while writing (a full disk or anything else):
     its cause, that nothing was exported and the partial copy is gone, and for a full disk what to
     do. An OutputError for a write that failed (safetensors reports a full disk as text)."""
-    from distft.errors import OutputError
-    from distft.files import describe, is_disk_full
-
     cause = err
     while cause.__cause__ is not None:
         cause = cause.__cause__
@@ -228,9 +219,6 @@ def set_generation_stops(model, tokenizer, cfg: Config) -> list[int]:
     the KV cache back on: training builds models with use_cache=False (packed rows need it off),
     which an exported model would otherwise keep, generating without a cache (quadratic). Not for
     prefix/prompt tuning, whose PEFT generation is only right without one (evaluate.py's docstring)."""
-    from distft.data.templates import stop_token_ids
-    from distft.errors import TemplateError
-
     try:
         ids = stop_token_ids(tokenizer, cfg.data.stop_tokens)
     except TemplateError as err:

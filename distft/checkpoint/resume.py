@@ -20,10 +20,13 @@ from typing import Optional
 from distft import dist
 from distft.checkpoint.store import committed_checkpoints, free_name, read_meta, read_trainer_state
 from distft.config import Config, config_hash, to_dict
+from distft.data.sources import data_fingerprint
+from distft.engines import state_format
 from distft.errors import CheckpointError, DataError, Preempted, RunInUse
 from distft.files import make_dirs, read_json, read_text, write_text
 from distft.runlock import LOCK, acquire
 from distft.summary import SUMMARY
+from distft.tracking import flatten
 
 log = logging.getLogger("distft")
 
@@ -113,8 +116,6 @@ def _data_fingerprint(cfg: Config, info) -> Optional[dict]:
     """Rank 0's fingerprint of the data files (distft.data.sources.data_fingerprint), on every rank;
     None when a file cannot be read: the data loader reports that later in its own words (after
     the tokenizer and vocabulary checks, which come first), and nothing is compared."""
-    from distft.data.sources import data_fingerprint  # the data pipeline, only when a run starts
-
     found = None
     if info.is_main:
         try:
@@ -203,8 +204,6 @@ RESUMABLE_CHANGES = ("parallel", "launcher", "cluster", "checkpoint", "tracking"
 def resume_conflicts(cfg: Config, run_dir: str) -> list[str]:
     """Settings in which `cfg` differs from the run its newest checkpoint in `run_dir` belongs to
     (`key: then -> now`), beyond RESUMABLE_CHANGES. Empty when there is nothing to resume."""
-    from distft.tracking import flatten
-
     found = committed_checkpoints(run_dir)
     if not found:
         return []
@@ -221,8 +220,6 @@ def resume_conflicts(cfg: Config, run_dir: str) -> list[str]:
     allowed = tuple(RESUMABLE_CHANGES)
     conflicts = [f"{key}: {then.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(then) | set(now))
                  if then.get(key) != now.get(key) and not any(key == k or key.startswith(k + ".") for k in allowed)]
-    from distft.engines import state_format
-
     strategy = "parallel.strategy"
     if state_format(str(then.get(strategy))) != state_format(str(now.get(strategy))):
         conflicts.insert(0, f"{strategy}: {then.get(strategy)!r} -> {now.get(strategy)!r}, whose training states do "

@@ -31,7 +31,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _chat(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    from distft.evaluation.chat import load
+    from distft.evaluation.chat import load  # lazy: torch (--help stays instant)
 
     chat = load(args.model, args.base, args.max_new_tokens, args.system, args.trust_remote_code)
     tty = sys.stdin.isatty()

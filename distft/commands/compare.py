@@ -36,7 +36,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _compare(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    from distft.evaluation.compare import compare
+    from distft.evaluation.compare import compare  # lazy: torch (--help stays instant)
 
     out = args.out or os.path.join(os.getcwd(), time.strftime("compare-%Y%m%d-%H%M%S"))
     summary = compare(args.models, out, args.prompts, not args.no_base, args.num_samples, args.max_new_tokens,

@@ -8,6 +8,8 @@ import sys
 from typing import Optional
 
 from distft.commands import run_command
+from distft.data.sources import data_fingerprint
+from distft.preflight import format_errors, preflight
 
 USAGE = """usage: python -m distft.data [OVERRIDE ...]
 
@@ -29,8 +31,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _data(argv: list[str]) -> int:
-    from distft.preflight import format_errors, preflight
-
     if "-h" in argv or "--help" in argv:
         print(USAGE, end="")
         return 0
@@ -38,9 +38,9 @@ def _data(argv: list[str]) -> int:
     if errors:
         print(format_errors(errors), file=sys.stderr)
         return 2
+    # lazy: numpy and torch, after --help and the config check
     from distft.data.cache import prepared
     from distft.data.pipeline import prepare_data
-    from distft.data.sources import data_fingerprint
     from distft.model.build import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)

@@ -9,6 +9,7 @@ import sys
 from typing import Optional
 
 from distft.commands import run_command
+from distft.tracking import quiet_libraries, setup_logging
 
 
 def parser() -> argparse.ArgumentParser:
@@ -30,12 +31,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _evaluate(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    from distft.tracking import quiet_libraries, setup_logging
-
     # The progress of a slow generation (tracking.GenerationProgress) and the threads line, on
     # stderr: stdout is the command's result (report:, predictions:, then the metrics).
     setup_logging(stream=sys.stderr)
     quiet_libraries()
+    # lazy: torch (--help stays instant)
     from distft.evaluation.evaluate import evaluate_checkpoint
     from distft.evaluation.report import predictions_path
 

@@ -33,7 +33,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _export(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    from distft.checkpoint.export import DTYPES, export
+    from distft.checkpoint.export import DTYPES, export  # lazy: torch (--help stays instant)
 
     out = export(args.checkpoint, args.out, dtype=DTYPES.get(args.dtype), trust_remote_code=args.trust_remote_code)
     print(f"exported: {out}")

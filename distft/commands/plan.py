@@ -8,6 +8,8 @@ import sys
 from typing import Optional
 
 from distft.commands import run_command
+from distft.config import conf_dir
+from distft.preflight import format_errors, preflight
 
 HELP = """usage: python -m distft.plan [OVERRIDE ...]
 
@@ -33,8 +35,6 @@ Exit status: 0 with the plan (fitting or not), 2 for a config error.
 
 def usage() -> str:
     """The help text, with each config group's choices read from conf/ (what the overrides may name)."""
-    from distft.config import conf_dir
-
     root = conf_dir()
     rows = []
     for group in ("experiment", "model", "technique", "parallel", "cluster", "data", "launcher"):
@@ -52,8 +52,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 def _plan(argv: list[str]) -> int:
     import json
 
-    from distft.preflight import format_errors, preflight
-
     if "-h" in argv or "--help" in argv:
         print(usage(), end="")
         return 0
@@ -62,7 +60,7 @@ def _plan(argv: list[str]) -> int:
     if errors:
         print(format_errors(errors), file=sys.stderr)
         return 2
-    from distft.plan.report import format_text, plan, quiet_meta_build
+    from distft.plan.report import format_text, plan, quiet_meta_build  # lazy: torch (its meta build)
 
     quiet_meta_build()
     result = plan(cfg, argv=argv)

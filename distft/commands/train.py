@@ -20,9 +20,15 @@ from dataclasses import dataclass
 
 import hydra
 
+from distft import preemption
 from distft.commands import exit_now
-from distft.config import conf_dir, is_secret_key, redact_secrets, register_configs, to_config
+from distft.config import conf_dir, is_secret_key, redact_secrets, register_configs, to_config, world_size
+from distft.errors import EXIT_FAILED, Preempted, exit_code
+from distft.evaluation.sweep import error_line, lost_peer, point_exit, record_failure, sweep_id, write_point
+from distft.launchers.local import launch, plan_refusal
+from distft.launchers.slurm import RANK_MARKER, is_rank_process, rank_environment, submit, sweep_launcher_overrides
 from distft.preflight import format_errors, preflight
+from distft.tracking import SECRET_ENVIRONMENT
 
 _ARGV: list[str] = []  # the command line, for launchers that re-run it as rank processes
 
@@ -33,8 +39,7 @@ def hydra_entry(dict_cfg) -> None:
     try:
         cfg = to_config(dict_cfg)
         env = _place_job(cfg)  # submits, launches or refuses (and exits) unless this process trains
-        from distft.errors import EXIT_FAILED, Preempted, exit_code
-        from distft.train import train
+        from distft.train import train  # lazy: torch (this module is distft --help's; the other imports are torch-free)
 
         _record_sweep_point(cfg, env)
         try:
@@ -67,8 +72,6 @@ def hydra_entry(dict_cfg) -> None:
     except SystemExit as done:
         # Hydra's basic launcher runs every point of a -m sweep in this process: an exit would end
         # the sweep there, an exception fails this point alone (distft/evaluation/sweep.py point_exit).
-        from distft.evaluation.sweep import point_exit
-
         failed = point_exit(done.code)
         if failed is not None:
             raise failed from None
@@ -78,30 +81,22 @@ def hydra_entry(dict_cfg) -> None:
 def _place_job(cfg):
     """Where this job runs: submitted to SLURM from the login node, launched as local ranks, or
     refused by the planner (each exits here); otherwise this process's rank, which trains."""
-    from distft import dist
-    from distft.config import world_size
-    from distft.launchers.slurm import is_rank_process, rank_environment
+    from distft import dist  # lazy: torch
 
     argv = _job_argv()
     if cfg.launcher.kind == "slurm" and not is_rank_process():
-        from distft.launchers.slurm import submit
-
         sys.exit(submit(cfg, argv, RankTask(list(argv))))  # from the login node: check, submit, print, return
     if is_rank_process():  # launcher.env applies to ranks however they were started (RankTask, train.sbatch)
         os.environ.update({k: str(v) for k, v in cfg.launcher.env.items()})
     rank_environment()  # inside a SLURM step or a submitit job: rendezvous from its environment
     env = dist.from_env()
     if env.world_size == 1 and not is_rank_process():  # the command the user typed: plan before starting
-        from distft.launchers.local import plan_refusal
-
         refusal = plan_refusal(cfg, argv=list(argv))
         if refusal:
             print(refusal, file=sys.stderr)
             sys.exit(2)
     if world_size(cfg) > 1 and env.world_size == 1:
         # Not started by a launcher yet: become the launcher.
-        from distft.launchers.local import launch
-
         sys.exit(launch(cfg, argv))
     if env.world_size != world_size(cfg):
         print(
@@ -134,8 +129,6 @@ def _record_sweep_point(cfg, env) -> None:
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN or env.rank != 0:
         return
-    from distft.evaluation.sweep import sweep_id, write_point
-
     write_point(hydra_cfg.runtime.output_dir, cfg, list(hydra_cfg.overrides.task), hydra_cfg.job.num,
                 sweep_id(hydra_cfg.sweep.dir))
 
@@ -152,8 +145,6 @@ def _sweep_point_failed(err: BaseException, env) -> bool:
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return False
     import socket
-
-    from distft.evaluation.sweep import error_line, lost_peer, record_failure
 
     record_failure(hydra_cfg.runtime.output_dir, f"rank{env.rank}", error_line(err), rank=env.rank,
                    host=socket.gethostname(), lost=lost_peer(err))
@@ -220,8 +211,6 @@ _SWEEP = object()  # secrets_to_environment: the override has several values
 
 def _secret_variable(key: str) -> str | None:
     """The environment variable that carries the secret config key `key`, if there is one."""
-    from distft.tracking import SECRET_ENVIRONMENT
-
     if key.startswith("launcher.env."):
         return key[len("launcher.env."):]
     return SECRET_ENVIRONMENT.get(key)
@@ -230,9 +219,6 @@ def _secret_variable(key: str) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     """`distft train` / `python -m distft`: check the whole command line, then train, launch or
     submit; returns the exit code (the entry points leave with it through `exit_now`)."""
-    from distft import preemption
-    from distft.errors import exit_code
-
     try:
         preemption.install()  # before anything slow: a signal during start-up is handled too
         argv = list(sys.argv[1:] if argv is None else argv)
@@ -248,8 +234,6 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         os.environ.update(secret_env)  # before Hydra, W&B or a launcher: ranks and jobs inherit it
         if runs:
-            from distft.launchers.slurm import sweep_launcher_overrides
-
             argv = argv + sweep_launcher_overrides(cfg, argv)  # submitit sweeps: each point sized like a run
         register_configs()
         _ARGV[:] = argv
@@ -277,11 +261,7 @@ class RankTask:
     argv: list[str]
 
     def __call__(self) -> None:
-        from distft import preemption
-
         preemption.install()  # replaces submitit's handlers (which ignore SIGTERM)
-        from distft.launchers.slurm import RANK_MARKER, rank_environment
-
         os.environ[RANK_MARKER] = "1"
         rank_environment()
         code = main(list(self.argv))

@@ -58,8 +58,12 @@ from typing import Optional
 
 import numpy as np
 
+from distft import faults
 from distft.config import DataConfig
+from distft.data.report import DataReport, PreparedData, count_sequences
 from distft.data.samples import ARRAYS, CHECKSUM, TokenSamples, checksum, load_array, save_array, unreadable
+from distft.data.sources import data_fingerprint
+from distft.data.templates import use_chat_template
 from distft.errors import DataError, OutputError
 from distft.files import (
     file_kind,
@@ -72,6 +76,7 @@ from distft.files import (
     write_bytes,
     write_json,
 )
+from distft.runlock import try_take
 
 log = logging.getLogger("distft")
 
@@ -191,8 +196,6 @@ def _load(path: str, key: str, vocab_size: int) -> Optional[tuple]:
     """(the PreparedData cached at `path`, the seconds its checks took: checksums and ids); None
     when there is none yet; ValueError, naming the file and what is wrong, when it is damaged (see
     the module docstring: every check is here)."""
-    from distft.data.report import PreparedData
-
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
@@ -258,8 +261,6 @@ def _link_target(path: str) -> str:
 def _read_manifest(path: str, key: str) -> dict:
     """`path`'s manifest, checked to have every field `_load` reads, of its type (a ValueError
     otherwise); its report as a DataReport."""
-    from distft.data.report import DataReport
-
     try:
         manifest = read_json(os.path.join(path, MANIFEST), max_bytes=MANIFEST_MAX_BYTES)
     except FileNotFoundError:
@@ -350,8 +351,6 @@ def _parse_eval_rows(raw: bytes) -> list:
 def _write(data, path: str, key: str, inputs: dict, seconds: float) -> None:
     """Write `data` into the new directory `path` (arrays first, the manifest last, all fsynced;
     every file new, none written through a link: `save_array`, distft.files)."""
-    from distft import faults
-
     root = os.path.dirname(path)
     os.mkdir(path, 0o755)  # ours, new: fails if anything (a planted link) is there
     files = data.train.save(path, "train")
@@ -436,8 +435,6 @@ def prepared(cfg: DataConfig, tokenizer, seed: int, run_root: str, build, rank: 
 def _locate(cfg: DataConfig, tokenizer, seed: int, run_root: str) -> tuple[dict, str, str]:
     """(key inputs, key, cache path) of this config: the chat template in use is installed first,
     since it is part of the key."""
-    from distft.data.sources import data_fingerprint
-    from distft.data.templates import use_chat_template
 
     use_chat_template(tokenizer, cfg.chat_template)
     inputs = key_inputs(cfg, tokenizer, seed, data_fingerprint(cfg))
@@ -447,8 +444,6 @@ def _locate(cfg: DataConfig, tokenizer, seed: int, run_root: str) -> tuple[dict,
 
 def _recount(data, cfg: DataConfig) -> None:
     """The report's packing figures for this config's packing, when the cache was built with another."""
-    from distft.data.report import count_sequences
-
     if data.packed_as != [cfg.packing, cfg.pack_strategy]:
         count_sequences(data.report, cfg, data.train, data.eval)
         data.packed_as = [cfg.packing, cfg.pack_strategy]
@@ -474,8 +469,6 @@ def find(cfg: DataConfig, tokenizer, seed: int, run_root: str) -> Optional[Cache
 
 
 def _find_or_build(cfg, tokenizer, seed, build, path, key, inputs, started) -> CacheResult:
-    from distft.runlock import try_take
-
     vocab_size = len(tokenizer)
     lock_path = f"{path}.lock"
     waited_for = None
@@ -506,8 +499,6 @@ def _find_or_build(cfg, tokenizer, seed, build, path, key, inputs, started) -> C
         data = build(cfg, tokenizer, seed)
         seconds = time.monotonic() - started
         tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
-        from distft import faults
-
         try:
             _write(data, tmp, key, inputs, seconds)
             faults.point("cache_publish", 0)

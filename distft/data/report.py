@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 
 from distft.config import DataConfig
-from distft.data.batching import pack_index
+from distft.data.batching import mix_counts, pack_index
 from distft.data.samples import TokenSamples
 
 
@@ -66,8 +66,6 @@ class DataReport:
         drop, then a warning naming the likely fix when more than DROP_WARNING of the rows went."""
         lines = [("info", f"data: first {rule} row dropped: {where}") for rule, where in self.first_dropped.items()]
         if self.sources:
-            from distft.data.batching import mix_counts
-
             counts = mix_counts([s["samples"] for s in self.sources], [s["weight"] for s in self.sources])
             total = sum(counts)
             lines.append(("info", "data: mix per epoch: " + "; ".join(

@@ -33,6 +33,8 @@ from typing import Optional, Union
 
 import numpy as np
 
+from distft.files import NotAFile, open_regular
+
 IGNORE_INDEX = -100  # a label the loss skips (torch cross_entropy's ignore_index); distft.model.build re-exports it
 
 ARRAYS = ("tokens", "targets", "offsets")
@@ -179,8 +181,6 @@ def unreadable(path: str, err: OSError) -> str:
     """Why the file `path` could not be opened, naming it by its name: "x.npy is a named pipe
     (FIFO), not a regular file", "x.npy is 8 bytes, its manifest says 16", "x.npy cannot be read
     (No such file or directory)"."""
-    from distft.files import NotAFile
-
     file = os.path.basename(path)
     if isinstance(err, NotAFile):
         return str(err).replace(path, file)
@@ -205,8 +205,6 @@ def load_array(path: str, dtype, size: Optional[int] = None) -> np.ndarray:
     file is opened only if it is a regular file (`distft.files.open_regular`: not a link, a FIFO
     or a device) of `size` bytes, and its header must say `dtype`, one dimension and a length that
     fills the file. A ValueError names the file and what is wrong."""
-    from distft.files import open_regular
-
     file = os.path.basename(path)
     dtype = np.dtype(dtype)
     try:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import IO, Any, Optional
 
 from distft.config import DataConfig
+from distft.data.synthetic import generate
 from distft.errors import DataError
 from distft.files import NotAFile, file_kind, open_regular
 
@@ -618,8 +619,6 @@ def load_rows(cfg: DataConfig, key: str = "data.path") -> tuple[list[RawRow], Op
     """(training rows, separate eval rows or None when eval is to be split off the training rows).
     `key`: what names the file in messages (a source of data.sources: its entry)."""
     if cfg.source == "synthetic":
-        from distft.data.synthetic import generate
-
         syn = cfg.synthetic
         try:
             rows = generate(syn.num_examples, syn.seed, list(syn.tasks))

@@ -312,7 +312,7 @@ def prompt_format(formats: list[dict], fallback: str) -> str:
 def trained_format(checkpoint: str, cfg) -> str:
     """`prompt_format` of a checkpoint: from the formats its trainer state recorded, or, for a
     checkpoint saved before distft recorded them, its config's data.template."""
-    from distft.checkpoint.store import read_trainer_state
+    from distft.checkpoint.store import read_trainer_state  # lazy: torch (preflight imports this module)
 
     try:
         formats = read_trainer_state(checkpoint).get("formats")

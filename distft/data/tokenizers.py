@@ -50,6 +50,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from distft.data import synthetic, templates
+
 FAMILIES = ("llama2", "llama3", "char")
 DEFAULT_VOCAB_SIZE = {"llama2": 1000, "llama3": 1000}
 
@@ -88,8 +90,6 @@ The end.
 
 def corpus(num_rows: int = 2000) -> list[str]:
     """The training texts: synthetic rows under the Alpaca templates and header variants, then PROSE."""
-    from distft.data import synthetic, templates
-
     texts = []
     for i, row in enumerate(synthetic.generate(num_rows, seed=0)):
         template = templates.HEADER_TEMPLATES[i % len(templates.HEADER_TEMPLATES)]
@@ -211,7 +211,7 @@ def build_tokenizer(family: str, vocab_size: Optional[int] = None):
     if family == "char":
         if vocab_size is not None:
             raise ValueError("the char tokenizer family has a fixed vocabulary; pass no vocab_size")
-        from distft.model.build import build_offline_tokenizer
+        from distft.model.build import build_offline_tokenizer  # lazy: torch, as transformers (docstring)
 
         return build_offline_tokenizer()
     from tokenizers import Tokenizer

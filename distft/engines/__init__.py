@@ -118,6 +118,7 @@ def build_model_for_engine(cfg: Config, dtype: torch.dtype, tokenizer, world_siz
     """
     if (engine_kind(cfg.parallel.strategy).meta_build and world_size > 1
             and not technique_kind(cfg.technique.name).quantized_base):
+        # lazy, as the re-exports above: torch (importing this package stays torch-free for validation)
         from distft.techniques.build import build_meta_model
 
         return build_meta_model(cfg, dtype, tokenizer), "meta"

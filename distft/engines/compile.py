@@ -21,6 +21,8 @@ import logging
 
 import torch
 
+from distft.engines.fsdp import decoder_layers
+
 
 class _RecompileLimits(logging.Handler):
     """Counts dynamo's "hit config.recompile_limit" warnings: past that limit a function runs
@@ -43,8 +45,6 @@ def compile_layers(model: torch.nn.Module) -> int:
     """Compile every decoder layer of `model` in place; returns how many."""
     import torch._dynamo
     from torch._dynamo.utils import counters
-
-    from distft.engines.fsdp import decoder_layers
 
     # Under gradient checkpointing the layer's forward records its outputs in a transformers
     # context variable; eager checkpointing would record them again while recomputing in backward,

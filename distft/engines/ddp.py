@@ -12,8 +12,10 @@ import contextlib
 import torch
 
 from distft.config import Config
+from distft.engines import dcp
 from distft.engines.optim import apply_update, build_optimizer
 from distft.engines.precision import autocast_context, autocast_dtype
+from distft.model.build import model_inputs
 
 
 class DDPEngine:
@@ -37,8 +39,6 @@ class DDPEngine:
         return autocast_context(self.amp_dtype, self.device)
 
     def forward(self, batch: dict) -> torch.Tensor:
-        from distft.model.build import model_inputs
-
         inputs = {k: v.to(self.device) for k, v in model_inputs(batch).items()}
         with self.autocast():
             return self.wrapped(**inputs, use_cache=False).logits
@@ -87,16 +87,12 @@ class DDPEngine:
         return None  # every rank holds the full weights already
 
     def save_state(self, path: str, background: bool = False):
-        from distft.engines import dcp
-
         return dcp.save(path, self._model, self.optimizer, self.scheduler, self.scaler, background)
 
     def close(self) -> None:
         pass  # nothing beyond its objects
 
     def load_state(self, path: str) -> None:
-        from distft.engines import dcp
-
         dcp.load(path, self._model, self.optimizer, self.scheduler, self.scaler)
 
 

@@ -48,12 +48,15 @@ from typing import Any
 
 import torch
 
+from distft import dist
 from distft.config import Config, grad_accum_steps
 from distft.engines import prepare_device
 from distft.engines.kinds import engine_kind
 from distft.engines.optim import build_optimizer
 from distft.engines.precision import autocast_context, autocast_dtype
+from distft.engines.tied import share_aliases, tied_aliases
 from distft.errors import CheckpointError
+from distft.model.build import model_inputs
 from distft.techniques.build import keep_4bit_training_layout
 
 log = logging.getLogger("distft")
@@ -183,8 +186,6 @@ class DeepSpeedEngine:
         return autocast_context(self.amp_dtype, self.device)
 
     def forward(self, batch: dict) -> torch.Tensor:
-        from distft.model.build import model_inputs
-
         inputs = {k: v.to(self.ds.device) for k, v in model_inputs(batch).items()}
         with self.autocast():
             return self.ds(**inputs, use_cache=False).logits
@@ -254,8 +255,6 @@ class DeepSpeedEngine:
                         state[key] = value.detach().to("cpu", copy=True) if torch.is_tensor(value) else value
         if not is_main:
             return None
-        from distft.engines.tied import share_aliases, tied_aliases
-
         return share_aliases(state, tied_aliases(self.ds.module))  # a tied weight's two copies become one
 
     def _pin_prompt_embeddings(self) -> None:
@@ -352,8 +351,6 @@ def universal_state(state_dir: str, saved: int, current: int):
     """
     import argparse
     import io
-
-    from distft import dist
 
     checkpoint = os.path.dirname(os.path.normpath(state_dir))
     out = checkpoint + ".universal"

@@ -41,9 +41,12 @@ import logging
 import torch
 
 from distft.config import Config
+from distft.engines import dcp
 from distft.engines.optim import apply_update, build_optimizer
-from distft.engines.precision import autocast_context, autocast_dtype
-from distft.techniques.build import keep_4bit_training_layout
+from distft.engines.precision import autocast_context, autocast_dtype, weights_dtype
+from distft.engines.tied import share_aliases, tied_aliases
+from distft.model.build import load_tokenizer, model_inputs
+from distft.techniques.build import build_trainable_model, keep_4bit_training_layout
 from distft.techniques.kinds import technique_kind
 
 log = logging.getLogger("distft")
@@ -73,8 +76,6 @@ class FSDPEngine:
         return autocast_context(self.amp_dtype, self.device)
 
     def forward(self, batch: dict) -> torch.Tensor:
-        from distft.model.build import model_inputs
-
         inputs = {k: v.to(self.device) for k, v in model_inputs(batch).items()}
         with self.autocast():
             return self._model(**inputs, use_cache=False).logits
@@ -137,8 +138,6 @@ class FSDPEngine:
     def gathered_state_dict(self) -> dict | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        from distft.engines.tied import share_aliases, tied_aliases
-
         # Collective: every rank all-gathers each tensor; only rank 0 keeps the CPU copies.
         state = get_model_state_dict(self._model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if torch.distributed.get_rank() != 0:
@@ -155,16 +154,12 @@ class FSDPEngine:
 
     def save_state(self, path: str, background: bool = False):
         """Each rank writes its own shards (DCP); a checkpoint loads on any number of ranks."""
-        from distft.engines import dcp
-
         return dcp.save(path, self._model, self.optimizer, self.scheduler, self.scaler, background)
 
     def close(self) -> None:
         pass  # nothing beyond its objects
 
     def load_state(self, path: str) -> None:
-        from distft.engines import dcp
-
         dcp.load(path, self._model, self.optimizer, self.scheduler, self.scaler)
 
 
@@ -278,10 +273,6 @@ def materialize_from_rank0(model: torch.nn.Module, cfg: Config, device: torch.de
     frequencies) are broadcast too: to_empty leaves them uninitialised.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    from distft.engines.precision import weights_dtype
-    from distft.model.build import load_tokenizer
-    from distft.techniques.build import build_trainable_model
 
     rank = torch.distributed.get_rank()
     keys = _unaliased_state_keys(model)

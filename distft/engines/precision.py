@@ -10,6 +10,7 @@ import torch
 
 from distft.config import Config
 from distft.engines.kinds import engine_kind
+from distft.model.build import resolve_dtype
 from distft.techniques.kinds import technique_kind
 
 
@@ -23,8 +24,6 @@ def weights_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     - ZeRO: model.dtype; DeepSpeed keeps fp32 masters and optimizer state itself.
     - adapters and virtual tokens: model.dtype for the frozen base; PEFT keeps what trains in fp32.
     """
-    from distft.model.build import resolve_dtype
-
     if technique_kind(cfg.technique.name).trains_all_weights and engine_kind(cfg.parallel.strategy).fp32_master_weights:
         return torch.bfloat16 if cfg.train.pure_bf16 else torch.float32
     return resolve_dtype(cfg.model.dtype, device)

@@ -27,8 +27,14 @@ import dataclasses
 import os
 from typing import Any, Optional
 
+from distft.checkpoint.export import load_base, load_model
+from distft.checkpoint.verify import resolve_checkpoint
+from distft.config import DataConfig
+from distft.data.pipeline import _Rejected, encode
+from distft.data.templates import stop_token_ids, trained_format
 from distft.errors import CheckpointError, DataError, TemplateError
 from distft.evaluation.compare import PLACEHOLDER  # an answer whose start marks where the prompt ends; never fed
+from distft.evaluation.evaluate import generate_outputs
 from distft.files import read_json
 
 PROMPT_FORMAT = "prompt_format.json"  # written by distft.export: how to prompt the exported model
@@ -48,9 +54,6 @@ class Chat:
 
     def prompt_ids(self, message: str) -> list[int]:
         """The ids the model continues for `message`: its training prefix for this conversation."""
-        from distft.config import DataConfig
-        from distft.data.pipeline import _Rejected, encode
-
         cfg = DataConfig(template=self.template, max_seq_len=1 << 30)
         if self.template == "chat":
             turns = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
@@ -67,8 +70,6 @@ class Chat:
 
     def reply(self, message: str) -> tuple[str, bool]:
         """(the model's answer, whether it was cut at max_new_tokens); the turn joins the history."""
-        from distft.evaluation.evaluate import generate_outputs
-
         ids = self.prompt_ids(message)
         [(answer, cut)] = generate_outputs(self.model, self.tokenizer, [ids], self.max_new_tokens, 1, self.device,
                                            stop_ids=self.stop_ids)
@@ -84,8 +85,6 @@ def _is_export(path: str) -> bool:
 def _load_export(path: str, base: bool, trust_remote_code: bool):
     """(model, tokenizer, template, stop ids) of an export directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from distft.data.templates import stop_token_ids
 
     split = os.path.isdir(os.path.join(path, "adapter"))
     if base and not split:
@@ -116,9 +115,6 @@ def load(path: str, base: bool = False, max_new_tokens: Optional[int] = None, sy
          trust_remote_code: bool = False) -> Chat:
     import torch
 
-    from distft.checkpoint.verify import resolve_checkpoint
-    from distft.data.templates import stop_token_ids, trained_format
-
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
         raise CheckpointError(f"{path} does not exist; pass a run directory, a checkpoint or an export")
@@ -127,8 +123,6 @@ def load(path: str, base: bool = False, max_new_tokens: Optional[int] = None, sy
         model, tokenizer, template, stop_ids = _load_export(path, base, trust_remote_code)
         new_tokens = max_new_tokens or 256
     else:
-        from distft.checkpoint.export import load_base, load_model
-
         checkpoint = resolve_checkpoint(path, announce=True)
         cfg, model, tokenizer = load_model(checkpoint, trust_remote_code=trust_remote_code)
         if base:

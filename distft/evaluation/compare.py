@@ -33,7 +33,19 @@ import sys
 import time
 from typing import Any, Optional
 
+from distft.checkpoint.export import checkpoint_config, load_base, load_model, load_tokenizer_from
+from distft.checkpoint.store import read_meta
+from distft.checkpoint.verify import resolve_checkpoint
+from distft.config import model_label
+from distft.data.cache import prepared, tokenizer_fingerprint
+from distft.data.pipeline import Example, _Rejected, eval_batches, eval_row, prepare_data, to_canonical
+from distft.data.sources import read_eval_path, reader_for
+from distft.data.templates import stop_token_ids, trained_format
+from distft.engines import autocast_context, autocast_dtype
 from distft.errors import CheckpointError, DataError, TemplateError
+from distft.evaluation.evaluate import GENERATION_METRICS, evaluate_model, metrics_only
+from distft.evaluation.report import predictions_path, write_comparison, write_predictions
+from distft.files import write_json
 
 REPORT = "compare_report.md"
 SUMMARY = "compare.json"
@@ -50,8 +62,6 @@ class Entrant:
 
 def _labels(checkpoints: list[str]) -> list[str]:
     """`<experiment>/<step dir>` per checkpoint, numbered when two would read the same."""
-    from distft.checkpoint.export import checkpoint_config
-
     labels = []
     for checkpoint in checkpoints:
         label = f"{checkpoint_config(checkpoint).run.experiment}/{os.path.basename(checkpoint)}"
@@ -71,9 +81,6 @@ def prompt_rows(path: str, cfg, tokenizer) -> list[dict]:
     file, rendered with `cfg` (a DataConfig) and `tokenizer`; DataError naming the row for a row
     that is neither a training row nor a plain prompt. A row without a reference gets "" and
     `has_reference` False."""
-    from distft.data.pipeline import Example, _Rejected, eval_row, to_canonical
-    from distft.data.sources import read_eval_path, reader_for
-
     if not os.path.exists(path):
         raise DataError(f"--prompts {path} does not exist")
     cfg = dataclasses.replace(cfg, eval_path=path, path=path, sources=[], source=reader_for(path))
@@ -120,9 +127,6 @@ def _device(cfg):
 
 
 def _score(model, cfg, tokenizer, rows, batches, eval_cfg, stop_ids) -> dict:
-    from distft.engines import autocast_context, autocast_dtype
-    from distft.evaluation.evaluate import evaluate_model
-
     device = _device(cfg)
     if not getattr(model, "is_loaded_in_4bit", False):
         model = model.to(device)
@@ -133,8 +137,6 @@ def _score(model, cfg, tokenizer, rows, batches, eval_cfg, stop_ids) -> dict:
 
 def _without_scores(result: dict) -> dict:
     """A result on prompts without references: answers only."""
-    from distft.evaluation.evaluate import GENERATION_METRICS
-
     result.update(dict.fromkeys(GENERATION_METRICS))
     result.pop("per_task", None)
     for sample in result["samples"]:
@@ -146,16 +148,6 @@ def compare(checkpoints: list[str], out: str, prompts: Optional[str] = None, bas
             num_samples: Optional[int] = None, max_new_tokens: Optional[int] = None,
             trust_remote_code: bool = False) -> dict:
     """Score the models and write the report; returns compare.json's content."""
-    from distft.checkpoint.export import checkpoint_config, load_base, load_model, load_tokenizer_from
-    from distft.checkpoint.store import read_meta
-    from distft.checkpoint.verify import resolve_checkpoint
-    from distft.config import model_label
-    from distft.data.cache import prepared, tokenizer_fingerprint
-    from distft.data.pipeline import eval_batches, prepare_data
-    from distft.data.templates import stop_token_ids, trained_format
-    from distft.evaluation.evaluate import metrics_only
-    from distft.evaluation.report import predictions_path, write_comparison, write_predictions
-
     if len(checkpoints) + int(base) < 2:
         raise CheckpointError("compare needs two models or more: give two checkpoints or run directories, or one "
                               "with its base (drop --no-base)")
@@ -233,7 +225,5 @@ def compare(checkpoints: list[str], out: str, prompts: Optional[str] = None, bas
     write_comparison(report, results, meta, num_samples=eval_cfg.report_samples, predictions=predictions,
                      notes=notes, what=what)
     summary = {"report": report, "predictions": predictions, "prompts": prompts, "scored": scored, "models": models}
-    from distft.files import write_json
-
     write_json(os.path.join(out, SUMMARY), summary, what="the comparison's summary")
     return summary

@@ -62,10 +62,22 @@ from typing import Any, Optional
 
 import torch
 
+from distft.checkpoint.export import load_base, load_model
+from distft.checkpoint.store import read_meta
+from distft.checkpoint.verify import resolve_checkpoint
 from distft.config import EvalConfig, model_label
+from distft.data.cache import prepared
+from distft.data.pipeline import eval_batches, prepare_data
 from distft.data.templates import bos_ids
+from distft.dist import share_cpu_threads
+from distft.engines import autocast_context, autocast_dtype
+from distft.engines.compile import eager
+from distft.errors import CheckpointError
+from distft.evaluation.forgetting import general_batches, run_lm_eval
+from distft.evaluation.report import predictions_path, write_predictions, write_report
 from distft.model.build import MAX_LOSS_FOR_PERPLEXITY, model_inputs
 from distft.model.loss import computing_loss
+from distft.tracking import GenerationProgress
 
 GENERATION_METRICS = ("exact_match", "exact_match_strict", "f1", "rouge_l")
 
@@ -469,12 +481,8 @@ def generate_outputs(
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # stable: deterministic
     answers: list[tuple[str, bool]] = [("", False)] * len(encoded)
     if progress is None:
-        from distft.tracking import GenerationProgress
-
         progress = GenerationProgress(bar=False)
     progress.start(len(encoded))
-    from distft.engines.compile import eager
-
     with _eval_mode(model), _autocast(autocast_ctx), eager():  # compiled layers (train.compile) decode eagerly
         try:
             for start in range(0, len(order), batch_size):
@@ -593,15 +601,6 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, num_samples: in
     and an `out` inside it is refused (CheckpointError) before anything is loaded."""
     import torch
 
-    from distft.checkpoint.export import load_base, load_model
-    from distft.checkpoint.store import read_meta
-    from distft.checkpoint.verify import resolve_checkpoint
-    from distft.data.cache import prepared
-    from distft.data.pipeline import eval_batches, prepare_data
-    from distft.engines import autocast_context, autocast_dtype
-    from distft.errors import CheckpointError
-    from distft.evaluation.report import predictions_path, write_predictions, write_report
-
     checkpoint = resolve_checkpoint(checkpoint, announce=True)
     root = os.path.dirname(os.path.abspath(os.path.expanduser(out))) if out else report_root(checkpoint)
     out = os.path.abspath(os.path.expanduser(out)) if out else default_report_path(checkpoint)
@@ -618,8 +617,6 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, num_samples: in
     if device.type == "cpu":  # as a run's ranks choose theirs (a loaded CPU: minutes, not seconds)
         import logging
 
-        from distft.dist import share_cpu_threads
-
         logging.getLogger("distft").info("torch threads: %d (%s)", *share_cpu_threads(device))
     data = prepared(cfg.data, tokenizer, cfg.data.seed, cfg.run.root, prepare_data).data
     batches = eval_batches(data.eval, cfg.eval.batch_size, cfg.data.max_seq_len, cfg.data.packing,
@@ -633,22 +630,16 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, num_samples: in
 
     general = None
     if cfg.eval.general_path:
-        from distft.evaluation.forgetting import general_batches
-
         general = general_batches(cfg.eval.general_path, tokenizer, cfg.data.max_seq_len, cfg.eval.batch_size,
                                   cfg.eval.general_max_tokens)
 
     def score(model, label: str):
-        from distft.tracking import GenerationProgress
-
         if not getattr(model, "is_loaded_in_4bit", False):
             model = model.to(device)
         result = evaluate_model(model, tokenizer, batches, data.eval_rows, cfg.eval, device, autocast_ctx=autocast,
                                 stop_ids=data.stop_ids, general=general,
                                 progress=GenerationProgress(f"{label}: generating"))
         if cfg.eval.lm_eval_tasks:
-            from distft.evaluation.forgetting import run_lm_eval
-
             result["lm_eval"] = run_lm_eval(model, tokenizer, list(cfg.eval.lm_eval_tasks), cfg.eval.lm_eval_include_path,
                                             cfg.eval.lm_eval_limit, cfg.eval.batch_size, device)
         return result

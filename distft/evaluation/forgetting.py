@@ -19,6 +19,7 @@ import math
 import os
 from typing import Any, Optional
 
+from distft.data.templates import bos_ids
 from distft.errors import DataError
 from distft.files import open_regular
 
@@ -77,8 +78,7 @@ def general_batches(path: str, tokenizer, max_seq_len: int, batch_size: int, max
     `max_tokens` tokens. The same for every model with this tokenizer."""
     import torch
 
-    from distft.data.templates import bos_ids
-    from distft.model.build import IGNORE_INDEX
+    from distft.model.build import IGNORE_INDEX  # lazy: torch (validation imports this module, torch-free)
 
     bos = bos_ids(tokenizer)  # what the tokenizer's own call puts in front: [] for ChatML models
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []

@@ -20,6 +20,7 @@ import re
 from collections.abc import Sequence
 from typing import Any, Optional
 
+from distft.evaluation.forgetting import forgetting_line
 from distft.files import write_text
 from distft.model.build import MAX_LOSS_FOR_PERPLEXITY
 
@@ -190,8 +191,6 @@ def _body(results: dict[str, dict[str, Any]], change: Optional[tuple[str, str]],
     if truncation:
         lines += ["", truncation]
     if change:
-        from distft.evaluation.forgetting import forgetting_line
-
         warn = results[change[1]].get("general_warn")
         forgetting = forgetting_line(results[change[0]], results[change[1]], warn if warn is not None else 0.1)
         if forgetting:

@@ -41,6 +41,8 @@ import uuid
 import warnings
 from typing import Any, Optional
 
+from distft.config import run_dir
+from distft.errors import EXIT_INTERRUPTED, EXIT_STOPPED
 from distft.files import read_json, write_bytes, write_json, write_text
 
 log = logging.getLogger("distft")
@@ -82,8 +84,6 @@ def sweep_id(sweep_dir: str) -> Optional[str]:
 
 
 def write_point(output_dir: str, cfg, overrides: list[str], job_num: int, sweep: Optional[str] = None) -> str:
-    from distft.config import run_dir
-
     os.makedirs(output_dir, exist_ok=True)
     for stale in glob.glob(os.path.join(output_dir, FAILED.format(source="*"))):  # a reused sweep dir's
         os.remove(stale)
@@ -312,8 +312,6 @@ def point_exit(code: Any) -> Optional[PointFailed]:
     refusal before training, a local launcher's exit code). None (exit as asked) elsewhere, on
     success, and for a stop signal or Ctrl-C (4, 130), which stop the sweep, not one point."""
     from hydra.core.hydra_config import HydraConfig
-
-    from distft.errors import EXIT_INTERRUPTED, EXIT_STOPPED
 
     hydra_cfg = HydraConfig.get()
     if code in (None, 0, EXIT_STOPPED, EXIT_INTERRUPTED) or not runs_points_here(hydra_cfg):

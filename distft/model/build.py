@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from distft.config import BNB_MIN_8BIT_SIZE, BNB_MIN_PAGED_SIZE, ModelConfig
 from distft.data.samples import IGNORE_INDEX  # noqa: F401  (re-exported: the loss's ignore_index)
 from distft.errors import ModelLoadError  # noqa: F401  (re-exported: callers catch distft.model.build.ModelLoadError)
+from distft.tracking import quiet_libraries
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
 # Printable ASCII plus newline and tab: everything the embedded data and templates use.
@@ -162,8 +163,6 @@ def build_model(
     user cannot act on is silenced first (tracking.quiet_libraries).
     """
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
-
-    from distft.tracking import quiet_libraries
 
     quiet_libraries()
 

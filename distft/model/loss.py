@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from distft.data.samples import IGNORE_INDEX
+from distft.model.build import token_loss
 
 # The fp32 logits of one chunk of target tokens: 64 MiB is 130 tokens at Llama-3's 128,256
 # vocabulary, 341 at SmolLM2's 49,152, 524 at Llama-2's 32,000. The chunk's working set is about
@@ -158,8 +159,6 @@ class ArmedLoss:
         targets = (self.labels[:, 1:] != IGNORE_INDEX).sum()
         if self.used:
             return output, targets
-        from distft.model.build import token_loss
-
         return token_loss(output, self.labels)
 
 

@@ -36,6 +36,7 @@ import os
 from typing import Any, Optional
 
 from distft.config import Config, ModelConfig
+from distft.errors import ModelLoadError
 from distft.files import read_json
 from distft.techniques.kinds import TECHNIQUES, technique_kind
 
@@ -153,8 +154,7 @@ def fit_embeddings(model: Any, cfg: Config, tokenizer: Any = None) -> Any:
     shapes change (the engine fills the weights from rank 0's real, resized model)."""
     import torch
 
-    from distft.errors import ModelLoadError
-    from distft.model.build import load_tokenizer
+    from distft.model.build import load_tokenizer  # lazy: torch (preflight imports this module, torch-free)
 
     if tokenizer is None:
         if not technique_kind(cfg.technique.name).trains_embeddings or cfg.model.name_or_path is None:

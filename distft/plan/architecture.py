@@ -17,6 +17,7 @@ from distft.config import Config
 from distft.errors import PlanInputError
 from distft.model.build import ParameterCounts
 from distft.model.build import count_parameters as count_model_parameters
+from distft.techniques.build import build_meta_model
 from distft.techniques.kinds import technique_kind
 
 ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -102,8 +103,6 @@ def count_parameters(cfg: Config) -> ParameterCounts:
 
 
 def _count_built(cfg: Config) -> ParameterCounts:
-    from distft.techniques.build import build_meta_model
-
     model = build_meta_model(from_fields(cfg))
     return count_model_parameters(model, quantized_base=technique_kind(cfg.technique.name).quantized_base)
 

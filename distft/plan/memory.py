@@ -44,9 +44,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from distft.config import Config, world_size
+from distft.config import Config, grad_accum_steps, world_size
 from distft.engines.kinds import engine_kind
-from distft.model.build import ParameterCounts
+from distft.model.build import ParameterCounts, llama_config
+from distft.model.loss import chunk_tokens
 from distft.techniques.kinds import technique_kind
 
 # bitsandbytes 4-bit: half a byte per weight plus the block scales (blocksize 64): one fp32 absmax
@@ -108,8 +109,6 @@ def autocast_copy_bytes(cfg: Config, counts: ParameterCounts) -> int:
     16-bit parameters itself (MixedPrecisionPolicy), so autocast has nothing to cast there."""
     if not (fp32_masters(cfg) and amp16(cfg) and engine_kind(cfg.parallel.strategy).keeps_model_dtype):
         return 0
-    from distft.model.build import llama_config
-
     model = llama_config(cfg.model)
     embeddings = model.vocab_size * model.hidden_size
     norms = (2 * model.num_hidden_layers + 1) * model.hidden_size
@@ -139,9 +138,6 @@ def loss_bytes(cfg: Config, tokens: int, vocab: int, hidden: int, stream: int) -
     trains in 16 bits, each chunk's [V, h] gradient product before its fp32 sum.
     The plain path (a LoRA on the head) keeps the logits in the model dtype, their fp32 copy and
     the log-softmax (tokens·V·(b + 8)), then the logits' gradient (tokens·V·(4 + b))."""
-    from distft.config import grad_accum_steps
-    from distft.model.loss import chunk_tokens
-
     b = compute_bytes(cfg)
     if not chunked_loss(cfg):
         return tokens * vocab * (b + 8 if b != 4 else 8), tokens * vocab * (4 + b if b != 4 else 4)
@@ -351,8 +347,6 @@ def activation_bytes(cfg: Config, counts: ParameterCounts, layers_only: bool = F
     this term and the fp32 storage of model_state_bytes, bench/RESULTS.md). FSDP gathers in the
     16-bit dtype and DeepSpeed casts the model, so neither does this.
     """
-    from distft.model.build import llama_config
-
     model = llama_config(cfg.model)  # the preset's architecture, defaults filled in
     m, s, b = cfg.train.micro_batch_size, cfg.data.max_seq_len, compute_bytes(cfg)
     technique, same_dtype = technique_kind(cfg.technique.name), engine_kind(cfg.parallel.strategy).keeps_model_dtype
@@ -404,9 +398,6 @@ def step_gradient_bytes(cfg: Config, counts: ParameterCounts, grads: int) -> int
     SmolLM2 full fine-tuning, DDP, 2 ranks x 4 x 128 tokens: the plan was 15.5% over with both
     counted whole. With accumulation, the first micro-batch's gradients live through the next
     forward: counted whole, as on the sharding engines (whose gradient buffers persist)."""
-    from distft.config import grad_accum_steps
-    from distft.model.build import llama_config
-
     if not engine_kind(cfg.parallel.strategy).replicated or grad_accum_steps(cfg) > 1:
         return grads
     arch = llama_config(cfg.model)

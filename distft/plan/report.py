@@ -11,6 +11,7 @@ from distft.plan.advice import advice
 from distft.plan.architecture import count_parameters, with_architecture
 from distft.plan.memory import verdict
 from distft.plan.timing import epoch, throughput
+from distft.tracking import quiet_libraries
 
 
 def plan(cfg: Config, with_epoch: bool = True, argv: Optional[Sequence[str]] = None,
@@ -140,7 +141,5 @@ def quiet_meta_build() -> None:
     CPU 4-bit kernel, transformers' `is_gradient_checkpointing`) are noise above the plan: the
     same named messages every entry point drops (tracking.quiet_libraries), and only those (a
     logger's level set here would hide its other warnings in the rest of the process)."""
-    from distft.tracking import quiet_libraries
-
     quiet_libraries()
 

@@ -14,11 +14,14 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from distft.config import Config, world_size
+from distft.config import Config, grad_accum_steps, world_size
+from distft.data.cache import find
+from distft.data.pipeline import DataError, load_rows, prepare_data
 from distft.engines.kinds import engine_kind
-from distft.model.build import ParameterCounts
+from distft.model.build import ModelLoadError, ParameterCounts, load_tokenizer
 from distft.plan.memory import param_bytes
 from distft.techniques.kinds import technique_kind
+from distft.tracking import flops_per_token
 
 
 def comm_traffic_bytes(cfg: Config, counts: ParameterCounts) -> int:
@@ -27,8 +30,6 @@ def comm_traffic_bytes(cfg: Config, counts: ParameterCounts) -> int:
     DDP and ZeRO-1/2 reduce gradients (ZeRO also gathers updated weights) once per step; ZeRO-3
     and FSDP gather weights for forward and again for backward, and reduce-scatter gradients,
     on every micro-batch."""
-    from distft.config import grad_accum_steps
-
     ws, kind = world_size(cfg), engine_kind(cfg.parallel.strategy)
     if ws == 1 or kind.collectives == "none":
         return 0
@@ -44,8 +45,6 @@ def comm_traffic_bytes(cfg: Config, counts: ParameterCounts) -> int:
 def throughput(cfg: Config, counts: ParameterCounts) -> dict:
     """tokens/s and step time from the cluster's peak FLOP/s at an assumed MFU, and the
     data-parallel communication time per step at the profile's bandwidth."""
-    from distft.tracking import flops_per_token
-
     flops = flops_per_token(counts.total, cfg.model.num_hidden_layers, cfg.model.hidden_size, cfg.data.max_seq_len,
                             full=technique_kind(cfg.technique.name).trains_all_weights)
     out = {"flops_per_token": flops, "assumed_mfu": cfg.plan.mfu, "tokens_per_s": None, "compute_time_s": None,
@@ -76,17 +75,12 @@ def epoch(cfg: Config, step_time_s: Optional[float]) -> dict:
     on local disk (never downloaded here); without it: {"unknown": why}."""
     import random
 
-    from distft.data.pipeline import DataError, load_rows, prepare_data
-    from distft.model.build import ModelLoadError, load_tokenizer
-
     try:
         tokenizer = load_tokenizer(cfg.model, local_files_only=True)
     except (ModelLoadError, OSError, ValueError):
         where = cfg.model.tokenizer or cfg.model.name_or_path
         return {"unknown": f"the tokenizer {where!r} is not on local disk; set model.tokenizer=<local directory> "
                            "for a time per epoch"}
-    from distft.data.cache import find
-
     try:
         cached = find(cfg.data, tokenizer, cfg.data.seed, cfg.run.root)
     except (DataError, OSError, ValueError) as err:

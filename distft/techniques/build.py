@@ -23,6 +23,7 @@ import torch
 from distft.config import Config, TechniqueConfig
 from distft.errors import ModelLoadError
 from distft.model.build import build_model, load_tokenizer
+from distft.model.vocab import fit_embeddings
 from distft.techniques.kinds import technique_kind
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,6 @@ def build_base(cfg: Config, dtype: torch.dtype, tokenizer=None, meta: bool = Fal
     the new rows could not be trained). `tokenizer` None: the run's own, loaded only where a
     resize can happen, so every rebuild of a resized base has the same shape and weights.
     `meta`: on the meta device (FSDP's sharded build; never QLoRA)."""
-    from distft.model.vocab import fit_embeddings
-
     quantization = None if meta else quantization_config(cfg.technique)
     model = build_model(cfg.model, dtype=dtype, meta=meta, quantization_config=quantization)
     if cfg.model.name_or_path is None and tokenizer is not None:
