@@ -33,7 +33,7 @@ log = logging.getLogger("distft")
 
 def setup_logging(rank: int = 0, level: int = logging.INFO, stream=None) -> None:
     """Every line says its rank, so interleaved multi-rank output stays readable. On stdout (a
-    run's log), or `stream` (a command whose stdout is its result: distft.evaluation.evaluate)."""
+    run's log), or `stream` (a command whose stdout is its result: distft/commands/evaluate.py)."""
     root = logging.getLogger("distft")
     root.handlers.clear()
     handler = logging.StreamHandler(stream or sys.stdout)

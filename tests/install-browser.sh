@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Debian's chromium and its WebDriver, for the review page's browser test (tests/unit/test_review.py
+# Debian's chromium and its WebDriver, for the review page's browser test (tests/cli/test_review.py
 # runs this when /usr/bin/chromedriver is missing; root only, as CI runs). Nothing else needs them.
 set -euo pipefail
 command -v chromedriver >/dev/null && command -v chromium >/dev/null && exit 0

@@ -28,7 +28,7 @@ from distft.config import Config, to_config
 from distft.data.templates import stop_token_ids, trained_format
 from distft.errors import CheckpointError, ModelLoadError, OutputError, TemplateError
 from distft.files import describe, is_disk_full, remove_tree, write_json, write_text
-from distft.model.build import _load_error
+from distft.model.build import load_error
 from distft.techniques.build import build_base, dequantize_base
 from distft.techniques.kinds import technique_kind
 
@@ -71,7 +71,7 @@ def load_tokenizer_from(checkpoint: str, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise CheckpointError(str(_load_error("tokenizer", path, err))) from None
+        raise CheckpointError(str(load_error("tokenizer", path, err))) from None
 
 
 def load_model(checkpoint: str, dtype: torch.dtype = torch.float32, quantized: bool = True,
@@ -99,7 +99,7 @@ def _load_tuned(checkpoint: str, cfg: Config, dtype: torch.dtype, quantized: boo
             try:
                 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
             except (OSError, ValueError) as err:
-                raise _load_error("model", model_dir, err) from None
+                raise load_error("model", model_dir, err) from None
             return model, tokenizer
         from peft import PeftModel
 

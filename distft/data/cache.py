@@ -408,7 +408,7 @@ class CacheResult:
 def prepared(cfg: DataConfig, tokenizer, seed: int, run_root: str, build, rank: int = 0) -> CacheResult:
     """The run's PreparedData, through the cache (see the module docstring): rank 0 finds or builds
     it, the other ranks find it or wait for it. `build(cfg, tokenizer, seed)` -> PreparedData
-    (`distft.data.pipeline.prepare_data`, passed in: distft.data.pipeline's CLI calls this module). data.cache=false:
+    (`distft.data.pipeline.prepare_data`, passed in: the data command, distft/commands/data.py, calls this module). data.cache=false:
     built here, in memory, every time."""
 
     started = time.monotonic()

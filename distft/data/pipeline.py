@@ -1,4 +1,5 @@
-"""The data path: load, clean (with counts), template, mask prompts, tokenize, split, augment, pack, batch.
+"""The data path: load, clean (with counts), template, mask prompts, tokenize, split, augment (packing and
+batching: batching.py).
 
 `prepare_data()` runs once per process and is deterministic, so every rank builds the same samples
 without talking to the others; `TrainBatches` then gives each rank its own micro-batches of one
@@ -55,25 +56,25 @@ from distft.errors import DataError, TemplateError  # DataError also re-exported
 # Cleaning: detect the format, check types, drop empty / duplicate / over-long rows, counted.
 
 
-class _Rejected(Exception):
+class RejectedRow(Exception):
     def __init__(self, rule: str, reason: str):
         super().__init__(reason)
         self.rule, self.reason = rule, reason
 
     def __reduce__(self):  # comes back from a tokenizing process
-        return _Rejected, (self.rule, self.reason)
+        return RejectedRow, (self.rule, self.reason)
 
 
 def _string(row: dict, name: str, what: str, required: bool = True) -> str:
     if name not in row:
         if required:
-            raise _Rejected("malformed", f"no {what} field {name!r} (columns: {sorted(row)})")
+            raise RejectedRow("malformed", f"no {what} field {name!r} (columns: {sorted(row)})")
         return ""
     value = row[name]
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise _Rejected("malformed", f"{what} field {name!r} is a {type(value).__name__}, expected a string")
+        raise RejectedRow("malformed", f"{what} field {name!r} is a {type(value).__name__}, expected a string")
     _check_text(value, f"{what} field {name!r}")
     return value
 
@@ -82,16 +83,16 @@ def _check_text(value: str, what: str) -> None:
     """A lone surrogate (JSON's "\\ud800" escape without its pair) is not text: no tokenizer encodes it."""
     found = SURROGATE.search(value)
     if found:
-        raise _Rejected("malformed", f"{what} holds a lone surrogate \\u{ord(found.group()):04x} (half of a "
+        raise RejectedRow("malformed", f"{what} holds a lone surrogate \\u{ord(found.group()):04x} (half of a "
                                      "UTF-16 pair), which is not text; fix the \\u escape")
 
 
 def to_canonical(value: Any, fmt: str, cfg: DataConfig) -> tuple[str, dict]:
-    """(kind, canonical row) of a raw record, or _Rejected('malformed', why)."""
+    """(kind, canonical row) of a raw record, or RejectedRow('malformed', why)."""
     if isinstance(value, Unparsable):
-        raise _Rejected("malformed", value.reason)
+        raise RejectedRow("malformed", value.reason)
     if not isinstance(value, dict):
-        raise _Rejected("malformed", f"a JSON {json_type(value)}, expected an object")
+        raise RejectedRow("malformed", f"a JSON {json_type(value)}, expected an object")
     kind = fmt
     if fmt == "auto":
         if cfg.messages_field in value or SHAREGPT_FIELD in value:
@@ -101,7 +102,7 @@ def to_canonical(value: Any, fmt: str, cfg: DataConfig) -> tuple[str, dict]:
         elif cfg.text_field in value:
             kind = "text"
         else:
-            raise _Rejected(
+            raise RejectedRow(
                 "malformed",
                 f"none of the fields {cfg.messages_field!r} (chat), {cfg.instruction_field!r}+{cfg.output_field!r} "
                 f"(alpaca), {cfg.text_field!r} (text); it has {sorted(value)} "
@@ -121,7 +122,7 @@ def to_canonical(value: Any, fmt: str, cfg: DataConfig) -> tuple[str, dict]:
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
     )
     if not ok:
-        raise _Rejected("malformed", f"{cfg.messages_field!r} is not a list of {{role: str, content: str}} objects")
+        raise RejectedRow("malformed", f"{cfg.messages_field!r} is not a list of {{role: str, content: str}} objects")
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     for i, m in enumerate(messages):
         _check_text(m["role"], f"{cfg.messages_field}[{i}].role")
@@ -146,10 +147,10 @@ def _from_sharegpt(turns: Any, field_name: str) -> Any:
         speaker = turn.get("from")
         role = SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
         if role is None:
-            raise _Rejected("malformed", f"{field_name}[{i}].from is {speaker!r}, not a ShareGPT speaker "
+            raise RejectedRow("malformed", f"{field_name}[{i}].from is {speaker!r}, not a ShareGPT speaker "
                                          f"({', '.join(sorted(SHAREGPT_ROLES))})")
         if not isinstance(turn.get("value"), str):
-            raise _Rejected("malformed", f"{field_name}[{i}].value is not a string")
+            raise RejectedRow("malformed", f"{field_name}[{i}].value is not a string")
         messages.append({"role": role, "content": turn["value"]})
     return messages
 
@@ -161,13 +162,13 @@ def _extras(value: dict, *used: str) -> dict:
 
 def _check_not_empty(kind: str, row: dict) -> None:
     if kind == "text" and not row["text"].strip():
-        raise _Rejected("empty", "blank text")
+        raise RejectedRow("empty", "blank text")
     if kind == "alpaca" and not (row["instruction"].strip() and row["output"].strip()):
-        raise _Rejected("empty", "blank instruction" if not row["instruction"].strip() else "blank output")
+        raise RejectedRow("empty", "blank instruction" if not row["instruction"].strip() else "blank output")
     if kind == "chat":
         replies = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
         if not replies or not all(r.strip() for r in replies):
-            raise _Rejected("empty", "no assistant turn" if not replies else "an assistant turn with blank content")
+            raise RejectedRow("empty", "no assistant turn" if not replies else "an assistant turn with blank content")
 
 
 def _dedup_key(kind: str, row: dict) -> bytes:
@@ -195,13 +196,13 @@ def tokenize_row(row: dict, kind: str, cfg: DataConfig, tokenizer, variant: int 
 
 
 def encode(row: dict, kind: str, cfg: DataConfig, tokenizer, variant: int = 0) -> tuple:
-    """(Encoded, Rendered) of a cleaned row; _Rejected('malformed') for a conversation the chat
+    """(Encoded, Rendered) of a cleaned row; RejectedRow('malformed') for a conversation the chat
     template refuses, DataError when the template cannot render rows at all."""
     try:
         rendered = render_row(row, kind, cfg.template, tokenizer, variant)
         return encode_row(rendered, tokenizer, cfg.max_seq_len, cfg.train_on_prompt), rendered
     except RejectedConversation as err:
-        raise _Rejected("malformed", str(err)) from None
+        raise RejectedRow("malformed", str(err)) from None
     except TemplateError as err:
         raise DataError(f"data.template={cfg.template}: {err}") from None
 
@@ -238,11 +239,11 @@ def clean(raw: list[RawRow], cfg: DataConfig, tokenizer, report: DataReport, see
                     raise outcome
                 kind, row, key, (ids, targets, prompt_len), chars = outcome
                 if key in seen:
-                    raise _Rejected("duplicate", "the same prompt and response as an earlier row")
+                    raise RejectedRow("duplicate", "the same prompt and response as an earlier row")
                 if lengths is not None:
                     lengths.append(_measured_length(len(ids), chars, cfg.max_seq_len))
                 sample, truncated = _fit_piece((ids, targets), cfg)
-            except _Rejected as rejected:
+            except RejectedRow as rejected:
                 if cfg.on_bad_rows == "fail":
                     raise DataError(
                         f"{record.where} is {rejected.rule}: {rejected.reason}. Fix or remove the row, or set "
@@ -269,7 +270,7 @@ def _measured_length(ids: int, chars: int, max_seq_len: int) -> int:
 
 def _clean_chunk(values: list, cfg: DataConfig, tokenizer) -> list:
     """Per raw record: (kind, canonical row, dedup key, (ids, targets, prompt_len), characters of the
-    rendered text) or the exception that rejects it (_Rejected, or the DataError of a template
+    rendered text) or the exception that rejects it (RejectedRow, or the DataError of a template
     that cannot render rows), in order.
     The tokenization is `tokenize_row`'s, for the whole chunk at once (encoding.encode_rows)."""
     staged: list = []
@@ -278,7 +279,7 @@ def _clean_chunk(values: list, cfg: DataConfig, tokenizer) -> list:
             kind, row = to_canonical(value, cfg.format, cfg)
             _check_not_empty(kind, row)
             staged.append((kind, row, _dedup_key(kind, row)))
-        except _Rejected as rejected:
+        except RejectedRow as rejected:
             staged.append(rejected)
     todo, rendered = [], []
     for i, item in enumerate(staged):
@@ -288,13 +289,13 @@ def _clean_chunk(values: list, cfg: DataConfig, tokenizer) -> list:
             rendered.append(render_row(item[1], item[0], cfg.template, tokenizer, 0))
             todo.append(i)
         except RejectedConversation as err:
-            staged[i] = _Rejected("malformed", str(err))
+            staged[i] = RejectedRow("malformed", str(err))
         except TemplateError as err:
             staged[i] = DataError(f"data.template={cfg.template}: {err}")
     encoded_rows = encode_rows(rendered, tokenizer, cfg.max_seq_len, cfg.train_on_prompt)
     for i, text, encoded in zip(todo, rendered, encoded_rows):
         if isinstance(encoded, RejectedConversation):
-            staged[i] = _Rejected("malformed", str(encoded))
+            staged[i] = RejectedRow("malformed", str(encoded))
         elif isinstance(encoded, Exception):
             raise encoded  # a bug, not the row's fault
         else:
@@ -398,20 +399,20 @@ def _fit_piece(sample: tuple, cfg: DataConfig) -> tuple[tuple, bool]:
     if cfg.drop_overlong:
         size = f"{n} tokens > data.max_seq_len={cfg.max_seq_len}" if n > cfg.max_seq_len + 1 else (
             f"more than data.max_seq_len={cfg.max_seq_len} tokens")
-        raise _Rejected("overlong", f"{size} (or data.drop_overlong=false)")
+        raise RejectedRow("overlong", f"{size} (or data.drop_overlong=false)")
     ids, targets = ids[: cfg.max_seq_len], targets[: cfg.max_seq_len]
     if not targets.any():
-        raise _Rejected("overlong", f"the prompt alone fills data.max_seq_len={cfg.max_seq_len}; nothing to learn")
+        raise RejectedRow("overlong", f"the prompt alone fills data.max_seq_len={cfg.max_seq_len}; nothing to learn")
     return (ids, targets), True
 
 
 def _clean_row(value: Any, cfg: DataConfig, tokenizer, seen: set) -> tuple[Example, bool, tuple]:
-    """(example, whether it was truncated, its dedup key), or _Rejected(rule, why)."""
+    """(example, whether it was truncated, its dedup key), or RejectedRow(rule, why)."""
     kind, row = to_canonical(value, cfg.format, cfg)
     _check_not_empty(kind, row)
     key = _dedup_key(kind, row)
     if key in seen:
-        raise _Rejected("duplicate", "the same prompt and response as an earlier row")
+        raise RejectedRow("duplicate", "the same prompt and response as an earlier row")
     sample, truncated = _fit_piece(piece(**tokenize_row(row, kind, cfg, tokenizer)), cfg)
     return Example(kind, row, sample), truncated, key
 
@@ -421,7 +422,7 @@ def _why_none_left(raw: list[RawRow], cfg: DataConfig, tokenizer, seen: set) -> 
     if raw:
         try:
             _clean_row(raw[0].value, cfg, tokenizer, seen)
-        except _Rejected as rejected:
+        except RejectedRow as rejected:
             return f"the first, {raw[0].where}, is {rejected.rule}: {rejected.reason}"
     return "check data.format and the fields"
 
@@ -500,7 +501,7 @@ def augment(train: list[Example], cfgs: list[DataConfig], tokenizer, report: Dat
                 for new in [] if result is None else result if isinstance(result, list) else [result]:
                     try:
                         after.append(to_canonical(new, "auto", DataConfig()))
-                    except _Rejected as err:
+                    except RejectedRow as err:
                         raise DataError(f"data.augment.functions: {target} returned a malformed row: {err}") from None
             produced = after
         if not produced:
@@ -517,7 +518,7 @@ def augment(train: list[Example], cfgs: list[DataConfig], tokenizer, report: Dat
                 _check_not_empty(kind, row)
                 own = cfgs[example.source]
                 sample, truncated = _fit_piece(piece(**tokenize_row(row, kind, own, tokenizer, variant)), own)
-            except _Rejected:
+            except RejectedRow:
                 report.augment_dropped += 1
                 continue
             report.truncated += truncated

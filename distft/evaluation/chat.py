@@ -30,7 +30,7 @@ from typing import Any, Optional
 from distft.checkpoint.export import load_base, load_model
 from distft.checkpoint.verify import resolve_checkpoint
 from distft.config import DataConfig
-from distft.data.pipeline import _Rejected, encode
+from distft.data.pipeline import RejectedRow, encode
 from distft.data.templates import stop_token_ids, trained_format
 from distft.errors import CheckpointError, DataError, TemplateError
 from distft.evaluation.compare import PLACEHOLDER  # an answer whose start marks where the prompt ends; never fed
@@ -64,7 +64,7 @@ class Chat:
             row, kind = {"instruction": instruction, "input": context, "output": PLACEHOLDER}, "alpaca"
         try:
             encoded, _ = encode(row, kind, cfg, self.tokenizer)
-        except _Rejected as rejected:
+        except RejectedRow as rejected:
             raise DataError(f"the chat template refuses this conversation: {rejected.reason}") from None
         return encoded.input_ids[: encoded.prompt_len]
 

@@ -38,7 +38,7 @@ from distft.checkpoint.store import read_meta
 from distft.checkpoint.verify import resolve_checkpoint
 from distft.config import model_label
 from distft.data.cache import prepared, tokenizer_fingerprint
-from distft.data.pipeline import Example, _Rejected, eval_batches, eval_row, prepare_data, to_canonical
+from distft.data.pipeline import Example, RejectedRow, eval_batches, eval_row, prepare_data, to_canonical
 from distft.data.sources import read_eval_path, reader_for
 from distft.data.templates import stop_token_ids, trained_format
 from distft.engines import autocast_context, autocast_dtype
@@ -97,7 +97,7 @@ def prompt_rows(path: str, cfg, tokenizer) -> list[dict]:
                      **({"task": value["task"]} if "task" in value else {})}
         try:
             kind, row = to_canonical(value, "auto" if _plain(raw.value) else cfg.format, cfg)
-        except _Rejected as rejected:
+        except RejectedRow as rejected:
             raise DataError(f"--prompts: {raw.where} is {rejected.rule}: {rejected.reason}; each row is a training "
                             'row (alpaca, chat, ShareGPT) or {"prompt": ..., "reference": ...}') from None
         if kind == "text":

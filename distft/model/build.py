@@ -1,4 +1,5 @@
-"""Build a LLaMA-family model and its tokenizer; the token-weighted loss every caller shares.
+"""Build a LLaMA-family model and its tokenizer; the plain token-weighted loss (`token_loss`, for heads
+that distft/model/loss.py's chunked path does not take).
 
 Three sources, one function each way:
 - a preset with `name_or_path: null` is built from its architecture with a fixed `init_seed`, so the
@@ -39,7 +40,7 @@ OFFLINE_CHAT_TEMPLATE = (
 )
 
 
-def _load_error(key: str, source: str, err: Exception) -> ModelLoadError:
+def load_error(key: str, source: str, err: Exception) -> ModelLoadError:
     import os
 
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -96,7 +97,7 @@ def load_tokenizer(cfg: ModelConfig, local_files_only: bool = False):
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code,
                                                   local_files_only=local_files_only)
     except (OSError, ValueError) as err:
-        raise _load_error("model.tokenizer" if cfg.tokenizer else "model.name_or_path", source, err) from err
+        raise load_error("model.tokenizer" if cfg.tokenizer else "model.name_or_path", source, err) from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -201,7 +202,7 @@ def build_model(
                 return AutoModelForCausalLM.from_config(config, dtype=dtype)
         return AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
     except (OSError, ValueError) as err:
-        raise _load_error("model.name_or_path", cfg.name_or_path, err) from err
+        raise load_error("model.name_or_path", cfg.name_or_path, err) from err
 
 
 def _quantized_from_scratch(cfg: ModelConfig, dtype: torch.dtype, quantization_config: Any):

@@ -3,7 +3,7 @@
 A tokenizer with more tokens than the model has embedding rows (usually tokens added to a
 published tokenizer: tool tags, chat markers) otherwise ends in `IndexError: index out of range
 in self` from the first forward that meets one of them. One decision (`vocab_problem`), applied in
-three places:
+two places:
 
 - `python -m distft`'s preflight (`preflight_problems`), without torch or transformers: only
   when the tokenizer is a local directory holding `tokenizer.json` (counted by the `tokenizers`
@@ -147,7 +147,7 @@ def fit_embeddings(model: Any, cfg: Config, tokenizer: Any = None) -> Any:
     """`model` (a freshly built transformers base) with embeddings that fit the tokenizer, or a
     ModelLoadError with `vocab_problem`'s message.
 
-    `tokenizer` None: the run's own tokenizer is loaded (`model.load_tokenizer`) only where a
+    `tokenizer` None: the run's own tokenizer is loaded (`distft.model.build.load_tokenizer`) only where a
     resize can happen (technique=full on a path model), so every rebuild of a resized base
     (evaluation's base model, FSDP's rank-0 copy) resizes it the same way; other techniques are
     then left as built (the trainer checked them when it started). On the meta device only the

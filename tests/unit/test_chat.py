@@ -1,19 +1,14 @@
 """`python -m distft.chat`: a person probing a model by hand, driven here with piped input
 (issue 19, item 6). A held-out prompt typed into the chat must get the answer the run's own
-evaluation recorded, for the tuned model, its base, its export, and prompt tuning."""
+evaluation recorded, for the tuned model, its base, its export, and prompt tuning.
+
+The tests that start a process: tests/cli/test_chat.py."""
 
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from tests.unit.test_train import compose
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -25,53 +20,6 @@ def runs(tmp_path_factory):
               "tracking.wandb.mode=disabled"]
     return {technique: train(compose(f"+experiment=tiny_{technique}", "train.max_steps=4", "train.lr=3e-3", *common))
             for technique in ("lora", "prompt")}
-
-
-def held_out(run: dict) -> list[dict]:
-    """The run's recorded predictions: (message typed for it, base answer, tuned answer)."""
-    with open(os.path.join(run["run_dir"], "eval_report.predictions.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    # The plain template renders `instruction\ninput\n`: typed as two lines, the first continued.
-    return [{"typed": r["prompt"].rstrip("\n").replace("\n", "\\\n"), **r["outputs"]} for r in records]
-
-
-def chat(*args: str, typed: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "distft.chat", *args], input=typed, capture_output=True, text=True,
-                          cwd=REPO, timeout=300)
-
-
-def replies(proc) -> list[str]:
-    assert proc.returncode == 0, proc.stderr
-    return [line.removeprefix("model> ").split("  [cut at ")[0] for line in proc.stdout.splitlines()
-            if line.startswith("model> ")]
-
-
-@pytest.mark.parametrize("technique", ["lora", "prompt"])
-def test_typed_held_out_prompts_get_the_evaluations_answers(runs, technique):
-    rows = held_out(runs[technique])
-    typed = "".join(r["typed"] + "\n" for r in rows) + "/exit\nnever read\n"
-    proc = chat(runs[technique]["run_dir"], typed=typed)
-    assert replies(proc) == [r["tuned"]["text"] for r in rows]
-    assert "single instructions (template plain)" in proc.stderr
-    cut = [r["tuned"]["truncated"] for r in rows]
-    assert [("[cut at 8 tokens" in line) for line in proc.stdout.splitlines()] == cut
-    if technique == "lora":
-        base = chat(runs[technique]["run_dir"], "--base", typed=typed)
-        assert replies(base) == [r["base"]["text"] for r in rows]
-        assert replies(base) != replies(proc)
-
-
-def test_an_export_chats_as_its_run(runs, tmp_path):
-    from distft.checkpoint.export import export
-
-    rows = held_out(runs["lora"])
-    out = export(runs["lora"]["run_dir"], str(tmp_path / "merged"))
-    fmt = json.load(open(os.path.join(out, "prompt_format.json")))
-    assert fmt["template"] == "plain" and fmt["stop_token_ids"]
-    proc = chat(out, "--max-new-tokens", "8", typed="".join(r["typed"] + "\n" for r in rows))
-    assert replies(proc) == [r["tuned"]["text"] for r in rows]
-    refused = chat(out, "--base", typed="")
-    assert refused.returncode == 2 and "merged export, which holds no separate base" in refused.stderr
 
 
 def test_a_chat_model_keeps_the_conversation_and_reset_forgets_it(runs, tmp_path):

@@ -2,15 +2,15 @@
 published architectures, every kind of user error is reported (all at once, naming the key and
 what is allowed), secrets never reach a dump, and run directories are deterministic.
 
-No torch here (one test imports distft.model.build on purpose, to pin a shared constant)."""
+No torch here (one test imports distft.model.build on purpose, to pin a shared constant).
+
+The tests that start a process: tests/cli/test_config.py."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -256,36 +256,6 @@ def test_no_preset_repeats_a_default_of_the_schema(group):
         assert repeated == [], f"{path.relative_to(CONF)} repeats the schema's defaults of {repeated}"
 
 
-def test_hydra_is_told_to_write_nothing(tmp_path):
-    text = (CONF / "config.yaml").read_text()
-    for setting in (
-        "output_subdir: null",
-        "dir: .",
-        "chdir: false",
-        "hydra/job_logging: none",
-        "hydra/hydra_logging: none",
-    ):
-        assert setting in text
-    # and a real @hydra.main run in an empty directory leaves it empty and keeps the cwd
-    script = (
-        "import os, sys, hydra\n"
-        "from distft.config import conf_dir, register_configs, to_config\n"
-        "register_configs()\n"
-        "@hydra.main(version_base='1.3', config_path=str(conf_dir()), config_name='config')\n"
-        "def main(c):\n"
-        "    print('CWD', os.getcwd(), to_config(c).run.experiment)\n"
-        "main()\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = subprocess.run(
-        [sys.executable, "-c", script, "+experiment=tiny_lora", "tracking.wandb.api_key=sk-secret"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    assert f"CWD {tmp_path} tiny_lora" in out.stdout
-    assert list(tmp_path.iterdir()) == []
-
-
 # --- preflight: one message per problem ------------------------------------------------------
 
 
@@ -517,23 +487,6 @@ def test_global_hydra_is_left_as_found():
         good("model=llama_7b")
         assert GlobalHydra.instance().is_initialized()  # an outer Hydra session survives
     assert not GlobalHydra.instance().is_initialized()
-
-
-def test_importing_config_and_preflight_does_not_import_torch():
-    code = (
-        "import sys\n"
-        "from distft.preflight import preflight\n"
-        "cfg, errors = preflight(['+experiment=qlora_70b'])\n"
-        "assert errors == [], errors\n"
-        "heavy = [m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules]\n"
-        "print('HEAVY', heavy)\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    assert "HEAVY []" in out.stdout
 
 
 # --- validate() rules that no preset reaches -------------------------------------------------

@@ -1,13 +1,13 @@
 """distft.files against hostile directories (issue 34): planted links, FIFOs and devices where
 distft writes or reads, and a lock held by another local user. Real files, links, pipes and
-processes; nothing is mocked."""
+processes; nothing is mocked.
+
+The tests that start a process: tests/cli/test_files.py."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import subprocess
 import time
 
 import pytest
@@ -140,41 +140,3 @@ def test_deep_json_is_a_value_error_and_a_torn_line_is_skipped(run_dir, distft_w
     assert distft_warnings == [
         f"{lines}: line 2 is not a JSON record (the file was damaged or edited); skipped",
         f"{lines}: line 4 is torn (cut short by a crash or a full disk while it was written); skipped"]
-
-
-@pytest.fixture
-def shared_dir():
-    """A run directory another user can reach (pytest's own temporary root is private to root)."""
-    import shutil
-    import tempfile
-
-    path = tempfile.mkdtemp(prefix="distft-shared-")
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def test_a_lock_held_by_another_user_delays_an_append_but_never_hangs_it(shared_dir, monkeypatch):
-    """Anyone who can open a file read-only can flock it forever (a second local user: `nobody`,
-    through util-linux's flock(1), when the test runs as root). The append waits
-    APPEND_LOCK_WAIT_S, then goes ahead unlocked with a warning; its line is whole."""
-    path = os.path.join(shared_dir, "metrics.jsonl")
-    files.append_line(path, '{"step": 1}')
-    command = ["flock", "--exclusive", path, "-c", "echo held; sleep 60"]
-    if os.geteuid() == 0:
-        command = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *command]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        assert proc.stdout.readline().strip() == "held"
-        with open(path) as mine:  # the lock is really held: this process cannot take it
-            with pytest.raises(BlockingIOError):
-                fcntl.flock(mine, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        monkeypatch.setattr(files, "APPEND_LOCK_WAIT_S", 0.5)
-        started = time.monotonic()
-        files.append_line(path, '{"step": 2}')
-        waited = time.monotonic() - started
-    finally:
-        os.killpg(proc.pid, 9)
-        proc.wait()
-    assert 0.5 <= waited < 5
-    assert [json.loads(line)["step"] for line in open(path)] == [1, 2]

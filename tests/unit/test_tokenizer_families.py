@@ -1,8 +1,7 @@
-"""The real tokenizer families built in code: each reproduces the published pipeline's behaviour."""
+"""The real tokenizer families built in code: each reproduces the published pipeline's behaviour.
 
-import hashlib
-import subprocess
-import sys
+The tests that start a process: tests/cli/test_tokenizer_families.py."""
+
 
 import pytest
 
@@ -101,21 +100,6 @@ def test_llama3_chat_template_renders_headers_eot_and_generation_prompt():
     assert prompt.endswith("<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
     # The template writes bos as text, so encoding its output with special tokens gives two bos.
     assert tok(prompt).input_ids[:2] == [tok.bos_token_id, tok.bos_token_id]
-
-
-def test_training_is_deterministic_within_and_across_processes():
-    before = {f: tokenizer_families.trained_backend(f, 1000) for f in ("llama2", "llama3")}
-    vocab = build_tokenizer("llama2").get_vocab()
-    tokenizer_families.clear_cache()
-    assert build_tokenizer("llama2").get_vocab() == vocab
-    assert {f: tokenizer_families.trained_backend(f, 1000) for f in before} == before
-    # Rust hash maps are seeded per process: train again in a fresh one and compare digests.
-    code = (
-        "import hashlib; from distft.data.tokenizers import trained_backend as t; "
-        "print(*(hashlib.sha256(t(f, 1000).encode()).hexdigest() for f in ('llama2', 'llama3')))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == [hashlib.sha256(before[f].encode()).hexdigest() for f in ("llama2", "llama3")]
 
 
 def test_vocab_size_is_the_tokenizer_length_and_bad_arguments_are_rejected():

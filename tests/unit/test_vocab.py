@@ -5,14 +5,14 @@ by the trainer, before anything loads. A shorter tokenizer (LLaMA's padded vocab
 
 The model is a real tiny LLaMA saved with `save_pretrained` next to a LLaMA-2-family tokenizer of
 1000 tokens plus ChatML's two special tokens (1002), so the chat-formatted data itself holds ids
-1000 and 1001: without the resize the first eval loss raises `IndexError: index out of range`."""
+1000 and 1001: without the resize the first eval loss raises `IndexError: index out of range`.
+
+The tests that start a process: tests/cli/test_vocab.py."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,7 +20,6 @@ import torch
 from distft.config import ModelConfig
 from distft.preflight import preflight
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ADDED = ["<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -150,18 +149,6 @@ def test_preflight_refuses_a_from_scratch_preset_smaller_than_its_tokenizer(path
         f"embedding; set model.vocab_size={TOKENS} (or more)"
     ]
     assert configured("+experiment=tiny_lora", f"model.tokenizer={path_model}", f"model.vocab_size={TOKENS}")[1] == []
-
-
-def test_the_command_line_refuses_in_one_line_without_a_traceback(path_model, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "distft", "+experiment=tiny_lora", f"model.name_or_path={path_model}",
-                           f"run.root={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr and "run_dir:" not in proc.stdout
-    lines = proc.stderr.strip().splitlines()
-    assert lines[0] == "distft: 1 problem(s) in the configuration:"
-    assert lines[1].startswith(f"  - the tokenizer of model.name_or_path={path_model!r} has {TOKENS} tokens, more "
-                               f"than the {ROWS} embedding rows") and "use technique=full" in lines[1]
-    assert not os.listdir(tmp_path)  # nothing started
 
 
 def test_the_trainer_refuses_before_the_data_and_the_model_load(path_model, tmp_path):
