@@ -82,3 +82,21 @@ def distft_warnings():
     logger.addHandler(handler)
     yield lines
     logger.removeHandler(handler)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """DISTFT_TEST_TIMELINE=<file>: one line per test (worker, start, seconds, node id), appended
+    as it ends, to see how `make test`'s groups share the workers (what bench/RESULTS.md's suite
+    timing is read from). Nothing is written without the variable."""
+    path = os.environ.get("DISTFT_TEST_TIMELINE")
+    if not path:
+        yield
+        return
+    import time
+
+    started = time.time()
+    yield
+    with open(path, "a") as f:
+        f.write(f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')}\t{started:.1f}\t{time.time() - started:.1f}\t"
+                f"{item.nodeid}\n")
