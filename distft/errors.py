@@ -98,6 +98,13 @@ class SubmissionError(UserError):
     fix (launchers/slurm.py)."""
 
 
+class SegmentTooShort(UserError):
+    """A SLURM job segment the time limit's stop signal ended before it made any progress (no
+    step trained, no prompt of the final evaluation answered): not requeued, since the next
+    segment would stop the same way; the message names the cause and the setting to change
+    (distft/preemption.py)."""
+
+
 class Preempted(Exception):
     """Raised out of the training loop after the stop checkpoint (distft/preemption.py); `requeued`
     says whether SLURM will run the job again, `interrupted` that Ctrl-C stopped it (exit 130).

@@ -14,6 +14,14 @@ out):
                                (preemption.PHASES: start-up, loading, training, final, finished)
     wait_for_signal:4          before step 4, wait until a stop signal (or Ctrl-C) has arrived (at
                                most 300 s), so that a signal sent from outside lands mid-run for sure
+    kill_at_step:3:1           rank 1 is SIGKILLed before step 3 (what the OOM killer does)
+    sleep_at:loading:90        sleep 90 s (or until a stop signal arrives) as the run enters a phase
+                               (a slow start-up or evaluation: preemption.PHASES), or at `exit`: after
+                               a stopped run's last collective, before it leaves (a rank slow to leave)
+    signal_after_answers:4:USR2  the process sends itself SIGUSR2 once 4 answers of the final
+                               evaluation exist (kept from an interrupted one, or generated: checked
+                               as it starts and after each generation batch), so the evaluation
+                               stops before its next batch
 
 A fault fires once per process. Nothing reads the variable unless it is set, and it is never set
 by distft itself: it exists so that resume, commit and non-finite handling are tested by killing
@@ -83,6 +91,33 @@ def crash(step: int) -> None:
         raise RuntimeError(f"injected fault (DISTFT_FAULTS): rank {os.environ.get('RANK', '0')} fails at step {step}")
 
 
+def kill_at(step: int) -> None:
+    """A `kill_at_step` fault: this rank dies by SIGKILL before `step`, as under the OOM killer."""
+    if _active("kill_at_step", step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def sleep_at(where: str, until: Callable[[], bool] = lambda: False) -> None:
+    """A `sleep_at:<where>:<seconds>[:rank]` fault: this process sleeps there (for real time), or
+    until `until()` (the phases pass preemption.received: a stop signal ends a slow start-up)."""
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    rank = int(os.environ.get("RANK", "0"))
+    for fault in spec.split(","):
+        parts = fault.strip().split(":")
+        if parts[0] != "sleep_at" or parts[1] != where or fault in _fired:
+            continue
+        if len(parts) > 3 and int(parts[3]) != rank:
+            continue
+        _fired.add(fault)
+        import time
+
+        deadline = time.time() + float(parts[2])
+        while time.time() < deadline and not until():
+            time.sleep(0.05)
+
+
 def signal_at(phase: str) -> None:
     """A `signal_at:<phase>:<SIGNAL>[:rank]` fault: this process sends itself the signal, for real,
     as the run enters `phase` (preemption.set_phase), so every phase's handling is tested at a
@@ -94,6 +129,24 @@ def signal_at(phase: str) -> None:
     for fault in spec.split(","):
         parts = fault.strip().split(":")
         if parts[0] != "signal_at" or parts[1] != phase or fault in _fired:
+            continue
+        if len(parts) > 3 and int(parts[3]) != rank:
+            continue
+        _fired.add(fault)
+        os.kill(os.getpid(), getattr(signal, "SIG" + parts[2].upper().removeprefix("SIG")))
+
+
+def signal_after_answers(answered: int) -> None:
+    """A `signal_after_answers:<K>:<SIGNAL>[:rank]` fault: once `answered` (the answers of the
+    final evaluation that exist, evaluation.evaluate.generate_outputs) reaches K, this process
+    sends itself the signal, for real, so that a stop cuts the evaluation at a known answer."""
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    rank = int(os.environ.get("RANK", "0"))
+    for fault in spec.split(","):
+        parts = fault.strip().split(":")
+        if parts[0] != "signal_after_answers" or answered < int(parts[1]) or fault in _fired:
             continue
         if len(parts) > 3 and int(parts[3]) != rank:
             continue

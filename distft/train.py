@@ -35,7 +35,7 @@ from distft.config import run_dir as config_run_dir
 from distft.engines import autocast_dtype, prepare_device
 from distft.engines.compile import compiled_summary
 from distft.errors import NonFiniteError
-from distft.evaluation.evaluate import EvalInterrupted, evaluate_model, held_out_loss
+from distft.evaluation.evaluate import AnswerLog, EvalInterrupted, evaluate_model, held_out_loss
 from distft.evaluation.forgetting import run_lm_eval
 from distft.model.build import IGNORE_INDEX
 from distft.model.loss import computing_loss
@@ -130,6 +130,8 @@ def fit(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpointe
         step_time = time.time() - started
         steps_here += 1
         run.memory.step(steps_here)
+        if steps_here == 1 and info.is_main:
+            preemption.record_startup(checkpointer.run_dir)  # what the next submission's time limit must hold
         if steps_here == 1 and cfg.train.compile and info.is_main:
             line, broke = compiled_summary(time.time() - started)
             (log.warning if broke else log.info)("%s", line)
@@ -183,6 +185,7 @@ def optimizer_step(engine, micro_batches: list[dict], step: int = 0) -> tuple[fl
     device = engine.device
     faults.wait_for_signal(step, preemption.received)
     faults.crash(step)
+    faults.kill_at(step)
     step_targets = torch.tensor(
         float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)), device=device
     )
@@ -213,14 +216,22 @@ def finish(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpoi
 
     Saved first: a stop signal during the evaluation (a time limit) then loses nothing trained;
     the run requeues (or exits 4 / 130) and its rerun resumes from the final checkpoint, takes no
-    step, and only evaluates and reports."""
+    step, and only evaluates and reports. The answers are kept as they come (AnswerLog, in the run
+    directory until the results are written), so the rerun generates only those still missing: an
+    evaluation longer than a job segment finishes over several."""
     info, run_dir = run.info, checkpointer.run_dir
     final_checkpoint = checkpointer.save_final()
     best = checkpointer.use_best(lambda: _held_out_loss(run)["loss"])
+    cfg = run.cfg
+    answers = AnswerLog.open(run_dir, best["path"] if best else final_checkpoint, best["step"] if best else state.step,
+                             {"precision": cfg.train.precision, "device": run.device.type,
+                              "parallel": cfg.parallel.strategy},
+                             writes=info.is_main, share=lambda seen: dist.all_gather_object(seen)[0])
     try:
-        eval_after = _evaluate(run, stop, "tuned model")
-    except EvalInterrupted:
-        _stop(run, state, tracker, checkpointer, stop, when=f"during the final evaluation, after step {state.step}")
+        eval_after = _evaluate(run, stop, "tuned model", answers=answers)
+    except EvalInterrupted as interrupted:  # progress: a step trained or a prompt answered by this process
+        _stop(run, state, tracker, checkpointer, stop, when=f"during the final evaluation, after step {state.step}",
+              progress=state.step > checkpointer.resumed_step or interrupted.answered_now > 0)
     if info.is_main:  # the same numbers on every rank: said once
         log.info("tuned model: %s", fmt_eval(eval_after))
     # The best checkpoint's loss is on the curve at its own step already: not again at the last.
@@ -232,15 +243,19 @@ def finish(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpoi
     if info.is_main:
         write_results(run, state, tracker, summary, eval_after, best,
                       notes=[best_note(state, best, final_checkpoint, eval_after["loss"])])
+        answers.remove()  # the answers are in the results now: a finished run keeps no partial file
     preemption.set_phase("finished")  # from here a signal has nothing to stop: the run is complete
     tracker.finish()
     dist.barrier()  # leave together: a rank tearing its process group down early can abort its peers
+    preemption.ignore_late_signals()  # complete: a time limit's signal during teardown must not fail it
     return summary
 
 
-def _stop(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpointer, stop, when: str = "") -> None:
+def _stop(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpointer, stop, when: str = "",
+          progress: bool = True) -> None:
     """Every rank, after a stop signal: the checkpoint of the step reached (unless it is saved
-    already, or nothing was trained), then requeue or exit (raises Preempted)."""
+    already, or nothing was trained), then requeue or exit (raises Preempted, or SegmentTooShort
+    when this segment made no progress before its time limit: `progress`, and no step taken)."""
     if checkpointer.last_step == state.step:
         saved = checkpointer.last  # the final save, the periodic one of this step, or the resumed checkpoint
     elif state.step == 0:
@@ -249,9 +264,12 @@ def _stop(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpoin
         saved = checkpointer.save(state.step)
     if not when and state.step == checkpointer.resumed_step:
         when = "before its first step" if state.step == 0 else f"before its first step after step {state.step}"
-    preempted = stop.stop(state.step, saved, run.info.is_main, when=when)
+        progress = False
+    preempted = stop.stop(state.step, saved, run.info.is_main, when=when, progress=progress)
     tracker.finish()
     dist.barrier()
+    preemption.ignore_late_signals()  # every rank leaves with the same code, whatever comes now
+    faults.sleep_at("exit")
     raise preempted
 
 
@@ -308,15 +326,17 @@ def _evaluate_base(run: Run, state: TrainState, tracker: Tracker, stop) -> None:
     tracker.log(0, {"eval_loss": state.eval_before["loss"]})
 
 
-def _evaluate(run: Run, stop=None, label: str = "evaluation") -> dict:
+def _evaluate(run: Run, stop=None, label: str = "evaluation", answers: Optional[AnswerLog] = None) -> dict:
     """The base's or the tuned model's evaluation (`label` names it in the progress lines); with
-    `stop`, a stop signal ends it at the next batch (every rank alike) by raising EvalInterrupted."""
+    `stop`, a stop signal ends it at the next batch (every rank alike) by raising EvalInterrupted.
+    `answers` (the final evaluation's): keeps the answers as they come, and reuses those an
+    interrupted run of the same evaluation kept (evaluate_model)."""
     engine = run.engine
     progress = GenerationProgress(f"{label}: generating", enabled=run.info.is_main)
     result = evaluate_model(engine.unwrapped(), run.tokenizer, run.held_out, run.data.eval_rows, run.cfg.eval,
                             engine.device, stop_ids=run.data.stop_ids, autocast_ctx=engine.autocast,
                             should_stop=stop.requested if stop is not None else None, general=run.general,
-                            progress=progress)
+                            progress=progress, answers=answers)
     if run.cfg.eval.lm_eval_tasks:  # every rank alike (unsharded engines only: validation), no collectives
         result["lm_eval"] = run_lm_eval(engine.unwrapped(), run.tokenizer, list(run.cfg.eval.lm_eval_tasks),
                                         run.cfg.eval.lm_eval_include_path, run.cfg.eval.lm_eval_limit,

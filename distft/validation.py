@@ -48,6 +48,7 @@ from distft.config import (
 from distft.data.sources import SOURCE_KEYS, reader_for, source_problems
 from distft.engines.kinds import ENGINES, EngineKind
 from distft.evaluation.forgetting import corpus_file
+from distft.preemption import segment_problem
 from distft.techniques.kinds import TECHNIQUES, TechniqueKind
 
 # An unknown parallel.strategy (refused by name) is checked as an engine with no particular traits.
@@ -737,12 +738,9 @@ def _check_slurm(cfg: Config, errors: list[str]) -> None:
                       "the job checkpoints and requeues itself before it runs out")
     elif launcher.time_min is not None:
         _positive(errors, "launcher.time_min", launcher.time_min)
-        if launcher.time_min > 0 and launcher.signal_delay_s >= launcher.time_min * 60:
-            errors.append(
-                f"launcher.signal_delay_s={launcher.signal_delay_s} is not shorter than launcher.time_min="
-                f"{launcher.time_min} ({launcher.time_min * 60} s): the job would be told to stop as it starts; "
-                "lower signal_delay_s or raise time_min"
-            )
+        too_short = segment_problem(launcher.time_min, launcher.signal_delay_s)
+        if too_short:
+            errors.append(too_short)
     _positive(errors, "launcher.nodes", launcher.nodes)
     _positive(errors, "launcher.tasks_per_node", launcher.tasks_per_node)
     _positive(errors, "launcher.gpus_per_node", launcher.gpus_per_node, allow_zero=True)

@@ -33,6 +33,7 @@ from distft.config import Config
 from distft.config import run_dir as config_run_dir
 from distft.errors import SubmissionError
 from distft.files import open_regular
+from distft.preemption import segment_problem, startup_s
 from distft.runlock import check as run_dir_in_use
 
 RANK_MARKER = "DISTFT_RANK_PROCESS"  # set in every rank: never submit again from inside the job
@@ -181,6 +182,37 @@ def extra_sbatch_parameters(launcher) -> dict:
 # --------------------------------------------------------------------------- submission
 
 
+# The first line of each run of a job (its batch script's `setup`; slurm/train.sbatch prints the
+# same): the job's log is appended across requeues, and this is where the latest run starts. No
+# `${...}`: in a sweep it goes through Hydra, which would read it as an interpolation.
+SEGMENT_LINE = 'echo "distft: job $SLURM_JOB_ID (restart $((SLURM_RESTART_COUNT+0))) on $SLURM_JOB_NODELIST"'
+SEGMENT_START = re.compile(rb"^distft: job \S+ \(restart \d+\) on ", re.M)
+QUEUED_STATES = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESIZING", "SUSPENDED",
+                 "RUNNING", "COMPLETING")
+
+
+def run_tag(run_dir: str) -> str:
+    """The job comment (`--comment`) naming the run directory a submission trains in: a hash,
+    so that any path fits SLURM's field; what `queued_for` finds a job of the same run by."""
+    import hashlib
+
+    return "distft-run:" + hashlib.sha256(os.path.abspath(run_dir).encode()).hexdigest()[:16]
+
+
+def queued_for(run_dir: str) -> list[tuple[str, str]]:
+    """(job id, state) of this user's jobs that will train in `run_dir` and have not ended: a
+    pending one holds no run-directory lock yet (runlock), so a second submission of the same
+    run would queue and only fail once it starts."""
+    import getpass
+
+    result = _run(["squeue", "-h", f"--user={getpass.getuser()}", "-o", "%i|%T|%k"])
+    if result.returncode != 0:
+        return []  # the cluster's check above answered; a failed listing must not block a submission
+    tag = run_tag(run_dir)
+    jobs = [line.split("|", 2) for line in result.stdout.splitlines() if line.count("|") >= 2]
+    return [(job, state) for job, state, comment in jobs if comment.strip() == tag and state in QUEUED_STATES]
+
+
 def executor(cfg: Config, folder: str, partition: str):
     """A submitit SlurmExecutor asking for the job's resources, signal and requeue."""
     import submitit
@@ -200,9 +232,11 @@ def executor(cfg: Config, folder: str, partition: str):
         constraint=launcher.constraint,
         mem=f"{int(launcher.mem_gb * 1024)}M" if launcher.mem_gb else None,
         signal_delay_s=launcher.signal_delay_s,
-        setup=list(launcher.setup),
+        # The segment's first log line (rank 0's log is the batch script's too): where a requeued
+        # job's latest run starts, for `follow` to blame only that run's failures.
+        setup=[SEGMENT_LINE, *launcher.setup],
         srun_args=["--kill-on-bad-exit=1", *launcher.srun_args],
-        additional_parameters=extra_sbatch_parameters(launcher),
+        additional_parameters={"comment": run_tag(config_run_dir(cfg)), **extra_sbatch_parameters(launcher)},
         stderr_to_stdout=True,  # one log per rank, errors in their place
     )
     return ex
@@ -231,9 +265,22 @@ def submit(cfg: Config, argv: list[str], task) -> int:
         print("distft: not submitted, nothing queued:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
         return 2
     run_dir = config_run_dir(cfg)
+    # The config check held the time limit against start-up's floor; this run's own start-up,
+    # measured by its earlier jobs, may need more.
+    too_short = segment_problem(cfg.launcher.time_min, cfg.launcher.signal_delay_s, startup_s(run_dir))
+    if too_short:
+        print(f"distft: not submitted, nothing queued: {too_short}", file=sys.stderr)
+        return 2
     busy = run_dir_in_use(run_dir)  # the same run already running (or requeued, waiting): not twice
     if busy:
         print(f"distft: not submitted, nothing queued: {busy}", file=sys.stderr)
+        return 2
+    queued = queued_for(run_dir)  # or submitted and not started yet: no lock to find
+    if queued:
+        job, state = queued[0]
+        print(f"distft: not submitted, nothing queued: job {job} ({state}) was submitted for the same run "
+              f"directory {run_dir} and has not ended; two jobs would train over each other. Wait for it "
+              f"(squeue -j {job}), or cancel it with `scancel {job}` and submit again", file=sys.stderr)
         return 2
     folder = os.path.abspath(cfg.launcher.log_dir or os.path.join(run_dir, "slurm"))
     os.makedirs(folder, exist_ok=True)
@@ -270,10 +317,20 @@ def job_state(job_id: str) -> tuple[str, str]:
 
 
 # What a job's log says about why it stopped and was requeued (the log is appended across requeues).
+# distft's stop lines (preemption.StopSignal.stop, whose `when` comes from train._stop) say what was
+# saved: a checkpoint only at a step; before the first step nothing (or, resumed, nothing new); in
+# the final evaluation the final checkpoint, saved before it, is kept.
 REQUEUE_CAUSES = (
     (re.compile(r"Node failure on (\S+)"), "node failure on {0}"),
-    (re.compile(r"distft: stopped (at step \d+|before its first step|during the final evaluation)[^\n]*(?:job \S+ requeued|requeueing job)"),
-     "stopped {0} by the stop signal, checkpoint saved"),
+    (re.compile(r"distft: stopped at step (\d+)[^\n]*(?:job \S+ requeued|requeueing job)"),
+     "stopped at step {0} by the stop signal, checkpoint saved"),
+    (re.compile(r"distft: stopped before its first step after step (\d+)[^\n]*(?:job \S+ requeued|requeueing job)"),
+     "stopped before its first step after step {0} by the stop signal, nothing new to save"),
+    (re.compile(r"distft: stopped before its first step[^\n]*(?:job \S+ requeued|requeueing job)"),
+     "stopped before its first step by the stop signal, nothing to save"),
+    (re.compile(r"distft: stopped during the final evaluation, after step (\d+)"
+                r"[^\n]*(?:job \S+ requeued|requeueing job)"),
+     "stopped during the final evaluation after step {0} by the stop signal, final checkpoint kept"),
     (re.compile(r"DUE TO TIME LIMIT"), "time limit"),
     (re.compile(r"DUE TO PREEMPTION"), "preempted"),
     (re.compile(r"DUE TO NODE FAILURE"), "node failure"),
@@ -338,7 +395,7 @@ def follow(job_id: str, log_path: str, poll_s: float = 2.0, out=None) -> str:
     requeued = ""
     if causes:
         requeued = f" after {len(causes)} requeue{'s' if len(causes) > 1 else ''} ({'; '.join(causes)})"
-    failed = failing_ranks(log_path, since=incarnation_start) if state != "COMPLETED" else ""
+    failed = failing_ranks(log_path, since=segment_start(log_path, incarnation_start)) if state != "COMPLETED" else ""
     detail = f"; {failed}" if failed else ""
     print(f"distft: job {job_id} {state} (exit code {exit_code or '?'}){requeued}{detail}", file=out, flush=True)
     return state
@@ -359,6 +416,21 @@ def read_log(log_path: str, offset: int = 0) -> tuple[str, int]:
         print(f"distft: cannot read the job log ({err}); following the job's state only", file=sys.stderr)
         return "", offset
     return data.decode("utf-8", errors="replace"), offset + len(data)
+
+
+def segment_start(log_path: str, known: int = 0) -> int:
+    """Where the job's latest run starts in its log (a byte offset, failing_ranks' `since`): the
+    last SEGMENT_LINE, else `known` (what the follower saw). The follower's own count of
+    restarts can lag behind the log (a failed run's srun lines written after it noticed the
+    requeue): the log's own mark cannot. Only a regular file is read (the run directory is
+    untrusted)."""
+    try:
+        with open_regular(log_path, "rb") as f:
+            text = f.read()
+    except OSError:
+        return known
+    marks = [m.start() for m in SEGMENT_START.finditer(text)]
+    return marks[-1] if marks else known
 
 
 def failing_ranks(log_path: str, since: int = 0) -> str:
@@ -387,27 +459,39 @@ def last_error(log_path: str) -> str:
 # --------------------------------------------------------------------------- sweeps
 
 
+
 def sweep_launcher_overrides(cfg: Config, argv: list[str]) -> list[str]:
     """For `-m ... hydra/launcher=submitit_slurm|submitit_local`: size every point's job from
     the same launcher.* settings a single run uses (nodes x tasks per node, partition, time
-    limit, signal, requeues, setup), so a sweep point is the run it would be on its own. Keys
-    the user set as hydra.launcher.* win. Returns Hydra overrides to append."""
+    limit, memory, signal, requeues, setup, job name), so a sweep point is the run it would be
+    on its own. Keys the user set as hydra.launcher.* win. Returns Hydra overrides to append.
+
+    Memory: hydra-submitit-launcher's `mem_gb` is an int (0.5 would become 0: no request at all),
+    so on SLURM the point asks `--mem` in MiB through additional_parameters, exactly as a single
+    run's sbatch_flags; submitit_local takes whole GB, rounded up."""
     chosen = [a.split("=", 1)[1] for a in argv if a.startswith("hydra/launcher=")]
     if not chosen or chosen[-1] not in ("submitit_slurm", "submitit_local"):
         return []
     launcher = cfg.launcher
+    given = {a.split("=", 1)[0].lstrip("+~") for a in argv}
     values: dict = {"nodes": launcher.nnodes, "tasks_per_node": launcher.nproc_per_node,
                     "cpus_per_task": launcher.cpus_per_task, "gpus_per_node": launcher.gpus_per_node or None,
-                    "mem_gb": int(launcher.mem_gb) if launcher.mem_gb else None,
-                    "timeout_min": launcher.time_min, "stderr_to_stdout": True}
-    if chosen[-1] == "submitit_slurm":
+                    "timeout_min": launcher.time_min, "stderr_to_stdout": True,
+                    # squeue's name; each point's rank 0 adds its number (evaluation/sweep.py name_point_job)
+                    "name": launcher.job_name or f"distft-{cfg.run.experiment}"}
+    if chosen[-1] == "submitit_local":
+        values["mem_gb"] = int(-(-launcher.mem_gb // 1)) if launcher.mem_gb else None  # whole GB, rounded up
+    else:
+        additional = extra_sbatch_parameters(launcher)
+        memory_given = given & {"hydra.launcher.mem_gb", "hydra.launcher.mem_per_cpu", "hydra.launcher.mem_per_gpu"}
+        if launcher.mem_gb and not memory_given:
+            additional = {"mem": f"{int(launcher.mem_gb * 1024)}M", **additional}  # sbatch_extra's mem still wins
         values.update(partition=launcher.partition, account=launcher.account, qos=launcher.qos,
                       constraint=launcher.constraint, signal_delay_s=launcher.signal_delay_s,
-                      max_num_timeout=launcher.max_requeues, additional_parameters=extra_sbatch_parameters(launcher),
+                      max_num_timeout=launcher.max_requeues, additional_parameters=additional,
                       # srun_args is not in hydra-submitit-launcher 1.2; srun reads this instead:
                       # one failing rank ends the whole step.
-                      setup=["export SLURM_KILL_BAD_EXIT=1", *launcher.setup])
-    given = {a.split("=", 1)[0].lstrip("+~") for a in argv}
+                      setup=["export SLURM_KILL_BAD_EXIT=1", SEGMENT_LINE, *launcher.setup])
     overrides = []
     for key, value in values.items():
         if value is None or f"hydra.launcher.{key}" in given:

@@ -19,7 +19,10 @@ shares (`SlurmJob.watcher`):
    job "not done" until every job of the sweep ended; then `SweepWatch.report` leaves
    `failed.job.json` for a job that ended with no rank's record (killed, out of memory, a rank
    that left through os._exit), prints each failed point's first error and writes the summary,
-   and Hydra raises submitit's error for the first failed job (exit 1).
+   and Hydra raises submitit's error for the first failed job (exit 1). A point whose ranks
+   recorded only a lost peer (gloo's "Connection reset by peer": a rank was SIGKILLed, by the OOM
+   killer say, and could record nothing) is explained by srun's first failure in the job's latest
+   run instead (`record_job_failure`).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from submitit.slurm.slurm import SlurmInfoWatcher, SlurmJob
 
 from distft.evaluation.sweep import POINT, collect, first_failure, record_failure, summarize, sweep_id
 from distft.files import write_json
-from distft.launchers.slurm import failing_ranks, job_state, last_error
+from distft.launchers.slurm import failing_ranks, job_state, last_error, segment_start
 
 try:
     from hydra.experimental.callback import Callback
@@ -180,12 +183,10 @@ class SweepWatch(Callback):
             write_json(point_path, {"job": job_num, "overrides": self.overrides(job_id), "run_dir": None,
                                     "experiment": None, "sweep": sweep_id(self.sweep_dir)})
         failure = first_failure(point_dir)
-        if failure is None:
+        if failure is None or failure.get("lost_peer"):  # else a rank's own error says why
             state, exit_code = job_state(job_id)
             log_path = str(JobPaths(self.folder, job_id).stdout)
-            why = failing_ranks(log_path) or last_error(log_path) or "no rank recorded an error (killed?)"
-            record_failure(point_dir, "job", f"job {job_id} {state} (exit code {exit_code or '?'}): {why}")
-            failure = first_failure(point_dir)
+            failure = record_job_failure(point_dir, job_id, state, exit_code, log_path)
         return job_num, job_id, failure
 
     def overrides(self, job_id: str) -> list[str]:
@@ -196,3 +197,17 @@ class SweepWatch(Callback):
             return list(DelayedSubmission.load(JobPaths(self.folder, job_id).submitted_pickle).args[0])
         except Exception:  # noqa: BLE001 - only a label for the summary
             return []
+
+
+def record_job_failure(point_dir: str, job_id: str, state: str, exit_code: str, log_path: str) -> Optional[dict]:
+    """A failed job whose ranks recorded nothing, or only a lost peer: leave `failed.job.json`
+    with srun's first failure in the job's latest run (`log_path`: the job's log, where srun
+    writes `srun: error: <node>: task <rank>: Killed`), which first_failure ranks above a lost
+    peer; a peer's lost connection is the consequence, the rank srun names first the cause.
+    Without srun's word, a lost peer's record stands; with no record at all, the job's state and
+    its log's last error are recorded. Returns the point's failure (first_failure)."""
+    srun = failing_ranks(log_path, since=segment_start(log_path))
+    if srun or first_failure(point_dir) is None:
+        why = srun or last_error(log_path) or "no rank recorded an error (killed?)"
+        record_failure(point_dir, "job", f"job {job_id} {state} (exit code {exit_code or '?'}): {why}")
+    return first_failure(point_dir)

@@ -24,7 +24,15 @@ from distft import preemption
 from distft.commands import exit_now
 from distft.config import conf_dir, is_secret_key, redact_secrets, register_configs, to_config, world_size
 from distft.errors import EXIT_FAILED, Preempted, exit_code
-from distft.evaluation.sweep import error_line, lost_peer, point_exit, record_failure, sweep_id, write_point
+from distft.evaluation.sweep import (
+    error_line,
+    lost_peer,
+    name_point_job,
+    point_exit,
+    record_failure,
+    sweep_id,
+    write_point,
+)
 from distft.launchers.local import launch, plan_refusal
 from distft.launchers.slurm import RANK_MARKER, is_rank_process, rank_environment, submit, sweep_launcher_overrides
 from distft.preflight import format_errors, preflight
@@ -54,6 +62,7 @@ def hydra_entry(dict_cfg) -> None:
             # wrong: 3), a UserError (its input: 2). Anything else is a bug: below.
             code = exit_code(err)
             if code != EXIT_FAILED:
+                preemption.ignore_late_signals()  # an orderly end: leave with this code, whatever comes now
                 print(f"distft: {err}", file=sys.stderr)
                 if not isinstance(err, Preempted):
                     _sweep_point_failed(err, env)
@@ -88,6 +97,11 @@ def _place_job(cfg):
         sys.exit(submit(cfg, argv, RankTask(list(argv))))  # from the login node: check, submit, print, return
     if is_rank_process():  # launcher.env applies to ranks however they were started (RankTask, train.sbatch)
         os.environ.update({k: str(v) for k, v in cfg.launcher.env.items()})
+        too_late = preemption.start_problem(cfg) if cfg.launcher.kind == "slurm" else None
+        if too_late:  # every rank reads the same end time: all leave with 2, none is left waiting
+            print(f"distft: {too_late}", file=sys.stderr)
+            preemption.ignore_late_signals()
+            sys.exit(2)
     rank_environment()  # inside a SLURM step or a submitit job: rendezvous from its environment
     env = dist.from_env()
     if env.world_size == 1 and not is_rank_process():  # the command the user typed: plan before starting
@@ -131,6 +145,7 @@ def _record_sweep_point(cfg, env) -> None:
         return
     write_point(hydra_cfg.runtime.output_dir, cfg, list(hydra_cfg.overrides.task), hydra_cfg.job.num,
                 sweep_id(hydra_cfg.sweep.dir))
+    name_point_job(hydra_cfg.launcher.get("name"), hydra_cfg.job.num)  # squeue: one name per point
 
 
 def _sweep_point_failed(err: BaseException, env) -> bool:

@@ -24,7 +24,10 @@ every point's `summary.json` from its run directory. Written into the sweep dire
 markdown table, best eval loss first) and `summary.png` (eval loss after tuning per point, and
 before it when the base was evaluated). A point's status is `complete`, `failed: <first error
 line>` (the earliest failure of a rank that was not just a peer's lost connection), or
-`incomplete`: still running or requeued.
+`incomplete`: still running or requeued. On SLURM, srun's first failure (the job's log) outranks
+a rank's lost connection: a killed rank (the OOM killer) leaves no record, its peer's says only
+"Connection reset by peer". Each point's rank 0 names its array task `<the sweep's job name>-<job
+num>` (`name_point_job`; `distft-<experiment>-<job num>` by default), so that squeue tells them apart.
 """
 
 from __future__ import annotations
@@ -118,7 +121,9 @@ def record_failure(point_dir: str, source: str, error: str, rank: Optional[int] 
 
 def first_failure(point_dir: str) -> Optional[dict]:
     """The failure that explains a point: the earliest one of a rank that did not merely lose a
-    peer, else the earliest rank's, else the launcher's (`failed.job.json`); None when none."""
+    peer, else the launcher's (`failed.job.json`), else the earliest lost peer's; None when none.
+    The launcher's outranks a lost peer: it is written beside one only when it knows better
+    (srun's first failure: the rank that was killed and could not say so; launchers/sweep_watch.py)."""
     ranks, job = [], None
     for path in glob.glob(os.path.join(point_dir, FAILED.format(source="*"))):
         try:
@@ -131,9 +136,45 @@ def first_failure(point_dir: str) -> Optional[dict]:
             job = record
         else:
             ranks.append(record)
-    if ranks:
-        return min(ranks, key=lambda r: (bool(r.get("lost_peer")), r.get("time", 0.0)))
+    causes = [r for r in ranks if not r.get("lost_peer")]
+    if causes or job is None:
+        return min(causes or ranks, key=lambda r: r.get("time", 0.0), default=None)
     return job
+
+
+JOB_NAME_CHARS = 39  # squeue's default name column is narrow; longer names are cut there anyway
+
+
+def point_job_name(job_name: str, job_num: int) -> str:
+    """`<the sweep's job name>-<job num>` (`distft-tiny_lora-3`), its first part cut so that the
+    whole stays within JOB_NAME_CHARS: the point's number is what tells the tasks apart."""
+    suffix = f"-{job_num}"
+    return job_name[:JOB_NAME_CHARS - len(suffix)] + suffix
+
+
+def name_point_job(job_name: Optional[str], job_num: int) -> Optional[str]:
+    """In a sweep point that is a task of a submitit job array (Hydra's submitit_slurm launcher
+    submits one array named `job_name` for the whole sweep: every task the same name in squeue),
+    rename this task `point_job_name`. Best effort: a name is only a label, so a refusal or a
+    missing `scontrol` is logged at debug level and the run goes on. Returns the new name, or
+    None where nothing was renamed (no array task, no name, scontrol failed)."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if not (array and task and job_name and os.environ.get("SUBMITIT_FOLDER")):  # SUBMITIT_FOLDER: a submitit job
+        return None
+    import subprocess
+
+    name = point_job_name(job_name, job_num)
+    command = ["scontrol", "update", f"JobId={array}_{task}", f"JobName={name}"]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as err:
+        log.debug("sweep point %s keeps its job name: `%s` failed (%s)", job_num, " ".join(command), err)
+        return None
+    if result.returncode != 0:
+        log.debug("sweep point %s keeps its job name: `%s` failed (%s)", job_num, " ".join(command),
+                  (result.stderr or result.stdout).strip()[-300:])
+        return None
+    return name
 
 
 def _get(data: dict, path: tuple) -> Any:

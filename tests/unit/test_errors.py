@@ -31,6 +31,7 @@ from distft.errors import (
     ReviewError,
     RunInUse,
     SaveInterrupted,
+    SegmentTooShort,
     SubmissionError,
     TemplateError,
     UnsafePathError,
@@ -49,7 +50,7 @@ def test_every_exception_a_user_can_cause_is_a_user_error():
     defined = {obj for _, obj in inspect.getmembers(errors, inspect.isclass)
                if issubclass(obj, BaseException) and obj.__module__ == errors.__name__}
     assert {UserError, DataError, CheckpointError, OutputError, ModelLoadError, TemplateError, RunInUse,
-            UnsafePathError, PlanInputError, ReviewError, SubmissionError} | NOT_USER_ERRORS == defined
+            UnsafePathError, PlanInputError, ReviewError, SubmissionError, SegmentTooShort} | NOT_USER_ERRORS == defined
     for cls in defined - NOT_USER_ERRORS:
         assert issubclass(cls, UserError), cls
     for cls in NOT_USER_ERRORS:
@@ -75,7 +76,7 @@ def test_the_moved_exceptions_are_the_same_classes_where_they_are_raised():
 @pytest.mark.parametrize("exc, code", [
     (DataError("x"), 2), (CheckpointError("x"), 2), (OutputError("x"), 2), (UnsafePathError("x"), 2),
     (ModelLoadError("x"), 2), (TemplateError("x"), 2), (RunInUse("x"), 2), (PlanInputError("x"), 2),
-    (ReviewError("x"), 2), (SubmissionError("x"), 2), (UserError("x"), 2),
+    (ReviewError("x"), 2), (SubmissionError("x"), 2), (SegmentTooShort("x"), 2), (UserError("x"), 2),
     (NonFiniteError("x"), 3),
     (Preempted("x", requeued=False), 4), (Preempted("x", requeued=True), 0),
     (Preempted("x", requeued=False, interrupted=True), 130),

@@ -10,7 +10,15 @@ import signal
 
 import pytest
 
-from distft.launchers.slurm import failing_ranks, parse_time_min, sweep_launcher_overrides
+from distft.launchers.slurm import (
+    SEGMENT_LINE,
+    SEGMENT_START,
+    _hydra_value,
+    failing_ranks,
+    parse_time_min,
+    sbatch_flags,
+    sweep_launcher_overrides,
+)
 from distft.preflight import preflight
 
 
@@ -48,9 +56,79 @@ def test_sweep_points_are_sized_like_a_single_run():
     assert "hydra.launcher.timeout_min=30" in overrides and "hydra.launcher.partition='gpu'" in overrides
     assert "hydra.launcher.max_num_timeout=5" in overrides and "hydra.launcher.signal_delay_s=120" in overrides
     assert "+hydra.launcher.additional_parameters.requeue=true" in overrides
-    assert "hydra.launcher.setup=['export SLURM_KILL_BAD_EXIT=1']" in overrides
+    assert f"hydra.launcher.setup=['export SLURM_KILL_BAD_EXIT=1',{_hydra_value(SEGMENT_LINE)}]" in overrides
     assert not any(o.startswith("hydra.launcher.cpus_per_task") for o in overrides)  # the user's own wins
     assert sweep_launcher_overrides(cfg, ["-m", "train.lr=1e-3,2e-3"]) == []  # Hydra's basic launcher: untouched
+
+
+def _sweep_sbatch_script(argv: list[str], folder) -> str:
+    """The batch script of a sweep point: the command line composed by Hydra with the overrides
+    distft adds, its hydra.launcher handed to submitit as hydra-submitit-launcher does (its
+    AutoExecutor renames name/timeout_min/mem_gb/tasks_per_node to SlurmExecutor's keys)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from submitit.slurm.slurm import SlurmExecutor, _convert_mem, _get_default_parameters, _make_sbatch_string
+
+    from distft.config import conf_dir, register_configs
+
+    cfg, errors = preflight(["-m", *argv])
+    assert errors == []
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        composed = compose("config", overrides=[*argv, *sweep_launcher_overrides(cfg, ["-m", *argv])],
+                           return_hydra_config=True)
+    renamed = SlurmExecutor._equivalence_dict()
+    params = {renamed.get(k, k): v for k, v in OmegaConf.to_container(composed.hydra.launcher).items()
+              if renamed.get(k, k) in _get_default_parameters() and v is not None}
+    if "mem" in params:
+        params["mem"] = _convert_mem(params["mem"])
+    return _make_sbatch_string(command="true", folder=str(folder), **params)
+
+
+def test_a_sweep_point_asks_for_the_memory_a_single_run_asks_for(tmp_path):
+    """launcher.mem_gb=0.5: a single run asks --mem=512M; hydra-submitit-launcher's mem_gb is an
+    int, and int(0.5) was 0: the point asked for no memory at all. Its batch script now holds the
+    single run's --mem; submitit_local rounds a fraction of a GB up; a hydra.launcher memory key
+    the user set wins."""
+    argv = ["+experiment=tiny_lora", "launcher=slurm", "launcher.nodes=2", "parallel=ddp", "launcher.time_min=30",
+            "launcher.mem_gb=0.5", "hydra/launcher=submitit_slurm"]
+    cfg, _ = preflight(["-m", *argv])
+    single = [flag for flag in sbatch_flags(cfg, "debug") if flag.startswith("--mem=")]
+    assert single == ["--mem=512M"]
+    overrides = sweep_launcher_overrides(cfg, ["-m", *argv])
+    assert "+hydra.launcher.additional_parameters.mem='512M'" in overrides
+    assert not any(o.startswith("hydra.launcher.mem_gb") for o in overrides)
+    script = _sweep_sbatch_script(argv, tmp_path).splitlines()
+    assert [line for line in script if line.startswith("#SBATCH --mem")] == ["#SBATCH --mem=512M"]
+    # The user's own memory request stays the only one.
+    mine = ["-m", *argv, "hydra.launcher.mem_gb=4"]
+    assert not any("mem" in o for o in sweep_launcher_overrides(cfg, mine))
+    for mem_gb, whole in (("0.5", "1"), ("1.5", "2"), ("3", "3")):
+        local = ["-m", "launcher=slurm", "launcher.time_min=30", f"launcher.mem_gb={mem_gb}",
+                 "hydra/launcher=submitit_local"]
+        cfg, errors = preflight(local)
+        assert errors == []
+        overrides = sweep_launcher_overrides(cfg, local)
+        assert f"hydra.launcher.mem_gb={whole}" in overrides and not any("additional" in o for o in overrides)
+
+
+def test_sweep_jobs_are_named_after_the_experiment_unless_the_user_named_them(tmp_path):
+    """Hydra's default job name is `cli` for every sweep; squeue now shows distft-<experiment>,
+    as for a single run (launcher.job_name when set); a hydra.launcher.name given wins. Each
+    point's rank 0 appends its number (distft/evaluation/sweep.py name_point_job)."""
+    argv = ["+experiment=tiny_lora", "launcher=slurm", "launcher.time_min=30", "hydra/launcher=submitit_slurm"]
+    script = _sweep_sbatch_script(argv, tmp_path).splitlines()
+    assert "#SBATCH --job-name=distft-tiny_lora" in script
+    cfg, _ = preflight(["-m", *argv, "launcher.job_name=nightly"])
+    assert "hydra.launcher.name='nightly'" in sweep_launcher_overrides(cfg, ["-m", *argv, "launcher.job_name=nightly"])
+    given = ["-m", *argv, "hydra.launcher.name=mine"]
+    cfg, _ = preflight(given)
+    assert not any(o.startswith("hydra.launcher.name") for o in sweep_launcher_overrides(cfg, given))
+    # Each run of the job starts its log with a line that marks where that run begins (a requeue
+    # appends to the same log): the setup's echo, and slurm/train.sbatch's own line.
+    assert SEGMENT_LINE in script
+    assert SEGMENT_START.match(b"distft: job 13 (restart 1) on n[1-2]")
+    assert SEGMENT_START.match(b"distft: job 13 (restart 0) on n[1-2]: 2 node(s) x 1 rank(s)")
 
 
 def test_the_failing_rank_is_the_first_srun_names(tmp_path):
@@ -95,7 +173,8 @@ def test_requeues_are_bounded_by_max_requeues(monkeypatch):
         stop.close()
     assert not outcome.requeued
     assert str(outcome) == ("stopped at step 9 by SIGUSR2, checkpoint of step 9: /runs/x/checkpoints/step_000009; the "
-                            "job was requeued 2 times already (launcher.max_requeues=2); rerun the same command to resume")
+                            "job was requeued 2 times already (launcher.max_requeues=2, which counts every restart: the stop signal's "
+                            "requeues and SLURM's after a node failure alike); rerun the same command to resume")
 
 
 def test_a_requeue_is_reported_with_its_cause_and_an_earlier_run_is_not_blamed(tmp_path):
@@ -113,3 +192,38 @@ def test_a_requeue_is_reported_with_its_cause_and_an_earlier_run_is_not_blamed(t
     (tmp_path / "8_0_log.out").write_text(earlier + "resuming from ...\nstep 9\nsummary: /r/summary.json\n")
     assert failing_ranks(str(tmp_path / "8_0_log.out")).startswith("rank 0 on n1 failed first (Terminated")
     assert failing_ranks(str(tmp_path / "8_0_log.out"), since=len(earlier)) == ""
+
+
+
+@pytest.mark.parametrize("step, checkpoint, when, cause", [
+    (5, "/r/checkpoints/step_000005", "", "stopped at step 5 by the stop signal, checkpoint saved"),
+    (0, None, "before its first step", "stopped before its first step by the stop signal, nothing to save"),
+    (7, "/r/checkpoints/step_000007", "before its first step after step 7",
+     "stopped before its first step after step 7 by the stop signal, nothing new to save"),
+    (16, "/r/checkpoints/step_000016", "during the final evaluation, after step 16",
+     "stopped during the final evaluation after step 16 by the stop signal, final checkpoint kept"),
+])
+def test_a_requeue_says_checkpoint_saved_only_when_one_was(monkeypatch, step, checkpoint, when, cause):
+    """The requeue cause read from a job's log says "checkpoint saved" only for a stop at a step:
+    a stop before the first step saved nothing (resumed: nothing new), one during the final
+    evaluation kept the final checkpoint saved before it. The lines are distft's own: the one
+    every rank ends with (`distft: <Preempted>`, from StopSignal.stop with train._stop's `when`)
+    and rank 0's line before `scontrol requeue`, in the same words."""
+    from distft.launchers.slurm import requeue_cause
+    from distft.preemption import StopSignal
+
+    cfg, _ = preflight(["launcher=slurm", "launcher.time_min=60"])
+    monkeypatch.setenv("SLURM_JOB_ID", "12")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    stop = StopSignal(cfg, "cpu")
+    try:
+        outcome = stop.stop(step, checkpoint, is_main=False, when=when)  # rank 0 alone asks scontrol
+    finally:
+        stop.close()
+    assert outcome.requeued
+    every_rank = f"distft: {outcome}"
+    assert every_rank.endswith("; job 12 requeued (1/3)")
+    rank0 = every_rank.replace("; job 12 requeued (1/3)", "; requeueing job 12 (1/3)")
+    for line in (every_rank, rank0):
+        assert requeue_cause(f"step {step}\n{line}\nsrun: error: n1: task 0: Terminated\n") == cause
+

@@ -1,7 +1,8 @@
 """The sweep summary's bookkeeping, without a cluster: a failed point's first error (a rank's own,
 not a peer's lost connection; the launcher's when no rank could write one), `incomplete` only
 for a point still running, and a reused sweep directory summarized for its latest sweep alone.
-Ending a sweep without sacct and recording these for real: tests/slurm (the failing sweep).
+Ending a sweep without sacct and recording these for real: tests/slurm (the failing sweep; a killed
+rank: tests/slurm/test_sweep_points.py).
 
 The tests that start a process: tests/cli/test_sweep.py."""
 
@@ -17,12 +18,15 @@ from distft.evaluation.sweep import (
     error_line,
     first_failure,
     lost_peer,
+    name_point_job,
+    point_job_name,
     record_failure,
     start_sweep,
     summarize,
     sweep_id,
     write_point,
 )
+from distft.launchers.sweep_watch import record_job_failure
 from distft.preflight import preflight
 
 
@@ -74,3 +78,76 @@ def test_errors_read_as_one_line_and_lost_peers_are_told_apart():
     import torch.distributed
 
     assert lost_peer(torch.distributed.DistBackendError("NCCL error: remote process exited"))
+
+
+# A 2-rank point's job log (<array>_<task>_0_log.out: the batch script's and rank 0's output, srun's
+# errors) after a requeue: in its first run srun named task 1 (stopped for the requeue); in its
+# latest, rank 0 was SIGKILLed (the OOM killer) and srun stopped rank 1 after it.
+EARLIER_RUN = ("distft: job 13 (restart 0) on n[1-2]\n"
+               "submitit INFO (2025-01-01 10:00:00,000) - Starting with JobEnvironment(job_id=12_0, hostname=n1, "
+               "local_rank=0(1), node=0(2), global_rank=0(2))\n"
+               "step 1/8 | loss 4.1\nsrun: error: n2: task 1: Killed\n")
+KILLED_RUN = ("distft: job 13 (restart 1) on n[1-2]\n"
+              "submitit INFO (2025-01-01 10:01:00,000) - Starting with JobEnvironment(job_id=12_0, hostname=n1, "
+              "local_rank=0(1), node=0(2), global_rank=0(2))\n"
+              "resuming from /r/checkpoints/step_000001\nstep 2/8 | loss 3.9\n"
+              "srun: error: n1: task 0: Killed\n"
+              "srun: launch/slurm: _step_signal: Terminating StepId=13.0\n"
+              "slurmstepd: error: *** STEP 13.0 ON n1 CANCELLED AT 2025-01-01T10:01:09 ***\n"
+              "srun: error: n2: task 1: Exited with exit code 1\n")
+PEER = "RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection reset by peer [10.0.0.1]:7331"
+
+
+def test_a_killed_rank_named_by_srun_outranks_its_peers_lost_connection(tmp_path):
+    """Rank 0 SIGKILLed can record nothing; rank 1 records gloo's "Connection reset by peer"
+    (lost_peer). The point's failure is srun's first line of the job's latest run (task 0 Killed),
+    not the peer's lost connection, nor the task srun named in the run before the requeue. A
+    lost peer stands only where srun said nothing; a rank's own error wins over srun's word."""
+    sweep = str(tmp_path / "sweep")
+    start_sweep(sweep)
+    logs = tmp_path / "submitit"
+    logs.mkdir()
+    (logs / "12_0_1_log.out").write_text(f"step 2/8\n{PEER}\n")  # rank 1's own log: not the cause
+    killed = _point(tmp_path, sweep, 0, "0.001")
+    record_failure(killed, "rank1", PEER, rank=1, host="n2", lost=True)
+    (logs / "12_0_0_log.out").write_text(EARLIER_RUN + KILLED_RUN)
+    failure = record_job_failure(killed, "12_0", "FAILED", "0:9", str(logs / "12_0_0_log.out"))
+    expected = ("job 12_0 FAILED (exit code 0:9): rank 0 on n1 failed first (Killed); 1 other task line(s) "
+                "followed as srun stopped the step")
+    assert failure["error"] == expected and failure["rank"] is None
+
+    quiet = _point(tmp_path, sweep, 1, "0.002")  # srun named no task in the latest run: the lost peer stands
+    record_failure(quiet, "rank1", PEER, rank=1, host="n2", lost=True)
+    (logs / "14_0_0_log.out").write_text(EARLIER_RUN + "distft: job 15 (restart 1) on n[1-2]\nstep 2/8\n")
+    assert record_job_failure(quiet, "14_0", "FAILED", "1:0", str(logs / "14_0_0_log.out"))["error"] == PEER
+
+    own = _point(tmp_path, sweep, 2, "0.003")  # a rank that said why: its error, whatever srun saw after it
+    record_failure(own, "rank0", "ValueError: bad batch at step 2", rank=0, host="n1")
+    record_failure(own, "rank1", PEER, rank=1, host="n2", lost=True)
+    (logs / "16_0_0_log.out").write_text(KILLED_RUN)
+    assert record_job_failure(own, "16_0", "FAILED", "1:0", str(logs / "16_0_0_log.out"))["error"] == \
+        "ValueError: bad batch at step 2"
+
+    _, rows = collect(sweep)
+    assert [r["status"] for r in rows] == [f"failed: {expected}", f"failed: {PEER}",
+                                           "failed: ValueError: bad batch at step 2"]
+
+
+def test_a_sweep_points_job_is_named_after_the_sweep_and_its_number(monkeypatch):
+    """squeue tells the points apart: `<sweep job name>-<job num>` (distft-tiny_lora-3), cut to fit
+    squeue's narrow name column with the number kept. Outside a submitit array task (a single
+    run, a sweep on Hydra's basic launcher inside someone's own array job) nothing is renamed and
+    no scontrol is started (tests/unit refuses processes)."""
+    assert point_job_name("distft-tiny_lora", 3) == "distft-tiny_lora-3"
+    long = point_job_name("distft-" + "x" * 60, 12)
+    assert len(long) == 39 and long.startswith("distft-xxx") and long.endswith("x-12")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.setenv("SUBMITIT_FOLDER", "/tmp/submitit")
+    assert name_point_job("distft-tiny_lora", 3) is None
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "12")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    monkeypatch.delenv("SUBMITIT_FOLDER")
+    assert name_point_job("distft-tiny_lora", 3) is None
+    monkeypatch.setenv("SUBMITIT_FOLDER", "/tmp/submitit")
+    assert name_point_job(None, 3) is None  # Hydra's basic launcher: no job name
+
