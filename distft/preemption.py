@@ -397,26 +397,35 @@ class StopSignal:
 
 
     def _without_progress(self, job: str, at: str, checkpoint: Optional[str]):
-        """A segment that trained nothing (or answered no prompt of the final evaluation) and was
-        stopped by its time limit's signal: requeued, the next segment would stop the same way,
-        until the requeue budget is spent. Returns the error that ends it instead, naming the
-        cause and the fix, or None when the signal was not the time limit's (a preemption, an
-        operator's scancel --signal): then the job requeues as usual."""
+        """A segment that trained nothing (or answered no prompt of the final evaluation): the
+        controller's end time says whether the signal was the time limit's (`no_progress_refusal`)."""
         found = job_time_left_s(job)
-        delay = self.cfg.launcher.signal_delay_s
-        if found is None or found[0] > delay + TIME_LIMIT_SLACK_S:
+        if found is None:
             return None
-        left, limit = found
-        since = time.time() - STARTED
-        time_min = self.cfg.launcher.time_min
-        limit_text = f"launcher.time_min={time_min}" if time_min else f"the job's time limit ({limit})"
-        if "final evaluation" in at:
-            return SegmentTooShort(
-                f"{at}: the time limit's stop signal came before this job segment answered one more prompt; the final "
-                f"evaluation does not fit in {limit_text}: lower eval.num_samples, raise launcher.time_min, or run "
-                f"python -m distft.evaluate {checkpoint or '<run dir>'}; not requeued (the final checkpoint is kept)")
+        return no_progress_refusal(self.cfg, at, checkpoint, *found, since=time.time() - STARTED)
+
+
+def no_progress_refusal(cfg: Config, at: str, checkpoint: Optional[str], left: float, limit: str,
+                        since: float) -> Optional[SegmentTooShort]:
+    """A segment stopped `at` ("stopped before its first step", "stopped during the final
+    evaluation, ...") with no progress, `left` seconds before its job's end (time limit `limit`),
+    `since` seconds after it started. When the signal is the time limit's (it came within
+    launcher.signal_delay_s, plus SLURM's slack, of the end), a requeued segment would stop the
+    same way until the requeue budget is spent: the error that ends it instead, naming the cause
+    and the fix. None when the signal came earlier (a preemption, an operator's scancel
+    --signal): the job requeues as usual."""
+    delay = cfg.launcher.signal_delay_s
+    if left > delay + TIME_LIMIT_SLACK_S:
+        return None
+    time_min = cfg.launcher.time_min
+    limit_text = f"launcher.time_min={time_min}" if time_min else f"the job's time limit ({limit})"
+    if "final evaluation" in at:
         return SegmentTooShort(
-            f"{at}: the stop signal came {since:.0f} s after this job segment started, {left:.0f} s before its end, "
-            f"before a first step: {limit_text} leaves too little after launcher.signal_delay_s={delay} for start-up; "
-            "not requeued (every segment would stop the same way). Raise the time limit or lower "
-            "launcher.signal_delay_s, then rerun the same command")
+            f"{at}: the time limit's stop signal came before this job segment answered one more prompt; the final "
+            f"evaluation does not fit in {limit_text}: lower eval.num_samples, raise launcher.time_min, or run "
+            f"python -m distft.evaluate {checkpoint or '<run dir>'}; not requeued (the final checkpoint is kept)")
+    return SegmentTooShort(
+        f"{at}: the stop signal came {since:.0f} s after this job segment started, {max(left, 0):.0f} s before its "
+        f"end, before a first step: {limit_text} leaves too little after launcher.signal_delay_s={delay} for "
+        "start-up; not requeued (every segment would stop the same way). Raise the time limit or lower "
+        "launcher.signal_delay_s, then rerun the same command")

@@ -135,3 +135,33 @@ def test_a_signal_after_the_run_finished_is_not_taken_for_the_next_runs_start(ph
     else:
         assert "during start-up" in err and preemption.received()
     preemption.reset()
+
+
+def test_a_segment_without_progress_is_ended_only_when_its_time_limit_stopped_it():
+    """The decision behind SegmentTooShort (on the cluster: tests/slurm/test_job_life.py):
+    within launcher.signal_delay_s (plus SLURM's 60 s early slack) of the job's end, a segment
+    that trained nothing, or answered no prompt of the final evaluation, is ended with the cause
+    and the fix; earlier, the signal is a preemption's and the job requeues."""
+    from distft.errors import SegmentTooShort, exit_code
+    from distft.preemption import TIME_LIMIT_SLACK_S, no_progress_refusal
+
+    cfg, _ = preflight(["launcher=slurm", "launcher.time_min=3", "launcher.signal_delay_s=60"])
+    start = no_progress_refusal(cfg, "stopped before its first step", None, left=55.0, limit="00:03:00", since=125.0)
+    assert isinstance(start, SegmentTooShort) and exit_code(start) == 2
+    assert str(start) == (
+        "stopped before its first step: the stop signal came 125 s after this job segment started, 55 s before its "
+        "end, before a first step: launcher.time_min=3 leaves too little after launcher.signal_delay_s=60 for "
+        "start-up; not requeued (every segment would stop the same way). Raise the time limit or lower "
+        "launcher.signal_delay_s, then rerun the same command")
+    final = no_progress_refusal(cfg, "stopped during the final evaluation, after step 40", "/r/checkpoints/step_000040",
+                                left=60 + TIME_LIMIT_SLACK_S, limit="00:03:00", since=100.0)
+    assert str(final) == (
+        "stopped during the final evaluation, after step 40: the time limit's stop signal came before this job "
+        "segment answered one more prompt; the final evaluation does not fit in launcher.time_min=3: lower "
+        "eval.num_samples, raise launcher.time_min, or run python -m distft.evaluate /r/checkpoints/step_000040; "
+        "not requeued (the final checkpoint is kept)")
+    assert no_progress_refusal(cfg, "stopped before its first step", None, left=60 + TIME_LIMIT_SLACK_S + 1,
+                               limit="00:03:00", since=20.0) is None  # a preemption: requeued
+    sbatch, _ = preflight(["launcher=slurm", "launcher.time_min=null"])  # the template's job: its own limit
+    assert "the job's time limit (00:02:00) leaves too little after launcher.signal_delay_s=120" in str(
+        no_progress_refusal(sbatch, "stopped before its first step", None, left=100.0, limit="00:02:00", since=20.0))
