@@ -97,20 +97,33 @@ def kill_at(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def sleep_at(where: str, until: Callable[[], bool] = lambda: False) -> None:
-    """A `sleep_at:<where>:<seconds>[:rank]` fault: this process sleeps there (for real time), or
-    until `until()` (the phases pass preemption.received: a stop signal ends a slow start-up)."""
+def _armed(kind: str, matches: Callable[[str], bool]) -> list[str]:
+    """The `kind:<arg>:<value>[:rank]` faults of this rank whose <arg> `matches`, not fired yet,
+    each marked fired (their parts); the phase and answer faults share this reading."""
     spec = os.environ.get(ENV)
     if not spec:
-        return
+        return []
     rank = int(os.environ.get("RANK", "0"))
+    found = []
     for fault in spec.split(","):
         parts = fault.strip().split(":")
-        if parts[0] != "sleep_at" or parts[1] != where or fault in _fired:
+        if parts[0] != kind or len(parts) < 3 or not matches(parts[1]) or fault in _fired:
             continue
         if len(parts) > 3 and int(parts[3]) != rank:
             continue
         _fired.add(fault)
+        found.append(parts)
+    return found
+
+
+def _signal_self(name: str) -> None:
+    os.kill(os.getpid(), getattr(signal, "SIG" + name.upper().removeprefix("SIG")))
+
+
+def sleep_at(where: str, until: Callable[[], bool] = lambda: False) -> None:
+    """A `sleep_at:<where>:<seconds>[:rank]` fault: this process sleeps there (for real time), or
+    until `until()` (the phases pass preemption.received: a stop signal ends a slow start-up)."""
+    for parts in _armed("sleep_at", lambda arg: arg == where):
         import time
 
         deadline = time.time() + float(parts[2])
@@ -122,33 +135,13 @@ def signal_at(phase: str) -> None:
     """A `signal_at:<phase>:<SIGNAL>[:rank]` fault: this process sends itself the signal, for real,
     as the run enters `phase` (preemption.set_phase), so every phase's handling is tested at a
     known instant instead of by racing a timer."""
-    spec = os.environ.get(ENV)
-    if not spec:
-        return
-    rank = int(os.environ.get("RANK", "0"))
-    for fault in spec.split(","):
-        parts = fault.strip().split(":")
-        if parts[0] != "signal_at" or parts[1] != phase or fault in _fired:
-            continue
-        if len(parts) > 3 and int(parts[3]) != rank:
-            continue
-        _fired.add(fault)
-        os.kill(os.getpid(), getattr(signal, "SIG" + parts[2].upper().removeprefix("SIG")))
+    for parts in _armed("signal_at", lambda arg: arg == phase):
+        _signal_self(parts[2])
 
 
 def signal_after_answers(answered: int) -> None:
     """A `signal_after_answers:<K>:<SIGNAL>[:rank]` fault: once `answered` (the answers of the
     final evaluation that exist, evaluation.evaluate.generate_outputs) reaches K, this process
     sends itself the signal, for real, so that a stop cuts the evaluation at a known answer."""
-    spec = os.environ.get(ENV)
-    if not spec:
-        return
-    rank = int(os.environ.get("RANK", "0"))
-    for fault in spec.split(","):
-        parts = fault.strip().split(":")
-        if parts[0] != "signal_after_answers" or answered < int(parts[1]) or fault in _fired:
-            continue
-        if len(parts) > 3 and int(parts[3]) != rank:
-            continue
-        _fired.add(fault)
-        os.kill(os.getpid(), getattr(signal, "SIG" + parts[2].upper().removeprefix("SIG")))
+    for parts in _armed("signal_after_answers", lambda arg: answered >= int(arg)):
+        _signal_self(parts[2])
