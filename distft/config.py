@@ -35,6 +35,9 @@ BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps fp32 moments for tensors under th
 BNB_MIN_PAGED_SIZE = 100_000  # its paged optimizers page only tensors of at least this many elements
 NONFINITE_POLICIES = ("skip", "halt")
 WANDB_MODES = ("online", "offline", "disabled")
+# tracking.backends' choices, each with the Python module it needs and the pip extra that installs it.
+TRACKING_BACKENDS = {"wandb": ("wandb", "wandb"), "tensorboard": ("tensorboard", "tensorboard"),
+                     "mlflow": ("mlflow", "mlflow")}
 ON_BAD_ROWS = ("drop", "fail")
 LAUNCHERS = ("local", "slurm")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -395,8 +398,24 @@ class WandbConfig:
 
 
 @dataclass
+class MlflowConfig:
+    """Where the MLflow run goes (distft/tracking.py, tracking.backends=[mlflow])."""
+
+    tracking_uri: Optional[str] = None
+    """null: MLFLOW_TRACKING_URI from the environment when set, else a file store in the run
+    directory (`<run dir>/mlruns`). A password goes in MLFLOW_TRACKING_PASSWORD, never here."""
+    experiment: Optional[str] = None
+    """The MLflow experiment; null: run.experiment (W&B's group)."""
+
+
+@dataclass
 class TrackingConfig:
+    backends: list[str] = field(default_factory=lambda: ["wandb"])
+    """Where metrics go besides metrics.jsonl: any of wandb, tensorboard, mlflow (TRACKING_BACKENDS).
+    The default keeps W&B alone, as before the list existed; `tracking` is outside the run's
+    identity (config_hash) and a resumable change, so adding or changing it moves no run directory."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     progress_bar: bool = True
     plot: bool = True
     # CPU runs: count tensor memory with torch's profiler from the model build through this many

@@ -12,6 +12,9 @@ messages, not with the first Hydra traceback. Hydra stops at the first bad overr
    reported, then `validation.validate()` adds the semantic problems and `path_problems()` the
    local files that do not exist.
 
+A key given twice on a typed command line (`train.lr=1e-4 ... train.lr=3e-4`, which Hydra settles
+silently, the last winning) is refused first, naming both values.
+
 Sweeps (`a=1,2`, `choice(...)`, `range(...)`, `glob(...)`) are expanded: every value is checked,
 the first good one is composed, and each other value is validated too (one sweep at a time).
 Hydra's own flags and `hydra.*` overrides are skipped. Nothing here imports torch (unless the
@@ -30,6 +33,7 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from distft.config import (
+    REDACTED,
     Config,
     ModelConfig,
     _size_slurm_job,
@@ -67,7 +71,8 @@ class _Override:
     is_sweep: bool
 
 
-def preflight(argv: Sequence[str], run_here: bool = True) -> tuple[Optional[Config], list[str]]:
+def preflight(argv: Sequence[str], run_here: bool = True,
+              command_line: bool = False) -> tuple[Optional[Config], list[str]]:
     """Compose `argv` (overrides, Hydra flags allowed) and return (config, every problem).
 
     The config is the typed `Config` composed from the overrides that are good (the first value
@@ -75,6 +80,9 @@ def preflight(argv: Sequence[str], run_here: bool = True) -> tuple[Optional[Conf
     command line is good to launch. `run_here`: the command starts a run from this machine, so
     `validation.machine_problems()` checks what it needs from it (GPUs, attention kernels);
     False for a dry run (`python -m distft.plan`) of a config meant for other machines.
+    `command_line`: argv is what a person typed (the commands pass True), where a key given twice
+    is a slip and is refused (`_given_once`); a program that builds its line from defaults plus
+    changes (the tests' and benchmarks' helpers) keeps Hydra's rule, the last one wins.
     """
     config_name, multirun, args = split_hydra_flags(argv)
     errors: list[str] = []
@@ -83,6 +91,8 @@ def preflight(argv: Sequence[str], run_here: bool = True) -> tuple[Optional[Conf
         return None, [f"--config-dir {user_dir}: no such directory; give the folder that holds your config groups "
                       "(e.g. experiment/mine.yaml, used as +experiment=mine)"]
     parsed = _parse(args, errors)
+    if command_line:
+        parsed = _given_once(parsed, errors)
     register_configs()
     with _hydra_session(user_dir) as loader:
         groups = set(loader.list_groups(""))
@@ -110,7 +120,8 @@ def preflight(argv: Sequence[str], run_here: bool = True) -> tuple[Optional[Conf
             errors.append(problem)
             return None, errors
         errors += unknown_keys(composed)
-        errors += validate(cfg, model_max_positions=model_max_positions(cfg.model))
+        # launch=run_here: a plan (or a data preparation) starts no job, so it needs no rendezvous address.
+        errors += validate(cfg, model_max_positions=model_max_positions(cfg.model), launch=run_here)
         errors += path_problems(cfg)
         if run_here:
             # A sweep through hydra-submitit's SLURM launcher runs its points on the cluster's nodes.
@@ -118,7 +129,7 @@ def preflight(argv: Sequence[str], run_here: bool = True) -> tuple[Optional[Conf
             errors += machine_problems(cfg, ranks_here=False if on_slurm else None)
         if multirun or cfg.launcher.kind == "slurm":
             errors += _secrets_in_sweep(cfg, "--multirun" if multirun else "launcher=slurm")
-        errors += _check_sweep_variants(config_name, chosen + values, errors)
+        errors += _check_sweep_variants(config_name, chosen + values, errors, launch=run_here)
     return cfg, errors
 
 
@@ -236,15 +247,49 @@ def user_config_dir(argv: Sequence[str]) -> Optional[str]:
 
 
 def model_max_positions(model: ModelConfig) -> int:
-    """Positions of the real model: a local directory's config.json wins over the preset."""
-    path = model.name_or_path and os.path.join(os.path.expanduser(model.name_or_path), "config.json")
+    """Positions of the real model, for the data.max_seq_len check: its config.json wins over the
+    preset wherever this machine has it (a local directory; a hub id in the Hugging Face cache,
+    looked up offline). 0 (not checked here) for a hub id given over a from-scratch preset and not
+    cached (`+experiment=pretrained_lora model.name_or_path=meta-llama/Llama-3.1-8B-Instruct`, over
+    model=tiny): the preset's 512 positions are the toy's, not that model's."""
+    name = model.name_or_path and os.path.expanduser(model.name_or_path)
+    path = name and (os.path.join(name, "config.json") if os.path.isdir(name) else _cached_config_json(name))
     if path and os.path.isfile(path):
         try:
             with open(path) as f:
                 return int(json.load(f).get("max_position_embeddings", model.max_position_embeddings))
         except (OSError, ValueError, TypeError, AttributeError):
             pass  # reported by path_problems
+    if name and not os.path.isdir(name) and not _preset_names_a_model(model.name):
+        return 0
     return model.max_position_embeddings
+
+
+def _cached_config_json(repo_id: str) -> Optional[str]:
+    """A hub model's config.json in the Hugging Face cache, looked up offline (nothing is downloaded)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # noqa: BLE001 - not a valid repo id, or no huggingface_hub: nothing cached under it
+        return None
+    return found if isinstance(found, str) else None
+
+
+def _preset_names_a_model(preset: str) -> bool:
+    """Whether conf/model/<preset>.yaml describes a real model (names one, as llama_7b names
+    huggyllama/llama-7b), rather than a from-scratch architecture (tiny). A preset from the user's
+    --config-dir, not in conf/, is taken at its word."""
+    import yaml
+
+    path = conf_dir() / "model" / f"{preset}.yaml"
+    if not path.is_file():
+        return True
+    try:
+        fields = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return True
+    return not isinstance(fields, dict) or bool(fields.get("name_or_path"))
 
 
 def path_problems(cfg: Config) -> list[str]:
@@ -426,6 +471,37 @@ def _parse(args: list[str], errors: list[str]) -> list[Any]:
     return parsed
 
 
+def _given_once(overrides: list[Any], errors: list[str]) -> list[Any]:
+    """The parsed overrides with each key once. Hydra lets the last of `train.lr=1e-4 ...
+    train.lr=3e-4` win without a word, so a long command line edited in a hurry would train at a
+    value its author did not mean to keep: a repeated key is reported with every value it was given,
+    and only its last occurrence is composed (what Hydra would use), so the rest of the line is
+    still checked without a second message about the same key. One override is one occurrence
+    whatever it holds (a -m sweep `train.lr=1e-4,3e-4`); `+key`, `++key` and `~key` name the same
+    key as `key=` (each adds, forces or deletes what the other sets), and `group@package` is a key
+    of its own. Secret values are shown redacted."""
+    given: dict[tuple[str, Optional[str]], list[Any]] = {}
+    for override in overrides:
+        given.setdefault((override.key_or_group, override.package), []).append(override)
+    for (key, package), found in given.items():
+        if len(found) > 1:
+            name = f"{key}@{package}" if package else key
+            texts = [_as_typed(override) for override in found]
+            count = "twice" if len(found) == 2 else f"{len(found)} times"
+            errors.append(f"{name} is given {count} on the command line: {', '.join(texts[:-1])} and {texts[-1]}; a key "
+                          "holds one value (Hydra would quietly keep the last): give it once, with the value you mean")
+    return [override for override in overrides if given[override.key_or_group, override.package][-1] is override]
+
+
+def _as_typed(override: Any) -> str:
+    """An override as typed, for a message; a secret's value redacted (`tracking.wandb.api_key=***REDACTED***`)."""
+    text = override.input_line
+    name, has_value, _ = text.partition("=")
+    if has_value and is_secret_key(override.key_or_group.rpartition(".")[2]):
+        return f"{name}={REDACTED}"
+    return text
+
+
 def _expand(override: Any, groups: set[str], loader: Any, errors: list[str]) -> Optional[_Override]:
     """Wrap a parsed override; a sweep becomes one single-value override string per value."""
     from hydra.core.object_type import ObjectType
@@ -590,7 +666,8 @@ def _composable(
     return kept
 
 
-def _check_sweep_variants(config_name: str, good: list[_Override], errors: list[str]) -> list[str]:
+def _check_sweep_variants(config_name: str, good: list[_Override], errors: list[str],
+                          launch: bool = True) -> list[str]:
     """Validate the other values of each sweep, one sweep at a time (the others at their first)."""
     found: list[str] = []
     seen: set[str] = set()
@@ -603,7 +680,8 @@ def _check_sweep_variants(config_name: str, good: list[_Override], errors: list[
             overrides = [o.values[0] for o in good[:i]] + [value] + [o.values[0] for o in good[i + 1 :]]
             composed, problem = _compose(config_name, overrides)
             cfg, problem = (None, problem) if problem else _typed(composed)
-            problems = [problem] if problem else validate(cfg, model_max_positions=model_max_positions(cfg.model))
+            problems = [problem] if problem else validate(cfg, model_max_positions=model_max_positions(cfg.model),
+                                                          launch=launch)
             for message in problems:
                 if message not in errors and message not in seen:
                     seen.add(message)

@@ -1,6 +1,11 @@
-"""What a run reports: log lines with the rank, a progress bar, JSONL metrics, W&B, a loss plot.
+"""What a run reports: log lines with the rank, a progress bar, JSONL metrics, W&B, TensorBoard,
+MLflow, a loss plot.
 
-Only rank 0 writes files or talks to W&B; other ranks log to their console only. W&B is imported
+Only rank 0 writes files or talks to a tracker; other ranks log to their console only. The
+trackers of `tracking.backends` get what metrics.jsonl gets (the same keys and steps, numbers
+only) and the config with its secrets redacted; each keeps one run across resumes (W&B and
+MLflow by an id kept in the run directory, TensorBoard by its directory): `TensorBoardLog` and
+`MlflowLog` say how a resumed run avoids logging a step twice. W&B is imported
 lazily (a second of start-up and a service process we do not want when it is off). Without an
 API key, `online` falls back to `offline`, which writes a complete run under the run directory
 to `wandb sync` later; so does a key without a reachable W&B server (one warning, in seconds,
@@ -20,13 +25,15 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
 from typing import Any, Optional
 
-from distft.config import Config, to_dict
-from distft.files import append_line, make_dirs, read_json_lines, write_bytes, write_text
+from distft.config import REDACTED, Config, to_dict
+from distft.errors import CheckpointError
+from distft.files import append_line, make_dirs, read_json, read_json_lines, write_bytes, write_json, write_text
 
 log = logging.getLogger("distft")
 
@@ -130,7 +137,10 @@ def resolve_wandb_mode(cfg: Config) -> tuple[str, Optional[str]]:
 
 
 class Tracker:
-    """Metrics sink of one run: `metrics.jsonl` always, W&B when enabled; rank 0 only."""
+    """Metrics sink of one run: `metrics.jsonl` always, the trackers of `tracking.backends` (W&B
+    unless tracking.wandb.mode=disabled, TensorBoard, MLflow); rank 0 only. `run_id`: the run
+    directory's tracker id (checkpoint.resume.tracker_run_id), W&B's run id and the key that
+    ties the MLflow run to this attempt."""
 
     def __init__(self, cfg: Config, run_dir: str, rank: int = 0, run_id: Optional[str] = None):
         self.enabled = rank == 0
@@ -138,25 +148,41 @@ class Tracker:
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
         self.wandb_run = None
         self.wandb_mode = "disabled"
+        self.tensorboard: Optional[TensorBoardLog] = None
+        self.mlflow: Optional[MlflowLog] = None
         if not self.enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        mode, key = resolve_wandb_mode(cfg)
+        backends = cfg.tracking.backends
+        mode, key = resolve_wandb_mode(cfg) if "wandb" in backends else ("disabled", None)
         if mode != "disabled":
             self.wandb_run, mode = _start_wandb(cfg, run_dir, mode, key, run_id)
         self.wandb_mode = mode  # what W&B runs as: "offline" after a fallback from "online"
+        if "tensorboard" in backends:
+            self.tensorboard = TensorBoardLog(cfg, run_dir)
+        if "mlflow" in backends:
+            self.mlflow = MlflowLog.start(cfg, run_dir, run_id)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
         record = {"step": step, "time": round(time.time(), 3), **metrics}
         append_line(self.metrics_path, json.dumps(record), what="the metrics file")
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+            self.wandb_run.log(scalars, step=step)
+        if self.tensorboard is not None:
+            self.tensorboard.log(step, scalars)
+        if self.mlflow is not None and not self.mlflow.log(step, scalars):
+            self.mlflow = None  # it said why, once; metrics.jsonl and the other trackers go on
 
     def truncate_after(self, step: int) -> None:
         """Drop metrics of steps after `step` (a resumed run logs them again)."""
-        if not self.enabled or not os.path.exists(self.metrics_path):
+        if not self.enabled:
+            return
+        if self.tensorboard is not None:
+            self.tensorboard.resume_after(step)
+        if not os.path.exists(self.metrics_path):
             return
         kept = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= step]  # torn lines dropped
         write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept), what="the metrics file")
@@ -203,6 +229,235 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+        if self.mlflow is not None:
+            self.mlflow.finish()
+            self.mlflow = None
+
+
+def _missing(backend: str, module: str) -> RuntimeError:
+    """A tracker's package missing in a run that preflight did not check (a library call)."""
+    return RuntimeError(f"tracking.backends includes {backend}, but the Python package {module!r} is not installed: "
+                        f"pip install 'distft[{backend}]', or drop {backend} from tracking.backends")
+
+
+def _config_text(cfg: Config) -> str:
+    """The config as the run directory's config.yaml holds it, secrets redacted."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg, redact=True)))
+
+
+class TensorBoardLog:
+    """The run's TensorBoard log: `<run dir>/tensorboard/`, one directory for every segment of the
+    run (each writes an event file of its own beside the earlier ones, appending), scalars named
+    as in metrics.jsonl, and the redacted config as the text `config` at each segment's first
+    logged step.
+
+    Decided: a resumed run purges, it does not skip. A run stopped at step T+X resumes from its
+    checkpoint of step T and logs steps T+1.. again, as metrics.jsonl does (`truncate_after`).
+    Its writer is opened with purge_step=T+1 (`resume_after`): the event file starts with
+    TensorBoard's restart marker (SessionLog.START at T+1), and TensorBoard's readers (the UI,
+    EventAccumulator) drop every earlier event at steps >= T+1, so each step shows once, with the
+    value metrics.jsonl holds. The old events stay in the older files (event files are
+    append-only). A fresh start (no checkpoint) purges from step 0: what a stopped attempt left is
+    hidden. The writer flushes after every log: a killed run loses nothing it logged."""
+
+    def __init__(self, cfg: Config, run_dir: str):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:  # torch's writer imports the tensorboard package
+            raise _missing("tensorboard", "tensorboard") from err
+        self._writer_class = SummaryWriter
+        self.dir = make_dirs(os.path.join(run_dir, "tensorboard"), run_dir, "TensorBoard's files")
+        self.config = _config_text(cfg)
+        self.first_step = 0  # this segment's first step: the purge step
+        self.writer = None
+        log.info("TensorBoard: tensorboard --logdir %s", self.dir)
+
+    def resume_after(self, step: int) -> None:
+        """This segment continues from the checkpoint of `step`: steps after it are logged again."""
+        if self.writer is None:
+            self.first_step = step + 1
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        if self.writer is None:
+            self.writer = self._writer_class(self.dir, purge_step=self.first_step)
+            self.writer.add_text("config", "```yaml\n" + self.config + "```", global_step=step)
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, global_step=step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+MLFLOW_RUN_FILE = "mlflow_run.json"  # in the run directory: the MLflow run this run continues
+
+
+class MlflowLog:
+    """The run's MLflow run, through MlflowClient (no process-wide active run or tracking URI:
+    several trainings share a process in a sweep or a test, and a user's script may hold an
+    active run of its own). Where: tracking.mlflow.tracking_uri, else MLFLOW_TRACKING_URI, else a
+    file store in the run directory (`<run dir>/mlruns`; MLflow 3 refuses file stores unless
+    MLFLOW_ALLOW_FILE_STORE is true, which is set for them when the environment leaves it unset,
+    as is MLFLOW_DISABLE_TELEMETRY).
+
+    One run across resumes: its id goes into `<run dir>/mlflow_run.json` with the tracker id it
+    belongs to (`run_id`); a rerun with the same tracker id continues it (status back to
+    RUNNING), while a fresh start, whose earlier attempt's tracker id was set aside, and
+    `resume=false` get a new run. The config is its params (flattened, secrets redacted);
+    MLflow's params cannot change, so a resume adds new keys only and names the changed ones.
+
+    Decided: a resumed run skips, it does not purge. MLflow's metric history is append-only, and
+    a (key, step) logged twice is plotted twice, so each key is logged only at steps after the
+    last one the run already holds for it (read back at resume), as W&B ignores steps below its
+    run's current one. Steps T+1..T+X a stopped attempt logged keep that attempt's values (a
+    resume is exact: the same up to float rounding). An MLflow error (a server gone) is one
+    warning, and the run goes on without MLflow: metrics.jsonl keeps the record."""
+
+    def __init__(self, client, run_id: str, where: str, logged: dict[str, int]):
+        self.client, self.run_id, self.where, self.logged = client, run_id, where, logged
+
+    @classmethod
+    def start(cls, cfg: Config, run_dir: str, tracker_id: Optional[str]) -> Optional[MlflowLog]:
+        from urllib.parse import urlsplit
+
+        settings = cfg.tracking.mlflow
+        uri = settings.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            from pathlib import Path
+
+            uri = Path(make_dirs(os.path.join(run_dir, "mlruns"), run_dir, "MLflow's files")).as_uri()
+        if urlsplit(uri).scheme in ("", "file") and not uri.startswith("databricks"):  # a path: a file store
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            # A run on this machine's disk sends nothing anywhere: MLflow 3's usage telemetry (read
+            # when mlflow is first imported) is off unless the environment says otherwise.
+            os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        try:
+            from mlflow.exceptions import MlflowException
+            from mlflow.tracking import MlflowClient
+        except ImportError as err:
+            raise _missing("mlflow", "mlflow") from err
+        where, name = _without_password(uri), settings.experiment or cfg.run.experiment
+        path = os.path.join(run_dir, MLFLOW_RUN_FILE)
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                try:
+                    experiment_id = client.create_experiment(name)
+                except MlflowException:  # another run created it meanwhile
+                    experiment_id = client.get_experiment_by_name(name).experiment_id
+            else:
+                experiment_id = experiment.experiment_id
+            run = cls._continue(client, _read_mlflow_run(path), tracker_id, where)
+            if run is None:
+                run = client.create_run(experiment_id, run_name=os.path.basename(run_dir),
+                                        tags={"distft.run_dir": run_dir, "distft.tracker_run_id": str(tracker_id)})
+                write_json(path, {"tracker_run_id": tracker_id, "mlflow_run_id": run.info.run_id},
+                           what="the MLflow run id")
+            logged = {key: max(m.step for m in client.get_metric_history(run.info.run_id, key))
+                      for key in run.data.metrics}
+            _log_params(client, run, cfg)
+        except (MlflowException, OSError) as err:
+            log.warning("MLflow at %s did not start the run (%s); this run logs without MLflow (metrics.jsonl "
+                        "keeps every metric)", where, _first_line(err))
+            return None
+        log.info("MLflow: run %s of experiment %s at %s", run.info.run_id, name, where)
+        return cls(client, run.info.run_id, where, logged)
+
+    @staticmethod
+    def _continue(client, stored: Optional[dict], tracker_id: Optional[str], where: str):
+        """The stored MLflow run, RUNNING again, when it belongs to this attempt and still exists."""
+        if not stored or stored.get("tracker_run_id") != tracker_id:
+            return None
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = client.get_run(stored["mlflow_run_id"])
+        except MlflowException as err:  # deleted, or another tracking URI than the run started with
+            log.warning("MLflow run %s is not at %s (%s); this run continues in a new MLflow run",
+                        stored["mlflow_run_id"], where, _first_line(err))
+            return None
+        client.update_run(run.info.run_id, status="RUNNING")
+        return run
+
+    def log(self, step: int, scalars: dict[str, float]) -> bool:
+        """Log the keys this run does not hold at `step` yet; False after an MLflow error (warned)."""
+        from mlflow.entities import Metric
+        from mlflow.exceptions import MlflowException
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(value), now, step) for key, value in scalars.items()
+                   if step > self.logged.get(key, -1)]
+        try:
+            if metrics:
+                self.client.log_batch(self.run_id, metrics=metrics)
+        except (MlflowException, OSError) as err:
+            log.warning("MLflow at %s failed to log step %d (%s); the rest of this run logs without MLflow "
+                        "(metrics.jsonl keeps every metric)", self.where, step, _first_line(err))
+            return False
+        return True
+
+    def finish(self) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.set_terminated(self.run_id, "FINISHED")
+        except (MlflowException, OSError) as err:
+            log.warning("MLflow at %s did not mark run %s finished (%s)", self.where, self.run_id, _first_line(err))
+
+
+# MLflow's limits (mlflow.utils.validation): a param's value, a key's length and characters.
+MLFLOW_PARAM_VALUE_MAX = 6000
+MLFLOW_KEY_MAX = 250
+
+
+def _log_params(client, run, cfg: Config) -> None:
+    """The config, secrets redacted, as the run's params: new keys only (params cannot change)."""
+    from mlflow.entities import Param
+
+    held = run.data.params
+    params = {}
+    for key, value in flatten(to_dict(cfg, redact=True), sep=".").items():
+        key = re.sub(r"[^\w\-. /]", "_", key)[:MLFLOW_KEY_MAX]
+        params[key] = (json.dumps(value) if isinstance(value, (list, tuple)) else str(value))[:MLFLOW_PARAM_VALUE_MAX]
+    changed = sorted(k for k, v in params.items() if k in held and held[k] != v)
+    if changed:
+        log.info("MLflow keeps the params this run started with; changed since: %s", ", ".join(changed))
+    new = [Param(k, v) for k, v in params.items() if k not in held]
+    if new:
+        client.log_batch(run.info.run_id, params=new)
+
+
+def _read_mlflow_run(path: str) -> Optional[dict]:
+    if not os.path.lexists(path):
+        return None
+    try:
+        stored = read_json(path, max_bytes=1 << 20)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} cannot be read ({err}); the run directory is damaged: remove that file to "
+                              "resume (the run then logs to a new MLflow run)") from None
+    return stored if isinstance(stored, dict) else None
+
+
+def _without_password(uri: str) -> str:
+    """`uri` for a log line: a password in it (user:password@host) replaced."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", f":{REDACTED}@", 1)).geturl()
+
+
+def _first_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or ['no message'])[0]}"
 
 
 def _start_wandb(cfg: Config, run_dir: str, mode: str, key: Optional[str], run_id: Optional[str]):

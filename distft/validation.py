@@ -40,6 +40,7 @@ from distft.config import (
     QUANT_TYPES,
     SCHEDULES,
     TEMPLATES,
+    TRACKING_BACKENDS,
     WANDB_MODES,
     Config,
     model_label,
@@ -99,13 +100,16 @@ def _positive(errors: list[str], key: str, value: Any, allow_zero: bool = False)
 PRETRAINED_PRESETS = ("pretrained_lora", "pretrained_full")  # conf/experiment: settings for a model users bring
 
 
-def validate(cfg: Config, model_max_positions: Optional[int] = None) -> list[str]:
+def validate(cfg: Config, model_max_positions: Optional[int] = None, launch: bool = True) -> list[str]:
     """Every semantic problem in `cfg`, each naming the key, what is allowed and how to fix it.
 
     Returns an empty list when the config is good. Never raises for user errors: the caller prints
     the whole list at once. `model_max_positions` overrides the preset's when the real model config
-    is known (a local checkpoint directory). One function per section, each appending one-line
-    messages, so a new rule lands next to its neighbours.
+    is known (a local checkpoint directory); 0 when it is not known here (not checked). `launch`:
+    the command starts this config's job; False for a command that only plans it or prepares its
+    data (`python -m distft.plan`, `distft.data`), which then needs nothing that only starting the
+    job uses (the rendezvous address of a multi-node local launch). One function per section,
+    each appending one-line messages, so a new rule lands next to its neighbours.
     """
     errors: list[str] = []
     if cfg.run.experiment in PRETRAINED_PRESETS and not cfg.model.name_or_path:
@@ -117,12 +121,14 @@ def validate(cfg: Config, model_max_positions: Optional[int] = None) -> list[str
     _check_choices(cfg, errors)
     _check_optimisation(cfg, errors)
     _check_batch(cfg, errors)
-    _check_sequence_length(cfg, errors, model_max_positions or cfg.model.max_position_embeddings)
+    positions = cfg.model.max_position_embeddings if model_max_positions is None else model_max_positions
+    _check_sequence_length(cfg, errors, positions)  # 0: the real model's positions are not known here
     _check_data(cfg, errors)
     _check_model(cfg, errors)
     _check_technique(cfg, errors)
-    _check_parallel(cfg, errors)
+    _check_parallel(cfg, errors, launch)
     _check_eval_and_run(cfg, errors)
+    _check_tracking(cfg, errors, launch)
     return errors
 
 
@@ -651,11 +657,12 @@ def _check_technique(cfg: Config, errors: list[str]) -> None:
                 )
 
 
-def _check_parallel(cfg: Config, errors: list[str]) -> None:
+def _check_parallel(cfg: Config, errors: list[str], launch: bool = True) -> None:
     p, launcher, cluster = cfg.parallel, cfg.launcher, cfg.cluster
     ws = world_size(cfg)
     _positive(errors, "parallel.timeout_s", p.timeout_s)
-    if launcher.kind == "local" and launcher.nnodes > 1 and not launcher.rdzv_endpoint:
+    # The nodes meet at this address when the job starts; a plan of the job never starts it.
+    if launch and launcher.kind == "local" and launcher.nnodes > 1 and not launcher.rdzv_endpoint:
         errors.append(
             f"launcher.nnodes={launcher.nnodes} needs launcher.rdzv_endpoint=HOST:PORT (an address of the first "
             "node that every node can reach); run the same command on every node"
@@ -774,6 +781,35 @@ def _check_signal(cfg: Config, errors: list[str]) -> None:
     elif name in _UNUSABLE_SIGNALS:
         errors.append(f"launcher.signal={cfg.launcher.signal} cannot ask the run to checkpoint: it "
                       f"{_UNUSABLE_SIGNALS[name]}; use USR1 or USR2")
+
+
+def _check_tracking(cfg: Config, errors: list[str], launch: bool = True) -> None:
+    """tracking.backends: known names, and (`launch`: this command starts the run) each one's
+    package installed, so that a missing one is this message, not an ImportError once the model is
+    built. W&B counts unless tracking.wandb.mode=disabled. A password in tracking.mlflow.tracking_uri
+    would reach every config dump: it belongs in MLFLOW_TRACKING_PASSWORD."""
+    import importlib.util
+    from urllib.parse import urlsplit
+
+    t = cfg.tracking
+    for name in t.backends:
+        if name not in TRACKING_BACKENDS:
+            errors.append(f"tracking.backends: {name!r} is not one of: {', '.join(TRACKING_BACKENDS)}")
+        elif launch and not (name == "wandb" and t.wandb.mode == "disabled"):
+            module, extra = TRACKING_BACKENDS[name]
+            if importlib.util.find_spec(module) is None:
+                instead = " or set tracking.wandb.mode=disabled" if name == "wandb" else ""
+                errors.append(f"tracking.backends includes {name}, but its Python package {module!r} is not installed "
+                              f"here: pip install 'distft[{extra}]' (or drop {name} from tracking.backends{instead})")
+    uri = t.mlflow.tracking_uri or ""
+    try:
+        password = urlsplit(uri).password
+    except ValueError:  # a malformed netloc: MLflow says what is wrong with it
+        password = None
+    if password:
+        errors.append("tracking.mlflow.tracking_uri holds a password, which would be written into every config dump: "
+                      "give the URI without it and the password as MLFLOW_TRACKING_PASSWORD (the user as "
+                      "MLFLOW_TRACKING_USERNAME) in the environment")
 
 
 def _check_eval_and_run(cfg: Config, errors: list[str]) -> None:

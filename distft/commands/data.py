@@ -34,7 +34,7 @@ def _data(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         print(USAGE, end="")
         return 0
-    cfg, errors = preflight(argv, run_here=False)
+    cfg, errors = preflight(argv, run_here=False, command_line=True)
     if errors:
         print(format_errors(errors), file=sys.stderr)
         return 2

@@ -26,8 +26,9 @@ It takes the overrides of a run (`python -m distft OVERRIDE ...`), the same Hydr
   plan.margin=0.10      the share of a GPU's memory kept free (plan.mfu, plan.overhead_gb: the assumptions)
 
 examples:
-  python -m distft.plan +experiment=qlora_13b cluster=a100_40g_8x launcher.nproc_per_node=4
-  python -m distft.plan model=llama_65b parallel=zero3 launcher.nnodes=2 launcher.nproc_per_node=8 plan.format=json
+  python -m distft.plan +experiment=qlora_13b cluster=a100_40g_8x launcher.nproc_per_node=4 parallel=ddp
+  python -m distft.plan model=llama_65b parallel=zero3 launcher.nnodes=2 launcher.nproc_per_node=8 \\
+      train.micro_batch_size=1 cluster=a100_80g_8x plan.format=json
 
 Exit status: 0 with the plan (fitting or not), 2 for a config error.
 """
@@ -56,7 +57,7 @@ def _plan(argv: list[str]) -> int:
         print(usage(), end="")
         return 0
     # run_here=False: a plan is for the machines the config names, not for this one (a login node).
-    cfg, errors = preflight(argv, run_here=False)
+    cfg, errors = preflight(argv, run_here=False, command_line=True)
     if errors:
         print(format_errors(errors), file=sys.stderr)
         return 2

@@ -35,7 +35,7 @@ from distft.evaluation.sweep import (
 )
 from distft.launchers.local import launch, plan_refusal
 from distft.launchers.slurm import RANK_MARKER, is_rank_process, rank_environment, submit, sweep_launcher_overrides
-from distft.preflight import format_errors, preflight
+from distft.preflight import format_errors, preflight, split_hydra_flags
 from distft.tracking import SECRET_ENVIRONMENT
 
 _ARGV: list[str] = []  # the command line, for launchers that re-run it as rank processes
@@ -239,17 +239,24 @@ def main(argv: list[str] | None = None) -> int:
         argv = list(sys.argv[1:] if argv is None else argv)
         argv, secret_env, errors = secrets_to_environment(argv)  # first: nothing else sees a secret
         flags = [a for a in argv if a.startswith("-")]
-        informational = {"--help", "-h", "--hydra-help", "--info", "--cfg", "-c", "--resolve", "--shell-completion"}
-        runs = not informational.intersection(a.split("=")[0] for a in flags)
-        if runs:
-            cfg, config_errors = preflight(argv)
+        # Help and facts about the app skip the checks. `--cfg job|hydra|all` (and --resolve) print the
+        # config a run would use, which is read as "this is what will run": they check it as the run
+        # does and refuse it the same way (exit 2), rather than print a config the run would refuse.
+        informational = {"--help", "-h", "--hydra-help", "--info", "--shell-completion"}
+        checked = not informational.intersection(a.split("=")[0] for a in flags)
+        if checked:
+            cfg, config_errors = preflight(argv, command_line=True)
             errors += config_errors
         if errors:
             print(format_errors(errors), file=sys.stderr)
             return 2
         os.environ.update(secret_env)  # before Hydra, W&B or a launcher: ranks and jobs inherit it
-        if runs:
-            argv = argv + sweep_launcher_overrides(cfg, argv)  # submitit sweeps: each point sized like a run
+        if checked:  # submitit sweeps: each point sized like a run
+            # Beside the line's own overrides: Hydra's argparse takes them as one run of arguments,
+            # so after a trailing flag (`... --cfg job`, `... -m`) they would be refused as unrecognized.
+            given = split_hydra_flags(argv)[2]
+            at = max(i for i, a in enumerate(argv) if a == given[-1]) + 1 if given else len(argv)
+            argv = argv[:at] + sweep_launcher_overrides(cfg, argv) + argv[at:]
         register_configs()
         _ARGV[:] = argv
         sys.argv = [sys.argv[0], *argv]

@@ -1,8 +1,9 @@
 """Dry run: exact parameter counts and per-GPU memory for a config on a cluster, before submitting.
 
 
-    python -m distft.plan +experiment=qlora_13b cluster=a100_40g_8x launcher.nproc_per_node=4
-    python -m distft.plan model=llama_65b parallel=zero3 launcher.nnodes=2 launcher.nproc_per_node=8 plan.format=json
+    python -m distft.plan +experiment=qlora_13b cluster=a100_40g_8x launcher.nproc_per_node=4 parallel=ddp
+    python -m distft.plan model=llama_65b parallel=zero3 launcher.nnodes=2 launcher.nproc_per_node=8 \\
+        train.micro_batch_size=1 cluster=a100_80g_8x plan.format=json
 
 Prints parameter counts, per-GPU (and per-node) weights, gradients, optimizer state,
 activations and a fixed overhead, whether that fits the cluster's GPUs with `plan.margin`

@@ -278,7 +278,8 @@ def test_plain_scancel_ends_the_ranks_at_once(slurm_cluster, tmp_path):
     import psutil
 
     run = tmp_path / "run"
-    proc = distft(*RUN, *ON_SLURM, f"run.dir={run}", "train.max_steps=400")
+    proc = distft(*[a for a in RUN if not a.startswith("train.max_steps=")], *ON_SLURM, f"run.dir={run}",
+                  "train.max_steps=400")
     job = submitted_job_id(proc)
     log = run / "slurm" / f"{job}_0_log.out"
     deadline = time.time() + 300

@@ -25,15 +25,12 @@ def compose(*overrides: str):
 
 
 def fast(tmp_path, *overrides: str) -> list[str]:
-    """Overrides that keep a tiny run to seconds while it still learns."""
-    return [
-        f"run.root={tmp_path}",
-        "tracking.wandb.mode=disabled",
-        "tracking.progress_bar=false",
-        "eval.num_samples=16",
-        "eval.max_new_tokens=12",
-        *overrides,
-    ]
+    """Overrides that keep a tiny run to seconds while it still learns; a key in `overrides`
+    replaces the default's (a command line gives each key once: distft refuses repeats)."""
+    defaults = [f"run.root={tmp_path}", "tracking.wandb.mode=disabled", "tracking.progress_bar=false",
+                "eval.num_samples=16", "eval.max_new_tokens=12"]
+    given = {override.split("=", 1)[0].lstrip("+~") for override in overrides}
+    return [d for d in defaults if d.split("=", 1)[0] not in given] + list(overrides)
 
 
 # Packed rows of 128 tokens instead of the presets' 256 for the LoRA family and the resume check:
