@@ -6,7 +6,8 @@ What it owns, in the order a run uses it:
   loss it minimises (distft.model.loss: the head and the cross-entropy in chunks, never the full
   logits), so the eval loss and the train loss are the same quantity at the same memory;
 - `generate_outputs` / `generate_answers`: greedy, deterministic answers to held-out prompts,
-  each flagged when it was cut at max_new_tokens;
+  each flagged when it was cut at max_new_tokens; optionally sampled (`Sampling`) and heard token
+  by token (`on_token`), for the chat (distft/evaluation/chat.py), which shares this decoding;
 - `evaluate_model`: both of the above for one model, in one dict, every answer with its scores;
 - `AnswerLog`: the final evaluation's answers, kept in the run directory as they come, so that an
   evaluation a stop signal cut resumes with them (only the rest are generated);
@@ -52,6 +53,7 @@ example the engine's all-reduce) to sum its counts over ranks.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -249,16 +251,51 @@ def _eos_ids(model: torch.nn.Module, tokenizer: Any, stop_ids: Sequence[int] = (
     return ids
 
 
-class _DecodeSteps:
-    """A transformers streamer that only counts: each decoding step's tokens go to a
-    tracking.GenerationProgress (`generate` first puts the prompt, which is not counted)."""
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """Sampled decoding instead of greedy (the chat's --temperature and --top-p; the evaluation
+    never samples, so its answers stay deterministic): each token is drawn from the softmax of the
+    logits divided by `temperature`, kept to the likeliest tokens whose probabilities reach
+    `top_p`. Every decoder draws as `model.generate(do_sample=True)` does (`_next_tokens`), from
+    torch's global generator: seed it to repeat the draws."""
 
-    def __init__(self, progress):
-        self.progress, self.prompt_seen = progress, False
+    temperature: float
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, not {self.temperature}, {self.top_p}")
+
+
+def _next_tokens(logits: torch.Tensor, sampling: Optional[Sampling]) -> torch.Tensor:
+    """Each row's next token from its last position's logits (batch, vocab): the likeliest, or
+    with `sampling` one draw as transformers' sampling makes it (float32 scores, its temperature
+    then top-p warpers, softmax, one `torch.multinomial`), so the prompt-learning decoders sample
+    as `model.generate` does for the other models (tests/unit/test_chat.py compares them)."""
+    if sampling is None:
+        return logits.argmax(-1)
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    scores = TemperatureLogitsWarper(sampling.temperature)(None, logits.float())
+    if sampling.top_p < 1:
+        scores = TopPLogitsWarper(sampling.top_p)(None, scores)
+    return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+
+
+class _DecodeSteps:
+    """A transformers streamer that hears each decoding step's tokens (`generate` first puts the
+    prompt, which is skipped): counted into a tracking.GenerationProgress, and handed to
+    `on_step` (one token per row) where there is one."""
+
+    def __init__(self, progress, on_step: Optional[Callable[[list[int]], None]] = None):
+        self.progress, self.on_step, self.prompt_seen = progress, on_step, False
 
     def put(self, value: torch.Tensor) -> None:
         if self.prompt_seen:
-            self.progress.decoded(value.numel())
+            if self.progress is not None:
+                self.progress.decoded(value.numel())
+            if self.on_step is not None:
+                self.on_step(value.reshape(-1).tolist())
         self.prompt_seen = True
 
     def end(self) -> None:
@@ -266,8 +303,9 @@ class _DecodeSteps:
 
 
 def _generate_cached(model, rows: list[list[int]], max_new_tokens: int, eos_ids, pad_id, device,
-                     progress=None) -> list[list[int]]:
-    """`model.generate` on a left-padded batch (left, so every row continues at the same index)."""
+                     progress=None, sampling: Optional[Sampling] = None, on_step=None) -> list[list[int]]:
+    """`model.generate` on a left-padded batch (left, so every row continues at the same index);
+    greedy, or sampled (`Sampling`); `on_step` hears each step's tokens, one per row."""
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -278,24 +316,27 @@ def _generate_cached(model, rows: list[list[int]], max_new_tokens: int, eos_ids,
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
         max_new_tokens=max_new_tokens,
-        do_sample=False,
+        do_sample=sampling is not None,
         num_beams=1,
         # Explicit so a hub generation_config (sampling defaults, other pad/eos) cannot change
-        # the decoding or warn about unused sampling flags.
-        temperature=None,
-        top_p=None,
+        # the decoding or warn about unused sampling flags (top_k=None: no top-k cut when sampling,
+        # as in the other decoders).
+        temperature=sampling.temperature if sampling else None,
+        top_p=sampling.top_p if sampling else None,
         top_k=None,
         pad_token_id=pad_id,
         eos_token_id=eos_ids,
-        streamer=_DecodeSteps(progress) if progress is not None else None,
+        streamer=_DecodeSteps(progress, on_step) if progress is not None or on_step is not None else None,
     )
     return output[:, width:].tolist()
 
 
 def _generate_full_forward(
-    model, rows: list[list[int]], max_new_tokens: int, eos_ids, pad_id, device, progress=None
+    model, rows: list[list[int]], max_new_tokens: int, eos_ids, pad_id, device, progress=None,
+    sampling: Optional[Sampling] = None, on_step=None,
 ) -> list[list[int]]:
-    """Greedy decoding by re-running the training-time forward on a right-padded batch.
+    """Greedy (or `sampling`) decoding by re-running the training-time forward on a right-padded
+    batch; `on_step` hears each step's tokens, one per row.
 
     No KV cache and right padding: exactly the layout the model was trained on (virtual tokens,
     then the sample from position 0), so it is correct for prompt and prefix tuning, where
@@ -317,9 +358,11 @@ def _generate_full_forward(
         logits = model(input_ids=input_ids[:, :end], attention_mask=attention_mask[:, :end], use_cache=False).logits
         logits = logits[:, -end:]  # drop prompt tuning's virtual-token positions
         last = torch.tensor(lengths, device=logits.device) - 1
-        next_tokens = logits[torch.arange(len(rows), device=logits.device), last].argmax(-1).tolist()
+        next_tokens = _next_tokens(logits[torch.arange(len(rows), device=logits.device), last], sampling).tolist()
         if progress is not None:
             progress.decoded(len(rows))
+        if on_step is not None:
+            on_step(next_tokens)
         for i, token in enumerate(next_tokens):
             if done[i]:
                 continue
@@ -334,11 +377,13 @@ def _generate_full_forward(
 
 
 def _generate_virtual_cached(
-    model, rows: list[list[int]], max_new_tokens: int, eos_ids, pad_id, device, progress=None
+    model, rows: list[list[int]], max_new_tokens: int, eos_ids, pad_id, device, progress=None,
+    sampling: Optional[Sampling] = None, on_step=None,
 ) -> list[list[int]]:
-    """Greedy decoding of a prompt- or prefix-tuned PeftModel with a KV cache: the tokens of
-    `_generate_full_forward` (its layout, the reference: tests/unit/test_generation_cache.py), at
-    one token's forward per step instead of the whole sequence's.
+    """Greedy (or `sampling`) decoding of a prompt- or prefix-tuned PeftModel with a KV cache: the
+    tokens of `_generate_full_forward` (its layout, the reference: tests/unit/test_generation_cache.py),
+    at one token's forward per step instead of the whole sequence's; `on_step` hears each step's
+    tokens, one per row.
 
     The base model is called directly, so PEFT's generation hooks (module docstring) never run.
     The virtual tokens' keys and values go into the cache first: prefix tuning's are PEFT's own
@@ -387,9 +432,11 @@ def _generate_virtual_cached(
     new_tokens: list[list[int]] = [[] for _ in rows]
     done = [False] * batch
     for step in range(max_new_tokens):
-        next_tokens = logits[:, -1].argmax(-1)
+        next_tokens = _next_tokens(logits[:, -1], sampling)
         if progress is not None:
             progress.decoded(batch)
+        if on_step is not None:
+            on_step(next_tokens.tolist())
         for i, token in enumerate(next_tokens.tolist()):
             if not done[i]:
                 new_tokens[i].append(token)
@@ -474,6 +521,8 @@ def generate_outputs(
     progress: Any = None,
     kept: Optional[Mapping[int, tuple[str, bool]]] = None,
     on_answers: Optional[Callable[[dict[int, tuple[str, bool]]], None]] = None,
+    sampling: Optional[Sampling] = None,
+    on_token: Optional[Callable[[int, int], None]] = None,
 ) -> list[tuple[str, bool]]:
     """(answer, truncated) for each of `prompts`, in order. The answer is the decoded new tokens
     up to the first stop token (`_eos_ids`), stripped; truncated: no stop token came within
@@ -493,6 +542,10 @@ def generate_outputs(
     uninterrupted run decodes, so their answers are too. `on_answers` hears of each batch's new
     answers as soon as it is decoded (to keep them); with it, the `signal_after_answers` fault is
     checked once the kept answers are in and after each batch.
+
+    `sampling` (the chat's; None: greedy, as the evaluation always is) draws each token instead
+    (`Sampling`). `on_token(prompt index, token id)` hears each token of an answer as it is
+    decoded, up to its first stop token (not included): the chat streams an answer with it.
     """
     if not prompts:
         return []
@@ -526,7 +579,8 @@ def generate_outputs(
                 _check_stop(should_stop, answered_now, answered, len(encoded))
                 # Only where it shows: counting steps costs a device-to-host copy each (a GPU sync).
                 outputs = decode_batch(decoded_model, [encoded[i] for i in indices], max_new_tokens, eos_ids, pad_id, device,
-                                       progress=progress if progress.enabled else None)
+                                       progress=progress if progress.enabled else None, sampling=sampling,
+                                       on_step=_answer_tokens(indices, eos_ids, on_token) if on_token else None)
                 for i, tokens in zip(indices, outputs):
                     stop = next((k for k, t in enumerate(tokens) if t in eos_ids), None)
                     text = tokenizer.decode(tokens[:stop], skip_special_tokens=True).strip()
@@ -539,6 +593,23 @@ def generate_outputs(
         finally:
             progress.close()
     return answers
+
+
+def _answer_tokens(indices: list[int], eos_ids: Sequence[int], on_token: Callable[[int, int], None]):
+    """A decoder's `on_step` for the batch of prompts `indices`: hands `on_token` (prompt index,
+    token) each row's tokens up to its first stop token, as `generate_outputs` cuts its answer."""
+    stopped: set[int] = set()
+
+    def step(tokens: list[int]) -> None:
+        for i, token in zip(indices, tokens):
+            if i in stopped:
+                continue
+            if token in eos_ids:
+                stopped.add(i)
+            else:
+                on_token(i, token)
+
+    return step
 
 
 def evaluate_model(

@@ -1,6 +1,7 @@
 """`python -m distft.chat` run as the person runs it, with piped input (issue 19, item 6): a held-out
 prompt typed into the chat gets the answer the run's own evaluation recorded, for the tuned model,
-its base, its export, and prompt tuning.
+its base, its export, and prompt tuning (their answers now streamed: the line is the same); a bad
+--temperature, --top-p or --max-new-tokens is one line and exit 2 (issue 39, item 3).
 
 The in-process tests: tests/unit/test_chat.py."""
 
@@ -66,3 +67,18 @@ def test_an_export_chats_as_its_run(runs, tmp_path):
     refused = chat(out, "--base", typed="")
     assert refused.returncode == 2 and "merged export, which holds no separate base" in refused.stderr
 
+
+
+@pytest.mark.parametrize(("flags", "problem"), [
+    (["--temperature", "-0.5"], "argument --temperature: must be a number >= 0 (0: greedy), not '-0.5'"),
+    (["--top-p", "0"], "argument --top-p: must be a number above 0 and at most 1 (1: every token), not '0'"),
+    (["--top-p", "1.5"], "argument --top-p: must be a number above 0 and at most 1 (1: every token), not '1.5'"),
+    (["--max-new-tokens", "0"], "argument --max-new-tokens: must be a whole number above 0, not '0'"),
+    (["--seed", "-1"], "argument --seed: must be a whole number from 0 to 2**63 - 1, not '-1'"),
+])
+def test_a_bad_flag_value_is_one_message_and_exit_2(flags, problem, tmp_path):
+    """Refused before anything loads (the model path is not even looked at): the usage, then the
+    one line naming the flag, what it must be and what was given."""
+    proc = chat(str(tmp_path / "no-such-run"), *flags, typed="")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines()[-1] == f"python -m distft.chat: error: {problem}"
