@@ -182,14 +182,27 @@ def _interrupt(signum, frame) -> None:
         os.kill(os.getpid(), signal.SIGINT)
 
 
-def ignore_late_signals() -> None:
+def _process_ends_with_the_run() -> bool:
+    """Whether this process exists to run one job and leaves when it ends: a rank a launcher
+    started (local, torch's agent, a SLURM step, a submitit job). A script, notebook or test that
+    calls train() goes on after it, and what it starts next inherits ignored signals."""
+    return any(os.environ.get(key) for key in (LAUNCHER_PID, "DISTFT_RANK_PROCESS", "SLURM_STEP_ID",
+                                               "SUBMITIT_EXECUTOR", "TORCHELASTIC_RUN_ID"))
+
+
+def ignore_late_signals(leaving: bool = False) -> None:
     """The run ended in order (finished, stopped with its checkpoint, or refused its input) and
     the process is leaving with its own exit code: from here a stop signal, SIGTERM or the
     configured signal has nothing left to act on, so it is ignored. Without this, a time limit's
     USR2 landing while the interpreter tears down killed a finished rank: CPython resets Python
     handlers to the default action at finalization (it keeps SIG_IGN), SLURM recorded FAILED
     140, and srun's --kill-on-bad-exit SIGTERMed the peers of a rank that exited 4 first (143).
-    StopSignal puts the handlers back for another run in the same process."""
+    StopSignal puts the handlers back for another run in the same process. Only in a process
+    that ends with the run (`_process_ends_with_the_run`), or `leaving` (the entry point's exit):
+    ignored signals are inherited by every process started afterwards, so a caller that goes on
+    (a notebook, a test) keeps its own."""
+    if not (leaving or _process_ends_with_the_run()):
+        return
     for signum in (*_stop_signals, signal.SIGTERM):
         try:
             signal.signal(signum, signal.SIG_IGN)

@@ -42,6 +42,8 @@ def pytest_collection_modifyitems(config, items):
     def group(item) -> str:
         if "trainings" in getattr(item, "fixturenames", ()):
             return "trainings-" + getattr(item.module, "SHARED_RUNS", "engines")
+        if item.module.__name__.startswith("tests.slurm."):  # one dev cluster per machine: one worker
+            return "tests.slurm"
         return item.module.__name__
 
     groups = {id(item): group(item) for item in items}

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Optional
 
 from distft.errors import EXIT_FAILED, exit_code
+from distft.preemption import ignore_late_signals
 
 # command -> (module with main(argv) -> int, one line for `distft --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -90,6 +91,7 @@ def exit_now(code: int) -> None:
     joins its checkpoint writers, finishes the tracker and leaves the process group first."""
     import atexit
 
+    ignore_late_signals(leaving=True)  # the process ends here: a time limit's signal now must not change its code
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -72,7 +72,9 @@ def test_after_a_run_ended_the_stop_signals_are_ignored_until_another_run_starts
     cfg, _ = preflight(["launcher=slurm", "launcher.time_min=60"])
     saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)}
     try:
-        preemption.ignore_late_signals()
+        preemption.ignore_late_signals()  # a test, like a notebook, goes on after its run: nothing changes
+        assert all(signal.getsignal(s) is not signal.SIG_IGN for s in saved)
+        preemption.ignore_late_signals(leaving=True)  # a rank process, or the entry point's exit
         assert all(signal.getsignal(s) is signal.SIG_IGN for s in saved)
         os.kill(os.getpid(), signal.SIGUSR2)  # nothing happens, nothing is recorded
         os.kill(os.getpid(), signal.SIGTERM)
