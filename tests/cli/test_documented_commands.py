@@ -275,3 +275,13 @@ def test_every_command_shown_is_run_or_listed_with_a_reason(documented):
     assert unlisted == [], "documented commands with a placeholder: run them or list them in NOT_RUNNABLE"
     assert sorted(set(NOT_RUNNABLE) - shown) == [], "NOT_RUNNABLE lists commands the docs no longer show"
     assert all(documented["results"][c]["code"] == 0 for c in NOT_RUNNABLE), "their command's --help must run"
+
+
+def test_hydra_help_is_not_a_run_and_is_not_checked():
+    """`python -m distft --hydra-help`: Hydra's own help, no config checks, exit 0, nothing on stderr."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "distft", "--hydra-help"], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == "" and "== Flags ==" in proc.stdout, proc.stderr[-2000:]

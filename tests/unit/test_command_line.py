@@ -74,8 +74,9 @@ def test_printing_hydras_config_shows_the_sweep_launcher_sized_as_the_run(train_
     assert "\n    nodes: 2\n" in launcher and "\n    timeout_min: 60\n" in launcher, launcher[:1500]
 
 
-@pytest.mark.parametrize("argv, shows", [([*BAD, "--help"], "== Configuration groups =="),
-                                         (["--hydra-help"], "== Flags ==")])
+# --hydra-help: tests/cli/test_documented_commands.py (in process, Hydra's help reconfigures logging
+# and broke the worker's sys.stderr after an in-process run's handlers).
+@pytest.mark.parametrize("argv, shows", [([*BAD, "--help"], "== Configuration groups ==")])
 def test_help_is_not_a_run_and_is_not_checked(train_main, capsys, argv, shows):
     """Help is about the command, not a config: no checks (--help answers beside a bad one), exit 0."""
     assert train_main(argv) == 0
