@@ -330,7 +330,9 @@ def test_a_bad_launcher_config_is_refused_before_submission(slurm_cluster, tmp_p
     one clear message, exit 2, nothing queued, no run directory."""
     jobs_before = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout
     next_id = re.search(r"NEXT_JOB_ID\s*=\s*(\d+)", jobs_before).group(1)
-    proc = distft(*RUN, *ON_SLURM, f"run.dir={tmp_path / 'run'}", "train.global_batch_size=16", *overrides)
+    given = {o.split("=")[0] for o in overrides}  # a key holds one value: the case's replaces ON_SLURM's
+    on_slurm = [o for o in ON_SLURM if o.split("=")[0] not in given]
+    proc = distft(*RUN, *on_slurm, f"run.dir={tmp_path / 'run'}", "train.global_batch_size=16", *overrides)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert message in proc.stderr, proc.stderr
     assert "submitted job" not in proc.stdout

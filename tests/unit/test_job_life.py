@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -38,10 +39,10 @@ def test_a_measured_start_up_raises_what_a_segment_needs(tmp_path):
     assert startup_s(run_dir) == 0.0 and segment_problem(3, 120) is None
     preemption_started = preemption.STARTED
     try:
-        preemption.STARTED -= 1000  # as if start-up had taken 1000 s
+        preemption.STARTED = time.time() - 1000  # as if this process had started 1000 s ago
         record_startup(run_dir)
         measured = startup_s(run_dir)
-        preemption.STARTED += 900  # a quicker one later does not lower it
+        preemption.STARTED = time.time() - 100  # a quicker one later does not lower it
         record_startup(run_dir)
     finally:
         preemption.STARTED = preemption_started
