@@ -118,8 +118,11 @@ def load_base(cfg: Config, dtype: torch.dtype = torch.float32, tokenizer=None):
     return build_base(cfg, dtype, tokenizer)
 
 
-def export(checkpoint: str, out_dir: str, dtype: Optional[torch.dtype] = None, trust_remote_code: bool = False) -> str:
-    """Write a standalone Hugging Face model (merged weights + tokenizer) into `out_dir`.
+def export(checkpoint: str, out_dir: str, dtype: Optional[torch.dtype] = None, trust_remote_code: bool = False,
+           fmt: str = "hf", gguf_type: str = "f16") -> str:
+    """Write a standalone Hugging Face model (merged weights + tokenizer) into `out_dir`; with
+    `fmt="gguf"`, one GGUF file in `gguf_type` (f16, bf16, q8_0) for llama.cpp and an Ollama
+    Modelfile beside it instead (distft/checkpoint/gguf.py; merged in float32 first).
 
     Weights in `dtype`; None: the dtype the base model was distributed in (`export_dtype`), said
     on stdout with the reason once exported, with a warning on stderr when a full fine-tune's
@@ -137,16 +140,33 @@ def export(checkpoint: str, out_dir: str, dtype: Optional[torch.dtype] = None, t
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise CheckpointError(f"export directory {out_dir} is not empty; choose a new --out directory")
     cfg = checkpoint_config(checkpoint, trust_remote_code)
-    dtype, why = export_dtype(cfg, dtype)
+    kind = technique_kind(cfg.technique.name)
+    if fmt == "gguf":
+        if kind.peft and not kind.mergeable:
+            raise CheckpointError(f"--format gguf holds one model, and technique={cfg.technique.name} has no merged "
+                                  "form (its virtual tokens are not weights of the base); export it without --format "
+                                  "gguf (base/ and adapter/ for PEFT)")
+        dtype, why = torch.float32, f"{gguf_type} GGUF for llama.cpp, with an Ollama Modelfile"
+    else:
+        dtype, why = export_dtype(cfg, dtype)
     model, tokenizer = _load_tuned(checkpoint, cfg, dtype, quantized=False, trust_remote_code=trust_remote_code)
-    if technique_kind(cfg.technique.name).trains_all_weights:
+    if fmt == "gguf":
+        from distft.checkpoint.gguf import gguf_problem
+
+        problem = gguf_problem(model.config, tokenizer)
+        if problem:
+            raise CheckpointError(problem)
+    elif kind.trains_all_weights:
         warn_if_rounded_away(model, cfg, checkpoint, tokenizer)
     stop_ids = set_generation_stops(model, tokenizer, cfg)
     tmp = out_dir + ".tmp"
     remove_tree(tmp)  # a crashed export's copy; a link there is removed, never written through
     try:
         os.mkdir(tmp)
-        _write_export(cfg, model, tokenizer, checkpoint, tmp, out_dir)
+        if fmt == "gguf":
+            _write_gguf_export(cfg, model, tokenizer, checkpoint, tmp, gguf_type, stop_ids)
+        else:
+            _write_export(cfg, model, tokenizer, checkpoint, tmp, out_dir)
         # How to prompt it (distft.evaluation.chat reads it): the run's template and where its answers stop.
         write_json(os.path.join(tmp, "prompt_format.json"), {
             "template": trained_format(checkpoint, cfg), "chat_template": cfg.data.chat_template,
@@ -184,15 +204,34 @@ def _write_export(cfg: Config, model, tokenizer, checkpoint: str, tmp: str, out_
         )
         write_text(os.path.join(tmp, "README.txt"), note, "the export", root=tmp)
     else:
-        if kind.mergeable:
-            model = model.merge_and_unload()
-        bad = [name for name, value in model.state_dict().items()
-               if value.is_floating_point() and not bool(torch.isfinite(value).all())]
-        if bad:
-            raise CheckpointError(f"{checkpoint} holds non-finite weights ({', '.join(bad[:3])}); nothing exported. "
-                                  "Export an earlier checkpoint (checkpoints/step_N)")
-        model.save_pretrained(tmp, safe_serialization=True)
+        merged_model(cfg, model, checkpoint).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+
+
+def merged_model(cfg: Config, model, checkpoint: str):
+    """The tuned model as one transformers model: LoRA/DoRA merged into the base; refused when a
+    weight is not finite (nothing exported)."""
+    if technique_kind(cfg.technique.name).mergeable:
+        model = model.merge_and_unload()
+    bad = [name for name, value in model.state_dict().items()
+           if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise CheckpointError(f"{checkpoint} holds non-finite weights ({', '.join(bad[:3])}); nothing exported. "
+                              "Export an earlier checkpoint (checkpoints/step_N)")
+    return model
+
+
+def _write_gguf_export(cfg: Config, model, tokenizer, checkpoint: str, tmp: str, gguf_type: str,
+                       stop_ids: list[int]) -> None:
+    """The GGUF export's files, into `tmp`: model-<type>.gguf and its Modelfile."""
+    from distft.checkpoint.gguf import gguf_file_name, write_gguf, write_modelfile
+
+    model = merged_model(cfg, model, checkpoint)
+    name = gguf_file_name(gguf_type)
+    title = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))) or "distft"
+    write_gguf(model, tokenizer, os.path.join(tmp, name), gguf_type, title, stop_ids)
+    write_modelfile(os.path.join(tmp, "Modelfile"), name, tokenizer, trained_format(checkpoint, cfg), stop_ids,
+                    model.config.max_position_embeddings)
 
 
 def export_error(out_dir: str, tmp: str, err: BaseException) -> CheckpointError:

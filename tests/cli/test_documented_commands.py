@@ -53,6 +53,11 @@ NOT_RUNNABLE = {
     "python -m distft.review RUN_OR_COMPARE_DIR": "RUN_OR_COMPARE_DIR: a run or compare directory of the user's",
     "python -m distft.chat RUN": "RUN: a run directory of the user's; chat reads the terminal",
     "python -m distft.export RUN --out merged": "RUN: a run directory of the user's",
+    "python -m distft.export outputs/smollm2_lora/<hash> --out smol":
+        "<hash>: the run directory of the SmolLM2 demo above it (minutes of training); tests/unit/test_gguf_export.py "
+        "exports such a run",
+    "python -m distft.export outputs/smollm2_lora/<hash> --out smol-gguf --format gguf --gguf-type q8_0":
+        "<hash>: the run directory of the SmolLM2 demo above it; tests/unit/test_gguf_export.py runs this export",
     "python -m distft.compare outputs/short/<hash> outputs/tiny_lora/<hash> --out cmp":
         "<hash>: the run directories the two trainings above it write (minutes of training)",
     "python -m distft.review cmp": "cmp: what the compare above it writes; review serves a page until stopped",
