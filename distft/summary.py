@@ -45,7 +45,7 @@ def summarize(run, state, eval_after: dict, run_dir: str, checkpoints: dict, bes
         "experiment": cfg.run.experiment,
         "technique": cfg.technique.name,
         "parallel": cfg.parallel.strategy,
-        "engine": type(run.engine).__name__,
+        "engine": getattr(run.engine, "name", type(run.engine).__name__),  # DDPEngine's says "single process"
         "world_size": info.world_size,
         "model": model_label(cfg.model),
         "model_build": run.model_build,
@@ -142,31 +142,29 @@ def memory_report(cfg: Config, memory, trained_bytes: int, dtype, info) -> dict:
 
 
 MEASURED = {  # what each MemoryMeter kind measures, for people
-    "cuda_allocated": "peak CUDA memory allocated by tensors",
-    "cpu_tensors": "peak memory of live tensors (torch profiler)",
-    "host_rss": "peak resident memory of the process",
+    "cuda_allocated": "CUDA tensors",
+    "cpu_tensors": "live tensors",
+    "host_rss": "resident set",
 }
 
 
 def memory_line(kind: str, measured: int, baseline: int, planned: dict) -> str:
-    """The one sentence comparing what training took with the planner's estimate of the same
-    terms: the largest rank's measured peak above what the process held before (so: weights,
-    gradients, optimizer state, activations), the plan's sum of exactly those terms (its fixed
-    overhead, the CUDA context and allocator slack, left out), and how far off the plan is."""
+    """One short sentence comparing what training took with the planner's estimate of the same
+    terms: the busiest rank's peak above what the process held before the model was built (so:
+    weights, gradients, optimizer state, activations), the plan's sum of exactly those terms (its
+    fixed overhead, the CUDA context and allocator slack, left out), and how far off the plan is.
+    The breakdown (each term, the starting level, every rank) is summary.json's `memory`. A
+    resident set also grows with the code the first steps import: no verdict on it, and the
+    setting that measures tensors instead. `baseline` is in summary.json only."""
     gib = 2**30
     plan = sum(planned.values())
-    start = f", above the {baseline / gib:.3f} GiB held before the model was built" if baseline else ""
-    terms = " + ".join(f"{name} {value:.3f}" for name, value in planned.items() if value)
     off = (plan * gib / measured - 1) if measured else 0.0
     verdict = f"{abs(off):.1%} {'over' if off > 0 else 'under'}" if round(abs(off), 3) else "exact"
-    # The resident set also holds the code the first steps import: no verdict on it (said below).
-    judged = f"plan {verdict}; " if kind != "host_rss" else ""
-    line = (f"memory per rank: measured {measured / gib:.3f} GiB on the busiest rank ({MEASURED.get(kind, kind)}"
-            f"{start}), planned {plan:.3f} GiB for the same terms ({judged}{terms} GiB, its fixed "
-            "overhead left out)")
-    if kind == "host_rss":  # it also grows with the code the first steps import: not comparable to a plan
-        line += "; tracking.cpu_memory_steps=2 measures tensors only, as the plan counts"
-    return line
+    if kind == "host_rss":
+        return (f"memory per rank: {measured / gib:.3f} GiB resident, {plan:.3f} GiB planned for tensors "
+                "(tracking.cpu_memory_steps=2 measures those)")
+    return (f"memory per rank: {measured / gib:.3f} GiB measured ({MEASURED.get(kind, kind)}), {plan:.3f} GiB planned "
+            f"({verdict}); the terms are in summary.json")
 
 
 def closing_lines(run_dir: str, checkpoint: str, plot: Optional[str], wandb: Optional[tuple[str, str]]) -> list[str]:

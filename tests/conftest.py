@@ -102,3 +102,66 @@ def pytest_runtest_protocol(item, nextitem):
     with open(path, "a") as f:
         f.write(f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')}\t{started:.1f}\t{time.time() - started:.1f}\t"
                 f"{item.nodeid}\n")
+
+
+HEARTBEAT_S = 120  # a line when no test has ended for this long
+
+
+class Heartbeat:
+    """`make test` prints a dot per finished test, and its first tests are the long distributed
+    groups: minutes without a character. So the controller (never an xdist worker) says, after
+    HEARTBEAT_S seconds without a finished test and every HEARTBEAT_S after, how far the suite
+    is and which tests are running, e.g. `[6 min] 0 of 1142 tests done; running:
+    tests/distributed/test_compile.py::... (6 min)`."""
+
+    def __init__(self, config):
+        import threading
+        import time
+
+        self.config, self.clock = config, time.monotonic
+        self.started = self.last = self.clock()
+        self.total = self.done = 0
+        self.running: dict[str, float] = {}  # node id -> when it started
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="distft-heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        while not self.stop.wait(10):
+            now = self.clock()
+            if now - self.last < HEARTBEAT_S:
+                continue
+            self.last = now
+            running = "; ".join(f"{nodeid} ({(now - since) / 60:.0f} min)"
+                                for nodeid, since in sorted(self.running.items(), key=lambda kv: kv[1]))
+            reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+            if reporter is not None:
+                reporter.write_line(f"\n[{(now - self.started) / 60:.0f} min] {self.done} of {self.total} tests done"
+                                    + (f"; running: {running}" if running else ""))
+
+    @pytest.hookimpl
+    def pytest_collection_finish(self, session):
+        self.total = len(session.items)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node, ids):
+        self.total = len(ids)
+
+    @pytest.hookimpl
+    def pytest_runtest_logstart(self, nodeid, location):
+        self.running[nodeid] = self.clock()
+
+    @pytest.hookimpl
+    def pytest_runtest_logreport(self, report):
+        if report.when == "teardown":
+            self.running.pop(report.nodeid, None)
+            self.done += 1
+            self.last = self.clock()
+
+
+def pytest_configure(config):
+    if hasattr(config, "workerinput") or config.getoption("collectonly", False):
+        return  # an xdist worker: the controller reports
+    heartbeat = Heartbeat(config)
+    config.pluginmanager.register(heartbeat, "distft-heartbeat")
+    heartbeat.thread.start()
+    config.add_cleanup(heartbeat.stop.set)

@@ -35,6 +35,11 @@ class DDPEngine:
         self.optimizer, self.scheduler = build_optimizer(cfg, self._model)
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
 
+    @property
+    def name(self) -> str:
+        """summary.json's `engine`: DDP only where there is a DDP wrapper (several ranks)."""
+        return "DDPEngine" if self.wrapped is not self._model else "single process"
+
     def autocast(self):
         return autocast_context(self.amp_dtype, self.device)
 

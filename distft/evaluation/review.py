@@ -369,7 +369,7 @@ pre{white-space:pre-wrap;margin:0;font-family:ui-monospace,monospace} .right{bac
 
 BODY = """
 <h1>distft review <span class="meta" id="source"></span></h1>
-<p class="error" id="error"></p>
+<p class="error" id="error"></p><p class="meta" id="loading">Loading the predictions...</p>
 <nav><button id="tab-browse">Browse</button><button id="tab-blind">Blind</button><button id="tab-summary">Summary</button></nav>
 <section id="browse" class="tab on">
 <p>Task <select id="f-task"><option value="">all</option></select>
@@ -379,7 +379,7 @@ Exact match of <select id="f-model"></select> <select id="f-em"><option value=""
 <table id="rows"><thead></thead><tbody></tbody></table></section>
 <section id="blind" class="tab"><p>Compare <select id="p-a"></select> with <select id="p-b"></select>
 <span class="meta" id="progress"></span></p>
-<div id="pair"><p class="meta" id="p-task"></p><pre id="p-prompt"></pre><p class="meta">Reference: <span id="p-ref"></span></p>
+<div id="pair"><p class="meta" id="p-task"></p><pre id="p-prompt"></pre><p class="meta">Reference:</p><pre id="p-ref"></pre>
 <div class="pane"><b>Left</b><pre id="left"></pre></div><div class="pane"><b>Right</b><pre id="right"></pre></div>
 <div id="choices"><button id="btn-left">Left is better</button><button id="btn-right">Right is better</button>
 <button id="btn-tie">Tie</button><button id="btn-both_bad">Both bad</button></div></div>
@@ -422,7 +422,7 @@ function render() {
     if (dis && !disagree(r)) continue;
     n++; const tr = el("tr"); tr.dataset.index = r.index;
     tr.appendChild(el("td", r.task ?? "")); const p = el("td"); p.appendChild(el("pre", r.prompt)); tr.appendChild(p);
-    tr.appendChild(el("td", r.reference));
+    const ref = el("td"); ref.appendChild(el("pre", r.reference ?? "")); tr.appendChild(ref);
     for (const label of data.labels) { const o = r.outputs[label], td = el("td");
       td.appendChild(el("pre", o.text)); if (o.exact_match !== undefined) td.className = o.exact_match ? "right" : "wrong";
       td.appendChild(el("div", scores(o), "meta")); tr.appendChild(td); }
@@ -431,6 +431,7 @@ function render() {
 }
 async function load() {
   data = await api("/api/predictions");
+  $("loading").hidden = true;
   if (data.error) { $("error").textContent = data.error; return; }
   $("source").textContent = data.predictions;
   const head = el("tr"); for (const h of ["task", "prompt", "reference", ...data.labels]) head.appendChild(el("th", h));

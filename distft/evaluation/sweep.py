@@ -275,7 +275,9 @@ def _write_markdown(path: str, sweep_dir: str, swept: list[str], rows: list[dict
     write_text(path, "\n".join(lines) + "\n")
 
 
-def _plot(path: str, swept: list[str], rows: list[dict]) -> None:
+def plot_figure(swept: list[str], rows: list[dict]):
+    """The sweep's bar chart (summary.png): each point's held-out loss, tuned beside its base. The
+    legend sits in headroom above the tallest bar (the y axis reaches 30% past it), never over a bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -289,7 +291,9 @@ def _plot(path: str, swept: list[str], rows: list[dict]) -> None:
     if any(math.isfinite(b) for b in before):
         ax.bar([x - 0.2 for x in xs], before, width=0.4, label="base model", color="0.7")
         ax.bar([x + 0.2 for x in xs], after, width=0.4, label="tuned")
-        ax.legend()
+        tallest = max((v for v in before + after if math.isfinite(v)), default=1.0)
+        ax.set_ylim(0, tallest * 1.3)
+        ax.legend(loc="upper center", ncol=2, frameon=False)
     else:
         ax.bar(xs, after, width=0.6)
     ax.set_xticks(list(xs))
@@ -300,6 +304,13 @@ def _plot(path: str, swept: list[str], rows: list[dict]) -> None:
     with warnings.catch_warnings():  # labels too long to fit (a one-point summary names every key): drawn anyway
         warnings.simplefilter("ignore", UserWarning)
         fig.tight_layout()
+    return fig
+
+
+def _plot(path: str, swept: list[str], rows: list[dict]) -> None:
+    fig = plot_figure(swept, rows)
+    import matplotlib.pyplot as plt
+
     image = io.BytesIO()
     fig.savefig(image, format="png")
     plt.close(fig)

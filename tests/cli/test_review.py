@@ -372,3 +372,34 @@ def test_a_torn_ratings_line_is_skipped_with_a_warning(tmp_path):
     assert stderr.count(f"{path}: line 4 is torn") == 1  # warned once, not at every request
     assert stderr.count(f"{path}: line 2 is not a JSON record") == 1
 
+
+
+def test_a_multi_line_reference_keeps_its_lines_and_the_page_says_it_is_loading(browser, tmp_path):
+    """The reference is shown as written (a list, code: its lines kept), in Browse and in Blind; and
+    the page says it is loading until the predictions arrive, then says nothing of it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    reference = "1. Preheat the oven.\n2. Bake for 20 minutes."
+    with open(tmp_path / "eval_report.predictions.jsonl", "w") as f:
+        for i in range(2):
+            f.write(json.dumps({"index": i, "task": "t", "prompt": f"How do I bake? ({i})", "reference": reference,
+                                "outputs": {"base": {"text": f"No idea {i}.", "exact_match": 0},
+                                            "tuned": {"text": f"Preheat, then bake {i}.", "exact_match": 0}}}) + "\n")
+    server, url = start_cli(str(tmp_path))
+    try:
+        browser.get(url)
+        wait = WebDriverWait(browser, 20)
+        wait.until(lambda d: d.find_element(By.ID, "count").text.startswith("2 of"))
+        assert not browser.find_element(By.ID, "loading").is_displayed()
+        cells = browser.find_elements(By.CSS_SELECTOR, "#rows tbody tr:first-child td")
+        assert cells[2].text == reference  # collapsed to one line before: "1. Preheat the oven. 2. Bake ..."
+        browser.find_element(By.ID, "tab-blind").click()
+        wait.until(lambda d: d.find_element(By.ID, "p-prompt").text.strip() != "")
+        assert browser.find_element(By.ID, "p-ref").text == reference
+    finally:
+        stop(server)
+    from distft.evaluation.review import PAGE
+
+    # Served as it arrives, before its script has fetched anything: the loading line shown.
+    assert '<p class="meta" id="loading">Loading the predictions...</p>' in PAGE

@@ -50,7 +50,8 @@ def test_ddp_on_two_ranks_matches_one_process(trainings, technique):
     for step, (x, y) in enumerate(zip(a, b), start=1):
         assert y == pytest.approx(x, rel=1e-5), f"step {step}: single {x} vs ddp {y}"
     summary = json.load(open(os.path.join(ddp_dir, "summary.json")))
-    assert (summary["parallel"], summary["world_size"]) == ("ddp", 2)
+    assert (summary["parallel"], summary["world_size"], summary["engine"]) == ("ddp", 2, "DDPEngine")
+    assert json.load(open(os.path.join(single_dir, "summary.json")))["engine"] == "single process"  # no DDP wrapper
     # Both ranks logged, each with its rank; only rank 0 wrote the run directory's files.
     logs = trainings[engine_run(technique, "ddp")]["logs"]
     assert "[rank0]" in logs[0] and "[rank1]" in logs[1] and "[rank0]" not in logs[1]

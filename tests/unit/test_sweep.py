@@ -151,3 +151,18 @@ def test_a_sweep_points_job_is_named_after_the_sweep_and_its_number(monkeypatch)
     monkeypatch.setenv("SUBMITIT_FOLDER", "/tmp/submitit")
     assert name_point_job(None, 3) is None  # Hydra's basic launcher: no job name
 
+
+
+def test_the_sweep_plots_legend_covers_no_bar():
+    """summary.png: the legend sits above the bars, whatever their heights (here all equal and
+    tall, where the default placement drew it over the middle bars)."""
+    from distft.evaluation.sweep import plot_figure
+
+    rows = [{"job": i, "train.lr": lr, "eval_loss": 2.0, "eval_loss_base": 2.0} for i, lr in enumerate((1e-4, 3e-4, 1e-3))]
+    fig = plot_figure(["train.lr"], rows)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent()
+    bars = [patch.get_window_extent() for patch in ax.patches]
+    assert len(bars) == 6 and not any(legend.overlaps(bar) for bar in bars)
+    assert all(legend.y0 > bar.y1 for bar in bars)
