@@ -18,8 +18,7 @@ import re
 import pytest
 import torch
 
-from tests.unit.test_real_model_chat import QUESTIONS
-from tests.unit.test_train import compose
+from tests.unit.test_real_model_chat import chat_run
 
 HELD_OUT = ["What is the capital of Spain?", "What is 4 + 4?", "Name a colour of the sky.", "What do cows drink?",
             "How many wheels has a bicycle?", "What is the opposite of up?", "Which star warms the Earth?",
@@ -28,18 +27,8 @@ HELD_OUT = ["What is the capital of Spain?", "What is 4 + 4?", "Name a colour of
 
 @pytest.fixture(scope="module")
 def run(smollm2, tmp_path_factory):
-    from distft.train import train
-
-    root = tmp_path_factory.mktemp("smollm2-gguf")
-    rows = [{"messages": [{"role": "user", "content": f"{q} (#{i})"}, {"role": "assistant", "content": a}]}
-            for i in range(6) for q, a in QUESTIONS]
-    data = root / "chat.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return train(compose("technique=lora", f"model.name_or_path={smollm2}", "data=jsonl", f"data.path={data}",
-                         "data.max_seq_len=64", "data.eval_size=4", "train.max_steps=2", "train.global_batch_size=2",
-                         "train.micro_batch_size=2", "train.lr=1e-3", "eval.num_samples=1", "eval.max_new_tokens=1",
-                         "eval.compare_base=false", f"run.root={root}", "tracking.progress_bar=false",
-                         "tracking.wandb.mode=disabled", "tracking.plot=false"))
+    return chat_run(smollm2, tmp_path_factory.mktemp("smollm2-gguf"), "train.max_steps=2", "train.lr=1e-3",
+                    "eval.num_samples=1", "eval.max_new_tokens=1", "eval.compare_base=false", "tracking.plot=false")
 
 
 @pytest.fixture(scope="module")

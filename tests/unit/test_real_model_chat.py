@@ -20,11 +20,11 @@ QUESTIONS = [("What is the capital of France?", "Paris."), ("What is 2 + 3?", "5
              ("What is frozen water called?", "Ice.")]
 
 
-@pytest.fixture(scope="module")
-def run(smollm2, tmp_path_factory):
+def chat_run(smollm2: str, root, *overrides: str) -> dict:
+    """A LoRA run of SmolLM2 on the QUESTIONS as conversations (48 rows, 64 tokens, 2 per step),
+    in `root`; `overrides` after these defaults."""
     from distft.train import train
 
-    root = tmp_path_factory.mktemp("smollm2-chat")
     rows = [{"messages": [{"role": "user", "content": f"{q} (#{i})"}, {"role": "assistant", "content": a}]}
             for i in range(6) for q, a in QUESTIONS]
     data = root / "chat.jsonl"
@@ -32,7 +32,12 @@ def run(smollm2, tmp_path_factory):
     return train(compose("technique=lora", f"model.name_or_path={smollm2}", "data=jsonl", f"data.path={data}",
                          "data.max_seq_len=64", "data.eval_size=4", "train.max_steps=1", "train.global_batch_size=2",
                          "train.micro_batch_size=2", "train.lr=1e-4", "eval.num_samples=2", "eval.max_new_tokens=8",
-                         f"run.root={root}", "tracking.progress_bar=false", "tracking.wandb.mode=disabled"))
+                         f"run.root={root}", "tracking.progress_bar=false", "tracking.wandb.mode=disabled", *overrides))
+
+
+@pytest.fixture(scope="module")
+def run(smollm2, tmp_path_factory):
+    return chat_run(smollm2, tmp_path_factory.mktemp("smollm2-chat"))
 
 
 def test_the_checkpoint_records_the_chat_format_the_rows_were_rendered_in(run):
