@@ -31,6 +31,9 @@ def trainings(tmp_path_factory):
     return Trainings(base.parent / "shared-runs" if os.environ.get("PYTEST_XDIST_WORKER") else base / "runs")
 
 
+QUIET_FIRST = "tests.cli.test_dist"  # busy_cores against a busy loop: see pytest_collection_modifyitems
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
 def pytest_collection_modifyitems(config, items):
     """`make test` runs the suite on pytest-xdist workers (`--dist loadgroup`), which keep each
@@ -38,7 +41,9 @@ def pytest_collection_modifyitems(config, items):
     as one engine matrix launch, run once), and every test that reads one set of the shared runs
     (`trainings`; the module's SHARED_RUNS, default "engines") goes to one worker, which runs
     that set once. Those sets are the longest groups: they come first, so that they start at
-    once, each on its own worker."""
+    once, each on its own worker. Before them, QUIET_FIRST: a test that reads the whole machine's
+    load and needs a core free, which it finds only while the other worker starts its first
+    group (later, two 2-rank runs fill both cores of a 2-core machine for minutes)."""
     def group(item) -> str:
         if "trainings" in getattr(item, "fixturenames", ()):
             return "trainings-" + getattr(item.module, "SHARED_RUNS", "engines")
@@ -47,7 +52,8 @@ def pytest_collection_modifyitems(config, items):
         return item.module.__name__
 
     groups = {id(item): group(item) for item in items}
-    items.sort(key=lambda item: not groups[id(item)].startswith("trainings-"))  # stable: otherwise collection order
+    # Stable: otherwise collection order. xdist hands each worker two groups at the start, in this order.
+    items.sort(key=lambda item: (groups[id(item)] != QUIET_FIRST, not groups[id(item)].startswith("trainings-")))
     for item in items:
         item.add_marker(pytest.mark.xdist_group(groups[id(item)]))
 

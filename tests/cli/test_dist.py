@@ -15,9 +15,10 @@ def test_busy_cores_sees_a_process_computing_now_and_forgets_one_that_ended():
 
     The reading is of the whole machine, so it can only show the loop where a core is free: under
     xdist another worker's run can fill both cores of a 2-core machine (CI read 2.0 during, 1.84
-    after). The test waits, up to 3 minutes, for a window that starts with a core free and keeps
-    the other load steady, and asserts on it. A busy_cores that followed the load average, or
-    read nothing, fails in every window alike."""
+    after). So `make test` runs this first (tests/conftest.py QUIET_FIRST), while the other worker
+    starts its first group on at most one core, and the test waits, up to 3 minutes, for a window
+    that starts with most of a core free and keeps the other load steady, and asserts on it. A
+    busy_cores that followed the load average, or read nothing, fails in every window alike."""
     import subprocess
     import sys
     import time
@@ -27,7 +28,7 @@ def test_busy_cores_sees_a_process_computing_now_and_forgets_one_that_ended():
     windows = []
     while True:
         before = dist.busy_cores(interval=0.5)
-        if before <= cores - 1.2 or time.monotonic() > deadline:
+        if before <= cores - 0.8 or time.monotonic() > deadline:
             loop = subprocess.Popen([sys.executable, "-c", "while True: pass"])
             try:
                 time.sleep(0.5)
