@@ -1,0 +1,129 @@
+"""Preference pairs (distft/data/preference.py) on the real SmolLM2 tokenizer and its ChatML
+template: each side is the token sequence supervised fine-tuning trains on for the same
+conversation, its targets the final answer only; TRL's DPOTrainer tokenizes the same pairs to the
+same ids; what carries no preference or cannot be scored whole is rejected by rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from distft.config import DataConfig
+from distft.data.preference import RejectedPair, canonical_pair, encode_pair, pair_batch
+from distft.data.samples import IGNORE_INDEX
+
+ROWS = [{"prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}],
+         "chosen": [{"role": "assistant", "content": f"{2 * i}."}],
+         "rejected": [{"role": "assistant", "content": f"Maybe {i + 7}, I think."}]} for i in range(3)]
+
+
+def chat_config(**changes) -> DataConfig:
+    cfg = DataConfig()
+    cfg.template, cfg.max_seq_len = "chat", 128
+    for key, value in changes.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def targets(encoded) -> list[int]:
+    return [t for t in encoded.labels if t != IGNORE_INDEX]
+
+
+def test_each_side_is_what_sft_trains_on_for_that_conversation(smollm2_tokenizer):
+    from distft.data.pipeline import encode
+
+    cfg = chat_config()
+    pair = encode_pair(ROWS[1], cfg, smollm2_tokenizer)
+    for side, encoded in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+        sft, _ = encode({"messages": ROWS[1]["prompt"] + ROWS[1][side]}, "chat", cfg, smollm2_tokenizer)
+        assert encoded.input_ids == sft.input_ids and encoded.labels == sft.labels
+    # The answer and its end of turn are the targets; the shared prompt (ChatML, SmolLM2's default system turn) not.
+    assert smollm2_tokenizer.decode(targets(pair.chosen)) == "2.<|im_end|>"
+    assert smollm2_tokenizer.decode(targets(pair.rejected)) == "Maybe 8, I think.<|im_end|>"
+    assert pair.chosen.input_ids[:pair.chosen.prompt_len] == pair.rejected.input_ids[:pair.rejected.prompt_len]
+
+
+def test_trl_tokenizes_the_same_pairs_to_the_same_ids(smollm2_tokenizer, tmp_path):
+    """TRL's DPOTrainer on the same conversational rows: the same ids per side; its completion mask
+    also scores the newline ChatML writes after <|im_end|>, which SFT (and so distft's pairs) does not."""
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=3, report_to=[], use_cpu=True, bf16=False,
+                     save_strategy="no")
+    trainer = DPOTrainer(model=model, ref_model=LlamaForCausalLM(model.config), args=args,
+                         train_dataset=Dataset.from_list(ROWS), processing_class=smollm2_tokenizer)
+    theirs = next(iter(trainer.get_train_dataloader()))
+    ours = pair_batch([encode_pair(r, chat_config(), smollm2_tokenizer) for r in ROWS], smollm2_tokenizer.pad_token_id)
+
+    def rows(batch, mask_of):
+        out = []
+        for i in range(batch["input_ids"].size(0)):
+            n = int(batch["attention_mask"][i].sum())
+            out.append((batch["input_ids"][i, :n].tolist(), mask_of(batch, i)[:n].tolist()))
+        return sorted(out)
+
+    trl_rows = rows(theirs, lambda b, i: b["completion_mask"][i])
+    our_rows = rows(ours, lambda b, i: (b["labels"][i] != IGNORE_INDEX).long())
+    newline = smollm2_tokenizer.convert_tokens_to_ids("Ċ")
+    assert [ids for ids, _ in trl_rows] == [ids for ids, _ in our_rows]
+    for (ids, trl_mask), (_, our_mask) in zip(trl_rows, our_rows):
+        assert ids[-1] == newline and trl_mask[-1] == 1 and our_mask[-1] == 0
+        assert trl_mask[:-1] == our_mask[:-1]
+
+
+def test_a_multi_turn_prompt_scores_only_the_final_answer(smollm2_tokenizer):
+    row = {"prompt": [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Capital of France?"},
+                      {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And of Spain?"}],
+           "chosen": "Madrid.", "rejected": "Lisbon."}
+    pair = encode_pair(row, chat_config(), smollm2_tokenizer)
+    assert smollm2_tokenizer.decode(targets(pair.chosen)) == "Madrid.<|im_end|>"  # not "Paris." of the earlier turn
+    assert smollm2_tokenizer.decode(targets(pair.rejected)) == "Lisbon.<|im_end|>"
+
+
+def test_an_implicit_prompt_is_the_conversations_shared_opening():
+    user = {"role": "user", "content": "Hi?"}
+    kind, row = canonical_pair({"chosen": [user, {"role": "assistant", "content": "Hello!"}],
+                                "rejected": [user, {"role": "assistant", "content": "Go away."}], "task": "greet"})
+    assert kind == "chat" and row["prompt"] == [user] and row["task"] == "greet"
+    assert row["chosen"] == [{"role": "assistant", "content": "Hello!"}]
+
+
+def test_text_pairs_render_in_the_runs_template(smollm2_tokenizer):
+    from distft.data.pipeline import encode
+
+    cfg = chat_config(template="alpaca")
+    row = {"prompt": "Reverse the word: stop", "chosen": "pots", "rejected": "spot"}
+    pair = encode_pair(row, cfg, smollm2_tokenizer)
+    sft, _ = encode({"instruction": row["prompt"], "input": "", "output": "pots"}, "alpaca", cfg, smollm2_tokenizer)
+    assert pair.kind == "alpaca" and pair.chosen.input_ids == sft.input_ids
+    assert smollm2_tokenizer.decode(targets(pair.rejected)).startswith("spot")
+
+
+@pytest.mark.parametrize("row, rule, says", [
+    ({"prompt": "Q?", "chosen": "Yes.", "rejected": "  Yes. "}, "identical", "the same answer"),
+    ({"prompt": "Q?", "chosen": "Yes.", "rejected": " "}, "empty", "blank rejected answer"),
+    ({"prompt": " ", "chosen": "Yes.", "rejected": "No."}, "empty", "blank prompt"),
+    ({"prompt": "Q?", "chosen": 3, "rejected": "No."}, "malformed", "chosen is not a string or a list"),
+    ({"prompt": "Q?", "chosen": "Yes."}, "malformed", "needs the fields 'chosen' and 'rejected'"),
+    ({"chosen": [{"role": "user", "content": "a"}], "rejected": [{"role": "user", "content": "b"}]}, "malformed",
+     "no prompt"),
+    ({"prompt": "Q?", "chosen": "word " * 200, "rejected": "No."}, "overlong", "over data.max_seq_len=128"),
+])
+def test_what_carries_no_preference_or_cannot_be_scored_is_rejected_by_rule(smollm2_tokenizer, row, rule, says):
+    with pytest.raises(RejectedPair) as err:
+        encode_pair(row, chat_config(), smollm2_tokenizer)
+    assert err.value.rule == rule and says in err.value.reason
+
+
+def test_a_pair_batch_holds_the_chosen_then_the_rejected(smollm2_tokenizer):
+    pairs = [encode_pair(r, chat_config(), smollm2_tokenizer) for r in ROWS[:2]]
+    batch = pair_batch(pairs, smollm2_tokenizer.pad_token_id)
+    assert batch["input_ids"].shape[0] == 4
+    for i, encoded in enumerate([pairs[0].chosen, pairs[1].chosen, pairs[0].rejected, pairs[1].rejected]):
+        n = len(encoded.input_ids)
+        assert batch["input_ids"][i, :n].tolist() == encoded.input_ids and int(batch["attention_mask"][i].sum()) == n
+        assert batch["labels"][i, :n].tolist() == encoded.labels
+        assert (batch["labels"][i, n:] == IGNORE_INDEX).all()
