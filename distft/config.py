@@ -446,6 +446,19 @@ class PlanConfig:
     epoch_sample_rows: int = 5000
 
 
+OBJECTIVE_LOSSES = ("sigmoid", "ipo")  # objective.loss for dpo (distft/model/preference.py)
+
+
+@dataclass
+class ObjectiveConfig:
+    """What training optimises (conf/objective/): `sft`, the next-token loss on the answers
+    (supervised fine-tuning, instruction tuning); `dpo`, preference tuning on {prompt, chosen,
+    rejected} pairs (distft/model/preference.py, distft/data/preference.py)."""
+    name: str = "sft"  # sft | dpo
+    beta: float = 0.1  # dpo: how far the policy may move from the reference (the KL penalty's weight)
+    loss: str = "sigmoid"  # dpo: sigmoid (the DPO paper) | ipo (Azar et al., per-token normalised)
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -460,6 +473,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     # Rerunning a command resumes its run directory from the newest complete checkpoint. false:
     # start over, after moving the old run directory aside (renamed, never deleted).
     resume: bool = True
@@ -569,6 +583,8 @@ _RUN_IDENTITY_EXCLUDED = ("tracking", "run", "launcher", "cluster", "eval", "che
 
 def config_hash(cfg: Config) -> str:
     data = {k: v for k, v in to_dict(cfg, redact=True).items() if k not in _RUN_IDENTITY_EXCLUDED}
+    if data.get("objective", {}).get("name") == "sft":
+        del data["objective"]  # supervised fine-tuning's runs keep the directories they had before objectives
     data["world_size"] = world_size(cfg)  # the data position in a checkpoint is per rank
     payload = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:10]

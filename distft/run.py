@@ -23,7 +23,7 @@ import torch
 
 from distft.config import Config, grad_accum_steps, model_label
 from distft.data.batching import TrainBatches, eval_batches
-from distft.data.cache import prepared
+from distft.data.cache import CacheResult, prepared
 from distft.data.pipeline import prepare_data
 from distft.dist import DistInfo
 from distft.engines import build_engine, build_model_for_engine, weights_dtype
@@ -85,6 +85,8 @@ class Run:
     batches: Any  # distft.data.batching.TrainBatches: this rank's micro-batches, resumable
     held_out: list  # the eval split's batches (train.eval_max_batches of them when set)
     general: Optional[list] = None  # eval.general_path's batches: the forgetting check (distft.evaluation.forgetting)
+    pairs: Any = None  # objective=dpo: distft.data.preference.PreparedPairs (train and eval pairs)
+    reference: Optional[dict] = None  # objective=dpo: the reference's log-probs {"train", "eval"} (distft.objective)
     data_fingerprint: dict = field(default_factory=dict)  # the data files by content (sources.data_fingerprint)
 
 
@@ -103,7 +105,14 @@ def build_run(cfg: Config, info: DistInfo, device: torch.device) -> Run:
     the model's initialisation depend on it)."""
     tokenizer = load_tokenizer(cfg.model)
     check_vocab(cfg, tokenizer)
-    cached = prepared(cfg.data, tokenizer, cfg.data.seed, cfg.run.root, prepare_data, info.rank)
+    pairs = None
+    if cfg.objective.name == "dpo":  # preference pairs: prepared here, not cached (yet)
+        from distft.data.preference import pairs_as_prepared, prepare_pairs
+
+        pairs = prepare_pairs(cfg.data, tokenizer)
+        cached = CacheResult(pairs_as_prepared(pairs, cfg.data, tokenizer), path=None, built=True, seconds=0.0)
+    else:
+        cached = prepared(cfg.data, tokenizer, cfg.data.seed, cfg.run.root, prepare_data, info.rank)
     data = cached.data
     if not data.eval:  # validate() refuses an empty split it can see; a dataset's own split can be empty too
         raise DataError(f"no held-out rows: {data.report.summary()}; every run scores the model on held-out rows "
@@ -137,12 +146,19 @@ def build_run(cfg: Config, info: DistInfo, device: torch.device) -> Run:
     engine = build_engine(cfg, model, device)
 
     pad_id = tokenizer.pad_token_id
-    batches = TrainBatches(
-        data.train, cfg.train.micro_batch_size, cfg.data.max_seq_len, cfg.data.packing, pad_id,
-        seed=cfg.train.seed, shuffle=cfg.data.shuffle, rank=info.rank, world_size=info.world_size,
-        accumulation_steps=grad_accum_steps(cfg), pack_strategy=cfg.data.pack_strategy,
-        sources=data.train_sources, weights=[s["weight"] for s in data.report.sources] or None,
-    )
+    if pairs is not None:
+        from distft.data.preference import PairBatches
+
+        batches = PairBatches(pairs.train, cfg.train.micro_batch_size, pad_id, seed=cfg.train.seed,
+                              shuffle=cfg.data.shuffle, rank=info.rank, world_size=info.world_size,
+                              accumulation_steps=grad_accum_steps(cfg))
+    else:
+        batches = TrainBatches(
+            data.train, cfg.train.micro_batch_size, cfg.data.max_seq_len, cfg.data.packing, pad_id,
+            seed=cfg.train.seed, shuffle=cfg.data.shuffle, rank=info.rank, world_size=info.world_size,
+            accumulation_steps=grad_accum_steps(cfg), pack_strategy=cfg.data.pack_strategy,
+            sources=data.train_sources, weights=[s["weight"] for s in data.report.sources] or None,
+        )
     held_out = eval_batches(data.eval, cfg.eval.batch_size, cfg.data.max_seq_len, cfg.data.packing, pad_id,
                             cfg.data.pack_strategy)
     if cfg.train.eval_max_batches:
@@ -152,4 +168,4 @@ def build_run(cfg: Config, info: DistInfo, device: torch.device) -> Run:
         general = general_batches(cfg.eval.general_path, tokenizer, cfg.data.max_seq_len, cfg.eval.batch_size,
                                   cfg.eval.general_max_tokens)
     return Run(cfg, info, device, tokenizer, data, dtype, memory, model, model_build, trainable, total, engine,
-               batches, held_out, general=general)
+               batches, held_out, general=general, pairs=pairs)

@@ -39,6 +39,7 @@ from distft.evaluation.evaluate import AnswerLog, EvalInterrupted, evaluate_mode
 from distft.evaluation.forgetting import run_lm_eval
 from distft.model.build import IGNORE_INDEX
 from distft.model.loss import computing_loss
+from distft.objective import preference_eval, preference_step, reference_tables
 from distft.preemption import StopSignal
 from distft.run import Run, TrainState, build_run
 from distft.summary import LEFT_BY_AN_ATTEMPT, fmt_eval, summarize, write_results
@@ -85,6 +86,8 @@ def train(cfg: Config) -> dict:
             return finished
         run = build_run(cfg, info, device)
         run.data_fingerprint = fingerprint
+        if run.pairs is not None:  # the reference: the model as built, before a resume loads trained weights
+            run.reference = reference_tables(run, run_dir)
         cleanup.callback(run.engine.close)
         checkpoint = find_resumable(run_dir)  # verified against its manifest, pickles scanned
         if checkpoint is None:  # starting from step 0: what an earlier attempt logged is not this run's
@@ -125,7 +128,12 @@ def fit(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpointe
         started = time.time()
         micro_batches = [next(iterator) for _ in range(accum)]
         lr = engine.lr()  # what this step applies: the scheduler moves it on after the update
-        loss_total, step_targets, grad_norm, local_finite = optimizer_step(engine, micro_batches, state.step + 1)
+        if run.pairs is not None:  # objective=dpo: step_targets counts pairs, the loss is per pair
+            loss_total, step_targets, grad_norm, local_finite, pair_metrics = preference_step(
+                engine, micro_batches, cfg.objective, run.reference["train"], state.step + 1)
+        else:
+            loss_total, step_targets, grad_norm, local_finite = optimizer_step(engine, micro_batches, state.step + 1)
+            pair_metrics = {}
         state.step += 1
         step_time = time.time() - started
         steps_here += 1
@@ -137,7 +145,7 @@ def fit(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpointe
             (log.warning if broke else log.info)("%s", line)
         step_tokens = sum(b["input_ids"].numel() for b in micro_batches) * info.world_size
         state.train_tokens += step_tokens
-        state.train_target_tokens += int(step_targets)
+        state.train_target_tokens += int(pair_metrics.get("answer_tokens", step_targets))
         state.train_time_s += step_time
         step = state.step
         # Loss and grad norm are global (all-reduced), so every rank takes the same branch here.
@@ -154,7 +162,8 @@ def fit(run: Run, state: TrainState, tracker: Tracker, checkpointer: Checkpointe
             tokens_per_s = step_tokens / max(step_time, 1e-9)
             if step % cfg.train.log_every == 0 or step == 1:
                 tracker.log(step, {"loss": last_loss, "lr": lr, "grad_norm": grad_norm,
-                                   "tokens_per_s": tokens_per_s, "step_time_s": step_time})
+                                   "tokens_per_s": tokens_per_s, "step_time_s": step_time,
+                                   **{k: v for k, v in pair_metrics.items() if k != "answer_tokens"}})
             progress.update(step, last_loss, lr, tokens_per_s)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
             if _periodic_eval(run, state, tracker):
@@ -337,6 +346,8 @@ def _evaluate(run: Run, stop=None, label: str = "evaluation", answers: Optional[
                             engine.device, stop_ids=run.data.stop_ids, autocast_ctx=engine.autocast,
                             should_stop=stop.requested if stop is not None else None, general=run.general,
                             progress=progress, answers=answers)
+    if run.pairs is not None:  # objective=dpo: the held-out pairs, chosen against rejected
+        result.update(preference_eval(run, run.reference["eval"]))
     if run.cfg.eval.lm_eval_tasks:  # every rank alike (unsharded engines only: validation), no collectives
         result["lm_eval"] = run_lm_eval(engine.unwrapped(), run.tokenizer, list(run.cfg.eval.lm_eval_tasks),
                                         run.cfg.eval.lm_eval_include_path, run.cfg.eval.lm_eval_limit,

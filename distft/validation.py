@@ -30,6 +30,7 @@ from distft.config import (
     LLAMA_LINEAR_MODULES,
     MODEL_DTYPES,
     NONFINITE_POLICIES,
+    OBJECTIVE_LOSSES,
     OFFLINE_TOKENIZER_VOCAB,
     ON_BAD_ROWS,
     OPTIMIZERS,
@@ -126,6 +127,7 @@ def validate(cfg: Config, model_max_positions: Optional[int] = None, launch: boo
     _check_data(cfg, errors)
     _check_model(cfg, errors)
     _check_technique(cfg, errors)
+    _check_objective(cfg, errors)
     _check_parallel(cfg, errors, launch)
     _check_eval_and_run(cfg, errors)
     _check_tracking(cfg, errors, launch)
@@ -594,6 +596,33 @@ def _check_fp16_weights(cfg: Config, errors: list[str]) -> None:
         f"model.dtype=float16 with technique={t} and train.precision={precision}: {why}; set train.precision=fp16 "
         f"(fp16 autocast with a loss scaler, adapters in fp32), or {other}"
     )
+
+
+# objective=dpo in this version (issue 40 goes on): the engines its equivalence tests cover, and the
+# techniques whose reference (the model before its first step) it computes.
+DPO_PARALLEL = ("single", "ddp")
+DPO_TECHNIQUES = ("full", "lora", "dora", "qlora")
+
+
+def _check_objective(cfg: Config, errors: list[str]) -> None:
+    o, d = cfg.objective, cfg.data
+    _choice(errors, "objective.name", o.name, ("sft", "dpo"))
+    if o.name != "dpo":
+        return
+    _choice(errors, "objective.loss", o.loss, OBJECTIVE_LOSSES)
+    if not o.beta > 0:
+        errors.append(f"objective.beta={o.beta} must be > 0 (0.1 is the DPO paper's; larger keeps the model nearer "
+                      "its reference)")
+    if cfg.parallel.strategy not in DPO_PARALLEL:
+        errors.append(f"objective=dpo trains with parallel={' or '.join(DPO_PARALLEL)} in this version, not "
+                      f"parallel={cfg.parallel.strategy}: FSDP and ZeRO are not yet checked against one process for "
+                      "preference tuning; use parallel=ddp")
+    if cfg.technique.name not in DPO_TECHNIQUES:
+        errors.append(f"objective=dpo with technique={cfg.technique.name}: not in this version (the reference "
+                      "would be the base without the virtual tokens, not yet checked); use technique=lora or full")
+    if d.sources or d.augment.functions:
+        errors.append("objective=dpo reads one preference data set (data.path or data=synthetic): data.sources "
+                      "mixes and data.augment functions are for supervised rows; drop them")
 
 
 def _check_technique(cfg: Config, errors: list[str]) -> None:

@@ -254,7 +254,7 @@ class TrainBatches:
         sources' weights; every epoch then holds mixed_order's samples."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
-        self.samples = as_samples(samples)
+        self.samples = self._as_samples(samples)
         self.micro_batch_size, self.max_seq_len = micro_batch_size, max_seq_len
         self.packing, self.pad_id, self.seed, self.shuffle = packing, pad_id, seed, shuffle
         self.pack_strategy = pack_strategy
@@ -266,6 +266,10 @@ class TrainBatches:
         # _order[_bounds[_rows[k]] : _bounds[_rows[k] + 1]] (unpacked: the one sample _order[_rows[k]]).
         self._order = self._bounds = self._rows = np.zeros(0, dtype=np.int64)
         self._load_epoch()
+
+    @staticmethod
+    def _as_samples(samples):
+        return as_samples(samples)
 
     def _load_epoch(self) -> None:
         if self._built_epoch == self.epoch:

@@ -1,8 +1,9 @@
 """Preference pairs (issue 40's data side): a prompt, the answer preferred and the one rejected.
 
 Row formats (TRL's, so preference sets from the Hub read as they are):
-- text: `{"prompt": str, "chosen": str, "rejected": str}`; rendered like an Alpaca row whose
-  instruction is the prompt and whose output is the answer (`data.template`: alpaca, chat, ...);
+- text: `{"prompt": str, "chosen": str, "rejected": str}` (and an optional Alpaca `input`);
+  rendered like an Alpaca row whose instruction is the prompt and whose output is the answer
+  (`data.template`: alpaca, chat, ...);
 - conversational: `{"prompt": [messages], "chosen": [messages], "rejected": [messages]}`, the
   answers usually one assistant message each (a bare string is taken as one); the prompt may hold
   a system turn and earlier turns;
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 
 from distft.config import DataConfig
+from distft.data.batching import TrainBatches
 from distft.data.encoding import Encoded
 from distft.data.samples import IGNORE_INDEX
 
@@ -72,6 +74,9 @@ def canonical_pair(value: Any) -> tuple[str, dict]:
     extras = {k: v for k, v in value.items() if k not in ("prompt", "chosen", "rejected")}
     if isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str):
         kind, row = "alpaca", {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        extras.pop("input", None)
+        if isinstance(value.get("input"), str) and value["input"]:  # Alpaca's input, rendered as SFT renders it
+            row["input"] = value["input"]
     else:
         kind = "chat"
         chosen_messages, rejected_messages = _messages(chosen, "chosen"), _messages(rejected, "rejected")
@@ -113,7 +118,7 @@ def _norm(answer: Any) -> Any:
 def side_row(kind: str, row: dict, side: str) -> dict:
     """One side of a canonical pair as the SFT row it is rendered like."""
     if kind == "alpaca":
-        return {"instruction": row["prompt"], "input": "", "output": row[side]}
+        return {"instruction": row["prompt"], "input": row.get("input", ""), "output": row[side]}
     return {"messages": row["prompt"] + row[side]}
 
 
@@ -152,3 +157,168 @@ def pair_batch(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, :n] = torch.tensor(r.labels)
         attention_mask[i, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+# --------------------------------------------------------------------------------------------
+# A run's pairs: loaded, cleaned with counts, split.
+
+RULES = ("malformed", "empty", "identical", "duplicate", "overlong")
+
+
+@dataclass
+class PairReport:
+    """What happened to the preference rows: loaded = the dropped (by rule) + kept; kept = train + eval."""
+    loaded: int = 0
+    dropped: dict = None  # rule -> count
+    first_dropped: dict = None  # rule -> "row 3 (line 4) of FILE: why"
+    kept: int = 0
+    train: int = 0
+    eval: int = 0
+
+    def __post_init__(self):
+        self.dropped = self.dropped or {rule: 0 for rule in RULES}
+        self.first_dropped = self.first_dropped or {}
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{rule} {self.dropped[rule]}" for rule in RULES)
+        return (f"data: loaded {self.loaded} preference rows, dropped {sum(self.dropped.values())} ({counts}), "
+                f"kept {self.kept}; train {self.train} pairs, eval {self.eval}")
+
+
+@dataclass
+class PreparedPairs:
+    train: list
+    eval: list
+    report: PairReport
+
+
+def synthetic_pairs(num_examples: int, seed: int, tasks) -> list[dict]:
+    """The synthetic tasks as pairs: the right answer chosen, and a plausible wrong one rejected:
+    the input echoed back unchanged (the lazy answer a small model falls into), or, where the
+    input is the answer's own text, the answer of another row of the same task."""
+    import random
+
+    from distft.data.synthetic import generate
+
+    rows = generate(num_examples, seed, tasks)
+    by_task: dict[str, list[str]] = {}
+    for row in rows:
+        by_task.setdefault(row["task"], []).append(row["output"])
+    rng = random.Random(f"pairs-{seed}")
+    pairs = []
+    for row in rows:
+        others = [o for o in by_task[row["task"]] if o != row["output"]]
+        rejected = row["input"] if row["input"].strip() and row["input"] != row["output"] else (
+            rng.choice(others) if others else None)
+        if rejected is not None:
+            pairs.append({"prompt": row["instruction"], "input": row["input"], "chosen": row["output"],
+                          "rejected": rejected, "task": row["task"]})
+    return pairs
+
+
+def prepare_pairs(cfg: DataConfig, tokenizer) -> PreparedPairs:
+    """The run's preference pairs, encoded (`encode_pair`), cleaned with counts by rule (a pair
+    seen before is a duplicate), split as SFT rows split: data.eval_path's rows, or
+    data.eval_size / eval_fraction of the rows, drawn with data.seed."""
+    import hashlib
+    import random
+
+    from distft.data.sources import RawRow, load_rows, read_eval_path
+    from distft.data.templates import use_chat_template
+
+    use_chat_template(tokenizer, cfg.chat_template)
+    if cfg.source == "synthetic":
+        syn = cfg.synthetic
+        raw = [RawRow(r, f"synthetic pair {i}") for i, r in enumerate(synthetic_pairs(syn.num_examples, syn.seed,
+                                                                                        list(syn.tasks)))]
+        held = read_eval_path(cfg) if cfg.eval_path else None
+    else:
+        raw, held = load_rows(cfg)
+    report, seen = PairReport(), set()
+
+    def clean(rows) -> list:
+        kept = []
+        for raw_row in rows:
+            report.loaded += 1
+            try:
+                pair = encode_pair(raw_row.value, cfg, tokenizer)
+                key = hashlib.blake2b(repr((pair.kind, _norm(pair.row["prompt"]), _norm(pair.row.get("input", "")),
+                                            _norm(pair.row["chosen"]), _norm(pair.row["rejected"]))).encode(),
+                                      digest_size=16).digest()
+                if key in seen:
+                    raise RejectedPair("duplicate", "the same pair as an earlier row")
+                seen.add(key)
+            except RejectedPair as err:
+                report.dropped[err.rule] += 1
+                report.first_dropped.setdefault(err.rule, f"{raw_row.where}: {err.reason}")
+                continue
+            kept.append(pair)
+        return kept
+
+    train = clean(raw)
+    if held is not None:
+        held_out = clean(held)
+    else:
+        order = list(range(len(train)))
+        random.Random(cfg.seed).shuffle(order)
+        size = cfg.eval_size if cfg.eval_size else int(round(cfg.eval_fraction * len(train)))
+        chosen = set(order[:size])
+        held_out = [p for i, p in enumerate(train) if i in chosen]
+        train = [p for i, p in enumerate(train) if i not in chosen]
+    report.kept, report.train, report.eval = len(train) + len(held_out), len(train), len(held_out)
+    return PreparedPairs(train, held_out, report)
+
+
+def pairs_as_prepared(pairs: PreparedPairs, cfg: DataConfig, tokenizer):
+    """The pairs as the SFT data the rest of a run reads (`PreparedData`): the samples of the
+    chosen answers (the held-out loss is the loss on the preferred answers), the held-out prompts
+    with the chosen answer as reference (the generation eval and its report), the report's counts
+    (identical pairs under `identical`), the stop tokens and the format the rows were rendered in."""
+    from distft.data.pipeline import Example, eval_row
+    from distft.data.report import DataReport, PreparedData
+    from distft.data.samples import TokenSamples, piece
+    from distft.data.templates import stop_token_ids
+
+    def chosen_samples(group: list) -> TokenSamples:
+        return TokenSamples.from_samples({"input_ids": p.chosen.input_ids, "labels": p.chosen.labels} for p in group)
+
+    rows = [eval_row(Example(p.kind, side_row(p.kind, p.row, "chosen"), piece(p.chosen.input_ids, p.chosen.labels),
+                             prompt_len=p.chosen.prompt_len), cfg, tokenizer) for p in pairs.eval]
+    counted = pairs.report
+    report = DataReport(loaded=counted.loaded, malformed=counted.dropped["malformed"], empty=counted.dropped["empty"],
+                        duplicate=counted.dropped["duplicate"], overlong=counted.dropped["overlong"],
+                        identical=counted.dropped["identical"], kept=counted.kept, train=counted.train,
+                        eval=counted.eval, train_sequences=2 * counted.train, eval_sequences=counted.eval,
+                        first_dropped=dict(counted.first_dropped))
+    report.train_tokens = sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs.train)
+    report.train_target_tokens = sum(sum(t != IGNORE_INDEX for t in side.labels)
+                                     for p in pairs.train for side in (p.chosen, p.rejected))
+    formats: dict[str, int] = {}
+    for p in pairs.train:
+        name = "chat" if p.kind == "chat" or cfg.template == "chat" else cfg.template
+        formats[name] = formats.get(name, 0) + 1
+    report.formats = [{"source": cfg.path or cfg.source, "format": f, "rows": n} for f, n in formats.items()]
+    return PreparedData(chosen_samples(pairs.train), chosen_samples(pairs.eval), [r for r in rows if r], report,
+                        stop_ids=stop_token_ids(tokenizer, cfg.stop_tokens))
+
+
+class PairBatches(TrainBatches):
+    """`TrainBatches` over pairs: the same seeded order per epoch, the same rank and accumulation
+    split and the same resumable position ({"epoch", "index"}), each micro-batch `pair_batch` of
+    micro_batch_size pairs (2 x micro_batch_size rows) with `pair_index`, the pairs' positions in
+    the training split (where their reference log-probs are). Pairs are never packed."""
+
+    def __init__(self, pairs: list, micro_batch_size: int, pad_id: int, seed: int, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1, accumulation_steps: int = 1):
+        super().__init__(pairs, micro_batch_size, 0, False, pad_id, seed=seed, shuffle=shuffle, rank=rank,
+                         world_size=world_size, accumulation_steps=accumulation_steps)
+
+    @staticmethod
+    def _as_samples(samples):
+        return samples
+
+    def _batch(self, rows) -> dict[str, torch.Tensor]:
+        indices = self._order[rows]
+        batch = pair_batch([self.samples[int(i)] for i in indices], self.pad_id)
+        batch["pair_index"] = torch.as_tensor(indices, dtype=torch.long)
+        return batch

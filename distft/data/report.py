@@ -29,6 +29,7 @@ class DataReport:
     empty: int = 0
     duplicate: int = 0
     overlong: int = 0
+    identical: int = 0  # preference pairs whose two answers are the same (objective=dpo)
     truncated: int = 0  # kept, cut to max_seq_len (drop_overlong=false)
     kept: int = 0
     train: int = 0
@@ -85,10 +86,12 @@ class DataReport:
         return lines
 
     def summary(self) -> str:
-        dropped = self.malformed + self.empty + self.duplicate + self.overlong
+        dropped = self.malformed + self.empty + self.duplicate + self.overlong + self.identical
+        identical = f", identical {self.identical}" if self.identical else ""
         return (
             f"data: loaded {self.loaded} rows, dropped {dropped} (malformed {self.malformed}, empty {self.empty}, "
-            f"duplicate {self.duplicate}, overlong {self.overlong}), truncated {self.truncated}, kept {self.kept}; "
+            f"duplicate {self.duplicate}, overlong {self.overlong}{identical}), truncated {self.truncated}, "
+            f"kept {self.kept}; "
             f"train {self.train} rows ({self.augmented} augmented, {self.augment_dropped} dropped by augmentation), "
             f"eval {self.eval}; {self.train_sequences} train / {self.eval_sequences} eval sequences, "
             f"{self.train_tokens} train tokens ({self.train_target_tokens} targets)"

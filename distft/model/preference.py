@@ -28,9 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from distft.config import OBJECTIVE_LOSSES as LOSSES
 from distft.data.samples import IGNORE_INDEX
-
-LOSSES = ("sigmoid", "ipo")
 
 
 def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,182 @@
+"""Preference tuning in the trainer (objective=dpo): the reference's log-probs, the optimizer step
+and the held-out preference metrics. The math is distft/model/preference.py; the pairs are
+distft/data/preference.py.
+
+The reference is the model training starts from: for adapter techniques (LoRA, DoRA, QLoRA,
+prefix, prompt) the base with the adapter disabled, for full fine-tuning the model before its
+first step. Its log-probs of every pair's answers are computed once, before the first step (and
+before a resume loads trained weights, so from the same start), by the ranks together (each a
+share of the pairs, gathered), and kept in the run directory (`reference_logps.safetensors`,
+read as plain tensors, checked against the split's size); a step then needs no reference forward
+and no second copy of the model, under every engine. This is TRL's `precompute_ref_log_probs`.
+
+The step: each micro-batch's pairs (chosen rows, then rejected) in one forward; the summed
+per-pair loss divided by the number of pairs of the whole step (all ranks, all accumulation
+micro-batches), so every pair weighs the same however the step is split; metrics summed the same
+way and logged under TRL's names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Optional
+
+import torch
+
+from distft import dist, faults, preemption
+from distft.model.preference import answer_logps, pair_losses, pair_metrics, split_pairs
+
+log = logging.getLogger("distft")
+REFERENCE_FILE = "reference_logps.safetensors"
+
+
+def _adapters_off(model):
+    """The reference's forward: a PEFT model with its adapter disabled, anything else as it is."""
+    disable = getattr(model, "disable_adapter", None)
+    return disable() if callable(disable) and hasattr(model, "peft_config") else contextlib.nullcontext()
+
+
+def _logps(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = engine.forward(batch)
+    return answer_logps(logits, batch["labels"].to(logits.device))
+
+
+def compute_reference(engine, pairs: list, batch_pairs: int, pad_id: int) -> torch.Tensor:
+    """[n, 2] float32: the reference's log-probs of each pair's (chosen, rejected) answers, every
+    rank computing pairs rank, rank + world, ... (the same number of forwards on every rank, as
+    sharded engines need), gathered."""
+    from distft.data.preference import pair_batch
+
+    info = dist.from_env()
+    mine = list(range(info.rank, len(pairs), info.world_size))
+    per_rank = -(-len(pairs) // info.world_size)
+    padded = mine + mine[-1:] * (per_rank - len(mine)) if mine else [0] * per_rank
+    values: dict[int, tuple[float, float]] = {}
+    model = engine.unwrapped()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _adapters_off(model), engine.autocast():
+            for start in range(0, len(padded), batch_pairs):
+                chunk = padded[start:start + batch_pairs]
+                logps, _ = _logps(engine, pair_batch([pairs[i] for i in chunk], pad_id))
+                chosen, rejected = split_pairs(logps.float().cpu())
+                for k, i in enumerate(chunk):
+                    values[i] = (float(chosen[k]), float(rejected[k]))
+    finally:
+        model.train(was_training)
+    table = torch.zeros((len(pairs), 2), dtype=torch.float32)
+    for part in dist.all_gather_object({i: values[i] for i in mine}):
+        for i, (c, r) in part.items():
+            table[i, 0], table[i, 1] = c, r
+    return table
+
+
+def reference_tables(run, run_dir: str) -> dict[str, torch.Tensor]:
+    """{"train": [n, 2], "eval": [m, 2]}: read from the run directory when it holds tables of these
+    sizes, else computed (`compute_reference`) and written there by rank 0."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    pairs = run.pairs
+    sizes = {"train": len(pairs.train), "eval": len(pairs.eval)}
+    path = os.path.join(run_dir, REFERENCE_FILE)
+    tables: Optional[dict] = None
+    if os.path.isfile(path) and not os.path.islink(path):
+        try:
+            loaded = load_file(path)
+            if {k: tuple(v.shape) for k, v in loaded.items()} == {k: (n, 2) for k, n in sizes.items()}:
+                tables = loaded
+        except (SafetensorError, OSError, ValueError):
+            tables = None
+    if tables is not None:
+        return tables
+    batch_pairs = max(1, run.cfg.eval.batch_size)
+    pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
+    tables = {name: compute_reference(run.engine, getattr(pairs, name), batch_pairs, pad_id) for name in sizes}
+    if run.info.is_main:
+        tmp = path + ".tmp"
+        save_file(tables, tmp)
+        os.replace(tmp, path)
+        log.info("reference log-probs of %d train and %d eval pairs: %s", sizes["train"], sizes["eval"], path)
+    dist.barrier()
+    return tables
+
+
+def preference_step(engine, micro_batches: list[dict], cfg, reference: torch.Tensor,
+                    step: int = 0) -> tuple[float, int, float, bool, dict]:
+    """One optimizer step of preference tuning over this rank's micro-batches: (summed loss over
+    all ranks, pairs in the step, grad norm, this rank's loss finite, metrics summed over all ranks,
+    `answer_tokens` among them)."""
+    device = engine.device
+    faults.wait_for_signal(step, preemption.received)  # the drills' faults, as optimizer_step has them
+    faults.crash(step)
+    faults.kill_at(step)
+    step_pairs = torch.tensor(float(sum(b["pair_index"].numel() for b in micro_batches)), device=device)
+    dist.all_reduce_sum(step_pairs)
+    loss_total = torch.zeros((), device=device)
+    sums: dict[str, torch.Tensor] = {}
+    answer_tokens = 0
+    for i, batch in enumerate(micro_batches):
+        with engine.accumulating(last_micro_step=i == len(micro_batches) - 1):
+            logps, tokens = _logps(engine, batch)
+            (pc, pr), (tc, tr) = split_pairs(logps), split_pairs(tokens)
+            ref = reference[batch["pair_index"]].to(device)
+            losses, chosen_rewards, rejected_rewards = pair_losses(pc, pr, ref[:, 0], ref[:, 1], cfg.beta, cfg.loss,
+                                                                   tc, tr)
+            loss_sum = losses.sum()
+            if i == 0 and faults.corrupt_loss(step):
+                loss_sum = loss_sum * float("nan")
+            engine.backward(loss_sum / step_pairs.clamp(min=1))
+        loss_total += loss_sum.detach()
+        answer_tokens += int(tokens.sum())
+        for key, value in pair_metrics(chosen_rewards, rejected_rewards, pc, pr).items():
+            sums[key] = sums.get(key, torch.zeros((), device=device)) + value.float()
+    local_finite = bool(torch.isfinite(loss_total))
+    grad_norm = engine.step()
+    keys = sorted(sums)
+    packed = torch.stack([loss_total.float(), *[sums[k] for k in keys],
+                          torch.tensor(float(answer_tokens), device=device)])
+    dist.all_reduce_sum(packed)
+    pairs = max(int(step_pairs.item()), 1)
+    metrics = {k: float(packed[1 + j]) / pairs for j, k in enumerate(keys)}
+    metrics["answer_tokens"] = int(packed[-1])
+    return float(packed[0]), int(step_pairs.item()), grad_norm, local_finite, metrics
+
+
+def preference_eval(run, reference: torch.Tensor) -> dict:
+    """The held-out pairs scored by the model as it is now: `preference_accuracy`, the share of
+    pairs whose chosen answer the model finds likelier than the rejected one (summed log-probs),
+    and `preference_margin`, their mean difference; `reward_accuracy` and `reward_margin`, the same
+    relative to the reference (DPO's implicit reward: beta x the log-prob ratio; 0 and 0 for the
+    model training starts from)."""
+    from distft.data.preference import pair_batch
+
+    pairs, engine = run.pairs.eval, run.engine
+    pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
+    batch_pairs = max(1, run.cfg.eval.batch_size)
+    chosen_all, rejected_all = [], []
+    model = engine.unwrapped()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), engine.autocast():
+            for start in range(0, len(pairs), batch_pairs):
+                logps, _ = _logps(engine, pair_batch(pairs[start:start + batch_pairs], pad_id))
+                chosen, rejected = split_pairs(logps.float().cpu())
+                chosen_all.append(chosen)
+                rejected_all.append(rejected)
+    finally:
+        model.train(was_training)
+    if not pairs:
+        return {}
+    chosen, rejected = torch.cat(chosen_all), torch.cat(rejected_all)
+    beta = run.cfg.objective.beta
+    rewards = beta * ((chosen - reference[:, 0]) - (rejected - reference[:, 1]))
+    return {"preference_accuracy": float((chosen > rejected).float().mean()),
+            "preference_margin": float((chosen - rejected).mean()),
+            "reward_accuracy": float((rewards > 0).float().mean()),
+            "reward_margin": float(rewards.mean()),
+            "pairs": len(pairs)}
