@@ -44,23 +44,24 @@ def _logps(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def compute_reference(engine, pairs: list, batch_pairs: int, pad_id: int) -> torch.Tensor:
-    """[n, 2] float32: the reference's log-probs of each pair's (chosen, rejected) answers, every
-    rank computing pairs rank, rank + world, ... (the same number of forwards on every rank, as
-    sharded engines need), gathered."""
+    """[n, 2] float32: the reference's log-probs of each pair's (chosen, rejected) answers. The
+    pairs go in fixed chunks of `batch_pairs` consecutive pairs, chunk k to rank k % world (every
+    rank as many forwards, as sharded engines need: a rank short of chunks repeats its last), so
+    a pair is scored in the same batch, to the same bits, on any number of ranks; gathered."""
     from distft.data.preference import pair_batch
 
     info = dist.from_env()
-    mine = list(range(info.rank, len(pairs), info.world_size))
-    per_rank = -(-len(pairs) // info.world_size)
-    padded = mine + mine[-1:] * (per_rank - len(mine)) if mine else [0] * per_rank
+    chunks = [list(range(start, min(start + batch_pairs, len(pairs)))) for start in range(0, len(pairs), batch_pairs)]
+    mine = chunks[info.rank::info.world_size]
+    per_rank = -(-len(chunks) // info.world_size)
+    work = mine + mine[-1:] * (per_rank - len(mine)) if mine else chunks[:1] * per_rank
     values: dict[int, tuple[float, float]] = {}
     model = engine.unwrapped()
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), _adapters_off(model), engine.autocast():
-            for start in range(0, len(padded), batch_pairs):
-                chunk = padded[start:start + batch_pairs]
+            for chunk in work:
                 logps, _ = _logps(engine, pair_batch([pairs[i] for i in chunk], pad_id))
                 chosen, rejected = split_pairs(logps.float().cpu())
                 for k, i in enumerate(chunk):
@@ -68,7 +69,7 @@ def compute_reference(engine, pairs: list, batch_pairs: int, pad_id: int) -> tor
     finally:
         model.train(was_training)
     table = torch.zeros((len(pairs), 2), dtype=torch.float32)
-    for part in dist.all_gather_object({i: values[i] for i in mine}):
+    for part in dist.all_gather_object({i: values[i] for chunk in mine for i in chunk}):
         for i, (c, r) in part.items():
             table[i, 0], table[i, 1] = c, r
     return table
