@@ -44,8 +44,26 @@ def _data(argv: list[str]) -> int:
     from distft.model.build import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
-    cached = prepared(cfg.data, tokenizer, cfg.data.seed, cfg.run.root, prepare_data)
     fingerprint = data_fingerprint(cfg.data)
+    if cfg.objective.name == "dpo":  # preference pairs: prepared in memory by each run (not cached yet)
+        from distft.data.preference import prepare_pairs
+
+        pairs = prepare_pairs(cfg.data, tokenizer)
+        print(pairs.report.summary())
+        for rule, where in pairs.report.first_dropped.items():
+            print(f"data: first {rule} pair dropped: {where}")
+        print("cache: none (objective=dpo: every run prepares its pairs itself)")
+    else:
+        cached = prepared(cfg.data, tokenizer, cfg.data.seed, cfg.run.root, prepare_data)
+        _report_cached(cfg, cached)
+    for key, found in fingerprint.items():
+        print(f"{key}: {found['path']} ({found['bytes']} bytes, sha256 {found['sha256']})")
+    if not fingerprint:
+        print("data files: none (data.source=synthetic: the config defines the rows)")
+    return 0
+
+
+def _report_cached(cfg, cached) -> None:
     data = cached.data
     print(data.report.summary())
     if cached.path:
@@ -54,11 +72,6 @@ def _data(argv: list[str]) -> int:
         print("cache: none (data.cache=false: every rank prepares the data itself)")
     for level, line in data.report.notes(cfg.data):
         print(f"{'warning: ' if level == 'warning' else ''}{line}")
-    for key, found in fingerprint.items():
-        print(f"{key}: {found['path']} ({found['bytes']} bytes, sha256 {found['sha256']})")
-    if not fingerprint:
-        print("data files: none (data.source=synthetic: the config defines the rows)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -266,6 +266,13 @@ def prepare_pairs(cfg: DataConfig, tokenizer) -> PreparedPairs:
         held_out = [p for i, p in enumerate(train) if i in chosen]
         train = [p for i, p in enumerate(train) if i not in chosen]
     report.kept, report.train, report.eval = len(train) + len(held_out), len(train), len(held_out)
+    if not train or not held_out:
+        from distft.errors import DataError
+
+        firsts = "; ".join(f"first {rule}: {where}" for rule, where in report.first_dropped.items())
+        raise DataError(f"no {'training' if not train else 'held-out'} preference pairs left ({report.summary()}"
+                        f"{'; ' + firsts if firsts else ''}); preference rows are {{prompt, chosen, rejected}} with two "
+                        "different answers (README: Preference tuning)")
     return PreparedPairs(train, held_out, report)
 
 

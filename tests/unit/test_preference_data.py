@@ -127,3 +127,21 @@ def test_a_pair_batch_holds_the_chosen_then_the_rejected(smollm2_tokenizer):
         assert batch["input_ids"][i, :n].tolist() == encoded.input_ids and int(batch["attention_mask"][i].sum()) == n
         assert batch["labels"][i, :n].tolist() == encoded.labels
         assert (batch["labels"][i, n:] == IGNORE_INDEX).all()
+
+
+def test_the_data_command_prepares_pairs_and_counts_them(tmp_path, capsys):
+    """`python -m distft.data objective=dpo ...` reports the pairs as a run prepares them."""
+    import json
+
+    from distft.commands.data import main
+
+    rows = [{"prompt": f"Say {w}.", "chosen": w, "rejected": w.upper()} for w in ("yes", "no", "maybe", "yes")]
+    rows.append({"prompt": "Say it.", "chosen": "same", "rejected": "same"})
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["objective=dpo", "data=jsonl", f"data.path={path}", "data.eval_size=1",
+                 f"run.root={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert ("data: loaded 5 preference rows, dropped 2 (malformed 0, empty 0, identical 1, duplicate 1, overlong 0), "
+            "kept 3; train 2 pairs, eval 1") in out
+    assert "data: first identical pair dropped: row 4 (line 5) of" in out
