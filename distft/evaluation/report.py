@@ -27,6 +27,8 @@ from distft.model.build import MAX_LOSS_FOR_PERPLEXITY
 REPORT_METRICS = ("loss", "perplexity", "exact_match", "exact_match_strict", "f1", "rouge_l")
 
 GENERAL_METRICS = ("general_loss", "general_perplexity")  # the forgetting check's rows, when it ran
+# objective=dpo's held-out pairs (distft/objective.py preference_eval), when they were scored
+PREFERENCE_METRICS = ("preference_accuracy", "preference_margin", "reward_accuracy", "reward_margin")
 _META_KEYS = ("experiment", "technique", "model", "checkpoint", "steps")  # first in the report, in this order
 
 
@@ -84,6 +86,14 @@ _GENERAL_DEFINITION = (
     "- general_loss, general_perplexity: the same loss over every token of the general-text corpus "
     "eval.general_path (documents cut into windows of data.max_seq_len): how much general language "
     "modelling the tuning kept (the forgetting check, distft.evaluation.forgetting).")
+
+
+_PREFERENCE_DEFINITION = (
+    "- preference_accuracy, preference_margin: over the held-out preference pairs, the share whose chosen "
+    "answer the model finds likelier than the rejected one (summed log-probabilities of the answer tokens), and "
+    "the mean difference. reward_accuracy, reward_margin: the same for DPO's implicit reward, objective.beta "
+    "times the log-probability ratio against the reference (the model training started from, which scores 0 "
+    "on both). Loss and the generation metrics take the chosen answer as the reference.")
 
 
 def overfitting(records: Sequence[dict[str, Any]], evals: int) -> Optional[str]:
@@ -204,7 +214,8 @@ def _body(results: dict[str, dict[str, Any]], change: Optional[tuple[str, str]],
 
     lines += ["", "| metric | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     general = any(r.get("general_perplexity") is not None for r in results.values())
-    for metric in REPORT_METRICS + (GENERAL_METRICS if general else ()):
+    preference = any(r.get("preference_accuracy") is not None for r in results.values())
+    for metric in REPORT_METRICS + (GENERAL_METRICS if general else ()) + (PREFERENCE_METRICS if preference else ()):
         lines.append(f"| {metric} | " + " | ".join(cells([r.get(metric) for r in results.values()])) + " |")
 
     tasks = sorted(set().union(*[set(r.get("per_task") or {}) for r in results.values()]))
@@ -229,6 +240,8 @@ def _body(results: dict[str, dict[str, Any]], change: Optional[tuple[str, str]],
     lines += ["", "## How the metrics are computed", "", *_METRIC_DEFINITIONS]
     if general:
         lines.append(_GENERAL_DEFINITION)
+    if preference:
+        lines.append(_PREFERENCE_DEFINITION)
 
     records = prediction_records(results)
     if records:

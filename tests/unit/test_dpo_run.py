@@ -54,6 +54,11 @@ def test_the_demo_learns_the_preference(demo):
     assert first["rewards/margins"] == pytest.approx(first["rewards/chosen"] - first["rewards/rejected"], abs=1e-6)
     report = demo["data"]
     assert (report["loaded"], report["kept"], report["eval"]) == (800, 800, 40)
+    text = open(os.path.join(demo["run_dir"], "eval_report.md")).read()
+    row = next(line for line in text.splitlines() if line.startswith("| reward_accuracy |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert float(cells[1]) == 0 and float(cells[2]) == pytest.approx(after["reward_accuracy"], abs=5e-5)
+    assert "| preference_accuracy |" in text and "DPO's implicit reward" in text
 
 
 def test_the_reference_is_the_model_as_built_and_is_kept(demo):
