@@ -120,8 +120,17 @@ def autocast_copy_bytes(cfg: Config, counts: ParameterCounts) -> int:
 
 def chunked_loss(cfg: Config) -> bool:
     """Whether the loss runs through distft.model.loss's chunks: the head is a plain linear layer,
-    unless a LoRA/DoRA/QLoRA adapts the head itself."""
+    unless a LoRA/DoRA/QLoRA adapts the head itself; never for objective=dpo, whose per-pair loss
+    reads the whole logits (distft/model/preference.py)."""
+    if cfg.objective.name == "dpo":
+        return False
     return not (technique_kind(cfg.technique.name).adapter and "lm_head" in cfg.technique.target_modules)
+
+
+def rows_per_micro_batch(cfg: Config) -> int:
+    """Sequences in one micro-batch: train.micro_batch_size, or twice that for objective=dpo,
+    whose micro-batch is micro_batch_size pairs (the chosen answer and the rejected one)."""
+    return cfg.train.micro_batch_size * (2 if cfg.objective.name == "dpo" else 1)
 
 
 def loss_bytes(cfg: Config, tokens: int, vocab: int, hidden: int, stream: int) -> tuple[int, int]:
@@ -314,8 +323,10 @@ def comm_bytes(cfg: Config, counts: ParameterCounts) -> int:
 
 
 def activation_bytes(cfg: Config, counts: ParameterCounts, layers_only: bool = False) -> int:
-    """Per-GPU activation memory of one micro-batch (m sequences of s tokens) at its peak, the
-    start of backward: what autograd saved in forward plus the backward's working set.
+    """Per-GPU activation memory of one micro-batch (m sequences of s tokens: 2 per pair for
+    objective=dpo) at its peak, the start of backward: what autograd saved in forward plus the
+    backward's working set. objective=dpo keeps no reference model in memory (its log-probs are
+    computed before training: distft/objective.py).
 
     Bytes per token and decoder layer (b: the model dtype's bytes; h hidden, k key/value width,
     i MLP width), as autograd saves them in HF's LLaMA with SDPA (no s x s scores; measured with
@@ -348,7 +359,7 @@ def activation_bytes(cfg: Config, counts: ParameterCounts, layers_only: bool = F
     16-bit dtype and DeepSpeed casts the model, so neither does this.
     """
     model = llama_config(cfg.model)  # the preset's architecture, defaults filled in
-    m, s, b = cfg.train.micro_batch_size, cfg.data.max_seq_len, compute_bytes(cfg)
+    m, s, b = rows_per_micro_batch(cfg), cfg.data.max_seq_len, compute_bytes(cfg)
     technique, same_dtype = technique_kind(cfg.technique.name), engine_kind(cfg.parallel.strategy).keeps_model_dtype
     if technique.virtual_tokens:
         s += cfg.technique.num_virtual_tokens

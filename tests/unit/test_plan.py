@@ -530,3 +530,26 @@ def test_each_presets_promised_gpu_is_one_the_plan_fits(experiment):
         assert planned(*longer, f"cluster.gpu_memory_gb={size}")["fits"] is False
         assert planned(*longer)["fits"] is True
         assert planned(f"+experiment={experiment}", "cluster=l40s_48g_8x")["fits"] is True
+
+
+def test_dpo_plans_two_rows_a_pair_and_the_whole_logits():
+    """objective=dpo: a micro-batch of m pairs is 2m sequences, and the per-pair loss reads the
+    whole logits (no chunked loss), so its activations are those of 2m rows on the plain loss path."""
+    import dataclasses
+
+    from distft.plan.architecture import count_parameters
+    from distft.plan.memory import activation_bytes, chunked_loss, loss_bytes, rows_per_micro_batch
+
+    sft, errors = preflight(["+experiment=tiny_full", "train.micro_batch_size=2", "train.global_batch_size=8"])
+    assert errors == []
+    dpo = dataclasses.replace(sft, objective=dataclasses.replace(sft.objective, name="dpo"))
+    assert rows_per_micro_batch(sft) == 2 and rows_per_micro_batch(dpo) == 4
+    assert chunked_loss(sft) and not chunked_loss(dpo)
+    doubled = dataclasses.replace(sft, train=dataclasses.replace(sft.train, micro_batch_size=4))
+    counts = count_parameters(sft)
+    tokens, vocab = 4 * sft.data.max_seq_len, sft.model.vocab_size
+    whole_logits = loss_bytes(dpo, tokens, vocab, sft.model.hidden_size, 4)
+    chunked = loss_bytes(doubled, tokens, vocab, sft.model.hidden_size, 4)
+    assert activation_bytes(dpo, counts) - activation_bytes(doubled, counts) == (
+        whole_logits[0] + max(whole_logits[1], tokens * 3 * sft.model.intermediate_size * 4)
+        - chunked[0] - max(chunked[1], tokens * 3 * sft.model.intermediate_size * 4))
