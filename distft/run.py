@@ -118,7 +118,7 @@ def build_run(cfg: Config, info: DistInfo, device: torch.device) -> Run:
         raise DataError(f"no held-out rows: {data.report.summary()}; every run scores the model on held-out rows "
                         "before and after training: set data.eval_size / data.eval_fraction above 0, or data.eval_path")
     if info.is_main:  # every rank prepared the same data: its report is said once
-        log.info("%s", data.report.summary())
+        log.info("%s", pairs.report.summary() if pairs is not None else data.report.summary())
     if cached.path:  # this rank's own: it built the cache, or read it (and how long that took)
         log.info("data: %s the cache %s in %.1f s", "built" if cached.built else "read", cached.path, cached.seconds)
     for level, line in data.report.notes(cfg.data) if info.is_main else ():

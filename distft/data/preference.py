@@ -195,7 +195,8 @@ class PreparedPairs:
 def synthetic_pairs(num_examples: int, seed: int, tasks) -> list[dict]:
     """The synthetic tasks as pairs: the right answer chosen, and a plausible wrong one rejected:
     the input echoed back unchanged (the lazy answer a small model falls into), or, where the
-    input is the answer's own text, the answer of another row of the same task."""
+    input is part of the answer (repeat, an already sorted word), the answer of another row of the
+    same task."""
     import random
 
     from distft.data.synthetic import generate
@@ -208,8 +209,10 @@ def synthetic_pairs(num_examples: int, seed: int, tasks) -> list[dict]:
     pairs = []
     for row in rows:
         others = [o for o in by_task[row["task"]] if o != row["output"]]
-        rejected = row["input"] if row["input"].strip() and row["input"] != row["output"] else (
-            rng.choice(others) if others else None)
+        # The echo, unless it is part of the answer (repeat: the word once of three times), which
+        # would make the pair a test of length; then another row's answer, of the same form.
+        echo = row["input"] if row["input"].strip() and row["input"] not in row["output"] else None
+        rejected = echo if echo is not None else (rng.choice(others) if others else None)
         if rejected is not None:
             pairs.append({"prompt": row["instruction"], "input": row["input"], "chosen": row["output"],
                           "rejected": rejected, "task": row["task"]})

@@ -40,9 +40,10 @@ def demo(tmp_path_factory):
 def test_the_demo_learns_the_preference(demo):
     before, after = demo["eval_before"], demo["eval_after"]
     assert before["reward_accuracy"] == 0.0 and before["reward_margin"] == 0.0  # the base is its own reference
-    assert after["reward_accuracy"] >= 0.8  # measured 0.925 (40 held-out pairs)
-    assert after["preference_accuracy"] > before["preference_accuracy"]  # measured 0.5 -> 0.65
-    assert after["preference_margin"] > before["preference_margin"] + 5  # measured -6.95 -> 5.29
+    assert after["reward_accuracy"] >= 0.9  # measured 1.0 (40 held-out pairs)
+    # The bar: measured 0.725 -> 1.0 (the base already favours the shorter digits of add and count).
+    assert after["preference_accuracy"] >= 0.9 and after["preference_accuracy"] > before["preference_accuracy"]
+    assert after["preference_margin"] > before["preference_margin"] + 10  # measured 11.9 -> 36.8 nats
     assert after["pairs"] == 40 and demo["steps"] == 80
     rows = [json.loads(line) for line in open(os.path.join(demo["run_dir"], "metrics.jsonl"))]
     logged = [r for r in rows if "rewards/margins" in r]
