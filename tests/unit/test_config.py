@@ -79,6 +79,9 @@ def test_every_experiment_composes_and_validates(experiment):
     assert cfg.run.experiment == experiment
     named_first = ("tiny_", "pretrained_", "smollm2_")
     technique = experiment.split("_")[1] if experiment.startswith(named_first) else experiment.split("_")[0]
+    if technique in ("dpo",):  # named after its objective: preference tuning, of the whole tiny model
+        assert cfg.objective.name == technique and cfg.objective.beta > 0
+        technique = "full"
     assert cfg.technique.name == technique
     if technique in ("prefix", "prompt"):
         assert cfg.data.packing is False

@@ -43,11 +43,11 @@ def test_the_demo_learns_the_preference(demo):
     assert after["reward_accuracy"] >= 0.9  # measured 1.0 (40 held-out pairs)
     # The bar: measured 0.725 -> 1.0 (the base already favours the shorter digits of add and count).
     assert after["preference_accuracy"] >= 0.9 and after["preference_accuracy"] > before["preference_accuracy"]
-    assert after["preference_margin"] > before["preference_margin"] + 10  # measured 11.9 -> 36.8 nats
-    assert after["pairs"] == 40 and demo["steps"] == 80
+    assert after["preference_margin"] > before["preference_margin"] + 10  # measured 11.9 -> 33.6 nats
+    assert after["pairs"] == 40 and demo["steps"] == 50
     rows = [json.loads(line) for line in open(os.path.join(demo["run_dir"], "metrics.jsonl"))]
     logged = [r for r in rows if "rewards/margins" in r]
-    assert len(logged) == 9  # steps 1, 10, ..., 80 (train.log_every=10)
+    assert len(logged) == 6  # steps 1, 10, ..., 50 (train.log_every=10)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected", "loss"):
         assert all(key in r for r in logged), key
     assert logged[-1]["loss"] < logged[0]["loss"] * 0.6 and logged[-1]["rewards/accuracies"] >= 0.75
