@@ -196,7 +196,8 @@ def synthetic_pairs(num_examples: int, seed: int, tasks) -> list[dict]:
     """The synthetic tasks as pairs: the right answer chosen, and a plausible wrong one rejected:
     the input echoed back unchanged (the lazy answer a small model falls into), or, where the
     input is part of the answer (repeat, an already sorted word), the answer of another row of the
-    same task."""
+    same task; for booking, the right JSON with the date as the sentence wrote it ("9 January",
+    not "January 9"), the near miss a pretrained model makes."""
     import random
 
     from distft.data.synthetic import generate
@@ -213,10 +214,21 @@ def synthetic_pairs(num_examples: int, seed: int, tasks) -> list[dict]:
         # would make the pair a test of length; then another row's answer, of the same form.
         echo = row["input"] if row["input"].strip() and row["input"] not in row["output"] else None
         rejected = echo if echo is not None else (rng.choice(others) if others else None)
+        if row["task"] == "booking":  # a near miss, as a pretrained model makes it: the date as the sentence wrote it
+            rejected = _date_as_written(row["output"])
         if rejected is not None:
             pairs.append({"prompt": row["instruction"], "input": row["input"], "chosen": row["output"],
                           "rejected": rejected, "task": row["task"]})
     return pairs
+
+
+def _date_as_written(answer: str) -> str:
+    """A booking's JSON answer with its "Month D" date as "D Month" (what the sentences write)."""
+    import json
+
+    record = json.loads(answer)
+    month, day = record["date"].split()
+    return json.dumps({**record, "date": f"{day} {month}"})
 
 
 def prepare_pairs(cfg: DataConfig, tokenizer) -> PreparedPairs:

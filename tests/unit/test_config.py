@@ -79,9 +79,9 @@ def test_every_experiment_composes_and_validates(experiment):
     assert cfg.run.experiment == experiment
     named_first = ("tiny_", "pretrained_", "smollm2_")
     technique = experiment.split("_")[1] if experiment.startswith(named_first) else experiment.split("_")[0]
-    if technique in ("dpo",):  # named after its objective: preference tuning, of the whole tiny model
+    if technique in ("dpo",):  # named after its objective: preference tuning (tiny: the whole model; SmolLM2: LoRA)
         assert cfg.objective.name == technique and cfg.objective.beta > 0
-        technique = "full"
+        technique = "full" if experiment.startswith("tiny_") else "lora"
     assert cfg.technique.name == technique
     if technique in ("prefix", "prompt"):
         assert cfg.data.packing is False
@@ -97,7 +97,8 @@ def test_every_experiment_composes_and_validates(experiment):
         assert cfg.model.name == "smollm2" and cfg.data.template == "chat"
         assert cfg.data.max_seq_len <= cfg.model.max_position_embeddings
         # the demo's 135M model, few steps: LoRA at 1e-3; your model: the published ranges
-        lrs = {"pretrained_full": (1e-5, 2e-5), "pretrained_lora": (1e-4, 2e-4), "smollm2_lora": (5e-4, 2e-3)}
+        lrs = {"pretrained_full": (1e-5, 2e-5), "pretrained_lora": (1e-4, 2e-4), "smollm2_lora": (5e-4, 2e-3),
+               "smollm2_dpo": (1e-4, 1e-3)}
         assert lrs[experiment][0] <= cfg.train.lr <= lrs[experiment][1]
     else:  # realistic hyperparameters for the published models
         assert cfg.model.name_or_path and cfg.model.vocab_size == 32000
