@@ -35,6 +35,8 @@ from distft.data.batching import TrainBatches
 from distft.data.encoding import Encoded
 from distft.data.samples import IGNORE_INDEX
 
+PAIR_FIELDS = ("prompt", "chosen", "rejected")  # a preference row's own fields; the rest are kept (task, ...)
+
 
 class RejectedPair(Exception):
     def __init__(self, rule: str, reason: str):
@@ -71,7 +73,7 @@ def canonical_pair(value: Any) -> tuple[str, dict]:
         raise RejectedPair("malformed", "a preference row needs the fields 'chosen' and 'rejected' "
                                         f"(and usually 'prompt'); it has {sorted(value) if isinstance(value, dict) else type(value).__name__}")
     prompt, chosen, rejected = value.get("prompt"), value["chosen"], value["rejected"]
-    extras = {k: v for k, v in value.items() if k not in ("prompt", "chosen", "rejected")}
+    extras = {k: v for k, v in value.items() if k not in PAIR_FIELDS}
     if isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str):
         kind, row = "alpaca", {"prompt": prompt, "chosen": chosen, "rejected": rejected}
         extras.pop("input", None)
