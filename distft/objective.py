@@ -79,7 +79,9 @@ def reference_tables(run, run_dir: str) -> dict[str, torch.Tensor]:
     """{"train": [n, 2], "eval": [m, 2]}: read from the run directory when it holds tables of these
     sizes, else computed (`compute_reference`) and written there by rank 0."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
+
+    from distft.files import write_bytes
 
     pairs = run.pairs
     sizes = {"train": len(pairs.train), "eval": len(pairs.eval)}
@@ -98,9 +100,8 @@ def reference_tables(run, run_dir: str) -> dict[str, torch.Tensor]:
     pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
     tables = {name: compute_reference(run.engine, getattr(pairs, name), batch_pairs, pad_id) for name in sizes}
     if run.info.is_main:
-        tmp = path + ".tmp"
-        save_file(tables, tmp)
-        os.replace(tmp, path)
+        # Atomic, and never through a link planted in the run directory (distft.files).
+        write_bytes(path, save(tables), "the reference log-probs", root=run_dir)
         log.info("reference log-probs of %d train and %d eval pairs: %s", sizes["train"], sizes["eval"], path)
     dist.barrier()
     return tables
