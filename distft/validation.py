@@ -607,16 +607,6 @@ def _check_objective(cfg: Config, errors: list[str]) -> None:
     if not o.beta > 0:
         errors.append(f"objective.beta={o.beta} must be > 0 (0.1 is the DPO paper's; larger keeps the model nearer "
                       "its reference)")
-    # In this version (issue 40 goes on): the engines that hold the whole model on every rank, whose
-    # equivalence with one process tests/distributed/test_dpo.py checks, and the techniques whose
-    # reference is the model as built (adapters off).
-    if not _kind(cfg).replicated:
-        errors.append(f"objective=dpo trains on engines that hold the whole model on every rank (parallel=single "
-                      f"or ddp) in this version, not parallel={cfg.parallel.strategy}: sharded engines are not yet "
-                      "checked against one process for preference tuning; use parallel=ddp")
-    if _technique(cfg).virtual_tokens:
-        errors.append(f"objective=dpo with technique={cfg.technique.name}: not in this version (the reference "
-                      "would be the base without the virtual tokens, not yet checked); use technique=lora or full")
     if d.sources or d.augment.functions:
         errors.append("objective=dpo reads one preference data set (data.path or data=synthetic): data.sources "
                       "mixes and data.augment functions are for supervised rows; drop them")
