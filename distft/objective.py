@@ -26,7 +26,8 @@ from typing import Optional
 import torch
 
 from distft import dist, faults, preemption
-from distft.model.preference import answer_logps, pair_losses, pair_metrics, split_pairs
+from distft.model.loss import computing_token_logps
+from distft.model.preference import answer_sums, pair_losses, pair_metrics, split_pairs
 
 log = logging.getLogger("distft")
 REFERENCE_FILE = "reference_logps.safetensors"
@@ -39,8 +40,12 @@ def _adapters_off(model):
 
 
 def _logps(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = engine.forward(batch)
-    return answer_logps(logits, batch["labels"].to(logits.device))
+    """Each answer's (summed log-prob, answer tokens) in the micro-batch, chosen then rejected:
+    the head and the log-softmax in chunks, no full logits (distft.model.loss)."""
+    labels = batch["labels"].to(engine.device)
+    with computing_token_logps(engine.unwrapped(), labels) as armed:
+        token_logps = armed.result(engine.forward(batch))
+    return answer_sums(token_logps, labels, batch.get("sequences"))
 
 
 def compute_reference(engine, pairs: list, batch_pairs: int, pad_id: int) -> torch.Tensor:

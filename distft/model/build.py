@@ -261,6 +261,16 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
     return loss_sum, (shift_labels != IGNORE_INDEX).sum()
 
 
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[rows, T - 1] fp32: at each target position the log-probability of its label (the shift
+    happens here, as in `token_loss`; virtual tokens in front dropped), 0 elsewhere."""
+    logits = logits[:, -labels.size(1) :, :]
+    shift_labels = labels[:, 1:]
+    picked = torch.gather(F.log_softmax(logits[:, :-1, :].float(), dim=-1), 2,
+                          shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * (shift_labels != IGNORE_INDEX)
+
+
 def model_inputs(batch: dict) -> dict:
     """The keys of a batch the model takes (packed: position_ids; padded: attention_mask)."""
     return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if batch.get(k) is not None}

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from distft.data.samples import IGNORE_INDEX
-from distft.model.build import token_loss
+from distft.model.build import token_logps, token_loss
 
 # The fp32 logits of one chunk of target tokens: 64 MiB is 130 tokens at Llama-3's 128,256
 # vocabulary, 341 at SmolLM2's 49,152, 524 at Llama-2's 32,000. The chunk's working set is about
@@ -128,6 +128,70 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
     return _LinearCrossEntropy.apply(hidden, weight, bias, labels, compute_dtype or hidden.dtype)
 
 
+class _LinearTokenLogps(torch.autograd.Function):
+    """log p(labels_i | hidden_i) [N] fp32 through the head, chunk by chunk. Unlike the summed
+    loss, its gradient needs the incoming per-token weights (preference tuning's per-pair sigmoid,
+    known only after both answers are scored), so the forward keeps no block and the backward
+    computes each chunk's logits again: one more head matmul per target token, no [N, V] tensor."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, compute_dtype):
+        out = torch.empty(hidden.size(0), dtype=torch.float32, device=hidden.device)
+        step = chunk_tokens(weight.size(0), hidden.size(0))
+        w = weight.to(compute_dtype)
+        b = bias.to(compute_dtype) if bias is not None else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.size(0), step):
+                log_probs = torch.log_softmax(F.linear(hidden[start : start + step].to(compute_dtype), w, b).float(), -1)
+                out[start : start + step] = log_probs.gather(1, labels[start : start + step, None]).squeeze(1)
+        ctx.save_for_backward(hidden, weight, bias, labels)
+        ctx.compute_dtype = compute_dtype
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        hidden, weight, bias, labels = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        compute_dtype = ctx.compute_dtype
+        grad_dtype = _grad_dtype(compute_dtype)
+        w = weight.to(compute_dtype)
+        w_grad = w if grad_dtype == compute_dtype else weight.to(grad_dtype)
+        b = bias.to(compute_dtype) if bias is not None else None
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
+        step = chunk_tokens(weight.size(0), hidden.size(0))
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.size(0), step):
+                h = hidden[start : start + step].to(compute_dtype)
+                y = labels[start : start + step]
+                g = grad_out[start : start + step].float()
+                # d log p_y / d logits = one-hot - softmax, times each token's incoming weight
+                grad = torch.softmax(F.linear(h, w, b).float(), -1).mul_(-g[:, None])
+                grad[torch.arange(grad.size(0), device=grad.device), y] += g
+                grad = grad.to(grad_dtype)
+                if need_hidden:
+                    grad_hidden[start : start + step] = grad @ w_grad
+                if need_weight:
+                    grad_weight.addmm_(grad.t().float(), h.float()) if grad_dtype == torch.float32 \
+                        else grad_weight.add_(grad.t() @ h.to(grad_dtype))
+                if need_bias:
+                    grad_bias += grad.float().sum(0)
+        if need_weight and weight.dtype != torch.float32:
+            grad_weight = grad_weight.to(weight.dtype)
+        if need_bias and bias.dtype != torch.float32:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       labels: torch.Tensor, compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Each row's log-probability of its label [N] (fp32) through the head, in chunks
+    (`_LinearTokenLogps`)."""
+    return _LinearTokenLogps.apply(hidden, weight, bias, labels, compute_dtype or hidden.dtype)
+
+
 def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
@@ -138,8 +202,9 @@ class ArmedLoss:
     """What `computing_loss` yields: the labels the armed head scores, and `result(output)` to
     turn the model's output into (summed loss, target tokens)."""
 
-    def __init__(self, labels: torch.Tensor):
+    def __init__(self, labels: torch.Tensor, per_token: bool = False):
         self.labels = labels
+        self.per_token = per_token
         self.used = False
 
     def head_forward(self, head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
@@ -151,11 +216,17 @@ class ArmedLoss:
         keep = targets != IGNORE_INDEX
         self.used = True
         dtype = _autocast_dtype(hidden.device) or hidden.dtype
-        return linear_cross_entropy(hidden[keep], head.weight, head.bias, targets[keep], dtype)
+        if not self.per_token:
+            return linear_cross_entropy(hidden[keep], head.weight, head.bias, targets[keep], dtype)
+        picked = linear_token_logps(hidden[keep], head.weight, head.bias, targets[keep], dtype)
+        return torch.zeros(targets.shape, dtype=picked.dtype, device=picked.device).masked_scatter(keep, picked)
 
     def result(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed loss, target tokens) from what the model returned as its logits: the loss when
-        the head was armed, else the logits, scored by `token_loss`."""
+        the head was armed, else the logits, scored by `token_loss`. Per token
+        (`computing_token_logps`): the [rows, tokens - 1] log-probabilities of the targets (0 elsewhere)."""
+        if self.per_token:
+            return output if self.used else token_logps(output, self.labels)
         targets = (self.labels[:, 1:] != IGNORE_INDEX).sum()
         if self.used:
             return output, targets
@@ -180,12 +251,13 @@ def _head_forward(self: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def computing_loss(model: torch.nn.Module, labels: torch.Tensor):
+def computing_loss(model: torch.nn.Module, labels: torch.Tensor, per_token: bool = False):
     """Within it, one forward of `model` (or of the engine that wraps it) returns the summed loss
     of `labels`' targets as its logits, computed in chunks; yields the ArmedLoss whose `result`
     reads the output. Not re-entrant; other calls of the head (generation) are not affected
-    outside it."""
-    armed = ArmedLoss(labels)
+    outside it. `per_token`: the targets' log-probabilities [rows, tokens - 1] in place of the
+    summed loss (preference tuning; `computing_token_logps`)."""
+    armed = ArmedLoss(labels, per_token)
     head = output_head(model)
     if head is None:
         yield armed
@@ -197,3 +269,10 @@ def computing_loss(model: torch.nn.Module, labels: torch.Tensor):
         yield armed
     finally:
         head.__dict__.pop("_distft_armed", None)
+
+
+def computing_token_logps(model: torch.nn.Module, labels: torch.Tensor):
+    """`computing_loss` for the targets' log-probabilities: `result(output)` is [rows, tokens - 1]
+    fp32, each target position's log p(label | before), 0 elsewhere, computed in chunks when the
+    head is a plain `nn.Linear`, else from the logits."""
+    return computing_loss(model, labels, per_token=True)

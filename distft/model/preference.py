@@ -17,10 +17,10 @@ rewards/margins, rewards/accuracies (the share of pairs whose chosen reward is t
 logps/chosen, logps/rejected. tests/unit/test_preference.py checks loss, rewards and gradients
 against TRL's DPOTrainer on the same model and batch.
 
-The log-probs come from the model's logits here (the plain path: the [rows, tokens, vocabulary]
-logits in fp32 once), not from the chunked head of distft.model.loss: that computes a summed
-loss's gradients in the forward, where a pair's gradient weight (its sigmoid) is known only
-after both answers' log-probs are.
+The trainer gets the per-token log-probs from the chunked head (distft.model.loss
+`computing_token_logps`: no [rows, tokens, vocabulary] logits, the head's matmul done again in
+the backward, since a pair's gradient weight, its sigmoid, is known only after both answers are
+scored); `answer_logps` is the plain path from the logits, which the chunked one equals.
 """
 
 from __future__ import annotations
@@ -30,18 +30,34 @@ import torch.nn.functional as F
 
 from distft.config import OBJECTIVE_LOSSES as LOSSES
 from distft.data.samples import IGNORE_INDEX
+from distft.model.build import token_logps
 
 
-def answer_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-row summed log-probability of the answer tokens, per-row answer token count).
-    `labels` aligned with the inputs (the shift happens here); prompt tuning's virtual tokens in
-    front of the logits are dropped, as in `token_loss`."""
-    logits = logits[:, -labels.size(1):, :]
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    mask = shift_labels != IGNORE_INDEX
-    picked = torch.gather(F.log_softmax(shift_logits, dim=-1), 2, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(dim=1), mask.sum(dim=1)
+def answer_sums(token_logps: torch.Tensor, labels: torch.Tensor,
+                sequences: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each answer's summed log-probability, its answer token count) from the targets'
+    per-token log-probs [rows, T - 1] (`distft.model.build.token_logps`, or the chunked head's).
+    Unpacked, an answer is a row. Packed (`sequences` [rows, T]: each position's answer index,
+    -1 for padding; a packed row holds several answers), the sums go by answer index."""
+    mask = labels[:, 1:] != IGNORE_INDEX
+    if sequences is None:
+        return token_logps.sum(dim=1), mask.sum(dim=1)
+    index = sequences[:, 1:].to(token_logps.device)
+    count = int(index.max()) + 1 if index.numel() else 0
+    keep = mask & (index >= 0)
+    sums = torch.zeros(count, dtype=token_logps.dtype, device=token_logps.device).index_add(
+        0, index[keep], token_logps[keep])
+    tokens = torch.zeros(count, dtype=torch.long, device=mask.device).index_add(
+        0, index[keep], torch.ones_like(index[keep]))
+    return sums, tokens
+
+
+def answer_logps(logits: torch.Tensor, labels: torch.Tensor,
+                 sequences: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-answer summed log-probability of the answer tokens, per-answer token count) from
+    the logits (the plain path). `labels` aligned with the inputs (the shift happens here); prompt
+    tuning's virtual tokens in front of the logits are dropped, as in `token_loss`."""
+    return answer_sums(token_logps(logits, labels), labels, sequences)
 
 
 def pair_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
