@@ -151,7 +151,8 @@ def build_run(cfg: Config, info: DistInfo, device: torch.device) -> Run:
 
         batches = PairBatches(pairs.train, cfg.train.micro_batch_size, pad_id, seed=cfg.train.seed,
                               shuffle=cfg.data.shuffle, rank=info.rank, world_size=info.world_size,
-                              accumulation_steps=grad_accum_steps(cfg))
+                              accumulation_steps=grad_accum_steps(cfg),
+                              pack_len=cfg.data.max_seq_len if cfg.data.packing else 0)
     else:
         batches = TrainBatches(
             data.train, cfg.train.micro_batch_size, cfg.data.max_seq_len, cfg.data.packing, pad_id,

@@ -146,19 +146,55 @@ def encode_pair(value: Any, cfg: DataConfig, tokenizer) -> Pair:
     return Pair(kind, sides[0], sides[1], row)
 
 
-def pair_batch(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
-    """n pairs as one micro-batch of 2n right-padded rows: the chosen, then the rejected."""
+def pair_batch(pairs: list[Pair], pad_id: int, pack_len: int = 0) -> dict[str, torch.Tensor]:
+    """n pairs as one micro-batch: their 2n answers' rows, the chosen, then the rejected.
+
+    Unpacked (`pack_len` 0): 2n right-padded rows with an attention mask. Packed: the 2n rows
+    placed first-fit, longest first, into as few rows of at most `pack_len` tokens as hold them,
+    as SFT packs (distft/data/batching.py): position ids restarting at 0 per answer's row and no
+    attention mask, so transformers attends within each row's own tokens only (no cross-
+    attention between pairs, or between a pair's two sides); `sequences` names each position's
+    answer (0..2n-1 in the unpacked order, -1 for the padding) for `answer_sums`. Either way a
+    micro-batch holds the same pairs, so the loss is the same up to float rounding."""
     rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    width = max(len(r.input_ids) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r.input_ids)
-        input_ids[i, :n] = torch.tensor(r.input_ids)
-        labels[i, :n] = torch.tensor(r.labels)
-        attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if not pack_len:
+        width = max(len(r.input_ids) for r in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r.input_ids)
+            input_ids[i, :n] = torch.tensor(r.input_ids)
+            labels[i, :n] = torch.tensor(r.labels)
+            attention_mask[i, :n] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    bins: list[list[int]] = []
+    fill: list[int] = []
+    for i in sorted(range(len(rows)), key=lambda k: (-len(rows[k].input_ids), k)):
+        n = len(rows[i].input_ids)
+        at = next((b for b, used in enumerate(fill) if used + n <= pack_len), None)
+        if at is None:
+            bins.append([])
+            fill.append(0)
+            at = len(bins) - 1
+        bins[at].append(i)
+        fill[at] += n
+    width = max(fill)
+    input_ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(bins), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(bins), width), dtype=torch.long)
+    sequences = torch.full((len(bins), width), -1, dtype=torch.long)
+    for b, members in enumerate(bins):
+        at = 0
+        for i in members:
+            n = len(rows[i].input_ids)
+            input_ids[b, at:at + n] = torch.tensor(rows[i].input_ids)
+            labels[b, at:at + n] = torch.tensor(rows[i].labels)
+            position_ids[b, at:at + n] = torch.arange(n)
+            sequences[b, at:at + n] = i
+            at += n
+        position_ids[b, at:] = torch.arange(width - at)  # the padding: a segment of its own
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "sequences": sequences}
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,12 +366,15 @@ class PairBatches(TrainBatches):
     """`TrainBatches` over pairs: the same seeded order per epoch, the same rank and accumulation
     split and the same resumable position ({"epoch", "index"}), each micro-batch `pair_batch` of
     micro_batch_size pairs (2 x micro_batch_size rows) with `pair_index`, the pairs' positions in
-    the training split (where their reference log-probs are). Pairs are never packed."""
+    the training split (where their reference log-probs are). `pack_len` (data.packing: the
+    max_seq_len): a micro-batch's answers packed into as few rows as hold them (`pair_batch`);
+    packing changes the rows, never which pairs a step trains on."""
 
     def __init__(self, pairs: list, micro_batch_size: int, pad_id: int, seed: int, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1, accumulation_steps: int = 1):
+                 rank: int = 0, world_size: int = 1, accumulation_steps: int = 1, pack_len: int = 0):
         super().__init__(pairs, micro_batch_size, 0, False, pad_id, seed=seed, shuffle=shuffle, rank=rank,
                          world_size=world_size, accumulation_steps=accumulation_steps)
+        self.pack_len = pack_len
 
     @staticmethod
     def _as_samples(samples):
@@ -343,6 +382,6 @@ class PairBatches(TrainBatches):
 
     def _batch(self, rows) -> dict[str, torch.Tensor]:
         indices = self._order[rows]
-        batch = pair_batch([self.samples[int(i)] for i in indices], self.pad_id)
+        batch = pair_batch([self.samples[int(i)] for i in indices], self.pad_id, self.pack_len)
         batch["pair_index"] = torch.as_tensor(indices, dtype=torch.long)
         return batch

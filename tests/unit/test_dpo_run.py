@@ -65,22 +65,47 @@ def test_the_demo_learns_the_preference(demo):
 def test_the_reference_is_the_model_as_built_and_is_kept(demo):
     from safetensors.torch import load_file
 
+    tables = load_file(os.path.join(demo["run_dir"], "reference_logps.safetensors"))
+    assert tuple(tables["train"].shape) == (760, 2) and tuple(tables["eval"].shape) == (40, 2)
+    assert torch.allclose(base_eval_logps(compose("+experiment=tiny_dpo"), 3), tables["eval"][:3], rtol=1e-5)
+
+
+def base_eval_logps(cfg, count: int) -> torch.Tensor:
+    """[count, 2]: the base model's (as built, no adapter) log-probs of the first held-out pairs."""
     from distft.data.preference import pair_batch, prepare_pairs
     from distft.model.build import build_model, load_tokenizer
     from distft.model.preference import answer_logps
 
-    tables = load_file(os.path.join(demo["run_dir"], "reference_logps.safetensors"))
-    assert tuple(tables["train"].shape) == (760, 2) and tuple(tables["eval"].shape) == (40, 2)
-    cfg = compose("+experiment=tiny_dpo")
     tokenizer = load_tokenizer(cfg.model)
-    pairs = prepare_pairs(cfg.data, tokenizer).eval[:3]
+    pairs = prepare_pairs(cfg.data, tokenizer).eval[:count]
     torch.manual_seed(cfg.train.seed)
     base = build_model(cfg.model, torch.float32).eval()
     batch = pair_batch(pairs, tokenizer.pad_token_id)
     with torch.no_grad():
         logps, _ = answer_logps(base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                      use_cache=False).logits, batch["labels"])
-    assert torch.allclose(torch.stack([logps[:3], logps[3:]], dim=1), tables["eval"][:3], rtol=1e-5)
+    return torch.stack([logps[:count], logps[count:]], dim=1)
+
+
+@pytest.mark.parametrize("technique, lr", [("prefix", "1e-2"), ("prompt", "3e-2")])
+def test_virtual_token_techniques_prefer_against_the_base_without_them(tmp_path, technique, lr):
+    """Prefix and prompt tuning start from trained-in virtual tokens that already change the
+    model's answers: the reference is the base without them (PEFT's adapter disabled), so the
+    rewards measure what the virtual tokens add, and the held-out rewards grow with training.
+    (Packing is off, as for SFT with these techniques: the virtual tokens sit in front of every row.)"""
+    from safetensors.torch import load_file
+
+    from distft.train import train
+
+    cfg = compose(*QUICK, f"technique={technique}", "data.packing=false", f"train.lr={lr}",
+                  f"run.dir={tmp_path / technique}")
+    summary = train(cfg)
+    tables = load_file(os.path.join(summary["run_dir"], "reference_logps.safetensors"))
+    assert torch.allclose(base_eval_logps(cfg, 3), tables["eval"][:3], rtol=1e-5)
+    first = step_metrics(summary["run_dir"], "rewards/margins")[0]
+    assert first != 0.0  # step 1's policy (with its virtual tokens) is not its reference
+    after = summary["eval_after"]
+    assert after["reward_margin"] > 0 and after["reward_accuracy"] >= 0.75
 
 
 def test_a_run_stopped_mid_way_resumes_exactly(tmp_path, monkeypatch):

@@ -145,3 +145,37 @@ def test_the_data_command_prepares_pairs_and_counts_them(tmp_path, capsys):
     assert ("data: loaded 5 preference rows, dropped 2 (malformed 0, empty 0, identical 1, duplicate 1, overlong 0), "
             "kept 3; train 2 pairs, eval 1") in out
     assert "data: first identical pair dropped: row 4 (line 5) of" in out
+
+
+def test_packed_pairs_score_as_the_unpacked_ones_on_smollm2(smollm2, smollm2_tokenizer):
+    """data.packing for pairs: a micro-batch's six answers in three rows of 128 tokens (position ids
+    restarting per answer, no attention mask), every answer's log-prob that of its own padded row
+    (no attention across answers: transformers' block-diagonal mask from the position ids), and
+    changing one answer's tokens leaves the others in its row as they were."""
+    import torch
+
+    from distft.model.build import build_model, model_inputs
+    from distft.model.preference import answer_logps
+    from tests.unit.test_prefix_init import config
+
+    pairs = [encode_pair(r, chat_config(), smollm2_tokenizer) for r in ROWS]
+    lengths = [len(p.chosen.input_ids) for p in pairs] + [len(p.rejected.input_ids) for p in pairs]
+    packed = pair_batch(pairs, smollm2_tokenizer.pad_token_id, pack_len=128)
+    rows, width = packed["input_ids"].shape
+    assert "attention_mask" not in packed and rows == 3 and width <= 128  # six answers of 30-46 tokens
+    assert sorted(int((packed["sequences"] == i).sum()) for i in range(6)) == sorted(lengths)
+    model = build_model(config(smollm2).model, torch.float32).eval()
+    unpacked = pair_batch(pairs, smollm2_tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected, tokens = answer_logps(model(**model_inputs(unpacked), use_cache=False).logits, unpacked["labels"])
+        got, got_tokens = answer_logps(model(**model_inputs(packed), use_cache=False).logits, packed["labels"],
+                                       packed["sequences"])
+        assert got_tokens.tolist() == tokens.tolist()
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-4), (got, expected)
+        changed = {k: v.clone() for k, v in packed.items()}
+        first = changed["sequences"] == 0
+        changed["input_ids"][first] = smollm2_tokenizer.pad_token_id  # answer 0's tokens replaced
+        again, _ = answer_logps(model(**model_inputs(changed), use_cache=False).logits, changed["labels"],
+                                changed["sequences"])
+    assert not torch.isclose(again[0], got[0])
+    assert torch.allclose(again[1:], got[1:], rtol=1e-5, atol=1e-4)
