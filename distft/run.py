@@ -23,8 +23,7 @@ import torch
 
 from distft.config import Config, grad_accum_steps, model_label
 from distft.data.batching import TrainBatches, eval_batches
-from distft.data.cache import CacheResult, prepared
-from distft.data.pipeline import prepare_data
+from distft.data.cache import prepared_for_run
 from distft.dist import DistInfo
 from distft.engines import build_engine, build_model_for_engine, weights_dtype
 from distft.engines.compile import compile_layers
@@ -105,20 +104,18 @@ def build_run(cfg: Config, info: DistInfo, device: torch.device) -> Run:
     the model's initialisation depend on it)."""
     tokenizer = load_tokenizer(cfg.model)
     check_vocab(cfg, tokenizer)
+    cached = prepared_for_run(cfg, tokenizer, info.rank)
     pairs = None
-    if cfg.objective.name == "dpo":  # preference pairs: prepared here, not cached (yet)
-        from distft.data.preference import pairs_as_prepared, prepare_pairs
+    if cached.data.report.pairs:  # objective=dpo: preference pairs, cached as SFT samples are
+        from distft.data.preference import pairs_from_prepared
 
-        pairs = prepare_pairs(cfg.data, tokenizer)
-        cached = CacheResult(pairs_as_prepared(pairs, cfg.data, tokenizer), path=None, built=True, seconds=0.0)
-    else:
-        cached = prepared(cfg.data, tokenizer, cfg.data.seed, cfg.run.root, prepare_data, info.rank)
+        pairs = pairs_from_prepared(cached.data)
     data = cached.data
     if not data.eval:  # validate() refuses an empty split it can see; a dataset's own split can be empty too
         raise DataError(f"no held-out rows: {data.report.summary()}; every run scores the model on held-out rows "
                         "before and after training: set data.eval_size / data.eval_fraction above 0, or data.eval_path")
     if info.is_main:  # every rank prepared the same data: its report is said once
-        log.info("%s", pairs.report.summary() if pairs is not None else data.report.summary())
+        log.info("%s", data.report.summary())
     if cached.path:  # this rank's own: it built the cache, or read it (and how long that took)
         log.info("data: %s the cache %s in %.1f s", "built" if cached.built else "read", cached.path, cached.seconds)
     for level, line in data.report.notes(cfg.data) if info.is_main else ():
@@ -152,7 +149,8 @@ def build_run(cfg: Config, info: DistInfo, device: torch.device) -> Run:
         batches = PairBatches(pairs.train, cfg.train.micro_batch_size, pad_id, seed=cfg.train.seed,
                               shuffle=cfg.data.shuffle, rank=info.rank, world_size=info.world_size,
                               accumulation_steps=grad_accum_steps(cfg),
-                              pack_len=cfg.data.max_seq_len if cfg.data.packing else 0)
+                              pack_len=cfg.data.max_seq_len if cfg.data.packing else 0, sources=pairs.sources,
+                              weights=[s["weight"] for s in data.report.sources] or None)
     else:
         batches = TrainBatches(
             data.train, cfg.train.micro_batch_size, cfg.data.max_seq_len, cfg.data.packing, pad_id,

@@ -607,9 +607,10 @@ def _check_objective(cfg: Config, errors: list[str]) -> None:
     if not o.beta > 0:
         errors.append(f"objective.beta={o.beta} must be > 0 (0.1 is the DPO paper's; larger keeps the model nearer "
                       "its reference)")
-    if d.sources or d.augment.functions:
-        errors.append("objective=dpo reads one preference data set (data.path or data=synthetic): data.sources "
-                      "mixes and data.augment functions are for supervised rows; drop them")
+    if d.augment.functions or d.augment.template_variation > 0:
+        errors.append("objective=dpo with data.augment: augmentation functions and template variation rewrite "
+                      "supervised rows, not preference pairs; drop data.augment.functions and set "
+                      "data.augment.template_variation=0")
 
 
 def _check_technique(cfg: Config, errors: list[str]) -> None:

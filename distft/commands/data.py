@@ -39,23 +39,12 @@ def _data(argv: list[str]) -> int:
         print(format_errors(errors), file=sys.stderr)
         return 2
     # lazy: numpy and torch, after --help and the config check
-    from distft.data.cache import prepared
-    from distft.data.pipeline import prepare_data
+    from distft.data.cache import prepared_for_run
     from distft.model.build import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
     fingerprint = data_fingerprint(cfg.data)
-    if cfg.objective.name == "dpo":  # preference pairs: prepared in memory by each run (not cached yet)
-        from distft.data.preference import prepare_pairs
-
-        pairs = prepare_pairs(cfg.data, tokenizer)
-        print(pairs.report.summary())
-        for rule, where in pairs.report.first_dropped.items():
-            print(f"data: first {rule} pair dropped: {where}")
-        print("cache: none (objective=dpo: every run prepares its pairs itself)")
-    else:
-        cached = prepared(cfg.data, tokenizer, cfg.data.seed, cfg.run.root, prepare_data)
-        _report_cached(cfg, cached)
+    _report_cached(cfg, prepared_for_run(cfg, tokenizer))
     for key, found in fingerprint.items():
         print(f"{key}: {found['path']} ({found['bytes']} bytes, sha256 {found['sha256']})")
     if not fingerprint:

@@ -90,7 +90,8 @@ SOURCES = "train.sources.npy"
 ORDER_ONLY = ("name", "shuffle", "packing", "pack_strategy", "cache", "cache_dir", "cache_wait_s", "num_proc")
 # distft's modules that turn rows into samples: their source is part of the key.
 CODE = ("pipeline.py", "encoding.py", "samples.py", "sources.py", "synthetic.py", "templates.py",
-        "cache.py")
+        "cache.py", "preference.py")
+REJECTED = ("train_rejected", "eval_rejected")  # objective=dpo: the pairs' rejected answers (PreparedData)
 POLL_S = 0.2  # cheap: one stat of the manifest
 NO_BUILDER_S = 300.0  # a waiting rank that sees neither a cache nor its build for this long gives up
 
@@ -145,8 +146,9 @@ def _augment_sources(cfg: DataConfig) -> dict:
     return found
 
 
-def key_inputs(cfg: DataConfig, tokenizer, seed: int, fingerprint: dict) -> dict:
-    """Everything the cache key covers (see the module docstring), as plain JSON."""
+def key_inputs(cfg: DataConfig, tokenizer, seed: int, fingerprint: dict, objective: str = "sft") -> dict:
+    """Everything the cache key covers (see the module docstring), as plain JSON; `objective`
+    dpo: the rows are prepared as preference pairs (a key of their own; sft keys as before)."""
     import tokenizers
     import transformers
 
@@ -161,6 +163,7 @@ def key_inputs(cfg: DataConfig, tokenizer, seed: int, fingerprint: dict) -> dict
         "augment_code": _augment_sources(cfg),
         "versions": {"tokenizers": tokenizers.__version__, "transformers": transformers.__version__},
         "code": {name: _file_sha256(os.path.join(here, name)) for name in CODE},
+        **({"objective": objective} if objective != "sft" else {}),
     }
 
 
@@ -207,9 +210,13 @@ def _load(path: str, key: str, vocab_size: int) -> Optional[tuple]:
     manifest = _read_manifest(path, key)
     files, report = manifest["files"], manifest["report"]
     # Mapped: each a regular file of its manifest's size, its header checked.
-    samples = {name: TokenSamples.load(path, name, files) for name in ("train", "eval")}
+    names = ("train", "eval", *(REJECTED if report.pairs else ()))
+    samples = {name: TokenSamples.load(path, name, files) for name in names}
     if len(samples["train"]) != manifest["train_samples"] or len(samples["eval"]) != manifest["eval_samples"]:
         raise ValueError(f"its sample counts differ from its {MANIFEST}'s")
+    for name in REJECTED if report.pairs else ():  # pair by pair with the chosen answers
+        if len(samples[name]) != len(samples[name.split("_")[0]]):
+            raise ValueError(f"{name} has {len(samples[name])} answers for {len(samples[name.split('_')[0]])} pairs")
     contents = {f"{name}.{array}.npy": getattr(found, array) for name, found in samples.items() for array in ARRAYS}
     contents[EVAL_ROWS] = _read_bytes(os.path.join(path, EVAL_ROWS), files[EVAL_ROWS]["bytes"])
     more = {PROMPT_IDS: np.int32, PROMPT_OFFSETS: np.int64, **({SOURCES: np.int32} if report.sources else {})}
@@ -247,7 +254,7 @@ def _load(path: str, key: str, vocab_size: int) -> Optional[tuple]:
     eval_rows = [{"prompt": row.pop("prompt"), "prompt_ids": every_id[start:end], **row}
                  for row, start, end in zip(eval_rows, bounds, bounds[1:])]
     data = PreparedData(samples["train"], samples["eval"], eval_rows, report, manifest["stop_ids"], train_sources,
-                        manifest["packed_as"])
+                        manifest["packed_as"], samples.get("train_rejected"), samples.get("eval_rejected"))
     return data, checked
 
 
@@ -278,6 +285,8 @@ def _read_manifest(path: str, key: str) -> dict:
                                                                                           PROMPT_OFFSETS]
     if isinstance(report, dict) and report.get("sources"):
         wanted.append(SOURCES)
+    if isinstance(report, dict) and report.get("pairs") is True:
+        wanted += [f"{name}.{array}.npy" for name in REJECTED for array in ARRAYS]
     problems = []
     if not isinstance(files, dict):
         problems.append("files")
@@ -358,6 +367,8 @@ def _write(data, path: str, key: str, inputs: dict, seconds: float) -> None:
         files[SOURCES] = save_array(os.path.join(path, SOURCES), data.train_sources, np.int32)
     faults.point("cache_write", 0)
     files.update(data.eval.save(path, "eval"))
+    for name in REJECTED if data.report.pairs else ():
+        files.update(getattr(data, name).save(path, name))
     prompts = [row.get("prompt_ids") or [] for row in data.eval_rows]
     offsets = np.zeros(len(prompts) + 1, dtype=np.int64)
     np.cumsum([len(ids) for ids in prompts], out=offsets[1:])
@@ -405,7 +416,8 @@ class CacheResult:
     verify_s: float = 0.0  # of `seconds`: the cache's checks (checksums, ids against the vocabulary)
 
 
-def prepared(cfg: DataConfig, tokenizer, seed: int, run_root: str, build, rank: int = 0) -> CacheResult:
+def prepared(cfg: DataConfig, tokenizer, seed: int, run_root: str, build, rank: int = 0,
+             objective: str = "sft") -> CacheResult:
     """The run's PreparedData, through the cache (see the module docstring): rank 0 finds or builds
     it, the other ranks find it or wait for it. `build(cfg, tokenizer, seed)` -> PreparedData
     (`distft.data.pipeline.prepare_data`, passed in: the data command, distft/commands/data.py, calls this module). data.cache=false:
@@ -414,7 +426,7 @@ def prepared(cfg: DataConfig, tokenizer, seed: int, run_root: str, build, rank: 
     started = time.monotonic()
     if not cfg.cache:
         return CacheResult(build(cfg, tokenizer, seed), None, True, time.monotonic() - started)
-    inputs, key, path = _locate(cfg, tokenizer, seed, run_root)
+    inputs, key, path = _locate(cfg, tokenizer, seed, run_root, objective)
     root = os.path.dirname(path)
     try:
         make_dirs(root)
@@ -432,19 +444,19 @@ def prepared(cfg: DataConfig, tokenizer, seed: int, run_root: str, build, rank: 
     return result
 
 
-def _locate(cfg: DataConfig, tokenizer, seed: int, run_root: str) -> tuple[dict, str, str]:
+def _locate(cfg: DataConfig, tokenizer, seed: int, run_root: str, objective: str = "sft") -> tuple[dict, str, str]:
     """(key inputs, key, cache path) of this config: the chat template in use is installed first,
     since it is part of the key."""
 
     use_chat_template(tokenizer, cfg.chat_template)
-    inputs = key_inputs(cfg, tokenizer, seed, data_fingerprint(cfg))
+    inputs = key_inputs(cfg, tokenizer, seed, data_fingerprint(cfg), objective)
     key = cache_key(inputs)
     return inputs, key, os.path.join(cache_dir(cfg, run_root), key)
 
 
 def _recount(data, cfg: DataConfig) -> None:
     """The report's packing figures for this config's packing, when the cache was built with another."""
-    if data.packed_as != [cfg.packing, cfg.pack_strategy]:
+    if data.packed_as != [cfg.packing, cfg.pack_strategy] and not data.report.pairs:  # pairs: counted as answers
         count_sequences(data.report, cfg, data.train, data.eval)
         data.packed_as = [cfg.packing, cfg.pack_strategy]
 
@@ -569,3 +581,17 @@ def _listdir(root: str) -> list[str]:
         return os.listdir(root)
     except OSError:
         return []
+
+
+def prepared_for_run(cfg, tokenizer, rank: int = 0) -> CacheResult:
+    """The data a run of `cfg` (the whole Config) trains and is scored on, through the cache:
+    preference pairs for objective=dpo (distft/data/preference.py build_pairs), else the SFT
+    samples (distft/data/pipeline.py prepare_data). The trainer, distft.data, distft.evaluate and
+    distft.compare all read a run's data here."""
+    if cfg.objective.name == "dpo":
+        from distft.data.preference import build_pairs
+
+        return prepared(cfg.data, tokenizer, cfg.data.seed, cfg.run.root, build_pairs, rank, objective="dpo")
+    from distft.data.pipeline import prepare_data
+
+    return prepared(cfg.data, tokenizer, cfg.data.seed, cfg.run.root, prepare_data, rank)

@@ -212,8 +212,10 @@ class PairReport:
     kept: int = 0
     train: int = 0
     eval: int = 0
+    sources: list = None  # data.sources: [{"name", "weight", "samples"}] (training pairs per source)
 
     def __post_init__(self):
+        self.sources = self.sources or []
         self.dropped = self.dropped or {rule: 0 for rule in RULES}
         self.first_dropped = self.first_dropped or {}
 
@@ -225,9 +227,36 @@ class PairReport:
 
 @dataclass
 class PreparedPairs:
-    train: list
-    eval: list
-    report: PairReport
+    train: Any  # list of Pair, or a PairView of the data cache's arrays
+    eval: Any
+    report: Any  # PairReport while prepared, the DataReport (pairs=True) once cached
+    sources: Any = None  # data.sources: each training pair's source index (numpy int32), else None
+
+
+class PairView:
+    """Pairs read from two aligned sample sets (the chosen answers and the rejected ones: the data
+    cache's memory-mapped arrays), each pair built when it is indexed: what a run holds of its
+    pairs is the cache's index arrays, as for SFT. The rows' texts are not kept (`row` is None);
+    the held-out prompts are the cache's eval rows."""
+
+    def __init__(self, chosen, rejected):
+        if len(chosen) != len(rejected):
+            raise ValueError(f"{len(chosen)} chosen answers for {len(rejected)} rejected ones")
+        self.chosen, self.rejected = chosen, rejected
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def _side(self, samples, i: int) -> Encoded:
+        labels = samples.labels(i)
+        targets = labels != IGNORE_INDEX
+        return Encoded(samples.ids(i).tolist(), labels.tolist(), int(targets.argmax()) if targets.any() else None,
+                       False)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return Pair("cached", self._side(self.chosen, index), self._side(self.rejected, index), None)
 
 
 def synthetic_pairs(num_examples: int, seed: int, tasks) -> list[dict]:
@@ -273,28 +302,25 @@ def prepare_pairs(cfg: DataConfig, tokenizer) -> PreparedPairs:
     """The run's preference pairs, encoded (`encode_pair`), cleaned with counts by rule (a pair
     seen before is a duplicate), split as SFT rows split: data.eval_path's rows, or
     data.eval_size / eval_fraction of the rows, drawn with data.seed."""
+    import dataclasses
     import hashlib
     import random
 
-    from distft.data.sources import RawRow, load_rows, read_eval_path
+    import numpy as np
+
+    from distft.data.sources import RawRow, load_rows, parts, read_eval_path
     from distft.data.templates import use_chat_template
+    from distft.errors import DataError
 
     use_chat_template(tokenizer, cfg.chat_template)
-    if cfg.source == "synthetic":
-        syn = cfg.synthetic
-        raw = [RawRow(r, f"synthetic pair {i}") for i, r in enumerate(synthetic_pairs(syn.num_examples, syn.seed,
-                                                                                        list(syn.tasks)))]
-        held = read_eval_path(cfg) if cfg.eval_path else None
-    else:
-        raw, held = load_rows(cfg)
     report, seen = PairReport(), set()
 
-    def clean(rows) -> list:
+    def clean(rows, part_cfg: DataConfig) -> list:
         kept = []
         for raw_row in rows:
             report.loaded += 1
             try:
-                pair = encode_pair(raw_row.value, cfg, tokenizer)
+                pair = encode_pair(raw_row.value, part_cfg, tokenizer)
                 key = hashlib.blake2b(repr((pair.kind, _norm(pair.row["prompt"]), _norm(pair.row.get("input", "")),
                                             _norm(pair.row["chosen"]), _norm(pair.row["rejected"]))).encode(),
                                       digest_size=16).digest()
@@ -308,25 +334,53 @@ def prepare_pairs(cfg: DataConfig, tokenizer) -> PreparedPairs:
             kept.append(pair)
         return kept
 
-    train = clean(raw)
-    if held is not None:
-        held_out = clean(held)
-    else:
+    sources = parts(cfg)
+    train: list = []  # (source index, pair)
+    held_out: list = []
+    for index, part in enumerate(sources):
+        if part.cfg.source == "synthetic":
+            syn = part.cfg.synthetic
+            raw = [RawRow(r, f"synthetic pair {i}") for i, r in enumerate(synthetic_pairs(
+                syn.num_examples, syn.seed, list(syn.tasks)))]
+            held = read_eval_path(cfg) if cfg.eval_path else None
+        else:
+            raw, held = load_rows(part.cfg, part.key)
+        kept = clean(raw, part.cfg)
+        if cfg.sources and not kept:
+            raise DataError(f"no preference pairs left in {part.key}={part.cfg.path} ({report.summary()})"
+                            f"{_firsts(report)}; preference rows are {{prompt, chosen, rejected}} with two different "
+                            "answers (README: Preference tuning)")
+        train += [(index, p) for p in kept]
+        if held is not None:
+            held_out += clean(held, part.cfg)
+    if cfg.sources and cfg.eval_path:  # one eval file for the whole mix
+        held_out += clean(read_eval_path(cfg), dataclasses.replace(cfg, template=sources[0].cfg.template))
+    if not held_out and train:
         order = list(range(len(train)))
         random.Random(cfg.seed).shuffle(order)
         size = cfg.eval_size if cfg.eval_size else int(round(cfg.eval_fraction * len(train)))
         chosen = set(order[:size])
-        held_out = [p for i, p in enumerate(train) if i in chosen]
-        train = [p for i, p in enumerate(train) if i not in chosen]
+        held_out = [p for i, (_, p) in enumerate(train) if i in chosen]
+        train = [item for i, item in enumerate(train) if i not in chosen]
+    origin = np.fromiter((i for i, _ in train), dtype=np.int32, count=len(train)) if cfg.sources else None
+    train = [p for _, p in train]
+    if origin is not None:
+        counts = np.bincount(origin, minlength=len(sources))
+        report.sources = [{"name": p.name, "weight": p.weight, "samples": int(n)} for p, n in zip(sources, counts)]
+        empty = [p.name for p, n in zip(sources, counts) if n == 0]
+        if empty:
+            raise DataError(f"data.sources: {', '.join(empty)} kept no training pairs after the eval split; give it "
+                            "more rows, or lower data.eval_fraction / data.eval_size")
     report.kept, report.train, report.eval = len(train) + len(held_out), len(train), len(held_out)
     if not train or not held_out:
-        from distft.errors import DataError
+        raise DataError(f"no {'training' if not train else 'held-out'} preference pairs left ({report.summary()})"
+                        f"{_firsts(report)}; preference rows are {{prompt, chosen, rejected}} with two different "
+                        "answers (README: Preference tuning)")
+    return PreparedPairs(train, held_out, report, origin)
 
-        firsts = "; ".join(f"first {rule}: {where}" for rule, where in report.first_dropped.items())
-        raise DataError(f"no {'training' if not train else 'held-out'} preference pairs left ({report.summary()}"
-                        f"{'; ' + firsts if firsts else ''}); preference rows are {{prompt, chosen, rejected}} with two "
-                        "different answers (README: Preference tuning)")
-    return PreparedPairs(train, held_out, report)
+
+def _firsts(report: PairReport) -> str:
+    return "".join(f"; first {rule}: {where}" for rule, where in report.first_dropped.items())
 
 
 def pairs_as_prepared(pairs: PreparedPairs, cfg: DataConfig, tokenizer):
@@ -337,10 +391,12 @@ def pairs_as_prepared(pairs: PreparedPairs, cfg: DataConfig, tokenizer):
     from distft.data.pipeline import Example, eval_row
     from distft.data.report import DataReport, PreparedData
     from distft.data.samples import TokenSamples, piece
+    from distft.data.sources import parts
     from distft.data.templates import stop_token_ids
 
-    def chosen_samples(group: list) -> TokenSamples:
-        return TokenSamples.from_samples({"input_ids": p.chosen.input_ids, "labels": p.chosen.labels} for p in group)
+    def side_samples(group: list, side: str) -> TokenSamples:
+        return TokenSamples.from_samples({"input_ids": getattr(p, side).input_ids, "labels": getattr(p, side).labels}
+                                         for p in group)
 
     rows = [eval_row(Example(p.kind, side_row(p.kind, p.row, "chosen"), piece(p.chosen.input_ids, p.chosen.labels),
                              prompt_len=p.chosen.prompt_len), cfg, tokenizer) for p in pairs.eval]
@@ -349,17 +405,35 @@ def pairs_as_prepared(pairs: PreparedPairs, cfg: DataConfig, tokenizer):
                         duplicate=counted.dropped["duplicate"], overlong=counted.dropped["overlong"],
                         identical=counted.dropped["identical"], kept=counted.kept, train=counted.train,
                         eval=counted.eval, train_sequences=2 * counted.train, eval_sequences=counted.eval,
-                        first_dropped=dict(counted.first_dropped))
+                        first_dropped=dict(counted.first_dropped), sources=list(counted.sources), pairs=True)
     report.train_tokens = sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs.train)
     report.train_target_tokens = sum(sum(t != IGNORE_INDEX for t in side.labels)
                                      for p in pairs.train for side in (p.chosen, p.rejected))
-    formats: dict[str, int] = {}
-    for p in pairs.train:
+    names = [part.name for part in parts(cfg)] if cfg.sources else [cfg.path or cfg.source]
+    formats: dict[tuple[int, str], int] = {}
+    for i, p in enumerate(pairs.train):
+        source = int(pairs.sources[i]) if pairs.sources is not None else 0
         name = "chat" if p.kind == "chat" or cfg.template == "chat" else cfg.template
-        formats[name] = formats.get(name, 0) + 1
-    report.formats = [{"source": cfg.path or cfg.source, "format": f, "rows": n} for f, n in formats.items()]
-    return PreparedData(chosen_samples(pairs.train), chosen_samples(pairs.eval), [r for r in rows if r], report,
-                        stop_ids=stop_token_ids(tokenizer, cfg.stop_tokens))
+        formats[(source, name)] = formats.get((source, name), 0) + 1
+    report.formats = [{"source": names[i], "format": f, "rows": n} for (i, f), n in sorted(formats.items())]
+    return PreparedData(side_samples(pairs.train, "chosen"), side_samples(pairs.eval, "chosen"),
+                        [r for r in rows if r], report, stop_ids=stop_token_ids(tokenizer, cfg.stop_tokens),
+                        train_sources=pairs.sources, packed_as=[cfg.packing, cfg.pack_strategy],
+                        train_rejected=side_samples(pairs.train, "rejected"),
+                        eval_rejected=side_samples(pairs.eval, "rejected"))
+
+
+def build_pairs(cfg: DataConfig, tokenizer, seed: int = 0):
+    """`prepare_pairs` as the data cache builds it (distft.data.cache.prepared's `build`): a
+    PreparedData whose train/eval samples are the chosen answers and train_rejected/eval_rejected
+    the rejected ones, aligned pair by pair."""
+    return pairs_as_prepared(prepare_pairs(cfg, tokenizer), cfg, tokenizer)
+
+
+def pairs_from_prepared(data) -> PreparedPairs:
+    """The pairs of a PreparedData `build_pairs` made (in memory, or read from the cache)."""
+    return PreparedPairs(PairView(data.train, data.train_rejected), PairView(data.eval, data.eval_rejected),
+                         data.report, data.train_sources)
 
 
 class PairBatches(TrainBatches):
@@ -370,10 +444,12 @@ class PairBatches(TrainBatches):
     max_seq_len): a micro-batch's answers packed into as few rows as hold them (`pair_batch`);
     packing changes the rows, never which pairs a step trains on."""
 
-    def __init__(self, pairs: list, micro_batch_size: int, pad_id: int, seed: int, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1, accumulation_steps: int = 1, pack_len: int = 0):
+    def __init__(self, pairs, micro_batch_size: int, pad_id: int, seed: int, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1, accumulation_steps: int = 1, pack_len: int = 0,
+                 sources=None, weights=None):
         super().__init__(pairs, micro_batch_size, 0, False, pad_id, seed=seed, shuffle=shuffle, rank=rank,
-                         world_size=world_size, accumulation_steps=accumulation_steps)
+                         world_size=world_size, accumulation_steps=accumulation_steps, sources=sources,
+                         weights=weights)
         self.pack_len = pack_len
 
     @staticmethod

@@ -30,6 +30,7 @@ class DataReport:
     duplicate: int = 0
     overlong: int = 0
     identical: int = 0  # preference pairs whose two answers are the same (objective=dpo)
+    pairs: bool = False  # objective=dpo: the counts are preference pairs (a row is a pair; train/eval: pairs)
     truncated: int = 0  # kept, cut to max_seq_len (drop_overlong=false)
     kept: int = 0
     train: int = 0
@@ -65,28 +66,35 @@ class DataReport:
     def notes(self, cfg: DataConfig) -> list[tuple[str, str]]:
         """(level, message) lines that say why rows were dropped: the first row of each kind of
         drop, then a warning naming the likely fix when more than DROP_WARNING of the rows went."""
-        lines = [("info", f"data: first {rule} row dropped: {where}") for rule, where in self.first_dropped.items()]
+        row, samples = ("pair", "pairs") if self.pairs else ("row", "samples")
+        lines = [("info", f"data: first {rule} {row} dropped: {where}") for rule, where in self.first_dropped.items()]
         if self.sources:
             counts = mix_counts([s["samples"] for s in self.sources], [s["weight"] for s in self.sources])
             total = sum(counts)
             lines.append(("info", "data: mix per epoch: " + "; ".join(
-                f"{s['name']} {n} of {total} samples ({n / total:.0%}, weight {s['weight']:g}; "
-                f"{n / s['samples']:.2f}x its {s['samples']} samples)" for s, n in zip(self.sources, counts))))
+                f"{s['name']} {n} of {total} {samples} ({n / total:.0%}, weight {s['weight']:g}; "
+                f"{n / s['samples']:.2f}x its {s['samples']} {samples})" for s, n in zip(self.sources, counts))))
         if self.chat_template_unused:
             used = sorted({f["format"] for f in self.formats if f["format"] != "text"})
             lines.append(("info", f"data: the tokenizer has a chat template, which these rows do not use (rendered as "
                                   f"{', '.join(used) or 'text'}); data.template=chat renders instruction rows through it, "
                                   "as an instruction-tuned model was trained to be prompted"))
-        dropped = {rule: getattr(self, rule) for rule in ("malformed", "empty", "duplicate", "overlong")}
+        rules = ("malformed", "empty", "duplicate", "overlong", *(("identical",) if self.pairs else ()))
+        dropped = {rule: getattr(self, rule) for rule in rules}
         total = sum(dropped.values())
         if self.loaded and total > DROP_WARNING * self.loaded:
             worst = max(dropped, key=dropped.get)
-            lines.append(("warning", f"data: {total} of {self.loaded} rows ({total / self.loaded:.0%}) were dropped, "
+            lines.append(("warning", f"data: {total} of {self.loaded} {row}s ({total / self.loaded:.0%}) were dropped, "
                                      f"most as {worst} ({dropped[worst]}); {_likely_fix(worst, cfg, self)}"))
         return lines
 
     def summary(self) -> str:
         dropped = self.malformed + self.empty + self.duplicate + self.overlong + self.identical
+        if self.pairs:
+            return (f"data: loaded {self.loaded} preference rows, dropped {dropped} (malformed {self.malformed}, "
+                    f"empty {self.empty}, identical {self.identical}, duplicate {self.duplicate}, overlong "
+                    f"{self.overlong}), kept {self.kept}; train {self.train} pairs, eval {self.eval}; "
+                    f"{self.train_tokens} train tokens ({self.train_target_tokens} answer tokens)")
         identical = f", identical {self.identical}" if self.identical else ""
         return (
             f"data: loaded {self.loaded} rows, dropped {dropped} (malformed {self.malformed}, empty {self.empty}, "
@@ -126,6 +134,9 @@ def _likely_fix(rule: str, cfg: DataConfig, report: Optional[DataReport] = None)
         return f"{_longer_rows_fix(cfg.max_seq_len, report)}, or data.drop_overlong=false to cut such rows instead"
     if rule == "empty":
         return f"check that data.output_field={cfg.output_field} (or the messages' content) names the filled column"
+    if rule == "identical":
+        return ("a pair whose chosen and rejected answers are the same text prefers nothing: fix the rejected answers "
+                "at the source (a wrong, worse or off-style answer to the same prompt)")
     return "the data repeats rows (same prompt and response after collapsing whitespace): deduplicate it at the source"
 
 
@@ -151,6 +162,10 @@ class PreparedData:
     stop_ids: list[int] = field(default_factory=list)  # ids that end an answer (templates.stop_token_ids)
     train_sources: Optional[np.ndarray] = None  # data.sources: each training sample's source index
     packed_as: Optional[list] = None  # [data.packing, data.pack_strategy] the report's sequence counts are for
+    # objective=dpo (distft/data/preference.py build_pairs): `train`/`eval` hold the pairs' chosen
+    # answers, these their rejected ones, pair by pair.
+    train_rejected: Optional[TokenSamples] = None
+    eval_rejected: Optional[TokenSamples] = None
 
 
 

@@ -37,8 +37,8 @@ from distft.checkpoint.export import checkpoint_config, load_base, load_model, l
 from distft.checkpoint.store import read_meta
 from distft.checkpoint.verify import resolve_checkpoint
 from distft.config import model_label
-from distft.data.cache import prepared, tokenizer_fingerprint
-from distft.data.pipeline import Example, RejectedRow, eval_batches, eval_row, prepare_data, to_canonical
+from distft.data.cache import prepared_for_run, tokenizer_fingerprint
+from distft.data.pipeline import Example, RejectedRow, eval_batches, eval_row, to_canonical
 from distft.data.sources import read_eval_path, reader_for
 from distft.data.templates import stop_token_ids, trained_format
 from distft.engines import autocast_context, autocast_dtype
@@ -173,7 +173,7 @@ def compare(checkpoints: list[str], out: str, prompts: Optional[str] = None, bas
         eval_cfg.num_samples = num_samples if num_samples is not None else len(rows)
         scored = all(r["has_reference"] for r in rows)
     else:
-        data = prepared(first_cfg.data, first_tokenizer, first_cfg.data.seed, first_cfg.run.root, prepare_data).data
+        data = prepared_for_run(first_cfg, first_tokenizer).data
         rows, scored = data.eval_rows, True
         batches = eval_batches(data.eval, eval_cfg.batch_size, first_cfg.data.max_seq_len, first_cfg.data.packing,
                                first_tokenizer.pad_token_id, first_cfg.data.pack_strategy)

@@ -74,8 +74,8 @@ from distft.checkpoint.export import load_base, load_model
 from distft.checkpoint.store import MANIFEST, read_meta
 from distft.checkpoint.verify import resolve_checkpoint
 from distft.config import EvalConfig, model_label
-from distft.data.cache import prepared
-from distft.data.pipeline import eval_batches, prepare_data
+from distft.data.cache import prepared_for_run
+from distft.data.pipeline import eval_batches
 from distft.data.templates import bos_ids
 from distft.dist import share_cpu_threads
 from distft.engines import autocast_context, autocast_dtype
@@ -899,7 +899,7 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, num_samples: in
         import logging
 
         logging.getLogger("distft").info("torch threads: %d (%s)", *share_cpu_threads(device))
-    data = prepared(cfg.data, tokenizer, cfg.data.seed, cfg.run.root, prepare_data).data
+    data = prepared_for_run(cfg, tokenizer).data
     batches = eval_batches(data.eval, cfg.eval.batch_size, cfg.data.max_seq_len, cfg.data.packing,
                            tokenizer.pad_token_id, cfg.data.pack_strategy)
     if cfg.train.eval_max_batches:

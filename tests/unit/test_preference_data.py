@@ -145,6 +145,11 @@ def test_the_data_command_prepares_pairs_and_counts_them(tmp_path, capsys):
     assert ("data: loaded 5 preference rows, dropped 2 (malformed 0, empty 0, identical 1, duplicate 1, overlong 0), "
             "kept 3; train 2 pairs, eval 1") in out
     assert "data: first identical pair dropped: row 4 (line 5) of" in out
+    assert "warning: data: 2 of 5 pairs (40%) were dropped, most as" in out
+    assert "cache: built " in out  # pairs are cached as SFT samples are; again, found
+    assert main(["objective=dpo", "data=jsonl", f"data.path={path}", "data.eval_size=1",
+                 f"run.root={tmp_path}"]) == 0
+    assert "cache: found " in capsys.readouterr().out
 
 
 def test_packed_pairs_score_as_the_unpacked_ones_on_smollm2(smollm2, smollm2_tokenizer):
@@ -179,3 +184,88 @@ def test_packed_pairs_score_as_the_unpacked_ones_on_smollm2(smollm2, smollm2_tok
                                 changed["sequences"])
     assert not torch.isclose(again[0], got[0])
     assert torch.allclose(again[1:], got[1:], rtol=1e-5, atol=1e-4)
+
+
+def pair_file(path, words, upper: bool = True) -> str:
+    import json
+
+    rows = [{"prompt": f"Say {w}.", "chosen": w, "rejected": w.upper() if upper else w[::-1] + "?"} for w in words]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def dpo_config(tmp_path, *overrides):
+    from distft.preflight import preflight
+
+    cfg, errors = preflight(["+experiment=tiny_dpo", f"run.root={tmp_path}", *overrides], run_here=False)
+    assert not errors, errors
+    return cfg
+
+
+def test_pairs_are_cached_and_read_back_as_they_were_prepared(tmp_path, caplog):
+    """The data cache holds pairs (objective=dpo) as it holds SFT samples: the chosen answers as
+    its train/eval samples, the rejected ones beside them, under a key of their own (the same
+    file prepared for SFT is another cache); read back, every pair is the one prepared in memory;
+    a rejected answer's array changed on disk is caught by its checksum and the cache rebuilt."""
+    import logging
+    import os
+
+    import numpy as np
+
+    from distft.data.cache import prepared, prepared_for_run
+    from distft.data.pipeline import prepare_data
+    from distft.data.preference import pairs_from_prepared, prepare_pairs
+    from distft.model.build import load_tokenizer
+
+    words = [f"word{i}" for i in range(12)]
+    cfg = dpo_config(tmp_path, "data=jsonl", f"data.path={pair_file(tmp_path / 'pairs.jsonl', words)}",
+                     "data.eval_size=2")
+    tokenizer = load_tokenizer(cfg.model)
+    built = prepared_for_run(cfg, tokenizer)
+    found = prepared_for_run(cfg, tokenizer)
+    assert built.built and not found.built and found.path == built.path
+    memory = prepare_pairs(cfg.data, tokenizer)
+    cached = pairs_from_prepared(found.data)
+    assert len(cached.train) == len(memory.train) == 10 and len(cached.eval) == 2
+    for a, b in zip([*memory.train, *memory.eval], [*cached.train, *cached.eval]):
+        for side in ("chosen", "rejected"):
+            assert getattr(a, side).input_ids == getattr(b, side).input_ids
+            assert getattr(a, side).labels == getattr(b, side).labels
+    assert found.data.report.pairs and found.data.eval_rows[0]["reference"] in words
+    sft_cfg = dpo_config(tmp_path, "objective=sft", "data=jsonl", f"data.path={tmp_path / 'pairs.jsonl'}",
+                         "data.eval_size=2", "data.format=alpaca", "data.instruction_field=prompt",
+                         "data.output_field=chosen")
+    assert prepared(sft_cfg.data, tokenizer, 0, str(tmp_path), prepare_data).path != built.path
+    rejected = os.path.join(built.path, "train_rejected.tokens.npy")
+    array = np.load(rejected)
+    array[3] = (array[3] + 1) % len(tokenizer)
+    with open(rejected, "r+b") as f:  # same size, other content
+        f.seek(os.path.getsize(rejected) - array.nbytes)
+        f.write(array.tobytes())
+    with caplog.at_level(logging.WARNING, logger="distft"):
+        again = prepared_for_run(cfg, tokenizer)
+    assert again.built and "train_rejected.tokens.npy does not match its checksum" in caplog.text
+    assert pairs_from_prepared(again.data).train[0].rejected.input_ids == memory.train[0].rejected.input_ids
+
+
+def test_pair_sources_mix_by_weight(tmp_path):
+    """data.sources for pairs: each file's pairs cleaned and counted, each training pair tagged with
+    its source, and an epoch drawn by weight as SFT mixes draw it (3:1 over 12 + 12 pairs: 18 and 6)."""
+    from distft.data.cache import prepared_for_run
+    from distft.data.preference import PairBatches, pairs_from_prepared
+    from distft.model.build import load_tokenizer
+
+    a = pair_file(tmp_path / "a.jsonl", [f"alpha{i}" for i in range(13)])
+    b = pair_file(tmp_path / "b.jsonl", [f"beta{i}" for i in range(13)], upper=False)
+    cfg = dpo_config(tmp_path, "data=jsonl", f"+data.sources=[{{path: {a}, weight: 3}}, {{path: {b}, weight: 1}}]",
+                     "data.eval_size=2")
+    tokenizer = load_tokenizer(cfg.model)
+    data = prepared_for_run(cfg, tokenizer).data
+    pairs = pairs_from_prepared(data)
+    assert [(s["name"], s["samples"]) for s in data.report.sources] == [("a", 12), ("b", 12)]
+    assert len(pairs.train) == 24 and pairs.sources.tolist().count(0) == 12
+    batches = PairBatches(pairs.train, 4, tokenizer.pad_token_id, seed=0, sources=pairs.sources, weights=[3.0, 1.0])
+    drawn = [int(pairs.sources[int(i)]) for i in batches._order]
+    assert (drawn.count(0), drawn.count(1)) == (18, 6)
+    chosen = tokenizer.decode(batches._batch([0])["input_ids"][0])
+    assert "alpha" in chosen or "beta" in chosen
