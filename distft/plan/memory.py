@@ -120,10 +120,8 @@ def autocast_copy_bytes(cfg: Config, counts: ParameterCounts) -> int:
 
 def chunked_loss(cfg: Config) -> bool:
     """Whether the loss runs through distft.model.loss's chunks: the head is a plain linear layer,
-    unless a LoRA/DoRA/QLoRA adapts the head itself; never for objective=dpo, whose per-pair loss
-    reads the whole logits (distft/model/preference.py)."""
-    if cfg.objective.name == "dpo":
-        return False
+    unless a LoRA/DoRA/QLoRA adapts the head itself (objective=dpo too: its per-token log-probs,
+    `computing_token_logps`)."""
     return not (technique_kind(cfg.technique.name).adapter and "lm_head" in cfg.technique.target_modules)
 
 
@@ -146,13 +144,17 @@ def loss_bytes(cfg: Config, tokens: int, vocab: int, hidden: int, stream: int) -
     the compute dtype where the weights are fp32 under 16-bit autocast, and when the head
     trains in 16 bits, each chunk's [V, h] gradient product before its fp32 sum.
     The plain path (a LoRA on the head) keeps the logits in the model dtype, their fp32 copy and
-    the log-softmax (tokens·V·(b + 8)), then the logits' gradient (tokens·V·(4 + b))."""
+    the log-softmax (tokens·V·(b + 8)), then the logits' gradient (tokens·V·(4 + b)).
+    objective=dpo's per-token log-probs keep the targets' hidden states instead of their gradient
+    (the backward computes each chunk again), the log-probs (4 bytes a token) beside the mask and
+    indices, and its backward allocates the head's fp32 gradient whenever the head trains."""
     b = compute_bytes(cfg)
     if not chunked_loss(cfg):
         return tokens * vocab * (b + 8 if b != 4 else 8), tokens * vocab * (4 + b if b != 4 else 4)
     head_trains = technique_kind(cfg.technique.name).trains_embeddings
-    kept = tokens * (hidden * stream + 9)
-    if head_trains and grad_accum_steps(cfg) > 1:
+    preference = cfg.objective.name == "dpo"
+    kept = tokens * (hidden * stream + 9 + (4 if preference else 0))
+    if head_trains and (grad_accum_steps(cfg) > 1 or preference):
         kept += vocab * hidden * 4
     transient = chunk_tokens(vocab, tokens) * vocab * 8
     if fp32_masters(cfg) and amp16(cfg):

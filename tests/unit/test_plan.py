@@ -532,11 +532,14 @@ def test_each_presets_promised_gpu_is_one_the_plan_fits(experiment):
         assert planned(f"+experiment={experiment}", "cluster=l40s_48g_8x")["fits"] is True
 
 
-def test_dpo_plans_two_rows_a_pair_and_the_whole_logits():
-    """objective=dpo: a micro-batch of m pairs is 2m sequences, and the per-pair loss reads the
-    whole logits (no chunked loss), so its activations are those of 2m rows on the plain loss path."""
+def test_dpo_plans_two_rows_a_pair_through_the_chunked_head():
+    """objective=dpo: a micro-batch of m pairs is 2m sequences, scored through the chunked head
+    (computing_token_logps), so its activations are those of 2m SFT rows plus the per-token
+    log-probs (4 bytes a token) and, the head training, its fp32 gradient allocated in backward;
+    no reference model (its log-probs are computed before training)."""
     import dataclasses
 
+    from distft.config import grad_accum_steps
     from distft.plan.architecture import count_parameters
     from distft.plan.memory import activation_bytes, chunked_loss, loss_bytes, rows_per_micro_batch
 
@@ -544,12 +547,12 @@ def test_dpo_plans_two_rows_a_pair_and_the_whole_logits():
     assert errors == []
     dpo = dataclasses.replace(sft, objective=dataclasses.replace(sft.objective, name="dpo"))
     assert rows_per_micro_batch(sft) == 2 and rows_per_micro_batch(dpo) == 4
-    assert chunked_loss(sft) and not chunked_loss(dpo)
+    assert chunked_loss(sft) and chunked_loss(dpo)
     doubled = dataclasses.replace(sft, train=dataclasses.replace(sft.train, micro_batch_size=4))
     counts = count_parameters(sft)
-    tokens, vocab = 4 * sft.data.max_seq_len, sft.model.vocab_size
-    whole_logits = loss_bytes(dpo, tokens, vocab, sft.model.hidden_size, 4)
-    chunked = loss_bytes(doubled, tokens, vocab, sft.model.hidden_size, 4)
-    assert activation_bytes(dpo, counts) - activation_bytes(doubled, counts) == (
-        whole_logits[0] + max(whole_logits[1], tokens * 3 * sft.model.intermediate_size * 4)
-        - chunked[0] - max(chunked[1], tokens * 3 * sft.model.intermediate_size * 4))
+    tokens, vocab, hidden = 4 * sft.data.max_seq_len, sft.model.vocab_size, sft.model.hidden_size
+    pairs, rows = loss_bytes(dpo, tokens, vocab, hidden, 4), loss_bytes(doubled, tokens, vocab, hidden, 4)
+    assert pairs[1] == rows[1]  # one chunk's logits at a time, forward and backward
+    accumulated = vocab * hidden * 4 if grad_accum_steps(doubled) > 1 else 0
+    assert pairs[0] - rows[0] == tokens * 4 + vocab * hidden * 4 - accumulated
+    assert activation_bytes(dpo, counts) - activation_bytes(doubled, counts) == pairs[0] - rows[0]
