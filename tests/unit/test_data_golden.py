@@ -56,13 +56,13 @@ def test_the_shipped_datas_samples_and_batches_are_unchanged_through_the_cache(n
     h.update(repr(data.eval_rows).encode())
     # The report as it was then; the fields added since (issue 35) are checked on their own below.
     later = ("sources", "formats", "chat_template_unused", "max_seq_len_p90", "max_seq_len_all",
-             "identical")  # issue 40: preference pairs with the same two answers
+             "identical", "pairs")  # issue 40: preference pairs (the same two answers; a report of pairs)
     h.update(repr({k: v for k, v in data.report.as_dict().items() if k not in later}).encode())
     assert h.hexdigest() == GOLDEN[name]["samples"]
     report = data.report
     assert report.formats == [{"source": "synthetic", "format": "plain", "rows": report.train}]
     assert not report.chat_template_unused  # the built-in tokenizer's template tuned no model
-    assert report.identical == 0  # SFT rows are never pairs
+    assert report.identical == 0 and report.pairs is False  # SFT rows are never pairs
     assert 0 < report.max_seq_len_p90 <= report.max_seq_len_all <= cfg.max_seq_len
     for key, digest in GOLDEN[name].items():
         if not isinstance(key, tuple):
