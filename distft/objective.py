@@ -39,13 +39,18 @@ def _adapters_off(model):
     return disable() if callable(disable) and hasattr(model, "peft_config") else contextlib.nullcontext()
 
 
-def _logps(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each answer's (summed log-prob, answer tokens) in the micro-batch, chosen then rejected:
-    the head and the log-softmax in chunks, no full logits (distft.model.loss)."""
-    labels = batch["labels"].to(engine.device)
-    with computing_token_logps(engine.unwrapped(), labels) as armed:
-        token_logps = armed.result(engine.forward(batch))
+def scored_answers(model, forward, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each answer's (summed log-prob, answer tokens) in a pair micro-batch, chosen then rejected:
+    `forward(batch)` (an engine's, or a plain model call) returns what `model`'s head gives, the
+    head and the log-softmax in chunks, no full logits (distft.model.loss)."""
+    labels = batch["labels"].to(device)
+    with computing_token_logps(model, labels) as armed:
+        token_logps = armed.result(forward(batch))
     return answer_sums(token_logps, labels, batch.get("sequences"))
+
+
+def _logps(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    return scored_answers(engine.unwrapped(), engine.forward, batch, engine.device)
 
 
 def compute_reference(engine, pairs: list, batch_pairs: int, pad_id: int) -> torch.Tensor:
@@ -153,37 +158,46 @@ def preference_step(engine, micro_batches: list[dict], cfg, reference: torch.Ten
     return float(packed[0]), int(step_pairs.item()), grad_norm, local_finite, metrics
 
 
-def preference_eval(run, reference: torch.Tensor) -> dict:
-    """The held-out pairs scored by the model as it is now: `preference_accuracy`, the share of
-    pairs whose chosen answer the model finds likelier than the rejected one (summed log-probs),
-    and `preference_margin`, their mean difference; `reward_accuracy` and `reward_margin`, the same
-    relative to the reference (DPO's implicit reward: beta x the log-prob ratio; 0 and 0 for the
-    model training starts from)."""
+def pair_scores(model, forward, pairs, batch_pairs: int, pad_id: int, device,
+                autocast=contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) [n] fp32: the summed log-probs of `pairs`' answers under `model` (eval
+    mode, no grad), `batch_pairs` pairs a forward, unpacked (the reference's layout)."""
     from distft.data.preference import pair_batch
 
-    pairs, engine = run.pairs.eval, run.engine
-    pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
-    batch_pairs = max(1, run.cfg.eval.batch_size)
-    chosen_all, rejected_all = [], []
-    model = engine.unwrapped()
+    chosen_all, rejected_all = [torch.zeros(0)], [torch.zeros(0)]
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), engine.autocast():
+        with torch.no_grad(), autocast():
             for start in range(0, len(pairs), batch_pairs):
-                logps, _ = _logps(engine, pair_batch(pairs[start:start + batch_pairs], pad_id))
+                logps, _ = scored_answers(model, forward, pair_batch(pairs[start:start + batch_pairs], pad_id), device)
                 chosen, rejected = split_pairs(logps.float().cpu())
                 chosen_all.append(chosen)
                 rejected_all.append(rejected)
     finally:
         model.train(was_training)
-    if not pairs:
-        return {}
-    chosen, rejected = torch.cat(chosen_all), torch.cat(rejected_all)
-    beta = run.cfg.objective.beta
+    return torch.cat(chosen_all), torch.cat(rejected_all)
+
+
+def preference_metrics(chosen: torch.Tensor, rejected: torch.Tensor, reference: torch.Tensor, beta: float) -> dict:
+    """`preference_accuracy`, the share of pairs whose chosen answer the model finds likelier than
+    the rejected one (summed log-probs), and `preference_margin`, their mean difference;
+    `reward_accuracy` and `reward_margin`, the same relative to the reference ([n, 2]; DPO's
+    implicit reward: beta x the log-prob ratio; 0 and 0 for the model training starts from)."""
     rewards = beta * ((chosen - reference[:, 0]) - (rejected - reference[:, 1]))
     return {"preference_accuracy": float((chosen > rejected).float().mean()),
             "preference_margin": float((chosen - rejected).mean()),
             "reward_accuracy": float((rewards > 0).float().mean()),
             "reward_margin": float(rewards.mean()),
-            "pairs": len(pairs)}
+            "pairs": len(chosen)}
+
+
+def preference_eval(run, reference: torch.Tensor) -> dict:
+    """The held-out pairs scored by the model as it is now (`preference_metrics`)."""
+    pairs, engine = run.pairs.eval, run.engine
+    if not len(pairs):
+        return {}
+    pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
+    chosen, rejected = pair_scores(engine.unwrapped(), engine.forward, pairs, max(1, run.cfg.eval.batch_size), pad_id,
+                                   engine.device, engine.autocast)
+    return preference_metrics(chosen, rejected, reference, run.cfg.objective.beta)

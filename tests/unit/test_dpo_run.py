@@ -62,6 +62,22 @@ def test_the_demo_learns_the_preference(demo):
     assert "| preference_accuracy |" in text and "DPO's implicit reward" in text
 
 
+def test_evaluating_the_checkpoint_scores_the_pairs_as_the_run_did(demo, tmp_path):
+    """`python -m distft.evaluate` on a dpo checkpoint reads the run's pairs (through the data
+    cache, as the run did) and scores base and tuned on the held-out pairs: the same preference
+    and reward figures as the run's own eval_before/eval_after (the base is the reference)."""
+    from distft.evaluation.evaluate import evaluate_checkpoint
+
+    out, after, before = evaluate_checkpoint(demo["final_checkpoint"], out=str(tmp_path / "report.md"),
+                                             num_samples=1)
+    for key in ("preference_accuracy", "reward_accuracy"):
+        assert after[key] == demo["eval_after"][key] and before[key] == demo["eval_before"][key], key
+    for key in ("preference_margin", "reward_margin"):
+        assert after[key] == pytest.approx(demo["eval_after"][key], rel=1e-4), key
+    assert before["reward_margin"] == 0.0 and after["pairs"] == 40
+    assert "| reward_accuracy | 0.0000 | 1.0000 |" in open(out).read()
+
+
 def test_the_reference_is_the_model_as_built_and_is_kept(demo):
     from safetensors.torch import load_file
 
