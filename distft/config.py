@@ -447,6 +447,7 @@ class PlanConfig:
 
 
 OBJECTIVE_LOSSES = ("sigmoid", "ipo")  # objective.loss for dpo (distft/model/preference.py)
+OBJECTIVE_REFERENCES = ("precomputed", "live")  # objective.reference for dpo (distft/objective.py)
 
 
 @dataclass
@@ -457,6 +458,12 @@ class ObjectiveConfig:
     name: str = "sft"  # sft | dpo
     beta: float = 0.1  # dpo: how far the policy may move from the reference (the KL penalty's weight)
     loss: str = "sigmoid"  # dpo: sigmoid (the DPO paper) | ipo (Azar et al., per-token normalised)
+    # dpo: where the reference's log-probs come from. precomputed: every training pair's, once
+    # before the first step, kept in the run directory (no reference forward in a step; cheapest
+    # when training sees each pair once or more). live: each micro-batch's, in its step, from the
+    # base with the adapter off (adapter and virtual-token techniques only: no second model), for
+    # runs that see a small part of a large pair set.
+    reference: str = "precomputed"
 
 
 @dataclass

@@ -9,6 +9,10 @@ before a resume loads trained weights, so from the same start), by the ranks tog
 share of the pairs, gathered), and kept in the run directory (`reference_logps.safetensors`,
 read as plain tensors, checked against the split's size); a step then needs no reference forward
 and no second copy of the model, under every engine. This is TRL's `precompute_ref_log_probs`.
+`objective.reference=live` (adapter and virtual-token techniques) scores each micro-batch's
+reference in its step instead, with the adapter off (one more forward per step, no gradients):
+for runs that train on a small part of a large pair set, where scoring every pair up front would
+cost more than the training; the held-out pairs' table is computed up front either way.
 
 The step: each micro-batch's pairs (chosen rows, then rejected) in one forward; the summed
 per-pair loss divided by the number of pairs of the whole step (all ranks, all accumulation
@@ -95,6 +99,8 @@ def reference_tables(run, run_dir: str) -> dict[str, torch.Tensor]:
 
     pairs = run.pairs
     sizes = {"train": len(pairs.train), "eval": len(pairs.eval)}
+    if run.cfg.objective.reference == "live":  # the training pairs' are scored in their steps
+        del sizes["train"]
     path = os.path.join(run_dir, REFERENCE_FILE)
     tables: Optional[dict] = None
     if os.path.isfile(path) and not os.path.islink(path):
@@ -105,23 +111,40 @@ def reference_tables(run, run_dir: str) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError):
             tables = None
     if tables is not None:
-        return tables
+        return {"train": None, **tables}
     batch_pairs = max(1, run.cfg.eval.batch_size)
     pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
     tables = {name: compute_reference(run.engine, getattr(pairs, name), batch_pairs, pad_id) for name in sizes}
     if run.info.is_main:
         # Atomic, and never through a link planted in the run directory (distft.files).
         write_bytes(path, save(tables), "the reference log-probs", root=run_dir)
-        log.info("reference log-probs of %d train and %d eval pairs: %s", sizes["train"], sizes["eval"], path)
+        log.info("reference log-probs of %s and %d eval pairs: %s", f"{sizes['train']} train" if "train" in sizes
+                 else "no train pairs (objective.reference=live)", sizes["eval"], path)
     dist.barrier()
-    return tables
+    return {"train": None, **tables}
 
 
-def preference_step(engine, micro_batches: list[dict], cfg, reference: torch.Tensor,
+def live_reference(engine, batch: dict) -> torch.Tensor:
+    """[n, 2] fp32: the reference's log-probs of a micro-batch's pairs, scored now (objective.
+    reference=live): the model with its adapter disabled, in eval mode and without gradients, as
+    `compute_reference` scores them (the same numbers, up to the rounding of another batch)."""
+    model = engine.unwrapped()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _adapters_off(model):
+            logps, _ = _logps(engine, batch)
+    finally:
+        model.train(was_training)
+    return torch.stack(split_pairs(logps.float()), dim=1)
+
+
+def preference_step(engine, micro_batches: list[dict], cfg, reference: Optional[torch.Tensor],
                     step: int = 0) -> tuple[float, int, float, bool, dict]:
     """One optimizer step of preference tuning over this rank's micro-batches: (summed loss over
     all ranks, pairs in the step, grad norm, this rank's loss finite, metrics summed over all ranks,
-    `answer_tokens` among them)."""
+    `answer_tokens` among them). `reference`: the training pairs' precomputed table, or None to
+    score each micro-batch's reference in the step (`live_reference`)."""
     device = engine.device
     faults.wait_for_signal(step, preemption.received)  # the drills' faults, as optimizer_step has them
     faults.crash(step)
@@ -132,10 +155,10 @@ def preference_step(engine, micro_batches: list[dict], cfg, reference: torch.Ten
     sums: dict[str, torch.Tensor] = {}
     answer_tokens = 0
     for i, batch in enumerate(micro_batches):
+        ref = (reference[batch["pair_index"]] if reference is not None else live_reference(engine, batch)).to(device)
         with engine.accumulating(last_micro_step=i == len(micro_batches) - 1):
             logps, tokens = _logps(engine, batch)
             (pc, pr), (tc, tr) = split_pairs(logps), split_pairs(tokens)
-            ref = reference[batch["pair_index"]].to(device)
             losses, chosen_rewards, rejected_rewards = pair_losses(pc, pr, ref[:, 0], ref[:, 1], cfg.beta, cfg.loss,
                                                                    tc, tr)
             loss_sum = losses.sum()

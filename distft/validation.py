@@ -31,6 +31,7 @@ from distft.config import (
     MODEL_DTYPES,
     NONFINITE_POLICIES,
     OBJECTIVE_LOSSES,
+    OBJECTIVE_REFERENCES,
     OFFLINE_TOKENIZER_VOCAB,
     ON_BAD_ROWS,
     OPTIMIZERS,
@@ -604,6 +605,11 @@ def _check_objective(cfg: Config, errors: list[str]) -> None:
     if o.name != "dpo":
         return
     _choice(errors, "objective.loss", o.loss, OBJECTIVE_LOSSES)
+    _choice(errors, "objective.reference", o.reference, OBJECTIVE_REFERENCES)
+    if o.reference == "live" and not (_technique(cfg).adapter or _technique(cfg).virtual_tokens):
+        errors.append(f"objective.reference=live with technique={cfg.technique.name}: the live reference is the "
+                      "base with the adapter off, and full fine-tuning has no adapter to turn off (its reference "
+                      "would be a second, frozen copy of the model); use objective.reference=precomputed")
     if not o.beta > 0:
         errors.append(f"objective.beta={o.beta} must be > 0 (0.1 is the DPO paper's; larger keeps the model nearer "
                       "its reference)")

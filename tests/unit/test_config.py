@@ -537,6 +537,11 @@ def test_default_config_is_valid():
         ({"parallel.backend": "mpi"}, "parallel.backend='mpi' is not one of: auto, nccl, gloo"),
         ({"checkpoint.async_save": True, "parallel.strategy": "zero2", "launcher.nproc_per_node": 2},
          "checkpoint.async_save=true needs parallel=single, ddp or fsdp"),
+        ({"objective.name": "dpo", "objective.beta": 0}, "objective.beta=0 must be > 0"),
+        ({"objective.name": "dpo", "objective.loss": "hinge"}, "objective.loss='hinge' is not one of: sigmoid, ipo"),
+        ({"objective.name": "dpo", "objective.reference": "frozen"},
+         "objective.reference='frozen' is not one of: precomputed, live"),
+        ({"objective.name": "dpo", "data.augment.template_variation": 0.5}, "objective=dpo with data.augment"),
     ],
 )  # fmt: skip
 def test_validate_rule(changes, start):
