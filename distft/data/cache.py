@@ -461,14 +461,14 @@ def _recount(data, cfg: DataConfig) -> None:
         data.packed_as = [cfg.packing, cfg.pack_strategy]
 
 
-def find(cfg: DataConfig, tokenizer, seed: int, run_root: str) -> Optional[CacheResult]:
+def find(cfg: DataConfig, tokenizer, seed: int, run_root: str, objective: str = "sft") -> Optional[CacheResult]:
     """The cache of this config if it is there and sound, else None; nothing is built or locked
     (the planner's exact epoch)."""
 
     if not cfg.cache:
         return None
     started = time.monotonic()
-    _, key, path = _locate(cfg, tokenizer, seed, run_root)
+    _, key, path = _locate(cfg, tokenizer, seed, run_root, objective)
     _check_permissions(os.path.dirname(path), 0)
     try:
         found = _load(path, key, len(tokenizer))

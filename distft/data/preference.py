@@ -298,10 +298,11 @@ def _date_as_written(answer: str) -> str:
     return json.dumps({**record, "date": f"{day} {month}"})
 
 
-def prepare_pairs(cfg: DataConfig, tokenizer) -> PreparedPairs:
+def prepare_pairs(cfg: DataConfig, tokenizer, rows: tuple | None = None) -> PreparedPairs:
     """The run's preference pairs, encoded (`encode_pair`), cleaned with counts by rule (a pair
     seen before is a duplicate), split as SFT rows split: data.eval_path's rows, or
-    data.eval_size / eval_fraction of the rows, drawn with data.seed."""
+    data.eval_size / eval_fraction of the rows, drawn with data.seed. `rows`: (train, eval) raw
+    rows already loaded (the planner's sample; one source), instead of reading data.path."""
     import dataclasses
     import hashlib
     import random
@@ -338,7 +339,9 @@ def prepare_pairs(cfg: DataConfig, tokenizer) -> PreparedPairs:
     train: list = []  # (source index, pair)
     held_out: list = []
     for index, part in enumerate(sources):
-        if part.cfg.source == "synthetic":
+        if rows is not None:
+            raw, held = rows
+        elif part.cfg.source == "synthetic":
             syn = part.cfg.synthetic
             raw = [RawRow(r, f"synthetic pair {i}") for i, r in enumerate(synthetic_pairs(
                 syn.num_examples, syn.seed, list(syn.tasks)))]
@@ -423,11 +426,11 @@ def pairs_as_prepared(pairs: PreparedPairs, cfg: DataConfig, tokenizer):
                         eval_rejected=side_samples(pairs.eval, "rejected"))
 
 
-def build_pairs(cfg: DataConfig, tokenizer, seed: int = 0):
+def build_pairs(cfg: DataConfig, tokenizer, seed: int = 0, rows: tuple | None = None):
     """`prepare_pairs` as the data cache builds it (distft.data.cache.prepared's `build`): a
     PreparedData whose train/eval samples are the chosen answers and train_rejected/eval_rejected
     the rejected ones, aligned pair by pair."""
-    return pairs_as_prepared(prepare_pairs(cfg, tokenizer), cfg, tokenizer)
+    return pairs_as_prepared(prepare_pairs(cfg, tokenizer, rows), cfg, tokenizer)
 
 
 def pairs_from_prepared(data) -> PreparedPairs:

@@ -45,7 +45,7 @@ def plan(cfg: Config, with_epoch: bool = True, argv: Optional[Sequence[str]] = N
         "fits": fits,
         "advice": advice(cfg, counts, argv, as_planned) if fits is False and argv is not None else [],
         "throughput": speed,
-        "epoch": epoch(cfg, speed["step_time_s"]) if with_epoch else None,
+        "epoch": epoch(cfg, speed["step_time_s"], speed.get("reference_tokens_per_s")) if with_epoch else None,
     }
 
 
@@ -108,7 +108,11 @@ def format_text(result: dict) -> str:
         when = f", {_duration(e['time_s'])}" if e["time_s"] else ""
         about = f" (from {e['rows_read']:,} of {e['train_rows']:,} rows)" if e["extrapolated"] else (
             f" (from the data cache {e['cache']})" if e.get("cache") else "")
-        lines.append(f"  epoch: {e['sequences']:,} sequences, {e['tokens']:,} tokens, {e['steps']:,} steps{when}{about}")
+        unit = "pairs" if "pairs" in e else "sequences"
+        lines.append(f"  epoch: {e['sequences']:,} {unit}, {e['tokens']:,} tokens, {e['steps']:,} steps{when}{about}")
+        if e.get("reference_time_s"):
+            lines.append(f"  reference: every training pair scored once before the first step, "
+                         f"{_duration(e['reference_time_s'])} (objective.reference=live: in each step instead)")
     return "\n".join(lines)
 
 

@@ -556,3 +556,36 @@ def test_dpo_plans_two_rows_a_pair_through_the_chunked_head():
     accumulated = vocab * hidden * 4 if grad_accum_steps(doubled) > 1 else 0
     assert pairs[0] - rows[0] == tokens * 4 + vocab * hidden * 4 - accumulated
     assert activation_bytes(dpo, counts) - activation_bytes(doubled, counts) == pairs[0] - rows[0]
+
+
+def test_a_dpo_epoch_is_counted_in_pairs_with_the_references_time(tmp_path):
+    """objective=dpo: an epoch is the training pairs (tiny_dpo: 760, 48 steps of 16 pairs), sampled
+    from a file like SFT rows or read exactly from the pairs' data cache; a step's tokens are two
+    rows a pair; the precomputed reference's forward over every pair is its own line, and a live
+    reference adds that forward to every step instead."""
+    import json
+
+    from distft.data.cache import prepared_for_run
+    from distft.model.build import load_tokenizer
+
+    base = ["+experiment=tiny_dpo", "cluster.peak_tflops=100", f"run.root={tmp_path}"]
+    synthetic = planned(*base)
+    assert synthetic["epoch"]["pairs"] == synthetic["epoch"]["sequences"] == 760
+    assert synthetic["epoch"]["steps"] == 48 and "reference: every training pair scored once" in format_text(synthetic)
+    sft = planned(*base, "objective=sft")["throughput"]
+    assert synthetic["throughput"]["compute_time_s"] == pytest.approx(2 * sft["compute_time_s"])
+    rows = [{"prompt": f"Say {i}.", "chosen": f"{i}", "rejected": f"{i + 1}"} for i in range(300)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = [*base, "data=jsonl", f"data.path={path}", "data.eval_size=20", "plan.epoch_sample_rows=100",
+            "technique=lora"]
+    sampled = planned(*args)["epoch"]
+    assert sampled["extrapolated"] and sampled["rows_read"] == 100 and abs(sampled["pairs"] - 280) <= 10
+    cfg, _ = preflight(args)
+    built = prepared_for_run(cfg, load_tokenizer(cfg.model))
+    exact = planned(*args)["epoch"]
+    assert exact["cache"] == built.path and exact["pairs"] == 280 and exact["steps"] == 18  # ceil(280 / 16)
+    live = planned(*args, "objective.reference=live")
+    assert "reference_time_s" not in live["epoch"]
+    ratio = live["throughput"]["compute_time_s"] / planned(*args)["throughput"]["compute_time_s"]
+    assert 1.3 < ratio < 1.6  # a forward more per step: 2N of LoRA's 4N a token, plus attention
