@@ -67,6 +67,13 @@ METRICS = (  # column, path in a run's summary.json
     ("world_size", ("world_size",)),
     ("requeues", ("requeues",)),
 )
+# objective=dpo's held-out preference figures (distft/objective.py): columns of a sweep whose
+# points have them (a sweep of objective.beta), left out of the others' summaries.
+PREFERENCE_METRICS = (
+    ("preference_accuracy", ("eval_after", "preference_accuracy")),
+    ("reward_accuracy", ("eval_after", "reward_accuracy")),
+    ("reward_margin", ("eval_after", "reward_margin")),
+)
 
 
 def start_sweep(sweep_dir: str) -> str:
@@ -217,7 +224,7 @@ def collect(sweep_dir: str) -> tuple[list[str], list[dict]]:
                 log.warning("%s cannot be read (%s); its point is listed as incomplete", summary_path, err)
         row = {"job": point["job"], **{k: values.get(k, "") for k in swept}}
         row["status"] = f"failed: {failure['error']}" if failure else "complete" if summary else "incomplete"
-        for column, where in METRICS:
+        for column, where in (*METRICS, *PREFERENCE_METRICS):
             row[column] = _get(summary, where) if summary else None
         row["run_dir"] = point.get("run_dir") or ""
         rows.append(row)
@@ -236,7 +243,8 @@ def summarize(sweep_dir: str) -> Optional[dict[str, str]]:
     swept, rows = collect(sweep_dir)
     if not rows:
         return None
-    columns = ["job", *swept, "status", *(c for c, _ in METRICS), "run_dir"]
+    columns = ["job", *swept, "status", *(c for c, _ in METRICS), *_preference_columns(rows), "run_dir"]
+    rows = [{k: row[k] for k in columns} for row in rows]
     paths = {name.split(".")[1]: os.path.join(sweep_dir, name) for name in SUMMARY_FILES}
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=columns)
@@ -246,6 +254,11 @@ def summarize(sweep_dir: str) -> Optional[dict[str, str]]:
     _write_markdown(paths["md"], sweep_dir, swept, rows)
     _plot(paths["png"], swept, rows)
     return paths
+
+
+def _preference_columns(rows: list[dict]) -> list[str]:
+    """PREFERENCE_METRICS' columns when any point has them, else none."""
+    return [c for c, _ in PREFERENCE_METRICS if any(row.get(c) is not None for row in rows)]
 
 
 def _fmt(value: Any) -> str:
@@ -263,7 +276,7 @@ def _sort_key(row: dict) -> tuple:
 
 def _write_markdown(path: str, sweep_dir: str, swept: list[str], rows: list[dict]) -> None:
     shown = ["job", *swept, "status", "eval_loss", "eval_loss_base", "exact_match", "f1", "rouge_l",
-             "final_train_loss", "steps", "requeues"]
+             *_preference_columns(rows), "final_train_loss", "steps", "requeues"]
     done = sum(r["status"] == "complete" for r in rows)
     failed = sum(r["status"].startswith("failed") for r in rows)
     lines = [f"# Sweep {os.path.abspath(sweep_dir)}", "",

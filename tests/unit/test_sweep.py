@@ -166,3 +166,25 @@ def test_the_sweep_plots_legend_covers_no_bar():
     bars = [patch.get_window_extent() for patch in ax.patches]
     assert len(bars) == 6 and not any(legend.overlaps(bar) for bar in bars)
     assert all(legend.y0 > bar.y1 for bar in bars)
+
+
+def test_a_sweep_of_preference_runs_lists_their_preference_figures(tmp_path):
+    """Points of objective=dpo runs (a sweep of objective.beta, say) get the held-out preference
+    accuracy, reward accuracy and reward margin as columns; an SFT sweep's summary has none of them."""
+    sweep = str(tmp_path / "sweep")
+    start_sweep(sweep)
+    _point(tmp_path, sweep, 0, "0.001", loss=2.5)
+    _point(tmp_path, sweep, 1, "0.002", loss=2.0)
+    sft = summarize(sweep)
+    with open(sft["csv"]) as f:
+        assert "preference_accuracy" not in next(csv.reader(f))
+    summary = tmp_path / "run-0.002" / "summary.json"
+    summary.write_text(json.dumps({"eval_after": {"loss": 2.0, "preference_accuracy": 0.95, "reward_accuracy": 0.9,
+                                                  "reward_margin": 1.25}, "steps": 2}))
+    paths = summarize(sweep)
+    with open(paths["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["preference_accuracy"] for r in rows] == ["", "0.95"] and rows[1]["reward_margin"] == "1.25"
+    markdown = open(paths["md"]).read()
+    assert "| preference_accuracy | reward_accuracy | reward_margin |" in markdown
+    assert "| 0.9500 | 0.9000 | 1.2500 |" in markdown
