@@ -124,6 +124,26 @@ def test_virtual_token_techniques_prefer_against_the_base_without_them(tmp_path,
     assert after["reward_margin"] > 0 and after["reward_accuracy"] >= 0.75
 
 
+@pytest.mark.parametrize("technique, lr", [("qlora", "3e-2"), ("dora", "1e-2")])
+def test_the_other_adapters_prefer_against_their_base(tmp_path, technique, lr):
+    """QLoRA (the 4-bit base, adapter off, as the reference) and DoRA (magnitudes and directions:
+    off means the base's weights exactly): the reference table is the base's, and the held-out
+    rewards grow with training."""
+    from safetensors.torch import load_file
+
+    from distft.train import train
+
+    cfg = compose(*QUICK, f"technique={technique}", f"train.lr={lr}", f"run.dir={tmp_path / technique}")
+    summary = train(cfg)
+    first = step_metrics(summary["run_dir"], "rewards/margins")[0]
+    assert first == pytest.approx(0, abs=1e-5)  # step 1's policy is its reference: the adapter starts as the identity
+    tables = load_file(os.path.join(summary["run_dir"], "reference_logps.safetensors"))
+    if technique == "dora":  # QLoRA's reference is the quantised base, not the fp32 one
+        assert torch.allclose(base_eval_logps(cfg, 3), tables["eval"][:3], rtol=1e-5)
+    after = summary["eval_after"]
+    assert after["reward_margin"] > 0 and after["reward_accuracy"] >= 0.75
+
+
 def test_a_live_reference_trains_as_the_precomputed_one(tmp_path):
     """objective.reference=live (LoRA): each step scores its pairs' reference with the adapter
     off instead of reading the table; the same steps as with the precomputed table, and only the
