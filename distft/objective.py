@@ -215,6 +215,33 @@ def preference_metrics(chosen: torch.Tensor, rejected: torch.Tensor, reference: 
             "pairs": len(chosen)}
 
 
+def model_pair_scores(model, pairs, cfg, tokenizer, device, autocast=contextlib.nullcontext):
+    """`pair_scores` of a plain model (not an engine's: `distft.evaluate`, `distft.compare`)."""
+    from distft.model.build import model_inputs
+
+    def forward(batch):
+        with autocast():
+            return model(**{k: v.to(device) for k, v in model_inputs(batch).items()}, use_cache=False).logits
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pair_scores(model, forward, pairs, max(1, cfg.eval.batch_size), pad_id, device)
+
+
+def add_preference_metrics(results: dict, scores: dict, reference: Optional[str], beta: float) -> None:
+    """`preference_metrics` into each `results[label]` from its `scores[label]` (chosen, rejected);
+    the rewards against `scores[reference]` (a dpo run's base: the model it started from), left
+    out when there is no reference among them."""
+    for label in results:
+        chosen, rejected = scores[label]
+        ref = scores.get(reference) if reference is not None else None
+        found = preference_metrics(chosen, rejected, torch.stack(ref if ref is not None else (chosen, rejected), 1),
+                                   beta)
+        if ref is None:
+            for key in ("reward_accuracy", "reward_margin"):
+                found.pop(key)
+        results[label].update(found)
+
+
 def preference_eval(run, reference: torch.Tensor) -> dict:
     """The held-out pairs scored by the model as it is now (`preference_metrics`)."""
     pairs, engine = run.pairs.eval, run.engine

@@ -27,6 +27,7 @@ checkpoints, metrics). Nothing is written into a checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import os
 import sys
@@ -172,9 +173,14 @@ def compare(checkpoints: list[str], out: str, prompts: Optional[str] = None, bas
         rows = prompt_rows(prompts, trained, first_tokenizer)
         eval_cfg.num_samples = num_samples if num_samples is not None else len(rows)
         scored = all(r["has_reference"] for r in rows)
-    else:
+    pairs = None
+    if not prompts:
         data = prepared_for_run(first_cfg, first_tokenizer).data
         rows, scored = data.eval_rows, True
+        if data.report.pairs:  # a dpo run's held-out pairs: every model with its tokenizer scores them too
+            from distft.data.preference import pairs_from_prepared
+
+            pairs = pairs_from_prepared(data).eval
         batches = eval_batches(data.eval, eval_cfg.batch_size, first_cfg.data.max_seq_len, first_cfg.data.packing,
                                first_tokenizer.pad_token_id, first_cfg.data.pack_strategy)
         if first_cfg.train.eval_max_batches:
@@ -185,6 +191,7 @@ def compare(checkpoints: list[str], out: str, prompts: Optional[str] = None, bas
     if base:
         entrants.insert(0, Entrant("base", None))
     results: dict[str, dict] = {}
+    pair_logps: dict = {}
     models = []
     for entrant in entrants:
         started = time.time()
@@ -201,6 +208,15 @@ def compare(checkpoints: list[str], out: str, prompts: Optional[str] = None, bas
             raise DataError(f"{entrant.checkpoint}: {err}") from None
         result = _score(model, cfg, tokenizer, own_rows, batches if same else None, eval_cfg, stop_ids)
         results[entrant.label] = result if scored else _without_scores(result)
+        if pairs is not None and same:
+            from distft.objective import add_preference_metrics, model_pair_scores
+
+            device = _device(cfg)
+            autocast = functools.partial(autocast_context, autocast_dtype(cfg.train.precision, device), device)
+            pair_logps[entrant.label] = model_pair_scores(model, pairs, first_cfg, tokenizer, device, autocast)
+            # Rewards against the base, the dpo run's reference (the first entrant, when compared).
+            mine = {entrant.label: pair_logps[entrant.label], **{k: v for k, v in pair_logps.items() if k == "base"}}
+            add_preference_metrics({entrant.label: result}, mine, "base", first_cfg.objective.beta)
         models.append({"label": entrant.label, "checkpoint": entrant.checkpoint,
                        "base_of": checkpoints[0] if entrant.checkpoint is None else None,
                        "experiment": cfg.run.experiment, "technique": "none (base)" if entrant.checkpoint is None

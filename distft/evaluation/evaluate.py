@@ -925,15 +925,9 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, num_samples: in
         if not getattr(model, "is_loaded_in_4bit", False):
             model = model.to(device)
         if pairs is not None:
-            from distft.model.build import model_inputs
-            from distft.objective import pair_scores
+            from distft.objective import model_pair_scores
 
-            def forward(batch):
-                with autocast():
-                    return model(**{k: v.to(device) for k, v in model_inputs(batch).items()}, use_cache=False).logits
-
-            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-            pair_logps[label] = pair_scores(model, forward, pairs, max(1, cfg.eval.batch_size), pad_id, device)
+            pair_logps[label] = model_pair_scores(model, pairs, cfg, tokenizer, device, autocast)
         result = evaluate_model(model, tokenizer, batches, data.eval_rows, cfg.eval, device, autocast_ctx=autocast,
                                 stop_ids=data.stop_ids, general=general,
                                 progress=GenerationProgress(f"{label}: generating"))
@@ -947,16 +941,10 @@ def evaluate_checkpoint(checkpoint: str, out: str | None = None, num_samples: in
     if pairs is not None:
         # The reference of a dpo run is its base (the model training started from, adapters and
         # virtual tokens off): rewards need it, so without --compare-base only the preference itself.
-        from distft.objective import preference_metrics
+        from distft.objective import add_preference_metrics
 
-        tuned_logps = pair_logps["tuned model"]
-        reference = torch.stack(pair_logps.get("base model", tuned_logps), dim=1)
-        after.update(preference_metrics(*tuned_logps, reference, cfg.objective.beta))
-        if before is not None:
-            before.update(preference_metrics(*pair_logps["base model"], reference, cfg.objective.beta))
-        else:
-            for key in ("reward_accuracy", "reward_margin"):
-                after.pop(key)
+        scored = {"tuned model": after, **({"base model": before} if before is not None else {})}
+        add_preference_metrics(scored, pair_logps, "base model", cfg.objective.beta)
     meta = {"experiment": cfg.run.experiment, "technique": cfg.technique.name, "model": model_label(cfg.model),
             "checkpoint": checkpoint, "steps": read_meta(checkpoint)["step"]}
     predictions = write_predictions(predictions_path(out), {"base": before, "tuned": after}, root)

@@ -78,6 +78,19 @@ def test_evaluating_the_checkpoint_scores_the_pairs_as_the_run_did(demo, tmp_pat
     assert "| reward_accuracy | 0.0000 | 1.0000 |" in open(out).read()
 
 
+def test_comparing_the_checkpoint_with_its_base_shows_the_preference(demo, tmp_path):
+    """`python -m distft.compare` on a dpo run: each model's held-out preference figures, the
+    rewards against the base (the run's reference), as the run's summary has them."""
+    from distft.evaluation.compare import compare
+
+    summary = compare([demo["final_checkpoint"]], str(tmp_path / "cmp"), num_samples=1)
+    base, tuned = (m["metrics"] for m in summary["models"])
+    assert base["preference_accuracy"] == demo["eval_before"]["preference_accuracy"] and base["reward_margin"] == 0
+    assert tuned["preference_accuracy"] == demo["eval_after"]["preference_accuracy"]
+    assert tuned["reward_margin"] == pytest.approx(demo["eval_after"]["reward_margin"], rel=1e-4)
+    assert "| reward_accuracy | 0.0000 | 1.0000 |" in open(summary["report"]).read()
+
+
 def test_the_reference_is_the_model_as_built_and_is_kept(demo):
     from safetensors.torch import load_file
 
