@@ -59,6 +59,22 @@ def _files_holding(root, *secrets: str) -> tuple[list[str], list[str]]:
     return scanned, hits
 
 
+def wait_for_wandb_writers(run_dir: str, timeout_s: float = 60.0) -> None:
+    """Until W&B's service has closed every offline run's transaction log under `run_dir`.
+
+    `run.finish()` returns once the service has the run's last records, and the service writes and
+    closes the .wandb file a few milliseconds later (wandb 0.31: its debug-internal.log says
+    "stream: all finished" ~10 ms after debug.log's "restore done"). A process that exits waits for
+    it (W&B's atexit teardown); a test that reads the file in the same process must wait too, or it
+    scans a file holding only its 7-byte header (seen once in make test)."""
+    logs = [os.path.join(run_dir, "wandb", d, "logs", "debug-internal.log")
+            for d in os.listdir(os.path.join(run_dir, "wandb")) if d.startswith("offline-run")]
+    deadline = time.monotonic() + timeout_s
+    while not all(os.path.exists(log) and "stream: all finished" in open(log).read() for log in logs):
+        assert time.monotonic() < deadline, f"W&B's service did not finish writing {logs} in {timeout_s} s"
+        time.sleep(0.05)
+
+
 def test_secrets_never_reach_dumps_checkpoints_or_wandb(request, monkeypatch, tmp_path):
     """A key held in the config (as from a YAML file): redacted in config.yaml, the checkpoints and
     W&B's recorded config; no file the run or W&B writes (W&B's own directories included) holds it."""
@@ -71,6 +87,7 @@ def test_secrets_never_reach_dumps_checkpoints_or_wandb(request, monkeypatch, tm
     summary = train(cfg)
     wandb_runs = [d for d in os.listdir(os.path.join(summary["run_dir"], "wandb")) if d.startswith("offline-run")]
     assert wandb_runs, "W&B offline run was not written"
+    wait_for_wandb_writers(summary["run_dir"])  # what W&B writes is scanned whole
     scanned, hits = _files_holding(tmp_path, SECRET)
     assert len(scanned) > 10 and hits == []
     transaction_logs = [p for p in scanned if p.endswith(".wandb")]
