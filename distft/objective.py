@@ -53,6 +53,19 @@ def scored_answers(model, forward, batch: dict, device) -> tuple[torch.Tensor, t
     return answer_sums(token_logps, labels, batch.get("sequences"))
 
 
+@contextlib.contextmanager
+def scoring(model, adapters_off: bool = False):
+    """The model in eval mode without gradients (its adapter disabled for the reference), put
+    back in its own mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), (_adapters_off(model) if adapters_off else contextlib.nullcontext()):
+            yield
+    finally:
+        model.train(was_training)
+
+
 def _logps(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return scored_answers(engine.unwrapped(), engine.forward, batch, engine.device)
 
@@ -70,18 +83,12 @@ def compute_reference(engine, pairs: list, batch_pairs: int, pad_id: int) -> tor
     per_rank = -(-len(chunks) // info.world_size)
     work = mine + mine[-1:] * (per_rank - len(mine)) if mine else chunks[:1] * per_rank
     values: dict[int, tuple[float, float]] = {}
-    model = engine.unwrapped()
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), _adapters_off(model), engine.autocast():
-            for chunk in work:
-                logps, _ = _logps(engine, pair_batch([pairs[i] for i in chunk], pad_id))
-                chosen, rejected = split_pairs(logps.float().cpu())
-                for k, i in enumerate(chunk):
-                    values[i] = (float(chosen[k]), float(rejected[k]))
-    finally:
-        model.train(was_training)
+    with scoring(engine.unwrapped(), adapters_off=True), engine.autocast():
+        for chunk in work:
+            logps, _ = _logps(engine, pair_batch([pairs[i] for i in chunk], pad_id))
+            chosen, rejected = split_pairs(logps.float().cpu())
+            for k, i in enumerate(chunk):
+                values[i] = (float(chosen[k]), float(rejected[k]))
     table = torch.zeros((len(pairs), 2), dtype=torch.float32)
     for part in dist.all_gather_object({i: values[i] for chunk in mine for i in chunk}):
         for i, (c, r) in part.items():
@@ -128,14 +135,8 @@ def live_reference(engine, batch: dict) -> torch.Tensor:
     """[n, 2] fp32: the reference's log-probs of a micro-batch's pairs, scored now (objective.
     reference=live): the model with its adapter disabled, in eval mode and without gradients, as
     `compute_reference` scores them (the same numbers, up to the rounding of another batch)."""
-    model = engine.unwrapped()
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), _adapters_off(model):
-            logps, _ = _logps(engine, batch)
-    finally:
-        model.train(was_training)
+    with scoring(engine.unwrapped(), adapters_off=True):
+        logps, _ = _logps(engine, batch)
     return torch.stack(split_pairs(logps.float()), dim=1)
 
 
@@ -188,17 +189,12 @@ def pair_scores(model, forward, pairs, batch_pairs: int, pad_id: int, device,
     from distft.data.preference import pair_batch
 
     chosen_all, rejected_all = [torch.zeros(0)], [torch.zeros(0)]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), autocast():
-            for start in range(0, len(pairs), batch_pairs):
-                logps, _ = scored_answers(model, forward, pair_batch(pairs[start:start + batch_pairs], pad_id), device)
-                chosen, rejected = split_pairs(logps.float().cpu())
-                chosen_all.append(chosen)
-                rejected_all.append(rejected)
-    finally:
-        model.train(was_training)
+    with scoring(model), autocast():
+        for start in range(0, len(pairs), batch_pairs):
+            logps, _ = scored_answers(model, forward, pair_batch(pairs[start:start + batch_pairs], pad_id), device)
+            chosen, rejected = split_pairs(logps.float().cpu())
+            chosen_all.append(chosen)
+            rejected_all.append(rejected)
     return torch.cat(chosen_all), torch.cat(rejected_all)
 
 
